@@ -1,0 +1,203 @@
+"""The hub: every live socket of this frontend, by channel, fed by ONE pub/sub connection.
+
+A frontend subscribes to a channel while at least one of its sockets is on it
+(reference-counted) and unsubscribes when the last one leaves. Channels are exact,
+never patterns. A message from Redis is decoded from UTF-8 once and handed to every
+viewer of its channel; nothing is parsed or re-encoded on the way.
+
+Delivery to a viewer never blocks: ``Viewer.deliver`` must return at once (a socket
+puts the frame in its own bounded queue), so one slow client cannot stall the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger("thoughtwire.hub")
+
+SUBSCRIBE_TIMEOUT = 10.0
+RESUBSCRIBE_BATCH = 500
+
+
+class Viewer(Protocol):
+    def deliver(self, text: str) -> None:
+        """Take one frame; must not block or raise."""
+
+
+class Hub:
+    """Registry of live sockets by channel; owns this process's pub/sub connection."""
+
+    def __init__(self, open_client: Callable[[], Redis], home_channel: str) -> None:
+        self._open_client = open_client
+        # Subscribed for the hub's whole life: redis-py's reader returns at once on a
+        # connection with no subscription, which would turn the read loop into a spin.
+        self._home = home_channel.encode()
+        self._viewers: dict[bytes, set[Viewer]] = {}
+        # One future per SUBSCRIBE sent, resolved by its confirmation, in order.
+        self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._lock = asyncio.Lock()
+        self._client: Redis | None = None
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self.reconnects = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self._connected.is_set()
+
+    def channels(self) -> list[str]:
+        return [c.decode() for c in self._viewers]
+
+    async def start(self) -> None:
+        await self._connect()
+        self._reader = asyncio.create_task(self._read_forever(), name="hub-reader")
+
+    async def close(self) -> None:
+        """Stop reading and drop the connection. Idempotent."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        await self._disconnect()
+
+    async def join(self, channel: str, viewer: Viewer) -> None:
+        """Add a viewer; returns once this frontend is subscribed to the channel."""
+        key = channel.encode()
+        async with self._lock:
+            viewers = self._viewers.setdefault(key, set())
+            first = not viewers
+            viewers.add(viewer)
+            if not self._connected.is_set():
+                return  # the reader resubscribes every live channel when it reconnects
+            if first:
+                ready: asyncio.Future[None] | None = self._expect_subscribe(key)
+                try:
+                    await self._pubsub.subscribe(key)
+                except (RedisConnectionError, RedisTimeoutError):
+                    return  # likewise: the reader notices, reconnects, resubscribes
+            else:
+                waiters = self._pending.get(key)
+                ready = waiters[-1] if waiters else None
+        if ready is not None:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await asyncio.shield(ready)
+
+    async def leave(self, channel: str, viewer: Viewer) -> None:
+        """Remove a viewer; unsubscribes when it was the channel's last."""
+        key = channel.encode()
+        async with self._lock:
+            viewers = self._viewers.get(key)
+            if viewers is None or viewer not in viewers:
+                return
+            viewers.discard(viewer)
+            if viewers:
+                return
+            del self._viewers[key]
+            if self._connected.is_set():
+                try:
+                    await self._pubsub.unsubscribe(key)
+                except (RedisConnectionError, RedisTimeoutError):
+                    pass  # the reader reconnects and only resubscribes live channels
+
+    # --- reading ------------------------------------------------------------
+
+    def _expect_subscribe(self, key: bytes) -> asyncio.Future[None]:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(key, deque()).append(fut)
+        return fut
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel = message["channel"]
+        if kind == "message":
+            viewers = self._viewers.get(channel)
+            if viewers:
+                text = message["data"].decode()
+                for viewer in tuple(viewers):
+                    viewer.deliver(text)
+        elif kind == "subscribe":
+            waiters = self._pending.get(channel)
+            if waiters:
+                fut = waiters.popleft()
+                if not waiters:
+                    del self._pending[channel]
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                while True:
+                    message = await self._pubsub.get_message(timeout=None)
+                    if message is not None:
+                        self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("pub/sub connection lost (%s); reconnecting", type(exc).__name__)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        """Back off (capped, with jitter), reconnect, and resubscribe every live channel."""
+        self._connected.clear()
+        await self._disconnect()
+        delay = 0.05
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            try:
+                async with self._lock:
+                    await self._connect()
+                    await self._resubscribe()
+                self.reconnects += 1
+                logger.info("pub/sub reconnected; %d channels resubscribed", len(self._viewers))
+                return
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                await self._disconnect()
+                delay = min(delay * 2, 2.0)
+
+    async def _resubscribe(self) -> None:
+        # Every SUBSCRIBE sent gets a future, awaited or not, so that confirmations
+        # keep pairing with the right SUBSCRIBE if a channel is left and joined again.
+        keys = list(self._viewers)
+        for start in range(0, len(keys), RESUBSCRIBE_BATCH):
+            batch = keys[start : start + RESUBSCRIBE_BATCH]
+            for key in batch:
+                self._expect_subscribe(key)
+            await self._pubsub.subscribe(*batch)
+
+    async def _connect(self) -> None:
+        self._client = self._open_client()
+        self._pubsub = self._client.pubsub()
+        await self._pubsub.subscribe(self._home)
+        self._connected.set()
+
+    async def _disconnect(self) -> None:
+        self._connected.clear()
+        # Joins waiting for a confirmation that will never come return now; their
+        # channels are in ``_viewers`` and get resubscribed on reconnect.
+        for waiters in self._pending.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        self._pending.clear()
+        pubsub, client = self._pubsub, self._client
+        self._pubsub = self._client = None
+        if pubsub is not None:
+            with contextlib.suppress(RedisConnectionError, OSError):
+                await pubsub.aclose()
+        if client is not None:
+            await client.aclose()

@@ -1,0 +1,35 @@
+"""WebSocket close codes thoughtwire uses, and what a client should do about each.
+
+``RECONNECT`` codes mean "come back (to any frontend) and resume"; the others are
+terminal until the client changes something (its token, its behaviour).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Close(IntEnum):
+    NORMAL = 1000  # the client or server finished; do not reconnect
+    GOING_AWAY = 1001  # the frontend is stopping; reconnect
+    POLICY = 1008  # the client broke a protocol rule; terminal
+    TOO_BIG = 1009  # a frame exceeded the size limit; terminal for that frame
+    INTERNAL = 1011  # unexpected server failure; reconnect with backoff
+    RESTART = 1012  # the frontend is restarting (deploy); reconnect at once
+    TRY_LATER = 1013  # the frontend cannot serve now (Redis down); reconnect with backoff
+    UNAUTHORIZED = 4001  # missing, invalid or expired token; get a new token first
+    FORBIDDEN = 4003  # the token does not grant this; terminal
+    SLOW = 4008  # the client fell behind its send queue; reconnect and resume
+    RATE_LIMITED = 4029  # too many requests; reconnect after a pause
+
+
+RECONNECT = frozenset(
+    {
+        Close.GOING_AWAY,
+        Close.INTERNAL,
+        Close.RESTART,
+        Close.TRY_LATER,
+        Close.SLOW,
+        Close.RATE_LIMITED,
+    }
+)

@@ -1,0 +1,70 @@
+"""Redis clients, sized explicitly; and the in-process Redis of the embedded mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shared.settings import Settings
+
+
+@dataclass
+class RedisFactory:
+    """Opens the clients a process needs, against a real Redis or the embedded one.
+
+    Embedded mode (no ``REDIS_URL``) uses one in-process fakeredis server shared
+    by every client the factory opens, so frontends and workers in one process
+    talk to each other as they would through a real Redis.
+    """
+
+    settings: Settings
+    _server: fakeredis.FakeServer | None = field(default=None, init=False)
+
+    @property
+    def embedded(self) -> bool:
+        return self.settings.redis_url is None
+
+    def commands(self) -> Redis:
+        """The client for commands: a blocking pool of ``redis_pool_size`` connections.
+
+        A blocking pool waits up to ``redis_pool_timeout`` for a free connection;
+        the default pool raises ``MaxConnectionsError`` at once, which under load
+        turns into lost events.
+        """
+        if self.embedded:
+            return self._fake()
+        pool = BlockingConnectionPool.from_url(
+            self.settings.redis_url,
+            max_connections=self.settings.redis_pool_size,
+            timeout=self.settings.redis_pool_timeout,
+            socket_keepalive=True,
+        )
+        return Redis(connection_pool=pool)
+
+    def pubsub(self) -> Redis:
+        """A client for one pub/sub connection, with redis-py's own retries off.
+
+        redis-py would otherwise reconnect and resubscribe silently inside
+        ``get_message``; whatever was published meanwhile would be lost without
+        anyone knowing. The hub reconnects itself, so it can catch sockets up.
+        """
+        if self.embedded:
+            return self._fake()
+        return Redis.from_url(
+            self.settings.redis_url,
+            max_connections=2,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=15,
+            socket_keepalive=True,
+        )
+
+    def _fake(self) -> Redis:
+        if self._server is None:
+            self._server = fakeredis.FakeServer()
+        client: Any = fakeredis.FakeAsyncRedis(server=self._server)
+        return client

@@ -1,0 +1,47 @@
+"""Every Redis key, stream and channel name, built in one place.
+
+A session's keys and channel all carry the Redis Cluster hash tag ``{<session>}``,
+so they hash to one slot: the atomic "append to log and publish" script touches
+only keys of one slot, and sharded pub/sub (SPUBLISH) lands on the same shard.
+Nobody else formats key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key and channel names under one prefix (one deployment, or one test)."""
+
+    prefix: str = "tw"
+
+    # Jobs: one stream, read by the ``workers`` consumer group.
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    jobs_group: str = "workers"
+
+    # Per session: the event log, its metadata (seq, epoch) and its live channel.
+    def session_log(self, session: str) -> str:
+        return f"{self.prefix}:{{{session}}}:log"
+
+    def session_meta(self, session: str) -> str:
+        return f"{self.prefix}:{{{session}}}:meta"
+
+    def session_channel(self, session: str) -> str:
+        return f"{self.prefix}:{{{session}}}:events"
+
+    # Connection-manager messages: one channel per client id, one for everyone.
+    def client_channel(self, client_id: str) -> str:
+        return f"{self.prefix}:client:{{{client_id}}}"
+
+    @property
+    def broadcast_channel(self) -> str:
+        return f"{self.prefix}:broadcast"
+
+    def node_channel(self, node: str) -> str:
+        """A frontend's own control channel; its pub/sub connection is never idle."""
+        return f"{self.prefix}:node:{node}"

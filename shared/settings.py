@@ -1,0 +1,113 @@
+"""Settings: one frozen object, built from the environment once at startup and passed down.
+
+Nothing else in the codebase reads ``os.environ``. Every setting has a
+``THOUGHTWIRE_`` variable, except the few that the wider ecosystem already names
+(``REDIS_URL``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``JWT_SECRET``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+AGENTS = ("simulated", "openai")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where Redis is. None means embedded: an in-process Redis (``thoughtwire up``).
+    redis_url: str | None = None
+    # Prefix of every key and channel, so several deployments (or tests) share one Redis.
+    key_prefix: str = "tw"
+    # Connections per process in the command pool. Pools block (up to redis_pool_timeout)
+    # rather than raise when exhausted: redis-py 8 raises MaxConnectionsError past its cap,
+    # which under load would silently drop streams.
+    redis_pool_size: int = 64
+    redis_pool_timeout: float = 5.0
+
+    # Agent
+    agent: str = "simulated"
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout: float = 60.0
+    sim_step_delay: float = 0.5
+    sim_answer_tokens: int = 12
+    sim_tokens_per_second: float = 20.0
+
+    # Event log per session: bounded in length and lifetime.
+    log_maxlen: int = 10_000
+    log_ttl: int = 86_400
+
+    # Frontend
+    send_queue_size: int = 1024
+    ping_interval: float = 60.0
+    max_message_bytes: int = 64 * 1024
+    max_prompt_chars: int = 32_000
+    jwt_secret: str | None = field(default=None, repr=False)
+    ws_per_message_deflate: bool = False
+
+    # Worker
+    worker_concurrency: int = 32
+    drain_timeout: float = 25.0  # below Kubernetes' default 30 s grace period
+    embedded_workers: int = 2
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from an environment mapping; explicit overrides win."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = _ENV_NAMES.get(f.name, "THOUGHTWIRE_" + f.name.upper())
+            raw = environ.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(name, raw, f.type)
+        if "agent" not in values and values.get("openai_api_key"):
+            values["agent"] = "openai"
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.agent not in AGENTS:
+            raise SettingsError(f"THOUGHTWIRE_AGENT must be one of {', '.join(AGENTS)}")
+        if self.agent == "openai" and not self.openai_api_key:
+            raise SettingsError("the openai agent needs OPENAI_API_KEY")
+        for name in ("redis_pool_size", "send_queue_size", "log_maxlen", "worker_concurrency"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
+        if ":" in self.key_prefix or "{" in self.key_prefix:
+            raise SettingsError("THOUGHTWIRE_KEY_PREFIX must not contain ':' or '{'")
+
+
+_ENV_NAMES = {
+    "redis_url": "REDIS_URL",
+    "openai_api_key": "OPENAI_API_KEY",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "jwt_secret": "JWT_SECRET",
+}
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    kind = str(kind)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind.split(' ')[0]}") from None
+    return raw

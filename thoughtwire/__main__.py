@@ -1,0 +1,5 @@
+import sys
+
+from thoughtwire.cli import main
+
+sys.exit(main())

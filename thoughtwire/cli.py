@@ -1,0 +1,104 @@
+"""The ``thoughtwire`` command: ``up``, ``api``, ``worker`` and ``chat``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from shared.settings import Settings, SettingsError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="thoughtwire", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser(
+        "up", help="a frontend and in-process workers (embedded Redis unless REDIS_URL)"
+    )
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--workers", type=int, default=None, help="in-process workers")
+
+    api = commands.add_parser("api", help="one frontend on REDIS_URL")
+    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--port", type=int, default=8000)
+
+    commands.add_parser("worker", help="one agent worker on REDIS_URL")
+
+    chat = commands.add_parser("chat", help="send a prompt and print the thoughts as they stream")
+    chat.add_argument("prompt")
+    chat.add_argument("--url", default="ws://127.0.0.1:8000/ws/agent-thoughts")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    if args.command == "chat":
+        from thoughtwire.client import chat as run_chat
+
+        return asyncio.run(run_chat(args.prompt, args.url))
+
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        print(f"thoughtwire: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "up":
+        return _up(settings, args.host, args.port, args.workers)
+    if settings.redis_url is None:
+        print(
+            f"thoughtwire {args.command} needs REDIS_URL; `thoughtwire up` runs everything in one process",
+            file=sys.stderr,
+        )
+        return 2
+    if args.command == "api":
+        from api.app import create_app
+
+        _serve(create_app(settings), settings, args.host, args.port)
+        return 0
+    from worker.main import main as worker_main
+
+    worker_main(settings)
+    return 0
+
+
+def _up(settings: Settings, host: str, port: int, workers: int | None) -> int:
+    from api.app import create_app
+    from shared.connections import RedisFactory
+    from worker.main import in_process
+
+    count = workers if workers is not None else settings.embedded_workers
+
+    def companion(factory: RedisFactory):  # type: ignore[no-untyped-def]
+        return in_process(settings, factory, count)
+
+    app = create_app(settings, RedisFactory(settings), companions=(companion,))
+    where = (settings.redis_url and "Redis at REDIS_URL") or "embedded in-process Redis"
+    print(f"thoughtwire: {count} workers, {where}, agent {settings.agent}")
+    print(f"thoughtwire: open http://{host}:{port}/", flush=True)
+    _serve(app, settings, host, port)
+    return 0
+
+
+def _serve(app: object, settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        ws_max_size=settings.max_message_bytes,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
+        timeout_graceful_shutdown=settings.drain_timeout,
+        log_level="info",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Agents: what a worker runs for a prompt. Each yields :class:`~shared.protocol.Thought` s."""
+
+from __future__ import annotations
+
+from shared.settings import Settings
+from worker.agents.base import Agent, AgentError
+from worker.agents.echo import EchoAgent
+from worker.agents.openai_chat import OpenAIAgent
+from worker.agents.simulated import SimulatedAgent
+
+__all__ = ["Agent", "AgentError", "build_agents"]
+
+
+def build_agents(settings: Settings) -> dict[str, Agent]:
+    """Every agent this worker can run, by name; ``settings.agent`` is the default."""
+    agents: dict[str, Agent] = {
+        "simulated": SimulatedAgent.from_settings(settings),
+        "echo": EchoAgent(),
+    }
+    if settings.openai_api_key:
+        agents["openai"] = OpenAIAgent.from_settings(settings)
+    return agents

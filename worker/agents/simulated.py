@@ -1,0 +1,62 @@
+"""The simulated agent: deterministic, no network, shaped by settings.
+
+It walks the seed's loop (thinking, action, observation, thinking, answer) and
+streams the answer as tokens. Benchmarks shape their load with its settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from shared.protocol import Thought
+from shared.settings import Settings
+
+ANSWER = (
+    "Based on my research, here is the answer: streaming lets you watch an agent "
+    "think one token at a time instead of waiting for the whole reply."
+)
+
+
+@dataclass(frozen=True)
+class SimulatedAgent:
+    step_delay: float = 0.5
+    answer_tokens: int = 12
+    tokens_per_second: float = 20.0  # 0 streams the answer unpaced
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SimulatedAgent:
+        return cls(
+            settings.sim_step_delay, settings.sim_answer_tokens, settings.sim_tokens_per_second
+        )
+
+    async def run(self, prompt: str) -> AsyncIterator[Thought]:
+        topic = " ".join(prompt.split())[:80]
+        steps = (
+            Thought("thinking", "Analyzing the question..."),
+            Thought("thinking", "I need to search for information"),
+            Thought("action", f"Searching: {topic}"),
+            Thought("observation", f"Found: relevant results about {topic}"),
+            Thought("thinking", "Processing the results..."),
+        )
+        for step in steps:
+            yield step
+            await asyncio.sleep(self.step_delay)
+        async for token in self._answer():
+            yield Thought("answer", token)
+
+    async def _answer(self) -> AsyncIterator[str]:
+        words = itertools.islice(itertools.cycle(ANSWER.split()), self.answer_tokens)
+        start = time.monotonic()
+        for i, word in enumerate(words):
+            if self.tokens_per_second > 0:
+                # Pace against absolute deadlines, so sleeps do not drift.
+                delay = start + i / self.tokens_per_second - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif i % 64 == 63:
+                await asyncio.sleep(0)  # unpaced: still let other runs in
+            yield word + " "

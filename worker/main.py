@@ -1,0 +1,68 @@
+"""Worker processes: ``thoughtwire worker``, and the embedded mode's in-process workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from shared.bus import Bus
+from shared.connections import RedisFactory
+from shared.keys import Keys
+from shared.settings import Settings
+from worker.agents import build_agents
+from worker.runner import Worker
+
+logger = logging.getLogger("thoughtwire.worker")
+
+
+async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) -> None:
+    """Run one worker until ``stop`` is set."""
+    redis = factory.commands()
+    try:
+        bus = Bus(
+            redis,
+            Keys(settings.key_prefix),
+            log_maxlen=settings.log_maxlen,
+            log_ttl=settings.log_ttl,
+        )
+        worker = Worker(
+            bus, build_agents(settings), settings.agent, concurrency=settings.worker_concurrency
+        )
+        logger.info("%s claiming jobs (agent: %s)", worker.name, settings.agent)
+        await worker.run(stop, drain_timeout=settings.drain_timeout)
+    finally:
+        await redis.aclose()
+
+
+def main(settings: Settings) -> None:
+    """The ``thoughtwire worker`` process: SIGTERM and SIGINT only set the stop flag."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, RedisFactory(settings), stop)
+
+    asyncio.run(run())
+
+
+@contextlib.asynccontextmanager
+async def in_process(settings: Settings, factory: RedisFactory, count: int) -> AsyncIterator[None]:
+    """Run ``count`` workers as tasks beside a frontend, on the same Redis."""
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(serve(settings, factory, stop), name=f"worker-{i}")
+        for i in range(count)
+    ]
+    try:
+        yield
+    finally:
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                logger.error("in-process worker failed", exc_info=result)
