@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -19,17 +20,14 @@ from shared.closecodes import Close
 
 logger = logging.getLogger("thoughtwire.connection")
 
+CLOSE_TIMEOUT = 1.0
+
 Render = Callable[[str], "str | None"]
+ReceiveLoop = Callable[[], Coroutine[Any, Any, None]]
 
 
 def as_is(frame: str) -> str:
     return frame
-
-
-class _Closing:
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
 
 
 class Connection:
@@ -39,14 +37,15 @@ class Connection:
         self.websocket = websocket
         self._hub = hub
         self._render = render
-        self._queue: asyncio.Queue[str | _Closing] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self._channels: set[str] = set()
-        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: tuple[int, str] | None = None
 
     # --- viewer -------------------------------------------------------------
 
     def deliver(self, text: str) -> None:
-        if self._closing:
+        if self._closing is not None:
             return
         try:
             self._queue.put_nowait(text)
@@ -58,13 +57,16 @@ class Connection:
         self.deliver(text)
 
     def close(self, code: int, reason: str = "") -> None:
-        """Close after nothing more: pending frames are dropped."""
-        if self._closing:
+        """Close now: pending frames are dropped, and a send in progress is abandoned.
+
+        The writer may be stuck sending to a client that stopped reading, so it is
+        cancelled rather than asked to stop; :meth:`serve` then sends the close.
+        """
+        if self._closing is not None:
             return
-        self._closing = True
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(_Closing(code, reason))
+        self._closing = (code, reason)
+        if self._writer is not None:
+            self._writer.cancel()
 
     # --- channels -----------------------------------------------------------
 
@@ -80,9 +82,9 @@ class Connection:
 
     # --- lifecycle ----------------------------------------------------------
 
-    async def serve(self, receive_loop: Callable[[], Awaitable[None]]) -> None:
+    async def serve(self, receive_loop: ReceiveLoop) -> None:
         """Run the receive loop and the writer until either ends, then clean up."""
-        writer = asyncio.create_task(self._write(), name="socket-writer")
+        writer = self._writer = asyncio.create_task(self._write(), name="socket-writer")
         reader = asyncio.create_task(receive_loop(), name="socket-reader")
         try:
             done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -93,24 +95,26 @@ class Connection:
             for channel in list(self._channels):
                 await self.leave(channel)
         for task in done:
-            exc = task.exception()
+            exc = None if task.cancelled() else task.exception()
             if exc is not None and not isinstance(exc, WebSocketDisconnect):
                 logger.error("socket task failed", exc_info=exc)
-                await self._close_now(Close.INTERNAL, "internal error")
+                self._closing = self._closing or (Close.INTERNAL, "internal error")
+        if self._closing is not None:
+            await self._send_close(*self._closing)
 
     async def _write(self) -> None:
         while True:
-            item = await self._queue.get()
-            if isinstance(item, _Closing):
-                await self._close_now(item.code, item.reason)
-                return
-            frame = self._render(item)
+            frame = self._render(await self._queue.get())
             if frame is not None:
                 await self.websocket.send_text(frame)
 
-    async def _close_now(self, code: int, reason: str) -> None:
-        if self.websocket.application_state == WebSocketState.CONNECTED:
-            try:
+    async def _send_close(self, code: int, reason: str) -> None:
+        if self.websocket.application_state != WebSocketState.CONNECTED:
+            return
+        try:
+            # Bounded: the client may not be reading at all. When the handler
+            # returns, the server drops the connection anyway.
+            async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.websocket.close(code, reason)
-            except (RuntimeError, OSError):
-                pass  # the client is already gone
+        except (TimeoutError, RuntimeError, OSError):
+            pass

@@ -79,7 +79,7 @@ class Bus:
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, Job]]:
         """Take up to ``count`` new jobs for ``consumer``, waiting at most ``block_ms``."""
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             self.keys.jobs_group, consumer, {self.keys.jobs: ">"}, count=count, block=block_ms
         )
         jobs = []
@@ -114,7 +114,7 @@ class Bus:
 
     async def history(self, session: str, after: int = 0) -> list[bytes]:
         """Events of the session's log with ``seq > after``, oldest first."""
-        entries = await self.redis.xrange(self.keys.session_log(session), min=f"(0-{after}")
+        entries: Any = await self.redis.xrange(self.keys.session_log(session), min=f"(0-{after}")
         return [fields[b"e"] for _id, fields in entries]
 
     # --- plain messages -----------------------------------------------------

@@ -36,7 +36,7 @@ class RedisFactory:
         the default pool raises ``MaxConnectionsError`` at once, which under load
         turns into lost events.
         """
-        if self.embedded:
+        if self.settings.redis_url is None:
             return self._fake()
         pool = BlockingConnectionPool.from_url(
             self.settings.redis_url,
@@ -44,7 +44,7 @@ class RedisFactory:
             timeout=self.settings.redis_pool_timeout,
             socket_keepalive=True,
         )
-        return Redis(connection_pool=pool)
+        return Redis.from_pool(pool)  # the client owns the pool and closes it
 
     def pubsub(self) -> Redis:
         """A client for one pub/sub connection, with redis-py's own retries off.
@@ -53,7 +53,7 @@ class RedisFactory:
         ``get_message``; whatever was published meanwhile would be lost without
         anyone knowing. The hub reconnects itself, so it can catch sockets up.
         """
-        if self.embedded:
+        if self.settings.redis_url is None:
             return self._fake()
         return Redis.from_url(
             self.settings.redis_url,

@@ -102,7 +102,6 @@ class Job:
 
     run: str
     session: str
-    run: str
     prompt: str
     agent: str | None = None
 

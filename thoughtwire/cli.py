@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 
 from shared.settings import Settings, SettingsError
 
@@ -75,7 +76,7 @@ def _up(settings: Settings, host: str, port: int, workers: int | None) -> int:
 
     count = workers if workers is not None else settings.embedded_workers
 
-    def companion(factory: RedisFactory):  # type: ignore[no-untyped-def]
+    def companion(factory: RedisFactory) -> AbstractAsyncContextManager[None]:
         return in_process(settings, factory, count)
 
     app = create_app(settings, RedisFactory(settings), companions=(companion,))
@@ -95,7 +96,7 @@ def _serve(app: object, settings: Settings, host: str, port: int) -> None:
         port=port,
         ws_max_size=settings.max_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
-        timeout_graceful_shutdown=settings.drain_timeout,
+        timeout_graceful_shutdown=int(settings.drain_timeout),
         log_level="info",
     )
 

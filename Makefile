@@ -1,0 +1,37 @@
+# Everything a newcomer runs. Each target sets up what it needs by itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SOURCES := api worker shared thoughtwire tests bench
+
+.PHONY: run test check format bench bench-smoke system-deps clean
+
+run: $(VENV)/.base  ## the embedded gateway on http://127.0.0.1:8000/
+	$(BIN)/thoughtwire up
+
+test: $(VENV)/.test system-deps  ## the whole suite: real Redis, real processes, real browser
+	$(BIN)/pytest
+
+check: $(VENV)/.test  ## lint, format and type checks
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/mypy
+
+format: $(VENV)/.test
+	$(BIN)/ruff check --fix $(SOURCES)
+	$(BIN)/ruff format $(SOURCES)
+
+system-deps:  ## redis-server and chromium from the OS packages, when missing
+	scripts/system-deps
+
+$(VENV)/.base: pyproject.toml
+	PYTHON=$(PYTHON) scripts/venv
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.base
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Frontend, Proc, RedisServer, make_logdir, thoughtwire
+
+
+@pytest.fixture(scope="session")
+def logdir() -> Path:
+    return make_logdir("tests")
+
+
+@pytest.fixture(scope="session")
+def redis_server(logdir: Path) -> Iterator[RedisServer]:
+    """One real redis-server for the whole run; tests separate themselves by key prefix."""
+    workdir = logdir / "redis"
+    workdir.mkdir()
+    server = RedisServer(workdir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "t" + secrets.token_hex(4)
+
+
+@dataclass
+class Cluster:
+    """Frontends and workers sharing one Redis and one key prefix."""
+
+    redis: RedisServer
+    prefix: str
+    env: dict[str, str]
+    logdir: Path
+    frontends: list[Frontend] = field(default_factory=list)
+    workers: list[Proc] = field(default_factory=list)
+
+    def add_frontend(self, **env: str) -> Frontend:
+        name = f"frontend-{len(self.frontends)}"
+        frontend = Frontend(name, {**self.env, **env}, self.logdir).start()
+        self.frontends.append(frontend)
+        return frontend
+
+    def add_worker(self, **env: str) -> Proc:
+        worker = thoughtwire(
+            f"worker-{len(self.workers)}", ["worker"], {**self.env, **env}, self.logdir
+        )
+        self.workers.append(worker.start())
+        return worker
+
+    def stop(self) -> None:
+        for proc in [*(f.proc for f in self.frontends), *self.workers]:
+            proc.stop()
+
+
+def start_cluster(
+    redis: RedisServer, logdir: Path, frontends: int = 2, workers: int = 1, **env: str
+) -> Cluster:
+    prefix = "c" + secrets.token_hex(4)
+    base = {
+        "REDIS_URL": redis.url,
+        "THOUGHTWIRE_KEY_PREFIX": prefix,
+        "THOUGHTWIRE_AGENT": "simulated",
+        "THOUGHTWIRE_SIM_STEP_DELAY": "0",
+        "THOUGHTWIRE_SIM_TOKENS_PER_SECOND": "0",
+        "THOUGHTWIRE_SIM_ANSWER_TOKENS": "8",
+        "OPENAI_API_KEY": "",
+        **env,
+    }
+    cluster = Cluster(redis, prefix, base, logdir / prefix)
+    cluster.logdir.mkdir()
+    for _ in range(workers):
+        cluster.add_worker()
+    for _ in range(frontends):
+        cluster.add_frontend()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server: RedisServer, logdir: Path) -> Iterator[Cluster]:
+    """Two frontends (real uvicorn processes) and one worker process on a real Redis."""
+    c = start_cluster(redis_server, logdir)
+    yield c
+    c.stop()

@@ -1,0 +1,54 @@
+"""The slow-client policy, with a socket that never finishes a send."""
+
+import asyncio
+
+from starlette.websockets import WebSocketState
+
+from api.connection import Connection, as_is
+from shared.closecodes import Close
+from tests.procs import seconds
+
+
+class StuckSocket:
+    """Accepts one frame, then blocks every later send, like a client that stopped reading."""
+
+    def __init__(self):
+        self.application_state = WebSocketState.CONNECTED
+        self.sent = []
+        self.closed = asyncio.get_running_loop().create_future()
+        self.stuck = asyncio.Event()
+
+    async def send_text(self, text):
+        self.sent.append(text)
+        self.stuck.set()
+        await asyncio.Event().wait()
+
+    async def close(self, code, reason=""):
+        self.application_state = WebSocketState.DISCONNECTED
+        self.closed.set_result((code, reason))
+
+
+class NullHub:
+    async def join(self, channel, viewer): ...
+
+    async def leave(self, channel, viewer): ...
+
+
+async def test_a_client_that_falls_behind_is_closed_with_4008_and_nobody_waits():
+    socket = StuckSocket()
+    conn = Connection(socket, NullHub(), queue_size=4, render=as_is)
+    serving = asyncio.create_task(conn.serve(lambda: asyncio.Event().wait()))
+    conn.deliver("0")
+    async with asyncio.timeout(seconds(5)):
+        await socket.stuck.wait()
+    for i in range(1, 5):
+        conn.deliver(str(i))  # fills the queue: the relay never blocks
+    assert not socket.closed.done()
+    conn.deliver("one too many")
+    conn.deliver("and more, ignored")
+    async with asyncio.timeout(seconds(5)):
+        code, reason = await socket.closed
+    assert code == Close.SLOW and "resume" in reason
+    assert socket.sent == ["0"]
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)

@@ -1,0 +1,102 @@
+"""The hub against a real redis-server: reference-counted subscriptions, relay, reconnects."""
+
+import asyncio
+
+import pytest
+
+from api.hub import Hub
+from shared.connections import RedisFactory
+from shared.settings import Settings
+from tests.procs import RedisServer, seconds
+
+
+class Collector:
+    def __init__(self):
+        self.frames = []
+        self.arrived = asyncio.Event()
+
+    def deliver(self, text):
+        self.frames.append(text)
+        self.arrived.set()
+
+    async def wait_for(self, count):
+        async with asyncio.timeout(seconds(5)):
+            while len(self.frames) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+@pytest.fixture
+async def hub_on(prefix):
+    hubs = []
+
+    async def start(server):
+        factory = RedisFactory(Settings(redis_url=server.url))
+        hub = Hub(factory.pubsub, f"{prefix}:node:test")
+        await hub.start()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in hubs:
+        await hub.close()
+        await hub.close()  # idempotent
+
+
+def numsub(server, channel):
+    with server.client() as r:
+        return dict(r.pubsub_numsub(channel))[channel.encode()]
+
+
+async def test_one_subscription_per_channel_however_many_viewers(redis_server, hub_on, prefix):
+    hub = await hub_on(redis_server)
+    channel = f"{prefix}:ch"
+    one, two = Collector(), Collector()
+    await hub.join(channel, one)
+    await hub.join(channel, two)
+    assert numsub(redis_server, channel) == 1
+    with redis_server.client() as r:
+        r.publish(channel, "héllo")
+    await one.wait_for(1)
+    await two.wait_for(1)
+    assert one.frames == two.frames == ["héllo"]
+    await hub.leave(channel, one)
+    assert numsub(redis_server, channel) == 1
+    await hub.leave(channel, two)
+    await hub.leave(channel, two)  # a second leave is harmless
+    with redis_server.client() as r:
+        assert r.publish(channel, "nobody") == 0
+    assert hub.channels() == []
+
+
+async def test_leave_then_join_again_stays_subscribed(redis_server, hub_on, prefix):
+    hub = await hub_on(redis_server)
+    channel = f"{prefix}:flap"
+    viewer = Collector()
+    for _ in range(20):
+        await hub.join(channel, viewer)
+        await hub.leave(channel, viewer)
+    await hub.join(channel, viewer)
+    with redis_server.client() as r:
+        assert r.publish(channel, "still here") == 1
+    await viewer.wait_for(1)
+
+
+async def test_the_hub_survives_a_redis_restart_and_resubscribes(logdir, hub_on, prefix, tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        hub = await hub_on(server)
+        viewer = Collector()
+        await hub.join(f"{prefix}:live", viewer)
+        server.stop()
+        server.proc.popen = None
+        server.start()  # same port, empty Redis
+        async with asyncio.timeout(seconds(10)):
+            while not (hub.healthy and numsub(server, f"{prefix}:live") == 1):
+                await asyncio.sleep(0.02)
+        assert hub.reconnects == 1
+        with server.client() as r:
+            r.publish(f"{prefix}:live", "after restart")
+        await viewer.wait_for(1)
+    finally:
+        server.stop()

@@ -1,0 +1,61 @@
+import pytest
+
+from shared.settings import Settings, SettingsError
+
+
+def test_defaults_are_embedded_and_simulated():
+    settings = Settings.from_env({})
+    assert settings.redis_url is None
+    assert settings.agent == "simulated"
+
+
+def test_openai_is_the_default_when_a_key_is_set():
+    assert Settings.from_env({"OPENAI_API_KEY": "sk-test"}).agent == "openai"
+    assert (
+        Settings.from_env({"OPENAI_API_KEY": "sk", "THOUGHTWIRE_AGENT": "simulated"}).agent
+        == "simulated"
+    )
+
+
+def test_types_are_parsed():
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://h:1/0",
+            "THOUGHTWIRE_SIM_STEP_DELAY": "0",
+            "THOUGHTWIRE_SEND_QUEUE_SIZE": "8",
+            "THOUGHTWIRE_WS_PER_MESSAGE_DEFLATE": "yes",
+        }
+    )
+    assert settings.redis_url == "redis://h:1/0"
+    assert settings.sim_step_delay == 0.0
+    assert settings.send_queue_size == 8
+    assert settings.ws_per_message_deflate is True
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"THOUGHTWIRE_SEND_QUEUE_SIZE": "many"},
+        {"THOUGHTWIRE_SEND_QUEUE_SIZE": "0"},
+        {"THOUGHTWIRE_AGENT": "nope"},
+        {"THOUGHTWIRE_AGENT": "openai"},
+        {"THOUGHTWIRE_KEY_PREFIX": "a:b"},
+        {"THOUGHTWIRE_WS_PER_MESSAGE_DEFLATE": "maybe"},
+    ],
+)
+def test_bad_values_name_the_variable(env):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert next(iter(env)).split("_", 1)[1] in str(info.value) or "OPENAI_API_KEY" in str(
+        info.value
+    )
+
+
+def test_secrets_stay_out_of_repr():
+    settings = Settings.from_env({"OPENAI_API_KEY": "sk-secret", "JWT_SECRET": "jwt-secret"})
+    assert "sk-secret" not in repr(settings)
+    assert "jwt-secret" not in repr(settings)
+
+
+def test_overrides_win():
+    assert Settings.from_env({"THOUGHTWIRE_KEY_PREFIX": "a"}, key_prefix="b").key_prefix == "b"
