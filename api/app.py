@@ -11,7 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from api.frontend import Frontend, running
-from api.sockets import router
+from api.http import router as http_router
+from api.sockets import router as socket_router
 from shared.connections import RedisFactory
 from shared.settings import Settings
 
@@ -36,7 +37,8 @@ def create_app(
             yield
 
     app = FastAPI(title="thoughtwire", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.include_router(router)
+    app.include_router(socket_router)
+    app.include_router(http_router)
     page = resources.files("api").joinpath("static/index.html").read_text()
 
     @app.get("/", include_in_schema=False)

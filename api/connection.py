@@ -1,9 +1,9 @@
-"""One client socket: its bounded send queue, its writer, the channels it is on.
+"""One client socket: a viewer (:mod:`api.viewer`) carried over a WebSocket.
 
-Slow-client policy: each socket has a send queue of ``send_queue_size`` frames. The
-hub only ever puts into it without waiting. When it is full the client is not
-keeping up; its queue is dropped and the socket is closed with 4008 (SLOW), which
-tells the client to reconnect and resume from its last ``seq``. Nobody else waits.
+The socket has two tasks: the endpoint's receive loop, and a writer that drains the
+viewer's queue into the socket. When either ends, both stop and the viewer leaves
+its channels. A close asked for while the writer is stuck on a client that stopped
+reading cancels the writer instead of queuing behind it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from api.hub import Hub
+from api.viewer import Viewer
+from shared.bus import Bus
 from shared.closecodes import Close
+from shared.protocol import reply
 
 logger = logging.getLogger("thoughtwire.connection")
 
@@ -31,69 +34,40 @@ def as_is(frame: str) -> str:
 
 
 class Connection:
-    """A socket as the hub sees it: a viewer with a bounded queue and one writer task."""
-
-    def __init__(self, websocket: WebSocket, hub: Hub, *, queue_size: int, render: Render) -> None:
+    def __init__(
+        self, websocket: WebSocket, bus: Bus, hub: Hub, *, queue_size: int, render: Render = as_is
+    ) -> None:
         self.websocket = websocket
-        self._hub = hub
+        self.viewer = Viewer(bus, hub, queue_size=queue_size, on_close=self.close)
         self._render = render
-        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
-        self._channels: set[str] = set()
         self._writer: asyncio.Task[None] | None = None
         self._closing: tuple[int, str] | None = None
 
-    # --- viewer -------------------------------------------------------------
-
-    def deliver(self, text: str) -> None:
-        if self._closing is not None:
-            return
-        try:
-            self._queue.put_nowait(text)
-        except asyncio.QueueFull:
-            self.close(Close.SLOW, "slow consumer: reconnect and resume")
-
-    def send(self, text: str) -> None:
+    def send(self, frame: str) -> None:
         """Queue a frame of the frontend's own, in order with relayed events."""
-        self.deliver(text)
+        self.viewer.put(frame)
 
     def close(self, code: int, reason: str = "") -> None:
-        """Close now: pending frames are dropped, and a send in progress is abandoned.
-
-        The writer may be stuck sending to a client that stopped reading, so it is
-        cancelled rather than asked to stop; :meth:`serve` then sends the close.
-        """
+        """Close now: pending frames are dropped, and a send in progress is abandoned."""
         if self._closing is not None:
             return
         self._closing = (code, reason)
         if self._writer is not None:
             self._writer.cancel()
 
-    # --- channels -----------------------------------------------------------
-
-    async def join(self, channel: str) -> None:
-        if channel not in self._channels:
-            self._channels.add(channel)
-            await self._hub.join(channel, self)
-
-    async def leave(self, channel: str) -> None:
-        if channel in self._channels:
-            self._channels.discard(channel)
-            await self._hub.leave(channel, self)
-
-    # --- lifecycle ----------------------------------------------------------
-
     async def serve(self, receive_loop: ReceiveLoop) -> None:
         """Run the receive loop and the writer until either ends, then clean up."""
         writer = self._writer = asyncio.create_task(self._write(), name="socket-writer")
         reader = asyncio.create_task(receive_loop(), name="socket-reader")
+        if self._closing is not None:
+            writer.cancel()
         try:
             done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (writer, reader):
                 task.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
-            for channel in list(self._channels):
-                await self.leave(channel)
+            await self.viewer.detach()
         for task in done:
             exc = None if task.cancelled() else task.exception()
             if exc is not None and not isinstance(exc, WebSocketDisconnect):
@@ -103,8 +77,9 @@ class Connection:
             await self._send_close(*self._closing)
 
     async def _write(self) -> None:
+        queue = self.viewer.queue
         while True:
-            frame = self._render(await self._queue.get())
+            frame = self._render(await queue.get())
             if frame is not None:
                 await self.websocket.send_text(frame)
 
@@ -115,6 +90,13 @@ class Connection:
             # Bounded: the client may not be reading at all. When the handler
             # returns, the server drops the connection anyway.
             async with asyncio.timeout(CLOSE_TIMEOUT):
+                farewell = (
+                    self._render(reply("reconnect", reason=reason))
+                    if code == Close.RESTART
+                    else None
+                )
+                if farewell is not None:
+                    await self.websocket.send_text(farewell)
                 await self.websocket.close(code, reason)
         except (TimeoutError, RuntimeError, OSError):
             pass

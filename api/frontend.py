@@ -13,12 +13,14 @@ from redis.exceptions import RedisError
 
 from api.hub import Hub
 from shared.bus import Bus
+from shared.closecodes import Close
 from shared.connections import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job
 from shared.settings import Settings
 
 READY_TIMEOUT = 2.0
+DRAIN_BATCHES = 10
 
 
 def new_id() -> str:
@@ -38,11 +40,36 @@ class Frontend:
     node: str
     draining: bool = field(default=False)
 
-    async def start_run(self, session: str, prompt: str, agent: str | None = None) -> str:
-        """Queue a prompt for the workers; returns the run id."""
-        run = new_id()
-        await self.bus.submit(Job(run=run, session=session, prompt=prompt, agent=agent))
-        return run
+    async def start_run(
+        self,
+        session: str,
+        prompt: str,
+        agent: str | None = None,
+        *,
+        on_disconnect: str = "continue",
+        idempotency_key: str | None = None,
+    ) -> tuple[str, str, bool]:
+        """Queue a prompt for the workers; returns ``(run, session, created)``."""
+        job = Job(
+            run=new_id(), session=session, prompt=prompt, agent=agent, on_disconnect=on_disconnect
+        )
+        return await self.bus.submit(job, idempotency_key)
+
+    async def drain(self) -> None:
+        """Stop taking sockets, then tell every open one to reconnect elsewhere.
+
+        ``/readyz`` turns 503 at once. Sockets get ``reconnect`` and close 1012 in
+        batches spread over ``drain_window``, so the other frontends are not hit by
+        all of them in the same instant.
+        """
+        self.draining = True
+        viewers = list(self.hub.viewers())
+        batches = min(DRAIN_BATCHES, len(viewers)) or 1
+        pause = self.settings.drain_window / batches
+        for i in range(batches):
+            for viewer in viewers[i::batches]:
+                viewer.close(Close.RESTART, "frontend restarting; reconnect and resume")
+            await asyncio.sleep(pause)
 
     async def ready(self) -> bool:
         """Redis answers and this frontend is not draining."""

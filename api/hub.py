@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -23,6 +22,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.backoff import delays
+from shared.protocol import event_position
+
 logger = logging.getLogger("thoughtwire.hub")
 
 SUBSCRIBE_TIMEOUT = 10.0
@@ -30,8 +32,14 @@ RESUBSCRIBE_BATCH = 500
 
 
 class Viewer(Protocol):
-    def deliver(self, text: str) -> None:
-        """Take one frame; must not block or raise."""
+    def deliver(self, frame: str, position: tuple[int, str] | None) -> None:
+        """Take one frame (and its ``(seq, epoch)`` if it is an event); must not block."""
+
+    def resync(self) -> None:
+        """Frames may have been lost (the connection to Redis dropped): catch up."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the client (a draining frontend tells it to reconnect elsewhere)."""
 
 
 class Hub:
@@ -50,6 +58,7 @@ class Hub:
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._resync: asyncio.Task[None] | None = None
         self.reconnects = 0
 
     @property
@@ -58,6 +67,10 @@ class Hub:
 
     def channels(self) -> list[str]:
         return [c.decode() for c in self._viewers]
+
+    def viewers(self) -> set[Viewer]:
+        """Every viewer on any channel: the live sockets and streams of this frontend."""
+        return set().union(*self._viewers.values())
 
     async def start(self) -> None:
         await self._connect()
@@ -70,6 +83,10 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
+        if self._resync is not None:
+            self._resync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resync
         await self._disconnect()
 
     async def join(self, channel: str, viewer: Viewer) -> None:
@@ -124,9 +141,10 @@ class Hub:
         if kind == "message":
             viewers = self._viewers.get(channel)
             if viewers:
-                text = message["data"].decode()
+                frame = message["data"].decode()
+                position = event_position(frame)
                 for viewer in tuple(viewers):
-                    viewer.deliver(text)
+                    viewer.deliver(frame, position)
         elif kind == "subscribe":
             waiters = self._pending.get(channel)
             if waiters:
@@ -153,31 +171,44 @@ class Hub:
         """Back off (capped, with jitter), reconnect, and resubscribe every live channel."""
         self._connected.clear()
         await self._disconnect()
-        delay = 0.05
-        while True:
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        for delay in delays():
+            await asyncio.sleep(delay)
             try:
                 async with self._lock:
                     await self._connect()
-                    await self._resubscribe()
-                self.reconnects += 1
-                logger.info("pub/sub reconnected; %d channels resubscribed", len(self._viewers))
-                return
+                    subscribed = await self._resubscribe()
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 await self._disconnect()
-                delay = min(delay * 2, 2.0)
+                continue
+            self.reconnects += 1
+            logger.info("pub/sub reconnected; %d channels resubscribed", len(self._viewers))
+            self._resync = asyncio.create_task(self._resync_when(subscribed), name="hub-resync")
+            return
 
-    async def _resubscribe(self) -> None:
+    async def _resync_when(self, subscribed: list[asyncio.Future[None]]) -> None:
+        """Once the resubscriptions are confirmed, have every viewer catch up from the log.
+
+        Confirmed first: a viewer reading the log before its channel is live again
+        could miss what is published in between. The reader resolves the futures.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await asyncio.gather(*subscribed)
+        for viewer in self.viewers():
+            viewer.resync()
+
+    async def _resubscribe(self) -> list[asyncio.Future[None]]:
         # Every SUBSCRIBE sent gets a future, awaited or not, so that confirmations
         # keep pairing with the right SUBSCRIBE if a channel is left and joined again.
         keys = list(self._viewers)
+        futures = []
         for start in range(0, len(keys), RESUBSCRIBE_BATCH):
             batch = keys[start : start + RESUBSCRIBE_BATCH]
-            for key in batch:
-                self._expect_subscribe(key)
+            futures += [self._expect_subscribe(key) for key in batch]
             await self._pubsub.subscribe(*batch)
+        return futures
 
     async def _connect(self) -> None:
         self._client = self._open_client()

@@ -5,7 +5,7 @@ no agent runs in a frontend, so any frontend can serve any client.
 ``/ws``                echoes each text frame in upper case (run by a worker)
 ``/ws/agent``          plain-text answer chunks, then ``[DONE]``
 ``/ws/chat``           plain-text answer tokens, then ``\\n[DONE]``
-``/ws/agent-thoughts`` JSON events; ``?session=S`` watches (and prompts) session S
+``/ws/agent-thoughts`` JSON events; ``?session=S&after=N`` follows session S from N
 ``/ws/robust``         like agent-thoughts, plus a ``ping`` after an idle period
 ``/ws/secure``         like agent-thoughts, behind ``?token=<JWT>``
 ``/ws/{client_id}``    the connection manager: prompts, personal messages, broadcasts
@@ -24,21 +24,28 @@ from api import render
 from api.auth import AuthError, verify
 from api.connection import Connection, Render, as_is
 from api.frontend import Frontend, new_id
+from shared.backoff import UNAVAILABLE
 from shared.closecodes import Close
 from shared.protocol import (
     Broadcast,
+    Cancel,
     ClientMessage,
     Personal,
     Pong,
     Prompt,
     ProtocolError,
+    Resume,
     error_reply,
+    parse_after,
     parse_client_message,
     reply,
     valid_id,
 )
 
 router = APIRouter()
+
+MessageHandler = Callable[[ClientMessage, Connection], Awaitable[None]]
+UNAVAILABLE_REPLY = error_reply("unavailable", "the service is briefly unavailable; try again")
 
 
 def _frontend(websocket: WebSocket) -> Frontend:
@@ -68,7 +75,14 @@ async def _receive_text(websocket: WebSocket, conn: Connection, idle: float | No
     return text
 
 
-MessageHandler = Callable[[ClientMessage, Connection], Awaitable[None]]
+def _start_position(websocket: WebSocket) -> tuple[str, int | None, str | None]:
+    """``?session=S&after=N&epoch=E``: which session to follow, and from where."""
+    query = websocket.query_params
+    session = query.get("session") or new_id()
+    if not valid_id(session):
+        raise ProtocolError("bad_message", "session ids are 1-64 characters of [A-Za-z0-9._-]")
+    after = query.get("after")
+    return session, None if after is None else parse_after(after), query.get("epoch") or None
 
 
 async def _session_socket(
@@ -84,22 +98,47 @@ async def _session_socket(
 ) -> None:
     """A socket on one session: prompts go to the workers, the session's events come back.
 
-    ``channels`` are joined besides the session's; messages other than prompts go
-    to ``on_message``, or are refused.
+    ``channels`` are joined besides the session's; messages other than prompts,
+    resumes and cancels go to ``on_message``, or are refused.
     """
     frontend = _frontend(websocket)
-    session = websocket.query_params.get("session") or new_id()
-    if not valid_id(session):
-        await _refuse(websocket, Close.POLICY, "session ids are 1-64 characters of [A-Za-z0-9._-]")
+    if frontend.draining:
+        await _refuse(websocket, Close.RESTART, "frontend restarting; reconnect")
+        return
+    try:
+        session, after, epoch = _start_position(websocket)
+    except ProtocolError as exc:
+        await _refuse(websocket, Close.POLICY, exc.message)
         return
     await websocket.accept()
     conn = Connection(
-        websocket, frontend.hub, queue_size=frontend.settings.send_queue_size, render=render_frame
+        websocket,
+        frontend.bus,
+        frontend.hub,
+        queue_size=frontend.settings.send_queue_size,
+        render=render_frame,
     )
-    for channel in (frontend.keys.session_channel(session), *channels):
-        await conn.join(channel)
+    viewer = conn.viewer
+    for channel in channels:
+        await viewer.join(channel)
     conn.send(reply("session", session=session, **(hello or {})))
+    await viewer.follow(session, after, epoch)
     limit = frontend.settings.max_prompt_chars
+
+    async def handle(message: ClientMessage) -> None:
+        current = viewer.session
+        assert current is not None
+        if isinstance(message, Prompt):
+            await frontend.start_run(current, message.content, agent, on_disconnect="cancel")
+        elif isinstance(message, Resume):
+            conn.send(reply("session", session=message.session, **(hello or {})))
+            await viewer.follow(message.session, message.after, message.epoch)
+        elif isinstance(message, Cancel):
+            await frontend.bus.cancel(current, message.run)
+        elif on_message is not None:
+            await on_message(message, conn)
+        elif not isinstance(message, Pong):
+            conn.send(error_reply("unsupported", "this endpoint does not take that message"))
 
     async def receive_loop() -> None:
         while True:
@@ -112,15 +151,11 @@ async def _session_socket(
                     if raw_prompts
                     else parse_client_message(frame, max_prompt_chars=limit)
                 )
+                await handle(message)
             except ProtocolError as exc:
                 conn.send(error_reply(exc.code, exc.message))
-                continue
-            if isinstance(message, Prompt):
-                await frontend.start_run(session, message.content, agent)
-            elif on_message is not None:
-                await on_message(message, conn)
-            elif not isinstance(message, Pong):
-                conn.send(error_reply("unsupported", "this endpoint takes prompts only"))
+            except UNAVAILABLE:
+                conn.send(UNAVAILABLE_REPLY)
 
     await conn.serve(receive_loop)
 

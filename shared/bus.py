@@ -1,15 +1,17 @@
 """The bus: the contract between frontends and workers, and its Redis implementation.
 
-Guarantees, as of this module:
+Guarantees:
 
-* **Jobs** go into one Redis Stream read by a consumer group. A job is delivered to
-  one worker; it is acknowledged (and deleted) when its run has ended.
-* **Events** of a session are numbered ``seq`` = 1, 2, 3, ... with no gaps. Each one
-  is appended to the session's log (a stream bounded by MAXLEN and a TTL) and
-  published on the session's channel in one atomic script, so the log and the live
-  channel never disagree on order or content.
-* **Live delivery** over pub/sub is at-most-once: a frontend that is not subscribed
-  at the moment of PUBLISH misses the event. The log is there to fill such holes.
+* **Jobs** go into one Redis Stream read by a consumer group. A job is acknowledged
+  (and deleted) only when its run has ended. While it runs, its worker renews a
+  lease; a job whose lease lapsed is claimed by another worker and run again as a
+  new attempt, and every write of an attempt is fenced (:mod:`shared.scripts`).
+* **Events** of a session are numbered ``seq`` = 1, 2, 3, ... with no gaps within an
+  ``epoch``. Each one is appended to the session's log (a stream bounded by MAXLEN
+  and a TTL) and published on the session's channel in one atomic script, so the
+  log and the live channel never disagree on order or content.
+* **Live delivery** over pub/sub is at-most-once. Frontends fill holes from the log
+  (:mod:`api.recovery`), which is why every event carries its position.
 """
 
 from __future__ import annotations
@@ -17,41 +19,43 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared import scripts
 from shared.keys import Keys
-from shared.protocol import Job, Thought, encode_event_head
+from shared.protocol import TERMINAL_STATUS, Job, Thought, encode_event_head
 
-# KEYS: meta, log, channel.  ARGV: maxlen, ttl, epoch-if-new, head1, head2, ...
-# Each head is an event encoded up to its ``"seq":``; the script completes it with
-# the position, so the log entry and the published bytes are identical. The stream
-# id of an event is ``0-<seq>``: XRANGE (0-N + reads everything after seq N.
-APPEND_SCRIPT = """
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[3]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-end
-local tail = ',"epoch":"' .. epoch .. '"}'
-for i = 4, #ARGV do
-  seq = seq + 1
-  local payload = ARGV[i] .. seq .. tail
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '0-' .. seq, 'e', payload)
-  redis.call('PUBLISH', KEYS[3], payload)
-end
-redis.call('HSET', KEYS[1], 'seq', seq)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return seq
-"""
+FENCED = -1  # what ``append`` returns to an attempt that lost its lease
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def new_token() -> str:
+    return os.urandom(6).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """Where a session's log stands: its epoch (None: no log) and its last seq."""
+
+    epoch: str | None
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What the start script decided for a claimed job."""
+
+    verdict: str  # run, cancel, dead, busy, finished
+    attempt: int
+    fence: str
 
 
 class Bus:
@@ -61,13 +65,79 @@ class Bus:
         self.redis = redis
         self.keys = keys
         self._log_maxlen = log_maxlen
-        self._log_ttl = log_ttl
-        self._append = redis.register_script(APPEND_SCRIPT)
+        self._ttl = log_ttl
+        self._append = redis.register_script(scripts.APPEND)
+        self._start = redis.register_script(scripts.START)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._cancel = redis.register_script(scripts.CANCEL)
 
-    # --- jobs ---------------------------------------------------------------
+    # --- jobs: the frontend's side -----------------------------------------
 
-    async def submit(self, job: Job) -> None:
-        await self.redis.xadd(self.keys.jobs, {"job": job.encode()})
+    async def submit(self, job: Job, idempotency_key: str | None = None) -> tuple[str, str, bool]:
+        """Queue a job; returns ``(run, session, created)``.
+
+        With an idempotency key, the first job submitted under it is returned for
+        as long as results are kept, and nothing new is queued.
+        """
+        if idempotency_key is not None:
+            key = self.keys.idempotency(idempotency_key)
+            claimed = await self.redis.set(key, f"{job.run} {job.session}", nx=True, ex=self._ttl)
+            if not claimed:
+                existing = await self.redis.get(key)
+                if existing is not None:
+                    run, session = _text(existing).split(" ", 1)
+                    return run, session, False
+        keys = self.keys
+        # The run's record first, so a worker that takes the job always finds it.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(
+                keys.run(job.session, job.run),
+                mapping={"status": "queued", "attempt": 0, "created": now_ms()},
+            )
+            pipe.expire(keys.run(job.session, job.run), self._ttl)
+            pipe.sadd(keys.session_runs(job.session), job.run)
+            pipe.expire(keys.session_runs(job.session), self._ttl)
+            pipe.set(keys.job(job.run), job.session, ex=self._ttl)
+            pipe.xadd(keys.jobs, {"job": job.encode()})
+            await pipe.execute()
+        return job.run, job.session, True
+
+    async def run_state(self, run: str) -> dict[str, Any] | None:
+        """A job's record by its id, or None when unknown or expired."""
+        session = await self.redis.get(self.keys.job(run))
+        if session is None:
+            return None
+        session = _text(session)
+        fields: Any = await self.redis.hgetall(self.keys.run(session, run))
+        if not fields:
+            return None
+        state = {_text(k): _text(v) for k, v in fields.items()}
+        state["session"] = session
+        return state
+
+    async def cancel(self, session: str, run: str | None = None) -> list[str]:
+        """Ask for unfinished runs of a session to be cancelled; returns their ids.
+
+        The run's state carries the request (a worker sees it when it renews its
+        lease or starts the job); the control message makes it immediate.
+        """
+        if run is None:
+            members: Any = await self.redis.smembers(self.keys.session_runs(session))
+            runs = sorted(_text(m) for m in members)
+        else:
+            runs = [run]
+        cancelled = []
+        for r in runs:
+            status = await self._cancel(keys=[self.keys.run(session, r)])
+            if _text(status or b"") in ("queued", "running"):
+                cancelled.append(r)
+        if cancelled:
+            message = orjson.dumps({"cancel": cancelled, "session": session})
+            await self.redis.publish(self.keys.worker_control, message)
+        return cancelled
+
+    # --- jobs: the worker's side -------------------------------------------
 
     async def ensure_group(self) -> None:
         """Create the workers' consumer group (and the stream) if they do not exist."""
@@ -88,6 +158,19 @@ class Bus:
                 jobs.append((_text(entry_id), Job.decode(fields[b"job"])))
         return jobs
 
+    async def reclaim(self, consumer: str, count: int, idle_ms: int) -> list[tuple[str, Job]]:
+        """Take over up to ``count`` jobs nobody has touched for ``idle_ms``."""
+        reply: Any = await self.redis.xautoclaim(
+            self.keys.jobs, self.keys.jobs_group, consumer, idle_ms, "0-0", count=count
+        )
+        return [(_text(i), Job.decode(f[b"job"])) for i, f in reply[1] if f]
+
+    async def touch(self, consumer: str, entry_id: str) -> None:
+        """Reset the job's idle time, so nobody reclaims a job that is still running."""
+        await self.redis.xclaim(
+            self.keys.jobs, self.keys.jobs_group, consumer, 0, [entry_id], justid=True
+        )
+
     async def finish(self, entry_id: str) -> None:
         """Acknowledge a job and drop it from the stream: the stream holds only live jobs."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -95,27 +178,87 @@ class Bus:
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute()
 
+    async def requeue(self, entry_id: str, job: Job) -> None:
+        """Put a job back at the end of the queue for another worker (a draining one's)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.jobs, {"job": job.encode()})
+            pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
+            pipe.xdel(self.keys.jobs, entry_id)
+            await pipe.execute()
+
+    async def dead_letter(self, entry_id: str, job: Job, reason: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self.keys.dead_letters,
+                {"job": job.encode(), "reason": reason},
+                maxlen=self._log_maxlen,
+                approximate=True,
+            )
+            pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
+            pipe.xdel(self.keys.jobs, entry_id)
+            await pipe.execute()
+
+    async def start(self, job: Job, owner: str, lease_ms: int, max_attempts: int) -> Attempt:
+        fence = new_token()
+        verdict, attempt = await self._start(
+            keys=[self.keys.run(job.session, job.run)],
+            args=[fence, owner, lease_ms, max_attempts, self._ttl],
+        )
+        return Attempt(_text(verdict), int(attempt), fence)
+
+    async def renew(self, job: Job, fence: str, lease_ms: int) -> int:
+        """-1: the lease is lost; 1: cancellation was asked for; 0: carry on."""
+        return int(
+            await self._renew(keys=[self.keys.run(job.session, job.run)], args=[fence, lease_ms])
+        )
+
+    async def release(self, job: Job, fence: str) -> None:
+        await self._release(keys=[self.keys.run(job.session, job.run)], args=[fence])
+
     # --- events -------------------------------------------------------------
 
-    async def append(self, session: str, run: str, thoughts: Sequence[Thought]) -> int:
-        """Append events to the session's log and publish them; returns the last seq."""
+    async def append(
+        self,
+        job: Job,
+        thoughts: Sequence[Thought],
+        *,
+        fence: str,
+        first: int,
+        min_seq: int = 0,
+        result: str = "",
+    ) -> int:
+        """Append an attempt's events ``first``, ``first + 1``, ... to the log and publish them.
+
+        Returns the session's last seq, or :data:`FENCED` if this attempt no longer
+        holds the run. A terminal event ends the run with ``result``.
+        """
         ts = now_ms()
-        heads = [encode_event_head(t, session, run, ts) for t in thoughts]
+        heads = [encode_event_head(t, job.session, job.run, ts) for t in thoughts]
+        last = thoughts[-1]
+        status = TERMINAL_STATUS[last.type] if last.terminal else ""
         keys = self.keys
+        args: list[Any] = [self._log_maxlen, self._ttl, new_token(), fence, min_seq, first]
+        args += [status, result, job.run, *heads]
         seq = await self._append(
             keys=[
-                keys.session_meta(session),
-                keys.session_log(session),
-                keys.session_channel(session),
+                keys.session_meta(job.session),
+                keys.session_log(job.session),
+                keys.session_channel(job.session),
+                keys.run(job.session, job.run),
+                keys.session_runs(job.session),
             ],
-            args=[self._log_maxlen, self._log_ttl, os.urandom(6).hex(), *heads],
+            args=args,
         )
         return int(seq)
 
-    async def history(self, session: str, after: int = 0) -> list[bytes]:
+    async def meta(self, session: str) -> Meta:
+        seq, epoch = await self.redis.hmget(self.keys.session_meta(session), ["seq", "epoch"])
+        return Meta(None if epoch is None else _text(epoch), int(seq or 0))
+
+    async def history(self, session: str, after: int = 0) -> list[str]:
         """Events of the session's log with ``seq > after``, oldest first."""
         entries: Any = await self.redis.xrange(self.keys.session_log(session), min=f"(0-{after}")
-        return [fields[b"e"] for _id, fields in entries]
+        return [_text(fields[b"e"]) for _id, fields in entries]
 
     # --- plain messages -----------------------------------------------------
 
@@ -123,7 +266,7 @@ class Bus:
         return int(await self.redis.publish(channel, payload))
 
     async def subscribers(self, channels: Iterable[str]) -> dict[str, int]:
-        """PUBSUB NUMSUB, for tests and health checks."""
+        """PUBSUB NUMSUB: how many frontends follow each channel."""
         reply: Any = await self.redis.pubsub_numsub(*channels)
         return {_text(name): int(count) for name, count in reply}
 

@@ -8,6 +8,7 @@ Nobody else formats key names.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -33,6 +34,31 @@ class Keys:
 
     def session_channel(self, session: str) -> str:
         return f"{self.prefix}:{{{session}}}:events"
+
+    def run(self, session: str, run: str) -> str:
+        """A run's state: status, attempt, fence, lease, result. In its session's slot."""
+        return f"{self.prefix}:{{{session}}}:run:{run}"
+
+    def session_runs(self, session: str) -> str:
+        """The session's unfinished runs (a set), for "cancel everything"."""
+        return f"{self.prefix}:{{{session}}}:runs"
+
+    # Jobs by id (the run id), and by the client's idempotency key.
+    def job(self, run: str) -> str:
+        return f"{self.prefix}:job:{run}"
+
+    def idempotency(self, key: str) -> str:
+        # Hashed: the client's key can be any text, and its length is bounded here.
+        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def worker_control(self) -> str:
+        """Where frontends tell every worker to cancel a run."""
+        return f"{self.prefix}:workers:control"
 
     # Connection-manager messages: one channel per client id, one for everyone.
     def client_channel(self, client_id: str) -> str:

@@ -23,10 +23,14 @@ from typing import Any
 
 import orjson
 
-# Event types a run produces. ``done`` and ``error`` end a run.
+# Event types a run produces. ``done``, ``error`` and ``cancelled`` end a run; ``retry``
+# says a new attempt starts over (clients drop the run's partial answer).
 THOUGHT_TYPES = ("thinking", "action", "observation", "answer")
-TERMINAL_TYPES = ("done", "error")
-EVENT_TYPES = THOUGHT_TYPES + TERMINAL_TYPES
+TERMINAL_TYPES = ("done", "error", "cancelled")
+EVENT_TYPES = (*THOUGHT_TYPES, "retry", *TERMINAL_TYPES)
+
+# What a run's terminal event makes of its status.
+TERMINAL_STATUS = {"done": "done", "error": "failed", "cancelled": "cancelled"}
 
 
 class ProtocolError(ValueError):
@@ -47,6 +51,11 @@ class Thought:
 
     type: str
     content: Any = ""
+    extra: dict[str, Any] | None = None  # more top-level fields, e.g. a retry's attempt
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +80,25 @@ def encode_event_head(thought: Thought, session: str, run: str, ts: int) -> byte
     never needs to know the next ``seq`` and the bytes in the log are the bytes
     every client receives.
     """
-    body = orjson.dumps(
-        {"type": thought.type, "content": thought.content, "session": session, "run": run, "ts": ts}
-    )
-    return body[:-1] + b',"seq":'
+    fields = {"type": thought.type, "content": thought.content}
+    if thought.extra:
+        fields.update(thought.extra)
+    fields.update(session=session, run=run, ts=ts)
+    return orjson.dumps(fields)[:-1] + b',"seq":'
+
+
+def event_position(frame: str) -> tuple[int, str] | None:
+    """``(seq, epoch)`` of an event frame, read off its tail; None for other frames.
+
+    The log script always ends an event with ``,"seq":N,"epoch":"E"}``. A quote in
+    any string value is escaped, so the last unescaped ``,"seq":`` is the position.
+    This avoids parsing the whole frame once per event and socket.
+    """
+    i = frame.rfind(',"seq":')
+    if i < 0:
+        return None
+    j = frame.find(",", i + 7)
+    return int(frame[i + 7 : j]), frame[j + 10 : -2]
 
 
 def decode_event(data: bytes | str) -> Event:
@@ -104,6 +128,7 @@ class Job:
     session: str
     prompt: str
     agent: str | None = None
+    on_disconnect: str = "continue"  # or "cancel": once nobody watches the session
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -112,6 +137,7 @@ class Job:
                 "run": self.run,
                 "prompt": self.prompt,
                 "agent": self.agent,
+                "on_disconnect": self.on_disconnect,
             }
         )
 
@@ -123,6 +149,7 @@ class Job:
             run=obj["run"],
             prompt=obj["prompt"],
             agent=obj.get("agent"),
+            on_disconnect=obj.get("on_disconnect", "continue"),
         )
 
 
@@ -154,7 +181,23 @@ class Pong:
     """Answer to a ``ping``; also accepted unprompted as a keep-alive."""
 
 
-ClientMessage = Prompt | Personal | Broadcast | Pong
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Follow ``session`` from after ``after`` (of ``epoch``, when the client knows it)."""
+
+    session: str
+    after: int
+    epoch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel ``run``, or every unfinished run of the socket's session."""
+
+    run: str | None = None
+
+
+ClientMessage = Prompt | Personal | Broadcast | Pong | Resume | Cancel
 
 
 def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
@@ -175,11 +218,20 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
     if kind == "prompt":
         return Prompt(_prompt_text(_string(obj, "content"), max_prompt_chars))
     if kind == "personal":
-        return Personal(to=_client_id(_string(obj, "to")), content=_string(obj, "content"))
+        return Personal(to=_id(_string(obj, "to"), "client"), content=_string(obj, "content"))
     if kind == "broadcast":
         return Broadcast(content=_string(obj, "content"))
     if kind == "pong":
         return Pong()
+    if kind == "resume":
+        return Resume(
+            session=_id(_string(obj, "session"), "session"),
+            after=parse_after(obj.get("after", 0)),
+            epoch=_optional_string(obj, "epoch"),
+        )
+    if kind == "cancel":
+        run = _optional_string(obj, "run")
+        return Cancel(run=None if run is None else _id(run, "run"))
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "a JSON frame needs a string 'type'")
     raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
@@ -190,6 +242,19 @@ def _string(obj: dict[str, Any], name: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError("bad_message", f"'{name}' must be a string")
     return value
+
+
+def _optional_string(obj: dict[str, Any], name: str) -> str | None:
+    return None if obj.get(name) is None else _string(obj, name)
+
+
+def parse_after(value: Any) -> int:
+    """A resume position: a whole number >= 0 (also from a query string or header)."""
+    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    raise ProtocolError("bad_message", "'after' must be a whole number >= 0")
 
 
 def _prompt_text(text: str, max_chars: int) -> str:
@@ -211,9 +276,9 @@ def valid_id(value: str) -> bool:
     return 0 < len(value) <= 64 and all(c in _ID_CHARS for c in value)
 
 
-def _client_id(value: str) -> str:
+def _id(value: str, what: str) -> str:
     if not valid_id(value):
-        raise ProtocolError("bad_message", "client ids are 1-64 characters of [A-Za-z0-9._-]")
+        raise ProtocolError("bad_message", f"{what} ids are 1-64 characters of [A-Za-z0-9._-]")
     return value
 
 

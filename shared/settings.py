@@ -41,7 +41,8 @@ class Settings:
     sim_answer_tokens: int = 12
     sim_tokens_per_second: float = 20.0
 
-    # Event log per session: bounded in length and lifetime.
+    # Event log per session: bounded in length and lifetime. Run states, results and
+    # idempotency keys are kept as long.
     log_maxlen: int = 10_000
     log_ttl: int = 86_400
 
@@ -53,9 +54,20 @@ class Settings:
     jwt_secret: str | None = field(default=None, repr=False)
     ws_per_message_deflate: bool = False
 
+    # Frontend shutdown: sockets are told to reconnect in batches spread over this
+    # window, so they do not all land on the other frontends at once.
+    drain_window: float = 5.0
+    # Interactive runs are cancelled once no socket has watched their session this long.
+    disconnect_grace: float = 15.0
+
     # Worker
     worker_concurrency: int = 32
-    drain_timeout: float = 25.0  # below Kubernetes' default 30 s grace period
+    drain_timeout: float = 20.0  # plus drain_window, below Kubernetes' 30 s grace period
+    lease_seconds: float = 10.0
+    max_attempts: int = 3
+    # How long a worker keeps retrying a Redis write (a restart, a failover) before
+    # it gives the run up to the lease, for another worker to retry.
+    redis_retry_seconds: float = 30.0
     embedded_workers: int = 2
 
     @classmethod

@@ -71,6 +71,8 @@ def start_cluster(
         "THOUGHTWIRE_SIM_TOKENS_PER_SECOND": "0",
         "THOUGHTWIRE_SIM_ANSWER_TOKENS": "8",
         "OPENAI_API_KEY": "",
+        "THOUGHTWIRE_DRAIN_WINDOW": "0.2",
+        "THOUGHTWIRE_DRAIN_TIMEOUT": "5",
         **env,
     }
     cluster = Cluster(redis, prefix, base, logdir / prefix)

@@ -6,7 +6,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from shared.bus import Bus
+from shared.bus import FENCED, Bus
 from shared.connections import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job, Thought, decode_event
@@ -24,10 +24,19 @@ async def bus(request, prefix):
     await redis.aclose()
 
 
+async def started(bus, run="r", session="s", lease_ms=10_000):
+    job = Job(run=run, session=session, prompt="p")
+    await bus.submit(job)
+    attempt = await bus.start(job, "w1", lease_ms, 3)
+    assert attempt.verdict == "run"
+    return job, attempt.fence
+
+
 async def test_seq_is_gap_free_across_concurrent_writers(bus):
     async def writer(n):
+        job, fence = await started(bus, run=f"run{n}")
         for i in range(20):
-            await bus.append("s", f"run{n}", [Thought("answer", f"{n}-{i}")])
+            await bus.append(job, [Thought("answer", f"{n}-{i}")], fence=fence, first=i + 1)
 
     await asyncio.gather(*(writer(n) for n in range(3)))
     events = [decode_event(e) for e in await bus.history("s")]
@@ -38,34 +47,112 @@ async def test_seq_is_gap_free_across_concurrent_writers(bus):
 
 
 async def test_log_and_channel_carry_identical_bytes(bus):
+    job, fence = await started(bus)
     pubsub = bus.redis.pubsub()
     await pubsub.subscribe(bus.keys.session_channel("s"))
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
-    await bus.append("s", "r", [Thought("thinking", "a"), Thought("answer", "b")])
+    await bus.append(job, [Thought("thinking", "a"), Thought("answer", "b")], fence=fence, first=1)
     published = []
     async with asyncio.timeout(5):
         while len(published) < 2:
             message = await pubsub.get_message(timeout=1)
             if message and message["type"] == "message":
-                published.append(message["data"])
+                published.append(message["data"].decode())
     await pubsub.aclose()
     assert published == await bus.history("s")
     assert [orjson.loads(p)["seq"] for p in published] == [1, 2]
 
 
-async def test_history_after_a_seq(bus):
-    await bus.append("s", "r", [Thought("answer", str(i)) for i in range(5)])
+async def test_history_after_a_seq_and_meta(bus):
+    job, fence = await started(bus)
+    await bus.append(job, [Thought("answer", str(i)) for i in range(5)], fence=fence, first=1)
     assert [decode_event(e).seq for e in await bus.history("s", after=3)] == [4, 5]
     assert await bus.history("s", after=5) == []
+    meta = await bus.meta("s")
+    assert meta.last_seq == 5 and meta.epoch == decode_event((await bus.history("s"))[0]).epoch
+    assert (await bus.meta("nobody")).epoch is None
+
+
+async def test_a_retried_append_writes_nothing_twice(bus):
+    job, fence = await started(bus)
+    batch = [Thought("answer", "a"), Thought("answer", "b")]
+    assert await bus.append(job, batch, fence=fence, first=1) == 2
+    assert await bus.append(job, batch, fence=fence, first=1) == 2  # the reply was "lost"
+    assert await bus.append(job, [Thought("answer", "c")], fence=fence, first=3) == 3
+    assert [decode_event(e).content for e in await bus.history("s")] == ["a", "b", "c"]
+
+
+async def test_a_stale_attempt_is_fenced_out(bus):
+    job, old_fence = await started(bus, lease_ms=1)
+    await asyncio.sleep(0.01)  # let the 1 ms lease lapse
+    takeover = await bus.start(job, "w2", 10_000, 3)
+    assert (takeover.verdict, takeover.attempt) == ("run", 2)
+    assert await bus.append(job, [Thought("answer", "stale")], fence=old_fence, first=1) == FENCED
+    assert await bus.renew(job, old_fence, 1000) == -1
+    assert await bus.append(job, [Thought("answer", "fresh")], fence=takeover.fence, first=1) == 1
+    assert [decode_event(e).content for e in await bus.history("s")] == ["fresh"]
+
+
+async def test_a_live_lease_is_not_taken_over(bus):
+    job, _fence = await started(bus)
+    assert (await bus.start(job, "w2", 10_000, 3)).verdict == "busy"
+
+
+async def test_a_terminal_event_ends_the_run_and_keeps_its_result(bus):
+    job, fence = await started(bus)
+    await bus.append(job, [Thought("done", "")], fence=fence, first=1, result="the answer")
+    state = await bus.run_state(job.run)
+    assert (state["status"], state["result"], state["session"]) == ("done", "the answer", "s")
+    assert (await bus.start(job, "w2", 10_000, 3)).verdict == "finished"
+    assert await bus.append(job, [Thought("answer", "late")], fence=fence, first=2) == FENCED
+
+
+async def test_cancel_is_seen_by_the_lease_and_at_start(bus):
+    job, fence = await started(bus)
+    assert await bus.cancel("s") == ["r"]
+    assert await bus.renew(job, fence, 1000) == 1
+    queued = Job(run="q", session="s", prompt="p")
+    await bus.submit(queued)
+    assert await bus.cancel("s", "q") == ["q"]
+    assert (await bus.start(queued, "w1", 10_000, 3)).verdict == "cancel"
+
+
+async def test_too_many_attempts_is_dead(bus):
+    job, _ = await started(bus, lease_ms=1)
+    for _ in range(2):
+        await asyncio.sleep(0.01)
+        assert (await bus.start(job, "w", 1, 3)).verdict == "run"
+    await asyncio.sleep(0.01)
+    assert (await bus.start(job, "w", 1, 3)).verdict == "dead"
+
+
+async def test_lost_writes_start_a_new_epoch(bus):
+    job, fence = await started(bus)
+    await bus.append(job, [Thought("answer", "a"), Thought("answer", "b")], fence=fence, first=1)
+    first_epoch = (await bus.meta("s")).epoch
+    await bus.redis.hset(bus.keys.session_meta("s"), "seq", 1)  # as if Redis lost a write
+    await bus.append(job, [Thought("answer", "c")], fence=fence, first=3, min_seq=2)
+    meta = await bus.meta("s")
+    assert meta.epoch != first_epoch and meta.last_seq == 1
+    assert [decode_event(e).content for e in await bus.history("s")] == ["c"]
 
 
 async def test_log_is_bounded_and_expires(bus):
+    job, fence = await started(bus)
     for i in range(30):
-        await bus.append("s", "r", [Thought("answer", str(i))] * 10)
+        await bus.append(job, [Thought("answer", str(i))] * 10, fence=fence, first=i * 10 + 1)
     log = bus.keys.session_log("s")
-    assert await bus.redis.xlen(log) < 300
+    assert 50 <= await bus.redis.xlen(log) < 300
     assert 0 < await bus.redis.ttl(log) <= 60
     assert 0 < await bus.redis.ttl(bus.keys.session_meta("s")) <= 60
+
+
+async def test_idempotent_submit_returns_the_first_job(bus):
+    first = await bus.submit(Job(run="a", session="s1", prompt="p"), "key-1")
+    again = await bus.submit(Job(run="b", session="s2", prompt="p"), "key-1")
+    assert first == ("a", "s1", True)
+    assert again == ("a", "s1", False)
+    assert await bus.redis.xlen(bus.keys.jobs) == 1
 
 
 async def test_a_job_goes_to_one_worker_and_leaves_the_stream_when_finished(bus):
@@ -77,6 +164,8 @@ async def test_a_job_goes_to_one_worker_and_leaves_the_stream_when_finished(bus)
     second = await bus.claim("w2", 10, 100)
     assert [j for _, j in first] == [job]
     assert second == []
+    assert await bus.reclaim("w2", 10, 60_000) == []  # not idle long enough
+    assert [j for _, j in await bus.reclaim("w2", 10, 0)] == [job]
     await bus.finish(first[0][0])
     assert await bus.redis.xlen(bus.keys.jobs) == 0
 

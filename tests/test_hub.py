@@ -15,9 +15,14 @@ class Collector:
         self.frames = []
         self.arrived = asyncio.Event()
 
-    def deliver(self, text):
-        self.frames.append(text)
+    def deliver(self, frame, position):
+        self.frames.append(frame)
         self.arrived.set()
+
+    def resync(self):
+        self.resyncs = getattr(self, "resyncs", 0) + 1
+
+    def close(self, code, reason): ...
 
     async def wait_for(self, count):
         async with asyncio.timeout(seconds(5)):

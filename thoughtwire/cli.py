@@ -9,8 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 from shared.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,18 +91,10 @@ def _up(settings: Settings, host: str, port: int, workers: int | None) -> int:
     return 0
 
 
-def _serve(app: object, settings: Settings, host: str, port: int) -> None:
-    import uvicorn
+def _serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
+    from api.server import serve
 
-    uvicorn.run(
-        app,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        ws_max_size=settings.max_message_bytes,
-        ws_per_message_deflate=settings.ws_per_message_deflate,
-        timeout_graceful_shutdown=int(settings.drain_timeout),
-        log_level="info",
-    )
+    serve(app, settings, host, port)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from shared.connections import RedisFactory
 from shared.keys import Keys
 from shared.settings import Settings
 from worker.agents import build_agents
+from worker.attempt import Limits
 from worker.runner import Worker
 
 logger = logging.getLogger("thoughtwire.worker")
@@ -28,8 +29,19 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
             log_maxlen=settings.log_maxlen,
             log_ttl=settings.log_ttl,
         )
+        limits = Limits(
+            lease_ms=int(settings.lease_seconds * 1000),
+            redis_retry_seconds=settings.redis_retry_seconds,
+            disconnect_grace=settings.disconnect_grace,
+        )
         worker = Worker(
-            bus, build_agents(settings), settings.agent, concurrency=settings.worker_concurrency
+            bus,
+            build_agents(settings),
+            settings.agent,
+            concurrency=settings.worker_concurrency,
+            limits=limits,
+            max_attempts=settings.max_attempts,
+            open_pubsub=factory.pubsub,
         )
         logger.info("%s claiming jobs (agent: %s)", worker.name, settings.agent)
         await worker.run(stop, drain_timeout=settings.drain_timeout)

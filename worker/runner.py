@@ -1,29 +1,38 @@
-"""The worker: claims jobs from the queue, runs agents, writes their events to the bus.
+"""The worker: claims jobs, runs attempts, takes over jobs whose worker went away.
 
-A worker runs up to ``concurrency`` jobs at once. Each event a run produces is
-appended to the session's log and published in one atomic step (see
-:mod:`shared.bus`). A job is acknowledged only when its run has ended, with
-``done`` or ``error``; a job whose worker died stays pending in the group.
+A worker runs up to ``concurrency`` attempts at once (:mod:`worker.attempt`). Besides
+new jobs it reclaims, every half lease, jobs that have sat unrenewed for a whole
+lease (their worker died or stalled); the start script decides whether such a job
+really is free and numbers the new attempt. A control channel carries cancellations
+from frontends, so a cancel reaches the right worker at once; lease renewals carry
+it too, in case that message was missed.
 
-Stopping: :meth:`Worker.run` returns when its ``stop`` event is set. It stops
-claiming at once, lets running jobs finish until ``drain_timeout``, then cancels
-the rest; a cancelled job is not acknowledged.
+Stopping: :meth:`Worker.run` returns when its ``stop`` event is set. It stops claiming
+at once, lets running attempts finish until ``drain_timeout``, then hands what is
+left back to the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import secrets
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
 
+import orjson
+from redis.asyncio import Redis
+
+from shared.backoff import UNAVAILABLE, delays
 from shared.bus import Bus
 from shared.protocol import Job, Thought
-from worker.agents import Agent, AgentError
+from worker.agents import Agent
+from worker.attempt import Limits, RunAttempt
 
 logger = logging.getLogger("thoughtwire.worker")
-
-CLAIM_BLOCK_MS = 1000
-GENERIC_FAILURE = "the agent failed; see the worker's log"
 
 
 class Worker:
@@ -34,82 +43,150 @@ class Worker:
         default_agent: str,
         *,
         concurrency: int,
+        limits: Limits,
+        max_attempts: int,
+        open_pubsub: Callable[[], Redis] | None = None,
         name: str | None = None,
     ) -> None:
         self.bus = bus
         self.agents = agents
         self.default_agent = default_agent
         self.concurrency = concurrency
-        self.name = name or "worker-" + secrets.token_hex(4)
-        self._running: set[asyncio.Task[None]] = set()
+        self.limits = limits
+        self.max_attempts = max_attempts
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+        self._open_pubsub = open_pubsub
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._attempts: dict[str, RunAttempt] = {}
 
-    async def run(self, stop: asyncio.Event, drain_timeout: float = 25.0) -> None:
+    @property
+    def claim_block_ms(self) -> int:
+        return max(50, min(1000, self.limits.lease_ms // 2))
+
+    async def run(self, stop: asyncio.Event, drain_timeout: float = 20.0) -> None:
         """Claim and run jobs until ``stop`` is set, then drain."""
         await self.bus.ensure_group()
+        control = asyncio.create_task(self._listen_for_control(), name="worker-control")
+        try:
+            await self._claim_until(stop)
+        finally:
+            await self._drain(drain_timeout)
+            control.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control
+
+    async def _claim_until(self, stop: asyncio.Event) -> None:
         stopping = asyncio.create_task(stop.wait())
+        last_reclaim = 0.0
         try:
             while not stop.is_set():
-                free = self.concurrency - len(self._running)
+                free = self.concurrency - len(self._tasks)
                 if free <= 0:
                     await asyncio.wait(
-                        {stopping, *self._running}, return_when=asyncio.FIRST_COMPLETED
+                        {stopping, *self._tasks}, return_when=asyncio.FIRST_COMPLETED
                     )
                     continue
-                claim = asyncio.create_task(self.bus.claim(self.name, free, CLAIM_BLOCK_MS))
-                await asyncio.wait({claim, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not claim.done():
-                    # Stop arrived mid-claim; let the claim finish (it is bounded by
-                    # CLAIM_BLOCK_MS) so a job it took is still run, not orphaned.
-                    await asyncio.wait({claim})
-                for entry_id, job in claim.result():
-                    self._start(entry_id, job)
+                try:
+                    if time.monotonic() - last_reclaim > self.limits.lease_ms / 2000:
+                        last_reclaim = time.monotonic()
+                        for entry_id, job in await self.bus.reclaim(
+                            self.name, free, self.limits.lease_ms
+                        ):
+                            self._start(entry_id, job)
+                        free = self.concurrency - len(self._tasks)
+                        if free <= 0:
+                            continue
+                    claim = asyncio.create_task(
+                        self.bus.claim(self.name, free, self.claim_block_ms)
+                    )
+                    await asyncio.wait({claim, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    # A claim is bounded by claim_block_ms: let it finish even when stopping,
+                    # so a job it took is run, not left to wait for a lease to lapse.
+                    for entry_id, job in await claim:
+                        self._start(entry_id, job)
+                except UNAVAILABLE:
+                    logger.warning("Redis unavailable; claiming again shortly")
+                    await asyncio.wait({stopping}, timeout=next(delays(0.5)))
         finally:
             stopping.cancel()
-            await self._drain(drain_timeout)
 
     def _start(self, entry_id: str, job: Job) -> None:
         task = asyncio.create_task(self._run_job(entry_id, job), name=f"run-{job.run}")
-        self._running.add(task)
+        self._tasks.add(task)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("run task failed", exc_info=task.exception())
 
     async def _drain(self, deadline: float) -> None:
-        if not self._running:
+        if not self._tasks:
             return
-        _done, pending = await asyncio.wait(set(self._running), timeout=deadline)
-        for task in pending:
-            task.cancel()
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=deadline)
         if pending:
-            logger.warning("cancelled %d runs still going at the drain deadline", len(pending))
-            await asyncio.wait(pending)
+            logger.warning("handing %d unfinished runs back to the queue", len(pending))
+            for attempt in list(self._attempts.values()):
+                attempt.stop("shutdown")
+            _done, pending = await asyncio.wait(pending, timeout=5)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
 
     async def _run_job(self, entry_id: str, job: Job) -> None:
-        await self.run_job(job)
-        await self.bus.finish(entry_id)
-
-    async def run_job(self, job: Job) -> None:
-        """Run one job's agent and write its events, ending with ``done`` or ``error``."""
         agent = self.agents.get(job.agent or self.default_agent)
-        if agent is None:
-            await self._emit(job, Thought("error", f"agent {job.agent!r} is not available"))
+        start = await self.bus.start(job, self.name, self.limits.lease_ms, self.max_attempts)
+        if start.verdict == "finished":
+            await self.bus.finish(entry_id)
             return
-        try:
-            async for thought in agent.run(job.prompt):
-                await self._emit(job, thought)
-        except asyncio.CancelledError:
-            raise
-        except AgentError as exc:
-            await self._emit(job, Thought("error", str(exc)))
-            return
-        except Exception:
-            logger.exception("run %s of session %s failed", job.run, job.session)
-            await self._emit(job, Thought("error", GENERIC_FAILURE))
-            return
-        await self._emit(job, Thought("done", ""))
+        if start.verdict == "busy":
+            return  # another attempt holds a live lease; its renewals take the job back
+        attempt = RunAttempt(self.bus, job, entry_id, start.fence, self.name, self.limits)
+        if start.verdict == "cancel":
+            await attempt.emit(Thought("cancelled", "the run was cancelled"))
+            await self.bus.finish(entry_id)
+        elif start.verdict == "dead":
+            reason = f"the run failed after {start.attempt - 1} attempts"
+            await attempt.emit(Thought("error", reason))
+            await self.bus.dead_letter(entry_id, job, reason)
+        elif agent is None:
+            await attempt.emit(Thought("error", f"agent {job.agent!r} is not available"))
+            await self.bus.finish(entry_id)
+        else:
+            if start.attempt > 1:
+                await attempt.emit(Thought("retry", "", {"attempt": start.attempt}))
+            self._attempts[job.run] = attempt
+            try:
+                await attempt.execute(agent)
+            finally:
+                self._attempts.pop(job.run, None)
 
-    async def _emit(self, job: Job, thought: Thought) -> None:
-        await self.bus.append(job.session, job.run, [thought])
+    def cancel(self, runs: list[str]) -> None:
+        for run in runs:
+            attempt = self._attempts.get(run)
+            if attempt is not None:
+                attempt.stop("cancel")
+
+    async def _listen_for_control(self) -> None:
+        """Follow the control channel; reconnect (with backoff) whenever it drops."""
+        if self._open_pubsub is None:
+            return
+        for delay in delays():
+            client = self._open_pubsub()
+            pubsub: Any = client.pubsub()
+            try:
+                await pubsub.subscribe(self.bus.keys.worker_control)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None and message["type"] == "message":
+                        self.cancel(orjson.loads(message["data"]).get("cancel", []))
+            except asyncio.CancelledError:
+                raise
+            except UNAVAILABLE:
+                logger.warning("control channel lost; reconnecting")
+            finally:
+                with contextlib.suppress(*UNAVAILABLE):
+                    await pubsub.aclose()
+                await client.aclose()
+            await asyncio.sleep(delay)

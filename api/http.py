@@ -1,0 +1,132 @@
+"""HTTP endpoints: background jobs, and a session's events as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from api.frontend import Frontend, new_id
+from api.viewer import Viewer
+from shared.protocol import ProtocolError, event_position, parse_after, valid_id
+
+router = APIRouter(prefix="/v1")
+
+SSE_KEEPALIVE_SECONDS = 15.0
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class JobRequest(BaseModel):
+    prompt: str = Field(min_length=1)
+    session: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    on_disconnect: Literal["continue", "cancel"] = "continue"
+
+
+def _frontend(request: Request) -> Frontend:
+    frontend: Frontend = request.app.state.frontend
+    return frontend
+
+
+@router.post("/jobs", status_code=202)
+async def submit_job(body: JobRequest, request: Request) -> JSONResponse:
+    """Queue a prompt; it runs whether or not anyone watches (unless on_disconnect=cancel)."""
+    frontend = _frontend(request)
+    if len(body.prompt) > frontend.settings.max_prompt_chars or not body.prompt.strip():
+        raise HTTPException(422, "prompt is empty or too long")
+    run, session, created = await frontend.start_run(
+        body.session or new_id(),
+        body.prompt,
+        on_disconnect=body.on_disconnect,
+        idempotency_key=body.idempotency_key,
+    )
+    return JSONResponse({"job": run, "session": session, "created": created}, status_code=202)
+
+
+@router.get("/jobs/{job}")
+async def job_status(job: str, request: Request) -> dict[str, object]:
+    state = await _frontend(request).bus.run_state(job) if valid_id(job) else None
+    if state is None:
+        raise HTTPException(404, "no such job (or its result has expired)")
+    status = (
+        "cancelling"
+        if state.get("cancel") == "1" and state["status"] in ("queued", "running")
+        else state["status"]
+    )
+    body: dict[str, object] = {
+        "job": job,
+        "session": state["session"],
+        "status": status,
+        "attempts": int(state.get("attempt", 0)),
+    }
+    if state["status"] == "done":
+        body["result"] = state.get("result", "")
+    elif state["status"] in ("failed", "cancelled"):
+        body["error"] = state.get("result", "")
+    return body
+
+
+@router.delete("/jobs/{job}", status_code=202)
+async def cancel_job(job: str, request: Request) -> dict[str, object]:
+    bus = _frontend(request).bus
+    state = await bus.run_state(job) if valid_id(job) else None
+    if state is None:
+        raise HTTPException(404, "no such job (or its result has expired)")
+    if not await bus.cancel(state["session"], job):
+        raise HTTPException(409, f"the job has already ended: {state['status']}")
+    return {"job": job, "status": "cancelling"}
+
+
+@router.get("/sessions/{session}/events")
+async def session_events(session: str, request: Request) -> StreamingResponse:
+    """The session's events as SSE; ``id`` is the seq, so ``Last-Event-ID`` resumes."""
+    if not valid_id(session):
+        raise HTTPException(422, "session ids are 1-64 characters of [A-Za-z0-9._-]")
+    raw = request.headers.get("last-event-id") or request.query_params.get("after")
+    try:
+        after = None if raw is None else parse_after(raw)
+    except ProtocolError as exc:
+        raise HTTPException(422, exc.message) from None
+    frontend = _frontend(request)
+    if frontend.draining:
+        raise HTTPException(503, "frontend restarting", headers={"Retry-After": "1"})
+    viewer = Viewer(
+        frontend.bus,
+        frontend.hub,
+        queue_size=frontend.settings.send_queue_size,
+        on_close=lambda code, reason: _end(viewer.queue),
+    )
+    await viewer.follow(session, after)
+    return StreamingResponse(_sse(viewer), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+_END = ""  # no frame is empty
+
+
+def _end(queue: asyncio.Queue[str]) -> None:
+    """Closing an SSE stream: drop what is pending and end it; EventSource reconnects."""
+    while not queue.empty():
+        queue.get_nowait()
+    queue.put_nowait(_END)
+
+
+async def _sse(viewer: Viewer) -> AsyncIterator[str]:
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(SSE_KEEPALIVE_SECONDS):
+                    frame = await viewer.queue.get()
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if frame == _END:
+                return
+            position = event_position(frame)
+            head = "" if position is None else f"id: {position[0]}\n"
+            yield f"{head}data: {frame}\n\n"
+    finally:
+        await viewer.detach()

@@ -1,0 +1,176 @@
+"""A viewer: one client's view of one session, whatever carries it (a socket, an SSE stream).
+
+It holds the client's position ``(epoch, seq)`` and a bounded queue of frames to
+send. Live events that continue the position go straight into the queue; anything
+else (a duplicate, a hole, a new epoch) is settled against the log by a recovery
+task (:mod:`api.recovery`), so the client sees every event once and in order, or an
+explicit ``gap``.
+
+Slow-client policy: the queue holds ``queue_size`` frames. When it is full the
+client is not keeping up: the viewer asks its transport to close with 4008 (SLOW),
+which tells the client to reconnect and resume from its last ``seq``. Nobody waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from functools import partial
+
+from api.hub import Hub
+from api.recovery import Position, recover, replay_from
+from shared.backoff import UNAVAILABLE, retry
+from shared.bus import Bus
+from shared.closecodes import Close
+
+logger = logging.getLogger("thoughtwire.viewer")
+
+RECOVERY_RETRY_SECONDS = 10.0
+
+OnClose = Callable[[int, str], None]
+
+
+class Viewer:
+    def __init__(self, bus: Bus, hub: Hub, *, queue_size: int, on_close: OnClose) -> None:
+        self.bus = bus
+        self.hub = hub
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
+        self.session: str | None = None
+        self._on_close = on_close
+        self._channels: set[str] = set()
+        self._epoch: str | None = None
+        self._seq = 0
+        self._buffer: list[str] | None = None  # live frames held while the log is read
+        self._again = False
+        self._recovery: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def position(self) -> Position:
+        return Position(self._epoch, self._seq)
+
+    # --- frames in ----------------------------------------------------------
+
+    def put(self, frame: str) -> None:
+        """Queue a frame for the client; closes the client when it is too far behind."""
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.close(Close.SLOW, "slow consumer: reconnect and resume")
+
+    def deliver(self, frame: str, position: tuple[int, str] | None) -> None:
+        """From the hub: one frame, with its position when it is an event. Never blocks."""
+        if position is None or self.closed:
+            self.put(frame)
+            return
+        if self._buffer is not None:
+            if len(self._buffer) >= self.queue.maxsize:
+                self.close(Close.SLOW, "slow consumer: reconnect and resume")
+            self._buffer.append(frame)
+            return
+        seq, epoch = position
+        if epoch == self._epoch or (self._epoch is None and self._seq == 0 and seq == 1):
+            if seq == self._seq + 1:
+                self._epoch, self._seq = epoch, seq
+                self.put(frame)
+                return
+            if seq <= self._seq:
+                return  # already sent
+        # A hole, or another epoch: settle it against the log.
+        self._buffer = [frame]
+        self._start_recovery(self.position)
+
+    def resync(self) -> None:
+        """From the hub, after it reconnected: frames may have been missed meanwhile."""
+        if self.session is None or self.closed:
+            return
+        if self._buffer is not None:
+            self._again = True
+            return
+        self._buffer = []
+        self._start_recovery(self.position)
+
+    # --- following ----------------------------------------------------------
+
+    async def follow(
+        self, session: str, after: int | None = None, epoch: str | None = None
+    ) -> None:
+        """Follow ``session``: from after ``after`` (a resume), or from now on."""
+        if self.session is not None:
+            await self.leave(self.bus.keys.session_channel(self.session))
+            self._stop_recovery()
+        self.session = session
+        self._epoch, self._seq = epoch, after or 0
+        self._buffer = []  # subscribe first, read the log second: nothing falls between
+        await self.join(self.bus.keys.session_channel(session))
+        self._start_recovery(None if after is None else Position(epoch, after))
+
+    async def join(self, channel: str) -> None:
+        if channel not in self._channels:
+            self._channels.add(channel)
+            await self.hub.join(channel, self)
+
+    async def leave(self, channel: str) -> None:
+        if channel in self._channels:
+            self._channels.discard(channel)
+            await self.hub.leave(channel, self)
+
+    def close(self, code: int, reason: str) -> None:
+        """Stop taking frames and ask the transport to close. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_recovery()
+        self._on_close(code, reason)
+
+    async def detach(self) -> None:
+        """Leave every channel; the transport calls this when it is done."""
+        self.closed = True
+        self._stop_recovery()
+        for channel in list(self._channels):
+            await self.leave(channel)
+
+    # --- recovery -----------------------------------------------------------
+
+    def _start_recovery(self, position: Position | None) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover(position), name="viewer-recovery")
+            self._recovery.add_done_callback(self._recovered)
+
+    def _stop_recovery(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
+
+    def _recovered(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, UNAVAILABLE):
+            self.close(Close.TRY_LATER, "the event log is unavailable; reconnect and resume")
+        elif exc is not None:
+            logger.error("recovery failed", exc_info=exc)
+            self.close(Close.INTERNAL, "internal error")
+
+    async def _recover(self, position: Position | None) -> None:
+        session = self.session
+        assert session is not None
+        while True:
+            self._again = False
+            meta = await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
+            after = replay_from(position, meta)
+            entries = await retry(
+                partial(self.bus.history, session, after), seconds=RECOVERY_RETRY_SECONDS
+            )
+            result = recover(session, position, meta, entries, self._buffer or [])
+            for frame in result.frames:
+                self.put(frame)
+            self._epoch, self._seq = result.position.epoch, result.position.seq
+            if not result.pending and not self._again:
+                self._buffer = None
+                return
+            self._buffer = result.pending
+            position = result.position

@@ -1,0 +1,135 @@
+"""Lua scripts: every multi-key step that must be atomic. Each touches one session's slot.
+
+A run's state is a hash (``Keys.run``): ``status`` (queued, running, done, failed,
+cancelled), ``attempt``, ``fence`` (a random token per attempt), ``owner``, ``lease``
+(Unix ms the current attempt is good until), ``emitted`` (how many events the attempt
+has written), ``cancel`` (1 once asked to), ``result``.
+"""
+
+# Time inside a script: Redis 7 replicates script effects, so TIME is allowed.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: meta, log, channel, run, session's unfinished runs (a set).
+# ARGV: maxlen, ttl, epoch-if-new, fence, min-seq, first-n, terminal-status, result, run,
+#       heads...
+#
+# * Fencing: only the attempt holding the run's fence may write. A stale attempt (its
+#   worker paused past its lease) gets -1 and writes nothing.
+# * Idempotence: head i (from 0) of a call is the attempt's event number first-n + i; numbers
+#   already ``emitted`` are skipped, so retrying a call whose reply was lost is safe.
+# * Epochs: if the log's meta is gone, or its seq is below what this run last wrote
+#   (Redis lost writes), the log restarts under a new epoch, so resuming clients are
+#   told of the loss instead of being handed renumbered events.
+# * Each head is an event encoded up to its ``"seq":``; the script completes it, so the
+#   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
+APPEND = """
+local state = redis.call('HMGET', KEYS[4], 'fence', 'emitted')
+local emitted = tonumber(state[2] or '0')
+if state[1] and state[1] ~= ARGV[4] then
+  return -1
+end
+if not state[1] then
+  -- the run's state was lost with Redis' data: this attempt carries on and owns it
+  redis.call('HSET', KEYS[4], 'fence', ARGV[4], 'status', 'running')
+  emitted = 0
+end
+local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
+local seq = tonumber(meta[1] or '0')
+local epoch = meta[2]
+if not epoch or seq < tonumber(ARGV[5]) then
+  epoch = ARGV[3]
+  seq = 0
+  redis.call('DEL', KEYS[2])
+end
+local tail = ',"epoch":"' .. epoch .. '"}'
+local first = tonumber(ARGV[6])
+for i = 10, #ARGV do
+  local n = first + i - 10
+  if n > emitted then
+    seq = seq + 1
+    local payload = ARGV[i] .. seq .. tail
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '0-' .. seq, 'e', payload)
+    redis.call('PUBLISH', KEYS[3], payload)
+    emitted = n
+  end
+end
+redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[4], 'status', ARGV[7], 'result', ARGV[8], 'fence', '', 'emitted', emitted)
+  redis.call('SREM', KEYS[5], ARGV[9])
+else
+  redis.call('HSET', KEYS[4], 'emitted', emitted)
+end
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+return seq
+"""
+
+# KEYS: run.  ARGV: fence, owner, lease-ms, max-attempts, ttl.
+# Returns {verdict, attempt}: ``run`` (go), ``cancel`` (write ``cancelled`` and stop),
+# ``dead`` (too many attempts: write ``error`` and dead-letter), ``busy`` (another
+# attempt holds a live lease), ``finished`` (already ended).
+START = (
+    _NOW
+    + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'lease', 'cancel')
+local status = s[1]
+if status == 'done' or status == 'failed' or status == 'cancelled' then
+  return {'finished', 0}
+end
+if status == 'running' and tonumber(s[2] or '0') > now then
+  return {'busy', 0}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'fence', ARGV[1], 'owner', ARGV[2],
+  'lease', now + tonumber(ARGV[3]), 'emitted', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if s[3] == '1' then
+  return {'cancel', attempt}
+end
+if attempt > tonumber(ARGV[4]) then
+  return {'dead', attempt}
+end
+return {'run', attempt}
+"""
+)
+
+# KEYS: run.  ARGV: fence, lease-ms.  Returns -1 (the lease is lost), 1 (cancel was
+# asked for) or 0.
+RENEW = (
+    _NOW
+    + """
+local s = redis.call('HMGET', KEYS[1], 'fence', 'cancel')
+if s[1] ~= ARGV[1] then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]))
+if s[2] == '1' then
+  return 1
+end
+return 0
+"""
+)
+
+# KEYS: run.  ARGV: fence.  Gives the lease up at once (a draining worker), so the
+# next worker to take the job does not wait for it to lapse.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease', 0)
+return 1
+"""
+
+# KEYS: run.  Marks an unfinished run for cancellation; returns its status (or false).
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', 1)
+end
+return status
+"""

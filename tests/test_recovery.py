@@ -1,0 +1,91 @@
+"""The resume merge, with plain data in and out."""
+
+import orjson
+
+from api.recovery import Position, recover, replay_from
+from shared.bus import Meta
+
+
+def ev(seq, epoch="e1", run="r"):
+    return f'{{"type":"answer","content":"t{seq}","session":"s","run":"{run}","ts":1,"seq":{seq},"epoch":"{epoch}"}}'
+
+
+def seqs(frames):
+    return [orjson.loads(f).get("seq", orjson.loads(f)["type"]) for f in frames]
+
+
+def test_resume_sends_what_follows_then_the_live_tail_without_duplicates():
+    meta = Meta("e1", 7)
+    assert replay_from(Position("e1", 4), meta) == 4
+    result = recover("s", Position("e1", 4), meta, [ev(5), ev(6), ev(7)], [ev(7), ev(8)])
+    assert seqs(result.frames) == [5, 6, 7, 8]
+    assert result.position == Position("e1", 8)
+    assert result.pending == []
+
+
+def test_live_frames_already_in_the_log_are_dropped():
+    result = recover("s", Position("e1", 0), Meta("e1", 3), [ev(1), ev(2), ev(3)], [ev(2), ev(3)])
+    assert seqs(result.frames) == [1, 2, 3]
+
+
+def test_following_from_now_sends_only_what_came_after_the_meta_read():
+    meta = Meta("e1", 10)
+    assert replay_from(None, meta) == 10
+    result = recover("s", None, meta, [ev(11)], [ev(11), ev(12)])
+    assert seqs(result.frames) == [11, 12]
+
+
+def test_a_trimmed_log_is_announced_as_a_gap():
+    result = recover("s", Position("e1", 2), Meta("e1", 9), [ev(6), ev(7), ev(8), ev(9)], [])
+    gap = orjson.loads(result.frames[0])
+    assert gap == {
+        "type": "gap",
+        "session": "s",
+        "reason": "trimmed",
+        "after": 2,
+        "epoch": "e1",
+        "next": 6,
+    }
+    assert seqs(result.frames[1:]) == [6, 7, 8, 9]
+
+
+def test_a_new_epoch_is_a_gap_and_replays_the_new_log_from_its_start():
+    meta = Meta("e2", 3)
+    assert replay_from(Position("e1", 40), meta) == 0
+    result = recover("s", Position("e1", 40), meta, [ev(1, "e2"), ev(2, "e2"), ev(3, "e2")], [])
+    assert orjson.loads(result.frames[0])["reason"] == "epoch"
+    assert orjson.loads(result.frames[0])["next"] == 1
+    assert seqs(result.frames[1:]) == [1, 2, 3]
+    assert result.position == Position("e2", 3)
+
+
+def test_a_position_past_the_end_means_the_log_restarted():
+    # A client that does not know the epoch: seq 40 cannot exist in a log at seq 3.
+    assert replay_from(Position(None, 40), Meta("e2", 3)) == 0
+    result = recover("s", Position(None, 40), Meta("e2", 3), [ev(1, "e2")], [])
+    assert orjson.loads(result.frames[0])["reason"] == "epoch"
+
+
+def test_an_expired_log_is_a_gap_and_later_events_are_adopted():
+    result = recover("s", Position("e1", 5), Meta(None, 0), [], [ev(1, "e9"), ev(2, "e9")])
+    gap = orjson.loads(result.frames[0])
+    assert (gap["reason"], gap["after"], gap["next"]) == ("expired", 5, 1)
+    assert seqs(result.frames[1:]) == [1, 2]
+    assert result.position == Position("e9", 2)
+
+
+def test_a_fresh_viewer_of_an_empty_session_gets_no_gap():
+    result = recover("s", Position(None, 0), Meta(None, 0), [], [ev(1)])
+    assert seqs(result.frames) == [1]
+
+
+def test_frames_of_a_newer_epoch_than_the_log_read_are_left_pending():
+    result = recover("s", Position("e1", 1), Meta("e1", 2), [ev(2)], [ev(1, "e2"), ev(2, "e2")])
+    assert seqs(result.frames) == [2]
+    assert result.position == Position("e1", 2)
+    assert result.pending == [ev(1, "e2"), ev(2, "e2")]
+
+
+def test_non_event_frames_are_ignored():
+    result = recover("s", Position("e1", 0), Meta("e1", 1), [ev(1)], ['{"type":"personal"}'])
+    assert seqs(result.frames) == [1]

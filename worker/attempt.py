@@ -1,0 +1,175 @@
+"""One attempt at a run: drive the agent, keep the lease, write the events, end the run.
+
+An attempt writes only while it holds the run's fence. It stops for one of four
+reasons, and what it leaves behind differs:
+
+========  =====================================================  ==================
+reason    what happens                                           job acknowledged?
+========  =====================================================  ==================
+(none)    the agent finished: ``done`` (or ``error``)            yes
+cancel    a client asked, or nobody watched the session: the     yes
+          agent is cancelled and ``cancelled`` ends the run
+lost      the lease lapsed and another attempt took over: stop   no (not ours)
+          writing at once
+shutdown  the worker is draining and the deadline passed: give   re-queued
+          the lease up and re-queue the job for another worker
+========  =====================================================  ==================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from shared.backoff import retry
+from shared.bus import FENCED, Bus
+from shared.protocol import Job, Thought
+from worker.agents import Agent, AgentError
+
+logger = logging.getLogger("thoughtwire.worker")
+
+GENERIC_FAILURE = "the agent failed; see the worker's log"
+MAX_RESULT_CHARS = 256 * 1024
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the run now; this one must not write again."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    lease_ms: int
+    redis_retry_seconds: float
+    disconnect_grace: float
+
+
+class RunAttempt:
+    def __init__(
+        self, bus: Bus, job: Job, entry_id: str, fence: str, owner: str, limits: Limits
+    ) -> None:
+        self.bus = bus
+        self.job = job
+        self.entry_id = entry_id
+        self.fence = fence
+        self.owner = owner
+        self.limits = limits
+        self.stop_reason: str | None = None
+        self._next = 1  # this attempt's number for its next event
+        self._last_seq = 0
+        self._answer: list[str] = []
+        self._answer_chars = 0
+        self._driver: asyncio.Task[None] | None = None
+        self._cancel_message = "the run was cancelled"
+
+    def stop(self, reason: str) -> None:
+        """Stop the agent for ``reason`` (cancel, lost, shutdown); the first reason wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            if self._driver is not None:
+                self._driver.cancel()
+
+    async def emit(self, *thoughts: Thought, result: str = "") -> None:
+        seq = await retry(
+            lambda: self.bus.append(
+                self.job,
+                thoughts,
+                fence=self.fence,
+                first=self._next,
+                min_seq=self._last_seq,
+                result=result,
+            ),
+            seconds=self.limits.redis_retry_seconds,
+        )
+        if seq == FENCED:
+            raise LeaseLost
+        self._next += len(thoughts)
+        self._last_seq = seq
+
+    async def execute(self, agent: Agent) -> None:
+        """Run the agent to its end and write the terminal event, per the table above."""
+        self._driver = asyncio.create_task(self._drive(agent), name=f"agent-{self.job.run}")
+        keeper = asyncio.create_task(self._keep_lease(), name=f"lease-{self.job.run}")
+        try:
+            await self._finish(await self._outcome())
+        except LeaseLost:
+            logger.warning("run %s: lease lost to another attempt; stopped writing", self.job.run)
+        finally:
+            keeper.cancel()
+            self._driver.cancel()
+            await asyncio.gather(keeper, self._driver, return_exceptions=True)
+
+    async def _outcome(self) -> Thought | None:
+        """The terminal event to write, or None for a stop that writes nothing."""
+        assert self._driver is not None
+        try:
+            await asyncio.shield(self._driver)
+        except asyncio.CancelledError:
+            if self.stop_reason is None:
+                raise  # the worker itself is being cancelled
+        except LeaseLost:
+            raise
+        except AgentError as exc:
+            return Thought("error", str(exc))
+        except Exception:
+            logger.exception("run %s of session %s failed", self.job.run, self.job.session)
+            return Thought("error", GENERIC_FAILURE)
+        if self.stop_reason == "cancel":
+            return Thought("cancelled", self._cancel_message)
+        if self.stop_reason == "lost":
+            raise LeaseLost
+        if self.stop_reason == "shutdown":
+            return None
+        return Thought("done", "")
+
+    async def _finish(self, terminal: Thought | None) -> None:
+        if terminal is None:  # shutdown: hand the job to another worker right away
+            await self.bus.release(self.job, self.fence)
+            await self.bus.requeue(self.entry_id, self.job)
+            logger.info("run %s handed back to the queue", self.job.run)
+            return
+        result = "".join(self._answer) if terminal.type == "done" else str(terminal.content)
+        await self.emit(terminal, result=result)
+        await self.bus.finish(self.entry_id)
+
+    async def _drive(self, agent: Agent) -> None:
+        async for thought in agent.run(self.job.prompt):
+            if thought.type == "answer" and self._answer_chars < MAX_RESULT_CHARS:
+                self._answer.append(str(thought.content))
+                self._answer_chars += len(str(thought.content))
+            await self.emit(thought)
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease a few times per lease period; notice cancellation and absence."""
+        interval = self.limits.lease_ms / 3000
+        unwatched_since: float | None = None
+        channel = self.bus.keys.session_channel(self.job.session)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await self.bus.touch(self.owner, self.entry_id)
+            try:
+                verdict = await self.bus.renew(self.job, self.fence, self.limits.lease_ms)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                continue  # Redis is away; the lease may lapse, and fencing keeps that safe
+            if verdict < 0:
+                self.stop("lost")
+                return
+            if verdict > 0:
+                self.stop("cancel")
+                return
+            if self.job.on_disconnect == "cancel":
+                watched = (await self.bus.subscribers([channel])).get(channel, 0)
+                now = time.monotonic()
+                unwatched_since = None if watched else (unwatched_since or now)
+                if (
+                    unwatched_since is not None
+                    and now - unwatched_since >= self.limits.disconnect_grace
+                ):
+                    self._cancel_message = "the run was cancelled: nobody was watching"
+                    self.stop("cancel")
+                    return
