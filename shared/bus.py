@@ -149,9 +149,15 @@ class Bus:
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, Job]]:
         """Take up to ``count`` new jobs for ``consumer``, waiting at most ``block_ms``."""
-        reply: Any = await self.redis.xreadgroup(
-            self.keys.jobs_group, consumer, {self.keys.jobs: ">"}, count=count, block=block_ms
-        )
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                self.keys.jobs_group, consumer, {self.keys.jobs: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()  # Redis lost its data (a restart without persistence)
+            return []
         jobs = []
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
@@ -160,9 +166,15 @@ class Bus:
 
     async def reclaim(self, consumer: str, count: int, idle_ms: int) -> list[tuple[str, Job]]:
         """Take over up to ``count`` jobs nobody has touched for ``idle_ms``."""
-        reply: Any = await self.redis.xautoclaim(
-            self.keys.jobs, self.keys.jobs_group, consumer, idle_ms, "0-0", count=count
-        )
+        try:
+            reply: Any = await self.redis.xautoclaim(
+                self.keys.jobs, self.keys.jobs_group, consumer, idle_ms, "0-0", count=count
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()
+            return []
         return [(_text(i), Job.decode(f[b"job"])) for i, f in reply[1] if f]
 
     async def touch(self, consumer: str, entry_id: str) -> None:

@@ -54,6 +54,13 @@ class Cluster:
         self.workers.append(worker.start())
         return worker
 
+    def frontend_at(self, url: str) -> Frontend:
+        """The frontend a client URL points at."""
+        return next(f for f in self.frontends if url.startswith(f.ws))
+
+    def worker_with_pid(self, pid: int) -> Proc:
+        return next(w for w in self.workers if w.pid == pid)
+
     def stop(self) -> None:
         for proc in [*(f.proc for f in self.frontends), *self.workers]:
             proc.stop()

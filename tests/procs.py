@@ -77,6 +77,12 @@ class Proc:
         if self.alive():
             os.kill(self.pid, sig)
 
+    def kill(self) -> None:
+        """SIGKILL, and reap it."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(seconds(10))
+
     def stop(self, timeout: float = 10) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
         if self.popen is None:

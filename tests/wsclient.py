@@ -46,5 +46,5 @@ async def run_events(
             if "seq" not in message:
                 continue
             events.append(message)
-            if message["type"] in ("done", "error"):
+            if message["type"] in ("done", "error", "cancelled"):
                 return events
