@@ -7,11 +7,13 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.hub import Hub
+from shared.backoff import retry
 from shared.bus import Bus
 from shared.closecodes import Close
 from shared.connections import RedisFactory
@@ -21,6 +23,7 @@ from shared.settings import Settings
 
 READY_TIMEOUT = 2.0
 DRAIN_BATCHES = 10
+SUBMIT_RETRY_SECONDS = 5.0
 
 
 def new_id() -> str:
@@ -53,7 +56,11 @@ class Frontend:
         job = Job(
             run=new_id(), session=session, prompt=prompt, agent=agent, on_disconnect=on_disconnect
         )
-        return await self.bus.submit(job, idempotency_key)
+        # Retrying may queue the job twice if a reply was lost; the run's state lets
+        # only one of the copies run.
+        return await retry(
+            partial(self.bus.submit, job, idempotency_key), seconds=SUBMIT_RETRY_SECONDS
+        )
 
     async def drain(self) -> None:
         """Stop taking sockets, then tell every open one to reconnect elsewhere.

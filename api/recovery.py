@@ -83,7 +83,12 @@ def recover(
     """Merge log ``entries`` (read after :func:`replay_from`) with buffered ``live`` frames."""
     out: list[Any] = []
     if position is None:
+        # "From now on" means from the subscription: every buffered frame came after
+        # it, even one the log already held when its meta was read.
         epoch, seq = meta.epoch, meta.last_seq
+        heard = [at for at in map(event_position, live) if at is not None and at[1] == epoch]
+        if heard:
+            seq = min(seq, heard[0][0] - 1)
     else:
         epoch, seq = position.epoch or meta.epoch, position.seq
         reason = log_reset(position, meta)

@@ -188,7 +188,7 @@ class Bus:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
-            await pipe.execute()
+            await pipe.execute(raise_on_error=False)  # NOGROUP: Redis lost the queue already
 
     async def requeue(self, entry_id: str, job: Job) -> None:
         """Put a job back at the end of the queue for another worker (a draining one's)."""

@@ -35,6 +35,12 @@ def test_following_from_now_sends_only_what_came_after_the_meta_read():
     assert seqs(result.frames) == [11, 12]
 
 
+def test_following_from_now_keeps_live_frames_the_meta_read_already_counted():
+    # Subscribed, then seqs 1-3 were written, then the meta was read: 1-3 are new to us.
+    result = recover("s", None, Meta("e1", 3), [], [ev(1), ev(2), ev(3), ev(4)])
+    assert seqs(result.frames) == [1, 2, 3, 4]
+
+
 def test_a_trimmed_log_is_announced_as_a_gap():
     result = recover("s", Position("e1", 2), Meta("e1", 9), [ev(6), ev(7), ev(8), ev(9)], [])
     gap = orjson.loads(result.frames[0])

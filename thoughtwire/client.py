@@ -47,8 +47,13 @@ class Follower:
         epoch: str | None = None,
         max_reconnects: int = 50,
         open_timeout: float = 5.0,
+        first: int = 0,
     ) -> None:
-        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        # A list is kept as it is, so its owner can swap frontends in and out.
+        self.urls = (
+            [urls] if isinstance(urls, str) else urls if isinstance(urls, list) else list(urls)
+        )
+        self.first = first
         self.session = session
         self.seq = after
         self.epoch = epoch
@@ -58,7 +63,7 @@ class Follower:
         self.url_in_use: str | None = None
 
     def url(self, attempt: int) -> str:
-        base = self.urls[attempt % len(self.urls)]
+        base = self.urls[(self.first + attempt) % len(self.urls)]
         if not urlsplit(base).path.startswith("/ws"):
             base = base.rstrip("/") + "/ws/agent-thoughts"
         query: dict[str, Any] = {}
@@ -81,6 +86,8 @@ class Follower:
                     async for frame in ws:
                         message = json.loads(frame)
                         if message.get("type") == "session":
+                            if self.session is None and self.seq is None:
+                                self.seq = 0  # a session of our own: all of it is ours to see
                             self.session = message["session"]
                             if prompt is not None:
                                 await ws.send(json.dumps({"type": "prompt", "content": prompt}))
