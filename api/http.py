@@ -100,7 +100,11 @@ async def session_events(session: str, request: Request) -> StreamingResponse:
         queue_size=frontend.settings.send_queue_size,
         on_close=lambda code, reason: _end(viewer.queue),
     )
-    await viewer.follow(session, after)
+    try:
+        await viewer.follow(session, after)
+    except BaseException:
+        await viewer.detach()
+        raise
     return StreamingResponse(_sse(viewer), media_type="text/event-stream", headers=SSE_HEADERS)
 
 

@@ -193,9 +193,9 @@ class Hub:
         Confirmed first: a viewer reading the log before its channel is live again
         could miss what is published in between. The reader resolves the futures.
         """
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
-                await asyncio.gather(*subscribed)
+        if subscribed:
+            # asyncio.wait, not gather: a timeout must not cancel futures joins await.
+            await asyncio.wait(subscribed, timeout=SUBSCRIBE_TIMEOUT)
         for viewer in self.viewers():
             viewer.resync()
 

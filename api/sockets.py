@@ -119,20 +119,30 @@ async def _session_socket(
         render=render_frame,
     )
     viewer = conn.viewer
-    for channel in channels:
-        await viewer.join(channel)
-    conn.send(reply("session", session=session, **(hello or {})))
-    await viewer.follow(session, after, epoch)
+    try:
+        for channel in channels:
+            await viewer.join(channel)
+        await viewer.follow(
+            session, after, epoch, greeting=reply("session", session=session, **(hello or {}))
+        )
+    except BaseException as exc:
+        await viewer.detach()
+        if isinstance(exc, TimeoutError | UNAVAILABLE):
+            await websocket.close(Close.TRY_LATER, "the event bus is unavailable; try again")
+            return
+        raise
     limit = frontend.settings.max_prompt_chars
 
     async def handle(message: ClientMessage) -> None:
         current = viewer.session
         assert current is not None
         if isinstance(message, Prompt):
-            await frontend.start_run(current, message.content, agent, on_disconnect="cancel")
+            await frontend.start_run(
+                current, message.content, agent, on_disconnect="cancel", idempotency_key=message.key
+            )
         elif isinstance(message, Resume):
-            conn.send(reply("session", session=message.session, **(hello or {})))
-            await viewer.follow(message.session, message.after, message.epoch)
+            greeting = reply("session", session=message.session, **(hello or {}))
+            await viewer.follow(message.session, message.after, message.epoch, greeting=greeting)
         elif isinstance(message, Cancel):
             await frontend.bus.cancel(current, message.run)
         elif on_message is not None:

@@ -21,12 +21,15 @@ from functools import partial
 from api.hub import Hub
 from api.recovery import Position, recover, replay_from
 from shared.backoff import UNAVAILABLE, retry
-from shared.bus import Bus
+from shared.bus import Bus, Meta
 from shared.closecodes import Close
 
 logger = logging.getLogger("thoughtwire.viewer")
 
 RECOVERY_RETRY_SECONDS = 10.0
+RECOVERY_PAGE = 500  # log entries read at a time when catching up
+CATCH_UP_PATIENCE = 10.0  # seconds a catch-up waits for room in the queue
+BUFFER_FACTOR = 4  # live frames held during a catch-up, in queue sizes
 
 OnClose = Callable[[int, str], None]
 
@@ -67,7 +70,7 @@ class Viewer:
             self.put(frame)
             return
         if self._buffer is not None:
-            if len(self._buffer) >= self.queue.maxsize:
+            if len(self._buffer) >= self.queue.maxsize * BUFFER_FACTOR:
                 self.close(Close.SLOW, "slow consumer: reconnect and resume")
             self._buffer.append(frame)
             return
@@ -96,12 +99,22 @@ class Viewer:
     # --- following ----------------------------------------------------------
 
     async def follow(
-        self, session: str, after: int | None = None, epoch: str | None = None
+        self,
+        session: str,
+        after: int | None = None,
+        epoch: str | None = None,
+        greeting: str | None = None,
     ) -> None:
-        """Follow ``session``: from after ``after`` (a resume), or from now on."""
+        """Follow ``session``: from after ``after`` (a resume), or from now on.
+
+        ``greeting`` is queued once the previous session is left, so no frame of
+        that session comes after it.
+        """
         if self.session is not None:
-            await self.leave(self.bus.keys.session_channel(self.session))
             self._stop_recovery()
+            await self.leave(self.bus.keys.session_channel(self.session))
+        if greeting is not None:
+            self.put(greeting)
         self.session = session
         self._epoch, self._seq = epoch, after or 0
         self._buffer = []  # subscribe first, read the log second: nothing falls between
@@ -156,21 +169,46 @@ class Viewer:
             self.close(Close.INTERNAL, "internal error")
 
     async def _recover(self, position: Position | None) -> None:
+        """Catch up from the log, a page at a time, then take the buffered live frames.
+
+        Log pages wait for room in the queue (a backlog may be far longer than the
+        queue); live frames that arrive meanwhile wait in the buffer.
+        """
         session = self.session
         assert session is not None
         while True:
             self._again = False
             meta = await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
             after = replay_from(position, meta)
-            entries = await retry(
-                partial(self.bus.history, session, after), seconds=RECOVERY_RETRY_SECONDS
-            )
-            result = recover(session, position, meta, entries, self._buffer or [])
-            for frame in result.frames:
-                self.put(frame)
-            self._epoch, self._seq = result.position.epoch, result.position.seq
+            while True:
+                page = await retry(
+                    partial(self.bus.history, session, after, RECOVERY_PAGE),
+                    seconds=RECOVERY_RETRY_SECONDS,
+                )
+                last_page = len(page) < RECOVERY_PAGE
+                result = recover(
+                    session, position, meta, page, (self._buffer or []) if last_page else []
+                )
+                for frame in result.frames:
+                    await self._put_patiently(frame)
+                if self.closed:
+                    return
+                position = result.position
+                self._epoch, self._seq = position.epoch, position.seq
+                if last_page or result.pending:
+                    break
+                after = position.seq
+                meta = Meta(position.epoch, max(meta.last_seq, position.seq))
             if not result.pending and not self._again:
                 self._buffer = None
                 return
             self._buffer = result.pending
-            position = result.position
+
+    async def _put_patiently(self, frame: str) -> None:
+        if self.closed:
+            return
+        try:
+            async with asyncio.timeout(CATCH_UP_PATIENCE):
+                await self.queue.put(frame)
+        except TimeoutError:
+            self.close(Close.SLOW, "slow consumer: reconnect and resume")

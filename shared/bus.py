@@ -267,10 +267,28 @@ class Bus:
         seq, epoch = await self.redis.hmget(self.keys.session_meta(session), ["seq", "epoch"])
         return Meta(None if epoch is None else _text(epoch), int(seq or 0))
 
-    async def history(self, session: str, after: int = 0) -> list[str]:
-        """Events of the session's log with ``seq > after``, oldest first."""
-        entries: Any = await self.redis.xrange(self.keys.session_log(session), min=f"(0-{after}")
+    async def history(self, session: str, after: int = 0, count: int | None = None) -> list[str]:
+        """Events of the session's log with ``seq > after``, oldest first (at most ``count``)."""
+        entries: Any = await self.redis.xrange(
+            self.keys.session_log(session), min=f"(0-{after}", count=count
+        )
         return [_text(fields[b"e"]) for _id, fields in entries]
+
+    # --- conversation memory ------------------------------------------------
+
+    async def memory(self, session: str) -> list[dict[str, Any]]:
+        """The session's remembered messages, oldest first."""
+        turns: Any = await self.redis.lrange(self.keys.session_memory(session), 0, -1)
+        return [message for turn in turns for message in orjson.loads(turn)]
+
+    async def remember(self, session: str, messages: list[dict[str, Any]], turns: int) -> None:
+        """Keep one more turn; only the last ``turns`` are kept, whole."""
+        key = self.keys.session_memory(session)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, orjson.dumps(messages))
+            pipe.ltrim(key, -turns, -1)
+            pipe.expire(key, self._ttl)
+            await pipe.execute()
 
     # --- plain messages -----------------------------------------------------
 

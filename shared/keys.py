@@ -39,6 +39,10 @@ class Keys:
         """A run's state: status, attempt, fence, lease, result. In its session's slot."""
         return f"{self.prefix}:{{{session}}}:run:{run}"
 
+    def session_memory(self, session: str) -> str:
+        """The session's conversation: a list, one JSON array of messages per turn."""
+        return f"{self.prefix}:{{{session}}}:memory"
+
     def session_runs(self, session: str) -> str:
         """The session's unfinished runs (a set), for "cancel everything"."""
         return f"{self.prefix}:{{{session}}}:runs"

@@ -159,6 +159,7 @@ class Job:
 @dataclass(frozen=True, slots=True)
 class Prompt:
     content: str
+    key: str | None = None  # an idempotency key: the same key never runs twice
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +217,10 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
         raise ProtocolError("bad_message", "a JSON frame must be an object")
     kind = obj.get("type")
     if kind == "prompt":
-        return Prompt(_prompt_text(_string(obj, "content"), max_prompt_chars))
+        key = _optional_string(obj, "key")
+        if key is not None and not 0 < len(key) <= 200:
+            raise ProtocolError("bad_message", "'key' must be 1-200 characters")
+        return Prompt(_prompt_text(_string(obj, "content"), max_prompt_chars), key)
     if kind == "personal":
         return Personal(to=_id(_string(obj, "to"), "client"), content=_string(obj, "content"))
     if kind == "broadcast":

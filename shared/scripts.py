@@ -91,7 +91,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 if s[3] == '1' then
   return {'cancel', attempt}
 end
-if attempt > tonumber(ARGV[4]) then
+-- Attempts handed back by draining workers did not fail: they do not count.
+if attempt - tonumber(redis.call('HGET', KEYS[1], 'handoffs') or '0') > tonumber(ARGV[4]) then
   return {'dead', attempt}
 end
 return {'run', attempt}
@@ -122,6 +123,7 @@ if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'lease', 0)
+redis.call('HINCRBY', KEYS[1], 'handoffs', 1)
 return 1
 """
 

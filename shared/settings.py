@@ -37,6 +37,14 @@ class Settings:
     openai_base_url: str | None = None
     openai_model: str = "gpt-4o-mini"
     openai_timeout: float = 60.0
+    openai_idle_timeout: float = 30.0  # longest silence inside a stream
+    openai_retries: int = 3  # before the first token: 429, 5xx, connection errors, timeouts
+    max_steps: int = 8  # model calls per run (each tool round is one)
+    max_tokens_per_run: int = 8192
+    tool_timeout: float = 30.0
+    tools: str = ""  # more tools: "pkg.module:function,..."
+    memory_turns: int = 20  # previous turns of a session sent with the next prompt
+    coalesce_ms: float = 15.0  # merge answer/thinking deltas this close together
     sim_step_delay: float = 0.5
     sim_answer_tokens: int = 12
     sim_tokens_per_second: float = 20.0

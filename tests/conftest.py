@@ -79,6 +79,7 @@ def start_cluster(
         "THOUGHTWIRE_SIM_ANSWER_TOKENS": "8",
         "OPENAI_API_KEY": "",
         "THOUGHTWIRE_DRAIN_WINDOW": "0.2",
+        "THOUGHTWIRE_COALESCE_MS": "0",  # the tests count events exactly
         "THOUGHTWIRE_DRAIN_TIMEOUT": "5",
         **env,
     }

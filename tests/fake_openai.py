@@ -28,10 +28,37 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # between chunks
     hang_after: int | None = None  # stop sending (but keep the connection) after N chunks
+    error_after: int | None = None  # send an error event after N chunks
+    finish_reason: str = "stop"
+    usage: dict[str, int] | None = None
 
     @classmethod
     def text(cls, *tokens: str, **kwargs: Any) -> Reply:
         return cls(deltas=[{"content": t} for t in tokens], **kwargs)
+
+    @classmethod
+    def tool_calls(
+        cls, *calls: tuple[str, str, list[str]], reasoning: tuple[str, ...] = ()
+    ) -> Reply:
+        """Calls as (id, name, argument pieces): the arguments stream in pieces, as real servers send them."""
+        deltas: list[dict[str, Any]] = [{"reasoning_content": r} for r in reasoning]
+        for index, (call_id, name, pieces) in enumerate(calls):
+            deltas.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+            deltas += [
+                {"tool_calls": [{"index": index, "function": {"arguments": p}}]} for p in pieces
+            ]
+        return cls(deltas=deltas, finish_reason="tool_calls")
 
 
 def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
@@ -52,6 +79,7 @@ class FakeOpenAI:
         self.port = free_port()
         self.replies: deque[Reply] = deque()
         self.requests: list[dict[str, Any]] = []
+        self.disconnects = 0
         app = Starlette(routes=[Route("/v1/chat/completions", self._complete, methods=["POST"])])
         self._server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -98,9 +126,23 @@ class FakeOpenAI:
         yield chunk({"role": "assistant", "content": ""})
         for i, delta in enumerate(reply.deltas):
             if reply.hang_after is not None and i >= reply.hang_after:
-                await asyncio.sleep(3600)
+                try:
+                    await asyncio.sleep(3600)
+                finally:
+                    self.disconnects += 1
+            if reply.error_after is not None and i >= reply.error_after:
+                yield b'data: {"error": {"message": "upstream exploded at 10.1.2.3", "type": "server_error", "code": 500}}\n\n'
+                return
             if reply.delay:
                 await asyncio.sleep(reply.delay)
             yield chunk(delta)
-        yield chunk({}, finish_reason="stop")
+        yield chunk({}, finish_reason=reply.finish_reason)
+        if reply.usage is not None:
+            yield (
+                b"data: "
+                + json.dumps(
+                    {**json.loads(chunk({})[6:]), "choices": [], "usage": reply.usage}
+                ).encode()
+                + b"\n\n"
+            )
         yield b"data: [DONE]\n\n"

@@ -1,4 +1,8 @@
-"""The openai agent for real: the openai client in a worker process, over HTTP, to a local server."""
+"""The openai agent for real: the openai client, in a worker process, over HTTP, against a
+local server that speaks the Chat Completions streaming format and is scripted per test."""
+
+import json
+import signal
 
 import pytest
 
@@ -15,7 +19,7 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def openai_cluster(redis_server, logdir, llm):
+def agents(redis_server, logdir, llm):
     c = start_cluster(
         redis_server,
         logdir,
@@ -24,39 +28,172 @@ def openai_cluster(redis_server, logdir, llm):
         OPENAI_API_KEY="sk-test",
         OPENAI_BASE_URL=llm.base_url,
         THOUGHTWIRE_OPENAI_MODEL="test-model",
+        THOUGHTWIRE_COALESCE_MS="0",
+        THOUGHTWIRE_OPENAI_IDLE_TIMEOUT="1",
+        THOUGHTWIRE_TOOLS="tests.agent_tools:explode,tests.agent_tools:add",
     )
     yield c
     c.stop()
 
 
-async def test_answer_tokens_stream_from_the_model(openai_cluster, llm):
-    llm.replies.append(Reply.text("Machine", " learning", " is", " learning", " from", " data."))
-    async with connect(openai_cluster.frontends[0].ws + "/ws/agent-thoughts") as ws:
+@pytest.fixture(autouse=True)
+def fresh_script(llm):
+    llm.replies.clear()
+    llm.requests.clear()
+
+
+async def run_prompt(cluster, prompt, session=None):
+    query = f"?session={session}" if session else ""
+    async with connect(cluster.frontends[0].ws + "/ws/agent-thoughts" + query) as ws:
         await greeting(ws)
-        await ws.send("What is machine learning?")
-        events = await run_events(ws)
-    assert [e["type"] for e in events] == ["answer"] * 6 + ["done"]
-    assert "".join(e["content"] for e in events[:-1]) == "Machine learning is learning from data."
-    request = llm.requests[-1]
-    assert request["body"]["stream"] is True
-    assert request["body"]["model"] == "test-model"
-    assert request["body"]["messages"][-1] == {
-        "role": "user",
-        "content": "What is machine learning?",
+        await ws.send(prompt)
+        return await run_events(ws, timeout=30)
+
+
+def kinds(events):
+    return [e["type"] for e in events]
+
+
+async def test_reasoning_then_a_tool_call_in_pieces_then_the_answer(agents, llm):
+    llm.replies.extend(
+        [
+            Reply.tool_calls(
+                ("call_1", "calculator", ['{"expre', 'ssion": "2 * ', '(3 + 4)"}']),
+                reasoning=("Let me ", "compute."),
+            ),
+            Reply.text(
+                "The answer",
+                " is 14.",
+                usage={"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39},
+            ),
+        ]
+    )
+    events = await run_prompt(agents, "What is 2*(3+4)?")
+    assert kinds(events) == [
+        "thinking",
+        "thinking",
+        "action",
+        "observation",
+        "answer",
+        "answer",
+        "done",
+    ]
+    assert [e["content"] for e in events[:2]] == ["Let me ", "compute."]
+    action, observation = events[2], events[3]
+    assert (action["tool"], action["arguments"], action["call_id"]) == (
+        "calculator",
+        {"expression": "2 * (3 + 4)"},
+        "call_1",
+    )
+    assert (observation["content"], observation["call_id"], observation["is_error"]) == (
+        "14",
+        "call_1",
+        False,
+    )
+    assert events[4]["content"] + events[5]["content"] == "The answer is 14."
+    done = events[-1]
+    assert done["finish_reason"] == "stop"
+    assert done["usage"] == {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}
+    assert done["ttft_ms"] >= 0 and done["total_ms"] >= done["ttft_ms"]
+    # The model was asked again with the call and its result.
+    second = llm.requests[1]["body"]
+    assert second["messages"][-2]["tool_calls"][0]["function"] == {
+        "name": "calculator",
+        "arguments": '{"expression": "2 * (3 + 4)"}',
     }
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": "14"}
+    tools = {t["function"]["name"] for t in llm.requests[0]["body"]["tools"]}
+    assert tools == {"calculator", "current_time", "explode", "add"}
 
 
-async def test_chat_endpoint_streams_the_reply_chunk_by_chunk(openai_cluster, llm):
+async def test_two_tool_calls_in_one_turn(agents, llm):
+    llm.replies.extend(
+        [
+            Reply.tool_calls(
+                ("a", "add", ['{"a": 2,', ' "b": 3}']),
+                ("b", "current_time", ['{"timezone": "Asia/Tokyo"}']),
+            ),
+            Reply.text("Done."),
+        ]
+    )
+    events = await run_prompt(agents, "two things")
+    assert kinds(events) == ["action", "action", "observation", "observation", "answer", "done"]
+    assert [e["tool"] for e in events[:2]] == ["add", "current_time"]
+    assert events[2]["content"] == "5"
+    assert events[3]["content"].endswith("+09:00")
+
+
+async def test_a_tool_that_raises_becomes_an_observation_and_the_run_goes_on(agents, llm):
+    llm.replies.extend(
+        [Reply.tool_calls(("x", "explode", ['{"reason": "testing"}'])), Reply.text("It failed.")]
+    )
+    events = await run_prompt(agents, "break something")
+    assert kinds(events) == ["action", "observation", "answer", "done"]
+    assert events[1]["is_error"] is True
+    assert events[1]["content"] == "error: RuntimeError: exploded: testing"
+    assert "Traceback" not in events[1]["content"]
+
+
+async def test_a_429_with_retry_after_is_retried_then_succeeds(agents, llm):
+    llm.replies.extend(
+        [Reply(status=429, headers={"Retry-After": "1"}), Reply.text("Hello", " again")]
+    )
+    events = await run_prompt(agents, "rate limited")
+    assert kinds(events) == ["answer", "answer", "done"]
+    assert len(llm.requests) == 2
+
+
+async def test_a_failure_after_tokens_ends_the_run_with_a_safe_error(agents, llm):
+    llm.replies.append(Reply.text("one", " two", " three", error_after=2))
+    events = await run_prompt(agents, "fail midway")
+    assert kinds(events) == ["answer", "answer", "error"]
+    assert events[-1]["content"] == "the model provider failed while answering"
+    assert len(llm.requests) == 1  # never retried once tokens were out
+
+
+async def test_a_stream_that_stops_sending_is_cut_off(agents, llm):
+    llm.replies.append(Reply.text("so", " far", " never", hang_after=2))
+    events = await run_prompt(agents, "hang")
+    assert kinds(events) == ["answer", "answer", "error"]
+    assert events[-1]["content"] == "the model provider stopped responding"
+
+
+async def test_a_wrong_api_key_fails_fast_and_says_so(agents, llm):
+    llm.replies.append(Reply(status=401))
+    events = await run_prompt(agents, "who am I")
+    assert kinds(events) == ["error"]
+    assert events[0]["content"] == "the model provider rejected the API key; check OPENAI_API_KEY"
+    assert len(llm.requests) == 1
+    for event in events:
+        assert llm.base_url not in json.dumps(event) and "sk-test" not in json.dumps(event)
+
+
+async def test_chat_endpoint_streams_the_reply_chunk_by_chunk(agents, llm):
     llm.replies.append(Reply.text("Hel", "lo", "!"))
-    async with connect(openai_cluster.frontends[0].ws + "/ws/chat") as ws:
+    async with connect(agents.frontends[0].ws + "/ws/chat") as ws:
         await ws.send("say hello")
         assert [await recv_text(ws) for _ in range(4)] == ["Hel", "lo", "!", "\n[DONE]"]
 
 
-async def test_a_provider_failure_reaches_the_client_as_a_safe_error(openai_cluster, llm):
-    llm.replies.extend([Reply(status=400)])
-    async with connect(openai_cluster.frontends[0].ws + "/ws/chat") as ws:
-        await ws.send("fail please")
-        message = await recv_text(ws)
-    assert message == "[ERROR] the model provider failed"
-    assert llm.base_url not in message
+async def test_a_second_prompt_on_another_worker_sees_the_first_turn(agents, llm):
+    llm.replies.extend(
+        [Reply.tool_calls(("c1", "add", ['{"a": 40, "b": 2}'])), Reply.text("It is 42.")]
+    )
+    first = await run_prompt(agents, "What is 40 + 2?")
+    session = first[0]["session"]
+    # Stop the worker that ran it: the next prompt must be taken by a fresh one.
+    newcomer = agents.add_worker()
+    old = agents.workers[0]
+    assert old.stop() in (0, -signal.SIGTERM)
+    agents.workers.remove(old)
+
+    llm.replies.append(Reply.text("You asked about 40 + 2."))
+    second = await run_prompt(agents, "What did I ask?", session=session)
+    assert second[-1]["type"] == "done"
+    assert newcomer.alive()
+    messages = llm.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "user"]
+    assert messages[0]["content"] == "What is 40 + 2?"
+    assert messages[2] == {"role": "tool", "tool_call_id": "c1", "content": "42"}
+    assert messages[3]["content"] == "It is 42."
+    assert messages[4]["content"] == "What did I ask?"

@@ -16,6 +16,7 @@ import asyncio
 import json
 import random
 import sys
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TextIO
 from urllib.parse import urlencode, urlsplit
@@ -76,8 +77,17 @@ class Follower:
         return base + ("?" + urlencode(query) if query else "")
 
     async def events(self, prompt: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Yield the session's events forever; send ``prompt`` once, on the first connection."""
+        """Yield the session's events forever.
+
+        ``prompt`` is sent with an idempotency key, and sent again on each reconnect
+        until an event shows the run has started: the server runs it once.
+        """
         delay = 0.05
+        request = (
+            None
+            if prompt is None
+            else json.dumps({"type": "prompt", "content": prompt, "key": uuid.uuid4().hex})
+        )
         for attempt in range(self.max_reconnects + 1):
             try:
                 url = self.url(attempt)
@@ -89,11 +99,14 @@ class Follower:
                             if self.session is None and self.seq is None:
                                 self.seq = 0  # a session of our own: all of it is ours to see
                             self.session = message["session"]
-                            if prompt is not None:
-                                await ws.send(json.dumps({"type": "prompt", "content": prompt}))
-                                prompt = None
+                            if request is not None:
+                                await ws.send(request)
                             continue
+                        if message.get("session", self.session) != self.session:
+                            continue  # a frame of the session this socket just left
                         if self._advance(message):
+                            if "seq" in message:
+                                request = None
                             yield message
             except ConnectionClosed as exc:
                 if exc.rcvd is not None and exc.rcvd.code in FINAL_CLOSE_CODES:

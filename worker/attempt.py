@@ -23,11 +23,13 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from shared.backoff import retry
 from shared.bus import FENCED, Bus
 from shared.protocol import Job, Thought
-from worker.agents import Agent, AgentError
+from worker.agents import Agent, AgentError, Turn
+from worker.coalesce import coalesce
 
 logger = logging.getLogger("thoughtwire.worker")
 
@@ -44,6 +46,8 @@ class Limits:
     lease_ms: int
     redis_retry_seconds: float
     disconnect_grace: float
+    coalesce_window: float = 0.0
+    memory_turns: int = 20
 
 
 class RunAttempt:
@@ -63,6 +67,8 @@ class RunAttempt:
         self._answer_chars = 0
         self._driver: asyncio.Task[None] | None = None
         self._cancel_message = "the run was cancelled"
+        self._turn: Turn | None = None
+        self._terminal: Thought | None = None
 
     def stop(self, reason: str) -> None:
         """Stop the agent for ``reason`` (cancel, lost, shutdown); the first reason wins."""
@@ -72,12 +78,15 @@ class RunAttempt:
                 self._driver.cancel()
 
     async def emit(self, *thoughts: Thought, result: str = "") -> None:
+        # The numbers are taken before the call: if it is cancelled after Redis ran
+        # it, the next event must not reuse them (the script would skip it).
+        first, self._next = self._next, self._next + len(thoughts)
         seq = await retry(
             lambda: self.bus.append(
                 self.job,
                 thoughts,
                 fence=self.fence,
-                first=self._next,
+                first=first,
                 min_seq=self._last_seq,
                 result=result,
             ),
@@ -85,7 +94,6 @@ class RunAttempt:
         )
         if seq == FENCED:
             raise LeaseLost
-        self._next += len(thoughts)
         self._last_seq = seq
 
     async def execute(self, agent: Agent) -> None:
@@ -93,7 +101,9 @@ class RunAttempt:
         self._driver = asyncio.create_task(self._drive(agent), name=f"agent-{self.job.run}")
         keeper = asyncio.create_task(self._keep_lease(), name=f"lease-{self.job.run}")
         try:
-            await self._finish(await self._outcome())
+            outcome = await self._outcome()
+            keeper.cancel()  # a renewal during the handoff would make the next START wait
+            await self._finish(outcome)
         except LeaseLost:
             logger.warning("run %s: lease lost to another attempt; stopped writing", self.job.run)
         finally:
@@ -122,7 +132,7 @@ class RunAttempt:
             raise LeaseLost
         if self.stop_reason == "shutdown":
             return None
-        return Thought("done", "")
+        return self._terminal or Thought("done", "")
 
     async def _finish(self, terminal: Thought | None) -> None:
         if terminal is None:  # shutdown: hand the job to another worker right away
@@ -132,10 +142,27 @@ class RunAttempt:
             return
         result = "".join(self._answer) if terminal.type == "done" else str(terminal.content)
         await self.emit(terminal, result=result)
+        if terminal.type == "done" and self._turn is not None and self._turn.messages:
+            await retry(
+                partial(
+                    self.bus.remember,
+                    self.job.session,
+                    self._turn.messages,
+                    self.limits.memory_turns,
+                ),
+                seconds=self.limits.redis_retry_seconds,
+            )
         await self.bus.finish(self.entry_id)
 
     async def _drive(self, agent: Agent) -> None:
-        async for thought in agent.run(self.job.prompt):
+        history = await retry(
+            partial(self.bus.memory, self.job.session), seconds=self.limits.redis_retry_seconds
+        )
+        self._turn = Turn(self.job.prompt, history)
+        async for thought in coalesce(agent.run(self._turn), self.limits.coalesce_window):
+            if thought.terminal:
+                self._terminal = thought  # the agent's own ending, with its details
+                return
             if thought.type == "answer" and self._answer_chars < MAX_RESULT_CHARS:
                 self._answer.append(str(thought.content))
                 self._answer_chars += len(str(thought.content))
@@ -152,6 +179,8 @@ class RunAttempt:
                 await self.bus.touch(self.owner, self.entry_id)
             try:
                 verdict = await self.bus.renew(self.job, self.fence, self.limits.lease_ms)
+                if self.job.on_disconnect == "cancel":
+                    watched = (await self.bus.subscribers([channel])).get(channel, 0)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -163,7 +192,6 @@ class RunAttempt:
                 self.stop("cancel")
                 return
             if self.job.on_disconnect == "cancel":
-                watched = (await self.bus.subscribers([channel])).get(channel, 0)
                 now = time.monotonic()
                 unwatched_since = None if watched else (unwatched_since or now)
                 if (

@@ -33,6 +33,8 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
             lease_ms=int(settings.lease_seconds * 1000),
             redis_retry_seconds=settings.redis_retry_seconds,
             disconnect_grace=settings.disconnect_grace,
+            coalesce_window=settings.coalesce_ms / 1000,
+            memory_turns=settings.memory_turns,
         )
         worker = Worker(
             bus,

@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.backoff import UNAVAILABLE, delays
 from shared.bus import Bus
@@ -104,8 +105,8 @@ class Worker:
                     # so a job it took is run, not left to wait for a lease to lapse.
                     for entry_id, job in await claim:
                         self._start(entry_id, job)
-                except UNAVAILABLE:
-                    logger.warning("Redis unavailable; claiming again shortly")
+                except (*UNAVAILABLE, RedisError) as exc:
+                    logger.warning("claiming failed (%r); trying again shortly", exc)
                     await asyncio.wait({stopping}, timeout=next(delays(0.5)))
         finally:
             stopping.cancel()
@@ -147,7 +148,7 @@ class Worker:
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
             await self.bus.finish(entry_id)
         elif start.verdict == "dead":
-            reason = f"the run failed after {start.attempt - 1} attempts"
+            reason = f"the run failed {self.max_attempts} times"
             await attempt.emit(Thought("error", reason))
             await self.bus.dead_letter(entry_id, job, reason)
         elif agent is None:

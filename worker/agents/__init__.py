@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from shared.settings import Settings
-from worker.agents.base import Agent, AgentError
+from worker.agents.base import Agent, AgentError, Turn
 from worker.agents.echo import EchoAgent
 from worker.agents.openai_chat import OpenAIAgent
 from worker.agents.simulated import SimulatedAgent
 
-__all__ = ["Agent", "AgentError", "build_agents"]
+__all__ = ["Agent", "AgentError", "Turn", "build_agents"]
 
 
 def build_agents(settings: Settings) -> dict[str, Agent]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from shared.protocol import Thought
 
@@ -16,7 +17,23 @@ class AgentError(Exception):
     """
 
 
+@dataclass
+class Turn:
+    """One prompt's work: what the agent is given, and the messages it leaves for memory."""
+
+    prompt: str
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier turns, oldest first
+    messages: list[dict[str, Any]] = field(default_factory=list)  # this turn's, for memory
+
+    def remember(self, *messages: dict[str, Any]) -> None:
+        self.messages.extend(messages)
+
+
 class Agent(Protocol):
-    def run(self, prompt: str) -> AsyncIterator[Thought]:
-        """Yield thoughts as they are produced; the worker adds ``done`` at the end."""
+    def run(self, turn: Turn) -> AsyncIterator[Thought]:
+        """Yield thoughts as they are produced.
+
+        The worker ends the run with ``done`` unless the agent yields a terminal
+        thought itself (to add a finish reason, usage, timings).
+        """
         ...

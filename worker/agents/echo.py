@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from shared.protocol import Thought
+from worker.agents.base import Turn
 
 
 class EchoAgent:
-    async def run(self, prompt: str) -> AsyncIterator[Thought]:
-        yield Thought("answer", prompt.upper())
+    async def run(self, turn: Turn) -> AsyncIterator[Thought]:
+        yield Thought("answer", turn.prompt.upper())

@@ -1,21 +1,88 @@
-"""The openai agent: Chat Completions with ``stream=True`` against any compatible server."""
+"""The openai agent: a tool-calling loop on the Chat Completions streaming API.
+
+Works with OpenAI and compatible servers (vLLM, Ollama, LM Studio, llama.cpp, LiteLLM):
+``OPENAI_BASE_URL`` picks the server. Each part of the stream becomes an event:
+
+=====================================================  ===============
+model output                                           event
+=====================================================  ===============
+reasoning deltas (``reasoning_content``/``reasoning``)  ``thinking``
+a tool call, once its streamed arguments are complete  ``action``
+the tool's result                                      ``observation``
+answer deltas                                          ``answer``
+=====================================================  ===============
+
+After tool calls it asks the model again, until the model answers or a limit is hit;
+``done`` carries the finish reason, token usage, time to first token and total time.
+
+Failures: before the first token of a call, 429, 5xx, connection errors and timeouts
+are retried with backoff and jitter (honouring ``Retry-After``). After tokens have
+streamed, the run ends with an ``error``. A wrong key fails at once. A stream that
+goes silent for ``openai_idle_timeout`` is cut off. Messages shown to clients are
+written here; exception text (which may hold URLs or keys) goes to the log only.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
 import openai
 
+from shared.backoff import delays
 from shared.protocol import Thought
 from shared.settings import Settings
-from worker.agents.base import AgentError
+from worker.agents.base import AgentError, Turn
+from worker.tools import Tool, toolbox
+
+logger = logging.getLogger("thoughtwire.agent")
+
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+MAX_RETRY_AFTER = 30.0
+MAX_OBSERVATION_CHARS = 16_000
+
+
+@dataclass
+class Limits:
+    max_steps: int = 8
+    max_tokens: int = 8192
+    tool_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    retries: int = 3
+
+
+@dataclass
+class _Call:
+    """A tool call as it streams in: its arguments arrive in pieces."""
+
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class _Step:
+    """What one streamed model call produced."""
+
+    content: list[str] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
 
 
 @dataclass
 class OpenAIAgent:
     client: openai.AsyncOpenAI
     model: str
+    tools: dict[str, Tool]
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIAgent:
@@ -23,23 +90,218 @@ class OpenAIAgent:
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url,
             timeout=settings.openai_timeout,
-            max_retries=2,
+            max_retries=0,  # retried here, where it is known whether tokens were sent
         )
-        return cls(client=client, model=settings.openai_model)
+        limits = Limits(
+            max_steps=settings.max_steps,
+            max_tokens=settings.max_tokens_per_run,
+            tool_timeout=settings.tool_timeout,
+            idle_timeout=settings.openai_idle_timeout,
+            retries=settings.openai_retries,
+        )
+        return cls(
+            client=client, model=settings.openai_model, tools=toolbox(settings.tools), limits=limits
+        )
 
-    async def run(self, prompt: str) -> AsyncIterator[Thought]:
+    async def run(self, turn: Turn) -> AsyncIterator[Thought]:
+        started = time.monotonic()
+        first_token: float | None = None
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        reported = False
+        user = {"role": "user", "content": turn.prompt}
+        messages: list[dict[str, Any]] = [*turn.history, user]
+        turn.remember(user)
+        finish = "max_steps"
+        for _step in range(self.limits.max_steps):
+            step = _Step()
+            async for thought in self._stream(
+                messages, step, max(1, self.limits.max_tokens - usage["completion_tokens"])
+            ):
+                if first_token is None:
+                    first_token = time.monotonic()
+                yield thought
+            if step.usage:
+                reported = True
+                for key in usage:
+                    usage[key] += step.usage.get(key, 0)
+            assistant: dict[str, Any] = {
+                "role": "assistant",
+                "content": "".join(step.content) or None,
+            }
+            if step.calls:
+                assistant["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments},
+                    }
+                    for c in step.calls
+                ]
+            messages.append(assistant)
+            turn.remember(assistant)
+            if not step.calls:
+                finish = step.finish_reason or "stop"
+                break
+            for call in step.calls:
+                observation, result = await self._call_tool(call)
+                yield observation
+                message = {"role": "tool", "tool_call_id": call.id, "content": result}
+                messages.append(message)
+                turn.remember(message)
+            if usage["completion_tokens"] >= self.limits.max_tokens:
+                finish = "max_tokens"
+                break
+        now = time.monotonic()
+        yield Thought(
+            "done",
+            "",
+            {
+                "finish_reason": finish,
+                "usage": usage if reported else None,
+                "ttft_ms": None if first_token is None else round((first_token - started) * 1000),
+                "total_ms": round((now - started) * 1000),
+            },
+        )
+
+    async def _stream(
+        self, messages: list[dict[str, Any]], step: _Step, max_tokens: int
+    ) -> AsyncIterator[Thought]:
+        """One model call: yield its reasoning and answer deltas, collect its tool calls."""
+        stream = await self._open(messages, max_tokens)
         try:
-            stream = await self.client.chat.completions.create(
-                model=self.model,
-                messages=[{"role": "user", "content": prompt}],
-                stream=True,
-            )
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield Thought("answer", chunk.choices[0].delta.content)
-        except openai.AuthenticationError:
-            raise AgentError("the model provider rejected the API key") from None
-        except openai.RateLimitError:
-            raise AgentError("the model provider is rate limiting; try again later") from None
-        except openai.APIError:
-            raise AgentError("the model provider failed") from None
+            while True:
+                try:
+                    async with asyncio.timeout(self.limits.idle_timeout):
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise AgentError("the model provider stopped responding") from None
+                except (openai.APIError, httpx.HTTPError) as exc:
+                    logger.warning("the model stream failed: %r", exc)
+                    raise AgentError("the model provider failed while answering") from None
+                if chunk.usage is not None:
+                    step.usage = chunk.usage.model_dump()
+                for choice in chunk.choices:
+                    for thought in self._read_delta(choice.delta, step):
+                        yield thought
+                    if choice.finish_reason:
+                        step.finish_reason = choice.finish_reason
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()  # stops the generation on the server
+        if step.calls:  # the last call's arguments are complete when the stream is
+            yield self._action(step.calls[-1])
+
+    def _read_delta(self, delta: Any, step: _Step) -> list[Thought]:
+        out = []
+        extra = delta.model_extra or {}
+        reasoning = (
+            getattr(delta, "reasoning_content", None)
+            or extra.get("reasoning_content")
+            or extra.get("reasoning")
+        )
+        if reasoning:
+            out.append(Thought("thinking", reasoning))
+        if delta.content:
+            step.content.append(delta.content)
+            out.append(Thought("answer", delta.content))
+        for piece in delta.tool_calls or ():
+            index = piece.index if piece.index is not None else len(step.calls) - 1
+            if index >= len(step.calls):
+                # A new call starts: the one before it has all its arguments.
+                if step.calls:
+                    out.append(self._action(step.calls[-1]))
+                step.calls.append(_Call())
+            call = step.calls[index]
+            call.id = piece.id or call.id
+            if piece.function is not None:
+                call.name = piece.function.name or call.name
+                call.arguments += piece.function.arguments or ""
+        return out
+
+    @staticmethod
+    def _action(call: _Call) -> Thought:
+        arguments = _parse_arguments(call.arguments)
+        shown = (
+            json.dumps(arguments, ensure_ascii=False)
+            if isinstance(arguments, dict)
+            else call.arguments
+        )
+        return Thought(
+            "action",
+            f"{call.name}({shown})",
+            {"tool": call.name, "arguments": arguments, "call_id": call.id},
+        )
+
+    async def _call_tool(self, call: _Call) -> tuple[Thought, str]:
+        tool = self.tools.get(call.name)
+        arguments = _parse_arguments(call.arguments)
+        failed = True
+        if tool is None:
+            result = f"error: there is no tool named {call.name!r}"
+        elif not isinstance(arguments, dict):
+            result = "error: the arguments are not a JSON object"
+        else:
+            try:
+                result = await tool.call(arguments, self.limits.tool_timeout)
+                failed = False
+            except TimeoutError:
+                result = f"error: the tool took longer than {self.limits.tool_timeout:g} s"
+            except Exception as exc:
+                result = f"error: {type(exc).__name__}: {exc}"
+        result = result[:MAX_OBSERVATION_CHARS]
+        extra = {"tool": call.name, "call_id": call.id, "is_error": failed}
+        return Thought("observation", result, extra), result
+
+    async def _open(self, messages: list[dict[str, Any]], max_tokens: int) -> Any:
+        """Start a streamed call; retry what is worth retrying, before any token."""
+        waits = delays(0.5, 8.0)
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_completion_tokens": max_tokens,
+        }
+        if self.tools:
+            request["tools"] = [t.schema for t in self.tools.values()]
+        for attempt in range(self.limits.retries + 1):
+            try:
+                return await self.client.chat.completions.create(**request)
+            except openai.AuthenticationError:
+                raise AgentError(
+                    "the model provider rejected the API key; check OPENAI_API_KEY"
+                ) from None
+            except (*RETRYABLE, openai.APITimeoutError) as exc:
+                if attempt == self.limits.retries:
+                    logger.warning("the model provider failed %d times: %r", attempt + 1, exc)
+                    raise AgentError("the model provider is unavailable; try again later") from None
+                await asyncio.sleep(_retry_after(exc) or next(waits))
+            except openai.APIError as exc:
+                logger.warning("the model provider refused the request: %r", exc)
+                raise AgentError("the model provider failed") from None
+        raise AssertionError("unreachable")
+
+
+def _parse_arguments(text: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return text
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds), if the server sent one."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    try:
+        if "retry-after-ms" in headers:
+            return min(float(headers["retry-after-ms"]) / 1000, MAX_RETRY_AFTER)
+        if "retry-after" in headers:
+            return min(float(headers["retry-after"]), MAX_RETRY_AFTER)
+    except ValueError:
+        return None
+    return None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from shared.protocol import Thought
 from shared.settings import Settings
+from worker.agents.base import Turn
 
 ANSWER = (
     "Based on my research, here is the answer: streaming lets you watch an agent "
@@ -33,8 +34,8 @@ class SimulatedAgent:
             settings.sim_step_delay, settings.sim_answer_tokens, settings.sim_tokens_per_second
         )
 
-    async def run(self, prompt: str) -> AsyncIterator[Thought]:
-        topic = " ".join(prompt.split())[:80]
+    async def run(self, turn: Turn) -> AsyncIterator[Thought]:
+        topic = " ".join(turn.prompt.split())[:80]
         steps = (
             Thought("thinking", "Analyzing the question..."),
             Thought("thinking", "I need to search for information"),
@@ -45,8 +46,14 @@ class SimulatedAgent:
         for step in steps:
             yield step
             await asyncio.sleep(self.step_delay)
+        answer = []
         async for token in self._answer():
+            answer.append(token)
             yield Thought("answer", token)
+        turn.remember(
+            {"role": "user", "content": turn.prompt},
+            {"role": "assistant", "content": "".join(answer)},
+        )
 
     async def _answer(self) -> AsyncIterator[str]:
         words = itertools.islice(itertools.cycle(ANSWER.split()), self.answer_tokens)

@@ -1,0 +1,59 @@
+"""Coalescing, with a scripted source and a fake clock-free check on grouping."""
+
+import asyncio
+
+import pytest
+
+from shared.protocol import Thought
+from worker.coalesce import coalesce
+
+
+async def burst(*items, pause_after=None, pause=0.0):
+    for i, item in enumerate(items):
+        yield item
+        if pause_after is not None and i == pause_after:
+            await asyncio.sleep(pause)
+
+
+async def collect(source, window):
+    return [t async for t in coalesce(source, window)]
+
+
+async def test_window_zero_passes_everything_through():
+    items = [Thought("answer", c) for c in "abc"]
+    assert await collect(burst(*items), 0) == items
+
+
+async def test_a_burst_is_merged_but_the_first_token_goes_alone():
+    items = [Thought("answer", c) for c in "abcdef"]
+    out = await collect(burst(*items), 10.0)  # a window far longer than the burst
+    assert out == [Thought("answer", "a"), Thought("answer", "bcdef")]
+
+
+async def test_kinds_are_not_merged_together_and_order_holds():
+    items = [
+        Thought("thinking", "x"),
+        Thought("thinking", "y"),
+        Thought("action", "go"),
+        Thought("answer", "1"),
+        Thought("answer", "2"),
+    ]
+    out = await collect(burst(*items), 10.0)
+    assert [t.type for t in out] == ["thinking", "thinking", "action", "answer"]
+    assert "".join(t.content for t in out if t.type == "answer") == "12"
+    assert out[1].content == "y"
+
+
+async def test_after_a_quiet_window_a_token_goes_at_once():
+    items = [Thought("answer", "a"), Thought("answer", "b"), Thought("answer", "c")]
+    out = await collect(burst(*items, pause_after=1, pause=0.2), 0.05)
+    assert [t.content for t in out] == ["a", "b", "c"]
+
+
+async def test_a_failing_source_fails_the_consumer():
+    async def broken():
+        yield Thought("answer", "a")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await collect(broken(), 10.0)

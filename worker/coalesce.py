@@ -1,0 +1,94 @@
+"""Token coalescing: merge ``answer`` and ``thinking`` deltas that arrive close together.
+
+An LLM can emit a delta every few milliseconds; one event each costs a Redis call and
+a frame per socket. Deltas of one kind that arrive within ``window`` seconds of the
+last event sent are merged into one. A delta that arrives after a quiet ``window``
+goes out at once, so the first token is never delayed, and a slow stream is relayed
+as it comes. ``window`` = 0 turns coalescing off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from shared.protocol import Thought
+
+MERGEABLE = ("answer", "thinking")
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+async def coalesce(source: AsyncIterator[Thought], window: float) -> AsyncIterator[Thought]:
+    if window <= 0:
+        async for thought in source:
+            yield thought
+        return
+    # The source runs in its own task, so waiting out the window never cancels it.
+    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1024)
+
+    async def produce() -> None:
+        try:
+            async for thought in source:
+                await queue.put(thought)
+        except Exception as exc:
+            await queue.put(_Failed(exc))
+            return
+        await queue.put(_END)
+
+    producer = asyncio.create_task(produce(), name="coalesce-source")
+    pending: list[Thought] = []
+    last_sent = -window
+    try:
+        while True:
+            if pending:
+                try:
+                    async with asyncio.timeout(max(0.0, last_sent + window - time.monotonic())):
+                        item = await queue.get()
+                except TimeoutError:
+                    yield _merge(pending)
+                    pending, last_sent = [], time.monotonic()
+                    continue
+            else:
+                item = await queue.get()
+            if item is _END:
+                break
+            if isinstance(item, _Failed):
+                raise item.exc
+            assert isinstance(item, Thought)
+            if item.type in MERGEABLE and not item.extra:
+                if pending and pending[0].type == item.type:
+                    pending.append(item)
+                    continue
+                if pending:
+                    yield _merge(pending)
+                    pending, last_sent = [], time.monotonic()
+                if time.monotonic() - last_sent >= window:
+                    yield item
+                    last_sent = time.monotonic()
+                else:
+                    pending = [item]
+                continue
+            if pending:
+                yield _merge(pending)
+                pending = []
+            yield item
+            last_sent = time.monotonic()
+        if pending:
+            yield _merge(pending)
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+
+
+def _merge(thoughts: list[Thought]) -> Thought:
+    if len(thoughts) == 1:
+        return thoughts[0]
+    return Thought(thoughts[0].type, "".join(str(t.content) for t in thoughts))
