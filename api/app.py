@@ -8,8 +8,11 @@ from contextlib import AbstractAsyncContextManager
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
+from redis.exceptions import RedisError
 
+from api.auth import AuthError
 from api.frontend import Frontend, running
 from api.http import router as http_router
 from api.sockets import router as socket_router
@@ -37,6 +40,27 @@ def create_app(
             yield
 
     app = FastAPI(title="thoughtwire", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if settings.origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        )
+
+    @app.exception_handler(AuthError)
+    async def refused(request: Request, exc: AuthError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RedisError)
+    async def unavailable(request: Request, exc: RedisError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "the service is briefly unavailable"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
     app.include_router(socket_router)
     app.include_router(http_router)
     page = resources.files("api").joinpath("static/index.html").read_text()

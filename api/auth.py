@@ -1,33 +1,179 @@
-"""Token checks for authenticated sockets (HS256 with ``JWT_SECRET``)."""
+"""Authentication: who a request is, from a JWT; and the viewer tokens owners mint.
+
+A client sends its token in one of three ways: ``?token=`` (browsers' sockets),
+``Authorization: Bearer`` (everything else), or, for browser sockets that should not
+put it in a URL, as a WebSocket subprotocol ``bearer.<token>`` next to
+``thoughtwire.v1``.
+
+Checks: the algorithm is pinned by the key that is configured for it (HS256 with
+``JWT_SECRET``; RS256/ES256 with ``JWT_PUBLIC_KEY`` or ``JWKS_URL``), so ``alg: none``
+and HS/RS confusion cannot pass; ``exp`` and ``sub`` are required; ``nbf`` and ``iat``
+are honoured with a small leeway; ``aud`` and ``iss`` are checked when configured.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import jwt
+from jwt import PyJWKClient
+
+from shared.closecodes import Close
+from shared.settings import Settings
 
 LEEWAY_SECONDS = 10
+SUBPROTOCOL = "thoughtwire.v1"
+BEARER_PROTOCOL = "bearer."
+VIEWER_SCOPE = "view"
+VIEWER_AUDIENCE = "thoughtwire:viewer"
 
 
 class AuthError(Exception):
-    """The token cannot be accepted; the message is safe to show the client."""
+    """A request that cannot go on; ``code`` is its close code, the message is safe to show."""
+
+    def __init__(self, message: str, code: int = Close.UNAUTHORIZED) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return 401 if self.code == Close.UNAUTHORIZED else 403
 
 
-def verify(token: str | None, secret: str | None) -> str:
-    """Return the user a token names, or raise :class:`AuthError`.
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a user, or a viewer holding a read-only grant for one session."""
 
-    The algorithm is pinned to HS256, so ``alg: none`` and algorithm confusion
-    cannot get through. The user is ``sub`` (or the seed's ``user_id``).
+    user: str
+    expires: float | None = None
+    viewer_of: str | None = None  # the one session a viewer token may read
+
+    def can_read(self, session: str, owner: str | None) -> bool:
+        if self.viewer_of is not None:
+            return self.viewer_of == session
+        return owner is None or owner == self.user
+
+    def can_write(self, session: str, owner: str | None) -> bool:
+        return self.viewer_of is None and (owner is None or owner == self.user)
+
+
+ANONYMOUS = Principal("anonymous")
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.auth_enabled
+        self._secret = settings.jwt_secret
+        self._public_key = settings.jwt_public_key
+        self._jwks = PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self.viewer_ttl = settings.viewer_token_ttl
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal a token names; raises :class:`AuthError` (4001) otherwise."""
+        if not self.enabled:
+            return ANONYMOUS
+        if not token:
+            raise AuthError("missing token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise AuthError("invalid token") from None
+        claims = self._decode(token, str(header.get("alg", "")), header)
+        if claims.get("scope") == VIEWER_SCOPE:
+            session = claims.get("sid")
+            if not isinstance(session, str):
+                raise AuthError("invalid token")
+            return Principal(f"viewer:{claims['sub']}", float(claims["exp"]), viewer_of=session)
+        return Principal(claims["sub"], float(claims["exp"]))
+
+    def _decode(self, token: str, alg: str, header: Mapping[str, Any]) -> dict[str, Any]:
+        key: Any
+        if alg == "HS256" and self._secret:
+            key = self._secret
+        elif alg in ("RS256", "ES256") and self._public_key:
+            key = self._public_key
+        elif alg in ("RS256", "ES256") and self._jwks is not None:
+            try:
+                key = self._jwks.get_signing_key_from_jwt(token).key
+            except jwt.PyJWKClientError:
+                raise AuthError("invalid token") from None
+        else:
+            raise AuthError("invalid token")  # none, or an algorithm with no key for it
+        viewer = header.get("typ") == "viewer+jwt"
+        options = {"require": ["exp", "sub"], "verify_aud": bool(self._audience) or viewer}
+        try:
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=VIEWER_AUDIENCE if viewer else self._audience,
+                issuer=None if viewer else self._issuer,
+                leeway=LEEWAY_SECONDS,
+                options=options,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token not valid yet") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("invalid token") from None
+
+    def viewer_token(self, owner: str, session: str, ttl: int | None = None) -> tuple[str, int]:
+        """A short-lived, read-only token for one session, signed with ``JWT_SECRET``."""
+        if not self._secret:
+            raise AuthError("viewer tokens need JWT_SECRET on the server", Close.FORBIDDEN)
+        lifetime = min(ttl or self.viewer_ttl, self.viewer_ttl)
+        expires = int(time.time()) + lifetime
+        claims = {
+            "sub": owner,
+            "sid": session,
+            "scope": VIEWER_SCOPE,
+            "aud": VIEWER_AUDIENCE,
+            "exp": expires,
+        }
+        return jwt.encode(
+            claims, self._secret, algorithm="HS256", headers={"typ": "viewer+jwt"}
+        ), expires
+
+
+def mint(secret: str, user: str, ttl: int) -> str:
+    """A development token for ``user`` (``thoughtwire token``)."""
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
+
+
+def token_from(
+    query: Mapping[str, str], headers: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """``(token, subprotocol to accept)`` from a request's query, Authorization or subprotocols."""
+    offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    for protocol in offered:
+        if protocol.startswith(BEARER_PROTOCOL):
+            return protocol[len(BEARER_PROTOCOL) :], SUBPROTOCOL if SUBPROTOCOL in offered else None
+    accept = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip(), accept
+    return query.get("token"), accept
+
+
+def origin_allowed(headers: Mapping[str, str], settings: Settings) -> bool:
+    """Cross-site WebSocket hijacking guard: a browser's Origin must be allowed.
+
+    Clients that send no Origin (not browsers) pass. Pages served by this frontend
+    (same host) pass. Others must be in ``THOUGHTWIRE_ALLOWED_ORIGINS`` (``*``: any).
     """
-    if not secret:
-        raise AuthError("authentication is not configured on this server")
-    if not token:
-        raise AuthError("missing token")
-    try:
-        claims = jwt.decode(token, secret, algorithms=["HS256"], leeway=LEEWAY_SECONDS)
-    except jwt.ExpiredSignatureError:
-        raise AuthError("token expired") from None
-    except jwt.InvalidTokenError:
-        raise AuthError("invalid token") from None
-    user = claims.get("sub") or claims.get("user_id")
-    if not isinstance(user, str) or not user:
-        raise AuthError("token names no user")
-    return user
+    origin = headers.get("origin")
+    if not origin:
+        return True
+    allowed = settings.origins
+    if "*" in allowed or origin.rstrip("/") in allowed:
+        return True
+    host = headers.get("host", "")
+    return origin.split("://", 1)[-1].rstrip("/") == host

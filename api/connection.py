@@ -42,6 +42,7 @@ class Connection:
         self._render = render
         self._writer: asyncio.Task[None] | None = None
         self._closing: tuple[int, str] | None = None
+        self.sent = 0  # frames written, for idle detection
 
     def send(self, frame: str) -> None:
         """Queue a frame of the frontend's own, in order with relayed events."""
@@ -82,6 +83,7 @@ class Connection:
             frame = self._render(await queue.get())
             if frame is not None:
                 await self.websocket.send_text(frame)
+                self.sent += 1
 
     async def _send_close(self, code: int, reason: str) -> None:
         if self.websocket.application_state != WebSocketState.CONNECTED:

@@ -12,6 +12,8 @@ from functools import partial
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.auth import Authenticator, Principal
+from api.guard import SOCKET_REFRESH_SECONDS, Guard
 from api.hub import Hub
 from shared.backoff import retry
 from shared.bus import Bus
@@ -41,10 +43,15 @@ class Frontend:
     bus: Bus
     hub: Hub
     node: str
+    auth: Authenticator
+    guard: Guard
     draining: bool = field(default=False)
+    # Open sockets of authenticated users, socket id -> user: their slots are refreshed.
+    sockets: dict[str, str] = field(default_factory=dict)
 
     async def start_run(
         self,
+        principal: Principal,
         session: str,
         prompt: str,
         agent: str | None = None,
@@ -52,15 +59,39 @@ class Frontend:
         on_disconnect: str = "continue",
         idempotency_key: str | None = None,
     ) -> tuple[str, str, bool]:
-        """Queue a prompt for the workers; returns ``(run, session, created)``."""
+        """Queue a prompt, if the principal may; returns ``(run, session, created)``."""
+        await self.guard.check_write(principal, session)
+        run = new_id()
+        user = await self.guard.take_run(principal, run)
         job = Job(
-            run=new_id(), session=session, prompt=prompt, agent=agent, on_disconnect=on_disconnect
+            run=run,
+            session=session,
+            prompt=prompt,
+            agent=agent,
+            on_disconnect=on_disconnect,
+            user=user,
         )
-        # Retrying may queue the job twice if a reply was lost; the run's state lets
-        # only one of the copies run.
-        return await retry(
-            partial(self.bus.submit, job, idempotency_key), seconds=SUBMIT_RETRY_SECONDS
-        )
+        try:
+            # Retrying may queue the job twice if a reply was lost; the run's state
+            # lets only one of the copies run.
+            submitted = await retry(
+                partial(self.bus.submit, job, idempotency_key), seconds=SUBMIT_RETRY_SECONDS
+            )
+        except BaseException:
+            if user is not None:
+                await self.bus.release_slot(self.keys.user_runs(user), run)
+            raise
+        if not submitted[2] and user is not None:  # an idempotent repeat: nothing new runs
+            await self.bus.release_slot(self.keys.user_runs(user), run)
+        return submitted
+
+    async def refresh_sockets(self) -> None:
+        """Keep the socket slots of this frontend's users alive, while it lives."""
+        while True:
+            await asyncio.sleep(SOCKET_REFRESH_SECONDS)
+            for socket_id, user in list(self.sockets.items()):
+                with contextlib.suppress(RedisError, OSError):
+                    await self.guard.refresh_socket(user, socket_id)
 
     async def drain(self) -> None:
         """Stop taking sockets, then tell every open one to reconnect elsewhere.
@@ -97,12 +128,27 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
     node = new_id()
     redis = factory.commands()
     hub = Hub(factory.pubsub, keys.node_channel(node))
+    refresher: asyncio.Task[None] | None = None
     try:
         await hub.start()
         bus = Bus(redis, keys, log_maxlen=settings.log_maxlen, log_ttl=settings.log_ttl)
-        frontend = Frontend(settings=settings, keys=keys, redis=redis, bus=bus, hub=hub, node=node)
+        frontend = Frontend(
+            settings=settings,
+            keys=keys,
+            redis=redis,
+            bus=bus,
+            hub=hub,
+            node=node,
+            auth=Authenticator(settings),
+            guard=Guard(settings, bus),
+        )
+        refresher = asyncio.create_task(frontend.refresh_sockets(), name="socket-slots")
         yield frontend
         frontend.draining = True
     finally:
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
         await hub.close()
         await redis.aclose()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from api.auth import Principal, token_from
 from api.frontend import Frontend, new_id
 from api.viewer import Viewer
 from shared.protocol import ProtocolError, event_position, parse_after, valid_id
@@ -32,13 +33,33 @@ def _frontend(request: Request) -> Frontend:
     return frontend
 
 
+async def principal(request: Request) -> Principal:
+    """Who is calling: from ``Authorization: Bearer`` (or ``?token=``); counted against the rate."""
+    frontend = _frontend(request)
+    token, _ = token_from(request.query_params, request.headers)
+    caller = frontend.auth.authenticate(token)
+    await frontend.guard.check_rate(caller)
+    return caller
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+async def _job_state(request: Request, job: str) -> dict[str, str]:
+    state = await _frontend(request).bus.run_state(job) if valid_id(job) else None
+    if state is None:
+        raise HTTPException(404, "no such job (or its result has expired)")
+    return state
+
+
 @router.post("/jobs", status_code=202)
-async def submit_job(body: JobRequest, request: Request) -> JSONResponse:
+async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSONResponse:
     """Queue a prompt; it runs whether or not anyone watches (unless on_disconnect=cancel)."""
     frontend = _frontend(request)
     if len(body.prompt) > frontend.settings.max_prompt_chars or not body.prompt.strip():
         raise HTTPException(422, "prompt is empty or too long")
     run, session, created = await frontend.start_run(
+        caller,
         body.session or new_id(),
         body.prompt,
         on_disconnect=body.on_disconnect,
@@ -48,10 +69,9 @@ async def submit_job(body: JobRequest, request: Request) -> JSONResponse:
 
 
 @router.get("/jobs/{job}")
-async def job_status(job: str, request: Request) -> dict[str, object]:
-    state = await _frontend(request).bus.run_state(job) if valid_id(job) else None
-    if state is None:
-        raise HTTPException(404, "no such job (or its result has expired)")
+async def job_status(job: str, request: Request, caller: Caller) -> dict[str, object]:
+    state = await _job_state(request, job)
+    await _frontend(request).guard.check_read(caller, state["session"])
     status = (
         "cancelling"
         if state.get("cancel") == "1" and state["status"] in ("queued", "running")
@@ -71,18 +91,31 @@ async def job_status(job: str, request: Request) -> dict[str, object]:
 
 
 @router.delete("/jobs/{job}", status_code=202)
-async def cancel_job(job: str, request: Request) -> dict[str, object]:
-    bus = _frontend(request).bus
-    state = await bus.run_state(job) if valid_id(job) else None
-    if state is None:
-        raise HTTPException(404, "no such job (or its result has expired)")
+async def cancel_job(job: str, request: Request, caller: Caller) -> dict[str, object]:
+    frontend = _frontend(request)
+    bus = frontend.bus
+    state = await _job_state(request, job)
+    await frontend.guard.check_write(caller, state["session"])
     if not await bus.cancel(state["session"], job):
         raise HTTPException(409, f"the job has already ended: {state['status']}")
     return {"job": job, "status": "cancelling"}
 
 
+@router.post("/sessions/{session}/viewer-token")
+async def viewer_token(session: str, request: Request, caller: Caller) -> dict[str, object]:
+    """A short-lived, read-only token for one session; only its owner may mint one."""
+    frontend = _frontend(request)
+    if not valid_id(session):
+        raise HTTPException(422, "session ids are 1-64 characters of [A-Za-z0-9._-]")
+    if not frontend.auth.enabled:
+        raise HTTPException(404, "authentication is off: there is nothing to grant")
+    await frontend.guard.check_write(caller, session)
+    token, expires = frontend.auth.viewer_token(caller.user, session)
+    return {"token": token, "session": session, "expires": expires}
+
+
 @router.get("/sessions/{session}/events")
-async def session_events(session: str, request: Request) -> StreamingResponse:
+async def session_events(session: str, request: Request, caller: Caller) -> StreamingResponse:
     """The session's events as SSE; ``id`` is the seq, so ``Last-Event-ID`` resumes."""
     if not valid_id(session):
         raise HTTPException(422, "session ids are 1-64 characters of [A-Za-z0-9._-]")
@@ -94,6 +127,7 @@ async def session_events(session: str, request: Request) -> StreamingResponse:
     frontend = _frontend(request)
     if frontend.draining:
         raise HTTPException(503, "frontend restarting", headers={"Retry-After": "1"})
+    await frontend.guard.check_read(caller, session)
     viewer = Viewer(
         frontend.bus,
         frontend.hub,

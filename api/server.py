@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from types import FrameType
 from typing import Any
 
@@ -53,7 +54,23 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+class RedactTokens(logging.Filter):
+    """Keep tokens out of the logs: uvicorn logs request paths with their query."""
+
+    pattern = re.compile(r"(token=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self.pattern.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        return True
+
+
 def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(RedactTokens())
     config = uvicorn.Config(
         app,
         host=host,

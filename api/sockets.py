@@ -15,18 +15,22 @@ no agent runs in a frontend, so any frontend can serve any client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from api import render
-from api.auth import AuthError, verify
+from api.auth import ANONYMOUS, AuthError, origin_allowed, token_from
 from api.connection import Connection, Render, as_is
 from api.frontend import Frontend, new_id
+from api.guard import LimitError
 from shared.backoff import UNAVAILABLE
 from shared.closecodes import Close
 from shared.protocol import (
+    Auth,
     Broadcast,
     Cancel,
     ClientMessage,
@@ -44,7 +48,7 @@ from shared.protocol import (
 
 router = APIRouter()
 
-MessageHandler = Callable[[ClientMessage, Connection], Awaitable[None]]
+MessageHandler = Callable[[ClientMessage, "SessionSocket"], Awaitable[None]]
 UNAVAILABLE_REPLY = error_reply("unavailable", "the service is briefly unavailable; try again")
 
 
@@ -53,26 +57,12 @@ def _frontend(websocket: WebSocket) -> Frontend:
     return frontend
 
 
-async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
+async def _refuse(
+    websocket: WebSocket, code: int, reason: str, subprotocol: str | None = None
+) -> None:
     """Accept, then close with a code the client can read (browsers cannot see a 403)."""
-    await websocket.accept()
+    await websocket.accept(subprotocol)
     await websocket.close(code, reason)
-
-
-async def _receive_text(websocket: WebSocket, conn: Connection, idle: float | None) -> str | None:
-    """The next text frame; None after answering a binary frame or an idle period."""
-    try:
-        async with asyncio.timeout(idle):
-            message = await websocket.receive()
-    except TimeoutError:
-        conn.send(reply("ping"))
-        return None
-    if message["type"] == "websocket.disconnect":
-        raise WebSocketDisconnect(message.get("code", Close.NORMAL))
-    text = message.get("text")
-    if text is None:
-        conn.send(error_reply("bad_frame", "binary frames are not supported; send text"))
-    return text
 
 
 def _start_position(websocket: WebSocket) -> tuple[str, int | None, str | None]:
@@ -85,124 +75,278 @@ def _start_position(websocket: WebSocket) -> tuple[str, int | None, str | None]:
     return session, None if after is None else parse_after(after), query.get("epoch") or None
 
 
-async def _session_socket(
-    websocket: WebSocket,
-    *,
-    render_frame: Render = as_is,
-    agent: str | None = None,
-    idle: float | None = None,
-    raw_prompts: bool = False,
-    channels: Sequence[str] = (),
-    hello: dict[str, str] | None = None,
-    on_message: MessageHandler | None = None,
-) -> None:
-    """A socket on one session: prompts go to the workers, the session's events come back.
+class Stop(Exception):
+    """Close the socket with ``code``: raised inside the receive loop."""
 
-    ``channels`` are joined besides the session's; messages other than prompts,
-    resumes and cancels go to ``on_message``, or are refused.
+    def __init__(self, code: int, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+class SessionSocket:
+    """One client socket on one session, from admission to close.
+
+    Prompts go to the workers and the session's events come back; no agent runs in
+    a frontend, so any frontend can serve any client. Every frame is checked
+    against the principal's grants and the per-user limits.
     """
-    frontend = _frontend(websocket)
-    if frontend.draining:
-        await _refuse(websocket, Close.RESTART, "frontend restarting; reconnect")
-        return
-    try:
-        session, after, epoch = _start_position(websocket)
-    except ProtocolError as exc:
-        await _refuse(websocket, Close.POLICY, exc.message)
-        return
-    await websocket.accept()
-    conn = Connection(
-        websocket,
-        frontend.bus,
-        frontend.hub,
-        queue_size=frontend.settings.send_queue_size,
-        render=render_frame,
-    )
-    viewer = conn.viewer
-    try:
-        for channel in channels:
-            await viewer.join(channel)
-        await viewer.follow(
-            session, after, epoch, greeting=reply("session", session=session, **(hello or {}))
-        )
-    except BaseException as exc:
-        await viewer.detach()
-        if isinstance(exc, TimeoutError | UNAVAILABLE):
-            await websocket.close(Close.TRY_LATER, "the event bus is unavailable; try again")
-            return
-        raise
-    limit = frontend.settings.max_prompt_chars
 
-    async def handle(message: ClientMessage) -> None:
-        current = viewer.session
-        assert current is not None
+    def __init__(
+        self,
+        websocket: WebSocket,
+        *,
+        render_frame: Render = as_is,
+        agent: str | None = None,
+        ping: float | None = None,
+        raw_prompts: bool = False,
+        require_auth: bool = False,
+        hello: dict[str, str] | None = None,
+        on_message: MessageHandler | None = None,
+    ) -> None:
+        self.websocket = websocket
+        self.frontend = _frontend(websocket)
+        self.render_frame = render_frame
+        self.agent = agent
+        self.ping = ping
+        self.raw_prompts = raw_prompts
+        self.require_auth = require_auth
+        self.hello = hello or {}
+        self.on_message = on_message
+        self.principal = ANONYMOUS
+        self.socket_id = new_id()
+        self.conn: Connection | None = None
+
+    async def admit(self) -> tuple[str, int | None, str | None, str | None] | None:
+        """Check everything before accepting; on refusal close and return None."""
+        frontend, websocket = self.frontend, self.websocket
+        token, subprotocol = token_from(websocket.query_params, websocket.headers)
+        try:
+            if not origin_allowed(websocket.headers, frontend.settings):
+                raise AuthError("origin not allowed", Close.POLICY)
+            if frontend.draining:
+                raise AuthError("frontend restarting; reconnect", Close.RESTART)
+            if self.require_auth and not frontend.auth.enabled:
+                raise AuthError("authentication is not configured on this server")
+            self.principal = frontend.auth.authenticate(token)
+            session, after, epoch = _start_position(websocket)
+            await frontend.guard.check_read(self.principal, session)
+            await frontend.guard.check_rate(self.principal)
+            await frontend.guard.take_socket(self.principal, self.socket_id)
+        except AuthError as exc:
+            await _refuse(websocket, exc.code, exc.message, subprotocol)
+            return None
+        except ProtocolError as exc:
+            await _refuse(websocket, Close.POLICY, exc.message, subprotocol)
+            return None
+        except UNAVAILABLE:
+            await _refuse(
+                websocket, Close.TRY_LATER, "the service is briefly unavailable", subprotocol
+            )
+            return None
+        return session, after, epoch, subprotocol
+
+    async def serve(self, channels: Sequence[str] = ()) -> None:
+        admitted = await self.admit()
+        if admitted is None:
+            return
+        session, after, epoch, subprotocol = admitted
+        frontend = self.frontend
+        await self.websocket.accept(subprotocol)
+        if frontend.auth.enabled:
+            frontend.sockets[self.socket_id] = self.principal.user
+        try:
+            await self._serve(session, after, epoch, channels)
+        finally:
+            frontend.sockets.pop(self.socket_id, None)
+            with contextlib.suppress(*UNAVAILABLE):
+                await frontend.guard.free_socket(self.principal, self.socket_id)
+
+    async def _serve(
+        self, session: str, after: int | None, epoch: str | None, channels: Sequence[str]
+    ) -> None:
+        frontend = self.frontend
+        conn = self.conn = Connection(
+            self.websocket,
+            frontend.bus,
+            frontend.hub,
+            queue_size=frontend.settings.send_queue_size,
+            render=self.render_frame,
+        )
+        viewer = conn.viewer
+        try:
+            for channel in channels:
+                await viewer.join(channel)
+            await viewer.follow(
+                session, after, epoch, greeting=reply("session", session=session, **self.hello)
+            )
+        except BaseException as exc:
+            await viewer.detach()
+            if isinstance(exc, TimeoutError | UNAVAILABLE):
+                await self.websocket.close(
+                    Close.TRY_LATER, "the event bus is unavailable; try again"
+                )
+                return
+            raise
+        await conn.serve(self._receive_loop)
+
+    # --- receiving ----------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self.conn is not None
+        clock = _Clock(self.conn, self.ping, self.frontend.settings.idle_timeout)
+        try:
+            while True:
+                frame = await self._next_frame(clock)
+                if frame is not None:
+                    await self._handle_frame(frame)
+        except Stop as stop:
+            self.conn.close(stop.code, stop.reason)
+
+    async def _next_frame(self, clock: _Clock) -> str | None:
+        """The next text frame, or None after a ping, a binary frame or a refused one."""
+        assert self.conn is not None
+        try:
+            async with asyncio.timeout(clock.wait(self.principal.expires)):
+                message = await self.websocket.receive()
+        except TimeoutError:
+            self._on_quiet(clock)
+            return None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", Close.NORMAL))
+        clock.heard()
+        text = message.get("text")
+        if text is None:
+            self.conn.send(error_reply("bad_frame", "binary frames are not supported; send text"))
+        return text
+
+    def _on_quiet(self, clock: _Clock) -> None:
+        assert self.conn is not None
+        if self.principal.expires is not None and time.time() >= self.principal.expires:
+            raise Stop(Close.UNAUTHORIZED, "token expired")
+        if clock.idle():
+            raise Stop(Close.NORMAL, "idle timeout")
+        if clock.ping_due():
+            self.conn.send(reply("ping"))
+
+    async def _handle_frame(self, frame: str) -> None:
+        assert self.conn is not None
+        limit = self.frontend.settings.max_prompt_chars
+        try:
+            await self.frontend.guard.check_rate(self.principal)
+            message = (
+                Prompt(frame)
+                if self.raw_prompts
+                else parse_client_message(frame, max_prompt_chars=limit)
+            )
+            await self._handle(message)
+        except ProtocolError as exc:
+            self.conn.send(error_reply(exc.code, exc.message))
+        except LimitError as exc:
+            self.conn.send(error_reply("rate_limited", exc.message))
+        except AuthError as exc:
+            raise Stop(exc.code, exc.message) from None
+        except UNAVAILABLE:
+            self.conn.send(UNAVAILABLE_REPLY)
+
+    async def _handle(self, message: ClientMessage) -> None:
+        assert self.conn is not None
+        frontend, viewer = self.frontend, self.conn.viewer
+        session = viewer.session
+        assert session is not None
         if isinstance(message, Prompt):
             await frontend.start_run(
-                current, message.content, agent, on_disconnect="cancel", idempotency_key=message.key
+                self.principal,
+                session,
+                message.content,
+                self.agent,
+                on_disconnect="cancel",
+                idempotency_key=message.key,
             )
         elif isinstance(message, Resume):
-            greeting = reply("session", session=message.session, **(hello or {}))
+            await frontend.guard.check_read(self.principal, message.session)
+            greeting = reply("session", session=message.session, **self.hello)
             await viewer.follow(message.session, message.after, message.epoch, greeting=greeting)
         elif isinstance(message, Cancel):
-            await frontend.bus.cancel(current, message.run)
-        elif on_message is not None:
-            await on_message(message, conn)
+            await frontend.guard.check_write(self.principal, session)
+            await frontend.bus.cancel(session, message.run)
+        elif isinstance(message, Auth):
+            fresh = frontend.auth.authenticate(message.token)
+            if fresh.user != self.principal.user or fresh.viewer_of != self.principal.viewer_of:
+                raise AuthError("a refreshed token must name the same user", Close.FORBIDDEN)
+            self.principal = fresh
+        elif self.on_message is not None:
+            await self.on_message(message, self)
         elif not isinstance(message, Pong):
-            conn.send(error_reply("unsupported", "this endpoint does not take that message"))
+            self.conn.send(error_reply("unsupported", "this endpoint does not take that message"))
 
-    async def receive_loop() -> None:
-        while True:
-            frame = await _receive_text(websocket, conn, idle)
-            if frame is None:
-                continue
-            try:
-                message = (
-                    Prompt(frame)
-                    if raw_prompts
-                    else parse_client_message(frame, max_prompt_chars=limit)
-                )
-                await handle(message)
-            except ProtocolError as exc:
-                conn.send(error_reply(exc.code, exc.message))
-            except UNAVAILABLE:
-                conn.send(UNAVAILABLE_REPLY)
 
-    await conn.serve(receive_loop)
+class _Clock:
+    """When a socket last heard from its client, and whether it has gone quiet."""
+
+    def __init__(self, conn: Connection, ping: float | None, idle: float) -> None:
+        self.conn = conn
+        self.ping = ping
+        self.idle_after = idle
+        self.last_heard = self.last_active = time.time()
+        self.sent = conn.sent
+
+    def heard(self) -> None:
+        self.last_heard = self.last_active = time.time()
+
+    def wait(self, expires: float | None) -> float:
+        """Seconds until something may need doing: a ping, an idle check, an expiry."""
+        now = time.time()
+        due = [self.last_active + self.idle_after]
+        if self.ping:
+            due.append(self.last_heard + self.ping)
+        if expires is not None:
+            due.append(expires)
+        return max(0.0, min(due) - now)
+
+    def ping_due(self) -> bool:
+        if self.ping and time.time() >= self.last_heard + self.ping:
+            self.last_heard = time.time()  # the next ping after another interval
+            return True
+        return False
+
+    def idle(self) -> bool:
+        """Nothing either way for ``idle_after`` seconds."""
+        if self.conn.sent != self.sent:
+            self.sent, self.last_active = self.conn.sent, time.time()
+            return False
+        return time.time() >= self.last_active + self.idle_after
 
 
 @router.websocket("/ws")
 async def echo(websocket: WebSocket) -> None:
-    await _session_socket(websocket, render_frame=render.echo_text, agent="echo", raw_prompts=True)
+    await SessionSocket(
+        websocket, render_frame=render.echo_text, agent="echo", raw_prompts=True
+    ).serve()
 
 
 @router.websocket("/ws/agent")
 async def agent(websocket: WebSocket) -> None:
-    await _session_socket(websocket, render_frame=render.agent_text)
+    await SessionSocket(websocket, render_frame=render.agent_text).serve()
 
 
 @router.websocket("/ws/chat")
 async def chat(websocket: WebSocket) -> None:
-    await _session_socket(websocket, render_frame=render.chat_text)
+    await SessionSocket(websocket, render_frame=render.chat_text).serve()
 
 
 @router.websocket("/ws/agent-thoughts")
 async def agent_thoughts(websocket: WebSocket) -> None:
-    await _session_socket(websocket)
+    await SessionSocket(websocket).serve()
 
 
 @router.websocket("/ws/robust")
 async def robust(websocket: WebSocket) -> None:
-    await _session_socket(websocket, idle=_frontend(websocket).settings.ping_interval)
+    await SessionSocket(websocket, ping=_frontend(websocket).settings.ping_interval).serve()
 
 
 @router.websocket("/ws/secure")
 async def secure(websocket: WebSocket) -> None:
-    try:
-        verify(websocket.query_params.get("token"), _frontend(websocket).settings.jwt_secret)
-    except AuthError as exc:
-        await _refuse(websocket, Close.UNAUTHORIZED, str(exc))
-        return
-    await _session_socket(websocket)
+    """Like agent-thoughts, but a token is required even where authentication is optional."""
+    await SessionSocket(websocket, require_auth=True).serve()
 
 
 @router.websocket("/ws/{client_id}")
@@ -211,7 +355,8 @@ async def connection_manager(websocket: WebSocket, client_id: str) -> None:
 
     Each client id has a channel, and every manager socket is also on the broadcast
     channel, so a personal message or a broadcast reaches its targets whichever
-    frontend holds them. Prompts run in a session of the socket's own.
+    frontend holds them. Prompts run in a session of the socket's own. With
+    authentication on, a client id is the user's own id.
     """
     frontend = _frontend(websocket)
     keys = frontend.keys
@@ -219,18 +364,28 @@ async def connection_manager(websocket: WebSocket, client_id: str) -> None:
         await _refuse(websocket, Close.POLICY, "client ids are 1-64 characters of [A-Za-z0-9._-]")
         return
 
-    async def on_message(message: ClientMessage, conn: Connection) -> None:
+    async def on_message(message: ClientMessage, socket: SessionSocket) -> None:
+        assert socket.conn is not None
         if isinstance(message, Personal):
             payload = reply("personal", content=message.content, sender=client_id, to=message.to)
             if not await frontend.bus.publish(keys.client_channel(message.to), payload):
-                conn.send(error_reply("not_connected", f"no client {message.to!r} is connected"))
+                socket.conn.send(
+                    error_reply("not_connected", f"no client {message.to!r} is connected")
+                )
         elif isinstance(message, Broadcast):
             payload = reply("broadcast", content=message.content, sender=client_id)
             await frontend.bus.publish(keys.broadcast_channel, payload)
 
-    await _session_socket(
-        websocket,
-        channels=(keys.client_channel(client_id), keys.broadcast_channel),
-        hello={"client": client_id},
-        on_message=on_message,
-    )
+    socket = SessionSocket(websocket, hello={"client": client_id}, on_message=on_message)
+    if frontend.auth.enabled:
+        token, subprotocol = token_from(websocket.query_params, websocket.headers)
+        try:
+            if frontend.auth.authenticate(token).user != client_id:
+                await _refuse(
+                    websocket, Close.FORBIDDEN, "a client id is your own user id", subprotocol
+                )
+                return
+        except AuthError as exc:
+            await _refuse(websocket, exc.code, exc.message, subprotocol)
+            return
+    await socket.serve(channels=(keys.client_channel(client_id), keys.broadcast_channel))

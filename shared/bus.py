@@ -71,6 +71,9 @@ class Bus:
         self._renew = redis.register_script(scripts.RENEW)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
+        self._acquire = redis.register_script(scripts.ACQUIRE)
+        self._count = redis.register_script(scripts.COUNT)
+        self._claim_session = redis.register_script(scripts.CLAIM)
 
     # --- jobs: the frontend's side -----------------------------------------
 
@@ -183,12 +186,17 @@ class Bus:
             self.keys.jobs, self.keys.jobs_group, consumer, 0, [entry_id], justid=True
         )
 
-    async def finish(self, entry_id: str) -> None:
-        """Acknowledge a job and drop it from the stream: the stream holds only live jobs."""
+    async def finish(self, entry_id: str, job: Job) -> None:
+        """Acknowledge a job and drop it from the stream: the stream holds only live jobs.
+
+        The run's slot among its user's concurrent runs is given back too.
+        """
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute(raise_on_error=False)  # NOGROUP: Redis lost the queue already
+        if job.user is not None:
+            await self.release_slot(self.keys.user_runs(job.user), job.run)
 
     async def requeue(self, entry_id: str, job: Job) -> None:
         """Put a job back at the end of the queue for another worker (a draining one's)."""
@@ -209,6 +217,8 @@ class Bus:
             pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute()
+        if job.user is not None:
+            await self.release_slot(self.keys.user_runs(job.user), job.run)
 
     async def start(self, job: Job, owner: str, lease_ms: int, max_attempts: int) -> Attempt:
         fence = new_token()
@@ -289,6 +299,31 @@ class Bus:
             pipe.ltrim(key, -turns, -1)
             pipe.expire(key, self._ttl)
             await pipe.execute()
+
+    # --- grants and limits ---------------------------------------------------
+
+    async def claim_session(self, session: str, user: str) -> str:
+        """The session's owner: ``user``, if nobody owned it yet."""
+        owner = await self._claim_session(
+            keys=[self.keys.session_owner(session)], args=[user, self._ttl]
+        )
+        return _text(owner)
+
+    async def session_owner(self, session: str) -> str | None:
+        owner = await self.redis.get(self.keys.session_owner(session))
+        return None if owner is None else _text(owner)
+
+    async def acquire_slot(self, key: str, member: str, ttl_ms: int, limit: int) -> bool:
+        """Hold one of ``limit`` slots for ``ttl_ms`` (holding it again renews it)."""
+        now = now_ms()
+        return bool(await self._acquire(keys=[key], args=[now, member, now + ttl_ms, limit]))
+
+    async def release_slot(self, key: str, member: str) -> None:
+        await self.redis.zrem(key, member)
+
+    async def count(self, key: str, window_seconds: int) -> int:
+        """Count one more in a fixed window; returns the window's count so far."""
+        return int(await self._count(keys=[key], args=[window_seconds]))
 
     # --- plain messages -----------------------------------------------------
 

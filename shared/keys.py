@@ -47,6 +47,20 @@ class Keys:
         """The session's unfinished runs (a set), for "cancel everything"."""
         return f"{self.prefix}:{{{session}}}:runs"
 
+    def session_owner(self, session: str) -> str:
+        return f"{self.prefix}:{{{session}}}:owner"
+
+    # Per user, for limits held across frontends. User ids (JWT subjects) can hold any
+    # character, so keys carry a digest of them.
+    def user_rate(self, user: str, window: int) -> str:
+        return f"{self.prefix}:user:{{{_digest(user)}}}:rate:{window}"
+
+    def user_runs(self, user: str) -> str:
+        return f"{self.prefix}:user:{{{_digest(user)}}}:runs"
+
+    def user_sockets(self, user: str) -> str:
+        return f"{self.prefix}:user:{{{_digest(user)}}}:sockets"
+
     # Jobs by id (the run id), and by the client's idempotency key.
     def job(self, run: str) -> str:
         return f"{self.prefix}:job:{run}"
@@ -75,3 +89,7 @@ class Keys:
     def node_channel(self, node: str) -> str:
         """A frontend's own control channel; its pub/sub connection is never idle."""
         return f"{self.prefix}:node:{node}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

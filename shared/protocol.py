@@ -129,6 +129,7 @@ class Job:
     prompt: str
     agent: str | None = None
     on_disconnect: str = "continue"  # or "cancel": once nobody watches the session
+    user: str | None = None  # whose concurrent-run slot the run holds
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -138,6 +139,7 @@ class Job:
                 "prompt": self.prompt,
                 "agent": self.agent,
                 "on_disconnect": self.on_disconnect,
+                "user": self.user,
             }
         )
 
@@ -150,6 +152,7 @@ class Job:
             prompt=obj["prompt"],
             agent=obj.get("agent"),
             on_disconnect=obj.get("on_disconnect", "continue"),
+            user=obj.get("user"),
         )
 
 
@@ -198,7 +201,14 @@ class Cancel:
     run: str | None = None
 
 
-ClientMessage = Prompt | Personal | Broadcast | Pong | Resume | Cancel
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """A fresh token for an open socket, before the old one expires."""
+
+    token: str
+
+
+ClientMessage = Prompt | Personal | Broadcast | Pong | Resume | Cancel | Auth
 
 
 def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
@@ -233,6 +243,8 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
             after=parse_after(obj.get("after", 0)),
             epoch=_optional_string(obj, "epoch"),
         )
+    if kind == "auth":
+        return Auth(_string(obj, "token"))
     if kind == "cancel":
         run = _optional_string(obj, "run")
         return Cancel(run=None if run is None else _id(run, "run"))

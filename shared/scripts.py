@@ -135,3 +135,35 @@ if status == 'queued' or status == 'running' then
 end
 return status
 """
+
+# KEYS: a sorted set of held slots.  ARGV: now-ms, member, expires-ms, limit.
+# Slots expire by themselves (a frontend or worker that died frees its slots in time);
+# holders refresh them. Returns 1 if the member holds a slot, 0 if the limit is reached.
+ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3] - ARGV[1])
+return 1
+"""
+
+# KEYS: a fixed-window counter.  ARGV: window seconds.  Returns the count so far.
+COUNT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return n
+"""
+
+# KEYS: a session's owner.  ARGV: user, ttl.  The first user to use a session owns it.
+CLAIM = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return owner
+"""

@@ -59,8 +59,25 @@ class Settings:
     ping_interval: float = 60.0
     max_message_bytes: int = 64 * 1024
     max_prompt_chars: int = 32_000
-    jwt_secret: str | None = field(default=None, repr=False)
     ws_per_message_deflate: bool = False
+
+    # Authentication: HS256 with jwt_secret, and/or RS256/ES256 with a PEM public key or
+    # a JWKS URL. Any of them turns authentication on for every socket and endpoint.
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = None
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    viewer_token_ttl: int = 3600
+    # Browser origins allowed to open sockets and call the API ("*": any). Empty: only
+    # pages served by the frontend itself (same origin), and clients that send none.
+    allowed_origins: str = ""
+
+    # Limits per user, held across all frontends (state in Redis).
+    rate_limit: int = 120  # client frames and API calls per minute
+    max_runs_per_user: int = 8
+    max_sockets_per_user: int = 50
+    idle_timeout: float = 900.0  # a socket with no frame either way this long is closed
 
     # Frontend shutdown: sockets are told to reconnect in batches spread over this
     # window, so they do not all land on the other frontends at once.
@@ -77,6 +94,14 @@ class Settings:
     # it gives the run up to the lease, for another worker to retry.
     redis_retry_seconds: float = 30.0
     embedded_workers: int = 2
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwks_url)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -112,6 +137,10 @@ _ENV_NAMES = {
     "openai_api_key": "OPENAI_API_KEY",
     "openai_base_url": "OPENAI_BASE_URL",
     "jwt_secret": "JWT_SECRET",
+    "jwt_public_key": "JWT_PUBLIC_KEY",
+    "jwks_url": "JWKS_URL",
+    "jwt_audience": "JWT_AUDIENCE",
+    "jwt_issuer": "JWT_ISSUER",
 }
 
 

@@ -148,9 +148,8 @@ def thoughtwire(name: str, args: list[str], env: Mapping[str, str], logdir: Path
 class Frontend:
     def __init__(self, name: str, env: Mapping[str, str], logdir: Path) -> None:
         self.port = free_port()
-        self.proc = thoughtwire(
-            name, ["api", "--host", "127.0.0.1", "--port", str(self.port)], env, logdir
-        )
+        args = ["api", "--host", "127.0.0.1", "--port", str(self.port), "--insecure"]
+        self.proc = thoughtwire(name, args, env, logdir)
 
     @property
     def http(self) -> str:

@@ -166,7 +166,7 @@ async def test_a_job_goes_to_one_worker_and_leaves_the_stream_when_finished(bus)
     assert second == []
     assert await bus.reclaim("w2", 10, 60_000) == []  # not idle long enough
     assert [j for _, j in await bus.reclaim("w2", 10, 0)] == [job]
-    await bus.finish(first[0][0])
+    await bus.finish(first[0][0], job)
     assert await bus.redis.xlen(bus.keys.jobs) == 0
 
 

@@ -2,21 +2,16 @@
 
 import asyncio
 import json
-import time
 
-import jwt
 import pytest
-import websockets
 
 from tests.conftest import start_cluster
 from tests.wsclient import connect, greeting, recv_json, recv_text, run_events
 
-JWT_SECRET = "cluster-test-secret-of-at-least-32-bytes"
-
 
 @pytest.fixture(scope="module")
 def cluster(redis_server, logdir):
-    c = start_cluster(redis_server, logdir, JWT_SECRET=JWT_SECRET, THOUGHTWIRE_PING_INTERVAL="0.3")
+    c = start_cluster(redis_server, logdir, THOUGHTWIRE_PING_INTERVAL="0.3")
     yield c
     c.stop()
 
@@ -162,40 +157,3 @@ async def test_robust_pings_after_an_idle_period(cluster):
         await ws.send('{"type":"pong"}')
         await ws.send("and now a prompt")
         assert_complete_run(await run_events(ws))
-
-
-def token(**claims):
-    return jwt.encode(
-        {"sub": "u1", "exp": int(time.time()) + 60, **claims}, JWT_SECRET, algorithm="HS256"
-    )
-
-
-async def test_secure_accepts_a_valid_token(cluster):
-    async with connect(f"{cluster.frontends[0].ws}/ws/secure?token={token()}") as ws:
-        await greeting(ws)
-        await ws.send("secret plans")
-        assert_complete_run(await run_events(ws))
-
-
-@pytest.mark.parametrize(
-    "query",
-    [
-        "",
-        "?token=",
-        "?token=garbage",
-        f"?token={token(exp=int(time.time()) - 3600)}",
-        "?token="
-        + jwt.encode(
-            {"sub": "u", "exp": int(time.time()) + 60},
-            "a-wrong-secret-that-is-32-bytes-long",
-            algorithm="HS256",
-        ),
-    ],
-    ids=["missing", "empty", "malformed", "expired", "wrong-secret"],
-)
-async def test_secure_closes_bad_tokens_with_4001(cluster, query):
-    async with connect(f"{cluster.frontends[1].ws}/ws/secure{query}") as ws:
-        with pytest.raises(websockets.ConnectionClosed) as info:
-            await recv_text(ws)
-    assert info.value.rcvd.code == 4001
-    assert info.value.rcvd.reason in {"missing token", "invalid token", "token expired"}

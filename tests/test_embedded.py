@@ -23,6 +23,7 @@ EMBEDDED_ENV = {
 def embedded(logdir):
     node = Frontend("embedded", EMBEDDED_ENV, logdir)
     node.proc.args[3:4] = ["up"]  # `thoughtwire up --host ... --port ...` instead of `api`
+    node.proc.args.remove("--insecure")
     node.start()
     yield node
     # uvicorn re-raises SIGTERM once it has shut down cleanly

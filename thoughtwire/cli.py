@@ -31,6 +31,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     api = commands.add_parser("api", help="one frontend on REDIS_URL")
     api.add_argument("--host", default="0.0.0.0")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--insecure", action="store_true", help="run without authentication")
+    up.add_argument(
+        "--insecure", action="store_true", help="listen beyond 127.0.0.1 without authentication"
+    )
+
+    token = commands.add_parser("token", help="mint a development token from JWT_SECRET")
+    token.add_argument("--sub", required=True, help="the user")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds")
 
     commands.add_parser("worker", help="one agent worker on REDIS_URL")
 
@@ -54,7 +62,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"thoughtwire: {exc}", file=sys.stderr)
         return 2
 
+    if args.command == "token":
+        from api.auth import mint
+
+        if not settings.jwt_secret:
+            print("thoughtwire token needs JWT_SECRET", file=sys.stderr)
+            return 2
+        print(mint(settings.jwt_secret, args.sub, args.ttl))
+        return 0
     if args.command == "up":
+        if (
+            not settings.auth_enabled
+            and args.host not in ("127.0.0.1", "localhost", "::1")
+            and not args.insecure
+        ):
+            print(
+                f"thoughtwire: no authentication is configured, so listening on 127.0.0.1, not {args.host} "
+                "(set JWT_SECRET, or pass --insecure)",
+                file=sys.stderr,
+            )
+            args.host = "127.0.0.1"
         return _up(settings, args.host, args.port, args.workers)
     if settings.redis_url is None:
         print(
@@ -64,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "api":
         from api.app import create_app
+
+        if not settings.auth_enabled and not args.insecure:
+            print(
+                "thoughtwire api: no authentication is configured; set JWT_SECRET (or JWT_PUBLIC_KEY, "
+                "JWKS_URL), or pass --insecure to serve without it",
+                file=sys.stderr,
+            )
+            return 2
 
         _serve(create_app(settings), settings, args.host, args.port)
         return 0
@@ -85,7 +120,8 @@ def _up(settings: Settings, host: str, port: int, workers: int | None) -> int:
 
     app = create_app(settings, RedisFactory(settings), companions=(companion,))
     where = (settings.redis_url and "Redis at REDIS_URL") or "embedded in-process Redis"
-    print(f"thoughtwire: {count} workers, {where}, agent {settings.agent}")
+    auth = "authentication on" if settings.auth_enabled else "no authentication"
+    print(f"thoughtwire: {count} workers, {where}, agent {settings.agent}, {auth}")
     print(f"thoughtwire: open http://{host}:{port}/", flush=True)
     _serve(app, settings, host, port)
     return 0

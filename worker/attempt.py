@@ -152,7 +152,7 @@ class RunAttempt:
                 ),
                 seconds=self.limits.redis_retry_seconds,
             )
-        await self.bus.finish(self.entry_id)
+        await self.bus.finish(self.entry_id, self.job)
 
     async def _drive(self, agent: Agent) -> None:
         history = await retry(

@@ -139,21 +139,21 @@ class Worker:
         agent = self.agents.get(job.agent or self.default_agent)
         start = await self.bus.start(job, self.name, self.limits.lease_ms, self.max_attempts)
         if start.verdict == "finished":
-            await self.bus.finish(entry_id)
+            await self.bus.finish(entry_id, job)
             return
         if start.verdict == "busy":
             return  # another attempt holds a live lease; its renewals take the job back
         attempt = RunAttempt(self.bus, job, entry_id, start.fence, self.name, self.limits)
         if start.verdict == "cancel":
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
-            await self.bus.finish(entry_id)
+            await self.bus.finish(entry_id, job)
         elif start.verdict == "dead":
             reason = f"the run failed {self.max_attempts} times"
             await attempt.emit(Thought("error", reason))
             await self.bus.dead_letter(entry_id, job, reason)
         elif agent is None:
             await attempt.emit(Thought("error", f"agent {job.agent!r} is not available"))
-            await self.bus.finish(entry_id)
+            await self.bus.finish(entry_id, job)
         else:
             if start.attempt > 1:
                 await attempt.emit(Thought("retry", "", {"attempt": start.attempt}))
