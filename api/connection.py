@@ -81,9 +81,15 @@ class Connection:
         queue = self.viewer.queue
         while True:
             frame = self._render(await queue.get())
-            if frame is not None:
+            if frame is None:
+                continue
+            try:
                 await self.websocket.send_text(frame)
-                self.sent += 1
+            except RuntimeError:
+                # The server closed the socket on its own (a frame over the size
+                # limit gets 1009 from uvicorn); ASGI then refuses any send.
+                raise WebSocketDisconnect(Close.TOO_BIG) from None
+            self.sent += 1
 
     async def _send_close(self, code: int, reason: str) -> None:
         if self.websocket.application_state != WebSocketState.CONNECTED:
@@ -100,5 +106,5 @@ class Connection:
                 if farewell is not None:
                     await self.websocket.send_text(farewell)
                 await self.websocket.close(code, reason)
-        except (TimeoutError, RuntimeError, OSError):
-            pass
+        except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
+            pass  # the client is gone already

@@ -83,12 +83,14 @@ def recover(
     """Merge log ``entries`` (read after :func:`replay_from`) with buffered ``live`` frames."""
     out: list[Any] = []
     if position is None:
-        # "From now on" means from the subscription: every buffered frame came after
-        # it, even one the log already held when its meta was read.
+        # "From now on" means from the subscription: the buffer holds every event
+        # since, even ones the log already counted when its meta was read, so the log
+        # adds nothing. Without a buffered event, now is the meta's position.
         epoch, seq = meta.epoch, meta.last_seq
-        heard = [at for at in map(event_position, live) if at is not None and at[1] == epoch]
+        heard = [at for at in map(event_position, live) if at is not None]
         if heard:
-            seq = min(seq, heard[0][0] - 1)
+            epoch, seq = heard[0][1], heard[0][0] - 1
+        entries = ()
     else:
         epoch, seq = position.epoch or meta.epoch, position.seq
         reason = log_reset(position, meta)

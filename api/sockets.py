@@ -61,8 +61,9 @@ async def _refuse(
     websocket: WebSocket, code: int, reason: str, subprotocol: str | None = None
 ) -> None:
     """Accept, then close with a code the client can read (browsers cannot see a 403)."""
-    await websocket.accept(subprotocol)
-    await websocket.close(code, reason)
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):  # it left already
+        await websocket.accept(subprotocol)
+        await websocket.close(code, reason)
 
 
 def _start_position(websocket: WebSocket) -> tuple[str, int | None, str | None]:

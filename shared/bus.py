@@ -321,9 +321,13 @@ class Bus:
     async def release_slot(self, key: str, member: str) -> None:
         await self.redis.zrem(key, member)
 
-    async def count(self, key: str, window_seconds: int) -> int:
-        """Count one more in a fixed window; returns the window's count so far."""
-        return int(await self._count(keys=[key], args=[window_seconds]))
+    async def count(self, user: str, window_seconds: int) -> int:
+        """Count one more request by ``user``; returns the count over the last window."""
+        now = time.time()
+        window = int(now // window_seconds)
+        share = 1 - (now / window_seconds - window)
+        keys = [self.keys.user_rate(user, window), self.keys.user_rate(user, window - 1)]
+        return int(await self._count(keys=keys, args=[window_seconds, f"{share:.4f}"]))
 
     # --- plain messages -----------------------------------------------------
 

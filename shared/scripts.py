@@ -149,13 +149,17 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3] - ARGV[1])
 return 1
 """
 
-# KEYS: a fixed-window counter.  ARGV: window seconds.  Returns the count so far.
+# KEYS: this window's counter, the previous window's.  ARGV: window seconds, the share of
+# the previous window still inside the sliding window (0-1).  Counts one more and returns
+# the sliding count: this window's plus that share of the previous one, so a burst that
+# straddles a window boundary is still seen whole.
 COUNT = """
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
 end
-return n
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+return n + math.floor(previous * tonumber(ARGV[2]))
 """
 
 # KEYS: a session's owner.  ARGV: user, ttl.  The first user to use a session owns it.

@@ -5,6 +5,8 @@ import asyncio
 import pytest
 
 from tests.browser import browser_context
+from tests.conftest import start_cluster
+from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import seconds
 from tests.wsclient import connect, greeting, run_events
 
@@ -52,3 +54,35 @@ async def test_the_page_shows_markup_as_text(cluster):
         assert await page.text_content(".user") == "You: " + hostile
         assert hostile in await page.text_content(".action")
     assert dialogs == []
+
+
+@pytest.fixture(scope="module")
+def hostile_model(redis_server, logdir):
+    llm = FakeOpenAI().start()
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        THOUGHTWIRE_AGENT="openai",
+        OPENAI_API_KEY="sk-test",
+        OPENAI_BASE_URL=llm.base_url,
+    )
+    yield c, llm
+    c.stop()
+    llm.stop()
+
+
+async def test_a_model_answer_with_markup_is_shown_as_text_and_runs_nothing(hostile_model):
+    cluster, llm = hostile_model
+    payload = '<img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script>'
+    llm.replies.append(Reply.text("Here: ", payload[:20], payload[20:]))
+    async with browser_context() as context:
+        page = await context.new_page()
+        await page.goto(cluster.frontends[0].http + "/")
+        await page.wait_for_function("document.body.dataset.session", timeout=seconds(10) * 1000)
+        await page.fill("#input", "say something nasty")
+        await page.click("button[type=submit]")
+        await page.wait_for_selector(".answer.done", timeout=seconds(10) * 1000)
+        assert await page.text_content(".answer") == "Here: " + payload
+        assert await page.locator("#chat img, #chat script").count() == 0
+        assert await page.evaluate("window.__pwned") is None

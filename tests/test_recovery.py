@@ -36,9 +36,10 @@ def test_following_from_now_sends_only_what_came_after_the_meta_read():
 
 
 def test_following_from_now_keeps_live_frames_the_meta_read_already_counted():
-    # Subscribed, then seqs 1-3 were written, then the meta was read: 1-3 are new to us.
-    result = recover("s", None, Meta("e1", 3), [], [ev(1), ev(2), ev(3), ev(4)])
-    assert seqs(result.frames) == [1, 2, 3, 4]
+    # Subscribed, then seqs 1-3 were written, then the meta was read, then the log
+    # (after 3) was read: 1-3 are new to us, and in order before 4 and 5.
+    result = recover("s", None, Meta("e1", 3), [ev(4), ev(5)], [ev(1), ev(2), ev(3), ev(4), ev(5)])
+    assert seqs(result.frames) == [1, 2, 3, 4, 5]
 
 
 def test_a_trimmed_log_is_announced_as_a_gap():

@@ -1,0 +1,338 @@
+"""Authentication, grants and limits against running frontends (two of them, one worker)."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import jwt
+import pytest
+import websockets
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.conftest import start_cluster
+from tests.procs import seconds, thoughtwire
+from tests.wsclient import connect, greeting, recv_json, run_events
+
+SECRET = "a-test-secret-that-is-at-least-32-bytes-long"
+AUDIENCE = "thoughtwire"
+ISSUER = "https://issuer.test"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_PUBLIC_PEM = (
+    RSA_KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+
+
+def token(sub="alice", *, key=SECRET, algorithm="HS256", headers=None, **claims):
+    now = int(time.time())
+    body = {"sub": sub, "aud": AUDIENCE, "iss": ISSUER, "iat": now, "exp": now + 600, **claims}
+    body = {k: v for k, v in body.items() if v is not None}
+    return jwt.encode(body, key, algorithm=algorithm, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def secure(redis_server, logdir):
+    c = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        JWT_PUBLIC_KEY=RSA_PUBLIC_PEM,
+        JWT_AUDIENCE=AUDIENCE,
+        JWT_ISSUER=ISSUER,
+        THOUGHTWIRE_RATE_LIMIT="20",
+        THOUGHTWIRE_MAX_RUNS_PER_USER="2",
+        THOUGHTWIRE_SIM_STEP_DELAY="0.3",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+    )
+    yield c
+    c.stop()
+
+
+def ws_url(frontend, path="/ws/agent-thoughts", **query):
+    return (
+        frontend.ws + path + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
+    )
+
+
+async def closed_with(url, **options):
+    async with connect(url, **options) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            while True:
+                await recv_json(ws)
+    return info.value.rcvd.code, info.value.rcvd.reason
+
+
+def _alg_none():
+    header = jwt.utils.base64url_encode(json.dumps({"alg": "none", "typ": "JWT"}).encode()).decode()
+    body = jwt.utils.base64url_encode(
+        json.dumps(
+            {"sub": "alice", "aud": AUDIENCE, "iss": ISSUER, "exp": int(time.time()) + 600}
+        ).encode()
+    ).decode()
+    return f"{header}.{body}."
+
+
+def _hs_signed_with_the_public_key():
+    # The classic confusion: HS256 keyed with the server's RSA public key. PyJWT refuses
+    # to make one, so it is built by hand.
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(
+        json.dumps(
+            {"sub": "alice", "aud": AUDIENCE, "iss": ISSUER, "exp": int(time.time()) + 600}
+        ).encode()
+    )
+    signature = hmac.new(
+        RSA_PUBLIC_PEM.encode(), f"{header}.{body}".encode(), hashlib.sha256
+    ).digest()
+    return f"{header}.{body}.{b64(signature)}"
+
+
+BAD_TOKENS = {
+    "expired": (lambda: token(exp=int(time.time()) - 3600), "token expired"),
+    "not-yet-valid": (lambda: token(nbf=int(time.time()) + 3600), "token not valid yet"),
+    "wrong-secret": (lambda: token(key="another-secret-that-is-32-bytes-long!!"), "invalid token"),
+    "alg-none": (_alg_none, "invalid token"),
+    "hs-rs-confusion": (_hs_signed_with_the_public_key, "invalid token"),
+    "wrong-aud": (lambda: token(aud="someone-else"), "invalid token"),
+    "wrong-iss": (lambda: token(iss="https://evil.test"), "invalid token"),
+    "missing-sub": (lambda: token(sub=None), "invalid token"),
+    "missing-exp": (lambda: token(exp=None), "invalid token"),
+    "malformed": (lambda: "not.a.jwt", "invalid token"),
+    "empty": (lambda: "", "missing token"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENS))
+async def test_bad_tokens_are_refused_with_4001(secure, case):
+    make, reason = BAD_TOKENS[case]
+    code, said = await closed_with(ws_url(secure.frontends[0], token=make()))
+    assert (code, said) == (4001, reason)
+
+
+@pytest.mark.parametrize("case", ["expired", "alg-none", "hs-rs-confusion", "wrong-aud", "empty"])
+async def test_bad_tokens_are_refused_over_http_with_401(secure, case):
+    make, _ = BAD_TOKENS[case]
+    bad = make()
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            secure.frontends[1].http + "/v1/jobs",
+            json={"prompt": "hi"},
+            headers={"Authorization": f"Bearer {bad}"} if bad else {},
+        )
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_good_tokens_by_query_header_and_subprotocol_and_rs256(secure):
+    a = secure.frontends[0]
+    ways = [
+        {"url": ws_url(a, token=token("u-query"))},
+        {"url": ws_url(a), "additional_headers": {"Authorization": f"Bearer {token('u-header')}"}},
+        {"url": ws_url(a), "subprotocols": ["thoughtwire.v1", f"bearer.{token('u-subprotocol')}"]},
+        {"url": ws_url(a, token=token("u-rsa", key=RSA_KEY, algorithm="RS256"))},
+    ]
+    for way in ways:
+        url = way.pop("url")
+        async with connect(url, **way) as ws:
+            await greeting(ws)
+            await ws.send("hello")
+            assert (await run_events(ws))[-1]["type"] == "done"
+            if "subprotocols" in way:
+                assert ws.subprotocol == "thoughtwire.v1"
+
+
+async def test_the_secure_endpoint_keeps_the_seeds_contract(secure):
+    assert await closed_with(secure.frontends[0].ws + "/ws/secure") == (4001, "missing token")
+    async with connect(secure.frontends[0].ws + f"/ws/secure?token={token('seed')}") as ws:
+        await greeting(ws)
+
+
+async def test_another_user_can_do_nothing_with_a_session(secure):
+    a, b = secure.frontends
+    async with connect(ws_url(a, token=token("owner-1"))) as ws:
+        session = await greeting(ws)
+        await ws.send("mine")
+        events = await run_events(ws)
+    job = events[0]["run"]
+    intruder = token("intruder-1")
+
+    # socket: follow, resume (from after 0), prompt
+    assert await closed_with(ws_url(b, token=intruder, session=session)) == (
+        4003,
+        "this session belongs to someone else",
+    )
+    assert await closed_with(ws_url(b, token=intruder, session=session, after=0)) == (
+        4003,
+        "this session belongs to someone else",
+    )
+    async with connect(ws_url(b, token=intruder)) as ws:
+        await greeting(ws)
+        await ws.send(json.dumps({"type": "resume", "session": session, "after": 0}))
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            while True:
+                await recv_json(ws)
+        assert info.value.rcvd.code == 4003
+
+    # HTTP: prompt, read, cancel, follow
+    headers = {"Authorization": f"Bearer {intruder}"}
+    async with httpx.AsyncClient(headers=headers) as http:
+        assert (
+            await http.post(b.http + "/v1/jobs", json={"prompt": "x", "session": session})
+        ).status_code == 403
+        assert (await http.get(f"{b.http}/v1/jobs/{job}")).status_code == 403
+        assert (await http.delete(f"{b.http}/v1/jobs/{job}")).status_code == 403
+        assert (await http.get(f"{b.http}/v1/sessions/{session}/events")).status_code == 403
+        assert (await http.post(f"{b.http}/v1/sessions/{session}/viewer-token")).status_code == 403
+
+
+async def test_a_viewer_token_allows_reading_and_nothing_else(secure):
+    a, b = secure.frontends
+    owner = token("owner-2")
+    async with connect(ws_url(a, token=owner)) as ws:
+        session = await greeting(ws)
+        await ws.send("watch me")
+        events = await run_events(ws)
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {owner}"}) as http:
+        grant = (await http.post(f"{b.http}/v1/sessions/{session}/viewer-token")).json()
+    viewer = grant["token"]
+    assert grant["session"] == session and grant["expires"] > time.time()
+
+    # reading: resume over a socket, SSE, job status
+    async with connect(ws_url(b, token=viewer, session=session, after=0)) as ws:
+        await greeting(ws)
+        assert await run_events(ws) == events
+        await ws.send("may I prompt?")
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            while True:
+                await recv_json(ws)
+        assert info.value.rcvd.code == 4003
+    async with httpx.AsyncClient() as http:
+        url = f"{a.http}/v1/sessions/{session}/events?after=0&token={viewer}"
+        async with http.stream("GET", url) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["type"] == "done":
+                    break
+        as_viewer = {"Authorization": f"Bearer {viewer}"}
+        assert (
+            await http.get(f"{a.http}/v1/jobs/{events[0]['run']}", headers=as_viewer)
+        ).status_code == 200
+        # and nothing else: cancel, prompt over HTTP, more grants, other sessions
+        assert (
+            await http.delete(f"{a.http}/v1/jobs/{events[0]['run']}", headers=as_viewer)
+        ).status_code == 403
+        assert (
+            await http.post(
+                a.http + "/v1/jobs", json={"prompt": "x", "session": session}, headers=as_viewer
+            )
+        ).status_code == 403
+        assert (
+            await http.post(f"{a.http}/v1/sessions/{session}/viewer-token", headers=as_viewer)
+        ).status_code == 403
+    assert (await closed_with(ws_url(a, token=viewer, session="another-session")))[0] == 4003
+    async with connect(ws_url(a, token=viewer, session=session)) as ws:
+        await greeting(ws)
+        await ws.send(json.dumps({"type": "cancel"}))
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            while True:
+                await recv_json(ws)
+        assert info.value.rcvd.code == 4003
+
+
+async def test_an_expiring_token_closes_the_socket_unless_refreshed(secure):
+    a = secure.frontends[0]
+    soon = int(time.time()) + 2
+    code, reason = await asyncio.wait_for(
+        closed_with(ws_url(a, token=token("expiring", exp=soon))), seconds(15)
+    )
+    assert (code, reason) == (4001, "token expired")
+
+    soon = int(time.time()) + 2
+    async with connect(ws_url(a, token=token("refreshing", exp=soon))) as ws:
+        await greeting(ws)
+        await ws.send(json.dumps({"type": "auth", "token": token("refreshing")}))
+        await asyncio.sleep(max(0, soon - time.time()) + 1)  # past the first token's expiry
+        await ws.send("still here")
+        assert (await run_events(ws))[-1]["type"] == "done"
+        await ws.send(json.dumps({"type": "auth", "token": token("someone-else")}))
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            while True:
+                await recv_json(ws)
+        assert info.value.rcvd.code == 4003
+
+
+async def test_the_rate_limit_holds_across_frontends(secure):
+    a, b = secure.frontends
+    user = token("chatty")
+    async with connect(ws_url(a, token=user)) as on_a, connect(ws_url(b, token=user)) as on_b:
+        await greeting(on_a)
+        await greeting(on_b)
+        for _ in range(12):  # 2 connections + 24 frames: over 20 a minute
+            await on_a.send('{"type":"pong"}')
+            await on_b.send('{"type":"pong"}')
+        refusals = []
+        for ws in (on_a, on_b):
+            try:
+                async with asyncio.timeout(seconds(1)):
+                    while True:
+                        refusals.append(await recv_json(ws))
+            except TimeoutError:
+                pass
+    assert refusals and all(r["code"] == "rate_limited" for r in refusals)
+    assert len(refusals) in (5, 6)  # 2 connections + 24 frames - 20; one less if a minute turned
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {user}"}) as http:
+        assert (await http.get(f"{a.http}/v1/jobs/nope")).status_code == 429
+
+
+async def test_the_concurrent_run_limit_holds_across_frontends(secure):
+    a, b = secure.frontends
+    user = token("busy")
+    async with connect(ws_url(a, token=user)) as on_a, connect(ws_url(b, token=user)) as on_b:
+        await greeting(on_a)
+        await greeting(on_b)
+        await on_a.send("one")
+        await on_b.send("two")
+        await recv_json(on_a)  # the first event: both runs are going
+        await recv_json(on_b)
+        await on_a.send("three")
+        refusal = await recv_json(on_a)
+        while "seq" in refusal:
+            refusal = await recv_json(on_a)
+        assert refusal["code"] == "rate_limited" and "runs are already going" in refusal["message"]
+        await run_events(on_a)
+        # The worker frees the slot just after it publishes `done`: try until it has.
+        for _ in range(50):
+            await on_a.send("four, after one ended")
+            first = await recv_json(on_a)
+            if "seq" in first:
+                break
+            await asyncio.sleep(0.1)
+        assert first["type"] == "thinking"
+        assert (await run_events(on_a))[-1]["type"] == "done"
+
+
+def test_a_frontend_without_auth_refuses_to_start_unless_insecure(secure, logdir):
+    proc = thoughtwire(
+        "no-auth", ["api", "--port", "1"], {"REDIS_URL": secure.redis.url, "JWT_SECRET": ""}, logdir
+    )
+    proc.start()
+    assert proc.popen.wait(seconds(30)) == 2
+    assert "pass --insecure" in proc.output()
+
+
+def test_tokens_never_reach_the_logs(secure):
+    secret_token = token("logged")
+    httpx.get(f"{secure.frontends[0].http}/v1/jobs/nope?token={secret_token}")
+    for frontend in secure.frontends:
+        assert secret_token not in frontend.proc.output()
+        assert SECRET not in frontend.proc.output()
