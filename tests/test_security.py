@@ -336,3 +336,11 @@ def test_tokens_never_reach_the_logs(secure):
     for frontend in secure.frontends:
         assert secret_token not in frontend.proc.output()
         assert SECRET not in frontend.proc.output()
+
+
+async def test_browser_sockets_from_other_sites_are_refused(secure):
+    a = secure.frontends[0]
+    url = ws_url(a, token=token("browser"))
+    assert await closed_with(url, origin="https://evil.example") == (1008, "origin not allowed")
+    async with connect(url, origin=f"http://127.0.0.1:{a.port}") as ws:  # the frontend's own page
+        await greeting(ws)
