@@ -35,3 +35,10 @@ $(VENV)/.test: pyproject.toml $(VENV)/.base
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache
+
+bench: $(VENV)/.test system-deps  ## the full benchmark, side by side with peers (minutes)
+	$(BIN)/python -m bench.run --out bench/results/latest.json
+	$(BIN)/python -m bench.report bench/results/latest.json
+
+bench-smoke: $(VENV)/.test system-deps  ## every system delivers every event (seconds)
+	$(BIN)/python -m bench.run --profile smoke --out bench/results/smoke.json

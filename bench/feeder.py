@@ -1,0 +1,67 @@
+"""The comparison systems' worker: streams tokens to a session when asked.
+
+It takes start commands from a Redis list and, like an LLM run, sends ``tokens``
+tokens at ``rate`` per second (0: unpaced), then ``done``. ``thin`` PUBLISHes each
+token (awaited); ``sio`` emits through a write-only AsyncRedisManager.
+
+    python -m bench.feeder --system thin|socketio --redis URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import socketio
+from redis.asyncio import Redis
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def stream(send, session: str, tokens: int, rate: float) -> None:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    for seq in range(1, tokens + 2):
+        if rate > 0:
+            delay = start + (seq - 1) / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        kind = "answer" if seq <= tokens else "done"
+        await send(
+            session,
+            {"type": kind, "content": "tok ", "session": session, "seq": seq, "ts": now_ms()},
+        )
+
+
+async def main(system: str, redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    if system == "thin":
+
+        async def send(session, event):  # type: ignore[no-untyped-def]
+            await redis.publish(f"thin:{session}", json.dumps(event))
+    else:
+        manager = socketio.AsyncRedisManager(redis_url, write_only=True)
+
+        async def send(session, event):  # type: ignore[no-untyped-def]
+            await manager.emit("event", event, room=session)
+
+    running = set()
+    while True:
+        _key, raw = await redis.blpop([f"bench:{system}:start"])
+        command = json.loads(raw)
+        task = asyncio.create_task(
+            stream(send, command["session"], command["tokens"], command["rate"])
+        )
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--system", choices=["thin", "socketio"], required=True)
+    parser.add_argument("--redis", required=True)
+    args = parser.parse_args()
+    asyncio.run(main(args.system, args.redis))

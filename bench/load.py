@@ -1,0 +1,174 @@
+"""Load-generating clients, run in their own processes.
+
+Each process opens its share of sockets, waits for the go signal, starts the runs it
+is told to trigger, and collects every event: latency from the producer's ``ts`` to
+receipt, and lost, duplicated or out-of-order events per socket. Everything is
+bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import socketio
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+
+CONNECT_CONCURRENCY = 200
+
+
+@dataclass
+class Plan:
+    system: str  # thoughtwire, thin, sio
+    urls: list[str]  # one base URL per frontend
+    sockets: list[tuple[str, int, bool]]  # (session, frontend index, triggers the run)
+    tokens: int
+    rate: float
+    redis_url: str
+    deadline: float = 120.0
+    hold: bool = False  # idle: connect, report, hold until told to stop
+
+
+@dataclass
+class Tally:
+    received: int = 0
+    duplicated: int = 0
+    out_of_order: int = 0
+    last: int = 0
+    seen: set[int] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def take(self, seq: int) -> None:
+        if seq in self.seen:
+            self.duplicated += 1
+            return
+        if seq < self.last:
+            self.out_of_order += 1
+        self.seen.add(seq)
+        self.last = max(self.last, seq)
+        self.received += 1
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+class Socket:
+    """One client socket of any of the three systems."""
+
+    def __init__(self, plan: Plan, session: str, frontend: int, latencies: list[float]) -> None:
+        self.plan, self.session, self.frontend = plan, session, frontend
+        self.tally = Tally()
+        self.latencies = latencies
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.ws: Any = None
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if "seq" not in event:
+            return
+        self.latencies.append(now_ms() - event["ts"])
+        self.tally.take(event["seq"])
+        if event["type"] in ("done", "error", "cancelled"):
+            self.tally.done.set()
+
+    async def open(self) -> None:
+        if self.plan.system == "socketio":
+            client = socketio.AsyncClient(reconnection=False)
+            client.on("ready", lambda _data: self.ready.set())
+            client.on("event", self.on_event)
+            await client.connect(
+                f"{self.plan.urls[self.frontend]}?session={self.session}", transports=["websocket"]
+            )
+            self.ws = client
+            return
+        path = (
+            f"/ws/agent-thoughts?session={self.session}&after=0"
+            if self.plan.system == "thoughtwire"
+            else f"/ws?session={self.session}"
+        )
+        self.ws = await connect(
+            self.plan.urls[self.frontend] + path, max_queue=None, open_timeout=30, compression=None
+        )
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for frame in self.ws:
+            if frame == "ready" or '"type":"session"' in frame[:20]:
+                self.ready.set()
+                continue
+            self.on_event(json.loads(frame))
+
+    async def trigger(self, redis: Redis) -> None:
+        if self.plan.system == "thoughtwire":
+            await self.ws.send("go")
+        else:
+            command = {"session": self.session, "tokens": self.plan.tokens, "rate": self.plan.rate}
+            await redis.rpush(f"bench:{self.plan.system}:start", json.dumps(command))
+
+    async def close(self) -> None:
+        if self.plan.system == "socketio":
+            await self.ws.disconnect()
+        else:
+            await self.ws.close()
+            if self.task is not None:
+                self.task.cancel()
+
+
+async def _run(plan: Plan, ready: Any, go: Any, results: Any) -> None:
+    latencies: list[float] = []
+    sockets = [Socket(plan, session, frontend, latencies) for session, frontend, _ in plan.sockets]
+    limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_one(socket: Socket) -> None:
+        async with limit:
+            await socket.open()
+            async with asyncio.timeout(30):
+                await socket.ready.wait()
+
+    await asyncio.gather(*(open_one(s) for s in sockets))
+    ready.put(len(sockets))
+    await asyncio.to_thread(go.wait, plan.deadline)
+    redis = Redis.from_url(plan.redis_url)
+    try:
+        if not plan.hold:
+            started = now_ms()
+            for socket, (_, _, triggers) in zip(sockets, plan.sockets, strict=True):
+                if triggers:
+                    await socket.trigger(redis)
+            with_deadline = [asyncio.wait_for(s.tally.done.wait(), plan.deadline) for s in sockets]
+            await asyncio.gather(*with_deadline, return_exceptions=True)
+            finished = now_ms()
+            tallies = [s.tally for s in sockets]
+            results.put(
+                {
+                    "sockets": len(sockets),
+                    "received": sum(t.received for t in tallies),
+                    # A socket's events are numbered 1..n; the terminal one is n.
+                    "lost": sum(t.last - t.received for t in tallies),
+                    "incomplete": sum(not t.done.is_set() for t in tallies),
+                    "duplicated": sum(t.duplicated for t in tallies),
+                    "out_of_order": sum(t.out_of_order for t in tallies),
+                    "started": started,
+                    "finished": finished,
+                    "latencies": latencies,
+                }
+            )
+        else:
+            results.put({"sockets": len(sockets)})
+            await asyncio.to_thread(go.wait, plan.deadline)  # released again to stop
+    finally:
+        await redis.aclose()
+        await asyncio.gather(*(s.close() for s in sockets), return_exceptions=True)
+
+
+def client_process(plan: Plan, ready: Any, go: Any, results: Any) -> None:
+    """A load process's entry point."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    asyncio.run(_run(plan, ready, go, results))

@@ -1,0 +1,404 @@
+"""The benchmark: thoughtwire, the thinnest correct relay, and python-socketio, side by side.
+
+One run starts its own redis-server; then for every scenario and every system it starts
+two frontends and one worker on loopback, drives them with load processes, and
+measures from the outside: delivered events/s, latency from the producer's ``ts`` to
+receipt, lost / duplicated / out-of-order events, frontend and worker CPU per event
+(from /proc/PID/stat), peak RSS. Every loop is bounded; every process is stopped by PID.
+
+    make bench                                   # the full run, about 10 minutes
+    .venv/bin/python -m bench.run --profile smoke   # seconds; the test suite runs it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.load import Plan, client_process
+
+TICKS = os.sysconf("SC_CLK_TCK")
+SYSTEMS = ("thoughtwire", "thin", "socketio")
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "streams": {"sessions": 200, "watchers": 1, "tokens": 200, "rate": 50},
+        "saturation": {"sessions": 50, "watchers": 1, "tokens": 2000, "rate": 0},
+        "fanout": {"sessions": 1, "watchers": 500, "tokens": 500, "rate": 100},
+        "idle": {"idle": 10_000},
+        "coalescing": {"sessions": 200, "watchers": 1, "tokens": 200, "rate": 50, "window_ms": 15},
+    },
+    "smoke": {
+        "streams": {"sessions": 4, "watchers": 1, "tokens": 20, "rate": 100},
+        "saturation": {"sessions": 2, "watchers": 1, "tokens": 100, "rate": 0},
+        "fanout": {"sessions": 1, "watchers": 10, "tokens": 20, "rate": 100},
+        "idle": {"idle": 50},
+        "coalescing": {"sessions": 4, "watchers": 1, "tokens": 20, "rate": 100, "window_ms": 15},
+    },
+}
+LOAD_PROCESSES = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+    def memory_kb(self, field: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(15)
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+    return Proc(popen)
+
+
+def wait_for_port(port: int, proc: Proc, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited while starting")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class System:
+    """Two frontends and a worker of one system."""
+
+    def __init__(
+        self, name: str, redis_url: str, logdir: Path, scenario: dict[str, Any], prefix: str
+    ) -> None:
+        self.name, self.redis_url, self.logdir = name, redis_url, logdir
+        self.ports = [free_port(), free_port()]
+        self.frontends: list[Proc] = []
+        self.worker: Proc | None = None
+        self.scenario = scenario
+        self.prefix = prefix
+
+    @property
+    def urls(self) -> list[str]:
+        scheme = "http" if self.name == "socketio" else "ws"
+        return [f"{scheme}://127.0.0.1:{port}" for port in self.ports]
+
+    def start(self) -> System:
+        py = sys.executable
+        if self.name == "thoughtwire":
+            env = {
+                "REDIS_URL": self.redis_url,
+                "THOUGHTWIRE_KEY_PREFIX": self.prefix,
+                "THOUGHTWIRE_AGENT": "simulated",
+                "OPENAI_API_KEY": "",
+                "THOUGHTWIRE_SIM_STEP_DELAY": "0",
+                "THOUGHTWIRE_SIM_ANSWER_TOKENS": str(self.scenario.get("tokens", 1)),
+                "THOUGHTWIRE_SIM_TOKENS_PER_SECOND": str(self.scenario.get("rate", 0)),
+                "THOUGHTWIRE_WORKER_CONCURRENCY": "512",
+                "THOUGHTWIRE_MAX_SOCKETS_PER_USER": "100000",
+            }
+            # Coalescing is off except where it is measured, so that every system
+            # relays the same number of events and costs per event compare.
+            env["THOUGHTWIRE_COALESCE_MS"] = str(self.scenario.get("window_ms", 0))
+            cmds = [
+                [
+                    py,
+                    "-m",
+                    "thoughtwire",
+                    "api",
+                    "--insecure",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p),
+                ]
+                for p in self.ports
+            ]
+            worker = [py, "-m", "thoughtwire", "worker"]
+        else:
+            module = "bench.thin" if self.name == "thin" else "bench.sio"
+            env = {}
+            cmds = [
+                [py, "-m", module, "--port", str(p), "--redis", self.redis_url] for p in self.ports
+            ]
+            worker = [py, "-m", "bench.feeder", "--system", self.name, "--redis", self.redis_url]
+        for i, cmd in enumerate(cmds):
+            self.frontends.append(spawn(cmd, env, self.logdir / f"{self.name}-frontend-{i}.log"))
+        self.worker = spawn(worker, env, self.logdir / f"{self.name}-worker.log")
+        for port, proc in zip(self.ports, self.frontends, strict=True):
+            wait_for_port(port, proc)
+        if self.name == "thoughtwire":
+            for port in self.ports:
+                _wait_ready(f"http://127.0.0.1:{port}/readyz")
+        return self
+
+    def stop(self) -> None:
+        for proc in [*self.frontends, *([self.worker] if self.worker else [])]:
+            proc.stop()
+
+
+def _wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _get(queue: Any, procs: list[Any], timeout: float) -> Any:
+    """The next item, failing fast if a load process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.5)
+        except Exception:  # queue.Empty
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError("a load process failed; see its traceback above") from None
+    raise TimeoutError("the load processes did not report in time")
+
+
+def run_load(
+    system: System, plans: list[Plan], timeout: float
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    ctx = mp.get_context("spawn")
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=client_process, args=(plan, ready, go, results)) for plan in plans]
+    for p in procs:
+        p.start()
+    try:
+        for _ in plans:
+            _get(ready, procs, timeout)
+        watched = [*system.frontends, system.worker]
+        before = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
+        go.set()
+        out = [_get(results, procs, timeout) for _ in plans]
+        after = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
+        cpu = {
+            "frontend_cpu_s": sum(a - b for a, b in zip(after[:-1], before[:-1], strict=True)),
+            "worker_cpu_s": after[-1] - before[-1],
+        }
+        return out, cpu
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def plans_for(system: System, scenario: dict[str, Any]) -> list[Plan]:
+    sockets = []
+    for s in range(scenario["sessions"]):
+        session = f"{system.prefix}-s{s}"
+        for w in range(scenario["watchers"]):
+            sockets.append((session, (s + w) % 2, w == 0))
+    shares: list[list[tuple[str, int, bool]]] = [
+        sockets[i::LOAD_PROCESSES] for i in range(LOAD_PROCESSES)
+    ]
+    return [
+        Plan(
+            system.name, system.urls, share, scenario["tokens"], scenario["rate"], system.redis_url
+        )
+        for share in shares
+        if share
+    ]
+
+
+def measure_streams(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
+    out, cpu = run_load(system, plans_for(system, scenario), timeout=300)
+    latencies = [v for o in out for v in o["latencies"]]
+    received = sum(o["received"] for o in out)
+    elapsed = (max(o["finished"] for o in out) - min(o["started"] for o in out)) / 1000
+    produced = received / scenario["watchers"]
+    return {
+        "delivered": received,
+        "events_per_s": round(received / elapsed, 1),
+        "latency_ms_p50": round(percentile(latencies, 0.50), 2),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
+        "latency_ms_max": round(max(latencies, default=float("nan")), 2),
+        "lost": sum(o["lost"] for o in out),
+        "duplicated": sum(o["duplicated"] for o in out),
+        "out_of_order": sum(o["out_of_order"] for o in out),
+        "incomplete_sockets": sum(o["incomplete"] for o in out),
+        "frontend_cpu_us_per_event": round(cpu["frontend_cpu_s"] * 1e6 / max(received, 1), 1),
+        "worker_cpu_us_per_event": round(cpu["worker_cpu_s"] * 1e6 / max(produced, 1), 1),
+        "frontend_peak_rss_mb": round(
+            max(p.memory_kb("VmHWM") for p in system.frontends) / 1024, 1
+        ),
+    }
+
+
+def measure_idle(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
+    """Open ``idle`` sockets on one frontend and hold them; RSS per socket."""
+    count = scenario["idle"]
+    frontend = system.frontends[0]
+    base = frontend.memory_kb("VmRSS")
+    sockets = [(f"{system.prefix}-idle{i}", 0, False) for i in range(count)]
+    ctx = mp.get_context("spawn")
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    plans = [
+        Plan(
+            system.name, system.urls, sockets[i::LOAD_PROCESSES], 0, 0, system.redis_url, hold=True
+        )
+        for i in range(LOAD_PROCESSES)
+    ]
+    procs = [ctx.Process(target=client_process, args=(plan, ready, go, results)) for plan in plans]
+    for p in procs:
+        p.start()
+    try:
+        opened = sum(_get(ready, procs, 600) for _ in plans)
+        time.sleep(2)  # let the server settle before reading its RSS
+        rss = frontend.memory_kb("VmRSS")
+        go.set()
+        [_get(results, procs, 60) for _ in plans]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return {
+        "sockets": opened,
+        "rss_mb": round(rss / 1024, 1),
+        "rss_kb_per_socket": round((rss - base) / max(opened, 1), 1),
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True
+    ).stdout.split()[2]
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "redis": redis_version,
+        "kernel": platform.release(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--out", default="bench/results/latest.json")
+    parser.add_argument("--scenarios", default=",".join(PROFILES["full"]))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    args = parser.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    logdir = Path(tempfile.mkdtemp(prefix="thoughtwire-bench-"))
+    port = free_port()
+    redis = spawn(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(logdir),
+        ],
+        {},
+        logdir / "redis.log",
+    )
+    wait_for_port(port, redis)
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    report: dict[str, Any] = {
+        "profile": args.profile,
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "results": {},
+    }
+    try:
+        for name in args.scenarios.split(","):
+            scenario = PROFILES[args.profile][name]
+            for system_name in args.systems.split(","):
+                if name == "coalescing" and system_name != "thoughtwire":
+                    continue  # only thoughtwire has a coalescing window
+                system = System(
+                    system_name, redis_url, logdir, scenario, f"b{name[:3]}{system_name[:2]}{port}"
+                ).start()
+                try:
+                    measure = measure_idle if name == "idle" else measure_streams
+                    result = measure(system, scenario)
+                finally:
+                    system.stop()
+                report["results"].setdefault(name, {})[system_name] = result
+                print(f"{name:>11} {system_name:>12} {json.dumps(result)}", flush=True)
+    finally:
+        redis.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}; logs in {logdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
