@@ -15,7 +15,7 @@ import json
 import time
 
 import socketio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 
 def now_ms() -> int:
@@ -37,7 +37,11 @@ async def stream(send, session: str, tokens: int, rate: float) -> None:  # type:
 
 
 async def main(system: str, redis_url: str) -> None:
-    redis = Redis.from_url(redis_url)
+    # Sized explicitly: redis-py 8 caps a pool at 100 and then raises
+    # MaxConnectionsError, which drops streams under this very load.
+    redis = Redis.from_pool(
+        BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=10)
+    )
     if system == "thin":
 
         async def send(session, event):  # type: ignore[no-untyped-def]

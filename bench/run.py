@@ -127,6 +127,13 @@ class System:
         return [f"{scheme}://127.0.0.1:{port}" for port in self.ports]
 
     def start(self) -> System:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> System:
         py = sys.executable
         if self.name == "thoughtwire":
             env = {
@@ -349,6 +356,8 @@ def main() -> int:
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # SIGTERM unwinds like an exception, so every process started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     logdir = Path(tempfile.mkdtemp(prefix="thoughtwire-bench-"))
     port = free_port()
     redis = spawn(

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import scripts
+from shared.batching import ScriptBatcher
 from shared.keys import Keys
 from shared.protocol import TERMINAL_STATUS, Job, Thought, encode_event_head
 
@@ -66,7 +67,7 @@ class Bus:
         self.keys = keys
         self._log_maxlen = log_maxlen
         self._ttl = log_ttl
-        self._append = redis.register_script(scripts.APPEND)
+        self._append = ScriptBatcher(redis, redis.register_script(scripts.APPEND))
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
         self._release = redis.register_script(scripts.RELEASE)
@@ -262,14 +263,14 @@ class Bus:
         args: list[Any] = [self._log_maxlen, self._ttl, new_token(), fence, min_seq, first]
         args += [status, result, job.run, *heads]
         seq = await self._append(
-            keys=[
+            [
                 keys.session_meta(job.session),
                 keys.session_log(job.session),
                 keys.session_channel(job.session),
                 keys.run(job.session, job.run),
                 keys.session_runs(job.session),
             ],
-            args=args,
+            args,
         )
         return int(seq)
 

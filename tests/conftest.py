@@ -85,10 +85,14 @@ def start_cluster(
     }
     cluster = Cluster(redis, prefix, base, logdir / prefix)
     cluster.logdir.mkdir()
-    for _ in range(workers):
-        cluster.add_worker()
-    for _ in range(frontends):
-        cluster.add_frontend()
+    try:
+        for _ in range(workers):
+            cluster.add_worker()
+        for _ in range(frontends):
+            cluster.add_frontend()
+    except BaseException:
+        cluster.stop()  # what did start must not outlive the test run
+        raise
     return cluster
 
 

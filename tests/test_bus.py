@@ -179,3 +179,14 @@ async def test_pool_is_sized_explicitly(redis_server):
         assert redis.connection_pool.max_connections == 3
     finally:
         await redis.aclose()
+
+
+async def test_appends_in_one_tick_share_a_round_trip_and_survive_a_script_flush(bus):
+    jobs = [await started(bus, run=f"r{i}", session=f"s{i}") for i in range(20)]
+    await bus.redis.script_flush()  # as after a Redis restart: the script must be loaded again
+    seqs = await asyncio.gather(
+        *(bus.append(job, [Thought("answer", "x")], fence=fence, first=1) for job, fence in jobs)
+    )
+    assert seqs == [1] * 20
+    for i in range(20):
+        assert len(await bus.history(f"s{i}")) == 1
