@@ -38,7 +38,7 @@ clean:
 
 bench: $(VENV)/.test system-deps  ## the full benchmark, side by side with peers (minutes)
 	$(BIN)/python -m bench.run --out bench/results/latest.json
-	$(BIN)/python -m bench.report bench/results/latest.json
+	$(BIN)/python -m bench.report bench/results/latest.json && cp bench/results/latest.png docs/img/bench.png
 
 bench-smoke: $(VENV)/.test system-deps  ## every system delivers every event (seconds)
 	$(BIN)/python -m bench.run --profile smoke --out bench/results/smoke.json

@@ -37,6 +37,9 @@ def table(report: dict[str, Any]) -> str:
         if scenario == "idle":
             lines.append("| system | sockets | RSS MB | KB per socket |\n|---|---:|---:|---:|")
             for name, r in systems.items():
+                if "error" in r:
+                    lines.append(f"| {name} | failed: {r['error']} | | |")
+                    continue
                 lines.append(
                     f"| {name} | {r['sockets']} | {r['rss_mb']} | {r['rss_kb_per_socket']} |"
                 )
@@ -44,6 +47,9 @@ def table(report: dict[str, Any]) -> str:
         lines.append("| system | " + " | ".join(label for _, label in COLUMNS) + " |")
         lines.append("|---|" + "---:|" * len(COLUMNS))
         for name, r in systems.items():
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 1))
+                continue
             lines.append(f"| {name} | " + " | ".join(str(r[key]) for key, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
