@@ -55,13 +55,22 @@ def create_app(redis_url: str) -> FastAPI:
         if not members:
             await state["pubsub"].subscribe(channel)  # type: ignore[attr-defined]
         members.add(queue)
-        try:
-            await websocket.send_text("ready")
+
+        async def pump() -> None:
             while True:
                 await websocket.send_text(await queue.get())
+
+        await websocket.send_text("ready")
+        sender = asyncio.create_task(pump())
+        try:
+            # Reading is how a server notices the client left; a relay that only
+            # writes would keep a task per departed client.
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass
         except WebSocketDisconnect:
             pass
         finally:
+            sender.cancel()
             members.discard(queue)
             if not members:
                 sockets.pop(channel, None)

@@ -7,24 +7,27 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.procs import seconds
 
 
+@pytest.mark.timeout(600)
 def test_every_system_delivers_every_event(tmp_path):
     out = tmp_path / "smoke.json"
-    subprocess.run(
-        [sys.executable, "-m", "bench.run", "--profile", "smoke", "--out", str(out)],
-        check=True,
-        timeout=seconds(300),
-        capture_output=True,
-    )
+    command = [sys.executable, "-m", "bench.run", "--profile", "smoke", "--out", str(out)]
+    with (tmp_path / "bench.log").open("wb") as log:
+        bench = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert bench.wait(seconds(400)) == 0, (tmp_path / "bench.log").read_text()[-3000:]
+        finally:
+            if bench.poll() is None:
+                bench.terminate()  # the runner stops everything it started on SIGTERM
+                bench.wait(60)
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"streams", "saturation", "fanout", "idle", "coalescing"}
+    assert set(results) == {"streams", "fanout", "idle"}
     for scenario, systems in results.items():
-        expected = (
-            {"thoughtwire"} if scenario == "coalescing" else {"thoughtwire", "thin", "socketio"}
-        )
-        assert set(systems) == expected
+        assert set(systems) == {"thoughtwire", "thin", "socketio"}
         for system, result in systems.items():
             if scenario == "idle":
                 assert result["sockets"] == 50, (scenario, system)
