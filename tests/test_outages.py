@@ -33,8 +33,14 @@ def check_stream(messages, first=1):
     return gaps
 
 
-async def collect(prompt, urls, **options):
-    return [m async for m in ask(prompt, urls, max_reconnects=200, **options)]
+async def collect(prompt, urls, started=None, **options):
+    """Every message of one run; ``started`` is set when its first event arrives."""
+    messages = []
+    async for message in ask(prompt, urls, max_reconnects=200, **options):
+        messages.append(message)
+        if started is not None:
+            started.set()
+    return messages
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,10 @@ def deploy(redis_server, logdir):
 
 async def test_a_rolling_restart_of_both_frontends_during_50_streams_loses_nothing(deploy):
     urls = [f.ws for f in deploy.frontends]
-    streams = [asyncio.create_task(collect(f"stream {i}", urls, first=i)) for i in range(50)]
+    started = [asyncio.Event() for _ in range(50)]
+    streams = [
+        asyncio.create_task(collect(f"stream {i}", urls, started[i], first=i)) for i in range(50)
+    ]
     saw_unready = []
 
     async def restart(index):
@@ -79,7 +88,7 @@ async def test_a_rolling_restart_of_both_frontends_during_50_streams_loses_nothi
         deploy.frontends[index] = fresh
 
     async with asyncio.timeout(seconds(60)):
-        await asyncio.sleep(1)  # the streams are under way
+        await asyncio.gather(*(event.wait() for event in started))  # every stream is under way
         await restart(0)
         await restart(1)
         results = await asyncio.gather(*streams)
