@@ -13,6 +13,7 @@ receipt, lost / duplicated / out-of-order events, frontend and worker CPU per ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,15 +226,28 @@ def _get(queue: Any, procs: list[Any], timeout: float) -> Any:
     raise TimeoutError("the load processes did not report in time")
 
 
-def run_load(
-    system: System, plans: list[Plan], timeout: float
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
+@contextlib.contextmanager
+def load_processes(plans: list[Plan]) -> Iterator[tuple[list[Any], Any, Any, Any]]:
+    """Start one load process per plan; always reap them, killing stragglers."""
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=client_process, args=(plan, ready, go, results)) for plan in plans]
     for p in procs:
         p.start()
     try:
+        yield procs, ready, go, results
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def run_load(
+    system: System, plans: list[Plan], timeout: float
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    with load_processes(plans) as (procs, ready, go, results):
         for _ in plans:
             _get(ready, procs, timeout)
         watched = [*system.frontends, system.worker]
@@ -240,17 +255,11 @@ def run_load(
         go.set()
         out = [_get(results, procs, timeout) for _ in plans]
         after = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
-        cpu = {
-            "frontend_cpu_s": sum(a - b for a, b in zip(after[:-1], before[:-1], strict=True)),
-            "worker_cpu_s": after[-1] - before[-1],
-        }
-        return out, cpu
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    cpu = {
+        "frontend_cpu_s": sum(a - b for a, b in zip(after[:-1], before[:-1], strict=True)),
+        "worker_cpu_s": after[-1] - before[-1],
+    }
+    return out, cpu
 
 
 def plans_for(system: System, scenario: dict[str, Any]) -> list[Plan]:
@@ -307,29 +316,19 @@ def measure_idle(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
     frontend = system.frontends[0]
     base = frontend.memory_kb("VmRSS")
     sockets = [(f"{system.prefix}-idle{i}", 0, False) for i in range(count)]
-    ctx = mp.get_context("spawn")
-    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     plans = [
         Plan(
             system.name, system.urls, sockets[i::LOAD_PROCESSES], 0, 0, system.redis_url, hold=True
         )
         for i in range(LOAD_PROCESSES)
     ]
-    procs = [ctx.Process(target=client_process, args=(plan, ready, go, results)) for plan in plans]
-    for p in procs:
-        p.start()
-    try:
+    with load_processes(plans) as (procs, ready, go, results):
         opened = sum(_get(ready, procs, 600) for _ in plans)
         time.sleep(0.5)  # let the server settle before reading its RSS
         rss = frontend.memory_kb("VmRSS")
         go.set()
-        [_get(results, procs, 60) for _ in plans]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        for _ in plans:
+            _get(results, procs, 60)
     return {
         "sockets": opened,
         "rss_mb": round(rss / 1024, 1),

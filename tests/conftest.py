@@ -96,6 +96,15 @@ def start_cluster(
     return cluster
 
 
+def openai_env(llm) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Settings for workers whose openai agent talks to a local fake server."""
+    return {
+        "THOUGHTWIRE_AGENT": "openai",
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": llm.base_url,
+    }
+
+
 @pytest.fixture(scope="module")
 def cluster(redis_server: RedisServer, logdir: Path) -> Iterator[Cluster]:
     """Two frontends (real uvicorn processes) and one worker process on a real Redis."""

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from tests.browser import browser_context
-from tests.conftest import start_cluster
+from tests.conftest import openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import seconds
 from tests.wsclient import connect, greeting, run_events
@@ -59,14 +59,7 @@ async def test_the_page_shows_markup_as_text(cluster):
 @pytest.fixture(scope="module")
 def hostile_model(redis_server, logdir):
     llm = FakeOpenAI().start()
-    c = start_cluster(
-        redis_server,
-        logdir,
-        frontends=1,
-        THOUGHTWIRE_AGENT="openai",
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=llm.base_url,
-    )
+    c = start_cluster(redis_server, logdir, frontends=1, **openai_env(llm))
     yield c, llm
     c.stop()
     llm.stop()

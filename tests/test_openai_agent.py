@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from tests.conftest import start_cluster
+from tests.conftest import openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.wsclient import connect, greeting, recv_text, run_events
 
@@ -24,9 +24,7 @@ def agents(redis_server, logdir, llm):
         redis_server,
         logdir,
         frontends=1,
-        THOUGHTWIRE_AGENT="openai",
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=llm.base_url,
+        **openai_env(llm),
         THOUGHTWIRE_OPENAI_MODEL="test-model",
         THOUGHTWIRE_COALESCE_MS="0",
         THOUGHTWIRE_OPENAI_IDLE_TIMEOUT="1",
