@@ -17,6 +17,8 @@ import time
 import socketio
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from shared import loops
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -68,4 +70,4 @@ if __name__ == "__main__":
     parser.add_argument("--system", choices=["thin", "socketio"], required=True)
     parser.add_argument("--redis", required=True)
     args = parser.parse_args()
-    asyncio.run(main(args.system, args.redis))
+    loops.run(main(args.system, args.redis))

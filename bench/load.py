@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import socketio
+import orjson
 from redis.asyncio import Redis
-from websockets.asyncio.client import connect
+
+from bench.wire import WireClient
+from shared import loops
 
 CONNECT_CONCURRENCY = 200
 
@@ -66,7 +68,6 @@ class Socket:
         self.tally = Tally()
         self.latencies = latencies
         self.ready = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
         self.ws: Any = None
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -78,46 +79,51 @@ class Socket:
             self.tally.done.set()
 
     async def open(self) -> None:
+        base = self.plan.urls[self.frontend]
         if self.plan.system == "socketio":
-            client = socketio.AsyncClient(reconnection=False)
-            client.on("ready", lambda _data: self.ready.set())
-            client.on("event", self.on_event)
-            await client.connect(
-                f"{self.plan.urls[self.frontend]}?session={self.session}", transports=["websocket"]
-            )
-            self.ws = client
-            return
-        path = (
-            f"/ws/agent-thoughts?session={self.session}&after=0"
-            if self.plan.system == "thoughtwire"
-            else f"/ws?session={self.session}"
-        )
-        self.ws = await connect(
-            self.plan.urls[self.frontend] + path, max_queue=None, open_timeout=30, compression=None
-        )
-        self.task = asyncio.create_task(self._read())
+            # Engine.IO 4 over a WebSocket: "0" opens, "40" joins the namespace,
+            # "2"/"3" are ping/pong, and '42["name",data]' is an event.
+            url = f"{base}/socket.io/?EIO=4&transport=websocket&session={self.session}"
+            handler = self._on_socketio
+        elif self.plan.system == "thoughtwire":
+            url = f"{base}/ws/agent-thoughts?session={self.session}&after=0"
+            handler = self._on_thoughtwire
+        else:
+            url = f"{base}/ws?session={self.session}"
+            handler = self._on_thin
+        self.ws = await WireClient.connect(url, handler)
 
-    async def _read(self) -> None:
-        async for frame in self.ws:
-            if frame == "ready" or '"type":"session"' in frame[:20]:
-                self.ready.set()
-                continue
-            self.on_event(json.loads(frame))
+    def _on_thoughtwire(self, _client: WireClient, payload: bytes) -> None:
+        if payload.startswith(b'{"type":"session"'):
+            self.ready.set()
+        elif b',"seq":' in payload:
+            self.on_event(orjson.loads(payload))
+
+    def _on_thin(self, _client: WireClient, payload: bytes) -> None:
+        if payload == b"ready":
+            self.ready.set()
+        else:
+            self.on_event(orjson.loads(payload))
+
+    def _on_socketio(self, client: WireClient, payload: bytes) -> None:
+        if payload.startswith(b'42["event",'):
+            self.on_event(orjson.loads(payload[11:-1]))
+        elif payload.startswith(b'42["ready"'):
+            self.ready.set()
+        elif payload == b"2":
+            client.send_text("3")
+        elif payload.startswith(b"0{"):
+            client.send_text("40")
 
     async def trigger(self, redis: Redis) -> None:
         if self.plan.system == "thoughtwire":
-            await self.ws.send("go")
+            self.ws.send_text("go")
         else:
             command = {"session": self.session, "tokens": self.plan.tokens, "rate": self.plan.rate}
             await redis.rpush(f"bench:{self.plan.system}:start", json.dumps(command))
 
     async def close(self) -> None:
-        if self.plan.system == "socketio":
-            await self.ws.disconnect()
-        else:
-            await self.ws.close()
-            if self.task is not None:
-                self.task.cancel()
+        self.ws.close()
 
 
 async def _run(plan: Plan, ready: Any, go: Any, results: Any) -> None:
@@ -171,4 +177,4 @@ def client_process(plan: Plan, ready: Any, go: Any, results: Any) -> None:
     """A load process's entry point."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(_run(plan, ready, go, results))
+    loops.run(_run(plan, ready, go, results))

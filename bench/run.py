@@ -62,6 +62,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
 @dataclass
 class Proc:
     popen: subprocess.Popen[bytes]
@@ -71,8 +76,7 @@ class Proc:
         return self.popen.pid
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+        return _cpu_seconds(self.pid)
 
     def memory_kb(self, field: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -252,12 +256,15 @@ def run_load(
             _get(ready, procs, timeout)
         watched = [*system.frontends, system.worker]
         before = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
+        clients_before = sum(_cpu_seconds(p.pid) for p in procs)
         go.set()
         out = [_get(results, procs, timeout) for _ in plans]
         after = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
+        clients_after = sum(_cpu_seconds(p.pid) for p in procs)
     cpu = {
         "frontend_cpu_s": sum(a - b for a, b in zip(after[:-1], before[:-1], strict=True)),
         "worker_cpu_s": after[-1] - before[-1],
+        "client_cpu_s": clients_after - clients_before,
     }
     return out, cpu
 
@@ -304,6 +311,8 @@ def measure_streams(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
         "incomplete_sockets": sum(o["incomplete"] for o in out),
         "frontend_cpu_us_per_event": round(cpu["frontend_cpu_s"] * 1e6 / max(received, 1), 1),
         "worker_cpu_us_per_event": round(cpu["worker_cpu_s"] * 1e6 / max(produced, 1), 1),
+        # the load processes' own cost, on the same cores: it weighs on every latency
+        "client_cpu_us_per_event": round(cpu["client_cpu_s"] * 1e6 / max(received, 1), 1),
         "frontend_peak_rss_mb": round(
             max(p.memory_kb("VmHWM") for p in system.frontends) / 1024, 1
         ),

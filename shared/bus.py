@@ -16,6 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -67,6 +68,7 @@ class Bus:
         self.keys = keys
         self._log_maxlen = log_maxlen
         self._ttl = log_ttl
+        self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
         self._append = ScriptBatcher(redis, redis.register_script(scripts.APPEND))
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
@@ -240,6 +242,10 @@ class Bus:
 
     # --- events -------------------------------------------------------------
 
+    def encode(self, job: Job, thought: Thought) -> bytes:
+        """``thought`` as an event head of ``job``'s run, stamped now (see :meth:`append_encoded`)."""
+        return encode_event_head(thought, job.session, job.run, now_ms())
+
     async def append(
         self,
         job: Job,
@@ -255,24 +261,71 @@ class Bus:
         Returns the session's last seq, or :data:`FENCED` if this attempt no longer
         holds the run. A terminal event ends the run with ``result``.
         """
-        ts = now_ms()
-        heads = [encode_event_head(t, job.session, job.run, ts) for t in thoughts]
         last = thoughts[-1]
-        status = TERMINAL_STATUS[last.type] if last.terminal else ""
-        keys = self.keys
-        args: list[Any] = [self._log_maxlen, self._ttl, new_token(), fence, min_seq, first]
-        args += [status, result, job.run, *heads]
-        seq = await self._append(
-            [
-                keys.session_meta(job.session),
-                keys.session_log(job.session),
-                keys.session_channel(job.session),
-                keys.run(job.session, job.run),
-                keys.session_runs(job.session),
-            ],
-            args,
+        return await self.append_encoded(
+            job,
+            [self.encode(job, t) for t in thoughts],
+            fence=fence,
+            first=first,
+            min_seq=min_seq,
+            status=TERMINAL_STATUS[last.type] if last.terminal else "",
+            result=result,
         )
-        return int(seq)
+
+    async def append_encoded(
+        self,
+        job: Job,
+        heads: Sequence[bytes],
+        *,
+        fence: str,
+        first: int,
+        min_seq: int = 0,
+        status: str = "",
+        result: str = "",
+    ) -> int:
+        """:meth:`append` for events already encoded by :meth:`encode`; ``status`` ends
+        the run (done, failed, cancelled)."""
+        return int(
+            await self.submit_encoded(
+                job, heads, fence=fence, first=first, min_seq=min_seq, status=status, result=result
+            )
+        )
+
+    def submit_encoded(
+        self,
+        job: Job,
+        heads: Sequence[bytes],
+        *,
+        fence: str,
+        first: int,
+        min_seq: int = 0,
+        status: str = "",
+        result: str = "",
+    ) -> asyncio.Future[Any]:
+        """:meth:`append_encoded` without waiting: the future gets the script's reply."""
+        session = job.session
+        keys = self.keys
+        return self._append.submit(
+            (
+                keys.session_meta(session),
+                keys.session_log(session),
+                keys.session_channel(session),
+                keys.run(session, job.run),
+                keys.session_runs(session),
+            ),
+            (
+                self._log_maxlen,
+                self._ttl,
+                self._epoch_seed,
+                fence,
+                min_seq,
+                first,
+                status,
+                result,
+                job.run,
+                *heads,
+            ),
+        )
 
     async def meta(self, session: str) -> Meta:
         seq, epoch = await self.redis.hmget(self.keys.session_meta(session), ["seq", "epoch"])

@@ -13,7 +13,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: meta, log, channel, run, session's unfinished runs (a set).
-# ARGV: maxlen, ttl, epoch-if-new, fence, min-seq, first-n, terminal-status, result, run,
+# ARGV: maxlen, ttl, epoch seed, fence, min-seq, first-n, terminal-status, result, run,
 #       heads...
 #
 # * Fencing: only the attempt holding the run's fence may write. A stale attempt (its
@@ -21,7 +21,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # * Idempotence: head i (from 0) of a call is the attempt's event number first-n + i; numbers
 #   already ``emitted`` are skipped, so retrying a call whose reply was lost is safe.
 # * Epochs: if the log's meta is gone, or its seq is below what this run last wrote
-#   (Redis lost writes), the log restarts under a new epoch, so resuming clients are
+#   (Redis lost writes), the log restarts under a new epoch (the writer's seed and the
+#   server's clock in microseconds, so no two restarts share one), so resuming clients are
 #   told of the loss instead of being handed renumbered events.
 # * Each head is an event encoded up to its ``"seq":``; the script completes it, so the
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
@@ -40,7 +41,8 @@ local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
 if not epoch or seq < tonumber(ARGV[5]) then
-  epoch = ARGV[3]
+  local t = redis.call('TIME')
+  epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
   seq = 0
   redis.call('DEL', KEYS[2])
 end

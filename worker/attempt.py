@@ -24,10 +24,11 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
-from shared.backoff import retry
+from shared.backoff import UNAVAILABLE, retry
 from shared.bus import FENCED, Bus
-from shared.protocol import Job, Thought
+from shared.protocol import TERMINAL_STATUS, Job, Thought
 from worker.agents import Agent, AgentError, Turn
 from worker.coalesce import coalesce
 
@@ -35,6 +36,8 @@ logger = logging.getLogger("thoughtwire.worker")
 
 GENERIC_FAILURE = "the agent failed; see the worker's log"
 MAX_RESULT_CHARS = 256 * 1024
+MAX_BATCH = 256  # events per append call
+MAX_QUEUED = 1024  # events an agent may run ahead of Redis before it waits
 
 
 class LeaseLost(Exception):
@@ -69,6 +72,10 @@ class RunAttempt:
         self._cancel_message = "the run was cancelled"
         self._turn: Turn | None = None
         self._terminal: Thought | None = None
+        self._queued: list[bytes] = []  # encoded events not yet sent
+        self._flight: asyncio.Future[Any] | None = None  # the write under way
+        self._failure: BaseException | None = None  # what made a write fail, for good
+        self._waiters: list[asyncio.Future[None]] = []
 
     def stop(self, reason: str) -> None:
         """Stop the agent for ``reason`` (cancel, lost, shutdown); the first reason wins."""
@@ -78,23 +85,105 @@ class RunAttempt:
                 self._driver.cancel()
 
     async def emit(self, *thoughts: Thought, result: str = "") -> None:
-        # The numbers are taken before the call: if it is cancelled after Redis ran
-        # it, the next event must not reuse them (the script would skip it).
-        first, self._next = self._next, self._next + len(thoughts)
+        """Write ``thoughts`` now, after everything queued; the last may end the run."""
+        await self._settled()
+        last = thoughts[-1]
+        heads = [self.bus.encode(self.job, t) for t in thoughts]
+        await self._write(heads, TERMINAL_STATUS[last.type] if last.terminal else "", result)
+
+    # --- the agent's events: queued, and written one batch in flight at a time -----
+    #
+    # A slow token stream costs a call per event; a fast one fills calls of up to
+    # MAX_BATCH events, because whatever the agent produced while a call was away goes
+    # in the next one. The agent waits only when MAX_QUEUED events wait for Redis. The
+    # happy path takes no task of its own: each reply's callback sends the next batch.
+
+    async def _queue(self, thought: Thought) -> None:
+        """Queue ``thought`` for writing, stamped now; the agent goes on meanwhile."""
+        if self._failure is not None:
+            raise self._failure
+        self._queued.append(self.bus.encode(self.job, thought))
+        if self._flight is None:
+            self._send_next()
+        elif len(self._queued) >= MAX_QUEUED:
+            await self._settled()
+
+    def _send_next(self) -> None:
+        batch = self._queued[:MAX_BATCH]
+        del self._queued[:MAX_BATCH]
+        # Numbers are taken before the call: if it is dropped after Redis ran it, the
+        # next call must not reuse them (the script would skip its events).
+        first, self._next = self._next, self._next + len(batch)
+        flight = self.bus.submit_encoded(
+            self.job, batch, fence=self.fence, first=first, min_seq=self._last_seq
+        )
+        self._watch(flight, batch, first)
+
+    def _watch(self, flight: asyncio.Future[Any], batch: list[bytes], first: int) -> None:
+        self._flight = flight
+        flight.add_done_callback(partial(self._landed, batch, first))
+
+    def _landed(self, batch: list[bytes], first: int, flight: asyncio.Future[Any]) -> None:
+        self._flight = None
+        if flight.cancelled():
+            return  # the attempt is ending
+        error = flight.exception()
+        if isinstance(error, UNAVAILABLE) and not isinstance(flight, asyncio.Task):
+            # Redis is away: the same batch, under the same numbers, with backoff.
+            retrying = asyncio.get_running_loop().create_task(
+                self._write_numbered(batch, first), name=f"write-{self.job.run}"
+            )
+            self._watch(retrying, batch, first)
+            return
+        if error is not None:
+            self._failure = error
+        elif int(flight.result()) == FENCED:
+            self._failure = LeaseLost()
+            self._queued.clear()
+            self.stop("lost")
+        else:
+            self._last_seq = int(flight.result())  # a retry has set it already
+            if self._queued:
+                self._send_next()
+        if self._flight is None:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
+
+    async def _settled(self) -> None:
+        """Wait until nothing is queued or in flight; raise what made a write fail."""
+        while self._flight is not None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        if self._failure is not None:
+            raise self._failure
+
+    async def _write(self, heads: list[bytes], status: str = "", result: str = "") -> None:
+        first, self._next = self._next, self._next + len(heads)
+        if await self._write_numbered(heads, first, status, result) == FENCED:
+            raise LeaseLost
+
+    async def _write_numbered(
+        self, heads: list[bytes], first: int, status: str = "", result: str = ""
+    ) -> int:
         seq = await retry(
-            lambda: self.bus.append(
+            partial(
+                self.bus.append_encoded,
                 self.job,
-                thoughts,
+                heads,
                 fence=self.fence,
                 first=first,
                 min_seq=self._last_seq,
+                status=status,
                 result=result,
             ),
             seconds=self.limits.redis_retry_seconds,
         )
-        if seq == FENCED:
-            raise LeaseLost
-        self._last_seq = seq
+        if seq != FENCED:
+            self._last_seq = seq
+        return seq
 
     async def execute(self, agent: Agent) -> None:
         """Run the agent to its end and write the terminal event, per the table above."""
@@ -107,6 +196,8 @@ class RunAttempt:
         except LeaseLost:
             logger.warning("run %s: lease lost to another attempt; stopped writing", self.job.run)
         finally:
+            if self._flight is not None:
+                self._flight.cancel()
             keeper.cancel()
             self._driver.cancel()
             await asyncio.gather(keeper, self._driver, return_exceptions=True)
@@ -136,6 +227,8 @@ class RunAttempt:
 
     async def _finish(self, terminal: Thought | None) -> None:
         if terminal is None:  # shutdown: hand the job to another worker right away
+            if self._flight is not None:
+                self._flight.cancel()
             await self.bus.release(self.job, self.fence)
             await self.bus.requeue(self.entry_id, self.job)
             logger.info("run %s handed back to the queue", self.job.run)
@@ -166,7 +259,7 @@ class RunAttempt:
             if thought.type == "answer" and self._answer_chars < MAX_RESULT_CHARS:
                 self._answer.append(str(thought.content))
                 self._answer_chars += len(str(thought.content))
-            await self.emit(thought)
+            await self._queue(thought)
 
     async def _keep_lease(self) -> None:
         """Renew the lease a few times per lease period; notice cancellation and absence."""

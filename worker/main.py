@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 
+from shared import loops
 from shared.bus import Bus
 from shared.connections import RedisFactory
 from shared.keys import Keys
@@ -61,7 +62,7 @@ def main(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve(settings, RedisFactory(settings), stop)
 
-    asyncio.run(run())
+    loops.run(run())
 
 
 @contextlib.asynccontextmanager
