@@ -16,6 +16,7 @@ from api.auth import AuthError
 from api.frontend import Frontend, running
 from api.http import router as http_router
 from api.sockets import router as socket_router
+from api.wire import ExposeProtocol
 from shared.connections import RedisFactory
 from shared.settings import Settings
 
@@ -40,6 +41,7 @@ def create_app(
             yield
 
     app = FastAPI(title="thoughtwire", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(ExposeProtocol)  # lets sockets write ready-made frames (api.wire)
     if settings.origins:
         app.add_middleware(
             CORSMiddleware,

@@ -3,7 +3,8 @@
 A frontend subscribes to a channel while at least one of its sockets is on it
 (reference-counted) and unsubscribes when the last one leaves. Channels are exact,
 never patterns. A message from Redis is decoded from UTF-8 once and handed to every
-viewer of its channel; nothing is parsed or re-encoded on the way.
+viewer of its channel; nothing is parsed or re-encoded on the way. It is also framed
+once, as the WebSocket frame every socket of the channel sends (:mod:`api.wire`).
 
 Delivery to a viewer never blocks: ``Viewer.deliver`` must return at once (a socket
 puts the frame in its own bounded queue), so one slow client cannot stall the relay.
@@ -22,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api.wire import text_frame
 from shared.backoff import delays
 from shared.protocol import event_position
 
@@ -32,8 +34,9 @@ RESUBSCRIBE_BATCH = 500
 
 
 class Viewer(Protocol):
-    def deliver(self, frame: str, position: tuple[int, str] | None) -> None:
-        """Take one frame (and its ``(seq, epoch)`` if it is an event); must not block."""
+    def deliver(self, frame: str, position: tuple[int, str] | None, wire: bytes) -> None:
+        """Take one frame (its ``(seq, epoch)`` if it is an event, and the frame ready
+        for a WebSocket); must not block."""
 
     def resync(self) -> None:
         """Frames may have been lost (the connection to Redis dropped): catch up."""
@@ -141,10 +144,12 @@ class Hub:
         if kind == "message":
             viewers = self._viewers.get(channel)
             if viewers:
-                frame = message["data"].decode()
+                data = message["data"]
+                frame = data.decode()
                 position = event_position(frame)
+                wire = text_frame(data)  # once per message, whatever the number of sockets
                 for viewer in tuple(viewers):
-                    viewer.deliver(frame, position)
+                    viewer.deliver(frame, position, wire)
         elif kind == "subscribe":
             waiters = self._pending.get(channel)
             if waiters:

@@ -32,15 +32,26 @@ CATCH_UP_PATIENCE = 10.0  # seconds a catch-up waits for room in the queue
 BUFFER_FACTOR = 4  # live frames held during a catch-up, in queue sizes
 
 OnClose = Callable[[int, str], None]
+# A transport's way to write a frame (and its ready bytes, if any) at once; False: queue it.
+Direct = Callable[[str, "bytes | None"], bool]
 
 
 class Viewer:
-    def __init__(self, bus: Bus, hub: Hub, *, queue_size: int, on_close: OnClose) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        hub: Hub,
+        *,
+        queue_size: int,
+        on_close: OnClose,
+        direct: Direct | None = None,
+    ) -> None:
         self.bus = bus
         self.hub = hub
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self.session: str | None = None
         self._on_close = on_close
+        self._direct = direct
         self._channels: set[str] = set()
         self._epoch: str | None = None
         self._seq = 0
@@ -55,19 +66,27 @@ class Viewer:
 
     # --- frames in ----------------------------------------------------------
 
-    def put(self, frame: str) -> None:
-        """Queue a frame for the client; closes the client when it is too far behind."""
+    def put(self, frame: str, wire: bytes | None = None) -> None:
+        """Send or queue a frame for the client; closes the client when it is too far behind.
+
+        ``wire`` is the frame ready-made for a WebSocket (:mod:`api.wire`), if the hub
+        made it: a transport that can write it at once takes it, and nothing queues.
+        """
         if self.closed:
+            return
+        if self._direct is not None and self._direct(frame, wire):
             return
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.close(Close.SLOW, "slow consumer: reconnect and resume")
 
-    def deliver(self, frame: str, position: tuple[int, str] | None) -> None:
+    def deliver(
+        self, frame: str, position: tuple[int, str] | None, wire: bytes | None = None
+    ) -> None:
         """From the hub: one frame, with its position when it is an event. Never blocks."""
         if position is None or self.closed:
-            self.put(frame)
+            self.put(frame, wire)
             return
         if self._buffer is not None:
             if len(self._buffer) >= self.queue.maxsize * BUFFER_FACTOR:
@@ -78,7 +97,7 @@ class Viewer:
         if epoch == self._epoch or (self._epoch is None and self._seq == 0 and seq == 1):
             if seq == self._seq + 1:
                 self._epoch, self._seq = epoch, seq
-                self.put(frame)
+                self.put(frame, wire)
                 return
             if seq <= self._seq:
                 return  # already sent

@@ -13,6 +13,7 @@ class StuckSocket:
     """Accepts one frame, then blocks every later send, like a client that stopped reading."""
 
     def __init__(self):
+        self.scope = {"type": "websocket"}  # not under uvicorn: every frame goes via ASGI
         self.application_state = WebSocketState.CONNECTED
         self.sent = []
         self.closed = asyncio.get_running_loop().create_future()

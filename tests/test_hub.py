@@ -15,7 +15,7 @@ class Collector:
         self.frames = []
         self.arrived = asyncio.Event()
 
-    def deliver(self, frame, position):
+    def deliver(self, frame, position, wire=None):
         self.frames.append(frame)
         self.arrived.set()
 

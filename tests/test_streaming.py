@@ -1,11 +1,15 @@
 """Paced runs: events stream one at a time, and clients come and go mid-stream."""
 
 import asyncio
+import json
+import socket
 import time
 
 import pytest
 import redis
+import websockets
 
+from shared.closecodes import Close
 from shared.keys import Keys
 from tests.conftest import start_cluster
 from tests.procs import seconds
@@ -87,3 +91,42 @@ async def test_a_client_closing_mid_stream_breaks_nothing_and_the_last_one_out_u
             await greeting(ws)
             await ws.send("still serving?")
             assert (await run_events(ws))[-1]["type"] == "done"
+
+
+async def test_a_client_that_stops_reading_is_closed_with_4008_and_nobody_else_waits(
+    redis_server, logdir
+):
+    """Sockets that keep up get ready-made frames written at once (api.wire); one that
+    stops reading is pushed back on by its transport, falls back to its bounded queue,
+    and is closed with 4008 when that fills. The others get every event."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="40000",
+        THOUGHTWIRE_SEND_QUEUE_SIZE="16",
+    )
+    try:
+        url = c.frontends[0].ws + "/ws/agent-thoughts"
+        async with connect(url) as prompter:
+            session = await greeting(prompter)
+            stalled = socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect(("127.0.0.1", c.frontends[0].port))
+            async with connect(f"{url}?session={session}", sock=stalled, max_queue=1) as slow:
+                await greeting(slow)
+                await prompter.send("a long answer")
+                events = await run_events(prompter, timeout=60)
+                assert [e["seq"] for e in events] == list(range(1, 40_007))
+                # Now read what the stalled client was sent: a prefix, then the close.
+                got = []
+                with pytest.raises(websockets.ConnectionClosed):
+                    async with asyncio.timeout(seconds(30)):
+                        while True:
+                            got.append(json.loads(await slow.recv()))
+                assert slow.close_code == Close.SLOW
+                seqs = [e["seq"] for e in got if "seq" in e]
+                assert seqs == list(range(1, len(seqs) + 1))
+                assert len(seqs) < 40_006
+    finally:
+        c.stop()
