@@ -15,8 +15,8 @@ from redis.exceptions import RedisError
 from api.auth import AuthError
 from api.frontend import Frontend, running
 from api.http import router as http_router
-from api.sockets import router as socket_router
-from api.wire import ExposeProtocol
+from api.lane import SocketLane
+from api.sockets import routes as socket_routes
 from shared.connections import RedisFactory
 from shared.settings import Settings
 
@@ -41,7 +41,6 @@ def create_app(
             yield
 
     app = FastAPI(title="thoughtwire", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(ExposeProtocol)  # lets sockets write ready-made frames (api.wire)
     if settings.origins:
         app.add_middleware(
             CORSMiddleware,
@@ -49,6 +48,9 @@ def create_app(
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
+
+    # Last added, first run: the WebSocket endpoints are served ahead of FastAPI.
+    app.add_middleware(SocketLane, routes=socket_routes)
 
     @app.exception_handler(AuthError)
     async def refused(request: Request, exc: AuthError) -> JSONResponse:
@@ -63,7 +65,6 @@ def create_app(
             headers={"Retry-After": "1"},
         )
 
-    app.include_router(socket_router)
     app.include_router(http_router)
     page = resources.files("api").joinpath("static/index.html").read_text()
 

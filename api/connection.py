@@ -1,9 +1,10 @@
 """One client socket: a viewer (:mod:`api.viewer`) carried over a WebSocket.
 
-The socket has two tasks: the endpoint's receive loop, and a writer that drains the
-viewer's queue into the socket. When either ends, both stop and the viewer leaves
-its channels. A close asked for while the writer is stuck on a client that stopped
-reading cancels the writer instead of queuing behind it.
+The socket has the endpoint's receive loop, and while frames wait in the viewer's
+queue, a writer task that drains it into the socket. When the loop ends, the writer
+fails or a close is asked for, both stop and the viewer leaves its channels. A close
+asked for while the writer is stuck on a client that stopped reading cancels the
+writer instead of queuing behind it.
 
 A socket that keeps up never uses its queue: while the queue is empty and nothing is
 being sent, a frame goes straight to the connection as ready bytes
@@ -52,11 +53,14 @@ class Connection:
             queue_size=queue_size,
             on_close=self.close,
             direct=self._write_now if self._raw is not None else None,
+            on_queue=self._wake_writer,
         )
         self._render = render
         self._writer: asyncio.Task[None] | None = None
         self._sending = False  # the writer holds a frame it has not finished sending
+        self._writer_error: BaseException | None = None
         self._closing: tuple[int, str] | None = None
+        self._stopped: asyncio.Future[None] | None = None  # set: serve must end now
         self.sent = 0  # frames written, for idle detection
 
     def send(self, frame: str) -> None:
@@ -65,7 +69,7 @@ class Connection:
 
     def _write_now(self, frame: str, wire: bytes | None) -> bool:
         """Write ``frame`` at once if nothing is ahead of it; False: it must be queued."""
-        if self._sending or self._closing is not None or not self.viewer.queue.empty():
+        if self._sending or self._closing is not None or self.viewer.backlog:
             return False
         assert self._raw is not None
         if not self._raw.write(wire if wire is not None else text_frame(frame.encode())):
@@ -80,32 +84,55 @@ class Connection:
         self._closing = (code, reason)
         if self._writer is not None:
             self._writer.cancel()
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
 
     async def serve(self, receive_loop: ReceiveLoop) -> None:
-        """Run the receive loop and the writer until either ends, then clean up."""
-        writer = self._writer = asyncio.create_task(self._write(), name="socket-writer")
+        """Run the receive loop until it ends, the writer fails or a close is asked for."""
+        self._stopped = asyncio.get_running_loop().create_future()
         reader = asyncio.create_task(receive_loop(), name="socket-reader")
-        if self._closing is not None:
-            writer.cancel()
+        if self._closing is not None or self._writer_error is not None:
+            self._stop()  # it happened before serving began
         try:
-            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reader, self._stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (writer, reader):
-                task.cancel()
-            await asyncio.gather(writer, reader, return_exceptions=True)
+            reader.cancel()
+            writer = self._writer
+            if writer is not None:
+                writer.cancel()
+            await asyncio.gather(reader, *([writer] if writer else []), return_exceptions=True)
             await self.viewer.detach()
-        for task in done:
-            exc = None if task.cancelled() else task.exception()
+        errors = [self._writer_error]
+        if reader.done() and not reader.cancelled():
+            errors.append(reader.exception())
+        for exc in errors:
             if exc is not None and not isinstance(exc, WebSocketDisconnect):
                 logger.error("socket task failed", exc_info=exc)
                 self._closing = self._closing or (Close.INTERNAL, "internal error")
         if self._closing is not None:
             await self._send_close(*self._closing)
 
+    def _wake_writer(self) -> None:
+        """A frame was queued: make sure a writer is draining the queue."""
+        if self._closing is None and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write(), name="socket-writer"
+            )
+            self._writer.add_done_callback(self._writer_ended)
+
+    def _writer_ended(self, writer: asyncio.Task[None]) -> None:
+        if not writer.cancelled() and writer.exception() is not None:
+            self._writer_error = writer.exception()
+            self._stop()
+
     async def _write(self) -> None:
+        """Send what is queued, in order, then end: an idle socket has no writer task."""
         queue = self.viewer.queue
-        while True:
-            frame = self._render(await queue.get())
+        while not queue.empty():
+            frame = self._render(queue.get_nowait())
             if frame is None:
                 continue
             self._sending = True

@@ -19,14 +19,14 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from fastapi import APIRouter, WebSocket
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api import render
 from api.auth import ANONYMOUS, AuthError, origin_allowed, token_from
 from api.connection import Connection, Render, as_is
 from api.frontend import Frontend, new_id
 from api.guard import LimitError
+from api.lane import SocketRoutes
 from shared.backoff import UNAVAILABLE
 from shared.closecodes import Close
 from shared.protocol import (
@@ -46,7 +46,8 @@ from shared.protocol import (
     valid_id,
 )
 
-router = APIRouter()
+routes = SocketRoutes()  # served by api.lane, ahead of FastAPI
+_route = routes.route
 
 MessageHandler = Callable[[ClientMessage, "SessionSocket"], Awaitable[None]]
 UNAVAILABLE_REPLY = error_reply("unavailable", "the service is briefly unavailable; try again")
@@ -317,41 +318,41 @@ class _Clock:
         return time.time() >= self.last_active + self.idle_after
 
 
-@router.websocket("/ws")
+@_route("/ws")
 async def echo(websocket: WebSocket) -> None:
     await SessionSocket(
         websocket, render_frame=render.echo_text, agent="echo", raw_prompts=True
     ).serve()
 
 
-@router.websocket("/ws/agent")
+@_route("/ws/agent")
 async def agent(websocket: WebSocket) -> None:
     await SessionSocket(websocket, render_frame=render.agent_text).serve()
 
 
-@router.websocket("/ws/chat")
+@_route("/ws/chat")
 async def chat(websocket: WebSocket) -> None:
     await SessionSocket(websocket, render_frame=render.chat_text).serve()
 
 
-@router.websocket("/ws/agent-thoughts")
+@_route("/ws/agent-thoughts")
 async def agent_thoughts(websocket: WebSocket) -> None:
     await SessionSocket(websocket).serve()
 
 
-@router.websocket("/ws/robust")
+@_route("/ws/robust")
 async def robust(websocket: WebSocket) -> None:
     await SessionSocket(websocket, ping=_frontend(websocket).settings.ping_interval).serve()
 
 
-@router.websocket("/ws/secure")
+@_route("/ws/secure")
 async def secure(websocket: WebSocket) -> None:
     """Like agent-thoughts, but a token is required even where authentication is optional."""
     await SessionSocket(websocket, require_auth=True).serve()
 
 
-@router.websocket("/ws/{client_id}")
-async def connection_manager(websocket: WebSocket, client_id: str) -> None:
+@_route("/ws/{client_id}")
+async def connection_manager(websocket: WebSocket) -> None:
     """The seed's connection manager, across frontends.
 
     Each client id has a channel, and every manager socket is also on the broadcast
@@ -359,6 +360,7 @@ async def connection_manager(websocket: WebSocket, client_id: str) -> None:
     frontend holds them. Prompts run in a session of the socket's own. With
     authentication on, a client id is the user's own id.
     """
+    client_id: str = websocket.path_params["client_id"]
     frontend = _frontend(websocket)
     keys = frontend.keys
     if not valid_id(client_id):

@@ -45,10 +45,13 @@ class Viewer:
         queue_size: int,
         on_close: OnClose,
         direct: Direct | None = None,
+        on_queue: Callable[[], None] | None = None,
     ) -> None:
         self.bus = bus
         self.hub = hub
-        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[str] | None = None  # made on first use: most never need it
+        self._queue_size = queue_size
+        self._on_queue = on_queue
         self.session: str | None = None
         self._on_close = on_close
         self._direct = direct
@@ -59,6 +62,18 @@ class Viewer:
         self._again = False
         self._recovery: asyncio.Task[None] | None = None
         self.closed = False
+
+    @property
+    def queue(self) -> asyncio.Queue[str]:
+        """Frames waiting for the transport, at most ``queue_size``."""
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=self._queue_size)
+        return self._queue
+
+    @property
+    def backlog(self) -> bool:
+        """Whether frames are waiting in the queue."""
+        return self._queue is not None and not self._queue.empty()
 
     @property
     def position(self) -> Position:
@@ -80,6 +95,9 @@ class Viewer:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.close(Close.SLOW, "slow consumer: reconnect and resume")
+            return
+        if self._on_queue is not None:
+            self._on_queue()
 
     def deliver(
         self, frame: str, position: tuple[int, str] | None, wire: bytes | None = None
@@ -89,7 +107,7 @@ class Viewer:
             self.put(frame, wire)
             return
         if self._buffer is not None:
-            if len(self._buffer) >= self.queue.maxsize * BUFFER_FACTOR:
+            if len(self._buffer) >= self._queue_size * BUFFER_FACTOR:
                 self.close(Close.SLOW, "slow consumer: reconnect and resume")
             self._buffer.append(frame)
             return
@@ -231,3 +249,6 @@ class Viewer:
                 await self.queue.put(frame)
         except TimeoutError:
             self.close(Close.SLOW, "slow consumer: reconnect and resume")
+            return
+        if self._on_queue is not None:
+            self._on_queue()

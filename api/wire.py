@@ -6,7 +6,7 @@ frames each event once (:func:`text_frame`); a socket that is keeping up hands t
 bytes to its transport with one call, instead of a trip through ASGI, Starlette and
 the WebSocket library per socket (about 4 µs against 20 µs per delivered event).
 
-ASGI has no message for "these bytes are a ready frame", so :class:`ExposeProtocol`
+ASGI has no message for "these bytes are a ready frame", so :func:`expose_protocol`
 reaches under it, to uvicorn's websockets-sansio connection, and :class:`RawSocket`
 uses it only while it is safe:
 
@@ -47,17 +47,25 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
 
 
+def expose_protocol(scope: Scope, send: Send) -> None:
+    """Put uvicorn's WebSocket connection in the scope, for :class:`RawSocket`.
+
+    ``send`` must be the server's own (a middleware's wrapper hides the connection).
+    """
+    if scope["type"] == "websocket" and _Known is not None:
+        owner = getattr(send, "__self__", None)
+        if isinstance(owner, _Known):
+            scope[SCOPE_KEY] = owner
+
+
 class ExposeProtocol:
-    """ASGI middleware: puts uvicorn's WebSocket connection in the scope, for RawSocket."""
+    """ASGI middleware doing :func:`expose_protocol`; add it last, so it runs first."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and _Known is not None:
-            owner = getattr(send, "__self__", None)
-            if isinstance(owner, _Known):
-                scope[SCOPE_KEY] = owner
+        expose_protocol(scope, send)
         await self.app(scope, receive, send)
 
 

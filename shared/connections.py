@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fakeredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    import fakeredis
 
 
 @dataclass
@@ -64,6 +66,10 @@ class RedisFactory:
         )
 
     def _fake(self) -> Redis:
+        # Imported here: fakeredis (with Lua and numpy) costs a process about 15 MB,
+        # which only the embedded mode needs.
+        import fakeredis
+
         if self._server is None:
             self._server = fakeredis.FakeServer()
         client: Any = fakeredis.FakeAsyncRedis(server=self._server)
