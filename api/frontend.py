@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from api.auth import Authenticator, Principal
 from api.guard import SOCKET_REFRESH_SECONDS, Guard
 from api.hub import Hub
+from api.pubsub import open_link
 from shared.backoff import retry
 from shared.bus import Bus
 from shared.closecodes import Close
@@ -127,7 +128,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
     keys = Keys(settings.key_prefix)
     node = new_id()
     redis = factory.commands()
-    hub = Hub(factory.pubsub, keys.node_channel(node))
+    hub = Hub(partial(open_link, factory), keys.node_channel(node))
     refresher: asyncio.Task[None] | None = None
     try:
         await hub.start()

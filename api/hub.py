@@ -16,13 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api.pubsub import Link, OnMessage
 from api.wire import text_frame
 from shared.backoff import delays
 from shared.protocol import event_position
@@ -48,17 +48,18 @@ class Viewer(Protocol):
 class Hub:
     """Registry of live sockets by channel; owns this process's pub/sub connection."""
 
-    def __init__(self, open_client: Callable[[], Redis], home_channel: str) -> None:
-        self._open_client = open_client
-        # Subscribed for the hub's whole life: redis-py's reader returns at once on a
-        # connection with no subscription, which would turn the read loop into a spin.
+    def __init__(
+        self, open_link: Callable[[OnMessage], Awaitable[Link]], home_channel: str
+    ) -> None:
+        self._open_link = open_link
+        # Subscribed for the hub's whole life, so the connection is never idle of
+        # subscriptions (and a frontend can be reached on it).
         self._home = home_channel.encode()
         self._viewers: dict[bytes, set[Viewer]] = {}
         # One future per SUBSCRIBE sent, resolved by its confirmation, in order.
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._lock = asyncio.Lock()
-        self._client: Redis | None = None
-        self._pubsub: Any = None
+        self._link: Link | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._resync: asyncio.Task[None] | None = None
@@ -104,7 +105,8 @@ class Hub:
             if first:
                 ready: asyncio.Future[None] | None = self._expect_subscribe(key)
                 try:
-                    await self._pubsub.subscribe(key)
+                    assert self._link is not None
+                    await self._link.subscribe(key)
                 except (RedisConnectionError, RedisTimeoutError):
                     return  # likewise: the reader notices, reconnects, resubscribes
             else:
@@ -127,7 +129,8 @@ class Hub:
             del self._viewers[key]
             if self._connected.is_set():
                 try:
-                    await self._pubsub.unsubscribe(key)
+                    assert self._link is not None
+                    await self._link.unsubscribe(key)
                 except (RedisConnectionError, RedisTimeoutError):
                     pass  # the reader reconnects and only resubscribes live channels
 
@@ -138,19 +141,17 @@ class Hub:
         self._pending.setdefault(key, deque()).append(fut)
         return fut
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        channel = message["channel"]
-        if kind == "message":
+    def _dispatch(self, kind: bytes, channel: bytes, data: bytes | None) -> None:
+        """From the link's read callback: hand a message on, or settle a subscription."""
+        if kind == b"message":
             viewers = self._viewers.get(channel)
-            if viewers:
-                data = message["data"]
+            if viewers and data is not None:
                 frame = data.decode()
                 position = event_position(frame)
                 wire = text_frame(data)  # once per message, whatever the number of sockets
                 for viewer in tuple(viewers):
                     viewer.deliver(frame, position, wire)
-        elif kind == "subscribe":
+        elif kind == b"subscribe":
             waiters = self._pending.get(channel)
             if waiters:
                 fut = waiters.popleft()
@@ -160,12 +161,12 @@ class Hub:
                     fut.set_result(None)
 
     async def _read_forever(self) -> None:
+        """Messages arrive through ``_dispatch``; this waits for the link to drop."""
         while True:
             try:
-                while True:
-                    message = await self._pubsub.get_message(timeout=None)
-                    if message is not None:
-                        self._dispatch(message)
+                assert self._link is not None
+                await self._link.wait_closed()
+                logger.warning("pub/sub connection closed; reconnecting")
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -212,13 +213,17 @@ class Hub:
         for start in range(0, len(keys), RESUBSCRIBE_BATCH):
             batch = keys[start : start + RESUBSCRIBE_BATCH]
             futures += [self._expect_subscribe(key) for key in batch]
-            await self._pubsub.subscribe(*batch)
+            assert self._link is not None
+            await self._link.subscribe(*batch)
         return futures
 
     async def _connect(self) -> None:
-        self._client = self._open_client()
-        self._pubsub = self._client.pubsub()
-        await self._pubsub.subscribe(self._home)
+        self._link = await self._open_link(self._dispatch)
+        try:
+            await self._link.subscribe(self._home)
+        except BaseException:
+            await self._disconnect()
+            raise
         self._connected.set()
 
     async def _disconnect(self) -> None:
@@ -230,10 +235,7 @@ class Hub:
                 if not fut.done():
                     fut.set_result(None)
         self._pending.clear()
-        pubsub, client = self._pubsub, self._client
-        self._pubsub = self._client = None
-        if pubsub is not None:
+        link, self._link = self._link, None
+        if link is not None:
             with contextlib.suppress(RedisConnectionError, OSError):
-                await pubsub.aclose()
-        if client is not None:
-            await client.aclose()
+                await link.close()

@@ -1,10 +1,16 @@
 """The hub against a real redis-server: reference-counted subscriptions, relay, reconnects."""
 
 import asyncio
+import os
+import signal
+from functools import partial
 
 import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.hub import Hub
+from api.pubsub import RawLink, open_link
 from shared.connections import RedisFactory
 from shared.settings import Settings
 from tests.procs import RedisServer, seconds
@@ -37,7 +43,7 @@ async def hub_on(prefix):
 
     async def start(server):
         factory = RedisFactory(Settings(redis_url=server.url))
-        hub = Hub(factory.pubsub, f"{prefix}:node:test")
+        hub = Hub(partial(open_link, factory), f"{prefix}:node:test")
         await hub.start()
         hubs.append(hub)
         return hub
@@ -103,5 +109,36 @@ async def test_the_hub_survives_a_redis_restart_and_resubscribes(logdir, hub_on,
         with server.client() as r:
             r.publish(f"{prefix}:live", "after restart")
         await viewer.wait_for(1)
+    finally:
+        server.stop()
+
+
+async def test_the_pubsub_link_authenticates_and_gives_up_on_a_silent_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+    try:
+        with server.client() as r:
+            r.config_set("requirepass", "s3cret")
+        with pytest.raises(RedisConnectionError, match="authentication"):
+            await RawLink.open(url.replace("s3cret", "wrong"), lambda *_: None)
+        got = []
+        link = await RawLink.open(url, lambda *m: got.append(m), ping_interval=0.1)
+        await link.subscribe(b"ch")
+        with redis.Redis(port=server.port, password="s3cret") as r:
+            async with asyncio.timeout(seconds(5)):
+                while not r.publish("ch", "hello"):
+                    await asyncio.sleep(0.02)
+        async with asyncio.timeout(seconds(5)):
+            while (b"message", b"ch", b"hello") not in got:
+                await asyncio.sleep(0.02)
+        # A server that stops answering (paused, or a peer gone without a word) is
+        # noticed by the missing pongs, not only by a reset.
+        os.kill(server.proc.popen.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(seconds(5)):
+                with pytest.raises(RedisConnectionError):
+                    await link.wait_closed()
+        finally:
+            os.kill(server.proc.popen.pid, signal.SIGCONT)
     finally:
         server.stop()

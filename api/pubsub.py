@@ -1,0 +1,238 @@
+"""The hub's pub/sub connection: every message handed on from the read callback itself.
+
+Each frontend reads every event of every session it serves through one connection, so
+its per-message cost is the relay's floor. redis-py's ``PubSub.get_message`` costs a
+coroutine round, a timeout and a dict per message, and asks the event loop for itself
+several times (each a ``getpid`` system call on Python 3.11). :class:`RawLink` instead
+is an ``asyncio.Protocol`` over hiredis: ``data_received`` parses every whole reply of
+one read and calls ``on_message(kind, channel, data)`` for each, with no await at all.
+
+It speaks only what the hub needs: AUTH, SUBSCRIBE, UNSUBSCRIBE, and a PING every
+``ping_interval`` so that a connection that went silent (a dead peer, a NAT that
+dropped it) is noticed; a link that hears nothing for two intervals aborts. Whatever
+ends the connection resolves :meth:`RawLink.wait_closed`; the hub then reconnects and
+resubscribes (:mod:`api.hub`).
+
+The embedded mode has no server to connect to: :class:`ClientLink` gives the same
+interface over redis-py's ``PubSub`` on the in-process Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from shared.connections import RedisFactory
+
+# kind (b"message", b"subscribe", b"unsubscribe"), channel, data (messages only)
+OnMessage = Callable[[bytes, bytes, "bytes | None"], None]
+
+CONNECT_TIMEOUT = 10.0
+PING_INTERVAL = 15.0
+
+
+class Link(Protocol):
+    async def subscribe(self, *channels: bytes) -> None: ...
+
+    async def unsubscribe(self, *channels: bytes) -> None: ...
+
+    async def wait_closed(self) -> None:
+        """Return (or raise) once the connection is gone, whoever ended it."""
+
+    async def close(self) -> None: ...
+
+
+async def open_link(factory: RedisFactory, on_message: OnMessage) -> Link:
+    """A pub/sub link to the factory's Redis: raw for a server, redis-py for the embedded one."""
+    if factory.embedded:
+        return await ClientLink.open(factory, on_message)
+    assert factory.settings.redis_url is not None
+    return await RawLink.open(factory.settings.redis_url, on_message)
+
+
+def _command(*args: bytes) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+class RawLink(asyncio.Protocol):
+    def __init__(self, on_message: OnMessage, ping_interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._on_message = on_message
+        self._parser = hiredis.Reader()
+        self._transport: asyncio.Transport | None = None
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._replies: deque[asyncio.Future[Any]] = deque()  # to commands outside pub/sub
+        self._ping_interval = ping_interval
+        self._pinger: asyncio.TimerHandle | None = None
+        self._heard = loop.time()
+
+    @classmethod
+    async def open(
+        cls, url: str, on_message: OnMessage, *, ping_interval: float = PING_INTERVAL
+    ) -> RawLink:
+        options = parse_url(url)
+        loop = asyncio.get_running_loop()
+        link = cls(on_message, ping_interval)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            try:
+                if "path" in options:
+                    await loop.create_unix_connection(lambda: link, options["path"])
+                else:
+                    context = ssl.create_default_context() if url.startswith("rediss:") else None
+                    await loop.create_connection(
+                        lambda: link,
+                        options.get("host", "localhost"),
+                        options.get("port", 6379),
+                        ssl=context,
+                    )
+            except OSError as exc:
+                raise RedisConnectionError(f"pub/sub connection failed: {exc}") from exc
+            password = options.get("password")
+            if password:
+                username = options.get("username")
+                credentials = (username, password) if username else (password,)
+                reply = await link._call(b"AUTH", *(c.encode() for c in credentials))
+                if isinstance(reply, hiredis.ReplyError):
+                    link._abort()
+                    raise RedisConnectionError("pub/sub authentication failed")
+        link._schedule_ping()
+        return link
+
+    async def subscribe(self, *channels: bytes) -> None:
+        self._write(_command(b"SUBSCRIBE", *channels))
+
+    async def unsubscribe(self, *channels: bytes) -> None:
+        self._write(_command(b"UNSUBSCRIBE", *channels))
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._closed)
+
+    # --- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+        error = RedisConnectionError(f"pub/sub connection lost: {exc or 'closed'}")
+        while self._replies:
+            waiter = self._replies.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+        if not self._closed.done():
+            self._closed.set_exception(error)
+            self._closed.exception()  # retrieved here, so an unawaited loss is not logged
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = self._loop.time()
+        parser = self._parser
+        parser.feed(data)
+        while (reply := parser.gets()) is not False:
+            if isinstance(reply, list) and reply:
+                kind = reply[0]
+                if kind == b"message":
+                    self._on_message(kind, reply[1], reply[2])
+                    continue
+                if kind in (b"subscribe", b"unsubscribe"):
+                    self._on_message(kind, reply[1], None)
+                    continue
+                if kind == b"pong":
+                    continue
+            if self._replies:
+                waiter = self._replies.popleft()
+                if not waiter.done():
+                    waiter.set_result(reply)
+
+    # --- inside -------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise RedisConnectionError("pub/sub connection is closed")
+        self._transport.write(data)
+
+    async def _call(self, *args: bytes) -> Any:
+        waiter = self._loop.create_future()
+        self._replies.append(waiter)
+        self._write(_command(*args))
+        return await waiter
+
+    def _schedule_ping(self) -> None:
+        self._pinger = self._loop.call_later(self._ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        if self._loop.time() - self._heard > 2 * self._ping_interval:
+            self._abort()  # not even a pong for two intervals: the connection is dead
+            return
+        with contextlib.suppress(RedisConnectionError):
+            self._write(_command(b"PING"))
+        self._schedule_ping()
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class ClientLink:
+    """The link over redis-py's PubSub, for the embedded (in-process) Redis."""
+
+    def __init__(self, client: Any, on_message: OnMessage) -> None:
+        self._client = client
+        self._pubsub = client.pubsub()
+        self._on_message = on_message
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, factory: RedisFactory, on_message: OnMessage) -> ClientLink:
+        link = cls(factory.pubsub(), on_message)
+        link._reader = asyncio.create_task(link._read(), name="pubsub-reader")
+        return link
+
+    async def subscribe(self, *channels: bytes) -> None:
+        await self._pubsub.subscribe(*channels)
+
+    async def unsubscribe(self, *channels: bytes) -> None:
+        await self._pubsub.unsubscribe(*channels)
+
+    async def wait_closed(self) -> None:
+        assert self._reader is not None
+        await asyncio.shield(self._reader)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()
+        await self._client.aclose()
+
+    async def _read(self) -> None:
+        while True:
+            if not self._pubsub.subscribed:
+                await asyncio.sleep(0.01)  # get_message returns at once with no subscription
+                continue
+            message = await self._pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind in ("message", "subscribe", "unsubscribe"):
+                data = message["data"] if kind == "message" else None
+                self._on_message(kind.encode(), message["channel"], data)
