@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from shared import loops
 from shared.settings import Settings
 
 logger = logging.getLogger("thoughtwire.server")
@@ -80,4 +81,5 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
         timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
         log_level="info",
     )
+    loops.settle()
     DrainingServer(config, app).run()

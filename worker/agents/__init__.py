@@ -5,7 +5,6 @@ from __future__ import annotations
 from shared.settings import Settings
 from worker.agents.base import Agent, AgentError, Turn
 from worker.agents.echo import EchoAgent
-from worker.agents.openai_chat import OpenAIAgent
 from worker.agents.simulated import SimulatedAgent
 
 __all__ = ["Agent", "AgentError", "Turn", "build_agents"]
@@ -18,5 +17,9 @@ def build_agents(settings: Settings) -> dict[str, Agent]:
         "echo": EchoAgent(),
     }
     if settings.openai_api_key:
+        # Imported only when configured: the openai package costs a worker about a
+        # second to start and some 40 MB.
+        from worker.agents.openai_chat import OpenAIAgent
+
         agents["openai"] = OpenAIAgent.from_settings(settings)
     return agents
