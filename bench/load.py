@@ -143,6 +143,7 @@ async def _run(plan: Plan, ready: Any, go: Any, results: Any) -> None:
     redis = Redis.from_url(plan.redis_url)
     try:
         if not plan.hold:
+            cpu = time.process_time()
             started = now_ms()
             for socket, (_, _, triggers) in zip(sockets, plan.sockets, strict=True):
                 if triggers:
@@ -163,6 +164,7 @@ async def _run(plan: Plan, ready: Any, go: Any, results: Any) -> None:
                     "started": started,
                     "finished": finished,
                     "latencies": latencies,
+                    "cpu_s": time.process_time() - cpu,  # this process's own, while loaded
                 }
             )
         else:

@@ -26,6 +26,7 @@ COLUMNS = [
     ("out_of_order", "ooo"),
     ("frontend_cpu_us_per_event", "frontend µs/event"),
     ("worker_cpu_us_per_event", "worker µs/event"),
+    ("client_cpu_us_per_event", "load µs/event"),
     ("frontend_peak_rss_mb", "peak RSS MB"),
 ]
 
@@ -50,7 +51,8 @@ def table(report: dict[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 1))
                 continue
-            lines.append(f"| {name} | " + " | ".join(str(r[key]) for key, _ in COLUMNS) + " |")
+            cells = (str(r.get(key, "")) for key, _ in COLUMNS)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
