@@ -145,9 +145,17 @@ async def _run(plan: Plan, ready: Any, go: Any, results: Any) -> None:
         if not plan.hold:
             cpu = time.process_time()
             started = now_ms()
-            for socket, (_, _, triggers) in zip(sockets, plan.sockets, strict=True):
-                if triggers:
-                    await socket.trigger(redis)
+            # Paced runs start spread over one token interval, as prompts from many
+            # users do, rather than in step. Every system gets the same spread; in
+            # step, a token from every run would arrive in the same millisecond.
+            starters = [
+                s for s, (_, _, triggers) in zip(sockets, plan.sockets, strict=True) if triggers
+            ]
+            spread = 1 / plan.rate if plan.rate > 0 else 0.0
+            begin = time.monotonic()
+            for i, socket in enumerate(starters):
+                await asyncio.sleep(max(0.0, begin + spread * i / len(starters) - time.monotonic()))
+                await socket.trigger(redis)
             with_deadline = [asyncio.wait_for(s.tally.done.wait(), plan.deadline) for s in sockets]
             await asyncio.gather(*with_deadline, return_exceptions=True)
             finished = now_ms()

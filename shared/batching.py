@@ -1,10 +1,12 @@
 """Pipelining for the hottest script: many runs' appends in one round trip.
 
 A worker runs many runs at once; each appends its events as they come. Appends go
-to Redis together, in one pipeline: one write and one read instead of one round trip
-each. One pipeline is in flight at a time, and whatever was appended while it was
-away goes out the moment its replies are in. Nothing waits on a timer, so a lone
-append is not delayed; under load, batches grow by themselves with the load.
+to Redis together, in pipelines: one write and one read instead of one round trip
+each. A pipeline leaves at the end of the event-loop tick, or as soon as it holds
+``max_batch`` calls (so a burst's first calls need not wait for its last); up to
+``max_in_flight`` are away at a time on one connection, and whatever queues beyond
+goes out as one comes back. Nothing waits on a timer, so a lone append is not
+delayed; under load, pipelines fill by themselves.
 
 The pipeline is packed here rather than by redis-py's ``Pipeline``: the arguments
 are only bytes, str and int, so the whole batch is encoded into one buffer with a
@@ -22,6 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
@@ -49,17 +52,25 @@ def pack_evalsha(sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
 
 
 class ScriptBatcher:
-    """Runs one (idempotent) script for many callers, pipelined per event-loop tick."""
+    """Runs one script for many callers, pipelined (see above)."""
 
-    def __init__(self, redis: Redis, script: AsyncScript, max_batch: int = 512) -> None:
+    def __init__(
+        self, redis: Redis, script: AsyncScript, max_batch: int = 64, max_in_flight: int = 4
+    ) -> None:
         self._redis = redis
         self._script = script
         self._sha = script.sha.encode()
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._pending: list[Call] = []
         self._scheduled: asyncio.Handle | None = None
-        self._sending: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
         self._connection: AbstractConnection | None = None
+        # Pipelines share the connection: sent in turn, and their replies read in the
+        # same turn. A reset bumps the generation, failing pipelines sent before it.
+        self._send_turn = asyncio.Lock()
+        self._read_turn = asyncio.Lock()
+        self._generation = 0
 
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         return await self.submit(keys, args)
@@ -69,23 +80,29 @@ class ScriptBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((keys, args, future))
-        if self._sending is None and self._scheduled is None:
+        if len(self._pending) >= self._max_batch:
+            self._flush()  # a burst's first calls need not wait for its last
+        elif self._scheduled is None:
             self._scheduled = loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
-        self._scheduled = None
-        if self._sending is not None or not self._pending:
-            return
-        batch = self._pending[: self._max_batch]
-        del self._pending[: self._max_batch]
-        self._sending = asyncio.get_running_loop().create_task(self._send(batch))
-        self._sending.add_done_callback(self._sent)
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        loop = asyncio.get_running_loop()
+        while self._pending and len(self._sending) < self._max_in_flight:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            task = loop.create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
 
-    def _sent(self, _task: asyncio.Task[None]) -> None:
-        # One batch is in flight at a time; what queued meanwhile goes out at once.
-        self._sending = None
-        self._flush()
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        # What queued while every pipeline was away goes out as one comes back.
+        self._sending.discard(task)
+        if self._pending:
+            self._flush()
 
     async def _send(self, batch: list[Call]) -> None:
         try:
@@ -101,34 +118,49 @@ class ScriptBatcher:
                 future.set_result(result)
 
     async def _execute(self, batch: list[Call]) -> list[Any]:
-        payload = b"".join(pack_evalsha(self._sha, keys, args) for keys, args, _ in batch)
-        results = await self._pipeline(payload, len(batch))
-        if any(isinstance(r, NoScriptError) for r in results):
-            # Redis restarted and forgot the script. The script is idempotent, so the
-            # whole batch can run again once it is loaded.
+        commands = [pack_evalsha(self._sha, keys, args) for keys, args, _ in batch]
+        results = await self._pipeline(b"".join(commands), len(commands))
+        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if unknown:
+            # Redis restarted and forgot the script, so these calls did not run: load
+            # it, and run just them again.
             await self._redis.script_load(self._script.script)
-            results = await self._pipeline(payload, len(batch))
+            again = await self._pipeline(b"".join(commands[i] for i in unknown), len(unknown))
+            for i, result in zip(unknown, again, strict=True):
+                results[i] = result
         return results
 
     async def _pipeline(self, payload: bytes, count: int) -> list[Any]:
-        # One batch is in flight at a time, so the batcher keeps one connection of the
-        # pool for itself instead of taking one from it per batch.
-        if self._connection is None:
-            self._connection = await self._redis.connection_pool.get_connection()
-        connection = self._connection
-        try:
-            await connection.send_packed_command(payload, check_health=False)
+        # The batcher keeps one connection of the pool for itself rather than taking
+        # one from it per pipeline.
+        async with self._send_turn:
+            if self._connection is None:
+                self._connection = await self._redis.connection_pool.get_connection()
+            connection, generation = self._connection, self._generation
+            try:
+                await connection.send_packed_command(payload, check_health=False)
+            except BaseException:
+                await self._reset(connection)
+                raise
+        async with self._read_turn:
+            if generation != self._generation:
+                raise RedisConnectionError("the connection was reset before these replies")
             results: list[Any] = []
-            # One deadline for the whole batch rather than one per reply.
-            async with asyncio.timeout(connection.socket_timeout):
-                for _ in range(count):
-                    try:
-                        results.append(await connection.read_response(timeout=math.inf))
-                    except ResponseError as exc:  # a reply, not a broken connection
-                        results.append(exc)
+            try:
+                # One deadline for the whole pipeline rather than one per reply.
+                async with asyncio.timeout(connection.socket_timeout):
+                    for _ in range(count):
+                        try:
+                            results.append(await connection.read_response(timeout=math.inf))
+                        except ResponseError as exc:  # a reply, not a broken connection
+                            results.append(exc)
+            except BaseException:
+                await self._reset(connection)
+                raise
             return results
-        except BaseException:
-            # Replies may be left unread: the connection must not be reused as is. It
-            # connects again on the next batch.
-            await connection.disconnect(nowait=True)
-            raise
+
+    async def _reset(self, connection: AbstractConnection) -> None:
+        """Replies may be left unread: pipelines sent so far fail, and the connection
+        connects again on the next one."""
+        self._generation += 1
+        await connection.disconnect(nowait=True)

@@ -70,7 +70,7 @@ class Bus:
         self._ttl = log_ttl
         self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
         self._append = ScriptBatcher(redis, redis.register_script(scripts.APPEND))
-        self._start = redis.register_script(scripts.START)
+        self._start = ScriptBatcher(redis, redis.register_script(scripts.START))
         self._renew = redis.register_script(scripts.RENEW)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)

@@ -190,3 +190,21 @@ async def test_appends_in_one_tick_share_a_round_trip_and_survive_a_script_flush
     assert seqs == [1] * 20
     for i in range(20):
         assert len(await bus.history(f"s{i}")) == 1
+
+
+async def test_a_burst_goes_out_in_several_pipelines_and_every_reply_finds_its_caller(bus):
+    # 300 calls in one tick: more than one pipeline holds, several are away at once on
+    # one connection, and each caller must get its own session's reply.
+    jobs = [await started(bus, run=f"r{i}", session=f"s{i}") for i in range(300)]
+    for i, (job, fence) in enumerate(jobs[:100]):  # some sessions are further along
+        if i % 3:
+            await bus.append(job, [Thought("answer", "x")] * (i % 3), fence=fence, first=1)
+    seqs = await asyncio.gather(
+        *(
+            bus.append(
+                job, [Thought("answer", "y")], fence=fence, first=1 + (i % 3 if i < 100 else 0)
+            )
+            for i, (job, fence) in enumerate(jobs)
+        )
+    )
+    assert seqs == [(i % 3 if i < 100 else 0) + 1 for i in range(300)]

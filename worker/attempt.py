@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -266,8 +267,13 @@ class RunAttempt:
         interval = self.limits.lease_ms / 3000
         unwatched_since: float | None = None
         channel = self.bus.keys.session_channel(self.job.session)
+        # The first renewal comes at a random point of the first interval: runs started
+        # together (a burst of prompts, a batch of claimed jobs) would otherwise renew
+        # together forever, a burst of Redis calls that stalls every stream at once.
+        delay = interval * random.uniform(0.25, 1.0)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
+            delay = interval
             with contextlib.suppress(Exception):
                 await self.bus.touch(self.owner, self.entry_id)
             try:
