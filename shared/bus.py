@@ -243,7 +243,7 @@ class Bus:
     # --- events -------------------------------------------------------------
 
     def encode(self, job: Job, thought: Thought) -> bytes:
-        """``thought`` as an event head of ``job``'s run, stamped now (see :meth:`append_encoded`)."""
+        """``thought`` as an event head of ``job``'s run, stamped now (see :meth:`submit_encoded`)."""
         return encode_event_head(thought, job.session, job.run, now_ms())
 
     async def append(
@@ -262,7 +262,7 @@ class Bus:
         holds the run. A terminal event ends the run with ``result``.
         """
         last = thoughts[-1]
-        return await self.append_encoded(
+        reply = await self.submit_encoded(
             job,
             [self.encode(job, t) for t in thoughts],
             fence=fence,
@@ -271,25 +271,7 @@ class Bus:
             status=TERMINAL_STATUS[last.type] if last.terminal else "",
             result=result,
         )
-
-    async def append_encoded(
-        self,
-        job: Job,
-        heads: Sequence[bytes],
-        *,
-        fence: str,
-        first: int,
-        min_seq: int = 0,
-        status: str = "",
-        result: str = "",
-    ) -> int:
-        """:meth:`append` for events already encoded by :meth:`encode`; ``status`` ends
-        the run (done, failed, cancelled)."""
-        return int(
-            await self.submit_encoded(
-                job, heads, fence=fence, first=first, min_seq=min_seq, status=status, result=result
-            )
-        )
+        return int(reply)
 
     def submit_encoded(
         self,
@@ -302,7 +284,9 @@ class Bus:
         status: str = "",
         result: str = "",
     ) -> asyncio.Future[Any]:
-        """:meth:`append_encoded` without waiting: the future gets the script's reply."""
+        """:meth:`append` for events already encoded by :meth:`encode`, without waiting:
+        the future gets the script's reply (the last seq, or :data:`FENCED`). ``status``
+        ends the run (done, failed, cancelled) with ``result``."""
         session = job.session
         keys = self.keys
         return self._append.submit(

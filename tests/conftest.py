@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
+from shared.connections import RedisFactory
+from shared.settings import Settings
 from tests.procs import Frontend, Proc, RedisServer, make_logdir, thoughtwire
 
 
@@ -28,6 +31,18 @@ def redis_server(logdir: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def prefix() -> str:
     return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture(params=["redis-server", "embedded"])
+async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """A command client on the session's redis-server, then on the embedded Redis."""
+    if request.param == "redis-server":
+        server = request.getfixturevalue("redis_server")
+        redis = RedisFactory(Settings(redis_url=server.url, redis_pool_size=4)).commands()
+    else:
+        redis = RedisFactory(Settings()).commands()
+    yield redis
+    await redis.aclose()
 
 
 @dataclass

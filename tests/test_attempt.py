@@ -9,24 +9,16 @@ import asyncio
 import pytest
 
 from shared.bus import Bus
-from shared.connections import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job, Thought, decode_event
-from shared.settings import Settings
 from worker.attempt import MAX_BATCH, Limits, RunAttempt
 
 LIMITS = Limits(lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0)
 
 
-@pytest.fixture(params=["redis-server", "embedded"])
-async def bus(request, prefix):
-    if request.param == "redis-server":
-        server = request.getfixturevalue("redis_server")
-        redis = RedisFactory(Settings(redis_url=server.url, redis_pool_size=4)).commands()
-    else:
-        redis = RedisFactory(Settings()).commands()
-    yield Bus(redis, Keys(prefix), log_maxlen=10_000, log_ttl=60)
-    await redis.aclose()
+@pytest.fixture
+def bus(redis_client, prefix):
+    return Bus(redis_client, Keys(prefix), log_maxlen=10_000, log_ttl=60)
 
 
 class Tokens:

@@ -13,15 +13,9 @@ from shared.protocol import Job, Thought, decode_event
 from shared.settings import Settings
 
 
-@pytest.fixture(params=["redis-server", "embedded"])
-async def bus(request, prefix):
-    if request.param == "redis-server":
-        server = request.getfixturevalue("redis_server")
-        redis = RedisFactory(Settings(redis_url=server.url, redis_pool_size=4)).commands()
-    else:
-        redis = RedisFactory(Settings()).commands()
-    yield Bus(redis, Keys(prefix), log_maxlen=50, log_ttl=60)
-    await redis.aclose()
+@pytest.fixture
+def bus(redis_client, prefix):
+    return Bus(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
 
 
 async def started(bus, run="r", session="s", lease_ms=10_000):

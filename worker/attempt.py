@@ -169,9 +169,9 @@ class RunAttempt:
     async def _write_numbered(
         self, heads: list[bytes], first: int, status: str = "", result: str = ""
     ) -> int:
-        seq = await retry(
+        reply = await retry(
             partial(
-                self.bus.append_encoded,
+                self.bus.submit_encoded,
                 self.job,
                 heads,
                 fence=self.fence,
@@ -182,6 +182,7 @@ class RunAttempt:
             ),
             seconds=self.limits.redis_retry_seconds,
         )
+        seq = int(reply)
         if seq != FENCED:
             self._last_seq = seq
         return seq
