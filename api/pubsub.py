@@ -202,18 +202,20 @@ class ClientLink:
 
     @classmethod
     async def open(cls, factory: RedisFactory, on_message: OnMessage) -> ClientLink:
-        link = cls(factory.pubsub(), on_message)
-        link._reader = asyncio.create_task(link._read(), name="pubsub-reader")
-        return link
+        return cls(factory.pubsub(), on_message)
 
     async def subscribe(self, *channels: bytes) -> None:
         await self._pubsub.subscribe(*channels)
+        if self._reader is None:
+            # Read only once subscribed: redis-py's get_message returns at once on a
+            # connection with no subscription.
+            self._reader = asyncio.create_task(self._read(), name="pubsub-reader")
 
     async def unsubscribe(self, *channels: bytes) -> None:
         await self._pubsub.unsubscribe(*channels)
 
     async def wait_closed(self) -> None:
-        assert self._reader is not None
+        assert self._reader is not None, "subscribe first"
         await asyncio.shield(self._reader)
 
     async def close(self) -> None:
@@ -226,9 +228,6 @@ class ClientLink:
 
     async def _read(self) -> None:
         while True:
-            if not self._pubsub.subscribed:
-                await asyncio.sleep(0.01)  # get_message returns at once with no subscription
-                continue
             message = await self._pubsub.get_message(timeout=None)
             if message is None:
                 continue

@@ -140,7 +140,7 @@ class ScriptBatcher:
             try:
                 await connection.send_packed_command(payload, check_health=False)
             except BaseException:
-                await self._reset(connection)
+                await self._reset(connection, generation)
                 raise
         async with self._read_turn:
             if generation != self._generation:
@@ -155,12 +155,17 @@ class ScriptBatcher:
                         except ResponseError as exc:  # a reply, not a broken connection
                             results.append(exc)
             except BaseException:
-                await self._reset(connection)
+                # In the send turn: a pipeline being sent (perhaps on a connection it
+                # just reopened) must not outlive the reset with replies nobody reads.
+                async with self._send_turn:
+                    await self._reset(connection, generation)
                 raise
             return results
 
-    async def _reset(self, connection: AbstractConnection) -> None:
-        """Replies may be left unread: pipelines sent so far fail, and the connection
-        connects again on the next one."""
-        self._generation += 1
-        await connection.disconnect(nowait=True)
+    async def _reset(self, connection: AbstractConnection, generation: int) -> None:
+        """Replies may be left unread: pipelines sent on this connection so far fail, and
+        it connects again for the next one. Called in the send turn; a reset that
+        someone else already made is not made twice."""
+        if generation == self._generation:
+            self._generation += 1
+            await connection.disconnect(nowait=True)
