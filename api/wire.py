@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope, Send
 from starlette.websockets import WebSocket
 from websockets.protocol import State
 
@@ -50,23 +50,13 @@ def text_frame(payload: bytes) -> bytes:
 def expose_protocol(scope: Scope, send: Send) -> None:
     """Put uvicorn's WebSocket connection in the scope, for :class:`RawSocket`.
 
-    ``send`` must be the server's own (a middleware's wrapper hides the connection).
+    ``send`` must be the server's own (a middleware's wrapper hides the connection), so
+    the outermost middleware calls this: :class:`api.lane.SocketLane`.
     """
     if scope["type"] == "websocket" and _Known is not None:
         owner = getattr(send, "__self__", None)
         if isinstance(owner, _Known):
             scope[SCOPE_KEY] = owner
-
-
-class ExposeProtocol:
-    """ASGI middleware doing :func:`expose_protocol`; add it last, so it runs first."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        expose_protocol(scope, send)
-        await self.app(scope, receive, send)
 
 
 class RawSocket:

@@ -90,8 +90,9 @@ async def measure(count: int, trace: bool, redis_url: str) -> None:
     serving = asyncio.create_task(server.serve())
     clients = []
     try:
-        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):
+            while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
+                await asyncio.sleep(0.05)
         for n, label in ((50, "warm-up"), (count, "measured")):
             gc.collect()
             before = rss_kb()

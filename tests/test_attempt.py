@@ -11,6 +11,7 @@ import pytest
 from shared.bus import Bus
 from shared.keys import Keys
 from shared.protocol import Job, Thought, decode_event
+from tests.procs import seconds
 from worker.attempt import MAX_BATCH, Limits, RunAttempt
 
 LIMITS = Limits(lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0)
@@ -32,6 +33,13 @@ class Tokens:
             yield Thought("answer", f"t{self.sent} ")
             self.sent += 1
             await asyncio.sleep(self.pause)
+
+
+async def produced(agent, count):
+    """Wait (bounded) until the agent has yielded ``count`` tokens."""
+    async with asyncio.timeout(seconds(5)):
+        while agent.sent < count:
+            await asyncio.sleep(0.001)
 
 
 async def attempt_for(bus, session="s"):
@@ -78,8 +86,7 @@ async def test_a_cancel_writes_what_was_queued_then_cancelled(bus):
     attempt = await attempt_for(bus)
     agent = Tokens(None)
     running = asyncio.create_task(attempt.execute(agent))
-    while agent.sent < 500:
-        await asyncio.sleep(0.001)
+    await produced(agent, 500)
     attempt.stop("cancel")
     await running
     events = [decode_event(e) for e in await bus.history("s")]
@@ -93,8 +100,7 @@ async def test_a_lost_lease_stops_the_agent_and_nothing_more_is_written(bus):
     attempt = await attempt_for(bus)
     agent = Tokens(None)
     running = asyncio.create_task(attempt.execute(agent))
-    while agent.sent < 300:
-        await asyncio.sleep(0.001)
+    await produced(agent, 300)
     # Another attempt takes the run over: the fence changes under the writer's feet.
     await bus.redis.hset(bus.keys.run("s", attempt.job.run), "fence", "someone-else")
     await asyncio.wait_for(running, 5)

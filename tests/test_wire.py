@@ -9,17 +9,19 @@ import uvicorn
 from fastapi import FastAPI, WebSocket
 from websockets.asyncio.client import connect
 
-from api.wire import ExposeProtocol, RawSocket, text_frame
+from api.lane import SocketLane, SocketRoutes
+from api.wire import RawSocket, text_frame
 from tests.procs import seconds
 
 SIZES = [0, 1, 125, 126, 65_535, 65_536, 200_000]  # each length encoding, and its edges
 
 
 def app() -> FastAPI:
+    routes = SocketRoutes()
     app = FastAPI()
-    app.add_middleware(ExposeProtocol)
+    app.add_middleware(SocketLane, routes=routes)
 
-    @app.websocket("/frames")
+    @routes.route("/frames")
     async def frames(websocket: WebSocket) -> None:
         await websocket.accept()
         raw = RawSocket.of(websocket)
