@@ -1,12 +1,16 @@
-"""Pipelining for the hottest script: many runs' appends in one round trip.
+"""Pipelining for the hot paths: many callers' Redis calls in one round trip.
 
-A worker runs many runs at once; each appends its events as they come. Appends go
-to Redis together, in pipelines: one write and one read instead of one round trip
-each. A pipeline leaves at the end of the event-loop tick, or as soon as it holds
-``max_batch`` calls (so a burst's first calls need not wait for its last); up to
-``max_in_flight`` are away at a time on one connection, and whatever queues beyond
-goes out as one comes back. Nothing waits on a timer, so a lone append is not
-delayed; under load, pipelines fill by themselves.
+A worker runs many runs at once, each appending its events as they come; a frontend
+queues prompts from many sockets. Their calls go to Redis together, in pipelines:
+one write and one read instead of one round trip each. A pipeline leaves at the end
+of the event-loop tick, or as soon as it holds ``max_batch`` calls (so a burst's
+first calls need not wait for its last); up to ``max_in_flight`` are away at a time
+on one connection, and whatever queues beyond goes out as one comes back. Nothing
+waits on a timer, so a lone call is not delayed; under load, pipelines fill by
+themselves.
+
+A call is a script run (EVALSHA) or a few plain commands whose replies the caller
+gets together. Calls leave, and are run by Redis, in the order they were made.
 
 The pipeline is packed here rather than by redis-py's ``Pipeline``: the arguments
 are only bytes, str and int, so the whole batch is encoded into one buffer with a
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -27,42 +32,46 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
+def _encode(value: Any) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int):
+        return b"%d" % value
+    raise TypeError(f"cannot send {type(value).__name__} to Redis")
 
 
-def _bulk(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        data = value
-    elif isinstance(value, str):
-        data = value.encode()
-    elif isinstance(value, int):
-        data = str(value).encode()
-    else:
-        raise TypeError(f"cannot send {type(value).__name__} to Redis")
-    return b"$%d\r\n%b\r\n" % (len(data), data)
+def _pack(parts: Sequence[Any]) -> bytes:
+    data = [part if part.__class__ is bytes else _encode(part) for part in parts]
+    return b"*%d\r\n" % len(data) + b"".join([b"$%d\r\n%b\r\n" % (len(d), d) for d in data])
+
+
+def pack_command(*parts: Any) -> bytes:
+    """One command in RESP, as redis-py would send it."""
+    return _pack(parts)
 
 
 def pack_evalsha(sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
-    """One EVALSHA command in RESP, as redis-py would send it."""
-    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)), _bulk(sha)]
-    parts.append(_bulk(len(keys)))
-    parts.extend(map(_bulk, keys))
-    parts.extend(map(_bulk, args))
-    return b"".join(parts)
+    """One EVALSHA command in RESP."""
+    return _pack([b"EVALSHA", sha, len(keys), *keys, *args])
 
 
-class ScriptBatcher:
-    """Runs one script for many callers, pipelined (see above)."""
+@dataclass(slots=True)
+class _Call:
+    payload: bytes
+    replies: int  # how many commands the payload holds
+    script: AsyncScript | None  # set for a script run, to load it again after a restart
+    future: asyncio.Future[Any]
 
-    def __init__(
-        self, redis: Redis, script: AsyncScript, max_batch: int = 64, max_in_flight: int = 4
-    ) -> None:
+
+class Batcher:
+    """Sends many callers' calls pipelined on one connection (see above)."""
+
+    def __init__(self, redis: Redis, max_batch: int = 64, max_in_flight: int = 4) -> None:
         self._redis = redis
-        self._script = script
-        self._sha = script.sha.encode()
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._pending: list[Call] = []
+        self._pending: list[_Call] = []
         self._scheduled: asyncio.Handle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._connection: AbstractConnection | None = None
@@ -72,14 +81,24 @@ class ScriptBatcher:
         self._read_turn = asyncio.Lock()
         self._generation = 0
 
-    async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        return await self.submit(keys, args)
+    def script(
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """Run ``script``; the future gets its reply (or error). Cancel it to drop the reply."""
+        return self._queue(pack_evalsha(script.sha.encode(), keys, args), 1, script)
 
-    def submit(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Queue one call; the future gets its reply (or error). Cancel it to drop the reply."""
+    def commands(self, *commands: Sequence[Any]) -> asyncio.Future[list[Any]]:
+        """Run ``commands`` one after the other; the future gets the list of their replies,
+        where a command that Redis refused has its error in its place."""
+        payload = b"".join(pack_command(*command) for command in commands)
+        return self._queue(payload, len(commands), None)
+
+    def _queue(
+        self, payload: bytes, replies: int, script: AsyncScript | None
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((keys, args, future))
+        self._pending.append(_Call(payload, replies, script, future))
         if len(self._pending) >= self._max_batch:
             self._flush()  # a burst's first calls need not wait for its last
         elif self._scheduled is None:
@@ -104,33 +123,36 @@ class ScriptBatcher:
         if self._pending:
             self._flush()
 
-    async def _send(self, batch: list[Call]) -> None:
+    async def _send(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute(batch)
         except Exception as exc:
             results = [exc] * len(batch)
-        for (_keys, _args, future), result in zip(batch, results, strict=True):
-            if future.done():
+        for call, result in zip(batch, results, strict=True):
+            if call.future.done():
                 continue  # its caller was cancelled
             if isinstance(result, Exception):
-                future.set_exception(result)
+                call.future.set_exception(result)
             else:
-                future.set_result(result)
+                call.future.set_result(result)
 
-    async def _execute(self, batch: list[Call]) -> list[Any]:
-        commands = [pack_evalsha(self._sha, keys, args) for keys, args, _ in batch]
-        results = await self._pipeline(b"".join(commands), len(commands))
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        """Each call's result: a script's reply or error, or a list of command replies."""
+        results = await self._pipeline(batch)
         unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if unknown:
-            # Redis restarted and forgot the script, so these calls did not run: load
-            # it, and run just them again.
-            await self._redis.script_load(self._script.script)
-            again = await self._pipeline(b"".join(commands[i] for i in unknown), len(unknown))
+            # Redis restarted and forgot the scripts, so these calls did not run: load
+            # them, and run just those calls again.
+            for script in {id(batch[i].script): batch[i].script for i in unknown}.values():
+                assert script is not None
+                await self._redis.script_load(script.script)
+            again = await self._pipeline([batch[i] for i in unknown])
             for i, result in zip(unknown, again, strict=True):
                 results[i] = result
         return results
 
-    async def _pipeline(self, payload: bytes, count: int) -> list[Any]:
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        payload = b"".join(call.payload for call in batch)
         # The batcher keeps one connection of the pool for itself rather than taking
         # one from it per pipeline.
         async with self._send_turn:
@@ -149,11 +171,9 @@ class ScriptBatcher:
             try:
                 # One deadline for the whole pipeline rather than one per reply.
                 async with asyncio.timeout(connection.socket_timeout):
-                    for _ in range(count):
-                        try:
-                            results.append(await connection.read_response(timeout=math.inf))
-                        except ResponseError as exc:  # a reply, not a broken connection
-                            results.append(exc)
+                    for call in batch:
+                        replies = [await self._reply(connection) for _ in range(call.replies)]
+                        results.append(replies[0] if call.script is not None else replies)
             except BaseException:
                 # In the send turn: a pipeline being sent (perhaps on a connection it
                 # just reopened) must not outlive the reset with replies nobody reads.
@@ -161,6 +181,13 @@ class ScriptBatcher:
                     await self._reset(connection, generation)
                 raise
             return results
+
+    @staticmethod
+    async def _reply(connection: AbstractConnection) -> Any:
+        try:
+            return await connection.read_response(timeout=math.inf)
+        except ResponseError as exc:  # a reply, not a broken connection
+            return exc
 
     async def _reset(self, connection: AbstractConnection, generation: int) -> None:
         """Replies may be left unread: pipelines sent on this connection so far fail, and

@@ -25,10 +25,11 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from shared import scripts
-from shared.batching import ScriptBatcher
+from shared.batching import Batcher
 from shared.keys import Keys
 from shared.protocol import TERMINAL_STATUS, Job, Thought, encode_event_head
 
@@ -58,6 +59,7 @@ class Attempt:
     verdict: str  # run, cancel, dead, busy, finished
     attempt: int
     fence: str
+    history: list[dict[str, Any]]  # the session's remembered messages, for ``run``
 
 
 class Bus:
@@ -69,8 +71,10 @@ class Bus:
         self._log_maxlen = log_maxlen
         self._ttl = log_ttl
         self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
-        self._append = ScriptBatcher(redis, redis.register_script(scripts.APPEND))
-        self._start = ScriptBatcher(redis, redis.register_script(scripts.START))
+        # Scripts and the hot paths' commands go out pipelined (shared.batching).
+        self._batch = Batcher(redis)
+        self._append = redis.register_script(scripts.APPEND)
+        self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
@@ -88,26 +92,35 @@ class Bus:
         """
         if idempotency_key is not None:
             key = self.keys.idempotency(idempotency_key)
-            claimed = await self.redis.set(key, f"{job.run} {job.session}", nx=True, ex=self._ttl)
-            if not claimed:
-                existing = await self.redis.get(key)
-                if existing is not None:
-                    run, session = _text(existing).split(" ", 1)
-                    return run, session, False
-        keys = self.keys
-        # The run's record first, so a worker that takes the job always finds it.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                keys.run(job.session, job.run),
-                mapping={"status": "queued", "attempt": 0, "created": now_ms()},
+            first, existing = await self._commands(
+                ("SET", key, f"{job.run} {job.session}", "NX", "EX", self._ttl), ("GET", key)
             )
-            pipe.expire(keys.run(job.session, job.run), self._ttl)
-            pipe.sadd(keys.session_runs(job.session), job.run)
-            pipe.expire(keys.session_runs(job.session), self._ttl)
-            pipe.set(keys.job(job.run), job.session, ex=self._ttl)
-            pipe.xadd(keys.jobs, {"job": job.encode()})
-            await pipe.execute()
+            if first is None and existing is not None:
+                run, session = _text(existing).split(" ", 1)
+                return run, session, False
+        keys, ttl = self.keys, self._ttl
+        run_key, runs = keys.run(job.session, job.run), keys.session_runs(job.session)
+        # The run's record first, so a worker that takes the job always finds it.
+        await self._commands(
+            ("HSET", run_key, "status", "queued", "attempt", 0, "created", now_ms()),
+            ("EXPIRE", run_key, ttl),
+            ("SADD", runs, job.run),
+            ("EXPIRE", runs, ttl),
+            ("SET", keys.job(job.run), job.session, "EX", ttl),
+            ("XADD", keys.jobs, "*", "job", job.encode()),
+        )
         return job.run, job.session, True
+
+    async def _commands(self, *commands: Sequence[Any]) -> list[Any]:
+        """Run ``commands`` in the shared pipeline; raise the first error Redis replied."""
+        replies = await self._batch.commands(*commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return self._batch.script(script, keys, args)
 
     async def run_state(self, run: str) -> dict[str, Any] | None:
         """A job's record by its id, or None when unknown or expired."""
@@ -135,7 +148,7 @@ class Bus:
             runs = [run]
         cancelled = []
         for r in runs:
-            status = await self._cancel(keys=[self.keys.run(session, r)])
+            status = await self._script(self._cancel, (self.keys.run(session, r),), ())
             if _text(status or b"") in ("queued", "running"):
                 cancelled.append(r)
         if cancelled:
@@ -194,10 +207,11 @@ class Bus:
 
         The run's slot among its user's concurrent runs is given back too.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
-            pipe.xdel(self.keys.jobs, entry_id)
-            await pipe.execute(raise_on_error=False)  # NOGROUP: Redis lost the queue already
+        jobs = self.keys.jobs
+        # Errors are let go: NOGROUP means Redis lost the queue already.
+        await self._batch.commands(
+            ("XACK", jobs, self.keys.jobs_group, entry_id), ("XDEL", jobs, entry_id)
+        )
         if job.user is not None:
             await self.release_slot(self.keys.user_runs(job.user), job.run)
 
@@ -224,21 +238,26 @@ class Bus:
             await self.release_slot(self.keys.user_runs(job.user), job.run)
 
     async def start(self, job: Job, owner: str, lease_ms: int, max_attempts: int) -> Attempt:
+        """Begin an attempt at ``job``, if the run's state allows; with the memory it needs."""
         fence = new_token()
-        verdict, attempt = await self._start(
-            keys=[self.keys.run(job.session, job.run)],
-            args=[fence, owner, lease_ms, max_attempts, self._ttl],
+        verdict, attempt, *turns = await self._script(
+            self._start,
+            (self.keys.run(job.session, job.run), self.keys.session_memory(job.session)),
+            (fence, owner, lease_ms, max_attempts, self._ttl),
         )
-        return Attempt(_text(verdict), int(attempt), fence)
+        history = [message for turn in turns for message in orjson.loads(turn)]
+        return Attempt(_text(verdict), int(attempt), fence, history)
 
     async def renew(self, job: Job, fence: str, lease_ms: int) -> int:
         """-1: the lease is lost; 1: cancellation was asked for; 0: carry on."""
         return int(
-            await self._renew(keys=[self.keys.run(job.session, job.run)], args=[fence, lease_ms])
+            await self._script(
+                self._renew, (self.keys.run(job.session, job.run),), (fence, lease_ms)
+            )
         )
 
     async def release(self, job: Job, fence: str) -> None:
-        await self._release(keys=[self.keys.run(job.session, job.run)], args=[fence])
+        await self._script(self._release, (self.keys.run(job.session, job.run),), (fence,))
 
     # --- events -------------------------------------------------------------
 
@@ -255,11 +274,14 @@ class Bus:
         first: int,
         min_seq: int = 0,
         result: str = "",
+        remember: bytes = b"",
+        turns: int = 0,
     ) -> int:
         """Append an attempt's events ``first``, ``first + 1``, ... to the log and publish them.
 
         Returns the session's last seq, or :data:`FENCED` if this attempt no longer
-        holds the run. A terminal event ends the run with ``result``.
+        holds the run. A terminal event ends the run with ``result``, and the turn's
+        messages ``remember`` join the session's memory (its last ``turns`` turns).
         """
         last = thoughts[-1]
         reply = await self.submit_encoded(
@@ -270,6 +292,8 @@ class Bus:
             min_seq=min_seq,
             status=TERMINAL_STATUS[last.type] if last.terminal else "",
             result=result,
+            remember=remember,
+            turns=turns,
         )
         return int(reply)
 
@@ -283,19 +307,25 @@ class Bus:
         min_seq: int = 0,
         status: str = "",
         result: str = "",
+        remember: bytes = b"",
+        turns: int = 0,
     ) -> asyncio.Future[Any]:
         """:meth:`append` for events already encoded by :meth:`encode`, without waiting:
         the future gets the script's reply (the last seq, or :data:`FENCED`). ``status``
-        ends the run (done, failed, cancelled) with ``result``."""
+        ends the run (done, failed, cancelled) with ``result``; the turn's messages
+        ``remember`` (a JSON array) join the session's memory, of which the last
+        ``turns`` turns are kept."""
         session = job.session
         keys = self.keys
-        return self._append.submit(
+        return self._script(
+            self._append,
             (
                 keys.session_meta(session),
                 keys.session_log(session),
                 keys.session_channel(session),
                 keys.run(session, job.run),
                 keys.session_runs(session),
+                keys.session_memory(session),
             ),
             (
                 self._log_maxlen,
@@ -307,6 +337,8 @@ class Bus:
                 status,
                 result,
                 job.run,
+                remember,
+                turns,
                 *heads,
             ),
         )
@@ -342,8 +374,8 @@ class Bus:
 
     async def claim_session(self, session: str, user: str) -> str:
         """The session's owner: ``user``, if nobody owned it yet."""
-        owner = await self._claim_session(
-            keys=[self.keys.session_owner(session)], args=[user, self._ttl]
+        owner = await self._script(
+            self._claim_session, (self.keys.session_owner(session),), (user, self._ttl)
         )
         return _text(owner)
 
@@ -354,7 +386,7 @@ class Bus:
     async def acquire_slot(self, key: str, member: str, ttl_ms: int, limit: int) -> bool:
         """Hold one of ``limit`` slots for ``ttl_ms`` (holding it again renews it)."""
         now = now_ms()
-        return bool(await self._acquire(keys=[key], args=[now, member, now + ttl_ms, limit]))
+        return bool(await self._script(self._acquire, (key,), (now, member, now + ttl_ms, limit)))
 
     async def release_slot(self, key: str, member: str) -> None:
         await self.redis.zrem(key, member)
@@ -365,7 +397,7 @@ class Bus:
         window = int(now // window_seconds)
         share = 1 - (now / window_seconds - window)
         keys = [self.keys.user_rate(user, window), self.keys.user_rate(user, window - 1)]
-        return int(await self._count(keys=keys, args=[window_seconds, f"{share:.4f}"]))
+        return int(await self._script(self._count, keys, (window_seconds, f"{share:.4f}")))
 
     # --- plain messages -----------------------------------------------------
 

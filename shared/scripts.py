@@ -12,9 +12,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: meta, log, channel, run, session's unfinished runs (a set).
+# KEYS: meta, log, channel, run, session's unfinished runs (a set), session's memory.
 # ARGV: maxlen, ttl, epoch seed, fence, min-seq, first-n, terminal-status, result, run,
-#       heads...
+#       turn to remember, turns kept, heads...
 #
 # * Fencing: only the attempt holding the run's fence may write. A stale attempt (its
 #   worker paused past its lease) gets -1 and writes nothing.
@@ -26,6 +26,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   told of the loss instead of being handed renumbered events.
 # * Each head is an event encoded up to its ``"seq":``; the script completes it, so the
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
+# * The call that ends the run may bring the turn's messages (a JSON array) for the
+#   session's memory, which keeps whole turns, the last ``turns`` of them.
 APPEND = """
 local state = redis.call('HMGET', KEYS[4], 'fence', 'emitted')
 local emitted = tonumber(state[2] or '0')
@@ -48,8 +50,8 @@ if not epoch or seq < tonumber(ARGV[5]) then
 end
 local tail = ',"epoch":"' .. epoch .. '"}'
 local first = tonumber(ARGV[6])
-for i = 10, #ARGV do
-  local n = first + i - 10
+for i = 12, #ARGV do
+  local n = first + i - 12
   if n > emitted then
     seq = seq + 1
     local payload = ARGV[i] .. seq .. tail
@@ -64,6 +66,11 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[4], 'status', ARGV[7], 'result', ARGV[8], 'fence', '', 'emitted', emitted)
   redis.call('SREM', KEYS[5], ARGV[9])
+  if ARGV[10] ~= '' then
+    redis.call('RPUSH', KEYS[6], ARGV[10])
+    redis.call('LTRIM', KEYS[6], -tonumber(ARGV[11]), -1)
+    redis.call('EXPIRE', KEYS[6], ARGV[2])
+  end
 else
   redis.call('HSET', KEYS[4], 'emitted', emitted)
 end
@@ -71,10 +78,11 @@ redis.call('EXPIRE', KEYS[4], ARGV[2])
 return seq
 """
 
-# KEYS: run.  ARGV: fence, owner, lease-ms, max-attempts, ttl.
-# Returns {verdict, attempt}: ``run`` (go), ``cancel`` (write ``cancelled`` and stop),
-# ``dead`` (too many attempts: write ``error`` and dead-letter), ``busy`` (another
-# attempt holds a live lease), ``finished`` (already ended).
+# KEYS: run, session's memory.  ARGV: fence, owner, lease-ms, max-attempts, ttl.
+# Returns {verdict, attempt, turns...}: ``run`` (go, with the session's remembered
+# turns), ``cancel`` (write ``cancelled`` and stop), ``dead`` (too many attempts: write
+# ``error`` and dead-letter), ``busy`` (another attempt holds a live lease),
+# ``finished`` (already ended).
 START = (
     _NOW
     + """
@@ -97,7 +105,10 @@ end
 if attempt - tonumber(redis.call('HGET', KEYS[1], 'handoffs') or '0') > tonumber(ARGV[4]) then
   return {'dead', attempt}
 end
-return {'run', attempt}
+local turns = redis.call('LRANGE', KEYS[2], 0, -1)
+table.insert(turns, 1, attempt)
+table.insert(turns, 1, 'run')
+return turns
 """
 )
 

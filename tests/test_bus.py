@@ -5,7 +5,9 @@ import asyncio
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from shared.batching import Batcher
 from shared.bus import FENCED, Bus
 from shared.connections import RedisFactory
 from shared.keys import Keys
@@ -99,6 +101,38 @@ async def test_a_terminal_event_ends_the_run_and_keeps_its_result(bus):
     assert (state["status"], state["result"], state["session"]) == ("done", "the answer", "s")
     assert (await bus.start(job, "w2", 10_000, 3)).verdict == "finished"
     assert await bus.append(job, [Thought("answer", "late")], fence=fence, first=2) == FENCED
+
+
+async def test_the_turn_that_ends_a_run_is_remembered_and_the_next_start_gets_it(bus):
+    history: list = []
+    for i in range(3):
+        job = Job(run=f"r{i}", session="s", prompt=f"q{i}")
+        await bus.submit(job)
+        attempt = await bus.start(job, "w1", 10_000, 3)
+        assert (attempt.verdict, attempt.history) == ("run", history)
+        turn = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+        for _ in range(2):  # the second is a retry whose reply was lost: it changes nothing
+            await bus.append(
+                job,
+                [Thought("done", "")],
+                fence=attempt.fence,
+                first=1,
+                remember=orjson.dumps(turn),
+                turns=2,
+            )
+        history = (history + turn)[-4:]  # whole turns, the last two
+    assert await bus.memory("s") == history
+
+
+async def test_plain_commands_share_the_pipeline_and_get_their_own_replies(redis_client, prefix):
+    batcher = Batcher(redis_client)
+    counter, text = f"{prefix}:counter", f"{prefix}:text"
+    good, bad = await asyncio.gather(
+        batcher.commands(("SET", counter, 41), ("INCR", counter)),
+        batcher.commands(("SET", text, "x"), ("INCR", text), ("GET", text)),
+    )
+    assert good[1] == 42
+    assert isinstance(bad[1], ResponseError) and bad[2] == b"x"
 
 
 async def test_cancel_is_seen_by_the_lease_and_at_start(bus):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import orjson
+
 from shared.backoff import UNAVAILABLE, retry
 from shared.bus import FENCED, Bus
 from shared.protocol import TERMINAL_STATUS, Job, Thought
@@ -56,7 +58,14 @@ class Limits:
 
 class RunAttempt:
     def __init__(
-        self, bus: Bus, job: Job, entry_id: str, fence: str, owner: str, limits: Limits
+        self,
+        bus: Bus,
+        job: Job,
+        entry_id: str,
+        fence: str,
+        owner: str,
+        limits: Limits,
+        history: list[dict[str, Any]] | None = None,
     ) -> None:
         self.bus = bus
         self.job = job
@@ -64,6 +73,7 @@ class RunAttempt:
         self.fence = fence
         self.owner = owner
         self.limits = limits
+        self.history = history or []  # the session's earlier messages, from the start
         self.stop_reason: str | None = None
         self._next = 1  # this attempt's number for its next event
         self._last_seq = 0
@@ -85,12 +95,16 @@ class RunAttempt:
             if self._driver is not None:
                 self._driver.cancel()
 
-    async def emit(self, *thoughts: Thought, result: str = "") -> None:
-        """Write ``thoughts`` now, after everything queued; the last may end the run."""
+    async def emit(self, *thoughts: Thought, result: str = "", remember: bytes = b"") -> None:
+        """Write ``thoughts`` now, after everything queued; the last may end the run,
+        and then ``remember`` (the turn's messages) joins the session's memory."""
         await self._settled()
         last = thoughts[-1]
         heads = [self.bus.encode(self.job, t) for t in thoughts]
-        await self._write(heads, TERMINAL_STATUS[last.type] if last.terminal else "", result)
+        status = TERMINAL_STATUS[last.type] if last.terminal else ""
+        first, self._next = self._next, self._next + len(heads)
+        if await self._write_numbered(heads, first, status, result, remember) == FENCED:
+            raise LeaseLost
 
     # --- the agent's events: queued, and written one batch in flight at a time -----
     #
@@ -161,13 +175,13 @@ class RunAttempt:
         if self._failure is not None:
             raise self._failure
 
-    async def _write(self, heads: list[bytes], status: str = "", result: str = "") -> None:
-        first, self._next = self._next, self._next + len(heads)
-        if await self._write_numbered(heads, first, status, result) == FENCED:
-            raise LeaseLost
-
     async def _write_numbered(
-        self, heads: list[bytes], first: int, status: str = "", result: str = ""
+        self,
+        heads: list[bytes],
+        first: int,
+        status: str = "",
+        result: str = "",
+        remember: bytes = b"",
     ) -> int:
         reply = await retry(
             partial(
@@ -179,6 +193,8 @@ class RunAttempt:
                 min_seq=self._last_seq,
                 status=status,
                 result=result,
+                remember=remember,
+                turns=self.limits.memory_turns,
             ),
             seconds=self.limits.redis_retry_seconds,
         )
@@ -236,24 +252,14 @@ class RunAttempt:
             logger.info("run %s handed back to the queue", self.job.run)
             return
         result = "".join(self._answer) if terminal.type == "done" else str(terminal.content)
-        await self.emit(terminal, result=result)
+        remember = b""
         if terminal.type == "done" and self._turn is not None and self._turn.messages:
-            await retry(
-                partial(
-                    self.bus.remember,
-                    self.job.session,
-                    self._turn.messages,
-                    self.limits.memory_turns,
-                ),
-                seconds=self.limits.redis_retry_seconds,
-            )
+            remember = orjson.dumps(self._turn.messages)
+        await self.emit(terminal, result=result, remember=remember)
         await self.bus.finish(self.entry_id, self.job)
 
     async def _drive(self, agent: Agent) -> None:
-        history = await retry(
-            partial(self.bus.memory, self.job.session), seconds=self.limits.redis_retry_seconds
-        )
-        self._turn = Turn(self.job.prompt, history)
+        self._turn = Turn(self.job.prompt, self.history)
         async for thought in coalesce(agent.run(self._turn), self.limits.coalesce_window):
             if thought.terminal:
                 self._terminal = thought  # the agent's own ending, with its details

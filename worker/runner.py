@@ -143,7 +143,9 @@ class Worker:
             return
         if start.verdict == "busy":
             return  # another attempt holds a live lease; its renewals take the job back
-        attempt = RunAttempt(self.bus, job, entry_id, start.fence, self.name, self.limits)
+        attempt = RunAttempt(
+            self.bus, job, entry_id, start.fence, self.name, self.limits, start.history
+        )
         if start.verdict == "cancel":
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
             await self.bus.finish(entry_id, job)
