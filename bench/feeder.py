@@ -1,7 +1,8 @@
 """The comparison systems' worker: streams tokens to a session when asked.
 
 It takes start commands from a Redis list and, like an LLM run, sends ``tokens``
-tokens at ``rate`` per second (0: unpaced), then ``done``. ``thin`` PUBLISHes each
+tokens at ``rate`` per second (0: unpaced), each within ``jitter`` of an interval of
+its slot as the simulated agent's are, then ``done``. ``thin`` PUBLISHes each
 token (awaited); ``sio`` emits through a write-only AsyncRedisManager.
 
     python -m bench.feeder --system thin|socketio --redis URL
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 
 import socketio
@@ -24,11 +26,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def stream(send, session: str, tokens: int, rate: float) -> None:  # type: ignore[no-untyped-def]
+async def stream(send, session: str, tokens: int, rate: float, jitter: float) -> None:  # type: ignore[no-untyped-def]
     start = time.monotonic()
     for seq in range(1, tokens + 2):
         if rate > 0:
-            delay = start + (seq - 1) / rate - time.monotonic()
+            slot = seq - 1 + random.uniform(-jitter, jitter) if seq > 1 else 0
+            delay = start + slot / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
         kind = "answer" if seq <= tokens else "done"
@@ -59,7 +62,7 @@ async def main(system: str, redis_url: str) -> None:
         _key, raw = await redis.blpop([f"bench:{system}:start"])
         command = json.loads(raw)
         task = asyncio.create_task(
-            stream(send, command["session"], command["tokens"], command["rate"])
+            stream(send, command["session"], command["tokens"], command["rate"], command["jitter"])
         )
         running.add(task)
         task.add_done_callback(running.discard)

@@ -32,6 +32,7 @@ class Plan:
     tokens: int
     rate: float
     redis_url: str
+    jitter: float = 0.0  # of the comparison systems' tokens, as the simulated agent's
     deadline: float = 120.0
     hold: bool = False  # idle: connect, report, hold until told to stop
 
@@ -119,7 +120,12 @@ class Socket:
         if self.plan.system == "thoughtwire":
             self.ws.send_text("go")
         else:
-            command = {"session": self.session, "tokens": self.plan.tokens, "rate": self.plan.rate}
+            command = {
+                "session": self.session,
+                "tokens": self.plan.tokens,
+                "rate": self.plan.rate,
+                "jitter": self.plan.jitter,
+            }
             await redis.rpush(f"bench:{self.plan.system}:start", json.dumps(command))
 
     async def close(self) -> None:

@@ -54,6 +54,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 LOAD_PROCESSES = 2
+# Paced tokens land within half an interval of their slots, for every system, as a real
+# model's do. On a metronome, runs that start in the same millisecond (a worker takes
+# queued jobs in batches) would send every token in the same millisecond, forever.
+JITTER = 0.5
 
 
 def free_port() -> int:
@@ -141,15 +145,18 @@ class System:
 
     def _start(self) -> System:
         py = sys.executable
+        rate = self.scenario.get("rate", 0)
         if self.name == "thoughtwire":
             env = {
                 "REDIS_URL": self.redis_url,
                 "THOUGHTWIRE_KEY_PREFIX": self.prefix,
                 "THOUGHTWIRE_AGENT": "simulated",
                 "OPENAI_API_KEY": "",
-                "THOUGHTWIRE_SIM_STEP_DELAY": "0",
+                # Every event paced alike: the agent's steps take a token interval each.
+                "THOUGHTWIRE_SIM_STEP_DELAY": str(1 / rate if rate else 0),
                 "THOUGHTWIRE_SIM_ANSWER_TOKENS": str(self.scenario.get("tokens", 1)),
-                "THOUGHTWIRE_SIM_TOKENS_PER_SECOND": str(self.scenario.get("rate", 0)),
+                "THOUGHTWIRE_SIM_TOKENS_PER_SECOND": str(rate),
+                "THOUGHTWIRE_SIM_JITTER": str(self.scenario.get("jitter", JITTER)),
                 "THOUGHTWIRE_WORKER_CONCURRENCY": "512",
                 "THOUGHTWIRE_MAX_SOCKETS_PER_USER": "100000",
                 "THOUGHTWIRE_DRAIN_WINDOW": "0.2",
@@ -279,7 +286,13 @@ def plans_for(system: System, scenario: dict[str, Any]) -> list[Plan]:
     ]
     return [
         Plan(
-            system.name, system.urls, share, scenario["tokens"], scenario["rate"], system.redis_url
+            system.name,
+            system.urls,
+            share,
+            scenario["tokens"],
+            scenario["rate"],
+            system.redis_url,
+            jitter=scenario.get("jitter", JITTER),
         )
         for share in shares
         if share

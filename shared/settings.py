@@ -48,6 +48,9 @@ class Settings:
     sim_step_delay: float = 0.5
     sim_answer_tokens: int = 12
     sim_tokens_per_second: float = 20.0
+    # Each answer token lands within this share of an interval of its slot, as a real
+    # model's tokens do; 0 is a metronome.
+    sim_jitter: float = 0.0
 
     # Event log per session: bounded in length and lifetime. Run states, results and
     # idempotency keys are kept as long.
@@ -128,6 +131,8 @@ class Settings:
         for name in ("redis_pool_size", "send_queue_size", "log_maxlen", "worker_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
+        if not 0 <= self.sim_jitter <= 0.5:
+            raise SettingsError("THOUGHTWIRE_SIM_JITTER must be between 0 and 0.5")
         if ":" in self.key_prefix or "{" in self.key_prefix:
             raise SettingsError("THOUGHTWIRE_KEY_PREFIX must not contain ':' or '{'")
 

@@ -1,10 +1,13 @@
-"""Coalescing, with a scripted source and a fake clock-free check on grouping."""
+"""Coalescing, with a scripted source and a fake clock-free check on grouping; and the
+simulated agent's pacing, which benchmarks shape their load with."""
 
 import asyncio
 
 import pytest
 
 from shared.protocol import Thought
+from worker.agents.base import Turn
+from worker.agents.simulated import ANSWER, SimulatedAgent
 from worker.coalesce import coalesce
 
 
@@ -57,3 +60,10 @@ async def test_a_failing_source_fails_the_consumer():
 
     with pytest.raises(RuntimeError, match="boom"):
         await collect(broken(), 10.0)
+
+
+async def test_the_simulated_agents_jitter_keeps_every_token_in_order():
+    agent = SimulatedAgent(step_delay=0, answer_tokens=20, tokens_per_second=1000, jitter=0.5)
+    thoughts = [t async for t in agent.run(Turn("q", []))]
+    answer = [t.content for t in thoughts if t.type == "answer"]
+    assert "".join(answer) == "".join(w + " " for w in ANSWER.split()[:20])

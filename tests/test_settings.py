@@ -40,6 +40,7 @@ def test_types_are_parsed():
         {"THOUGHTWIRE_AGENT": "nope"},
         {"THOUGHTWIRE_AGENT": "openai"},
         {"THOUGHTWIRE_KEY_PREFIX": "a:b"},
+        {"THOUGHTWIRE_SIM_JITTER": "0.9"},
         {"THOUGHTWIRE_WS_PER_MESSAGE_DEFLATE": "maybe"},
     ],
 )

@@ -1,13 +1,15 @@
-"""The simulated agent: deterministic, no network, shaped by settings.
+"""The simulated agent: no network, shaped by settings.
 
 It walks the seed's loop (thinking, action, observation, thinking, answer) and
 streams the answer as tokens. Benchmarks shape their load with its settings.
+Without jitter it is deterministic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,11 +29,15 @@ class SimulatedAgent:
     step_delay: float = 0.5
     answer_tokens: int = 12
     tokens_per_second: float = 20.0  # 0 streams the answer unpaced
+    jitter: float = 0.0  # each token within this share of an interval of its slot
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SimulatedAgent:
         return cls(
-            settings.sim_step_delay, settings.sim_answer_tokens, settings.sim_tokens_per_second
+            settings.sim_step_delay,
+            settings.sim_answer_tokens,
+            settings.sim_tokens_per_second,
+            settings.sim_jitter,
         )
 
     async def run(self, turn: Turn) -> AsyncIterator[Thought]:
@@ -60,8 +66,10 @@ class SimulatedAgent:
         start = time.monotonic()
         for i, word in enumerate(words):
             if self.tokens_per_second > 0:
-                # Pace against absolute deadlines, so sleeps do not drift.
-                delay = start + i / self.tokens_per_second - time.monotonic()
+                # Pace against absolute deadlines, so sleeps do not drift; jitter moves
+                # each token about its slot without changing the rate.
+                slot = i + random.uniform(-self.jitter, self.jitter) if i else 0
+                delay = start + slot / self.tokens_per_second - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
             elif i % 64 == 63:
