@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from api.auth import AuthError
 from api.frontend import Frontend, running
 from api.http import router as http_router
-from api.lane import SocketLane
+from api.lane import Gateway
 from api.sockets import routes as socket_routes
 from shared.connections import RedisFactory
 from shared.settings import Settings
@@ -40,7 +40,13 @@ def create_app(
             app.state.frontend = frontend
             yield
 
-    app = FastAPI(title="thoughtwire", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = Gateway(
+        socket_routes=socket_routes,
+        title="thoughtwire",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     if settings.origins:
         app.add_middleware(
             CORSMiddleware,
@@ -48,9 +54,6 @@ def create_app(
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
-
-    # Last added, first run: the WebSocket endpoints are served ahead of FastAPI.
-    app.add_middleware(SocketLane, routes=socket_routes)
 
     @app.exception_handler(AuthError)
     async def refused(request: Request, exc: AuthError) -> JSONResponse:

@@ -1,10 +1,12 @@
 """One client socket: a viewer (:mod:`api.viewer`) carried over a WebSocket.
 
-The socket has the endpoint's receive loop, and while frames wait in the viewer's
-queue, a writer task that drains it into the socket. When the loop ends, the writer
-fails or a close is asked for, both stop and the viewer leaves its channels. A close
-asked for while the writer is stuck on a client that stopped reading cancels the
-writer instead of queuing behind it.
+The socket's own task runs the endpoint's receive loop, and while frames wait in the
+viewer's queue, a writer task drains it into the socket. When the loop ends, the
+writer fails or a close is asked for, both stop and the viewer leaves its channels:
+a stop interrupts the loop by cancelling the socket's task, so an idle socket holds
+one task, not a reader task and a wait beside it. A close asked for while the writer
+is stuck on a client that stopped reading cancels the writer instead of queuing
+behind it.
 
 A socket that keeps up never uses its queue: while the queue is empty and nothing is
 being sent, a frame goes straight to the connection as ready bytes
@@ -60,7 +62,8 @@ class Connection:
         self._sending = False  # the writer holds a frame it has not finished sending
         self._writer_error: BaseException | None = None
         self._closing: tuple[int, str] | None = None
-        self._stopped: asyncio.Future[None] | None = None  # set: serve must end now
+        self._serving: asyncio.Task[Any] | None = None  # the task in the receive loop
+        self._interrupting = False  # a stop has cancelled (or will cancel) that task
         self.sent = 0  # frames written, for idle detection
 
     def send(self, frame: str) -> None:
@@ -87,30 +90,40 @@ class Connection:
         self._stop()
 
     def _stop(self) -> None:
-        if self._stopped is not None and not self._stopped.done():
-            self._stopped.set_result(None)
+        if self._serving is not None and not self._interrupting:
+            self._interrupting = True
+            # From a callback, not here: the stop may come from inside the loop itself,
+            # which must not be cancelled at whatever it awaits after the loop is over.
+            asyncio.get_running_loop().call_soon(self._interrupt)
+
+    def _interrupt(self) -> None:
+        if self._serving is not None:  # still in the loop
+            self._serving.cancel()
 
     async def serve(self, receive_loop: ReceiveLoop) -> None:
         """Run the receive loop until it ends, the writer fails or a close is asked for."""
-        self._stopped = asyncio.get_running_loop().create_future()
-        reader = asyncio.create_task(receive_loop(), name="socket-reader")
-        if self._closing is not None or self._writer_error is not None:
-            self._stop()  # it happened before serving began
+        task = self._serving = asyncio.current_task()
+        assert task is not None
+        loop_error: BaseException | None = None
         try:
-            await asyncio.wait({reader, self._stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if self._closing is None and self._writer_error is None:
+                await receive_loop()
+        except asyncio.CancelledError:
+            # Ours (a stop) is taken back; one from outside (shutdown) goes on.
+            if not self._interrupting or task.uncancel() > 0:
+                raise
+        except Exception as exc:
+            loop_error = exc
         finally:
-            reader.cancel()
+            self._serving = None
             writer = self._writer
             if writer is not None:
                 writer.cancel()
-            await asyncio.gather(reader, *([writer] if writer else []), return_exceptions=True)
+                await asyncio.gather(writer, return_exceptions=True)
             await self.viewer.detach()
-        errors = [self._writer_error]
-        if reader.done() and not reader.cancelled():
-            errors.append(reader.exception())
-        for exc in errors:
-            if exc is not None and not isinstance(exc, WebSocketDisconnect):
-                logger.error("socket task failed", exc_info=exc)
+        for error in (self._writer_error, loop_error):
+            if error is not None and not isinstance(error, WebSocketDisconnect):
+                logger.error("socket task failed", exc_info=error)
                 self._closing = self._closing or (Close.INTERNAL, "internal error")
         if self._closing is not None:
             await self._send_close(*self._closing)

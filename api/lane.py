@@ -1,12 +1,12 @@
-"""The WebSocket endpoints' own lane: matched and called from the outermost middleware.
+"""The WebSocket endpoints' own lane: matched and called before FastAPI sees them.
 
 A socket may stay open for hours, and everything on its stack stays with it. Through
 FastAPI, each one carries the framework's middleware and routing frames, three exit
-stacks and a scope grown by every router: about 6 KB per open socket, for features
+stacks and a scope grown by every router: about 7 KB per open socket, for features
 (dependency injection, exception handlers) these endpoints do not use. So the
-endpoints in :data:`routes` are matched here, by Starlette's own path syntax, and
-called with a plain Starlette ``WebSocket``; every other request, and a WebSocket
-to any other path, goes on to the application as usual.
+endpoints of a :class:`SocketRoutes` are matched by :class:`Gateway`'s entry point,
+by Starlette's own path syntax, and called with a plain Starlette ``WebSocket``;
+every other request, and a WebSocket to any other path, goes on to FastAPI as usual.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import FastAPI
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from api.wire import expose_protocol
@@ -54,19 +55,25 @@ class SocketRoutes:
         return None
 
 
-class SocketLane:
-    """ASGI middleware: serves the WebSocket endpoints of ``routes`` itself."""
+class Gateway(FastAPI):
+    """FastAPI, with the WebSocket endpoints of ``socket_routes`` served ahead of it.
 
-    def __init__(self, app: ASGIApp, routes: SocketRoutes) -> None:
-        self.app = app
-        self.routes = routes
+    Even the outermost middleware runs inside FastAPI's own layers (error, telemetry,
+    body limit), each a frame that a socket would hold for its whole life; so the
+    lane is the application's own entry point, and those layers see everything else.
+    """
+
+    def __init__(self, *, socket_routes: SocketRoutes, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.socket_routes = socket_routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             expose_protocol(scope, send)
-            found = self.routes.match(scope["path"])
+            found = self.socket_routes.match(scope["path"])
             if found is not None:
+                scope["app"] = self
                 endpoint, scope["path_params"] = found
                 await endpoint(WebSocket(scope, receive, send))
                 return
-        await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)

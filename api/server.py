@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from api.wsserver import PROTOCOL
 from shared import loops
 from shared.settings import Settings
 
@@ -69,17 +70,24 @@ class RedactTokens(logging.Filter):
         return True
 
 
-def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
-    for name in ("uvicorn.access", "uvicorn.error"):
-        logging.getLogger(name).addFilter(RedactTokens())
-    config = uvicorn.Config(
+def config(
+    app: FastAPI, settings: Settings, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Config:
+    """uvicorn's settings for a frontend: its WebSocket protocol and limits."""
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
+        ws=PROTOCOL,
         ws_max_size=settings.max_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
-        log_level="info",
+        log_level=log_level,
     )
+
+
+def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(RedactTokens())
     loops.settle()
-    DrainingServer(config, app).run()
+    DrainingServer(config(app, settings, host, port), app).run()

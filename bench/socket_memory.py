@@ -76,16 +76,13 @@ def where(stats: list[tracemalloc.StatisticDiff], count: int, top: int = 30) -> 
 async def measure(count: int, trace: bool, redis_url: str) -> None:
     os.environ.update(REDIS_URL=redis_url, THOUGHTWIRE_MAX_SOCKETS_PER_USER=str(count * 2))
     from api.app import create_app
+    from api.server import config
     from shared.settings import Settings
 
     port = free_port()
+    settings = Settings.from_env(os.environ)
     server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(Settings.from_env(os.environ)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
+        config(create_app(settings), settings, "127.0.0.1", port, log_level="warning")
     )
     serving = asyncio.create_task(server.serve())
     clients = []
