@@ -63,7 +63,8 @@ class Connection:
         self._writer_error: BaseException | None = None
         self._closing: tuple[int, str] | None = None
         self._serving: asyncio.Task[Any] | None = None  # the task in the receive loop
-        self._interrupting = False  # a stop has cancelled (or will cancel) that task
+        self._interrupting = False  # a stop is on its way to that task
+        self._interrupted = False  # the stop has cancelled it
         self.sent = 0  # frames written, for idle detection
 
     def send(self, frame: str) -> None:
@@ -98,6 +99,7 @@ class Connection:
 
     def _interrupt(self) -> None:
         if self._serving is not None:  # still in the loop
+            self._interrupted = True
             self._serving.cancel()
 
     async def serve(self, receive_loop: ReceiveLoop) -> None:
@@ -110,7 +112,7 @@ class Connection:
                 await receive_loop()
         except asyncio.CancelledError:
             # Ours (a stop) is taken back; one from outside (shutdown) goes on.
-            if not self._interrupting or task.uncancel() > 0:
+            if not self._interrupted or task.uncancel() > 0:
                 raise
         except Exception as exc:
             loop_error = exc

@@ -385,6 +385,9 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/latest.json")
     parser.add_argument("--scenarios", default=",".join(PROFILES["full"]))
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--jitter", type=float, default=JITTER, help="of paced tokens, in intervals (0-0.5)"
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -421,7 +424,7 @@ def main() -> int:
         for name in args.scenarios.split(","):
             if name not in PROFILES[args.profile]:
                 continue
-            scenario = PROFILES[args.profile][name]
+            scenario = {"jitter": args.jitter, **PROFILES[args.profile][name]}
             for system_name in args.systems.split(","):
                 if name == "coalescing" and system_name != "thoughtwire":
                     continue  # only thoughtwire has a coalescing window

@@ -10,7 +10,11 @@ waits on a timer, so a lone call is not delayed; under load, pipelines fill by
 themselves.
 
 A call is a script run (EVALSHA) or a few plain commands whose replies the caller
-gets together. Calls leave, and are run by Redis, in the order they were made.
+gets together. Calls leave, and are run by Redis, in the order they were made (but
+for script runs that Redis refused because it had forgotten the script: they are
+run again after it is loaded). When a connection fails, only the calls whose replies
+had not been read get the error: those may or may not have run, and each caller
+knows whether its call is safe to repeat.
 
 The pipeline is packed here rather than by redis-py's ``Pipeline``: the arguments
 are only bytes, str and int, so the whole batch is encoded into one buffer with a
@@ -126,7 +130,11 @@ class Batcher:
     async def _send(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute(batch)
-        except Exception as exc:
+        except asyncio.CancelledError:  # the loop is closing: nobody waits forever
+            for call in batch:
+                call.future.cancel()
+            raise
+        except Exception as exc:  # the pipeline could not be sent
             results = [exc] * len(batch)
         for call, result in zip(batch, results, strict=True):
             if call.future.done():
@@ -143,10 +151,13 @@ class Batcher:
         if unknown:
             # Redis restarted and forgot the scripts, so these calls did not run: load
             # them, and run just those calls again.
-            for script in {id(batch[i].script): batch[i].script for i in unknown}.values():
-                assert script is not None
-                await self._redis.script_load(script.script)
-            again = await self._pipeline([batch[i] for i in unknown])
+            try:
+                for script in {id(batch[i].script): batch[i].script for i in unknown}.values():
+                    assert script is not None
+                    await self._redis.script_load(script.script)
+                again = await self._pipeline([batch[i] for i in unknown])
+            except Exception as exc:  # for these calls only: the others have run
+                again = [exc] * len(unknown)
             for i, result in zip(unknown, again, strict=True):
                 results[i] = result
         return results
@@ -174,12 +185,15 @@ class Batcher:
                     for call in batch:
                         replies = [await self._reply(connection) for _ in range(call.replies)]
                         results.append(replies[0] if call.script is not None else replies)
-            except BaseException:
+            except BaseException as exc:
                 # In the send turn: a pipeline being sent (perhaps on a connection it
                 # just reopened) must not outlive the reset with replies nobody reads.
                 async with self._send_turn:
                     await self._reset(connection, generation)
-                raise
+                if not isinstance(exc, Exception):
+                    raise
+                # The calls read so far have run; the error goes to the rest.
+                results.extend([exc] * (len(batch) - len(results)))
             return results
 
     @staticmethod

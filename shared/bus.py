@@ -92,17 +92,22 @@ class Bus:
         """
         if idempotency_key is not None:
             key = self.keys.idempotency(idempotency_key)
+            ours = f"{job.run} {job.session}"
             first, existing = await self._commands(
-                ("SET", key, f"{job.run} {job.session}", "NX", "EX", self._ttl), ("GET", key)
+                ("SET", key, ours, "NX", "EX", self._ttl), ("GET", key)
             )
-            if first is None and existing is not None:
+            # Ours already (a retry of this very call): queue it, as the first try may not have.
+            if first is None and existing is not None and _text(existing) != ours:
                 run, session = _text(existing).split(" ", 1)
                 return run, session, False
         keys, ttl = self.keys, self._ttl
         run_key, runs = keys.run(job.session, job.run), keys.session_runs(job.session)
-        # The run's record first, so a worker that takes the job always finds it.
+        # The run's record first, so a worker that takes the job always finds it. Field
+        # by field only where unset: a retried submit must not reset a run that started.
         await self._commands(
-            ("HSET", run_key, "status", "queued", "attempt", 0, "created", now_ms()),
+            ("HSETNX", run_key, "status", "queued"),
+            ("HSETNX", run_key, "attempt", 0),
+            ("HSETNX", run_key, "created", now_ms()),
             ("EXPIRE", run_key, ttl),
             ("SADD", runs, job.run),
             ("EXPIRE", runs, ttl),

@@ -128,9 +128,13 @@ class Settings:
             raise SettingsError(f"THOUGHTWIRE_AGENT must be one of {', '.join(AGENTS)}")
         if self.agent == "openai" and not self.openai_api_key:
             raise SettingsError("the openai agent needs OPENAI_API_KEY")
-        for name in ("redis_pool_size", "send_queue_size", "log_maxlen", "worker_concurrency"):
+        for name in ("send_queue_size", "log_maxlen", "worker_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
+        if self.redis_pool_size < 2:  # the pipelined calls keep one connection to themselves
+            raise SettingsError("THOUGHTWIRE_REDIS_POOL_SIZE must be at least 2")
+        if self.memory_turns < 0:
+            raise SettingsError("THOUGHTWIRE_MEMORY_TURNS must be 0 (no memory) or more")
         if not 0 <= self.sim_jitter <= 0.5:
             raise SettingsError("THOUGHTWIRE_SIM_JITTER must be between 0 and 0.5")
         if ":" in self.key_prefix or "{" in self.key_prefix:

@@ -135,6 +135,41 @@ async def test_plain_commands_share_the_pipeline_and_get_their_own_replies(redis
     assert isinstance(bad[1], ResponseError) and bad[2] == b"x"
 
 
+async def test_a_retried_submit_queues_its_job_and_never_resets_a_started_run(bus):
+    job = Job(run="r", session="s", prompt="p")
+    # A first try that claimed the key and was cut off before queueing the job.
+    await bus.redis.set(bus.keys.idempotency("k"), "r s")
+    assert await bus.submit(job, "k") == ("r", "s", True)
+    assert await bus.redis.xlen(bus.keys.jobs) == 1
+    attempt = await bus.start(job, "w1", 10_000, 3)
+    assert await bus.submit(job, "k") == ("r", "s", True)  # a retry after a lost reply
+    state = await bus.run_state("r")
+    assert (state["status"], state["attempt"]) == ("running", "1")
+    assert await bus.renew(job, attempt.fence, 10_000) == 0
+    other = Job(run="r2", session="s", prompt="p")
+    assert await bus.submit(other, "k") == ("r", "s", False)
+
+
+async def test_a_script_that_cannot_be_loaded_again_fails_only_its_own_calls(
+    redis_client, prefix, monkeypatch
+):
+    batcher = Batcher(redis_client)
+    script = redis_client.register_script("return 7")
+    assert await batcher.script(script, (), ()) == 7
+    await redis_client.script_flush()  # as after a Redis restart
+
+    async def refused(_text):
+        raise ConnectionError("Redis is loading")
+
+    monkeypatch.setattr(redis_client, "script_load", refused)
+    key = f"{prefix}:n"
+    ran, failed = await asyncio.gather(
+        batcher.commands(("INCR", key)), batcher.script(script, (), ()), return_exceptions=True
+    )
+    assert ran == [1]  # it ran once, and its caller is told so
+    assert isinstance(failed, ConnectionError)
+
+
 async def test_cancel_is_seen_by_the_lease_and_at_start(bus):
     job, fence = await started(bus)
     assert await bus.cancel("s") == ["r"]

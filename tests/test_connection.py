@@ -53,3 +53,26 @@ async def test_a_client_that_falls_behind_is_closed_with_4008_and_nobody_waits()
     assert socket.sent == ["0"]
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
+
+
+async def test_a_close_ends_the_receive_loop_in_the_sockets_own_task():
+    socket = StuckSocket()
+    conn = Connection(socket, None, NullHub(), queue_size=4, render=as_is)
+    serving = asyncio.create_task(conn.serve(lambda: asyncio.Event().wait()))
+    await asyncio.sleep(0)
+    conn.close(Close.NORMAL, "bye")
+    async with asyncio.timeout(seconds(5)):
+        await serving  # returns: the stop's own cancellation is taken back
+    assert await socket.closed == (Close.NORMAL, "bye")
+
+
+async def test_a_shutdown_that_meets_a_close_still_cancels_the_socket():
+    socket = StuckSocket()
+    conn = Connection(socket, None, NullHub(), queue_size=4, render=as_is)
+    serving = asyncio.create_task(conn.serve(lambda: asyncio.Event().wait()))
+    await asyncio.sleep(0)
+    serving.cancel()  # the server shuts down, and in the same moment the socket is closed
+    conn.close(Close.NORMAL, "bye")
+    async with asyncio.timeout(seconds(5)):
+        await asyncio.gather(serving, return_exceptions=True)
+    assert serving.cancelled()

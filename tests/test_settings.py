@@ -41,6 +41,8 @@ def test_types_are_parsed():
         {"THOUGHTWIRE_AGENT": "openai"},
         {"THOUGHTWIRE_KEY_PREFIX": "a:b"},
         {"THOUGHTWIRE_SIM_JITTER": "0.9"},
+        {"THOUGHTWIRE_REDIS_POOL_SIZE": "1"},
+        {"THOUGHTWIRE_MEMORY_TURNS": "-1"},
         {"THOUGHTWIRE_WS_PER_MESSAGE_DEFLATE": "maybe"},
     ],
 )

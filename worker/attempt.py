@@ -253,7 +253,12 @@ class RunAttempt:
             return
         result = "".join(self._answer) if terminal.type == "done" else str(terminal.content)
         remember = b""
-        if terminal.type == "done" and self._turn is not None and self._turn.messages:
+        if (
+            terminal.type == "done"
+            and self.limits.memory_turns > 0
+            and self._turn is not None
+            and self._turn.messages
+        ):
             remember = orjson.dumps(self._turn.messages)
         await self.emit(terminal, result=result, remember=remember)
         await self.bus.finish(self.entry_id, self.job)
