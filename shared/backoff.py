@@ -29,11 +29,13 @@ async def retry(op: Callable[[], Awaitable[T]], *, seconds: float) -> T:
     """Run ``op`` until it does not fail with an :data:`UNAVAILABLE` error, for at most
     ``seconds``; then the last error is raised."""
     deadline = time.monotonic() + seconds
-    for delay in delays():
+    backoff: Iterator[float] | None = None  # made on the first failure: most calls succeed
+    while True:
         try:
             return await op()
         except UNAVAILABLE:
+            backoff = backoff or delays()
+            delay = next(backoff)
             if time.monotonic() + delay > deadline:
                 raise
         await asyncio.sleep(delay)
-    raise AssertionError("unreachable")

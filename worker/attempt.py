@@ -265,7 +265,9 @@ class RunAttempt:
 
     async def _drive(self, agent: Agent) -> None:
         self._turn = Turn(self.job.prompt, self.history)
-        async for thought in coalesce(agent.run(self._turn), self.limits.coalesce_window):
+        window = self.limits.coalesce_window
+        thoughts = agent.run(self._turn)
+        async for thought in coalesce(thoughts, window) if window > 0 else thoughts:
             if thought.terminal:
                 self._terminal = thought  # the agent's own ending, with its details
                 return
