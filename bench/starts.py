@@ -2,7 +2,8 @@
 
 Against its own redis-server, in one process: the frontend's side queues ``--count``
 jobs at once (:meth:`Bus.submit`), then a worker runs them all with a simulated agent
-that answers with one token, unpaced. Prints CPU microseconds per job for each side.
+that answers with one token, unpaced. Prints CPU microseconds per job for each side,
+as JSON.
 A run's start is what every prompt pays before its first token reaches anyone, and
 a burst of prompts pays it all at once.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import tempfile
 import time
@@ -86,7 +88,7 @@ def main() -> None:
         )
         try:
             wait_for_port(port, redis)
-            print(loops.run(measure(f"redis://127.0.0.1:{port}/0", args.count)))
+            print(json.dumps(loops.run(measure(f"redis://127.0.0.1:{port}/0", args.count))))
         finally:
             redis.stop()
 

@@ -1,4 +1,5 @@
-"""The benchmark must not rot: a tiny run of every scenario and system delivers every event.
+"""The benchmark must not rot: a tiny run of every scenario and system delivers every event,
+and the single-purpose tools run.
 
 Nothing here is about timing; the machine is shared and noisy.
 """
@@ -35,3 +36,20 @@ def test_every_system_delivers_every_event(tmp_path):
             assert result["delivered"] > 0, (scenario, system)
             for count in ("lost", "duplicated", "out_of_order", "incomplete_sockets"):
                 assert result[count] == 0, (scenario, system, count, result)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("tool", "expected"),
+    [
+        (["bench.starts", "--count", "50"], '"jobs": 50'),
+        (["bench.socket_memory", "--count", "20"], "measured: 20 sockets"),
+    ],
+    ids=["starts", "socket_memory"],
+)
+def test_the_single_purpose_tools_run(tool, expected):
+    done = subprocess.run(
+        [sys.executable, "-m", *tool], capture_output=True, text=True, timeout=seconds(200)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expected in done.stdout
