@@ -203,8 +203,9 @@ class Bus:
 
     async def touch(self, consumer: str, entry_id: str) -> None:
         """Reset the job's idle time, so nobody reclaims a job that is still running."""
-        await self.redis.xclaim(
-            self.keys.jobs, self.keys.jobs_group, consumer, 0, [entry_id], justid=True
+        keys = self.keys
+        await self._commands(
+            ("XCLAIM", keys.jobs, keys.jobs_group, consumer, 0, entry_id, "JUSTID")
         )
 
     async def finish(self, entry_id: str, job: Job) -> None:
@@ -411,8 +412,10 @@ class Bus:
 
     async def subscribers(self, channels: Iterable[str]) -> dict[str, int]:
         """PUBSUB NUMSUB: how many frontends follow each channel."""
-        reply: Any = await self.redis.pubsub_numsub(*channels)
-        return {_text(name): int(count) for name, count in reply}
+        (reply,) = await self._commands(("PUBSUB", "NUMSUB", *channels))
+        return {
+            _text(name): int(count) for name, count in zip(reply[::2], reply[1::2], strict=True)
+        }
 
 
 def _text(value: bytes | str) -> str:

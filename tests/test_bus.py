@@ -170,6 +170,21 @@ async def test_a_script_that_cannot_be_loaded_again_fails_only_its_own_calls(
     assert isinstance(failed, ConnectionError)
 
 
+async def test_a_running_job_is_touched_and_its_watchers_counted(bus):
+    job = Job(run="r", session="s", prompt="p")
+    await bus.submit(job)
+    await bus.ensure_group()
+    [(entry_id, _claimed)] = await bus.claim("w1", 1, 100)
+    await bus.touch("w1", entry_id)  # the job stays with w1, its idle time reset
+    channel = bus.keys.session_channel("s")
+    pubsub = bus.redis.pubsub()
+    try:
+        await pubsub.subscribe(channel)
+        assert await bus.subscribers([channel, "nobody"]) == {channel: 1, "nobody": 0}
+    finally:
+        await pubsub.aclose()
+
+
 async def test_cancel_is_seen_by_the_lease_and_at_start(bus):
     job, fence = await started(bus)
     assert await bus.cancel("s") == ["r"]
