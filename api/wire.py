@@ -51,7 +51,7 @@ def expose_protocol(scope: Scope, send: Send) -> None:
     """Put uvicorn's WebSocket connection in the scope, for :class:`RawSocket`.
 
     ``send`` must be the server's own (a middleware's wrapper hides the connection), so
-    the outermost middleware calls this: :class:`api.lane.SocketLane`.
+    the application's own entry point calls this: :class:`api.lane.Gateway`.
     """
     if scope["type"] == "websocket" and _Known is not None:
         owner = getattr(send, "__self__", None)

@@ -362,19 +362,12 @@ class Bus:
 
     # --- conversation memory ------------------------------------------------
 
+    # A run gets the memory from ``START`` and adds its turn with its terminal ``APPEND``.
+
     async def memory(self, session: str) -> list[dict[str, Any]]:
         """The session's remembered messages, oldest first."""
         turns: Any = await self.redis.lrange(self.keys.session_memory(session), 0, -1)
         return [message for turn in turns for message in orjson.loads(turn)]
-
-    async def remember(self, session: str, messages: list[dict[str, Any]], turns: int) -> None:
-        """Keep one more turn; only the last ``turns`` are kept, whole."""
-        key = self.keys.session_memory(session)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, orjson.dumps(messages))
-            pipe.ltrim(key, -turns, -1)
-            pipe.expire(key, self._ttl)
-            await pipe.execute()
 
     # --- grants and limits ---------------------------------------------------
 
