@@ -19,7 +19,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # * Fencing: only the attempt holding the run's fence may write. A stale attempt (its
 #   worker paused past its lease) gets -1 and writes nothing.
 # * Idempotence: head i (from 0) of a call is the attempt's event number first-n + i; numbers
-#   already ``emitted`` are skipped, so retrying a call whose reply was lost is safe.
+#   already ``emitted`` are skipped, so retrying a call whose reply was lost is safe. That
+#   holds for the call that ended the run too: its attempt keeps the fence, and a retry
+#   that brings nothing new gets the log's seq; anything new after the end gets -1.
 # * Epochs: if the log's meta is gone, or its seq is below what this run last wrote
 #   (Redis lost writes), the log restarts under a new epoch (the writer's seed and the
 #   server's clock in microseconds, so no two restarts share one), so resuming clients are
@@ -29,9 +31,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
 #   session's memory, which keeps whole turns, the last ``turns`` of them.
 APPEND = """
-local state = redis.call('HMGET', KEYS[4], 'fence', 'emitted')
+local state = redis.call('HMGET', KEYS[4], 'fence', 'emitted', 'status')
 local emitted = tonumber(state[2] or '0')
 if state[1] and state[1] ~= ARGV[4] then
+  return -1
+end
+if state[3] == 'done' or state[3] == 'failed' or state[3] == 'cancelled' then
+  if tonumber(ARGV[6]) + #ARGV - 12 <= emitted then
+    return tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+  end
   return -1
 end
 if not state[1] then
@@ -64,7 +72,7 @@ redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 if ARGV[7] ~= '' then
-  redis.call('HSET', KEYS[4], 'status', ARGV[7], 'result', ARGV[8], 'fence', '', 'emitted', emitted)
+  redis.call('HSET', KEYS[4], 'status', ARGV[7], 'result', ARGV[8], 'emitted', emitted)
   redis.call('SREM', KEYS[5], ARGV[9])
   if ARGV[10] ~= '' then
     redis.call('RPUSH', KEYS[6], ARGV[10])

@@ -111,7 +111,7 @@ async def test_the_turn_that_ends_a_run_is_remembered_and_the_next_start_gets_it
         attempt = await bus.start(job, "w1", 10_000, 3)
         assert (attempt.verdict, attempt.history) == ("run", history)
         turn = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
-        for _ in range(2):  # the second is a retry whose reply was lost: it changes nothing
+        seqs = [
             await bus.append(
                 job,
                 [Thought("done", "")],
@@ -120,6 +120,9 @@ async def test_the_turn_that_ends_a_run_is_remembered_and_the_next_start_gets_it
                 remember=orjson.dumps(turn),
                 turns=2,
             )
+            for _ in range(2)  # the second is a retry whose reply was lost
+        ]
+        assert seqs == [i + 1, i + 1]  # the retry learns where the log stands, and adds nothing
         history = (history + turn)[-4:]  # whole turns, the last two
     assert await bus.memory("s") == history
 
