@@ -55,11 +55,24 @@ async def test_a_client_that_falls_behind_is_closed_with_4008_and_nobody_waits()
     await asyncio.gather(serving, return_exceptions=True)
 
 
+async def receiving(conn):
+    """Serve ``conn`` with a receive loop that waits forever; return once it is waiting."""
+    waiting = asyncio.Event()
+
+    async def loop():
+        waiting.set()
+        await asyncio.Event().wait()
+
+    serving = asyncio.create_task(conn.serve(loop))
+    async with asyncio.timeout(seconds(5)):
+        await waiting.wait()
+    return serving
+
+
 async def test_a_close_ends_the_receive_loop_in_the_sockets_own_task():
     socket = StuckSocket()
     conn = Connection(socket, None, NullHub(), queue_size=4, render=as_is)
-    serving = asyncio.create_task(conn.serve(lambda: asyncio.Event().wait()))
-    await asyncio.sleep(0)
+    serving = await receiving(conn)
     conn.close(Close.NORMAL, "bye")
     async with asyncio.timeout(seconds(5)):
         await serving  # returns: the stop's own cancellation is taken back
@@ -69,8 +82,7 @@ async def test_a_close_ends_the_receive_loop_in_the_sockets_own_task():
 async def test_a_shutdown_that_meets_a_close_still_cancels_the_socket():
     socket = StuckSocket()
     conn = Connection(socket, None, NullHub(), queue_size=4, render=as_is)
-    serving = asyncio.create_task(conn.serve(lambda: asyncio.Event().wait()))
-    await asyncio.sleep(0)
+    serving = await receiving(conn)
     serving.cancel()  # the server shuts down, and in the same moment the socket is closed
     conn.close(Close.NORMAL, "bye")
     async with asyncio.timeout(seconds(5)):
