@@ -31,9 +31,9 @@ from redis.exceptions import ResponseError
 from shared import scripts
 from shared.batching import Batcher
 from shared.keys import Keys
-from shared.protocol import TERMINAL_STATUS, Job, Thought, encode_event_head
+from shared.protocol import Job, Thought, encode_event_head
 
-FENCED = -1  # what ``append`` returns to an attempt that lost its lease
+FENCED = -1  # what an append returns to an attempt that lost its lease
 
 
 def now_ms() -> int:
@@ -271,38 +271,6 @@ class Bus:
         """``thought`` as an event head of ``job``'s run, stamped now (see :meth:`submit_encoded`)."""
         return encode_event_head(thought, job.session, job.run, now_ms())
 
-    async def append(
-        self,
-        job: Job,
-        thoughts: Sequence[Thought],
-        *,
-        fence: str,
-        first: int,
-        min_seq: int = 0,
-        result: str = "",
-        remember: bytes = b"",
-        turns: int = 0,
-    ) -> int:
-        """Append an attempt's events ``first``, ``first + 1``, ... to the log and publish them.
-
-        Returns the session's last seq, or :data:`FENCED` if this attempt no longer
-        holds the run. A terminal event ends the run with ``result``, and the turn's
-        messages ``remember`` join the session's memory (its last ``turns`` turns).
-        """
-        last = thoughts[-1]
-        reply = await self.submit_encoded(
-            job,
-            [self.encode(job, t) for t in thoughts],
-            fence=fence,
-            first=first,
-            min_seq=min_seq,
-            status=TERMINAL_STATUS[last.type] if last.terminal else "",
-            result=result,
-            remember=remember,
-            turns=turns,
-        )
-        return int(reply)
-
     def submit_encoded(
         self,
         job: Job,
@@ -316,11 +284,14 @@ class Bus:
         remember: bytes = b"",
         turns: int = 0,
     ) -> asyncio.Future[Any]:
-        """:meth:`append` for events already encoded by :meth:`encode`, without waiting:
-        the future gets the script's reply (the last seq, or :data:`FENCED`). ``status``
-        ends the run (done, failed, cancelled) with ``result``; the turn's messages
-        ``remember`` (a JSON array) join the session's memory, of which the last
-        ``turns`` turns are kept."""
+        """Append an attempt's events ``first``, ``first + 1``, ... (``heads``, made by
+        :meth:`encode`) to the log and publish them, without waiting.
+
+        The future gets the session's last seq, or :data:`FENCED` if this attempt no
+        longer holds the run. ``status`` ends the run (done, failed, cancelled) with
+        ``result``; the turn's messages ``remember`` (a JSON array) join the session's
+        memory, of which the last ``turns`` turns are kept.
+        """
         session = job.session
         keys = self.keys
         return self._script(

@@ -11,7 +11,7 @@ from shared.batching import Batcher
 from shared.bus import FENCED, Bus
 from shared.connections import RedisFactory
 from shared.keys import Keys
-from shared.protocol import Job, Thought, decode_event
+from shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
 from shared.settings import Settings
 
 
@@ -28,11 +28,22 @@ async def started(bus, run="r", session="s", lease_ms=10_000):
     return job, attempt.fence
 
 
+async def append(bus, job, thoughts, *, fence, first, min_seq=0, **ending):
+    """Encode ``thoughts`` and append them as an attempt does; the last may end the run."""
+    last = thoughts[-1]
+    status = TERMINAL_STATUS[last.type] if last.terminal else ""
+    heads = [bus.encode(job, t) for t in thoughts]
+    reply = await bus.submit_encoded(
+        job, heads, fence=fence, first=first, min_seq=min_seq, status=status, **ending
+    )
+    return int(reply)
+
+
 async def test_seq_is_gap_free_across_concurrent_writers(bus):
     async def writer(n):
         job, fence = await started(bus, run=f"run{n}")
         for i in range(20):
-            await bus.append(job, [Thought("answer", f"{n}-{i}")], fence=fence, first=i + 1)
+            await append(bus, job, [Thought("answer", f"{n}-{i}")], fence=fence, first=i + 1)
 
     await asyncio.gather(*(writer(n) for n in range(3)))
     events = [decode_event(e) for e in await bus.history("s")]
@@ -47,7 +58,7 @@ async def test_log_and_channel_carry_identical_bytes(bus):
     pubsub = bus.redis.pubsub()
     await pubsub.subscribe(bus.keys.session_channel("s"))
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
-    await bus.append(job, [Thought("thinking", "a"), Thought("answer", "b")], fence=fence, first=1)
+    await append(bus, job, [Thought("thinking", "a"), Thought("answer", "b")], fence=fence, first=1)
     published = []
     async with asyncio.timeout(5):
         while len(published) < 2:
@@ -61,7 +72,7 @@ async def test_log_and_channel_carry_identical_bytes(bus):
 
 async def test_history_after_a_seq_and_meta(bus):
     job, fence = await started(bus)
-    await bus.append(job, [Thought("answer", str(i)) for i in range(5)], fence=fence, first=1)
+    await append(bus, job, [Thought("answer", str(i)) for i in range(5)], fence=fence, first=1)
     assert [decode_event(e).seq for e in await bus.history("s", after=3)] == [4, 5]
     assert await bus.history("s", after=5) == []
     meta = await bus.meta("s")
@@ -72,9 +83,9 @@ async def test_history_after_a_seq_and_meta(bus):
 async def test_a_retried_append_writes_nothing_twice(bus):
     job, fence = await started(bus)
     batch = [Thought("answer", "a"), Thought("answer", "b")]
-    assert await bus.append(job, batch, fence=fence, first=1) == 2
-    assert await bus.append(job, batch, fence=fence, first=1) == 2  # the reply was "lost"
-    assert await bus.append(job, [Thought("answer", "c")], fence=fence, first=3) == 3
+    assert await append(bus, job, batch, fence=fence, first=1) == 2
+    assert await append(bus, job, batch, fence=fence, first=1) == 2  # the reply was "lost"
+    assert await append(bus, job, [Thought("answer", "c")], fence=fence, first=3) == 3
     assert [decode_event(e).content for e in await bus.history("s")] == ["a", "b", "c"]
 
 
@@ -83,9 +94,9 @@ async def test_a_stale_attempt_is_fenced_out(bus):
     await asyncio.sleep(0.01)  # let the 1 ms lease lapse
     takeover = await bus.start(job, "w2", 10_000, 3)
     assert (takeover.verdict, takeover.attempt) == ("run", 2)
-    assert await bus.append(job, [Thought("answer", "stale")], fence=old_fence, first=1) == FENCED
+    assert await append(bus, job, [Thought("answer", "stale")], fence=old_fence, first=1) == FENCED
     assert await bus.renew(job, old_fence, 1000) == -1
-    assert await bus.append(job, [Thought("answer", "fresh")], fence=takeover.fence, first=1) == 1
+    assert await append(bus, job, [Thought("answer", "fresh")], fence=takeover.fence, first=1) == 1
     assert [decode_event(e).content for e in await bus.history("s")] == ["fresh"]
 
 
@@ -96,11 +107,11 @@ async def test_a_live_lease_is_not_taken_over(bus):
 
 async def test_a_terminal_event_ends_the_run_and_keeps_its_result(bus):
     job, fence = await started(bus)
-    await bus.append(job, [Thought("done", "")], fence=fence, first=1, result="the answer")
+    await append(bus, job, [Thought("done", "")], fence=fence, first=1, result="the answer")
     state = await bus.run_state(job.run)
     assert (state["status"], state["result"], state["session"]) == ("done", "the answer", "s")
     assert (await bus.start(job, "w2", 10_000, 3)).verdict == "finished"
-    assert await bus.append(job, [Thought("answer", "late")], fence=fence, first=2) == FENCED
+    assert await append(bus, job, [Thought("answer", "late")], fence=fence, first=2) == FENCED
 
 
 async def test_the_turn_that_ends_a_run_is_remembered_and_the_next_start_gets_it(bus):
@@ -112,7 +123,8 @@ async def test_the_turn_that_ends_a_run_is_remembered_and_the_next_start_gets_it
         assert (attempt.verdict, attempt.history) == ("run", history)
         turn = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
         seqs = [
-            await bus.append(
+            await append(
+                bus,
                 job,
                 [Thought("done", "")],
                 fence=attempt.fence,
@@ -209,10 +221,10 @@ async def test_too_many_attempts_is_dead(bus):
 
 async def test_lost_writes_start_a_new_epoch(bus):
     job, fence = await started(bus)
-    await bus.append(job, [Thought("answer", "a"), Thought("answer", "b")], fence=fence, first=1)
+    await append(bus, job, [Thought("answer", "a"), Thought("answer", "b")], fence=fence, first=1)
     first_epoch = (await bus.meta("s")).epoch
     await bus.redis.hset(bus.keys.session_meta("s"), "seq", 1)  # as if Redis lost a write
-    await bus.append(job, [Thought("answer", "c")], fence=fence, first=3, min_seq=2)
+    await append(bus, job, [Thought("answer", "c")], fence=fence, first=3, min_seq=2)
     meta = await bus.meta("s")
     assert meta.epoch != first_epoch and meta.last_seq == 1
     assert [decode_event(e).content for e in await bus.history("s")] == ["c"]
@@ -221,7 +233,7 @@ async def test_lost_writes_start_a_new_epoch(bus):
 async def test_log_is_bounded_and_expires(bus):
     job, fence = await started(bus)
     for i in range(30):
-        await bus.append(job, [Thought("answer", str(i))] * 10, fence=fence, first=i * 10 + 1)
+        await append(bus, job, [Thought("answer", str(i))] * 10, fence=fence, first=i * 10 + 1)
     log = bus.keys.session_log("s")
     assert 50 <= await bus.redis.xlen(log) < 300
     assert 0 < await bus.redis.ttl(log) <= 60
@@ -266,7 +278,7 @@ async def test_appends_in_one_tick_share_a_round_trip_and_survive_a_script_flush
     jobs = [await started(bus, run=f"r{i}", session=f"s{i}") for i in range(20)]
     await bus.redis.script_flush()  # as after a Redis restart: the script must be loaded again
     seqs = await asyncio.gather(
-        *(bus.append(job, [Thought("answer", "x")], fence=fence, first=1) for job, fence in jobs)
+        *(append(bus, job, [Thought("answer", "x")], fence=fence, first=1) for job, fence in jobs)
     )
     assert seqs == [1] * 20
     for i in range(20):
@@ -279,11 +291,11 @@ async def test_a_burst_goes_out_in_several_pipelines_and_every_reply_finds_its_c
     jobs = [await started(bus, run=f"r{i}", session=f"s{i}") for i in range(300)]
     for i, (job, fence) in enumerate(jobs[:100]):  # some sessions are further along
         if i % 3:
-            await bus.append(job, [Thought("answer", "x")] * (i % 3), fence=fence, first=1)
+            await append(bus, job, [Thought("answer", "x")] * (i % 3), fence=fence, first=1)
     seqs = await asyncio.gather(
         *(
-            bus.append(
-                job, [Thought("answer", "y")], fence=fence, first=1 + (i % 3 if i < 100 else 0)
+            append(
+                bus, job, [Thought("answer", "y")], fence=fence, first=1 + (i % 3 if i < 100 else 0)
             )
             for i, (job, fence) in enumerate(jobs)
         )
