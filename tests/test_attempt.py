@@ -13,6 +13,7 @@ from shared.keys import Keys
 from shared.protocol import Job, Thought, decode_event
 from tests.procs import seconds
 from worker.attempt import MAX_BATCH, Limits, RunAttempt
+from worker.runner import CLAIM_BATCH, Worker
 
 LIMITS = Limits(lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0)
 
@@ -109,3 +110,31 @@ async def test_a_lost_lease_stops_the_agent_and_nothing_more_is_written(bus):
     assert len(await bus.history("s")) == written
     assert written <= agent.sent
     assert all(decode_event(e).type == "answer" for e in await bus.history("s"))
+
+
+async def test_a_burst_of_jobs_is_claimed_in_steps_and_every_one_runs(bus, monkeypatch):
+    jobs = [Job(run=f"r{i}", session=f"s{i}", prompt="p") for i in range(40)]
+    for job in jobs:
+        await bus.submit(job)
+    asked = []
+    claim = bus.claim
+
+    async def counted(consumer, count, block_ms):
+        asked.append(count)
+        return await claim(consumer, count, block_ms)
+
+    monkeypatch.setattr(bus, "claim", counted)
+    agent = Tokens(1)
+    worker = Worker(bus, {"t": agent}, "t", concurrency=100, limits=LIMITS, max_attempts=3)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop, drain_timeout=seconds(5)))
+    try:
+        async with asyncio.timeout(seconds(10)):
+            while await bus.redis.xlen(bus.keys.jobs):  # a job leaves when its run ends
+                await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await running
+    assert max(asked) == CLAIM_BATCH < len(jobs)
+    states = [await bus.run_state(job.run) for job in jobs]
+    assert [state["status"] for state in states] == ["done"] * len(jobs)
