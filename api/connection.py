@@ -63,8 +63,7 @@ class Connection:
         self._writer_error: BaseException | None = None
         self._closing: tuple[int, str] | None = None
         self._serving: asyncio.Task[Any] | None = None  # the task in the receive loop
-        self._interrupting = False  # a stop is on its way to that task
-        self._interrupted = False  # the stop has cancelled it
+        self._interrupted = False  # a stop has cancelled that task
         self.sent = 0  # frames written, for idle detection
 
     def send(self, frame: str) -> None:
@@ -91,14 +90,13 @@ class Connection:
         self._stop()
 
     def _stop(self) -> None:
-        if self._serving is not None and not self._interrupting:
-            self._interrupting = True
+        if self._serving is not None:
             # From a callback, not here: the stop may come from inside the loop itself,
             # which must not be cancelled at whatever it awaits after the loop is over.
             asyncio.get_running_loop().call_soon(self._interrupt)
 
     def _interrupt(self) -> None:
-        if self._serving is not None:  # still in the loop
+        if self._serving is not None and not self._interrupted:  # still in the loop
             self._interrupted = True
             self._serving.cancel()
 
