@@ -59,8 +59,12 @@ async def main(system: str, redis_url: str) -> None:
 
     running = set()
     while True:
-        _key, raw = await redis.blpop([f"bench:{system}:start"])
-        command = json.loads(raw)
+        # Blocking for less than redis-py's 5 s socket timeout, which would otherwise
+        # end this process, and every stream it is sending, while it waits.
+        popped = await redis.blpop([f"bench:{system}:start"], timeout=1)
+        if popped is None:
+            continue
+        command = json.loads(popped[1])
         task = asyncio.create_task(
             stream(send, command["session"], command["tokens"], command["rate"], command["jitter"])
         )
