@@ -9,6 +9,10 @@ Checks: the algorithm is pinned by the key that is configured for it (HS256 with
 ``JWT_SECRET``; RS256/ES256 with ``JWT_PUBLIC_KEY`` or ``JWKS_URL``), so ``alg: none``
 and HS/RS confusion cannot pass; ``exp`` and ``sub`` are required; ``nbf`` and ``iat``
 are honoured with a small leeway; ``aud`` and ``iss`` are checked when configured.
+
+PyJWT is imported where a token is read or made, not at the top: with cryptography
+installed it loads cryptography's OpenSSL bindings, about 9 MB in every process,
+which a frontend without authentication never uses.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import jwt
-from jwt import PyJWKClient
+from typing import TYPE_CHECKING, Any
 
 from shared.closecodes import Close
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from jwt import PyJWKClient
 
 LEEWAY_SECONDS = 10
 SUBPROTOCOL = "thoughtwire.v1"
@@ -69,7 +73,14 @@ class Authenticator:
         self.enabled = settings.auth_enabled
         self._secret = settings.jwt_secret
         self._public_key = settings.jwt_public_key
-        self._jwks = PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
+        if self.enabled:
+            # Loaded now, so that the first request to need it does not stall the loop.
+            import jwt  # noqa: F401
+        self._jwks: PyJWKClient | None = None
+        if settings.jwks_url:
+            from jwt import PyJWKClient
+
+            self._jwks = PyJWKClient(settings.jwks_url, cache_keys=True)
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self.viewer_ttl = settings.viewer_token_ttl
@@ -80,6 +91,8 @@ class Authenticator:
             return ANONYMOUS
         if not token:
             raise AuthError("missing token")
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -93,6 +106,8 @@ class Authenticator:
         return Principal(claims["sub"], float(claims["exp"]))
 
     def _decode(self, token: str, alg: str, header: Mapping[str, Any]) -> dict[str, Any]:
+        import jwt
+
         key: Any
         if alg == "HS256" and self._secret:
             key = self._secret
@@ -128,6 +143,8 @@ class Authenticator:
         """A short-lived, read-only token for one session, signed with ``JWT_SECRET``."""
         if not self._secret:
             raise AuthError("viewer tokens need JWT_SECRET on the server", Close.FORBIDDEN)
+        import jwt
+
         lifetime = min(ttl or self.viewer_ttl, self.viewer_ttl)
         expires = int(time.time()) + lifetime
         claims = {
@@ -144,6 +161,8 @@ class Authenticator:
 
 def mint(secret: str, user: str, ttl: int) -> str:
     """A development token for ``user`` (``thoughtwire token``)."""
+    import jwt
+
     now = int(time.time())
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
 
