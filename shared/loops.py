@@ -31,7 +31,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     settle()
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+    except ImportError:  # pragma: no cover - a dependency wherever uvloop runs
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
