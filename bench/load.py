@@ -34,7 +34,7 @@ class Plan:
     redis_url: str
     jitter: float = 0.0  # of the comparison systems' tokens, as the simulated agent's
     deadline: float = 120.0
-    hold: bool = False  # idle: connect, report, hold until told to stop
+    hold: bool = False  # idle: connect, report, and only hold the sockets
 
 
 @dataclass
@@ -57,6 +57,11 @@ class Tally:
         self.received += 1
 
 
+# Every system stamps ``ts`` in whole milliseconds, rounded down: on average the stamp is
+# half a millisecond early. Latency is taken from the middle of the stamp's millisecond.
+TS_MIDPOINT = 0.5
+
+
 def now_ms() -> float:
     return time.time() * 1000
 
@@ -64,17 +69,22 @@ def now_ms() -> float:
 class Socket:
     """One client socket of any of the three systems."""
 
-    def __init__(self, plan: Plan, session: str, frontend: int, latencies: list[float]) -> None:
+    def __init__(
+        self, plan: Plan, session: str, frontend: int, latencies: tuple[list[float], list[float]]
+    ) -> None:
         self.plan, self.session, self.frontend = plan, session, frontend
         self.tally = Tally()
-        self.latencies = latencies
+        # to the kernel's receipt at the client's socket, and to this process handling it
+        self.latencies, self.handled = latencies
         self.ready = asyncio.Event()
         self.ws: Any = None
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, client: WireClient, event: dict[str, Any]) -> None:
         if "seq" not in event:
             return
-        self.latencies.append(now_ms() - event["ts"])
+        stamped = event["ts"] + TS_MIDPOINT
+        self.latencies.append(client.received_at - stamped)
+        self.handled.append(now_ms() - stamped)
         self.tally.take(event["seq"])
         if event["type"] in ("done", "error", "cancelled"):
             self.tally.done.set()
@@ -94,21 +104,21 @@ class Socket:
             handler = self._on_thin
         self.ws = await WireClient.connect(url, handler)
 
-    def _on_thoughtwire(self, _client: WireClient, payload: bytes) -> None:
+    def _on_thoughtwire(self, client: WireClient, payload: bytes) -> None:
         if payload.startswith(b'{"type":"session"'):
             self.ready.set()
         elif b',"seq":' in payload:
-            self.on_event(orjson.loads(payload))
+            self.on_event(client, orjson.loads(payload))
 
-    def _on_thin(self, _client: WireClient, payload: bytes) -> None:
+    def _on_thin(self, client: WireClient, payload: bytes) -> None:
         if payload == b"ready":
             self.ready.set()
         else:
-            self.on_event(orjson.loads(payload))
+            self.on_event(client, orjson.loads(payload))
 
     def _on_socketio(self, client: WireClient, payload: bytes) -> None:
         if payload.startswith(b'42["event",'):
-            self.on_event(orjson.loads(payload[11:-1]))
+            self.on_event(client, orjson.loads(payload[11:-1]))
         elif payload.startswith(b'42["ready"'):
             self.ready.set()
         elif payload == b"2":
@@ -132,9 +142,13 @@ class Socket:
         self.ws.close()
 
 
-async def _run(plan: Plan, ready: Any, go: Any, results: Any) -> None:
+async def _run(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
     latencies: list[float] = []
-    sockets = [Socket(plan, session, frontend, latencies) for session, frontend, _ in plan.sockets]
+    handled: list[float] = []
+    sockets = [
+        Socket(plan, session, frontend, (latencies, handled))
+        for session, frontend, _ in plan.sockets
+    ]
     limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def open_one(socket: Socket) -> None:
@@ -145,52 +159,57 @@ async def _run(plan: Plan, ready: Any, go: Any, results: Any) -> None:
 
     await asyncio.gather(*(open_one(s) for s in sockets))
     ready.put(len(sockets))
-    await asyncio.to_thread(go.wait, plan.deadline)
-    redis = Redis.from_url(plan.redis_url)
     try:
         if not plan.hold:
-            cpu = time.process_time()
-            started = now_ms()
-            # Paced runs start spread over one token interval, as prompts from many
-            # users do, rather than in step. Every system gets the same spread; in
-            # step, a token from every run would arrive in the same millisecond.
-            starters = [
-                s for s, (_, _, triggers) in zip(sockets, plan.sockets, strict=True) if triggers
-            ]
-            spread = 1 / plan.rate if plan.rate > 0 else 0.0
-            begin = time.monotonic()
-            for i, socket in enumerate(starters):
-                await asyncio.sleep(max(0.0, begin + spread * i / len(starters) - time.monotonic()))
-                await socket.trigger(redis)
-            with_deadline = [asyncio.wait_for(s.tally.done.wait(), plan.deadline) for s in sockets]
-            await asyncio.gather(*with_deadline, return_exceptions=True)
-            finished = now_ms()
-            tallies = [s.tally for s in sockets]
+            await asyncio.to_thread(go.wait, plan.deadline)
             results.put(
-                {
-                    "sockets": len(sockets),
-                    "received": sum(t.received for t in tallies),
-                    # A socket's events are numbered 1..n; the terminal one is n.
-                    "lost": sum(t.last - t.received for t in tallies),
-                    "incomplete": sum(not t.done.is_set() for t in tallies),
-                    "duplicated": sum(t.duplicated for t in tallies),
-                    "out_of_order": sum(t.out_of_order for t in tallies),
-                    "started": started,
-                    "finished": finished,
-                    "latencies": latencies,
-                    "cpu_s": time.process_time() - cpu,  # this process's own, while loaded
-                }
+                await _measure(plan, sockets) | {"latencies": latencies, "handled": handled}
             )
-        else:
-            results.put({"sockets": len(sockets)})
-            await asyncio.to_thread(go.wait, plan.deadline)  # released again to stop
+        # Sockets stay open until every load process is done measuring.
+        await asyncio.to_thread(stop.wait, plan.deadline)
     finally:
-        await redis.aclose()
         await asyncio.gather(*(s.close() for s in sockets), return_exceptions=True)
 
 
-def client_process(plan: Plan, ready: Any, go: Any, results: Any) -> None:
+async def _measure(plan: Plan, sockets: list[Socket]) -> dict[str, Any]:
+    """Start the runs this process triggers; wait for every socket's terminal event."""
+    redis = Redis.from_url(plan.redis_url)
+    try:
+        cpu = time.process_time()
+        started = now_ms()
+        # Paced runs start spread over one token interval, as prompts from many
+        # users do, rather than in step. Every system gets the same spread; in
+        # step, a token from every run would arrive in the same millisecond.
+        starters = [
+            s for s, (_, _, triggers) in zip(sockets, plan.sockets, strict=True) if triggers
+        ]
+        spread = 1 / plan.rate if plan.rate > 0 else 0.0
+        begin = time.monotonic()
+        for i, socket in enumerate(starters):
+            await asyncio.sleep(max(0.0, begin + spread * i / len(starters) - time.monotonic()))
+            await socket.trigger(redis)
+        with_deadline = [asyncio.wait_for(s.tally.done.wait(), plan.deadline) for s in sockets]
+        await asyncio.gather(*with_deadline, return_exceptions=True)
+        finished = now_ms()
+    finally:
+        await redis.aclose()
+    tallies = [s.tally for s in sockets]
+    return {
+        "sockets": len(sockets),
+        "received": sum(t.received for t in tallies),
+        # A socket's events are numbered 1..n; the terminal one is n.
+        "lost": sum(t.last - t.received for t in tallies),
+        "incomplete": sum(not t.done.is_set() for t in tallies),
+        "duplicated": sum(t.duplicated for t in tallies),
+        "out_of_order": sum(t.out_of_order for t in tallies),
+        "started": started,
+        "finished": finished,
+        "cpu_s": time.process_time() - cpu,  # this process's own, while loaded
+    }
+
+
+def client_process(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
     """A load process's entry point."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    loops.run(_run(plan, ready, go, results))
+    loops.run(_run(plan, ready, go, stop, results))

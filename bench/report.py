@@ -21,6 +21,7 @@ COLUMNS = [
     ("latency_ms_p50", "p50 ms"),
     ("latency_ms_p99", "p99 ms"),
     ("latency_ms_max", "max ms"),
+    ("handled_ms_p99", "p99 handled ms"),
     ("lost", "lost"),
     ("duplicated", "dup"),
     ("out_of_order", "ooo"),
