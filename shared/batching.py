@@ -20,21 +20,34 @@ The pipeline is packed here rather than by redis-py's ``Pipeline``: the argument
 are only bytes, str and int, so the whole batch is encoded into one buffer with a
 few joins, written once, and its replies read off one pooled connection. That cut
 the worker's CPU per event by about a third (docs/performance.md).
+
+The connection is one of the pool's, opened by redis-py (so AUTH, SELECT, TLS and
+the rest are its), and then read by a :class:`_Line` of our own: an
+``asyncio.Protocol`` over hiredis that hands each reply to its call from the read
+callback. A pipeline costs one ``transport.write`` and no task, lock or timer of its
+own; through redis-py's reader each cost about 40 µs more, which is most of what an
+event costs a worker that streams slowly paced tokens. Where the connection is not
+a plain socket (the embedded mode's in-process Redis), replies are read through
+redis-py, a pipeline at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
+from redis._parsers import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 def _encode(value: Any) -> bytes:
@@ -66,6 +79,139 @@ class _Call:
     replies: int  # how many commands the payload holds
     script: AsyncScript | None  # set for a script run, to load it again after a restart
     future: asyncio.Future[Any]
+    again: bool = False  # run again once already, after its script was loaded
+
+
+def _settle(call: _Call, result: Any) -> None:
+    if call.future.done():
+        return  # its caller was cancelled
+    if isinstance(result, Exception):
+        call.future.set_exception(result)
+    else:
+        call.future.set_result(result)
+
+
+class _Line(asyncio.Protocol):
+    """The batcher's connection, read by hiredis from the read callback.
+
+    Calls are written in order and Redis answers in order, so the replies pair with
+    the calls waiting at the head of a queue. A call of several commands gets its
+    replies as a list; an error reply takes its place in that list, or is a script
+    run's result. A script run that Redis refused because it forgot the script goes
+    to ``on_unknown``, which loads it and runs the call again.
+
+    Nothing heard for ``timeout`` seconds while calls wait aborts the connection.
+    However it ends, every waiting call fails with a connection error, and redis-py's
+    own protocol hears of it, so the pool can close and reopen the connection.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        previous: asyncio.BaseProtocol,
+        timeout: float | None,
+        on_unknown: Any,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport
+        self._previous = previous
+        self._timeout = timeout
+        self._on_unknown = on_unknown
+        self._parser = hiredis.Reader(replyError=BaseParser.parse_error)
+        self._waiting: deque[_Call] = deque()
+        self._replies: list[Any] = []  # so far, for the head call when it has several
+        self._heard = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    @classmethod
+    def take_over(cls, connection: AbstractConnection, on_unknown: Any) -> _Line | None:
+        """Read ``connection`` from now on; None where it is not a plain socket we can read."""
+        writer = getattr(connection, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if (
+            transport is None
+            or not hasattr(transport, "set_protocol")
+            or str(getattr(connection, "protocol", 2)) not in ("2", "3")  # hiredis reads both
+        ):
+            return None
+        line = cls(transport, transport.get_protocol(), connection.socket_timeout, on_unknown)
+        transport.set_protocol(line)
+        return line
+
+    def send(self, calls: list[_Call]) -> None:
+        if self.closed:
+            error = RedisConnectionError("the connection to Redis was lost")
+            for call in calls:
+                _settle(call, error)
+            return
+        if not self._waiting:
+            self._heard = self._loop.time()  # silence counts from the first call waiting
+            if self._timeout is not None and self._watchdog is None:
+                self._watchdog = self._loop.call_later(self._timeout, self._check)
+        self._waiting.extend(calls)
+        self._transport.write(b"".join([call.payload for call in calls]))
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._waiting or self.closed:
+            return
+        assert self._timeout is not None
+        silent = self._loop.time() - self._heard
+        if silent >= self._timeout:
+            self._fail(RedisTimeoutError(f"no reply from Redis in {self._timeout:g} s"))
+            self._transport.abort()
+        else:
+            self._watchdog = self._loop.call_later(self._timeout - silent, self._check)
+
+    # --- asyncio.Protocol -------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = self._loop.time()
+        parser, waiting = self._parser, self._waiting
+        parser.feed(data)
+        while (reply := parser.gets()) is not False:
+            if not waiting:
+                self._fail(RedisConnectionError("a reply that no call waited for"))
+                self._transport.abort()
+                return
+            call = waiting[0]
+            if call.replies > 1:
+                self._replies.append(reply)
+                if len(self._replies) < call.replies:
+                    continue
+                result: Any = self._replies
+                self._replies = []
+            elif call.script is None:
+                result = [reply]
+            else:
+                result = reply
+            waiting.popleft()
+            if isinstance(result, NoScriptError) and not call.again:
+                call.again = True
+                self._on_unknown(call)
+            else:
+                _settle(call, result)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed'}"))
+        self._previous.connection_lost(exc)  # redis-py's reader: closed, as it should be
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        waiting, self._waiting = self._waiting, deque()
+        self._replies = []
+        for call in waiting:
+            _settle(call, error)
 
 
 class Batcher:
@@ -84,6 +230,12 @@ class Batcher:
         self._send_turn = asyncio.Lock()
         self._read_turn = asyncio.Lock()
         self._generation = 0
+        # Our own reader of the connection, where it can be had (None: not known yet).
+        self._line: _Line | None = None
+        self._own_reader: bool | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._unknown: list[_Call] = []  # script runs waiting for their script to load
+        self._loading: asyncio.Task[None] | None = None
 
     def script(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
@@ -114,12 +266,70 @@ class Batcher:
             self._scheduled.cancel()
             self._scheduled = None
         loop = asyncio.get_running_loop()
+        if self._own_reader is not False:
+            line = self._line
+            if line is not None and not line.closed:
+                batch, self._pending = self._pending, []
+                line.send(batch)
+            elif self._opening is None:
+                self._opening = loop.create_task(self._open_line())
+            return
         while self._pending and len(self._sending) < self._max_in_flight:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             task = loop.create_task(self._send(batch))
             self._sending.add(task)
             task.add_done_callback(self._sent)
+
+    async def _open_line(self) -> None:
+        """Connect (again, after a loss) and read the connection with a :class:`_Line`,
+        or learn that this connection must be read through redis-py."""
+        try:
+            if self._connection is None:
+                self._connection = await self._redis.connection_pool.get_connection()
+            connection = self._connection
+            if self._line is not None:  # it was lost: let redis-py close what is left
+                self._line = None
+                await connection.disconnect(nowait=True)
+            await connection.connect()
+            self._line = _Line.take_over(connection, self._load_again)
+            self._own_reader = self._line is not None
+        except asyncio.CancelledError:
+            for call in self._pending:
+                call.future.cancel()
+            raise
+        except Exception as exc:  # nothing was sent: the calls waiting get the error
+            pending, self._pending = self._pending, []
+            for call in pending:
+                _settle(call, exc)
+        finally:
+            self._opening = None
+        if self._pending:
+            self._flush()
+
+    def _load_again(self, call: _Call) -> None:
+        """From the line: Redis forgot ``call``'s script (it restarted). Load it, and run
+        the call again; the calls after it have run."""
+        self._unknown.append(call)
+        if self._loading is None:
+            self._loading = asyncio.get_running_loop().create_task(self._load_unknown())
+
+    async def _load_unknown(self) -> None:
+        calls, self._unknown = self._unknown, []
+        try:
+            for script in {id(call.script): call.script for call in calls}.values():
+                assert script is not None
+                await self._redis.script_load(script.script)
+        except Exception as exc:  # for these calls only
+            for call in calls:
+                _settle(call, exc)
+        else:
+            self._pending[:0] = calls
+            self._flush()
+        finally:
+            self._loading = None
+            if self._unknown:
+                self._load_again(self._unknown.pop())
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         # What queued while every pipeline was away goes out as one comes back.

@@ -1,0 +1,91 @@
+"""The batcher's own reading of its connection, against a real redis-server.
+
+On a plain socket the batcher reads replies itself (``shared.batching._Line``); these
+tests show that it does, and that a connection that is killed or goes silent fails
+only the calls waiting on it, and the next call finds a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.batching import Batcher
+from tests.procs import RedisServer, seconds
+
+
+async def test_a_killed_connection_fails_the_waiting_call_and_the_next_one_reconnects(
+    redis_server, prefix
+):
+    client = Redis(port=redis_server.port)
+    batcher = Batcher(client)
+    try:
+        [first_id] = await batcher.commands(("CLIENT", "ID"))
+        assert batcher._line is not None  # replies are read by the batcher itself
+        # A call the server holds (a blocking pop), and the connection killed under it.
+        waiting = batcher.commands(("BLPOP", f"{prefix}:nothing", 10))
+        await asyncio.sleep(0.1)
+        await client.client_kill_filter(_id=first_id)
+        async with asyncio.timeout(seconds(5)):
+            with pytest.raises(RedisConnectionError):
+                await waiting
+        [second_id] = await batcher.commands(("CLIENT", "ID"))
+        assert second_id != first_id
+        set_and_get = (("SET", f"{prefix}:k", "v"), ("GET", f"{prefix}:k"))
+        assert await batcher.commands(*set_and_get) == [b"OK", b"v"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_silent_server_fails_the_waiting_calls_after_the_socket_timeout(tmp_path):
+    server = RedisServer(tmp_path).start()
+    client = Redis(port=server.port, socket_timeout=0.5)
+    batcher = Batcher(client)
+    try:
+        assert await batcher.commands(("PING",)) == [b"PONG"]
+        os.kill(server.proc.popen.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(seconds(5)):
+                with pytest.raises(RedisTimeoutError):
+                    await batcher.commands(("PING",))
+        finally:
+            os.kill(server.proc.popen.pid, signal.SIGCONT)
+        assert await batcher.commands(("PING",)) == [b"PONG"]
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_many_callers_across_ticks_each_get_their_own_reply(redis_server, prefix):
+    client = Redis(port=redis_server.port)
+    batcher = Batcher(client)
+    try:
+
+        async def caller(i: int) -> list[object]:
+            await asyncio.sleep((i % 7) / 1000)  # calls spread over several ticks
+            return await batcher.commands(("INCRBY", f"{prefix}:n{i % 5}", i), ("ECHO", str(i)))
+
+        replies = await asyncio.gather(*(caller(i) for i in range(500)))
+        assert [echo for _, echo in replies] == [str(i).encode() for i in range(500)]
+        totals = [sum(range(k, 500, 5)) for k in range(5)]
+        assert [int(await client.get(f"{prefix}:n{k}")) for k in range(5)] == totals
+    finally:
+        await client.aclose()
+
+
+async def test_the_embedded_redis_is_read_through_redis_py():
+    import fakeredis
+
+    client = fakeredis.FakeAsyncRedis()
+    batcher = Batcher(client)
+    try:
+        assert await batcher.commands(("PING",)) == [b"PONG"]
+        assert batcher._line is None
+    finally:
+        await client.aclose()
