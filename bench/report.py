@@ -27,6 +27,7 @@ COLUMNS = [
     ("out_of_order", "ooo"),
     ("frontend_cpu_us_per_event", "frontend µs/event"),
     ("worker_cpu_us_per_event", "worker µs/event"),
+    ("redis_cpu_us_per_event", "Redis µs/event"),
     ("client_cpu_us_per_event", "load µs/event"),
     ("frontend_peak_rss_mb", "peak RSS MB"),
 ]

@@ -122,9 +122,15 @@ class System:
     """Two frontends and a worker of one system."""
 
     def __init__(
-        self, name: str, redis_url: str, logdir: Path, scenario: dict[str, Any], prefix: str
+        self,
+        name: str,
+        redis: Proc,
+        redis_url: str,
+        logdir: Path,
+        scenario: dict[str, Any],
+        prefix: str,
     ) -> None:
-        self.name, self.redis_url, self.logdir = name, redis_url, logdir
+        self.name, self.redis, self.redis_url, self.logdir = name, redis, redis_url, logdir
         self.ports = [free_port(), free_port()]
         self.frontends: list[Proc] = []
         self.worker: Proc | None = None
@@ -270,14 +276,15 @@ def run_load(
     with load_processes(plans) as (procs, ready, go, results):
         for _ in plans:
             _get(ready, procs, timeout)
-        watched = [*system.frontends, system.worker]
+        watched = [*system.frontends, system.worker, system.redis]
         before = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
         go.set()
         out = [_get(results, procs, timeout) for _ in plans]
         after = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
     cpu = {
-        "frontend_cpu_s": sum(a - b for a, b in zip(after[:-1], before[:-1], strict=True)),
-        "worker_cpu_s": after[-1] - before[-1],
+        "frontend_cpu_s": sum(a - b for a, b in zip(after[:-2], before[:-2], strict=True)),
+        "worker_cpu_s": after[-2] - before[-2],
+        "redis_cpu_s": after[-1] - before[-1],
         "client_cpu_s": sum(o.get("cpu_s", 0.0) for o in out),  # each process's own
     }
     return out, cpu
@@ -335,6 +342,8 @@ def measure_streams(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
         "incomplete_sockets": sum(o["incomplete"] for o in out),
         "frontend_cpu_us_per_event": round(cpu["frontend_cpu_s"] * 1e6 / max(received, 1), 1),
         "worker_cpu_us_per_event": round(cpu["worker_cpu_s"] * 1e6 / max(produced, 1), 1),
+        # the one shared part: what a produced event costs Redis bounds how far it scales
+        "redis_cpu_us_per_event": round(cpu["redis_cpu_s"] * 1e6 / max(produced, 1), 1),
         # the load processes' own cost, on the same cores: it weighs on every latency
         "client_cpu_us_per_event": round(cpu["client_cpu_s"] * 1e6 / max(received, 1), 1),
         "frontend_peak_rss_mb": round(
@@ -439,7 +448,7 @@ def main() -> int:
                     continue  # only thoughtwire has a coalescing window
                 measure = measure_idle if name == "idle" else measure_streams
                 prefix = f"b{name[:3]}{system_name[:2]}{port}"
-                system = System(system_name, redis_url, logdir, scenario, prefix)
+                system = System(system_name, redis, redis_url, logdir, scenario, prefix)
                 try:
                     result = measure(system.start(), scenario)
                 except Exception as exc:  # one system failing a scenario is a result too
