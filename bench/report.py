@@ -73,7 +73,10 @@ def plot(report: dict[str, Any], out: Path) -> None:
         axes[1].bar(xs, cpu, width, label=system)
     for ax, title in zip(
         axes,
-        ("latency p99 (ms), worker ts to client", "frontend CPU per delivered event (µs)"),
+        (
+            "latency p99 (ms), worker ts to the client's socket",
+            "frontend CPU per delivered event (µs)",
+        ),
         strict=True,
     ):
         ax.set_xticks(range(len(scenarios)), scenarios)
