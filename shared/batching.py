@@ -347,12 +347,7 @@ class Batcher:
         except Exception as exc:  # the pipeline could not be sent
             results = [exc] * len(batch)
         for call, result in zip(batch, results, strict=True):
-            if call.future.done():
-                continue  # its caller was cancelled
-            if isinstance(result, Exception):
-                call.future.set_exception(result)
-            else:
-                call.future.set_result(result)
+            _settle(call, result)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         """Each call's result: a script's reply or error, or a list of command replies."""
