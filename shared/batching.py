@@ -82,6 +82,10 @@ class _Call:
     again: bool = False  # run again once already, after its script was loaded
 
 
+_PARTIAL = object()  # hiredis' answer while no whole reply has arrived
+_PUSH = getattr(hiredis, "PushNotification", None)  # RESP3 pushes, in hiredis 3 and later
+
+
 def _settle(call: _Call, result: Any) -> None:
     if call.future.done():
         return  # its caller was cancelled
@@ -100,6 +104,10 @@ class _Line(asyncio.Protocol):
     run's result. A script run that Redis refused because it forgot the script goes
     to ``on_unknown``, which loads it and runs the call again.
 
+    A reply that says Redis cannot serve now (``LOADING``, ``MASTERDOWN``: a connection
+    error) fails the whole call, as a broken connection would. RESP3 push messages
+    (invalidations, maintenance notices) answer no call and are let go.
+
     Nothing heard for ``timeout`` seconds while calls wait aborts the connection.
     However it ends, every waiting call fails with a connection error, and redis-py's
     own protocol hears of it, so the pool can close and reopen the connection.
@@ -117,7 +125,8 @@ class _Line(asyncio.Protocol):
         self._previous = previous
         self._timeout = timeout
         self._on_unknown = on_unknown
-        self._parser = hiredis.Reader(replyError=BaseParser.parse_error)
+        # A sentinel of our own for "no whole reply yet": RESP3 has a real False.
+        self._parser = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_PARTIAL)
         self._waiting: deque[_Call] = deque()
         self._replies: list[Any] = []  # so far, for the head call when it has several
         self._heard = 0.0
@@ -129,10 +138,14 @@ class _Line(asyncio.Protocol):
         """Read ``connection`` from now on; None where it is not a plain socket we can read."""
         writer = getattr(connection, "_writer", None)
         transport = getattr(writer, "transport", None)
+        reader = getattr(connection, "_reader", None)
+        encoder = getattr(connection, "encoder", None)
         if (
             transport is None
             or not hasattr(transport, "set_protocol")
             or str(getattr(connection, "protocol", 2)) not in ("2", "3")  # hiredis reads both
+            or getattr(encoder, "decode_responses", False)  # callers expect str replies then
+            or getattr(reader, "_buffer", b"")  # bytes redis-py read and did not hand on
         ):
             return None
         line = cls(transport, transport.get_protocol(), connection.socket_timeout, on_unknown)
@@ -173,7 +186,9 @@ class _Line(asyncio.Protocol):
         self._heard = self._loop.time()
         parser, waiting = self._parser, self._waiting
         parser.feed(data)
-        while (reply := parser.gets()) is not False:
+        while (reply := parser.gets()) is not _PARTIAL:
+            if reply.__class__ is _PUSH:
+                continue  # answers no call
             if not waiting:
                 self._fail(RedisConnectionError("a reply that no call waited for"))
                 self._transport.abort()
@@ -185,8 +200,11 @@ class _Line(asyncio.Protocol):
                     continue
                 result: Any = self._replies
                 self._replies = []
+                unavailable = [r for r in result if isinstance(r, RedisConnectionError)]
+                if unavailable:
+                    result = unavailable[0]
             elif call.script is None:
-                result = [reply]
+                result = reply if isinstance(reply, RedisConnectionError) else [reply]
             else:
                 result = reply
             waiting.popleft()
@@ -246,6 +264,10 @@ class Batcher:
     def commands(self, *commands: Sequence[Any]) -> asyncio.Future[list[Any]]:
         """Run ``commands`` one after the other; the future gets the list of their replies,
         where a command that Redis refused has its error in its place."""
+        if not commands:
+            done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            done.set_result([])
+            return done
         payload = b"".join(pack_command(*command) for command in commands)
         return self._queue(payload, len(commands), None)
 
@@ -294,9 +316,12 @@ class Batcher:
             await connection.connect()
             self._line = _Line.take_over(connection, self._load_again)
             self._own_reader = self._line is not None
-        except asyncio.CancelledError:
-            for call in self._pending:
+        except asyncio.CancelledError:  # the loop is closing: nobody waits forever
+            pending, self._pending = self._pending, []
+            for call in pending:
                 call.future.cancel()
+            if self._connection is not None:  # it may be mid-handshake: start afresh
+                await self._connection.disconnect(nowait=True)
             raise
         except Exception as exc:  # nothing was sent: the calls waiting get the error
             pending, self._pending = self._pending, []
@@ -320,6 +345,10 @@ class Batcher:
             for script in {id(call.script): call.script for call in calls}.values():
                 assert script is not None
                 await self._redis.script_load(script.script)
+        except asyncio.CancelledError:
+            for call in calls:
+                call.future.cancel()
+            raise
         except Exception as exc:  # for these calls only
             for call in calls:
                 _settle(call, exc)

@@ -89,3 +89,45 @@ async def test_the_embedded_redis_is_read_through_redis_py():
         assert batcher._line is None
     finally:
         await client.aclose()
+
+
+async def test_replies_that_are_false_or_pushed_keep_every_call_paired(redis_server, prefix):
+    # RESP3 has a real False, and a server may push messages that answer no call
+    # (here a client-side caching invalidation, sent on the batcher's own connection).
+    client = Redis(port=redis_server.port)
+    other = Redis(port=redis_server.port)
+    batcher = Batcher(client)
+    tracked = f"{prefix}:tracked"
+    try:
+        assert await batcher.commands(("EVAL", "redis.setresp(3); return false", 0)) == [False]
+        assert await batcher.commands(("ECHO", "mine")) == [b"mine"]
+        await batcher.commands(("CLIENT", "TRACKING", "ON"), ("GET", tracked))
+        waiting = batcher.commands(("BLPOP", f"{prefix}:nothing", "0.5"))
+        await asyncio.sleep(0.1)
+        await other.set(tracked, "x")  # the server pushes an invalidation now
+        assert await waiting == [None]
+        assert await batcher.commands(("ECHO", "still paired")) == [b"still paired"]
+        assert batcher._line is not None and not batcher._line.closed
+    finally:
+        await other.aclose()
+        await client.aclose()
+
+
+async def test_no_commands_is_an_empty_reply_and_takes_no_one_elses(redis_server):
+    client = Redis(port=redis_server.port)
+    batcher = Batcher(client)
+    try:
+        empty, echo = await asyncio.gather(batcher.commands(), batcher.commands(("ECHO", "x")))
+        assert (empty, echo) == ([], [b"x"])
+    finally:
+        await client.aclose()
+
+
+async def test_a_client_that_decodes_replies_is_read_through_redis_py(redis_server):
+    client = Redis(port=redis_server.port, decode_responses=True)
+    batcher = Batcher(client)
+    try:
+        assert await batcher.commands(("ECHO", "text")) == ["text"]
+        assert batcher._line is None
+    finally:
+        await client.aclose()
