@@ -119,8 +119,10 @@ class _Line(asyncio.Protocol):
         previous: asyncio.BaseProtocol,
         timeout: float | None,
         on_unknown: Any,
+        on_writable: Any,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._on_writable = on_writable
         self._transport = transport
         self._previous = previous
         self._timeout = timeout
@@ -132,9 +134,12 @@ class _Line(asyncio.Protocol):
         self._heard = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
+        self.paused = False  # the transport's buffer is full: calls wait in the batcher
 
     @classmethod
-    def take_over(cls, connection: AbstractConnection, on_unknown: Any) -> _Line | None:
+    def take_over(
+        cls, connection: AbstractConnection, on_unknown: Any, on_writable: Any
+    ) -> _Line | None:
         """Read ``connection`` from now on; None where it is not a plain socket we can read."""
         writer = getattr(connection, "_writer", None)
         transport = getattr(writer, "transport", None)
@@ -148,7 +153,9 @@ class _Line(asyncio.Protocol):
             or getattr(reader, "_buffer", b"")  # bytes redis-py read and did not hand on
         ):
             return None
-        line = cls(transport, transport.get_protocol(), connection.socket_timeout, on_unknown)
+        line = cls(
+            transport, transport.get_protocol(), connection.socket_timeout, on_unknown, on_writable
+        )
         transport.set_protocol(line)
         return line
 
@@ -217,6 +224,13 @@ class _Line(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed'}"))
         self._previous.connection_lost(exc)  # redis-py's reader: closed, as it should be
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._on_writable()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport
@@ -291,8 +305,9 @@ class Batcher:
         if self._own_reader is not False:
             line = self._line
             if line is not None and not line.closed:
-                batch, self._pending = self._pending, []
-                line.send(batch)
+                if self._pending and not line.paused:  # paused: it calls again when it may
+                    batch, self._pending = self._pending, []
+                    line.send(batch)
             elif self._opening is None:
                 self._opening = loop.create_task(self._open_line())
             return
@@ -314,7 +329,7 @@ class Batcher:
                 self._line = None
                 await connection.disconnect(nowait=True)
             await connection.connect()
-            self._line = _Line.take_over(connection, self._load_again)
+            self._line = _Line.take_over(connection, self._load_again, self._flush)
             self._own_reader = self._line is not None
         except asyncio.CancelledError:  # the loop is closing: nobody waits forever
             pending, self._pending = self._pending, []

@@ -131,3 +131,29 @@ async def test_a_client_that_decodes_replies_is_read_through_redis_py(redis_serv
         assert batcher._line is None
     finally:
         await client.aclose()
+
+
+async def test_calls_wait_in_the_batcher_while_redis_is_not_reading(tmp_path, prefix):
+    server = RedisServer(tmp_path).start()
+    client = Redis(port=server.port, socket_timeout=10)
+    batcher = Batcher(client)
+    try:
+        await batcher.commands(("PING",))
+        line = batcher._line
+        assert line is not None
+        os.kill(server.proc.popen.pid, signal.SIGSTOP)
+        try:
+            value = "v" * 10_000
+            calls = [batcher.commands(("SET", f"{prefix}:{i}", value)) for i in range(3000)]
+            async with asyncio.timeout(seconds(5)):
+                while not line.paused:  # 30 MB fill the socket's buffers and then the write's
+                    await asyncio.sleep(0.01)
+            assert batcher._pending  # the rest wait here, not in the transport
+        finally:
+            os.kill(server.proc.popen.pid, signal.SIGCONT)
+        async with asyncio.timeout(seconds(20)):
+            assert await asyncio.gather(*calls) == [[b"OK"]] * 3000
+        assert not line.paused and not line.closed
+    finally:
+        await client.aclose()
+        server.stop()
