@@ -30,6 +30,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
 #   session's memory, which keeps whole turns, the last ``turns`` of them.
+# * Expiry: the session's log, its meta and the run live ``ttl`` seconds past their last
+#   refresh. A refresh comes with any key the call creates, with the call that ends the
+#   run, and once a tenth of the ttl has gone by: not with every call, since each EXPIRE
+#   is a write that the append-only file and every replica carry (a third of a
+#   one-event call's bytes there: ``python -m bench.appends``).
 APPEND = """
 local state = redis.call('HMGET', KEYS[4], 'fence', 'emitted', 'status')
 local emitted = tonumber(state[2] or '0')
@@ -42,10 +47,12 @@ if state[3] == 'done' or state[3] == 'failed' or state[3] == 'cancelled' then
   end
   return -1
 end
+local refresh = ARGV[7] ~= ''
 if not state[1] then
   -- the run's state was lost with Redis' data: this attempt carries on and owns it
   redis.call('HSET', KEYS[4], 'fence', ARGV[4], 'status', 'running')
   emitted = 0
+  refresh = true
 end
 local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
 local seq = tonumber(meta[1] or '0')
@@ -55,6 +62,7 @@ if not epoch or seq < tonumber(ARGV[5]) then
   epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
   seq = 0
   redis.call('DEL', KEYS[2])
+  refresh = true
 end
 local tail = ',"epoch":"' .. epoch .. '"}'
 local first = tonumber(ARGV[6])
@@ -69,8 +77,13 @@ for i = 12, #ARGV do
   end
 end
 redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+local ttl = tonumber(ARGV[2])
+-- TTL is -1 for a log the XADDs above created, -2 for none: both refresh
+if refresh or redis.call('TTL', KEYS[2]) < ttl - ttl / 10 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[4], 'status', ARGV[7], 'result', ARGV[8], 'emitted', emitted)
   redis.call('SREM', KEYS[5], ARGV[9])
@@ -82,7 +95,6 @@ if ARGV[7] ~= '' then
 else
   redis.call('HSET', KEYS[4], 'emitted', emitted)
 end
-redis.call('EXPIRE', KEYS[4], ARGV[2])
 return seq
 """
 

@@ -44,8 +44,9 @@ def test_every_system_delivers_every_event(tmp_path):
     [
         (["bench.starts", "--count", "50"], '"jobs": 50'),
         (["bench.socket_memory", "--count", "20"], "measured: 20 sockets"),
+        (["bench.appends", "--count", "200"], '"appends": 200'),
     ],
-    ids=["starts", "socket_memory"],
+    ids=["starts", "socket_memory", "appends"],
 )
 def test_the_single_purpose_tools_run(tool, expected):
     done = subprocess.run(

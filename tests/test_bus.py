@@ -240,6 +240,33 @@ async def test_log_is_bounded_and_expires(bus):
     assert 0 < await bus.redis.ttl(bus.keys.session_meta("s")) <= 60
 
 
+async def test_the_log_expiry_is_refreshed_every_tenth_of_its_ttl_and_when_keys_are_made(bus):
+    job, fence = await started(bus)  # the bus keeps logs 60 s
+    log, meta = bus.keys.session_log("s"), bus.keys.session_meta("s")
+    run = bus.keys.run("s", "r")
+    await append(bus, job, [Thought("answer", "a")], fence=fence, first=1)
+    assert 55 <= await bus.redis.ttl(log) <= 60  # made by this call: refreshed
+
+    for key in (log, meta, run):
+        await bus.redis.expire(key, 57)  # less than a tenth gone: not refreshed
+    await append(bus, job, [Thought("answer", "b")], fence=fence, first=2)
+    assert all([50 < await bus.redis.ttl(k) <= 57 for k in (log, meta, run)])
+    for key in (log, meta, run):
+        await bus.redis.expire(key, 50)  # more than a tenth gone: all three refreshed
+    await append(bus, job, [Thought("answer", "c")], fence=fence, first=3)
+    assert all([55 <= await bus.redis.ttl(k) <= 60 for k in (log, meta, run)])
+
+    await bus.redis.expire(log, 57)
+    await bus.redis.hset(meta, "seq", 1)  # lost writes: a new epoch makes a new log
+    await append(bus, job, [Thought("answer", "d")], fence=fence, first=4, min_seq=3)
+    assert 58 <= await bus.redis.ttl(log) <= 60
+
+    for key in (log, meta, run):
+        await bus.redis.expire(key, 57)
+    await append(bus, job, [Thought("done", "")], fence=fence, first=5)  # the run's end
+    assert all([58 <= await bus.redis.ttl(k) <= 60 for k in (log, meta, run)])
+
+
 async def test_idempotent_submit_returns_the_first_job(bus):
     first = await bus.submit(Job(run="a", session="s1", prompt="p"), "key-1")
     again = await bus.submit(Job(run="b", session="s2", prompt="p"), "key-1")
