@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +118,8 @@ class _Line(asyncio.Protocol):
         transport: Any,
         previous: asyncio.BaseProtocol,
         timeout: float | None,
-        on_unknown: Any,
-        on_writable: Any,
+        on_unknown: Callable[[_Call], None],
+        on_writable: Callable[[], None],
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._on_writable = on_writable
@@ -138,7 +138,10 @@ class _Line(asyncio.Protocol):
 
     @classmethod
     def take_over(
-        cls, connection: AbstractConnection, on_unknown: Any, on_writable: Any
+        cls,
+        connection: AbstractConnection,
+        on_unknown: Callable[[_Call], None],
+        on_writable: Callable[[], None],
     ) -> _Line | None:
         """Read ``connection`` from now on; None where it is not a plain socket we can read."""
         writer = getattr(connection, "_writer", None)
@@ -171,9 +174,6 @@ class _Line(asyncio.Protocol):
                 self._watchdog = self._loop.call_later(self._timeout, self._check)
         self._waiting.extend(calls)
         self._transport.write(b"".join([call.payload for call in calls]))
-
-    def close(self) -> None:
-        self._transport.close()
 
     def _check(self) -> None:
         self._watchdog = None
@@ -372,8 +372,8 @@ class Batcher:
             self._flush()
         finally:
             self._loading = None
-            if self._unknown:
-                self._load_again(self._unknown.pop())
+            if self._unknown:  # refused while these were loading
+                self._loading = asyncio.get_running_loop().create_task(self._load_unknown())
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         # What queued while every pipeline was away goes out as one comes back.
