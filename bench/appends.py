@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
-from bench.run import free_port, spawn, wait_for_port
+from bench.run import own_redis
 from shared import loops
 from shared.bus import Bus
 from shared.connections import RedisFactory
@@ -63,22 +62,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=20_000)
     args = parser.parse_args()
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="thoughtwire-appends-") as workdir:
-        redis = spawn(
-            [
-                *(shutil.which("redis-server") or "redis-server", "--port", str(port)),
-                *("--bind", "127.0.0.1", "--save", "", "--dir", workdir),
-                *("--appendonly", "yes", "--appendfsync", "no"),
-            ],
-            {},
-            Path(workdir) / "redis.log",
-        )
-        try:
-            wait_for_port(port, redis)
-            print(json.dumps(loops.run(measure(f"redis://127.0.0.1:{port}/0", args.count))))
-        finally:
-            redis.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="thoughtwire-appends-") as workdir,
+        own_redis(Path(workdir), "--appendonly", "yes", "--appendfsync", "no") as (url, _redis),
+    ):
+        print(json.dumps(loops.run(measure(url, args.count))))
 
 
 if __name__ == "__main__":

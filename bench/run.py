@@ -118,6 +118,28 @@ def wait_for_port(port: int, proc: Proc, seconds: float = 30) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+@contextlib.contextmanager
+def own_redis(workdir: Path, *options: str) -> Iterator[tuple[str, Proc]]:
+    """A redis-server of our own on a free loopback port, persistence off unless
+    ``options`` turn it on (a later option wins); stopped by its PID however the block
+    ends. Yields its URL and the process."""
+    port = free_port()
+    redis = spawn(
+        [
+            *(shutil.which("redis-server") or "redis-server", "--port", str(port)),
+            *("--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)),
+            *options,
+        ],
+        {},
+        workdir / "redis.log",
+    )
+    try:
+        wait_for_port(port, redis)
+        yield f"redis://127.0.0.1:{port}/0", redis
+    finally:
+        redis.stop()
+
+
 class System:
     """Two frontends and a worker of one system."""
 
@@ -412,33 +434,13 @@ def main() -> int:
     # SIGTERM unwinds like an exception, so every process started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     logdir = Path(tempfile.mkdtemp(prefix="thoughtwire-bench-"))
-    port = free_port()
-    redis = spawn(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(logdir),
-        ],
-        {},
-        logdir / "redis.log",
-    )
-    wait_for_port(port, redis)
-    redis_url = f"redis://127.0.0.1:{port}/0"
     report: dict[str, Any] = {
         "profile": args.profile,
         "machine": machine(),
         "command": " ".join(sys.argv),
         "results": {},
     }
-    try:
+    with own_redis(logdir) as (redis_url, redis):
         for name in args.scenarios.split(","):
             if name not in PROFILES[args.profile]:
                 continue
@@ -447,7 +449,7 @@ def main() -> int:
                 if name == "coalescing" and system_name != "thoughtwire":
                     continue  # only thoughtwire has a coalescing window
                 measure = measure_idle if name == "idle" else measure_streams
-                prefix = f"b{name[:3]}{system_name[:2]}{port}"
+                prefix = f"b{name[:3]}{system_name[:2]}{redis.pid}"
                 system = System(system_name, redis, redis_url, logdir, scenario, prefix)
                 try:
                     result = measure(system.start(), scenario)
@@ -459,8 +461,6 @@ def main() -> int:
                 print(f"{name:>11} {system_name:>12} {json.dumps(result)}", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(report, indent=2))
-    finally:
-        redis.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}; logs in {logdir}")

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import gc
 import os
-import shutil
 import sys
 import tempfile
 import tracemalloc
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import uvicorn
 
-from bench.run import free_port, spawn, wait_for_port
+from bench.run import free_port, own_redis
 from shared import loops
 
 CLIENT = """
@@ -120,19 +119,9 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--trace", action="store_true")
     args = parser.parse_args()
-    port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="thoughtwire-memory-"))
-    redis = spawn(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-         "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        {},
-        workdir / "redis.log",
-    )  # fmt: skip
-    try:
-        wait_for_port(port, redis)
-        loops.run(measure(args.count, args.trace, f"redis://127.0.0.1:{port}/0"))
-    finally:
-        redis.stop()
+    with own_redis(workdir) as (redis_url, _redis):
+        loops.run(measure(args.count, args.trace, redis_url))
     return 0
 
 
