@@ -163,11 +163,7 @@ class _Line(asyncio.Protocol):
         return line
 
     def send(self, calls: list[_Call]) -> None:
-        if self.closed:
-            error = RedisConnectionError("the connection to Redis was lost")
-            for call in calls:
-                _settle(call, error)
-            return
+        """Write ``calls``; the batcher sends only on a line that is open and not paused."""
         if not self._waiting:
             self._heard = self._loop.time()  # silence counts from the first call waiting
             if self._timeout is not None and self._watchdog is None:
