@@ -6,6 +6,8 @@ socket's whole life, an ``asyncio.Queue`` of ASGI events and an ``asyncio.Event`
 back-pressure (five deques between them, about 3 KB), and the handshake's request
 and response with their headers (about 3 KB more). :class:`SocketProtocol` keeps
 a list and a future in their place, and lets the handshake go once it is answered.
+It also sends a close to a client that stopped reading at once, where uvicorn would
+wait for the client to read first (see :meth:`SocketProtocol._close_now`).
 Everything else is uvicorn's own.
 
 :data:`PROTOCOL` is the class to hand to ``uvicorn.Config(ws=...)``; with a uvicorn
@@ -18,6 +20,10 @@ import asyncio
 from typing import Any
 
 PROTOCOL: Any = "auto"
+
+# How long a socket closed while its client was not reading may take to hand the
+# client what it was sent before its close; after that it is aborted.
+CLOSE_FLUSH_SECONDS = 30.0
 
 
 class Mailbox:
@@ -95,9 +101,33 @@ else:
             self.writable = Flag()  # type: ignore[assignment]
 
         async def send(self, message: Any) -> None:
+            if message["type"] == "websocket.close" and not self.writable.is_set():
+                await self._close_now(message)
+                return
             await super().send(message)
             if self.handshake_complete and message["type"] == "websocket.accept":
                 # Used only to answer the handshake, which is done.
                 self.request = self.response = None  # type: ignore[assignment]
+
+        async def _close_now(self, message: Any) -> None:
+            """Send a close to a client that stopped reading, without waiting for it.
+
+            uvicorn waits for the transport to be writable before any send, a close
+            too, and a client that stopped reading never makes it writable: the close
+            would never go, and the client would find its connection dropped (1006)
+            instead of told to resume (4008). The close frame is a few bytes: it joins
+            the transport's buffer behind the frames already there. A client that
+            never reads them is cut off after ``CLOSE_FLUSH_SECONDS``.
+            """
+            paused, self.writable = self.writable, Flag()  # a set flag: no wait
+            try:
+                await super().send(message)
+            finally:
+                self.writable = paused
+            self.loop.call_later(CLOSE_FLUSH_SECONDS, self._abandon)
+
+        def _abandon(self) -> None:
+            if not self.disconnected:
+                self.transport.abort()
 
     PROTOCOL = SocketProtocol

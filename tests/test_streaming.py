@@ -9,6 +9,7 @@ import pytest
 import redis
 import websockets
 
+from api.connection import CLOSE_TIMEOUT
 from shared.closecodes import Close
 from shared.keys import Keys
 from tests.conftest import start_cluster
@@ -98,7 +99,11 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_nobody_else_w
 ):
     """Sockets that keep up get ready-made frames written at once (api.wire); one that
     stops reading is pushed back on by its transport, falls back to its bounded queue,
-    and is closed with 4008 when that fills. The others get every event."""
+    and is closed with 4008 when that fills. The others get every event.
+
+    The close frame goes out behind what the transport already holds, without waiting
+    for the client to read: a client that stays stalled past the close timeout still
+    finds a clean prefix and then 4008, not a dropped connection (1006)."""
     c = start_cluster(
         redis_server,
         logdir,
@@ -118,6 +123,10 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_nobody_else_w
                 await prompter.send("a long answer")
                 events = await run_events(prompter, timeout=60)
                 assert [e["seq"] for e in events] == list(range(1, 40_007))
+                # The stall is the input here, not a wait for something: the client
+                # goes on not reading for several times the frontend's close timeout,
+                # and the close frame must still be there behind the prefix.
+                await asyncio.sleep(seconds(4 * CLOSE_TIMEOUT))
                 # Now read what the stalled client was sent: a prefix, then the close.
                 got = []
                 with pytest.raises(websockets.ConnectionClosed):
