@@ -42,10 +42,14 @@ def create_app(
 
     app = Gateway(
         socket_routes=socket_routes,
+        settings=settings,
         title="thoughtwire",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # The schema maps every endpoint: with authentication on it is not handed out
+        # to whoever asks (docs/security.md lists what answers without a token).
+        openapi_url=None if settings.auth_enabled else "/openapi.json",
     )
     if settings.origins:
         app.add_middleware(

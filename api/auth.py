@@ -7,7 +7,7 @@ put it in a URL, as a WebSocket subprotocol ``bearer.<token>`` next to
 
 Checks: the algorithm is pinned by the key that is configured for it (HS256 with
 ``JWT_SECRET``; RS256/ES256 with ``JWT_PUBLIC_KEY`` or ``JWKS_URL``), so ``alg: none``
-and HS/RS confusion cannot pass; ``exp`` and ``sub`` are required; ``nbf`` and ``iat``
+and HS/RS confusion cannot pass; ``exp`` and a non-empty ``sub`` are required; ``nbf`` and ``iat``
 are honoured with a small leeway; ``aud`` and ``iss`` are checked when configured.
 
 PyJWT is imported where a token is read or made, not at the top: with cryptography
@@ -98,12 +98,12 @@ class Authenticator:
         except jwt.InvalidTokenError:
             raise AuthError("invalid token") from None
         claims = self._decode(token, str(header.get("alg", "")), header)
+        # An empty subject would make every such token one shared identity.
+        subject = _named(claims, "sub")
         if claims.get("scope") == VIEWER_SCOPE:
-            session = claims.get("sid")
-            if not isinstance(session, str):
-                raise AuthError("invalid token")
-            return Principal(f"viewer:{claims['sub']}", float(claims["exp"]), viewer_of=session)
-        return Principal(claims["sub"], float(claims["exp"]))
+            session = _named(claims, "sid")
+            return Principal(f"viewer:{subject}", float(claims["exp"]), viewer_of=session)
+        return Principal(subject, float(claims["exp"]))
 
     def _decode(self, token: str, alg: str, header: Mapping[str, Any]) -> dict[str, Any]:
         import jwt
@@ -159,6 +159,14 @@ class Authenticator:
         ), expires
 
 
+def _named(claims: Mapping[str, Any], name: str) -> str:
+    """A claim that names someone or something: a non-empty string, or the token is invalid."""
+    value = claims.get(name)
+    if not isinstance(value, str) or not value:
+        raise AuthError("invalid token")
+    return value
+
+
 def mint(secret: str, user: str, ttl: int) -> str:
     """A development token for ``user`` (``thoughtwire token``)."""
     import jwt
@@ -182,11 +190,41 @@ def token_from(
     return query.get("token"), accept
 
 
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+HOST_REFUSAL = "host not allowed: set THOUGHTWIRE_ALLOWED_HOSTS"
+
+
+def host_allowed(headers: Mapping[str, str], settings: Settings) -> bool:
+    """DNS-rebinding guard: the ``Host`` a request names must be one this frontend serves.
+
+    A page on ``attacker.example`` whose name is made to resolve to 127.0.0.1 reaches
+    a local frontend with ``Host`` and ``Origin`` both its own, so comparing the two
+    proves nothing; the Host itself must be checked. Loopback names (any port) and
+    ``THOUGHTWIRE_ALLOWED_HOSTS`` (``*``: any) always pass. Without authentication
+    nothing else does; with it, any Host passes unless the setting names some.
+    """
+    allowed = settings.hosts
+    if "*" in allowed or (settings.auth_enabled and not allowed):
+        return True
+    host = headers.get("host", "").strip().lower()
+    name = _host_name(host)
+    return name in LOOPBACK_HOSTS or name in allowed or host in allowed
+
+
+def _host_name(host: str) -> str:
+    """``host[:port]`` without its port; an IPv6 address keeps its brackets."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def origin_allowed(headers: Mapping[str, str], settings: Settings) -> bool:
     """Cross-site WebSocket hijacking guard: a browser's Origin must be allowed.
 
     Clients that send no Origin (not browsers) pass. Pages served by this frontend
-    (same host) pass. Others must be in ``THOUGHTWIRE_ALLOWED_ORIGINS`` (``*``: any).
+    (same host) pass: the Host they are compared with has passed :func:`host_allowed`
+    first, so an attacker cannot choose both. Others must be in
+    ``THOUGHTWIRE_ALLOWED_ORIGINS`` (``*``: any).
     """
     origin = headers.get("origin")
     if not origin:

@@ -76,7 +76,8 @@ class Frontend:
             # Retrying may queue the job twice if a reply was lost; the run's state
             # lets only one of the copies run.
             submitted = await retry(
-                partial(self.bus.submit, job, idempotency_key), seconds=SUBMIT_RETRY_SECONDS
+                partial(self.bus.submit, job, idempotency_key, user=principal.user),
+                seconds=SUBMIT_RETRY_SECONDS,
             )
         except BaseException:
             if user is not None:

@@ -7,20 +7,37 @@ stacks and a scope grown by every router: about 7 KB per open socket, for featur
 endpoints of a :class:`SocketRoutes` are matched by :class:`Gateway`'s entry point,
 by Starlette's own path syntax, and called with a plain Starlette ``WebSocket``;
 every other request, and a WebSocket to any other path, goes on to FastAPI as usual.
+
+The entry point is also where every request, HTTP or WebSocket, has its ``Host``
+checked (:func:`api.auth.host_allowed`): nothing behind it runs for a request
+addressed to a name this frontend does not serve.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from api.auth import HOST_REFUSAL, host_allowed, token_from
 from api.wire import expose_protocol
+from shared.closecodes import Close
+from shared.settings import Settings
+
+logger = logging.getLogger("thoughtwire.lane")
+
+# Refused hosts already warned about: each is logged once, and at most this many are
+# remembered, as the Host header is the requester's to choose.
+WARNED_HOSTS = 64
 
 Endpoint = Callable[[WebSocket], Awaitable[None]]
 
@@ -31,9 +48,11 @@ class SocketRoutes:
     def __init__(self) -> None:
         self._exact: dict[str, Endpoint] = {}
         self._patterns: list[tuple[re.Pattern[str], dict[str, Any], Endpoint]] = []
+        self.paths: list[str] = []  # as registered, for whoever lists the endpoints
 
     def route(self, path: str) -> Callable[[Endpoint], Endpoint]:
         def register(endpoint: Endpoint) -> Endpoint:
+            self.paths.append(path)
             if "{" in path:
                 regex, _format, convertors = compile_path(path)
                 self._patterns.append((regex, convertors, endpoint))
@@ -63,11 +82,21 @@ class Gateway(FastAPI):
     lane is the application's own entry point, and those layers see everything else.
     """
 
-    def __init__(self, *, socket_routes: SocketRoutes, **kwargs: Any) -> None:
+    def __init__(
+        self, *, socket_routes: SocketRoutes, settings: Settings | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.socket_routes = socket_routes
+        self.settings = settings or Settings()
+        self._warned: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = Headers(scope=scope)
+            if not host_allowed(headers, self.settings):
+                self._warn(headers.get("host", ""))
+                await _refuse_host(scope, receive, send, headers)
+                return
         if scope["type"] == "websocket":
             expose_protocol(scope, send)
             found = self.socket_routes.match(scope["path"])
@@ -77,3 +106,25 @@ class Gateway(FastAPI):
                 await endpoint(WebSocket(scope, receive, send))
                 return
         await super().__call__(scope, receive, send)
+
+    def _warn(self, host: str) -> None:
+        if host in self._warned or len(self._warned) >= WARNED_HOSTS:
+            return
+        self._warned.add(host)
+        logger.warning(
+            "refused a request for host %r: if this frontend serves that name, "
+            "add it to THOUGHTWIRE_ALLOWED_HOSTS",
+            host[:100],
+        )
+
+
+async def _refuse_host(scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
+    """400 over HTTP; a socket is accepted and closed with 1008, as browsers see no 400."""
+    if scope["type"] == "http":
+        await JSONResponse({"detail": HOST_REFUSAL}, status_code=400)(scope, receive, send)
+        return
+    websocket = WebSocket(scope, receive, send)
+    _, subprotocol = token_from({}, headers)
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):  # it left already
+        await websocket.accept(subprotocol)
+        await websocket.close(Close.POLICY, HOST_REFUSAL)

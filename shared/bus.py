@@ -84,14 +84,19 @@ class Bus:
 
     # --- jobs: the frontend's side -----------------------------------------
 
-    async def submit(self, job: Job, idempotency_key: str | None = None) -> tuple[str, str, bool]:
+    async def submit(
+        self, job: Job, idempotency_key: str | None = None, *, user: str | None = None
+    ) -> tuple[str, str, bool]:
         """Queue a job; returns ``(run, session, created)``.
 
-        With an idempotency key, the first job submitted under it is returned for
-        as long as results are kept, and nothing new is queued.
+        With an idempotency key, the first job ``user`` submitted under it is returned
+        for as long as results are kept, and nothing new is queued. Keys are per user:
+        another user's job under the same key is never returned.
         """
         if idempotency_key is not None:
-            key = self.keys.idempotency(idempotency_key)
+            if user is None:
+                raise ValueError("an idempotency key needs the user who chose it")
+            key = self.keys.idempotency(user, idempotency_key)
             ours = f"{job.run} {job.session}"
             first, existing = await self._commands(
                 ("SET", key, ours, "NX", "EX", self._ttl), ("GET", key)

@@ -65,9 +65,12 @@ class Keys:
     def job(self, run: str) -> str:
         return f"{self.prefix}:job:{run}"
 
-    def idempotency(self, key: str) -> str:
-        # Hashed: the client's key can be any text, and its length is bounded here.
-        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+    def idempotency(self, user: str, key: str) -> str:
+        """A user's idempotency key: two users choosing the same key never meet."""
+        # Hashed: the client's key can be any text, and its length is bounded here. The
+        # user's length goes first, so no (user, key) pair spells another's.
+        scoped = f"{len(user)}:{user}:{key}"
+        return f"{self.prefix}:idem:{hashlib.sha256(scoped.encode()).hexdigest()}"
 
     @property
     def dead_letters(self) -> str:

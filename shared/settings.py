@@ -75,6 +75,10 @@ class Settings:
     # Browser origins allowed to open sockets and call the API ("*": any). Empty: only
     # pages served by the frontend itself (same origin), and clients that send none.
     allowed_origins: str = ""
+    # Host names (``name`` for any port, or ``name:port``) requests may be addressed to,
+    # beyond loopback ("*": any). Empty: only loopback without authentication, any with
+    # it. A local frontend without authentication is otherwise open to DNS rebinding.
+    allowed_hosts: str = ""
 
     # Limits per user, held across all frontends (state in Redis).
     rate_limit: int = 120  # client frames and API calls per minute
@@ -105,6 +109,10 @@ class Settings:
     @property
     def origins(self) -> tuple[str, ...]:
         return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:

@@ -153,16 +153,16 @@ async def test_plain_commands_share_the_pipeline_and_get_their_own_replies(redis
 async def test_a_retried_submit_queues_its_job_and_never_resets_a_started_run(bus):
     job = Job(run="r", session="s", prompt="p")
     # A first try that claimed the key and was cut off before queueing the job.
-    await bus.redis.set(bus.keys.idempotency("k"), "r s")
-    assert await bus.submit(job, "k") == ("r", "s", True)
+    await bus.redis.set(bus.keys.idempotency("u", "k"), "r s")
+    assert await bus.submit(job, "k", user="u") == ("r", "s", True)
     assert await bus.redis.xlen(bus.keys.jobs) == 1
     attempt = await bus.start(job, "w1", 10_000, 3)
-    assert await bus.submit(job, "k") == ("r", "s", True)  # a retry after a lost reply
+    assert await bus.submit(job, "k", user="u") == ("r", "s", True)  # a retry after a lost reply
     state = await bus.run_state("r")
     assert (state["status"], state["attempt"]) == ("running", "1")
     assert await bus.renew(job, attempt.fence, 10_000) == 0
     other = Job(run="r2", session="s", prompt="p")
-    assert await bus.submit(other, "k") == ("r", "s", False)
+    assert await bus.submit(other, "k", user="u") == ("r", "s", False)
 
 
 async def test_a_script_that_cannot_be_loaded_again_fails_only_its_own_calls(
@@ -268,11 +268,13 @@ async def test_the_log_expiry_is_refreshed_every_tenth_of_its_ttl_and_when_keys_
 
 
 async def test_idempotent_submit_returns_the_first_job(bus):
-    first = await bus.submit(Job(run="a", session="s1", prompt="p"), "key-1")
-    again = await bus.submit(Job(run="b", session="s2", prompt="p"), "key-1")
+    first = await bus.submit(Job(run="a", session="s1", prompt="p"), "key-1", user="alice")
+    again = await bus.submit(Job(run="b", session="s2", prompt="p"), "key-1", user="alice")
+    other = await bus.submit(Job(run="c", session="s3", prompt="p"), "key-1", user="bob")
     assert first == ("a", "s1", True)
     assert again == ("a", "s1", False)
-    assert await bus.redis.xlen(bus.keys.jobs) == 1
+    assert other == ("c", "s3", True)  # keys are per user
+    assert await bus.redis.xlen(bus.keys.jobs) == 2
 
 
 async def test_a_job_goes_to_one_worker_and_leaves_the_stream_when_finished(bus):

@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 import jwt
@@ -11,6 +13,9 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from api.app import create_app
+from api.auth import host_allowed
+from shared.settings import Settings
 from tests.conftest import start_cluster
 from tests.procs import seconds, thoughtwire
 from tests.wsclient import connect, greeting, recv_json, run_events
@@ -97,6 +102,18 @@ def _hs_signed_with_the_public_key():
     return f"{header}.{body}.{b64(signature)}"
 
 
+def _viewer(sub="owner", sid="a-session"):
+    """A viewer token as the server mints them, but with the claims given."""
+    claims = {
+        "sub": sub,
+        "sid": sid,
+        "scope": "view",
+        "aud": "thoughtwire:viewer",
+        "exp": int(time.time()) + 600,
+    }
+    return jwt.encode(claims, SECRET, algorithm="HS256", headers={"typ": "viewer+jwt"})
+
+
 BAD_TOKENS = {
     "expired": (lambda: token(exp=int(time.time()) - 3600), "token expired"),
     "not-yet-valid": (lambda: token(nbf=int(time.time()) + 3600), "token not valid yet"),
@@ -106,6 +123,10 @@ BAD_TOKENS = {
     "wrong-aud": (lambda: token(aud="someone-else"), "invalid token"),
     "wrong-iss": (lambda: token(iss="https://evil.test"), "invalid token"),
     "missing-sub": (lambda: token(sub=None), "invalid token"),
+    "empty-sub": (lambda: token(sub=""), "invalid token"),
+    "number-sub": (lambda: token(sub=42), "invalid token"),
+    "viewer-empty-sub": (lambda: _viewer(sub=""), "invalid token"),
+    "viewer-empty-sid": (lambda: _viewer(sid=""), "invalid token"),
     "missing-exp": (lambda: token(exp=None), "invalid token"),
     "malformed": (lambda: "not.a.jwt", "invalid token"),
     "empty": (lambda: "", "missing token"),
@@ -119,7 +140,9 @@ async def test_bad_tokens_are_refused_with_4001(secure, case):
     assert (code, said) == (4001, reason)
 
 
-@pytest.mark.parametrize("case", ["expired", "alg-none", "hs-rs-confusion", "wrong-aud", "empty"])
+@pytest.mark.parametrize(
+    "case", ["expired", "alg-none", "hs-rs-confusion", "wrong-aud", "empty-sub", "empty"]
+)
 async def test_bad_tokens_are_refused_over_http_with_401(secure, case):
     make, _ = BAD_TOKENS[case]
     bad = make()
@@ -344,3 +367,148 @@ async def test_browser_sockets_from_other_sites_are_refused(secure):
     assert await closed_with(url, origin="https://evil.example") == (1008, "origin not allowed")
     async with connect(url, origin=f"http://127.0.0.1:{a.port}") as ws:  # the frontend's own page
         await greeting(ws)
+
+
+# --- open endpoints and hosts -----------------------------------------------------
+
+SECURITY_DOC = Path(__file__).parent.parent / "docs" / "security.md"
+
+
+def _documented_open_endpoints() -> set[tuple[str, str]]:
+    """``(method, path)`` of the table under "Open endpoints" in docs/security.md."""
+    section = SECURITY_DOC.read_text().split("## Open endpoints", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([A-Z]+) (/\S*)` \|", section, re.MULTILINE))
+
+
+def _http_routes(routes, prefix=""):
+    """``(method, path)`` of every HTTP route, through included routers."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _http_routes(included.routes, prefix + route.include_context.prefix)
+        else:
+            for method in sorted(route.methods - {"HEAD"}):
+                yield method, prefix + route.path
+
+
+def _every_route():
+    """Every route of the app, with authentication on and off (some exist in one only)."""
+    http, sockets = set(), set()
+    for settings in (Settings(redis_url="redis://127.0.0.1:1/0", jwt_secret=SECRET), Settings()):
+        app = create_app(settings)
+        http |= set(_http_routes(app.routes))
+        sockets |= set(app.socket_routes.paths)
+    return http, sockets
+
+
+def _concrete(path):
+    return re.sub(r"\{[^}]+\}", "someone", path)
+
+
+async def test_only_the_listed_endpoints_answer_without_a_token(secure):
+    """Every route, HTTP and socket, without a token: only docs/security.md's list answers.
+
+    Before: /openapi.json answered 200 too. After: it is not served (404).
+    """
+    open_endpoints = _documented_open_endpoints()
+    assert open_endpoints, "docs/security.md lists no open endpoints"
+    http_routes, socket_paths = _every_route()
+    assert open_endpoints <= http_routes, "docs/security.md lists a route the app does not have"
+    a = secure.frontends[0]
+    answered = set()
+    async with httpx.AsyncClient(timeout=seconds(10)) as http:
+        for method, path in sorted(http_routes):
+            body = {"prompt": "hi"} if method == "POST" else None
+            response = await http.request(method, a.http + _concrete(path), json=body)
+            print(method, path, response.status_code)
+            if response.is_success:
+                answered.add((method, path))
+            else:
+                assert response.status_code in (401, 404), (method, path, response.status_code)
+    assert answered == open_endpoints
+    for path in socket_paths:
+        assert await closed_with(a.ws + _concrete(path)) == (4001, "missing token"), path
+
+
+# (allowed hosts setting, authentication on, Host header) -> allowed
+HOSTS = [
+    ("", False, "127.0.0.1:8000", True),
+    ("", False, "localhost:8000", True),
+    ("", False, "LOCALHOST", True),
+    ("", False, "[::1]:8000", True),
+    ("", False, "attacker.example:8000", False),
+    ("", False, "localhost.attacker.example", False),
+    ("", False, "127.0.0.1.attacker.example:8000", False),
+    ("", False, "", False),
+    ("thoughtwire.test", False, "thoughtwire.test:8000", True),
+    ("thoughtwire.test", False, "thoughtwire.test", True),
+    ("thoughtwire.test:443", False, "thoughtwire.test:8000", False),
+    ("thoughtwire.test:443", False, "thoughtwire.test:443", True),
+    ("thoughtwire.test", False, "attacker.example", False),
+    ("*", False, "attacker.example", True),
+    ("", True, "attacker.example:8000", True),
+    ("", True, "", True),
+    ("thoughtwire.test", True, "attacker.example", False),
+    ("thoughtwire.test", True, "localhost:8000", True),
+    ("thoughtwire.test", True, "Thoughtwire.Test", True),
+]
+
+
+@pytest.mark.parametrize(("allowed", "auth", "host", "expected"), HOSTS)
+def test_host_allowed_table(allowed, auth, host, expected):
+    settings = Settings(allowed_hosts=allowed, jwt_secret=SECRET if auth else None)
+    headers = {"host": host} if host else {}
+    assert host_allowed(headers, settings) is expected
+
+
+@pytest.fixture(scope="module")
+def local(redis_server, logdir):
+    """A frontend without authentication, as ``thoughtwire up`` runs one."""
+    c = start_cluster(
+        redis_server, logdir, frontends=1, workers=0, THOUGHTWIRE_ALLOWED_HOSTS="thoughtwire.test"
+    )
+    yield c
+    c.stop()
+
+
+async def _host_answers(frontend, host):
+    """``(status, body)`` of ``POST /v1/jobs``, and the socket's first frame or close, at ``host``."""
+    async with httpx.AsyncClient(timeout=seconds(10)) as http:
+        response = await http.post(
+            frontend.http + "/v1/jobs", json={"prompt": "spend my key"}, headers={"Host": host}
+        )
+    # The socket goes to this frontend, whatever name its URL says, as a rebound name would.
+    url = f"ws://{host}/ws/agent-thoughts"
+    options = {"host": "127.0.0.1", "port": frontend.port, "origin": f"http://{host}"}
+    async with connect(url, **options) as ws:
+        try:
+            socket = (await recv_json(ws))["type"]
+        except websockets.ConnectionClosed as closed:
+            socket = (closed.rcvd.code, closed.rcvd.reason)
+    return response.status_code, response.json(), socket
+
+
+async def test_requests_for_other_hosts_are_refused_without_auth(local):
+    """DNS rebinding: Host and Origin both the attacker's.
+
+    Before: POST /v1/jobs 202 and a socket greeted. After: 400, and the socket closed 1008.
+    """
+    frontend = local.frontends[0]
+    port = frontend.port
+    attacker = f"attacker.example:{port}"
+    for _ in range(3):
+        status, body, socket = await _host_answers(frontend, attacker)
+        print("attacker host:", status, socket)
+        assert status == 400, (status, body)
+        assert body == {"detail": "host not allowed: set THOUGHTWIRE_ALLOWED_HOSTS"}
+        assert socket == (1008, "host not allowed: set THOUGHTWIRE_ALLOWED_HOSTS")
+    # The warning is logged before the refusal is sent: it is in the log by now, once.
+    warnings = [
+        line
+        for line in frontend.proc.output().splitlines()
+        if "WARNING" in line and "THOUGHTWIRE_ALLOWED_HOSTS" in line and attacker in line
+    ]
+    assert len(warnings) == 1, warnings
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"thoughtwire.test:{port}"):
+        status, body, socket = await _host_answers(frontend, host)
+        assert (status, body["created"], socket) == (202, True, "session"), host
