@@ -8,11 +8,13 @@ from contextlib import AbstractAsyncContextManager
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from redis.exceptions import RedisError
 
 from api.auth import AuthError
+from api.bounds import Bounds, invalid_request
 from api.frontend import Frontend, running
 from api.http import router as http_router
 from api.lane import Gateway
@@ -51,6 +53,10 @@ def create_app(
         # to whoever asks (docs/security.md lists what answers without a token).
         openapi_url=None if settings.auth_enabled else "/openapi.json",
     )
+    # Added before CORS, so inside it: preflights are answered and refusals carry
+    # CORS headers; outside FastAPI, so that nothing is read before it is bounded.
+    app.add_middleware(Bounds, settings=settings)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     if settings.origins:
         app.add_middleware(
             CORSMiddleware,

@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from api.wsserver import PROTOCOL
+from api.wsserver import PROTOCOL, http_protocol
 from shared import loops
 from shared.settings import Settings
 
@@ -73,11 +73,18 @@ class RedactTokens(logging.Filter):
 def config(
     app: FastAPI, settings: Settings, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Config:
-    """uvicorn's settings for a frontend: its WebSocket protocol and limits."""
+    """uvicorn's settings for a frontend: its protocols and limits.
+
+    The HTTP protocol bounds each request head and WebSocket handshake in time and
+    size, and caps connections (``max_connections``); uvicorn's ``limit_concurrency``
+    is left off, as it would refuse /healthz and /readyz but never a socket.
+    ``ws_max_size`` bounds a whole message, fragmented or compressed, on every socket.
+    """
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=http_protocol(settings),
         ws=PROTOCOL,
         ws_max_size=settings.max_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,

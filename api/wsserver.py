@@ -12,12 +12,23 @@ Everything else is uvicorn's own.
 
 :data:`PROTOCOL` is the class to hand to ``uvicorn.Config(ws=...)``; with a uvicorn
 or websockets that lacks the sans-I/O protocol it is ``"auto"``, uvicorn's choice.
+
+:func:`http_protocol` is the class to hand to ``uvicorn.Config(http=...)``: uvicorn's
+httptools protocol, with a deadline and a size bound on every request head, a deadline
+on every WebSocket handshake, and a cap on connections (docs/security.md, "Bounds").
+
+Tested on uvicorn 0.54 (httptools 0.9, websockets 17); ``tests/test_bounds.py`` has a
+canary that fails if the uvicorn internals these classes lean on change.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
+
+from shared.settings import Settings
 
 PROTOCOL: Any = "auto"
 
@@ -131,3 +142,147 @@ else:
                 self.transport.abort()
 
     PROTOCOL = SocketProtocol
+
+
+# The HTTP side: each request head is bounded in time and size, and connections are
+# capped. uvicorn (0.54) with httptools has neither a deadline for a request head nor
+# a limit on its size, and its ``limit_concurrency`` does not fit a socket server: it
+# never applies to WebSocket upgrades (they return before the check), and it answers
+# 503 to /healthz and /readyz once that many sockets are open.
+
+PROBES = frozenset({"/healthz", "/readyz"})
+# Connections past the cap that are still read, in case they are probes; past these,
+# a connection is answered 503 and closed before anything is read.
+PROBE_ROOM = 64
+TESTED_UVICORN = ("0.54",)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may hold before it is known to be harmless."""
+
+    head_timeout: float  # seconds to send a request head, or to answer a handshake
+    max_head_bytes: int
+    max_connections: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(settings.handshake_timeout, settings.max_header_bytes, settings.max_connections)
+
+
+def response(status: int, reason: str) -> bytes:
+    """A whole HTTP/1.1 reply that ends the connection, written before any app runs."""
+    body = reason.encode()
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _expire_handshake(socket: Any) -> None:
+    # Called on every upgraded connection; only those the app has not answered go.
+    if not getattr(socket, "handshake_complete", True) and not socket.transport.is_closing():
+        socket.transport.close()
+
+
+HTTP_PROTOCOL: Any = None
+try:
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - no httptools: uvicorn's h11 protocol, unbounded
+    pass
+else:
+
+    class HttpProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, with a deadline and a size bound on each request
+        head, a deadline on each WebSocket handshake, and a cap on connections."""
+
+        limits: Limits  # set on the class that :func:`http_protocol` makes
+
+        def connection_made(self, transport: Any) -> None:
+            over = len(self.connections) - self.limits.max_connections
+            super().connection_made(transport)
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._in_head = True  # the first bytes are a head
+            self._begun = False  # and none has come yet
+            self._head_bytes = 0
+            self._over_cap = over >= 0
+            if over >= PROBE_ROOM:
+                self._refuse(503, "too many connections")
+                return
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head:
+                # A chunk that began a head may also end the previous body: it is
+                # counted whole, an overcount of one read at most.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.limits.max_head_bytes:
+                    self._refuse(431, "the request head is too large")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = self._begun = True
+            self._head_bytes = 0
+            self._arm()  # a head pipelined behind a running response: from its first byte
+
+        def on_headers_complete(self) -> None:
+            self._in_head = self._begun = False
+            self._disarm()
+            if self._over_cap and httptools.parse_url(self.url).path.decode() not in PROBES:
+                self.limit_concurrency = 0  # uvicorn's own 503, which closes the connection
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self.pipeline:
+                self._arm()  # the next head is due; the idle wait is uvicorn's keep-alive
+
+        def handle_websocket_upgrade(self) -> None:
+            if self._over_cap:
+                self._refuse(503, "too many connections")
+                return
+            super().handle_websocket_upgrade()
+            self.loop.call_later(
+                self.limits.head_timeout, _expire_handshake, self.transport.get_protocol()
+            )
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.limits.head_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expire(self) -> None:
+            self._head_timer = None
+            # A connection idle between requests is closed without a word, as uvicorn's
+            # keep-alive does: a client could take a 408 for its next request's reply.
+            self._refuse(408, "the request head took too long", reply=self._begun)
+
+        def _refuse(self, status: int, reason: str, reply: bool = True) -> None:
+            """End the connection; with a reply, unless a response is under way on it."""
+            self._disarm()
+            if self.transport.is_closing():
+                return
+            if reply and (self.cycle is None or self.cycle.response_complete):
+                self.transport.write(response(status, reason))
+            self.transport.close()
+
+    HTTP_PROTOCOL = HttpProtocol
+
+
+def http_protocol(settings: Settings) -> Any:
+    """What to hand to ``uvicorn.Config(http=...)``: :class:`HttpProtocol` with ``settings``'
+    limits, or, without httptools, ``"auto"`` (no head deadline, size bound or cap)."""
+    if HTTP_PROTOCOL is None:  # pragma: no cover
+        return "auto"
+    return type("BoundedHttpProtocol", (HTTP_PROTOCOL,), {"limits": Limits.of(settings)})

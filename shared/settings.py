@@ -63,6 +63,17 @@ class Settings:
     max_message_bytes: int = 64 * 1024
     max_prompt_chars: int = 32_000
     ws_per_message_deflate: bool = False
+    # Bounds on what a client may make a frontend hold before it is known to be
+    # harmless (docs/security.md, "Bounds"). A request body: 413 past it, counted as it
+    # arrives. A request head (request line and headers): 431 past it.
+    max_body_bytes: int = 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    # A request head, and a WebSocket handshake until it is answered, must be done this
+    # long after the connection (or the previous response); otherwise it is closed.
+    handshake_timeout: float = 10.0
+    # Open connections per frontend process, sockets included; past it only /healthz
+    # and /readyz are answered, with a little room, and then connections are closed.
+    max_connections: int = 10_000
 
     # Authentication: HS256 with jwt_secret, and/or RS256/ES256 with a PEM public key or
     # a JWKS URL. Any of them turns authentication on for every socket and endpoint.
@@ -139,6 +150,11 @@ class Settings:
         for name in ("send_queue_size", "log_maxlen", "worker_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
+        for name in ("max_body_bytes", "max_header_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
+        if self.handshake_timeout <= 0:
+            raise SettingsError("THOUGHTWIRE_HANDSHAKE_TIMEOUT must be more than 0")
         if self.redis_pool_size < 2:  # the pipelined calls keep one connection to themselves
             raise SettingsError("THOUGHTWIRE_REDIS_POOL_SIZE must be at least 2")
         if self.memory_turns < 0:

@@ -1,0 +1,152 @@
+"""Nothing is read before it is bounded: who is asking first, then how much they may send.
+
+FastAPI reads and parses a request's whole body before it solves the dependencies that
+authenticate it, and sets no limit on its size; so an anonymous client could make a
+frontend hold as large a body as it cared to send. :class:`Bounds` sits in front of
+FastAPI and, before a byte of body is read:
+
+- refuses an API request (``/v1/``) that carries no valid token, with 401 (or 403);
+- refuses a body whose ``Content-Length`` is over ``max_body_bytes`` with 413;
+
+and then counts a body without a length (chunked) as it arrives, refusing it with 413
+at the bound. uvicorn holds at most 64 KiB of unread body before it stops reading
+from the socket, so what a refused body costs is bounded too.
+
+The request head and WebSocket frames are bounded where they are read, in uvicorn
+(:mod:`api.wsserver`); docs/security.md lists every bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.auth import AuthError, token_from
+from shared.settings import Settings
+
+API_PREFIX = "/v1/"
+TOO_LARGE = "the request body is larger than this frontend accepts"
+# What the app reads once a body has been refused: it stops, and its reply is dropped.
+DISCONNECT: Message = {"type": "http.disconnect"}
+
+
+class Bounds:
+    """ASGI middleware: authenticate API requests, then bound every request body."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.max_body_bytes = settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        body = CountedBody(receive, send, self.max_body_bytes)
+        await self.app(scope, body.receive, body.send)
+
+    def _refusal(self, scope: Scope, headers: Headers) -> JSONResponse | None:
+        if scope["path"].startswith(API_PREFIX):
+            auth = scope["app"].state.frontend.auth
+            if auth.enabled:
+                token, _ = token_from(QueryParams(scope["query_string"]), headers)
+                try:
+                    auth.authenticate(token)
+                except AuthError as exc:
+                    return refusal(exc.status, exc.message)
+        if declared_length(headers) > self.max_body_bytes:
+            return refusal(413, TOO_LARGE)
+        return None
+
+
+class CountedBody:
+    """A request's ``receive`` that counts body bytes and answers 413 at the bound.
+
+    Past the bound the app is told the client left (``http.disconnect``), so it stops
+    reading, and whatever it then tries to send is dropped: the 413 is the reply.
+    """
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive = receive
+        self._send = send
+        self.limit = limit
+        self.received = 0
+        self.started = False
+        self.refused = False
+
+    async def receive(self) -> Message:
+        if self.refused:
+            return DISCONNECT
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                await self._refuse()
+                return DISCONNECT
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.refused:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    async def _refuse(self) -> None:
+        self.refused = True
+        if not self.started:  # a reply already under way can only be cut short
+            reply = refusal(413, TOO_LARGE)
+            await reply({"type": "http"}, _nothing, self._send)
+
+
+async def _nothing() -> Message:
+    return DISCONNECT
+
+
+def refusal(status: int, reason: str) -> JSONResponse:
+    """A one-line refusal that also closes the connection, so no unread body is sunk."""
+    headers = {"Connection": "close"}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"detail": reason}, status_code=status, headers=headers)
+
+
+def declared_length(headers: Headers) -> int:
+    """The body's ``Content-Length``, 0 without one (uvicorn refuses a malformed one)."""
+    try:
+        return int(headers.get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """422 for a body that does not fit its model, whatever numbers it holds.
+
+    Python's JSON parser takes ``NaN``, ``Infinity`` and ``1e999`` (infinite), and the
+    offending value is echoed in the error; JSON cannot encode it, so FastAPI's own
+    handler fails with a 500. Here each such number is written as a string.
+    """
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float, however deep, as its name in a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value

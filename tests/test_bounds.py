@@ -1,0 +1,554 @@
+"""The bounded-input test: nothing a client sends is read before it is bounded.
+
+Each oversize or slow input goes to a real frontend while a neighbour socket on the
+same frontend streams runs; the frontend's RSS must not grow by more than 64 MB
+(``VmHWM``, reset before each input), its open files must come back to their
+baseline within the handshake timeout, and the neighbour must get every event of
+every run, in order, with no error. Each test prints its figures (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import websockets
+
+from api import wsserver
+from tests.conftest import Cluster, start_cluster
+from tests.procs import seconds, wait_until
+from tests.wsclient import connect, greeting
+
+SECRET = "a-test-secret-for-bounds-at-least-32-bytes"
+HANDSHAKE_TIMEOUT = 2.0
+MAX_CONNECTIONS = 250  # room for 200 half-open requests and the neighbour
+MAX_BODY_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024
+RSS_BOUND = 64 * 1024 * 1024
+FD_SLACK = 8  # Redis connections and the like that come and go on their own
+MB = 1024 * 1024
+HUGE = 100 * MB
+CHUNK = b"x" * MB
+
+
+def token(sub: str = "neighbour") -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "iat": now, "exp": now + 600}, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def target(redis_server, logdir) -> Cluster:
+    """One frontend with authentication and short bounds, one worker; runs of about 1 s."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_HANDSHAKE_TIMEOUT=str(HANDSHAKE_TIMEOUT),
+        THOUGHTWIRE_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+        THOUGHTWIRE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+        THOUGHTWIRE_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
+        THOUGHTWIRE_RATE_LIMIT="100000",
+        THOUGHTWIRE_MAX_SOCKETS_PER_USER="1000",
+        THOUGHTWIRE_SIM_STEP_DELAY="0.05",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="20",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+    )
+    yield c
+    c.stop()
+
+
+# --- what the frontend process holds ---------------------------------------------
+
+
+def status(pid: int, field_name: str) -> int:
+    """A ``/proc/<pid>/status`` figure in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field_name} for {pid}")
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class Footprint:
+    """RSS growth (peak over baseline) and open files of a process, from a baseline."""
+
+    pid: int
+    rss: int = 0
+    files: int = 0
+
+    def start(self) -> Footprint:
+        wait_until(lambda: self._settled(), 10, "the frontend's open files to settle")
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        self.rss = status(self.pid, "VmRSS")
+        self.files = open_files(self.pid)
+        return self
+
+    def _settled(self) -> bool:
+        before = open_files(self.pid)
+        time.sleep(0.05)
+        return open_files(self.pid) == before
+
+    def growth(self) -> int:
+        return status(self.pid, "VmHWM") - self.rss
+
+    def files_back(self, within: float) -> float:
+        """Seconds until open files are back near the baseline (fails after ``within``)."""
+        began = time.monotonic()
+        wait_until(
+            lambda: open_files(self.pid) <= self.files + FD_SLACK,
+            within,
+            f"open files back to {self.files} (+{FD_SLACK}), now {open_files(self.pid)}",
+        )
+        return time.monotonic() - began
+
+
+# --- the neighbour -----------------------------------------------------------------
+
+
+@dataclass
+class Neighbour:
+    """A socket that runs prompt after prompt and checks each run arrives whole."""
+
+    runs: int = 0
+    events: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def neighbour(cluster: Cluster) -> AsyncIterator[Neighbour]:
+    """Streams runs on the target frontend for as long as the block lasts."""
+    found = Neighbour()
+    url = cluster.frontends[0].ws + f"/ws/agent-thoughts?token={token()}"
+    ws = await connect(url, open_timeout=seconds(10))
+    await greeting(ws)
+    task = asyncio.create_task(_stream(ws, found))
+    try:
+        yield found
+        async with asyncio.timeout(seconds(20)):
+            while found.runs < 1 and not task.done():  # at least one run during the input
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await ws.close()
+    assert not found.problems, found.problems
+    assert found.runs >= 1
+
+
+async def _stream(ws: Any, found: Neighbour) -> None:
+    last = 0
+    try:
+        while True:
+            await ws.send(f"run {found.runs}")
+            while True:
+                async with asyncio.timeout(seconds(15)):
+                    message = json.loads(await ws.recv())
+                if "seq" not in message:
+                    if message["type"] == "error":
+                        found.problems.append(f"error: {message}")
+                    continue
+                if last and message["seq"] != last + 1:
+                    found.problems.append(f"seq {message['seq']} after {last}")
+                last = message["seq"]
+                found.events += 1
+                if message["type"] in ("done", "error", "cancelled"):
+                    if message["type"] != "done":
+                        found.problems.append(f"run ended {message['type']}")
+                    found.runs += 1
+                    break
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the neighbour's own failure is what the test reports
+        found.problems.append(f"{type(exc).__name__}: {exc}")
+
+
+# --- raw clients ---------------------------------------------------------------------
+
+
+def request_head(method: str, path: str, *headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def send_huge(port: int, head: bytes, body: Any) -> tuple[str, int]:
+    """Send ``head`` then ``body`` chunks until the frontend answers or closes.
+
+    Returns the status line (or ``"closed"``) and how many body bytes went out.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+
+    async def push() -> None:
+        nonlocal sent
+        writer.write(head)
+        for chunk in body:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+
+    pusher = asyncio.create_task(push())
+    try:
+        try:
+            async with asyncio.timeout(seconds(60)):
+                line = await reader.readline()
+        except ConnectionResetError:
+            # The frontend closed on a body it had not read, so the kernel answered
+            # with a reset that may overtake the refusal: the bound held all the same.
+            return "reset", sent
+        return (line.decode().strip() or "closed"), sent
+    finally:
+        pusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await pusher
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def chunks(total: int) -> Any:
+    for _ in range(total // MB):
+        yield CHUNK
+
+
+def chunked(total: int) -> Any:
+    for _ in range(total // MB):
+        yield b"%x\r\n" % MB + CHUNK + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def open_idle(port: int, count: int, first: bytes) -> list[socket.socket]:
+    """``count`` connections that each send ``first`` and then nothing more."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=seconds(5))
+        if first:
+            sock.sendall(first)
+        sockets.append(sock)
+    return sockets
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the frontend has ended this connection (EOF or reset), reading what came."""
+    sock.setblocking(False)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+# --- the tests -----------------------------------------------------------------------
+
+
+async def test_a_huge_body_without_a_token_is_refused_before_it_is_read(target):
+    """100 MB, no token: 401 at once. RSS growth before the fix ~300 MB, after < 64 MB."""
+    frontend = target.frontends[0]
+    async with neighbour(target):
+        footprint = Footprint(frontend.proc.pid).start()
+        head = request_head(
+            "POST", "/v1/jobs", f"Content-Length: {HUGE}", "Content-Type: application/json"
+        )
+        answer, sent = await send_huge(frontend.port, head, chunks(HUGE))
+        growth = footprint.growth()
+        print(
+            f"\nanonymous 100 MB body: {answer!r}, {sent / MB:.0f} MB sent, RSS +{growth / MB:.1f} MB"
+        )
+        assert answer.startswith("HTTP/1.1 401") or answer == "reset", answer
+        assert sent < HUGE / 2, f"{sent / MB:.0f} MB were taken before the refusal"
+        assert growth < RSS_BOUND, f"RSS grew {growth / MB:.1f} MB"
+        footprint.files_back(HANDSHAKE_TIMEOUT + 3)
+
+
+async def test_a_huge_body_with_a_token_is_refused_by_its_length(target):
+    """100 MB with a valid token: 413 from Content-Length, before a byte of body is read."""
+    frontend = target.frontends[0]
+    async with neighbour(target):
+        footprint = Footprint(frontend.proc.pid).start()
+        head = request_head(
+            "POST",
+            "/v1/jobs",
+            f"Authorization: Bearer {token('sender')}",
+            f"Content-Length: {HUGE}",
+            "Content-Type: application/json",
+        )
+        answer, sent = await send_huge(frontend.port, head, chunks(HUGE))
+        growth = footprint.growth()
+        print(
+            f"\n100 MB body with a token: {answer!r}, {sent / MB:.0f} MB sent, RSS +{growth / MB:.1f} MB"
+        )
+        assert answer.startswith("HTTP/1.1 413") or answer == "reset", answer
+        assert sent < HUGE / 2, f"{sent / MB:.0f} MB were taken before the refusal"
+        assert growth < RSS_BOUND, f"RSS grew {growth / MB:.1f} MB"
+        footprint.files_back(HANDSHAKE_TIMEOUT + 3)
+
+
+async def test_a_chunked_body_is_counted_as_it_arrives(target):
+    """100 MB chunked, no Content-Length, valid token: 413 at the 1 MiB bound."""
+    frontend = target.frontends[0]
+    async with neighbour(target):
+        footprint = Footprint(frontend.proc.pid).start()
+        head = request_head(
+            "POST",
+            "/v1/jobs",
+            f"Authorization: Bearer {token('sender')}",
+            "Transfer-Encoding: chunked",
+            "Content-Type: application/json",
+        )
+        answer, sent = await send_huge(frontend.port, head, chunked(HUGE))
+        growth = footprint.growth()
+        print(
+            f"\nchunked 100 MB body: {answer!r}, {sent / MB:.0f} MB sent, RSS +{growth / MB:.1f} MB"
+        )
+        assert answer.startswith("HTTP/1.1 413") or answer == "reset", answer
+        assert sent < HUGE / 2, f"{sent / MB:.0f} MB were taken before the refusal"
+        assert growth < RSS_BOUND, f"RSS grew {growth / MB:.1f} MB"
+        footprint.files_back(HANDSHAKE_TIMEOUT + 3)
+
+
+async def test_a_huge_header_block_is_refused_with_431(target):
+    """A 100 MB header block (1 KB headers, no end): 431 at the 64 KiB bound."""
+    frontend = target.frontends[0]
+    async with neighbour(target):
+        footprint = Footprint(frontend.proc.pid).start()
+        header = b"X-Filler: " + b"y" * 1000 + b"\r\n"
+        block = (header * (MB // len(header)) for _ in range(HUGE // MB))
+        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        answer, sent = await send_huge(frontend.port, head, block)
+        growth = footprint.growth()
+        print(
+            f"\n100 MB header block: {answer!r}, {sent / MB:.0f} MB sent, RSS +{growth / MB:.1f} MB"
+        )
+        assert answer.startswith("HTTP/1.1 431") or answer in ("closed", "reset"), answer
+        assert sent < HUGE / 2, f"{sent / MB:.0f} MB were taken before the refusal"
+        assert growth < RSS_BOUND, f"RSS grew {growth / MB:.1f} MB"
+        footprint.files_back(HANDSHAKE_TIMEOUT + 3)
+
+
+async def test_an_oversize_frame_closes_its_socket_with_1009(target):
+    """A 16 MB frame on a socket whose limit is 64 KiB: close 1009, RSS < 64 MB more."""
+    frontend = target.frontends[0]
+    async with neighbour(target):
+        footprint = Footprint(frontend.proc.pid).start()
+        url = frontend.ws + f"/ws/agent-thoughts?token={token('sender')}"
+        async with connect(url, max_size=None) as ws:
+            await greeting(ws)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.send("x" * (16 * MB))
+                async with asyncio.timeout(seconds(10)):
+                    while True:
+                        await ws.recv()
+        growth = footprint.growth()
+        code = closed.value.rcvd.code if closed.value.rcvd else None
+        print(f"\n16 MB frame: close {code}, RSS +{growth / MB:.1f} MB")
+        assert code == 1009
+        assert growth < RSS_BOUND, f"RSS grew {growth / MB:.1f} MB"
+        footprint.files_back(HANDSHAKE_TIMEOUT + 3)
+
+
+@pytest.mark.parametrize(
+    "kind, first",
+    [
+        ("request", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+        (
+            "upgrade",
+            b"GET /ws/agent-thoughts HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
+        ),
+        ("silent", b""),
+    ],
+)
+async def test_half_open_requests_are_closed_after_the_handshake_timeout(target, kind, first):
+    """200 heads that never end: all closed within the timeout. Before the fix: 200 held."""
+    frontend = target.frontends[0]
+    async with neighbour(target):
+        footprint = Footprint(frontend.proc.pid).start()
+        sockets = await asyncio.to_thread(open_idle, frontend.port, 200, first)
+        try:
+            wait_until(
+                lambda: open_files(frontend.proc.pid) >= footprint.files + 150,
+                10,
+                "the frontend to accept the connections",
+            )
+            # Each is due to go at the deadline; a second and a half of grace for a loop
+            # with 200 of them to go through.
+            deadline = time.monotonic() + seconds(HANDSHAKE_TIMEOUT + 1.5)
+            held = list(sockets)
+            while held and time.monotonic() < deadline:
+                held = [s for s in held if not closed_by_server(s)]
+                await asyncio.sleep(0.05)
+            growth = footprint.growth()
+            print(
+                f"\n200 half-open ({kind}): {len(held)} held after the timeout, RSS +{growth / MB:.1f} MB"
+            )
+            assert not held, f"{len(held)} half-open connections held after the timeout"
+            assert growth < RSS_BOUND
+            footprint.files_back(3)
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(frontend.http + "/readyz")).status_code == 200
+        finally:
+            for s in sockets:
+                s.close()
+
+
+async def test_past_the_connection_cap_only_probes_are_answered(target):
+    """250 open connections: then /healthz still answers, an API call or a socket gets 503;
+    64 more past that are answered 503 before anything is read; all go in the timeout."""
+    frontend = target.frontends[0]
+    async with neighbour(target):
+        footprint = Footprint(frontend.proc.pid).start()
+        # The neighbour's socket is one; 249 more sockets fill the cap (a socket counts
+        # as any connection does, and does not time out).
+        url = frontend.ws + f"/ws/agent-thoughts?token={token('filler')}"
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(MAX_CONNECTIONS - 1):
+                await stack.enter_async_context(connect(url, open_timeout=seconds(10)))
+            answers = await asyncio.to_thread(_over_the_cap, frontend.port)
+            growth = footprint.growth()
+            print(f"\npast the cap of {MAX_CONNECTIONS}: {answers}, RSS +{growth / MB:.1f} MB")
+            assert answers["healthz"].startswith("HTTP/1.1 200"), answers
+            assert answers["readyz"].startswith("HTTP/1.1 200"), answers
+            assert answers["api"].startswith("HTTP/1.1 503"), answers
+            assert answers["socket"].startswith("HTTP/1.1 503"), answers
+            assert answers["refused at once"] >= 15, answers
+            assert growth < RSS_BOUND
+        footprint.files_back(HANDSHAKE_TIMEOUT + 3)
+        async with httpx.AsyncClient() as http:
+            response = await http.post(
+                frontend.http + "/v1/jobs",
+                json={"prompt": "after the flood"},
+                headers={"Authorization": f"Bearer {token('after')}"},
+            )
+            assert response.status_code == 202, response.text
+
+
+def _over_the_cap(port: int) -> dict[str, Any]:
+    answers: dict[str, Any] = {}
+    for name, head in (
+        ("healthz", request_head("GET", "/healthz")),
+        ("readyz", request_head("GET", "/readyz")),
+        ("api", request_head("GET", "/v1/jobs/x", f"Authorization: Bearer {token()}")),
+        (
+            "socket",
+            request_head(
+                "GET",
+                f"/ws/agent-thoughts?token={token()}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            ),
+        ),
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=seconds(5)) as sock:
+            sock.sendall(head)
+            answers[name] = sock.makefile("rb").readline().decode().strip()
+    # Past the probes' room every new connection is answered at once, unread.
+    extra = [
+        socket.create_connection(("127.0.0.1", port), timeout=seconds(5))
+        for _ in range(wsserver.PROBE_ROOM + 20)
+    ]
+    refused = 0
+    for sock in extra[wsserver.PROBE_ROOM :]:
+        with contextlib.suppress(OSError):
+            if sock.makefile("rb").readline().startswith(b"HTTP/1.1 503"):
+                refused += 1
+    for sock in extra:
+        sock.close()
+    answers["refused at once"] = refused
+    return answers
+
+
+async def test_a_body_with_non_finite_numbers_gets_a_clear_422(target):
+    """NaN, -Infinity and 1e999 are not JSON: a 422 naming them, no 500, no traceback."""
+    frontend = target.frontends[0]
+    log_before = len(frontend.proc.output())
+    async with httpx.AsyncClient() as http:
+        for raw in ('{"prompt": NaN}', '{"prompt": -Infinity}', '{"prompt": 1e999}', "[NaN]"):
+            response = await http.post(
+                frontend.http + "/v1/jobs",
+                content=raw,
+                headers={
+                    "Authorization": f"Bearer {token('sender')}",
+                    "Content-Type": "application/json",
+                },
+            )
+            assert response.status_code == 422, (raw, response.status_code, response.text)
+            assert "Traceback" not in response.text
+            detail = response.json()["detail"]
+            assert detail and isinstance(detail, list), detail
+    log = frontend.proc.output()[log_before:]
+    assert "Traceback" not in log, log
+
+
+# --- the adapter's canary -------------------------------------------------------------
+
+
+def test_the_uvicorn_internals_the_bounds_lean_on_are_still_there():
+    """Fails loudly when uvicorn changes what :class:`api.wsserver.HttpProtocol` overrides."""
+    import httptools
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    assert wsserver.HTTP_PROTOCOL is not None, "httptools or its uvicorn protocol is missing"
+    assert uvicorn.__version__.rsplit(".", 1)[0] in wsserver.TESTED_UVICORN, (
+        f"uvicorn {uvicorn.__version__} is untested: check api/wsserver.py and update "
+        "TESTED_UVICORN"
+    )
+    for name in (
+        "connection_made",
+        "connection_lost",
+        "data_received",
+        "on_message_begin",
+        "on_headers_complete",
+        "on_response_complete",
+        "handle_websocket_upgrade",
+    ):
+        assert callable(getattr(HttpToolsProtocol, name, None)), name
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = HttpToolsProtocol(_config(), _ServerState(), {}, _loop=loop)  # type: ignore[arg-type]
+    finally:
+        loop.close()
+    for attribute in ("limit_concurrency", "connections", "cycle", "pipeline", "loop"):
+        assert hasattr(protocol, attribute), attribute
+    assert hasattr(httptools, "parse_url")
+    assert "handshake_complete" in WebSocketsSansIOProtocol.__init__.__code__.co_names
+
+
+def _config() -> Any:
+    import uvicorn
+
+    config = uvicorn.Config(lambda scope, receive, send: None, http="httptools")
+    config.load()
+    return config
+
+
+class _ServerState:
+    def __init__(self) -> None:
+        self.connections: set[Any] = set()
+        self.tasks: set[Any] = set()
+        self.default_headers: list[Any] = []
+        self.total_requests = 0
