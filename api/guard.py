@@ -4,14 +4,23 @@
   cancel its runs or mint viewer tokens for it; its owner and holders of a viewer
   token for it may read it (follow, resume, SSE, job status).
 * Per user: a rate of client frames and API calls per minute, a number of concurrent
-  runs, a number of open sockets. The state is in Redis, so a user who spreads
-  requests over several frontends meets the same limits.
+  runs, a number of open connections (sockets and SSE streams together). The state
+  is in Redis, so a user who spreads requests over several frontends meets the same
+  limits.
+* A refusal costs Redis nothing once this frontend knows the user is over the rate:
+  it refuses locally until the sliding window can have room again, and only then
+  asks Redis. Only requests it lets through (and the one that finds the user over)
+  are counted, so the count that every frontend reads stays the same.
 
 With authentication off everything is allowed and nothing is counted: that mode is
 for a laptop or a trusted network (``thoughtwire up`` binds 127.0.0.1).
 """
 
 from __future__ import annotations
+
+import asyncio
+import math
+import time
 
 from api.auth import AuthError, Principal
 from shared.bus import Bus
@@ -20,8 +29,15 @@ from shared.settings import Settings
 
 RATE_WINDOW = 60
 RUN_SLOT_MS = 3_600_000  # a run's slot lapses after an hour even if nobody frees it
-SOCKET_SLOT_MS = 60_000  # a socket's slot lapses unless its frontend refreshes it
-SOCKET_REFRESH_SECONDS = 20.0
+# A connection's slot lapses unless its frontend refreshes it, so the slots of a
+# frontend killed outright (kill -9, a lost node) come back within this long. Refreshes
+# go a user at a time, one ZADD for all of that user's slots (and one PEXPIRE), so a
+# short lifetime does not cost a Redis write per connection.
+SOCKET_SLOT_MS = 6_000
+SOCKET_REFRESH_SECONDS = 2.0
+# Users over the rate that a frontend remembers; past it, those whose wait is over are
+# dropped (the user id is the client's to choose, so the table must not grow unbounded).
+HOLDOFFS = 4096
 
 
 class LimitError(AuthError):
@@ -35,11 +51,34 @@ class LimitError(AuthError):
         return 429
 
 
+def room_at(current: int, previous: int, window: int, seconds: int, limit: int) -> float:
+    """When the next request could fit the sliding window again (Unix seconds).
+
+    ``current`` and ``previous`` are the counts of window number ``window`` (this
+    request included) and of the one before; the sliding count of a request at
+    ``t`` is its window's count plus the share of the previous window still inside
+    the last ``seconds``. More requests (from other frontends) only make the true
+    time later, so this is the earliest moment worth asking Redis again.
+    """
+    if current + 1 <= limit:  # room in this window, once enough of the previous one slides out
+        if previous == 0 or limit - current >= previous:
+            return float(window * seconds)
+        return (window + 1 - (limit - current) / previous) * seconds
+    # None in this window; in the next, this window's count slides out the same way.
+    return (window + 2 - limit / current) * seconds
+
+
 class Guard:
+    """The checks every transport makes: grants on sessions and per-user limits."""
+
     def __init__(self, settings: Settings, bus: Bus) -> None:
         self.enabled = settings.auth_enabled
         self.bus = bus
         self.settings = settings
+        # Connections (sockets and SSE streams) holding a slot here, id -> user: refreshed.
+        self.held: dict[str, str] = {}
+        # Users known to be over the rate, until when nothing is worth asking Redis.
+        self._over: dict[str, float] = {}
 
     async def owner(self, principal: Principal, session: str) -> str | None:
         """The session's owner; a user (not a viewer) who is first to use it becomes it."""
@@ -50,18 +89,45 @@ class Guard:
         return await self.bus.session_owner(session)
 
     async def check_read(self, principal: Principal, session: str) -> None:
+        """Refuse (4003 / 403) unless ``principal`` may read ``session``."""
         if self.enabled and not principal.can_read(session, await self.owner(principal, session)):
             raise AuthError("this session belongs to someone else", Close.FORBIDDEN)
 
     async def check_write(self, principal: Principal, session: str) -> None:
+        """Refuse (4003 / 403) unless ``principal`` may prompt ``session`` or cancel its runs."""
         if self.enabled and not principal.can_write(session, await self.owner(principal, session)):
             raise AuthError("this session is read-only for you", Close.FORBIDDEN)
 
     async def check_rate(self, principal: Principal) -> None:
+        """Count one request; refuse (4029 / 429) past the rate, locally while known over."""
         if not self.enabled:
             return
-        if await self.bus.count(principal.user, RATE_WINDOW) > self.settings.rate_limit:
-            raise LimitError(f"more than {self.settings.rate_limit} requests a minute; slow down")
+        user, limit, now = principal.user, self.settings.rate_limit, time.time()
+        until = self._over.get(user)
+        if until is not None:
+            if now < until:
+                raise self._over_rate()
+            del self._over[user]
+        current, previous = await self.bus.count(user, RATE_WINDOW, now)
+        window = int(now // RATE_WINDOW)
+        share = 1 - (now / RATE_WINDOW - window)
+        if current + math.floor(previous * share) <= limit:
+            return
+        # At least the spacing of allowed requests, so rounding never asks Redis per frame.
+        soonest = now + RATE_WINDOW / max(limit, 1)
+        self._hold_off(user, max(soonest, room_at(current, previous, window, RATE_WINDOW, limit)))
+        raise self._over_rate()
+
+    def _over_rate(self) -> LimitError:
+        return LimitError(f"more than {self.settings.rate_limit} requests a minute; slow down")
+
+    def _hold_off(self, user: str, until: float) -> None:
+        if len(self._over) >= HOLDOFFS:
+            now = time.time()
+            self._over = {u: t for u, t in self._over.items() if t > now}
+            if len(self._over) >= HOLDOFFS:  # all still waiting: forget the oldest
+                del self._over[next(iter(self._over))]
+        self._over[user] = until
 
     async def take_run(self, principal: Principal, run: str) -> str | None:
         """Hold a concurrent-run slot for ``run``; returns the user to free it for later."""
@@ -74,20 +140,39 @@ class Guard:
             )
         return principal.user
 
-    async def take_socket(self, principal: Principal, socket_id: str) -> None:
+    async def take_socket(self, principal: Principal, connection: str) -> None:
+        """Hold one of the user's connection slots, shared by sockets and SSE streams.
+
+        The slot is refreshed (:meth:`refresh_sockets`) until :meth:`free_socket`,
+        which every holder calls however its connection ends.
+        """
         if not self.enabled:
             return
         key = self.bus.keys.user_sockets(principal.user)
-        if not await self.bus.acquire_slot(
-            key, socket_id, SOCKET_SLOT_MS, self.settings.max_sockets_per_user
-        ):
-            raise LimitError(f"{self.settings.max_sockets_per_user} sockets are already open")
+        limit = self.settings.max_sockets_per_user
+        if not await self.bus.acquire_slot(key, connection, SOCKET_SLOT_MS, limit):
+            raise LimitError(
+                f"{limit} sockets and event streams are already open for this user; close one"
+            )
+        self.held[connection] = principal.user
 
-    async def refresh_socket(self, user: str, socket_id: str) -> None:
-        await self.bus.acquire_slot(
-            self.bus.keys.user_sockets(user), socket_id, SOCKET_SLOT_MS, 2**31
+    async def refresh_sockets(self) -> None:
+        """Renew every slot this frontend holds: one ZADD and one PEXPIRE per user."""
+        by_user: dict[str, list[str]] = {}
+        for connection, user in self.held.items():
+            by_user.setdefault(user, []).append(connection)
+        results = await asyncio.gather(
+            *(
+                self.bus.refresh_slots(self.bus.keys.user_sockets(user), held, SOCKET_SLOT_MS)
+                for user, held in by_user.items()
+            ),
+            return_exceptions=True,
         )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
-    async def free_socket(self, principal: Principal, socket_id: str) -> None:
-        if self.enabled:
-            await self.bus.release_slot(self.bus.keys.user_sockets(principal.user), socket_id)
+    async def free_socket(self, principal: Principal, connection: str) -> None:
+        """Give a connection's slot back (it is no longer refreshed even if Redis fails)."""
+        if self.held.pop(connection, None) is not None:
+            await self.bus.release_slot(self.bus.keys.user_sockets(principal.user), connection)

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.types import Receive, Scope, Send
 
-from api.auth import Principal, token_from
+from api.auth import AuthError, Principal, origin_allowed, token_from
 from api.frontend import Frontend, new_id
 from api.viewer import Viewer
-from shared.protocol import ProtocolError, event_position, parse_after, valid_id
+from shared.backoff import UNAVAILABLE
+from shared.closecodes import Close
+from shared.protocol import ProtocolError, error_reply, event_position, parse_after, valid_id
 
 router = APIRouter(prefix="/v1")
 
 SSE_KEEPALIVE_SECONDS = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A stream's last event when its token expires, as a socket closes with 4001: EventSource
+# clients see why (an ``error`` event), then the stream ends.
+SSE_TOKEN_EXPIRED = f"event: error\ndata: {error_reply('token_expired', 'token expired')}\n\n"
 
 
 class JobRequest(BaseModel):
@@ -127,19 +135,44 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
     frontend = _frontend(request)
     if frontend.draining:
         raise HTTPException(503, "frontend restarting", headers={"Retry-After": "1"})
+    if not origin_allowed(request.headers, frontend.settings):  # as sockets are refused
+        raise AuthError("origin not allowed", Close.FORBIDDEN)
     await frontend.guard.check_read(caller, session)
+    # A stream holds one of the user's connection slots, as a socket does.
+    stream = new_id()
+    await frontend.guard.take_socket(caller, stream)
     viewer = Viewer(
         frontend.bus,
         frontend.hub,
         queue_size=frontend.settings.send_queue_size,
         on_close=lambda code, reason: _end(viewer.queue),
     )
+
+    async def ended() -> None:
+        await viewer.detach()
+        with contextlib.suppress(*UNAVAILABLE):
+            await frontend.guard.free_socket(caller, stream)
+
     try:
         await viewer.follow(session, after)
     except BaseException:
-        await viewer.detach()
+        await ended()
         raise
-    return StreamingResponse(_sse(viewer), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _EventStream(_sse(viewer, caller.expires), ended)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that calls ``ended`` however it ends: done, client gone, shutdown."""
+
+    def __init__(self, events: AsyncIterator[str], ended: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._ended = ended
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._ended()
 
 
 _END = ""  # no frame is empty
@@ -152,14 +185,25 @@ def _end(queue: asyncio.Queue[str]) -> None:
     queue.put_nowait(_END)
 
 
-async def _sse(viewer: Viewer) -> AsyncIterator[str]:
+def _wait(expires: float | None) -> float:
+    """Seconds until a keep-alive is due or the token expires, whichever is first."""
+    if expires is None:
+        return SSE_KEEPALIVE_SECONDS
+    return max(0.0, min(SSE_KEEPALIVE_SECONDS, expires - time.time()))
+
+
+async def _sse(viewer: Viewer, expires: float | None = None) -> AsyncIterator[str]:
     try:
         while True:
+            if expires is not None and time.time() >= expires:
+                yield SSE_TOKEN_EXPIRED
+                return
             try:
-                async with asyncio.timeout(SSE_KEEPALIVE_SECONDS):
+                async with asyncio.timeout(_wait(expires)):
                     frame = await viewer.queue.get()
             except TimeoutError:
-                yield ": keep-alive\n\n"
+                if expires is None or time.time() < expires:
+                    yield ": keep-alive\n\n"
                 continue
             if frame == _END:
                 return

@@ -152,13 +152,10 @@ class SessionSocket:
             return
         session, after, epoch, subprotocol = admitted
         frontend = self.frontend
-        await self.websocket.accept(subprotocol)
-        if frontend.auth.enabled:
-            frontend.sockets[self.socket_id] = self.principal.user
-        try:
+        try:  # the slot admit() took is held from here, and freed however the socket ends
+            await self.websocket.accept(subprotocol)
             await self._serve(session, after, epoch, channels)
         finally:
-            frontend.sockets.pop(self.socket_id, None)
             with contextlib.suppress(*UNAVAILABLE):
                 await frontend.guard.free_socket(self.principal, self.socket_id)
 

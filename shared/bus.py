@@ -363,16 +363,26 @@ class Bus:
         now = now_ms()
         return bool(await self._script(self._acquire, (key,), (now, member, now + ttl_ms, limit)))
 
+    async def refresh_slots(self, key: str, members: Sequence[str], ttl_ms: int) -> None:
+        """Renew held slots for ``ttl_ms``, all of one key in one ZADD (and the key's expiry)."""
+        expires = now_ms() + ttl_ms
+        scored = [part for member in members for part in (expires, member)]
+        await self._commands(("ZADD", key, *scored), ("PEXPIRE", key, ttl_ms))
+
     async def release_slot(self, key: str, member: str) -> None:
         await self.redis.zrem(key, member)
 
-    async def count(self, user: str, window_seconds: int) -> int:
-        """Count one more request by ``user``; returns the count over the last window."""
-        now = time.time()
+    async def count(self, user: str, window_seconds: int, now: float) -> tuple[int, int]:
+        """Count one more request by ``user`` at ``now`` (Unix seconds).
+
+        Returns this window's count, this request included, and the previous
+        window's: the sliding count is the first plus the share of the second still
+        inside the sliding window.
+        """
         window = int(now // window_seconds)
-        share = 1 - (now / window_seconds - window)
         keys = [self.keys.user_rate(user, window), self.keys.user_rate(user, window - 1)]
-        return int(await self._script(self._count, keys, (window_seconds, f"{share:.4f}")))
+        current, previous = await self._script(self._count, keys, (window_seconds,))
+        return int(current), int(previous)
 
     # --- plain messages -----------------------------------------------------
 

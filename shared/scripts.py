@@ -182,17 +182,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3] - ARGV[1])
 return 1
 """
 
-# KEYS: this window's counter, the previous window's.  ARGV: window seconds, the share of
-# the previous window still inside the sliding window (0-1).  Counts one more and returns
-# the sliding count: this window's plus that share of the previous one, so a burst that
-# straddles a window boundary is still seen whole.
+# KEYS: this window's counter, the previous window's.  ARGV: window seconds.  Counts one
+# more and returns {this window's count, the previous window's}; the caller adds the share
+# of the previous one still inside its sliding window, so a burst that straddles a window
+# boundary is still seen whole, and knows from the two when there can be room again.
 COUNT = """
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then
   redis.call('EXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
 end
-local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
-return n + math.floor(previous * tonumber(ARGV[2]))
+return {n, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
 # KEYS: a session's owner.  ARGV: user, ttl.  The first user to use a session owns it.
