@@ -18,7 +18,14 @@ from api.frontend import Frontend, new_id
 from api.viewer import Viewer
 from shared.backoff import UNAVAILABLE
 from shared.closecodes import Close
-from shared.protocol import ProtocolError, error_reply, event_position, parse_after, valid_id
+from shared.protocol import (
+    ProtocolError,
+    error_reply,
+    event_id,
+    event_position,
+    parse_event_id,
+    valid_id,
+)
 
 router = APIRouter(prefix="/v1")
 
@@ -124,12 +131,12 @@ async def viewer_token(session: str, request: Request, caller: Caller) -> dict[s
 
 @router.get("/sessions/{session}/events")
 async def session_events(session: str, request: Request, caller: Caller) -> StreamingResponse:
-    """The session's events as SSE; ``id`` is the seq, so ``Last-Event-ID`` resumes."""
+    """The session's events as SSE; ``id`` is ``<epoch>-<seq>``, so ``Last-Event-ID`` resumes."""
     if not valid_id(session):
         raise HTTPException(422, "session ids are 1-64 characters of [A-Za-z0-9._-]")
     raw = request.headers.get("last-event-id") or request.query_params.get("after")
     try:
-        after = None if raw is None else parse_after(raw)
+        after, epoch = (None, None) if raw is None else parse_event_id(raw)
     except ProtocolError as exc:
         raise HTTPException(422, exc.message) from None
     frontend = _frontend(request)
@@ -154,7 +161,7 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
             await frontend.guard.free_socket(caller, stream)
 
     try:
-        await viewer.follow(session, after)
+        await viewer.follow(session, after, epoch or request.query_params.get("epoch") or None)
     except BaseException:
         await ended()
         raise
@@ -208,7 +215,7 @@ async def _sse(viewer: Viewer, expires: float | None = None) -> AsyncIterator[st
             if frame == _END:
                 return
             position = event_position(frame)
-            head = "" if position is None else f"id: {position[0]}\n"
+            head = "" if position is None else f"id: {event_id(*position)}\n"
             yield f"{head}data: {frame}\n\n"
     finally:
         await viewer.detach()

@@ -17,17 +17,27 @@ import asyncio
 import logging
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from api.hub import Hub
-from api.recovery import Position, recover, replay_from
+from api.recovery import (
+    CATCH_UP_ROUNDS,
+    Emit,
+    Position,
+    ReadLog,
+    ReadMeta,
+    Settle,
+    Step,
+    TakeLive,
+    catch_up,
+)
 from shared.backoff import UNAVAILABLE, retry
-from shared.bus import Bus, Meta
+from shared.bus import Bus
 from shared.closecodes import Close
 
 logger = logging.getLogger("thoughtwire.viewer")
 
 RECOVERY_RETRY_SECONDS = 10.0
-RECOVERY_PAGE = 500  # log entries read at a time when catching up
 CATCH_UP_PATIENCE = 10.0  # seconds a catch-up waits for room in the queue
 BUFFER_FACTOR = 4  # live frames held during a catch-up, in queue sizes
 
@@ -208,38 +218,56 @@ class Viewer:
     async def _recover(self, position: Position | None) -> None:
         """Catch up from the log, a page at a time, then take the buffered live frames.
 
-        Log pages wait for room in the queue (a backlog may be far longer than the
+        :func:`api.recovery.catch_up` decides; this does its reads and sends. Log
+        pages wait for room in the queue (a backlog may be far longer than the
         queue); live frames that arrive meanwhile wait in the buffer.
         """
         session = self.session
         assert session is not None
-        while True:
-            self._again = False
-            meta = await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
-            after = replay_from(position, meta)
-            while True:
-                page = await retry(
-                    partial(self.bus.history, session, after, RECOVERY_PAGE),
-                    seconds=RECOVERY_RETRY_SECONDS,
-                )
-                last_page = len(page) < RECOVERY_PAGE
-                result = recover(
-                    session, position, meta, page, (self._buffer or []) if last_page else []
-                )
-                for frame in result.frames:
-                    await self._put_patiently(frame)
-                if self.closed:
+        steps = catch_up(session, position)
+        answer: Any = None
+        try:
+            # Bounded: catch_up ends within CATCH_UP_ROUNDS rounds, whatever it is told.
+            while not self.closed:
+                try:
+                    step = steps.send(answer)
+                except StopIteration as done:
+                    if not done.value:
+                        self._give_up()
                     return
-                position = result.position
-                self._epoch, self._seq = position.epoch, position.seq
-                if last_page or result.pending:
-                    break
-                after = position.seq
-                meta = Meta(position.epoch, max(meta.last_seq, position.seq))
-            if not result.pending and not self._again:
-                self._buffer = None
-                return
-            self._buffer = result.pending
+                answer = await self._do(session, step)
+        finally:
+            steps.close()
+
+    def _give_up(self) -> None:
+        logger.warning(
+            "a catch-up did not settle in %d rounds; closing for a reconnect", CATCH_UP_ROUNDS
+        )
+        self.close(Close.TRY_LATER, "could not catch up; reconnect and resume")
+
+    async def _do(self, session: str, step: Step) -> Any:
+        """One step of a catch-up: a read, a send, or a look at the buffer."""
+        if isinstance(step, TakeLive):
+            live, self._buffer = self._buffer or [], []
+            return live
+        if isinstance(step, ReadMeta):
+            self._again = False  # a resync from here on is seen by this meta read, or Settle
+            return await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
+        if isinstance(step, ReadLog):
+            return await retry(
+                partial(self.bus.history, session, step.after, step.count),
+                seconds=RECOVERY_RETRY_SECONDS,
+            )
+        if isinstance(step, Emit):
+            for frame in step.frames:
+                await self._put_patiently(frame)
+            self._epoch, self._seq = step.position.epoch, step.position.seq
+            return None
+        assert isinstance(step, Settle)
+        if self._buffer or self._again:
+            return False
+        self._buffer = None  # caught up: live frames go straight to the client again
+        return True
 
     async def _put_patiently(self, frame: str) -> None:
         if self.closed:

@@ -273,6 +273,21 @@ def parse_after(value: Any) -> int:
     raise ProtocolError("bad_message", "'after' must be a whole number >= 0")
 
 
+def parse_event_id(value: str) -> tuple[int, str | None]:
+    """An SSE event id, ``<epoch>-<seq>`` or (from older streams) a bare ``<seq>``: (seq, epoch)."""
+    epoch, dash, seq = value.rpartition("-")
+    if not dash:
+        return parse_after(value), None
+    if not (0 < len(epoch) <= 64 and epoch.isalnum() and epoch.isascii()):
+        raise ProtocolError("bad_message", "an event id is <epoch>-<seq> or <seq>")
+    return parse_after(seq), epoch
+
+
+def event_id(seq: int, epoch: str) -> str:
+    """The SSE id of an event: its epoch and seq, so a resume names both."""
+    return f"{epoch}-{seq}"
+
+
 def _prompt_text(text: str, max_chars: int) -> str:
     if not text.strip():
         raise ProtocolError("empty_prompt", "prompt is empty")

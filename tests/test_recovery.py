@@ -96,3 +96,34 @@ def test_frames_of_a_newer_epoch_than_the_log_read_are_left_pending():
 def test_non_event_frames_are_ignored():
     result = recover("s", Position("e1", 0), Meta("e1", 1), [ev(1)], ['{"type":"personal"}'])
     assert seqs(result.frames) == [1]
+
+
+def test_a_stale_epoch_at_seq_0_is_a_gap_not_a_frame_left_pending_forever():
+    meta = Meta("e2", 2)
+    assert replay_from(Position("e1", 0), meta) == 0
+    result = recover("s", Position("e1", 0), meta, [ev(1, "e2"), ev(2, "e2")], [])
+    gap = orjson.loads(result.frames[0])
+    assert (gap["reason"], gap["after"], gap["epoch"], gap["next"]) == ("epoch", 0, "e2", 1)
+    assert seqs(result.frames[1:]) == [1, 2]
+    assert result.pending == []
+
+
+def test_a_named_epoch_at_seq_0_of_a_log_that_is_gone_is_a_gap():
+    result = recover("s", Position("e1", 0), Meta(None, 0), [], [ev(1, "e2")])
+    assert [orjson.loads(f).get("reason") for f in result.frames] == ["expired", None]
+    assert result.position == Position("e2", 1)
+
+
+def test_a_position_without_an_epoch_is_told_which_epoch_it_continues_in():
+    meta = Meta("e1", 7)
+    assert replay_from(Position(None, 4), meta) == 4
+    result = recover("s", Position(None, 4), meta, [ev(5), ev(6), ev(7)], [])
+    gap = orjson.loads(result.frames[0])
+    assert (gap["reason"], gap["after"], gap["epoch"], gap["next"]) == ("unconfirmed", 4, "e1", 5)
+    assert seqs(result.frames[1:]) == [5, 6, 7]
+
+
+def test_a_gap_that_did_not_know_the_epoch_learns_it_from_the_hole_that_follows():
+    result = recover("s", Position("e1", 5), Meta(None, 0), [], [ev(3, "e9"), ev(4, "e9")])
+    gap = orjson.loads(result.frames[0])
+    assert (gap["reason"], gap["epoch"], gap["next"]) == ("expired", "e9", 3)

@@ -45,10 +45,32 @@ async def test_resume_by_query_on_another_frontend_after_the_run_ended(cluster):
 
 async def test_resume_by_message_on_an_open_socket(cluster):
     session, events = await one_run(cluster, 0)
+    epoch = events[0]["epoch"]
+    async with connect(cluster.frontends[1].ws + "/ws/agent-thoughts") as ws:
+        await greeting(ws)
+        resume = {"type": "resume", "session": session, "after": 3, "epoch": epoch}
+        await ws.send(json.dumps(resume))
+        assert (await recv_json(ws)) == {"type": "session", "session": session}
+        assert (await recv_json(ws)) == events[3]  # no gap: the position is confirmed
+        assert await run_events(ws) == events[4:]
+
+
+async def test_a_resume_without_an_epoch_is_told_which_epoch_it_continues_in(cluster):
+    """The seq of a position without an epoch may be of a log that restarted since: the
+    client is told, by a gap, the epoch the stream continues in, then gets what follows."""
+    session, events = await one_run(cluster, 0)
     async with connect(cluster.frontends[1].ws + "/ws/agent-thoughts") as ws:
         await greeting(ws)
         await ws.send(json.dumps({"type": "resume", "session": session, "after": 3}))
         assert (await recv_json(ws)) == {"type": "session", "session": session}
+        gap = await recv_json(ws)
+        assert (gap["type"], gap["reason"], gap["after"], gap["next"]) == (
+            "gap",
+            "unconfirmed",
+            3,
+            4,
+        )
+        assert gap["epoch"] == events[0]["epoch"]
         assert await run_events(ws) == events[3:]
 
 
@@ -60,20 +82,20 @@ async def test_sse_resumes_from_last_event_id(cluster):
         http.stream(
             "GET",
             f"{cluster.frontends[0].http}/v1/sessions/{session}/events",
-            headers={"Last-Event-ID": "40"},
+            headers={"Last-Event-ID": f"{events[0]['epoch']}-40"},
         ) as response,
     ):
         assert response.headers["content-type"].startswith("text/event-stream")
         ids = []
         async for line in response.aiter_lines():
             if line.startswith("id: "):
-                ids.append(int(line[4:]))
+                ids.append(line[4:])
             elif line.startswith("data: "):
                 received.append(json.loads(line[6:]))
                 if received[-1]["type"] == "done":
                     break
     assert received == events[40:]
-    assert ids == [e["seq"] for e in events[40:]]
+    assert ids == [f"{e['epoch']}-{e['seq']}" for e in events[40:]]
 
 
 async def test_a_trimmed_log_gives_an_explicit_gap_then_what_it_holds(cluster):
@@ -83,9 +105,9 @@ async def test_a_trimmed_log_gives_an_explicit_gap_then_what_it_holds(cluster):
         for _ in range(6):  # 6 runs x 46 events: well past the log's length
             await ws.send("again")
             events = await run_events(ws)
-    last = events[-1]["seq"]
+    last, epoch = events[-1]["seq"], events[-1]["epoch"]
     async with connect(
-        f"{cluster.frontends[1].ws}/ws/agent-thoughts?session={session}&after=2"
+        f"{cluster.frontends[1].ws}/ws/agent-thoughts?session={session}&after=2&epoch={epoch}"
     ) as ws:
         await greeting(ws)
         gap = await recv_json(ws)
