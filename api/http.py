@@ -53,6 +53,9 @@ async def principal(request: Request) -> Principal:
     frontend = _frontend(request)
     token, _ = token_from(request.query_params, request.headers)
     caller = frontend.auth.authenticate(token)
+    if caller.expires is not None and caller.expires <= time.time():
+        # The leeway is for clocks that disagree; a socket closes at exp, and so does this.
+        raise AuthError("token expired")
     await frontend.guard.check_rate(caller)
     return caller
 
