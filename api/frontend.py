@@ -16,6 +16,7 @@ from api.auth import Authenticator, Principal
 from api.guard import SOCKET_REFRESH_SECONDS, Guard
 from api.hub import Hub
 from api.pubsub import open_link
+from api.runs import Runs
 from shared.backoff import retry
 from shared.bus import Bus
 from shared.closecodes import Close
@@ -46,6 +47,8 @@ class Frontend:
     node: str
     auth: Authenticator
     guard: Guard
+    # The runs this frontend queued, until they end: it ends those Redis lost (api/runs.py).
+    runs: Runs
     draining: bool = field(default=False)
 
     async def start_run(
@@ -83,6 +86,7 @@ class Frontend:
             raise
         if not submitted[2] and user is not None:  # an idempotent repeat: nothing new runs
             await self.bus.release_slot(self.keys.user_runs(user), run)
+        self.runs.follow(submitted[1], submitted[0])
         return submitted
 
     async def refresh_sockets(self) -> None:
@@ -129,6 +133,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
     redis = factory.commands()
     hub = Hub(partial(open_link, factory), keys.node_channel(node))
     refresher: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
     try:
         await hub.start()
         bus = Bus(redis, keys, log_maxlen=settings.log_maxlen, log_ttl=settings.log_ttl)
@@ -141,8 +146,10 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
             node=node,
             auth=Authenticator(settings),
             guard=Guard(settings, bus),
+            runs=Runs(bus, limit=settings.tracked_runs, lease_seconds=settings.lease_seconds),
         )
         refresher = asyncio.create_task(frontend.refresh_sockets(), name="socket-slots")
+        watcher = asyncio.create_task(frontend.runs.watch(), name="lost-runs")
         yield frontend
         frontend.draining = True
     finally:
@@ -150,5 +157,9 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await hub.close()
         await redis.aclose()

@@ -76,6 +76,7 @@ class Bus:
         self._append = redis.register_script(scripts.APPEND)
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
+        self._end_lost = redis.register_script(scripts.END_LOST)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._acquire = redis.register_script(scripts.ACQUIRE)
@@ -260,12 +261,54 @@ class Bus:
         return Attempt(_text(verdict), int(attempt), fence, history)
 
     async def renew(self, job: Job, fence: str, lease_ms: int) -> int:
-        """-1: the lease is lost; 1: cancellation was asked for; 0: carry on."""
+        """-1: the lease is lost; 1: cancellation was asked for; 0: carry on.
+
+        A run whose state Redis lost is taken back by the attempt renewing it (0).
+        """
         return int(
             await self._script(
-                self._renew, (self.keys.run(job.session, job.run),), (fence, lease_ms)
+                self._renew, (self.keys.run(job.session, job.run),), (fence, lease_ms, self._ttl)
             )
         )
+
+    async def run_statuses(self, runs: Sequence[tuple[str, str]]) -> list[str | None]:
+        """The status of each ``(session, run)``, in one call; None where its state is gone."""
+        keys = self.keys
+        replies = await self._commands(*(("HGET", keys.run(s, r), "status") for s, r in runs))
+        return [None if reply is None else _text(reply) for reply in replies]
+
+    async def end_lost(self, session: str, run: str, thought: Thought, status: str) -> bool:
+        """End a run whose state Redis lost with ``thought`` (its terminal event).
+
+        Acts only while the run's state is missing; returns whether it wrote. The job's
+        record is written again too, so the run's status can be looked up by its id.
+        """
+        keys = self.keys
+        head = encode_event_head(thought, session, run, now_ms())
+        seq = await self._script(
+            self._end_lost,
+            (
+                keys.run(session, run),
+                keys.session_meta(session),
+                keys.session_log(session),
+                keys.session_channel(session),
+                keys.session_runs(session),
+            ),
+            (
+                self._log_maxlen,
+                self._ttl,
+                self._epoch_seed,
+                new_token(),
+                status,
+                str(thought.content),
+                run,
+                head,
+            ),
+        )
+        if int(seq) == FENCED:
+            return False
+        await self._commands(("SET", keys.job(run), session, "EX", self._ttl))
+        return True
 
     async def release(self, job: Job, fence: str) -> None:
         await self._script(self._release, (self.keys.run(job.session, job.run),), (fence,))

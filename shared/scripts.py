@@ -132,12 +132,24 @@ return turns
 """
 )
 
-# KEYS: run.  ARGV: fence, lease-ms.  Returns -1 (the lease is lost), 1 (cancel was
+# KEYS: run.  ARGV: fence, lease-ms, ttl.  Returns -1 (the lease is lost), 1 (cancel was
 # asked for) or 0.
+#
+# A run whose state is gone altogether (Redis lost its data: FLUSHALL, an empty restart)
+# is re-owned by the attempt that renews, as ``APPEND`` re-owns it: the attempt is alive
+# and the only one that can still end the run. Were it told "lost" instead, it would stop
+# writing and nobody would ever end the run. A state that exists without this fence
+# belongs to another attempt, or was ended by ``END_LOST``.
 RENEW = (
     _NOW
     + """
 local s = redis.call('HMGET', KEYS[1], 'fence', 'cancel')
+if not s[1] and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'status', 'running',
+    'lease', now + tonumber(ARGV[2]))
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 0
+end
 if s[1] ~= ARGV[1] then
   return -1
 end
@@ -148,6 +160,44 @@ end
 return 0
 """
 )
+
+# KEYS: run, meta, log, channel, session's unfinished runs.
+# ARGV: maxlen, ttl, epoch seed, fence, terminal-status, result, run, head.
+#
+# Ends a run whose state Redis lost while no attempt holds it (it was queued, and the job
+# went with the jobs stream; or its worker died too), with one terminal event. It acts
+# only when the run's state is missing (returns -1 otherwise), so it can never add a
+# second ending to a run an attempt re-owned or ended, and a retry of it writes nothing.
+# The state it leaves (the terminal status, and a fence no attempt holds) fences out any
+# attempt that comes later. If the session's meta is gone too, the log starts a new epoch,
+# as ``APPEND`` would: a watcher that held events of the lost log gets a ``gap`` (reason
+# ``epoch``) and then this event.
+END_LOST = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return -1
+end
+local meta = redis.call('HMGET', KEYS[2], 'seq', 'epoch')
+local seq = tonumber(meta[1] or '0')
+local epoch = meta[2]
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
+  seq = 0
+  redis.call('DEL', KEYS[3])
+end
+seq = seq + 1
+local payload = ARGV[8] .. seq .. ',"epoch":"' .. epoch .. '"}'
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '0-' .. seq, 'e', payload)
+redis.call('PUBLISH', KEYS[4], payload)
+redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch)
+redis.call('HSET', KEYS[1], 'status', ARGV[5], 'result', ARGV[6], 'fence', ARGV[4],
+  'attempt', 0, 'emitted', 1)
+redis.call('SREM', KEYS[5], ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return seq
+"""
 
 # KEYS: run.  ARGV: fence.  Gives the lease up at once (a draining worker), so the
 # next worker to take the job does not wait for it to lapse.

@@ -102,6 +102,9 @@ class Settings:
     drain_window: float = 5.0
     # Interactive runs are cancelled once no socket has watched their session this long.
     disconnect_grace: float = 15.0
+    # Runs a frontend follows until they end, to end those whose state Redis lost
+    # (api/runs.py); past it the oldest is no longer followed.
+    tracked_runs: int = 10_000
 
     # Worker
     worker_concurrency: int = 32

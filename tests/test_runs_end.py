@@ -1,0 +1,418 @@
+"""Every run ends: whatever Redis loses and whoever dies, at each point of a run's life.
+
+The promise: a run ends with exactly one terminal event (``done``, ``error``,
+``cancelled``) that every watcher sees, or an explicit ``gap`` followed by one, and
+``GET /v1/jobs/{id}`` never stays ``running``. The matrix below holds a run at each point
+of its life (queued, claimed, between steps, during a tool call, waiting on the model, at
+the terminal append), injects a fault there (Redis FLUSHALL, an empty restart of
+redis-server, kill -9 of the worker running it), and checks the promise on a socket
+follower and an SSE follower, each on its own frontend.
+
+A run is held at a point by waiting for the event that says it got there and stopping
+its worker (SIGSTOP) until the fault is in: the simulated agent's steps are its tool
+call (``action`` until ``observation``) and its model (the paced answer tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.runs import LOST_MESSAGE, Runs
+from shared.bus import FENCED, Bus
+from shared.keys import Keys
+from shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
+from tests.conftest import Cluster, start_cluster
+from tests.procs import Proc, RedisServer, seconds, wait_until
+from thoughtwire.client import Follower
+
+TERMINAL = ("done", "error", "cancelled")
+LEASE = 1.0
+
+# --- the scripts and the frontend's table of runs, against Redis -----------------------
+
+
+@pytest.fixture
+def bus(redis_client, prefix):
+    return Bus(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+
+
+async def started(bus: Bus, run: str = "r", session: str = "s") -> tuple[Job, str]:
+    job = Job(run=run, session=session, prompt="p")
+    await bus.submit(job)
+    attempt = await bus.start(job, "w1", 10_000, 3)
+    assert attempt.verdict == "run"
+    return job, attempt.fence
+
+
+async def lose_everything(bus: Bus, session: str = "s") -> None:
+    """What FLUSHALL does to a session, without flushing a Redis other tests share."""
+    keys = bus.keys
+    doomed = [keys.session_meta(session), keys.session_log(session), keys.session_runs(session)]
+    doomed += [k async for k in bus.redis.scan_iter(match=keys.run(session, "*"))]
+    await bus.redis.delete(*doomed, keys.jobs)
+
+
+async def test_a_renewal_after_redis_lost_the_run_takes_it_back_and_writes_on(bus):
+    """Before: the renewal found no fence and said "lost", and the run never ended."""
+    job, fence = await started(bus)
+    heads = [bus.encode(job, Thought("thinking", "a"))]
+    assert await bus.submit_encoded(job, heads, fence=fence, first=1) == 1
+    old_epoch = (await bus.meta("s")).epoch
+    await lose_everything(bus)
+    assert await bus.renew(job, fence, 10_000) == 0
+    heads = [bus.encode(job, Thought("done", ""))]
+    assert await bus.submit_encoded(job, heads, fence=fence, first=2, min_seq=1, status="done") == 1
+    meta = await bus.meta("s")
+    assert meta.epoch not in (None, old_epoch)
+    assert [decode_event(e).type for e in await bus.history("s")] == ["done"]
+    assert (await bus.run_statuses([("s", "r")])) == ["done"]
+
+
+async def test_a_renewal_of_a_run_another_ended_is_still_fenced_out(bus):
+    job, fence = await started(bus)
+    await lose_everything(bus)
+    ended = await bus.end_lost("s", "r", Thought("error", "lost"), TERMINAL_STATUS["error"])
+    assert ended
+    assert await bus.renew(job, fence, 10_000) == -1
+    heads = [bus.encode(job, Thought("answer", "late"))]
+    assert await bus.submit_encoded(job, heads, fence=fence, first=1) == FENCED
+    assert (await bus.start(job, "w2", 10_000, 3)).verdict == "finished"
+
+
+async def test_ending_a_lost_run_acts_only_while_its_state_is_missing(bus):
+    job, fence = await started(bus)
+    error = Thought("error", "lost")
+    assert not await bus.end_lost("s", "r", error, "failed")  # it has a state: hands off
+    heads = [bus.encode(job, Thought("thinking", "a"))]
+    assert await bus.submit_encoded(job, heads, fence=fence, first=1) == 1
+    old_epoch = (await bus.meta("s")).epoch
+    await lose_everything(bus)
+    assert await bus.end_lost("s", "r", error, "failed")
+    assert not await bus.end_lost("s", "r", error, "failed")  # a retry writes nothing
+    events = [decode_event(e) for e in await bus.history("s")]
+    assert [(e.type, e.seq, e.run) for e in events] == [("error", 1, "r")]
+    assert events[0].epoch != old_epoch  # a new epoch: watchers get a gap first
+    state = await bus.run_state("r")
+    assert state is not None and (state["status"], state["result"]) == ("failed", "lost")
+
+
+async def test_the_frontend_ends_a_queued_run_whose_state_was_lost_once_a_lease_passed(bus):
+    runs = Runs(bus, limit=10, lease_seconds=1.0)
+    await bus.submit(Job(run="q", session="s", prompt="p"))
+    job, fence = await started(bus, run="w")
+    runs.follow("s", "q")
+    runs.follow("s", "w")
+    await runs.check(now=0.0)
+    assert len(runs) == 2
+    await lose_everything(bus)
+    await runs.check(now=10.0)  # seen missing: its worker, if alive, takes it back meanwhile
+    assert await bus.renew(job, fence, 10_000) == 0  # "w" has one; "q" was only queued
+    await runs.check(now=10.5)
+    assert runs.ended == 0
+    await runs.check(now=11.0)
+    assert runs.ended == 1 and len(runs) == 1
+    assert [(e.type, e.run, e.content) for e in map(decode_event, await bus.history("s"))] == [
+        ("error", "q", LOST_MESSAGE)
+    ]
+    heads = [bus.encode(job, Thought("done", ""))]
+    await bus.submit_encoded(job, heads, fence=fence, first=1, status="done")
+    await runs.check(now=20.0)
+    assert len(runs) == 0 and runs.ended == 1  # ended runs are let go, never ended again
+
+
+async def test_the_table_of_runs_is_bounded():
+    runs = Runs(None, limit=3, lease_seconds=1.0)  # type: ignore[arg-type]
+    for i in range(5):
+        runs.follow("s", f"r{i}")
+    runs.follow("s", "r4")
+    assert (len(runs), runs.let_go) == (3, 2)
+
+
+# --- the every-run-ends matrix, against real processes ---------------------------------
+
+POINTS = ("queued", "claimed", "between steps", "tool call", "model", "terminal append")
+FAULTS = ("flushall", "restart", "kill -9")
+# The event that says a run reached a point, as (type, how many of that type).
+REACHED = {
+    "between steps": ("thinking", 1),
+    "tool call": ("action", 1),
+    "model": ("answer", 1),
+    "terminal append": ("answer", 2),  # of 3: its worker's next writes are the last and the end
+}
+FIGURES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def lossy(logdir: Path) -> Iterator[Cluster]:
+    """Two frontends and two workers on a redis-server of their own; 1 s leases."""
+    workdir = logdir / "runs-end-redis"
+    workdir.mkdir()
+    server = RedisServer(workdir).start()
+    cluster = start_cluster(
+        server,
+        logdir,
+        frontends=2,
+        workers=2,
+        THOUGHTWIRE_LEASE_SECONDS=str(LEASE),
+        THOUGHTWIRE_SIM_STEP_DELAY="0.5",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="3",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="2",
+        THOUGHTWIRE_DRAIN_TIMEOUT="0.5",
+    )
+    yield cluster
+    cluster.stop()
+    server.stop()
+    if FIGURES:
+        print("\nfault to terminal event, seconds:")
+        for case, took in FIGURES.items():
+            print(f"  {case}: {took:.2f}")
+
+
+class Watch:
+    """What one follower has received, and a way to wait for what it has not yet."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.messages: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+
+    def add(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    async def until(self, check: Callable[[list[dict[str, Any]]], bool], timeout: float) -> None:
+        async with asyncio.timeout(seconds(timeout)):
+            while not check(self.messages):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def count(self, run: str, kind: str) -> int:
+        return sum(1 for m in self.messages if m.get("run") == run and m["type"] == kind)
+
+    def terminals(self, run: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m.get("run") == run and m["type"] in TERMINAL]
+
+
+async def follow_socket(url: str, session: str, watch: Watch) -> None:
+    async for message in Follower(url, session, after=0, max_reconnects=100).events():
+        watch.add(message)
+
+
+async def follow_sse(url: str, session: str, watch: Watch) -> None:
+    """The session's events over SSE; reconnects from the last seq when the stream ends."""
+    after = 0
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as http:
+        for _ in range(100):
+            try:
+                address = f"{url}/v1/sessions/{session}/events"
+                async with http.stream("GET", address, params={"after": after}) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            message = json.loads(line[6:])
+                            watch.add(message)
+                            after = message.get("seq", after)
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)  # a reconnect's pause, as EventSource makes
+
+
+@pytest.fixture
+async def watched(lossy: Cluster) -> AsyncIterator[tuple[str, Watch, Watch]]:
+    """A fresh session followed by a socket on one frontend and SSE on the other."""
+    session = f"s{time.monotonic_ns()}"
+    socket, sse = Watch("socket"), Watch("sse")
+    tasks = [
+        asyncio.create_task(follow_socket(lossy.frontends[0].ws, session, socket)),
+        asyncio.create_task(follow_sse(lossy.frontends[1].http, session, sse)),
+    ]
+    try:
+        yield session, socket, sse
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in lossy.workers:  # nothing stays stopped for the next case
+            worker.signal(signal.SIGCONT)
+
+
+def worker_of(cluster: Cluster, consumer: str) -> Proc:
+    """The worker process a consumer or owner name (``host-pid-xxxx``) belongs to."""
+    return cluster.worker_with_pid(int(consumer.split("-")[-2]))
+
+
+def blocked_clients(cluster: Cluster) -> int:
+    with cluster.redis.client() as r:
+        return int(r.info("clients")["blocked_clients"])
+
+
+def pending_consumers(cluster: Cluster) -> list[str]:
+    with cluster.redis.client() as r:
+        entries = r.xpending_range(Keys(cluster.prefix).jobs, "workers", "-", "+", 10)
+    return [e["consumer"].decode() for e in entries]
+
+
+async def submit(cluster: Cluster, session: str, prompt: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as http:
+        reply = await http.post(
+            cluster.frontends[0].http + "/v1/jobs", json={"prompt": prompt, "session": session}
+        )
+    assert reply.status_code == 202, reply.text
+    return str(reply.json()["job"])
+
+
+def stop_all(cluster: Cluster) -> None:
+    for worker in cluster.workers:
+        worker.signal(signal.SIGSTOP)
+
+
+def go_on(cluster: Cluster) -> None:
+    for worker in cluster.workers:
+        worker.signal(signal.SIGCONT)
+
+
+async def hold_queued(cluster: Cluster, session: str) -> tuple[str, Proc | None]:
+    """Queue a run that no worker has read: every worker stopped, none blocked reading."""
+    stop_all(cluster)
+    await asyncio.to_thread(
+        wait_until, lambda: blocked_clients(cluster) == 0, 10, "stopped workers' reads to end"
+    )
+    run = await submit(cluster, session, "held in the queue")
+    assert pending_consumers(cluster) == []
+    return run, None
+
+
+async def hold_claimed(cluster: Cluster, session: str, socket: Watch) -> tuple[str, Proc | None]:
+    """A run whose job a worker has read but not started: it was stopped while reading."""
+    for attempt in range(5):
+        await asyncio.to_thread(
+            wait_until, lambda: blocked_clients(cluster) > 0, 10, "a worker reading jobs"
+        )
+        stop_all(cluster)
+        run = await submit(cluster, session, f"held once claimed ({attempt})")
+        consumers = pending_consumers(cluster)
+        if consumers:
+            return run, worker_of(cluster, consumers[0])
+        go_on(cluster)  # every read had just ended: let this run end, and try again
+        await socket.until(lambda _m, run=run: bool(socket.terminals(run)), 20)
+    raise AssertionError("no worker was reading jobs when one was queued, five times")
+
+
+async def hold_running(
+    cluster: Cluster, session: str, socket: Watch, point: str
+) -> tuple[str, Proc | None]:
+    """A run held where ``point`` says: its event seen, its worker stopped at once."""
+    kind, count = REACHED[point]
+    run = await submit(cluster, session, f"held at {point}")
+    await socket.until(lambda _m: socket.count(run, kind) >= count, 20)
+    with cluster.redis.client() as r:
+        owner = r.hget(Keys(cluster.prefix).run(session, run), "owner")
+    assert owner is not None
+    worker = worker_of(cluster, owner.decode())
+    worker.signal(signal.SIGSTOP)
+    return run, worker
+
+
+def restart_redis(server: RedisServer) -> None:
+    """A crash and a restart with nothing to load: every key gone, every connection cut."""
+    server.proc.kill()
+    server.proc.popen = None
+    server.start()
+
+
+async def inject(cluster: Cluster, fault: str, holder: Proc | None) -> None:
+    if fault == "flushall":
+        with cluster.redis.client() as r:
+            r.flushall()
+        go_on(cluster)
+    elif fault == "restart":
+        await asyncio.to_thread(restart_redis, cluster.redis)
+        go_on(cluster)
+    else:
+        victim = holder or cluster.workers[0]
+        victim.kill()
+        cluster.workers.remove(victim)
+        go_on(cluster)
+        await asyncio.to_thread(cluster.add_worker)
+
+
+def check_positions(messages: list[dict[str, Any]]) -> int:
+    """Every event once and in order within its epoch, a new epoch only after a gap;
+    returns the number of gaps."""
+    epoch: str | None = None
+    last, gaps = 0, 0
+    for m in messages:
+        if m["type"] == "gap":
+            epoch, last, gaps = m["epoch"], m["next"] - 1, gaps + 1
+            continue
+        if epoch is None:
+            epoch = m["epoch"]
+        assert m["epoch"] == epoch, f"the epoch changed without a gap: {m}"
+        assert m["seq"] == last + 1, f"expected seq {last + 1}, got {m}"
+        last = m["seq"]
+    return gaps
+
+
+async def job_status(cluster: Cluster, run: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as http:
+        reply = await http.get(f"{cluster.frontends[0].http}/v1/jobs/{run}")
+    if reply.status_code == 404:
+        return "404"
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["status"])
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("point", POINTS)
+async def test_every_run_ends_whatever_redis_loses_and_whoever_dies(lossy, watched, point, fault):
+    """Before the fix, a data loss between steps, in a tool call or waiting on the model left
+    the run unended for good (timed out here after 20 s), and a data loss while queued too;
+    after it, every case ends within a few leases (figures printed with ``-s``)."""
+    session, socket, sse = watched
+    if point == "queued":
+        run, holder = await hold_queued(lossy, session)
+    elif point == "claimed":
+        run, holder = await hold_claimed(lossy, session, socket)
+    else:
+        run, holder = await hold_running(lossy, session, socket, point)
+    seen_before = len([m for m in socket.messages if "seq" in m])
+    began = time.monotonic()
+    await inject(lossy, fault, holder)
+    for watch in (socket, sse):
+        try:
+            await watch.until(lambda _m, w=watch: bool(w.terminals(run)), 20)
+        except TimeoutError:
+            raise AssertionError(
+                f"{point}/{fault}: the {watch.name} follower saw no end of the run in "
+                f"{seconds(20):.0f} s; it has {[m['type'] for m in watch.messages]}"
+            ) from None
+    took = time.monotonic() - began
+    ours = [m for m in socket.messages if m.get("run", run) == run]
+    gaps = check_positions([m for m in socket.messages if "seq" in m or m["type"] == "gap"])
+    (ending,) = socket.terminals(run)
+    FIGURES[f"{point} / {fault} ({ending['type']}, {gaps} gaps)"] = took
+    print(f"{point} / {fault}: {ending['type']} {took:.2f} s after the fault, {gaps} gaps")
+    assert ours[-1] is ending  # nothing of the run after its end
+    if fault == "kill -9":
+        assert ending["type"] == "done"
+    elif point == "queued":  # the job went with the jobs stream: its frontend ended it
+        assert (ending["type"], ending["content"]) == ("error", LOST_MESSAGE)
+    elif point == "claimed":  # started on an empty Redis, or, if its start failed, ended
+        assert ending["type"] in ("done", "error")
+    else:  # its worker took the run back and finished it, after telling of the loss
+        assert ending["type"] == "done"
+        assert seen_before > 0 and gaps >= 1
+    assert [m["type"] for m in sse.terminals(run)] == [ending["type"]]
+
+    with lossy.redis.client() as r:
+        log = [json.loads(e[b"e"]) for _id, e in r.xrange(Keys(lossy.prefix).session_log(session))]
+    assert [e["type"] for e in log if e["run"] == run and e["type"] in TERMINAL] == [ending["type"]]
+    assert await job_status(lossy, run) in ("404", "done", "failed", "cancelled")
