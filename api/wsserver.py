@@ -130,7 +130,8 @@ else:
             the transport's buffer behind the frames already there. A client that
             never reads them is cut off after ``CLOSE_FLUSH_SECONDS``.
             """
-            paused, self.writable = self.writable, Flag()  # a set flag: no wait
+            # A set flag for this one send: it does not wait.
+            paused, self.writable = self.writable, Flag()  # type: ignore[assignment]
             try:
                 await super().send(message)
             finally:
