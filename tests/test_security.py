@@ -512,3 +512,25 @@ async def test_requests_for_other_hosts_are_refused_without_auth(local):
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"thoughtwire.test:{port}"):
         status, body, socket = await _host_answers(frontend, host)
         assert (status, body["created"], socket) == (202, True, "session"), host
+
+
+def _answer_to_head(frontend, *headers: str) -> str:
+    """The status line a frontend answers a ``POST /v1/jobs`` head with, its body unsent."""
+    import socket
+
+    head = "\r\n".join(["POST /v1/jobs HTTP/1.1", "Host: 127.0.0.1", *headers]) + "\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", frontend.port), timeout=seconds(10)) as sock:
+        sock.sendall(head.encode())
+        return sock.makefile("rb").readline().decode().strip()
+
+
+def test_an_api_request_is_authenticated_and_its_length_checked_before_its_body(secure):
+    """No token: 401 whatever the length; with one, a length over the bound is 413; both
+    answered while not a byte of the body has been sent."""
+    frontend = secure.frontends[0]
+    length = "Content-Length: 104857600"
+    assert _answer_to_head(frontend, length).startswith("HTTP/1.1 401")
+    bad = f"Authorization: Bearer {token(key='another-secret-that-is-32-bytes-long!!')}"
+    assert _answer_to_head(frontend, length, bad).startswith("HTTP/1.1 401")
+    good = f"Authorization: Bearer {token('bounded')}"
+    assert _answer_to_head(frontend, length, good).startswith("HTTP/1.1 413")
