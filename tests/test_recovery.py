@@ -1,9 +1,16 @@
-"""The resume merge, with plain data in and out."""
+"""The resume merge, with plain data in and out; the viewer's catch-up, bounded."""
+
+import asyncio
+import logging
 
 import orjson
 
-from api.recovery import Position, recover, replay_from
+from api.recovery import CATCH_UP_ROUNDS, Position, recover, replay_from
+from api.viewer import Viewer
 from shared.bus import Meta
+from shared.closecodes import RECONNECT, Close
+from shared.keys import Keys
+from tests.procs import seconds
 
 
 def ev(seq, epoch="e1", run="r"):
@@ -127,3 +134,47 @@ def test_a_gap_that_did_not_know_the_epoch_learns_it_from_the_hole_that_follows(
     result = recover("s", Position("e1", 5), Meta(None, 0), [], [ev(3, "e9"), ev(4, "e9")])
     gap = orjson.loads(result.frames[0])
     assert (gap["reason"], gap["epoch"], gap["next"]) == ("expired", "e9", 3)
+
+
+class RestartingLog:
+    """A log that restarts under a new epoch between every two reads: nothing can settle."""
+
+    keys = Keys("t")
+
+    def __init__(self) -> None:
+        self.epochs = 0
+        self.calls = 0
+
+    async def meta(self, session):
+        self.calls += 1
+        self.epochs += 1
+        return Meta(f"e{self.epochs}", 1)
+
+    async def history(self, session, after=0, count=None):
+        self.calls += 1
+        self.epochs += 1
+        return [ev(1, f"e{self.epochs}")]
+
+
+class NoHub:
+    async def join(self, channel, viewer):
+        pass
+
+    async def leave(self, channel, viewer):
+        pass
+
+
+async def test_a_catch_up_that_cannot_settle_closes_for_a_reconnect_and_warns_once(caplog):
+    log, closed = RestartingLog(), []
+    viewer = Viewer(log, NoHub(), queue_size=1000, on_close=lambda *why: closed.append(why))
+    with caplog.at_level(logging.WARNING, "thoughtwire.viewer"):
+        await viewer.follow("s", 0, "e0")
+        task = viewer._recovery
+        assert task is not None
+        await asyncio.wait([task], timeout=seconds(5))  # closing cancels the task itself
+    assert task.done(), "the catch-up is still going"
+    assert closed == [(Close.TRY_LATER, "could not catch up; reconnect and resume")]
+    assert Close.TRY_LATER in RECONNECT
+    assert len(caplog.records) == 1 and "did not settle" in caplog.records[0].getMessage()
+    assert log.calls == 2 * CATCH_UP_ROUNDS  # a meta and a page a round, then no more
+    await viewer.detach()
