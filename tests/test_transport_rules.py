@@ -503,6 +503,46 @@ async def test_refreshing_a_thousand_slots_of_ten_users_takes_twenty_commands(
     assert 0 < ttl <= SOCKET_SLOT_MS
 
 
+@pytest.mark.parametrize("ending", ["client gone", "token expired", "frontend drained"])
+async def test_a_stream_gives_its_slot_back_however_it_ends(
+    redis_server: RedisServer, logdir: Any, ending: str
+) -> None:
+    """An SSE stream's connection slot is freed when it ends, not left to lapse."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=2,
+        workers=0,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_MAX_SOCKETS_PER_USER="1",
+    )
+    try:
+        a, b = c.frontends
+        name = user("streaming")
+        bearer = token(name)
+        ttl = 2 if ending == "token expired" else 600
+        async with sse(a, f"s-{name}", token(name, ttl=ttl)) as (response, stream):
+            assert response.status_code == 200
+            assert (await closed_with(ws_url(b, token=bearer)))[0] == 4029
+            if ending == "token expired":
+                while (event := await stream.next(timeout=15)) is not None:
+                    assert event.event == "error"
+            elif ending == "frontend drained":
+                assert a.proc.stop() == 0
+
+        async def admitted() -> bool:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async with connect(ws_url(b, token=bearer)) as ws:
+                    await greeting(ws)
+                    return True
+            return False
+
+        # Well inside the slot's own lifetime: the slot was freed, it did not lapse.
+        await until(admitted, f"a socket once the stream ended ({ending})", timeout=3)
+    finally:
+        c.stop()
+
+
 # --- last: the Host check, on every transport --------------------------------------
 
 
