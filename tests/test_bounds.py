@@ -502,6 +502,62 @@ async def test_a_body_with_non_finite_numbers_gets_a_clear_422(target):
     assert "Traceback" not in log, log
 
 
+async def test_a_websocket_handshake_the_app_never_answers_is_closed():
+    """An upgrade whose head is whole but whose app never accepts: closed at the timeout."""
+    import uvicorn
+
+    from shared.settings import Settings
+
+    answer = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect, and then no answer
+        await answer.wait()
+        await send({"type": "websocket.close", "code": 1000})
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            http=wsserver.http_protocol(Settings(handshake_timeout=0.5)),
+            ws=wsserver.PROTOCOL,
+            lifespan="off",
+            log_level="warning",
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(seconds(10)):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            request_head(
+                "GET",
+                "/ws",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            )
+        )
+        began = time.monotonic()
+        async with asyncio.timeout(seconds(5)):
+            assert await reader.read() == b""  # closed, unanswered
+        waited = time.monotonic() - began
+        print(f"\nunanswered handshake closed after {waited:.2f} s (timeout 0.5 s)")
+        assert waited >= 0.4
+        writer.close()
+    finally:
+        answer.set()
+        server.should_exit = True
+        await serving
+
+
 # --- the adapter's canary -------------------------------------------------------------
 
 
