@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from shared.keys import Keys
+from shared.protocol import ProtocolError, event_id, parse_event_id
 from tests.conftest import Cluster, start_cluster
 from tests.procs import RedisServer, seconds
 from tests.wsclient import connect, greeting, recv_json, run_events
@@ -255,3 +256,38 @@ async def test_a_stale_epoch_at_seq_0_gets_a_gap_and_leaves_the_frontend_idle(
     check(frames, restarted, "stale0", 0, "epoch")
     assert cpu < 0.3, f"the frontend spent {cpu:.2f} s of CPU in {WINDOW} s"
     assert calls < 60, f"{calls} Redis calls in {WINDOW} s"
+
+
+# --- SSE positions ----------------------------------------------------------------------
+
+
+def test_an_event_id_carries_the_epoch_and_a_bare_seq_is_still_read():
+    assert parse_event_id(event_id(12, "23726b0ea160cf3f8")) == (12, "23726b0ea160cf3f8")
+    assert parse_event_id("40") == (40, None)
+    for bad in ["", "-3", "e-", "e-x", "e!-3", "a-b-3", "e-" + "9" * 19, "x" * 65 + "-1"]:
+        with pytest.raises(ProtocolError):
+            parse_event_id(bad)
+
+
+@pytest.mark.parametrize("query", ["after={epoch}-{after}", "after={after}&epoch={epoch}"])
+async def test_sse_takes_the_position_from_the_query_too(cluster, restarted, query):
+    after = (restarted.first + restarted.last) // 2
+    url = f"{cluster.frontends[0].http}/v1/sessions/{restarted.session}/events?" + query.format(
+        epoch=restarted.epoch, after=after
+    )
+    async with (
+        httpx.AsyncClient(timeout=seconds(10)) as http,
+        http.stream("GET", url) as response,
+    ):
+        frames = await until_last(_sse_frames(response), restarted)
+    check(frames, restarted, restarted.epoch, after, None)
+
+
+async def test_sse_refuses_an_id_it_cannot_read(cluster, restarted):
+    async with httpx.AsyncClient(timeout=seconds(10)) as http:
+        response = await http.get(
+            f"{cluster.frontends[0].http}/v1/sessions/{restarted.session}/events",
+            headers={"Last-Event-ID": "not an id-3"},
+        )
+    assert response.status_code == 422
+    assert "event id" in response.text
