@@ -346,23 +346,36 @@ async def test_a_huge_header_block_is_refused_with_431(target):
         footprint.files_back(HANDSHAKE_TIMEOUT + 3)
 
 
+SOCKET_PATHS = [
+    "/ws",
+    "/ws/agent",
+    "/ws/chat",
+    "/ws/agent-thoughts",
+    "/ws/robust",
+    "/ws/secure",
+    "/ws/sender",  # /ws/{client_id}: with authentication on, the user's own id
+]
+
+
 async def test_an_oversize_frame_closes_its_socket_with_1009(target):
-    """A 16 MB frame on a socket whose limit is 64 KiB: close 1009, RSS < 64 MB more."""
+    """A 16 MB frame on every socket path, whose limit is 64 KiB: close 1009 on each,
+    RSS < 64 MB more."""
     frontend = target.frontends[0]
     async with neighbour(target):
         footprint = Footprint(frontend.proc.pid).start()
-        url = frontend.ws + f"/ws/agent-thoughts?token={token('sender')}"
-        async with connect(url, max_size=None) as ws:
-            await greeting(ws)
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await ws.send("x" * (16 * MB))
-                async with asyncio.timeout(seconds(10)):
-                    while True:
-                        await ws.recv()
+        codes = {}
+        for path in SOCKET_PATHS:
+            url = frontend.ws + f"{path}?token={token('sender')}"
+            async with connect(url, max_size=None) as ws:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.send("x" * (16 * MB))
+                    async with asyncio.timeout(seconds(10)):
+                        while True:
+                            await ws.recv()
+            codes[path] = closed.value.rcvd.code if closed.value.rcvd else None
         growth = footprint.growth()
-        code = closed.value.rcvd.code if closed.value.rcvd else None
-        print(f"\n16 MB frame: close {code}, RSS +{growth / MB:.1f} MB")
-        assert code == 1009
+        print(f"\n16 MB frames: closes {codes}, RSS +{growth / MB:.1f} MB")
+        assert set(codes.values()) == {1009}, codes
         assert growth < RSS_BOUND, f"RSS grew {growth / MB:.1f} MB"
         footprint.files_back(HANDSHAKE_TIMEOUT + 3)
 
