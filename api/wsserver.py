@@ -1,4 +1,4 @@
-"""uvicorn's WebSocket protocol, holding less for each open socket.
+"""uvicorn's protocols: for WebSockets, holding less per socket; for HTTP, bounded.
 
 Most sockets sit idle for most of their lives, so what each one holds is what a
 frontend's memory is made of. uvicorn's websockets-sansio protocol keeps, for a
@@ -168,6 +168,7 @@ class Limits:
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
+        """The limits ``settings`` set."""
         return cls(settings.handshake_timeout, settings.max_header_bytes, settings.max_connections)
 
 
