@@ -150,7 +150,7 @@ class Settings:
             raise SettingsError(f"THOUGHTWIRE_AGENT must be one of {', '.join(AGENTS)}")
         if self.agent == "openai" and not self.openai_api_key:
             raise SettingsError("the openai agent needs OPENAI_API_KEY")
-        for name in ("send_queue_size", "log_maxlen", "worker_concurrency"):
+        for name in ("send_queue_size", "log_maxlen", "worker_concurrency", "tracked_runs"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
         for name in ("max_body_bytes", "max_header_bytes", "max_connections"):
