@@ -5,7 +5,8 @@ The promise: a run ends with exactly one terminal event (``done``, ``error``,
 ``GET /v1/jobs/{id}`` never stays ``running``. The matrix below holds a run at each point
 of its life (queued, claimed, between steps, during a tool call, waiting on the model, at
 the terminal append), injects a fault there (Redis FLUSHALL, an empty restart of
-redis-server, kill -9 of the worker running it), and checks the promise on a socket
+redis-server, kill -9 of the worker running it, or that kill and a FLUSHALL together),
+and checks the promise on a socket
 follower and an SSE follower, each on its own frontend.
 
 A run is held at a point by waiting for the event that says it got there and stopping
@@ -140,7 +141,7 @@ async def test_the_table_of_runs_is_bounded():
 # --- the every-run-ends matrix, against real processes ---------------------------------
 
 POINTS = ("queued", "claimed", "between steps", "tool call", "model", "terminal append")
-FAULTS = ("flushall", "restart", "kill -9")
+FAULTS = ("flushall", "restart", "kill -9", "flushall and kill -9")
 # The event that says a run reached a point, as (type, how many of that type).
 REACHED = {
     "between steps": ("thinking", 1),
@@ -336,10 +337,13 @@ async def inject(cluster: Cluster, fault: str, holder: Proc | None) -> None:
     elif fault == "restart":
         await asyncio.to_thread(restart_redis, cluster.redis)
         go_on(cluster)
-    else:
+    else:  # the worker holding the run dies, and with "flushall and" Redis loses it too
         victim = holder or cluster.workers[0]
         victim.kill()
         cluster.workers.remove(victim)
+        if fault.startswith("flushall"):
+            with cluster.redis.client() as r:
+                r.flushall()
         go_on(cluster)
         await asyncio.to_thread(cluster.add_worker)
 
@@ -403,6 +407,9 @@ async def test_every_run_ends_whatever_redis_loses_and_whoever_dies(lossy, watch
     assert ours[-1] is ending  # nothing of the run after its end
     if fault == "kill -9":
         assert ending["type"] == "done"
+    elif fault == "flushall and kill -9":  # nobody holds the run: its frontend ended it
+        assert (ending["type"], ending["content"]) == ("error", LOST_MESSAGE)
+        assert gaps >= (1 if seen_before else 0)
     elif point == "queued":  # the job went with the jobs stream: its frontend ended it
         assert (ending["type"], ending["content"]) == ("error", LOST_MESSAGE)
     elif point == "claimed":  # started on an empty Redis, or, if its start failed, ended
