@@ -16,7 +16,9 @@ the ``error``; and its job record, so ``GET /v1/jobs/{id}`` says ``failed``.
 
 Guarantee: a run this frontend queued ends with one terminal event within about two
 leases of Redis coming back, as long as this frontend lives and follows it (the table
-holds ``tracked_runs``; past that the oldest is let go).
+holds ``tracked_runs``; past that the oldest is let go). A loss that lands after a run
+ended but before the next check looks the same as a lost run, so its watchers get a
+``gap`` and an ``error`` after the ``done`` they had (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -130,6 +130,24 @@ async def test_the_frontend_ends_a_queued_run_whose_state_was_lost_once_a_lease_
     assert len(runs) == 0 and runs.ended == 1  # ended runs are let go, never ended again
 
 
+async def test_a_check_costs_one_pipelined_call_per_thousand_runs(bus):
+    """2,500 followed runs: 3 calls to Redis per check (a third of a lease), whatever ends."""
+    calls = []
+    statuses = bus.run_statuses
+
+    async def counted(runs):
+        calls.append(len(runs))
+        return await statuses(runs)
+
+    bus.run_statuses = counted
+    runs = Runs(bus, limit=10_000, lease_seconds=1.0)
+    for i in range(2500):
+        runs.follow("s", f"r{i}")
+    await runs.check(now=0.0)
+    print(f"2,500 followed runs: {len(calls)} calls of {calls} statuses")
+    assert calls == [1000, 1000, 500], f"calls per check: {calls}"
+
+
 async def test_the_table_of_runs_is_bounded():
     runs = Runs(None, limit=3, lease_seconds=1.0)  # type: ignore[arg-type]
     for i in range(5):
