@@ -9,7 +9,8 @@ FastAPI and, before a byte of body is read:
 - refuses a body whose ``Content-Length`` is over ``max_body_bytes`` with 413;
 
 and then counts a body without a length (chunked) as it arrives, refusing it with 413
-at the bound. uvicorn holds at most 64 KiB of unread body before it stops reading
+at the bound, and refuses a body that has not arrived whole ``body_timeout`` after the
+head with 408, so a client cannot hold a request open by trickling its body. uvicorn holds at most 64 KiB of unread body before it stops reading
 from the socket, so what a refused body costs is bounded too.
 
 The request head and WebSocket frames are bounded where they are read, in uvicorn
@@ -18,6 +19,7 @@ The request head and WebSocket frames are bounded where they are read, in uvicor
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -33,6 +35,7 @@ from shared.settings import Settings
 
 API_PREFIX = "/v1/"
 TOO_LARGE = "the request body is larger than this frontend accepts"
+TOO_SLOW = "the request body did not arrive in time"
 # What the app reads once a body has been refused: it stops, and its reply is dropped.
 DISCONNECT: Message = {"type": "http.disconnect"}
 
@@ -43,6 +46,7 @@ class Bounds:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.max_body_bytes = settings.max_body_bytes
+        self.body_timeout = settings.body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,7 +57,7 @@ class Bounds:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        body = CountedBody(receive, send, self.max_body_bytes)
+        body = CountedBody(receive, send, self.max_body_bytes, self.body_timeout)
         await self.app(scope, body.receive, body.send)
 
     def _refusal(self, scope: Scope, headers: Headers) -> JSONResponse | None:
@@ -71,29 +75,41 @@ class Bounds:
 
 
 class CountedBody:
-    """A request's ``receive`` that counts body bytes and answers 413 at the bound.
+    """A request's ``receive`` that answers 413 past the size bound, 408 past the time bound.
 
-    Past the bound the app is told the client left (``http.disconnect``), so it stops
-    reading, and whatever it then tries to send is dropped: the 413 is the reply.
+    Past a bound the app is told the client left (``http.disconnect``), so it stops
+    reading, and whatever it then tries to send is dropped: the refusal is the reply.
+    Once the body is whole, ``receive`` only waits for the client to leave (a stream's
+    way to notice it), and no time bound applies.
     """
 
-    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+    def __init__(self, receive: Receive, send: Send, limit: int, timeout: float) -> None:
         self._receive = receive
         self._send = send
         self.limit = limit
+        self.deadline = asyncio.get_running_loop().time() + timeout
         self.received = 0
+        self.whole = False
         self.started = False
         self.refused = False
 
     async def receive(self) -> Message:
         if self.refused:
             return DISCONNECT
-        message = await self._receive()
+        if self.whole:
+            return await self._receive()
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self._receive()
+        except TimeoutError:
+            await self._refuse(408, TOO_SLOW)
+            return DISCONNECT
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.limit:
-                await self._refuse()
+                await self._refuse(413, TOO_LARGE)
                 return DISCONNECT
+            self.whole = not message.get("more_body", False)
         return message
 
     async def send(self, message: Message) -> None:
@@ -103,10 +119,10 @@ class CountedBody:
             self.started = True
         await self._send(message)
 
-    async def _refuse(self) -> None:
+    async def _refuse(self, status: int, reason: str) -> None:
         self.refused = True
         if not self.started:  # a reply already under way can only be cut short
-            reply = refusal(413, TOO_LARGE)
+            reply = refusal(status, reason)
             await reply({"type": "http"}, _nothing, self._send)
 
 

@@ -71,6 +71,8 @@ class Settings:
     # A request head, and a WebSocket handshake until it is answered, must be done this
     # long after the connection (or the previous response); otherwise it is closed.
     handshake_timeout: float = 10.0
+    # A request's body must have arrived whole this long after its head; otherwise 408.
+    body_timeout: float = 30.0
     # Open connections per frontend process, sockets included; past it only /healthz
     # and /readyz are answered, with a little room, and then connections are closed.
     max_connections: int = 10_000
@@ -156,8 +158,9 @@ class Settings:
         for name in ("max_body_bytes", "max_header_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
-        if self.handshake_timeout <= 0:
-            raise SettingsError("THOUGHTWIRE_HANDSHAKE_TIMEOUT must be more than 0")
+        for name in ("handshake_timeout", "body_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be more than 0")
         if self.redis_pool_size < 2:  # the pipelined calls keep one connection to themselves
             raise SettingsError("THOUGHTWIRE_REDIS_POOL_SIZE must be at least 2")
         if self.memory_turns < 0:

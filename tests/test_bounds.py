@@ -55,6 +55,7 @@ def target(redis_server, logdir) -> Cluster:
         frontends=1,
         JWT_SECRET=SECRET,
         THOUGHTWIRE_HANDSHAKE_TIMEOUT=str(HANDSHAKE_TIMEOUT),
+        THOUGHTWIRE_BODY_TIMEOUT=str(HANDSHAKE_TIMEOUT),
         THOUGHTWIRE_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
         THOUGHTWIRE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
         THOUGHTWIRE_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
@@ -390,10 +391,22 @@ async def test_an_oversize_frame_closes_its_socket_with_1009(target):
             b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
         ),
         ("silent", b""),
+        (
+            "trickled body",
+            request_head(
+                "POST",
+                "/v1/jobs",
+                f"Authorization: Bearer {token('trickler')}",
+                "Content-Type: application/json",
+                "Content-Length: 1000",
+            )
+            + b'{"prompt": "',
+        ),
     ],
 )
 async def test_half_open_requests_are_closed_after_the_handshake_timeout(target, kind, first):
-    """200 heads that never end: all closed within the timeout. Before the fix: 200 held."""
+    """200 heads (or bodies) that never end: all closed within the timeout. Before the
+    fix: 200 held (and a trickled body was held until the client gave up)."""
     frontend = target.frontends[0]
     async with neighbour(target):
         footprint = Footprint(frontend.proc.pid).start()
