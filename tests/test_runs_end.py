@@ -10,8 +10,10 @@ and checks the promise on a socket
 follower and an SSE follower, each on its own frontend.
 
 A run is held at a point by waiting for the event that says it got there and stopping
-its worker (SIGSTOP) until the fault is in: the simulated agent's steps are its tool
-call (``action`` until ``observation``) and its model (the paced answer tokens).
+its worker (SIGSTOP) until the fault is in. The tool call and the model are real: the
+openai agent, talking to a local fake model server (its request arriving says the run
+waits on the model), calling :func:`pause`, a slow tool (its ``action`` event says the
+call began); the other points use the simulated agent (its steps and paced tokens).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from api.runs import LOST_MESSAGE, Runs
 from shared.bus import FENCED, Bus
 from shared.keys import Keys
 from shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
-from tests.conftest import Cluster, start_cluster
+from tests.conftest import Cluster, openai_env, start_cluster
+from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import Proc, RedisServer, seconds, wait_until
 from thoughtwire.client import Follower
 
@@ -164,16 +167,25 @@ FAULTS = ("flushall", "restart", "kill -9", "flushall and kill -9")
 REACHED = {
     "between steps": ("thinking", 1),
     "tool call": ("action", 1),
-    "model": ("answer", 1),
     "terminal append": ("answer", 2),  # of 3: its worker's next writes are the last and the end
 }
+MODELLED = ("tool call", "model")  # held in the openai agent: a real tool call, a real request
 FIGURES: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module")
-def lossy(logdir: Path) -> Iterator[Cluster]:
+async def pause(seconds: float) -> str:
+    """Wait, as a slow tool does.
+
+    Args:
+        seconds: how long to wait
+    """
+    await asyncio.sleep(seconds)
+    return "waited"
+
+
+def own_cluster(logdir: Path, name: str, **env: str) -> Iterator[Cluster]:
     """Two frontends and two workers on a redis-server of their own; 1 s leases."""
-    workdir = logdir / "runs-end-redis"
+    workdir = logdir / name
     workdir.mkdir()
     server = RedisServer(workdir).start()
     cluster = start_cluster(
@@ -182,18 +194,53 @@ def lossy(logdir: Path) -> Iterator[Cluster]:
         frontends=2,
         workers=2,
         THOUGHTWIRE_LEASE_SECONDS=str(LEASE),
-        THOUGHTWIRE_SIM_STEP_DELAY="0.5",
-        THOUGHTWIRE_SIM_ANSWER_TOKENS="3",
-        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="2",
         THOUGHTWIRE_DRAIN_TIMEOUT="0.5",
+        **env,
     )
     yield cluster
     cluster.stop()
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def lossy(logdir: Path) -> Iterator[Cluster]:
+    """The simulated agent: steps 0.5 s apart, then 3 tokens 0.5 s apart."""
+    yield from own_cluster(
+        logdir,
+        "runs-end-redis",
+        THOUGHTWIRE_SIM_STEP_DELAY="0.5",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="3",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="2",
+    )
     if FIGURES:
         print("\nfault to terminal event, seconds:")
         for case, took in FIGURES.items():
             print(f"  {case}: {took:.2f}")
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def modelled(logdir: Path, llm: FakeOpenAI) -> Iterator[Cluster]:
+    """The openai agent, with the fake model server and the slow tool."""
+    yield from own_cluster(
+        logdir,
+        "runs-end-model-redis",
+        **openai_env(llm),
+        THOUGHTWIRE_TOOLS="tests.test_runs_end:pause",
+    )
+
+
+@pytest.fixture
+def held_in(request: pytest.FixtureRequest, point: str) -> Cluster:
+    """The cluster whose agent can be held at ``point``."""
+    cluster: Cluster = request.getfixturevalue("modelled" if point in MODELLED else "lossy")
+    return cluster
 
 
 class Watch:
@@ -245,13 +292,13 @@ async def follow_sse(url: str, session: str, watch: Watch) -> None:
 
 
 @pytest.fixture
-async def watched(lossy: Cluster) -> AsyncIterator[tuple[str, Watch, Watch]]:
+async def watched(held_in: Cluster) -> AsyncIterator[tuple[str, Watch, Watch]]:
     """A fresh session followed by a socket on one frontend and SSE on the other."""
     session = f"s{time.monotonic_ns()}"
     socket, sse = Watch("socket"), Watch("sse")
     tasks = [
-        asyncio.create_task(follow_socket(lossy.frontends[0].ws, session, socket)),
-        asyncio.create_task(follow_sse(lossy.frontends[1].http, session, sse)),
+        asyncio.create_task(follow_socket(held_in.frontends[0].ws, session, socket)),
+        asyncio.create_task(follow_sse(held_in.frontends[1].http, session, sse)),
     ]
     try:
         yield session, socket, sse
@@ -259,7 +306,7 @@ async def watched(lossy: Cluster) -> AsyncIterator[tuple[str, Watch, Watch]]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for worker in lossy.workers:  # nothing stays stopped for the next case
+        for worker in held_in.workers:  # nothing stays stopped for the next case
             worker.signal(signal.SIGCONT)
 
 
@@ -332,12 +379,36 @@ async def hold_running(
     kind, count = REACHED[point]
     run = await submit(cluster, session, f"held at {point}")
     await socket.until(lambda _m: socket.count(run, kind) >= count, 20)
+    return run, stop_owner(cluster, session, run)
+
+
+async def hold_modelled(
+    cluster: Cluster, llm: FakeOpenAI, session: str, socket: Watch, point: str
+) -> tuple[str, Proc | None]:
+    """A run of the openai agent held in its tool call, or waiting on its second model call."""
+    llm.replies.clear()
+    llm.replies.append(Reply.tool_calls(("call-1", "pause", ['{"seconds": ', "1.5}"])))
+    llm.replies.append(Reply.text("all ", "done", delay=0.5 if point == "model" else 0))
+    asked = len(llm.requests)
+    run = await submit(cluster, session, f"held at {point}")
+    if point == "tool call":
+        await socket.until(lambda _m: socket.count(run, "action") >= 1, 20)
+    else:  # the request reached the model, which takes its time to answer
+        await socket.until(lambda _m: socket.count(run, "observation") >= 1, 20)
+        await asyncio.to_thread(
+            wait_until, lambda: len(llm.requests) >= asked + 2, 10, "the second model call"
+        )
+    return run, stop_owner(cluster, session, run)
+
+
+def stop_owner(cluster: Cluster, session: str, run: str) -> Proc:
+    """Stop (SIGSTOP) the worker running ``run``, where it stands."""
     with cluster.redis.client() as r:
         owner = r.hget(Keys(cluster.prefix).run(session, run), "owner")
     assert owner is not None
     worker = worker_of(cluster, owner.decode())
     worker.signal(signal.SIGSTOP)
-    return run, worker
+    return worker
 
 
 def restart_redis(server: RedisServer) -> None:
@@ -394,15 +465,21 @@ async def job_status(cluster: Cluster, run: str) -> str:
 
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("point", POINTS)
-async def test_every_run_ends_whatever_redis_loses_and_whoever_dies(lossy, watched, point, fault):
+async def test_every_run_ends_whatever_redis_loses_and_whoever_dies(
+    request, held_in, watched, point, fault
+):
     """Before the fix, a data loss between steps, in a tool call or waiting on the model left
     the run unended for good (timed out here after 20 s), and a data loss while queued too;
     after it, every case ends within a few leases (figures printed with ``-s``)."""
     session, socket, sse = watched
+    lossy = held_in
     if point == "queued":
         run, holder = await hold_queued(lossy, session)
     elif point == "claimed":
         run, holder = await hold_claimed(lossy, session, socket)
+    elif point in MODELLED:
+        llm = request.getfixturevalue("llm")
+        run, holder = await hold_modelled(lossy, llm, session, socket, point)
     else:
         run, holder = await hold_running(lossy, session, socket, point)
     seen_before = len([m for m in socket.messages if "seq" in m])
