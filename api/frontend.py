@@ -149,6 +149,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
             runs=Runs(bus, limit=settings.tracked_runs, lease_seconds=settings.lease_seconds),
         )
         refresher = asyncio.create_task(frontend.refresh_sockets(), name="socket-slots")
+        await hub.join(keys.runs_ended, frontend.runs)  # runs that end are let go at once
         watcher = asyncio.create_task(frontend.runs.watch(), name="lost-runs")
         yield frontend
         frontend.draining = True

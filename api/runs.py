@@ -14,11 +14,15 @@ then writes the terminal ``error`` with ``END_LOST``, which acts only while the 
 missing and starts a new epoch when the log went too, so watchers get a ``gap``, then
 the ``error``; and its job record, so ``GET /v1/jobs/{id}`` says ``failed``.
 
+A run's end is announced on ``Keys.runs_ended`` by the script that writes it, and the
+table, listening there through the hub, lets the run go at once: a loss that lands
+after a run ended but before the next check would otherwise look like a lost run, and
+its watchers would get a ``gap`` and an ``error`` after their ``done``. An announcement
+missed (the pub/sub connection was down) leaves the run to the next check.
+
 Guarantee: a run this frontend queued ends with one terminal event within about two
 leases of Redis coming back, as long as this frontend lives and follows it (the table
-holds ``tracked_runs``; past that the oldest is let go). A loss that lands after a run
-ended but before the next check looks the same as a lost run, so its watchers get a
-``gap`` and an ``error`` after the ``done`` they had (docs/reliability.md).
+holds ``tracked_runs``; past that the oldest is let go).
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ class Runs:
 
     def __len__(self) -> int:
         return len(self._runs)
+
+    def deliver(self, frame: str, position: object = None, wire: object = None) -> None:
+        """From the hub: a run ended (its id, announced with its terminal event)."""
+        self._runs.pop(frame, None)
+
+    def resync(self) -> None:
+        """Announcements may have been missed: the next check reads every status anyway."""
+
+    def close(self, code: int, reason: str) -> None:
+        """A draining frontend closes its viewers; this follows runs till the process ends."""
 
     def follow(self, session: str, run: str) -> None:
         """Follow ``run`` until it ends (a repeat changes nothing)."""

@@ -364,6 +364,7 @@ class Bus:
                 job.run,
                 remember,
                 turns,
+                keys.runs_ended,
                 *heads,
             ),
         )

@@ -93,6 +93,11 @@ class Keys:
         """A frontend's own control channel; its pub/sub connection is never idle."""
         return f"{self.prefix}:node:{node}"
 
+    @property
+    def runs_ended(self) -> str:
+        """Where each run's end is announced (its id), for the frontends following runs."""
+        return f"{self.prefix}:runs:ended"
+
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]

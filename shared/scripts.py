@@ -14,7 +14,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # KEYS: meta, log, channel, run, session's unfinished runs (a set), session's memory.
 # ARGV: maxlen, ttl, epoch seed, fence, min-seq, first-n, terminal-status, result, run,
-#       turn to remember, turns kept, heads...
+#       turn to remember, turns kept, runs-ended channel, heads...
 #
 # * Fencing: only the attempt holding the run's fence may write. A stale attempt (its
 #   worker paused past its lease) gets -1 and writes nothing.
@@ -30,6 +30,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
 #   session's memory, which keeps whole turns, the last ``turns`` of them.
+# * The call that ends the run announces it (the run's id) on the runs-ended channel, so
+#   the frontend that queued it stops following it at once: a data loss just after the
+#   end would otherwise look to it like a run lost unended (api/runs.py).
 # * Expiry: the session's log, its meta and the run live ``ttl`` seconds past their last
 #   refresh. A refresh comes with any key the call creates, with the call that ends the
 #   run, and once a tenth of the ttl has gone by: not with every call, since each EXPIRE
@@ -42,7 +45,7 @@ if state[1] and state[1] ~= ARGV[4] then
   return -1
 end
 if state[3] == 'done' or state[3] == 'failed' or state[3] == 'cancelled' then
-  if tonumber(ARGV[6]) + #ARGV - 12 <= emitted then
+  if tonumber(ARGV[6]) + #ARGV - 13 <= emitted then
     return tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
   end
   return -1
@@ -66,8 +69,8 @@ if not epoch or seq < tonumber(ARGV[5]) then
 end
 local tail = ',"epoch":"' .. epoch .. '"}'
 local first = tonumber(ARGV[6])
-for i = 12, #ARGV do
-  local n = first + i - 12
+for i = 13, #ARGV do
+  local n = first + i - 13
   if n > emitted then
     seq = seq + 1
     local payload = ARGV[i] .. seq .. tail
@@ -87,6 +90,7 @@ end
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[4], 'status', ARGV[7], 'result', ARGV[8], 'emitted', emitted)
   redis.call('SREM', KEYS[5], ARGV[9])
+  redis.call('PUBLISH', ARGV[12], ARGV[9])
   if ARGV[10] ~= '' then
     redis.call('RPUSH', KEYS[6], ARGV[10])
     redis.call('LTRIM', KEYS[6], -tonumber(ARGV[11]), -1)
