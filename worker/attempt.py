@@ -298,6 +298,7 @@ class RunAttempt:
                 raise
             except Exception:
                 continue  # Redis is away; the lease may lapse, and fencing keeps that safe
+            # A run whose state Redis lost is not lost to us: the renewal took it back (0).
             if verdict < 0:
                 self.stop("lost")
                 return
