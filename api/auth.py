@@ -17,6 +17,7 @@ which a frontend without authentication never uses.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from shared.settings import Settings
 
 if TYPE_CHECKING:
     from jwt import PyJWKClient
+
+logger = logging.getLogger("thoughtwire.auth")
 
 LEEWAY_SECONDS = 10
 SUBPROTOCOL = "thoughtwire.v1"
@@ -218,13 +221,21 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+ORIGIN_REFUSAL = "origin not allowed: set THOUGHTWIRE_ALLOWED_ORIGINS"
+# Refused origins already warned about: each is logged once, and at most this many are
+# remembered, as the Origin header is the requester's to choose (as api.lane does for hosts).
+WARNED_ORIGINS = 64
+_warned_origins: set[str] = set()
+
+
 def origin_allowed(headers: Mapping[str, str], settings: Settings) -> bool:
     """Cross-site WebSocket hijacking guard: a browser's Origin must be allowed.
 
     Clients that send no Origin (not browsers) pass. Pages served by this frontend
     (same host) pass: the Host they are compared with has passed :func:`host_allowed`
     first, so an attacker cannot choose both. Others must be in
-    ``THOUGHTWIRE_ALLOWED_ORIGINS`` (``*``: any).
+    ``THOUGHTWIRE_ALLOWED_ORIGINS`` (``*``: any), or be ``null`` or loopback origins
+    where ``THOUGHTWIRE_ALLOW_LOCAL_ORIGINS`` is on.
     """
     origin = headers.get("origin")
     if not origin:
@@ -232,5 +243,41 @@ def origin_allowed(headers: Mapping[str, str], settings: Settings) -> bool:
     allowed = settings.origins
     if "*" in allowed or origin.rstrip("/") in allowed:
         return True
+    if settings.local_origins and local_origin(origin):
+        return True
     host = headers.get("host", "")
     return origin.split("://", 1)[-1].rstrip("/") == host
+
+
+def local_origin(origin: str) -> bool:
+    """``null`` (a page opened from a file, or sandboxed) or http(s) on a loopback name."""
+    if origin == "null":
+        return True
+    scheme, sep, rest = origin.lower().partition("://")
+    if scheme not in ("http", "https") or not sep:
+        return False
+    host = rest.rstrip("/")
+    name = _host_name(host)
+    port = host[len(name) :]  # "" or ":<digits>"
+    return name in LOOPBACK_HOSTS and (not port or (port[0] == ":" and port[1:].isdigit()))
+
+
+def check_origin(headers: Mapping[str, str], settings: Settings, code: int) -> None:
+    """Refuse a browser page of an origin that is not allowed, saying which setting allows it."""
+    if origin_allowed(headers, settings):
+        return
+    origin = headers.get("origin", "")[:100]
+    if origin not in _warned_origins and len(_warned_origins) < WARNED_ORIGINS:
+        _warned_origins.add(origin)
+        hint = (
+            " (or THOUGHTWIRE_ALLOW_LOCAL_ORIGINS=1 for file:// and localhost pages)"
+            if local_origin(origin)
+            else ""
+        )
+        logger.warning(
+            "refused a browser page from origin %r: if it should reach this frontend, "
+            "add it to THOUGHTWIRE_ALLOWED_ORIGINS%s",
+            origin,
+            hint,
+        )
+    raise AuthError(ORIGIN_REFUSAL, code)

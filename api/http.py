@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from api.auth import AuthError, Principal, origin_allowed, token_from
+from api.auth import AuthError, Principal, check_origin, token_from
 from api.frontend import Frontend, new_id
 from api.viewer import Viewer
 from shared.backoff import UNAVAILABLE
@@ -145,8 +145,7 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
     frontend = _frontend(request)
     if frontend.draining:
         raise HTTPException(503, "frontend restarting", headers={"Retry-After": "1"})
-    if not origin_allowed(request.headers, frontend.settings):  # as sockets are refused
-        raise AuthError("origin not allowed", Close.FORBIDDEN)
+    check_origin(request.headers, frontend.settings, Close.FORBIDDEN)  # as sockets are refused
     await frontend.guard.check_read(caller, session)
     # A stream holds one of the user's connection slots, as a socket does.
     stream = new_id()

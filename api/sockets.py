@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api import render
-from api.auth import ANONYMOUS, AuthError, origin_allowed, token_from
+from api.auth import ANONYMOUS, AuthError, check_origin, token_from
 from api.connection import Connection, Render, as_is
 from api.frontend import Frontend, new_id
 from api.guard import LimitError
@@ -122,8 +122,7 @@ class SessionSocket:
         frontend, websocket = self.frontend, self.websocket
         token, subprotocol = token_from(websocket.query_params, websocket.headers)
         try:
-            if not origin_allowed(websocket.headers, frontend.settings):
-                raise AuthError("origin not allowed", Close.POLICY)
+            check_origin(websocket.headers, frontend.settings, Close.POLICY)
             if frontend.draining:
                 raise AuthError("frontend restarting; reconnect", Close.RESTART)
             if self.require_auth and not frontend.auth.enabled:

@@ -88,6 +88,11 @@ class Settings:
     # Browser origins allowed to open sockets and call the API ("*": any). Empty: only
     # pages served by the frontend itself (same origin), and clients that send none.
     allowed_origins: str = ""
+    # Also allow pages opened from a file (``file://``, Origin ``null``) and loopback
+    # origins (http(s)://localhost, 127.0.0.1, [::1], any port). None: on for
+    # ``thoughtwire up`` without authentication, a gateway on the developer's own
+    # machine, so the pages one writes there just work; off everywhere else.
+    allow_local_origins: bool | None = None
     # Host names (``name`` for any port, or ``name:port``) requests may be addressed to,
     # beyond loopback ("*": any). Empty: only loopback without authentication, any with
     # it. A local frontend without authentication is otherwise open to DNS rebinding.
@@ -125,6 +130,17 @@ class Settings:
     @property
     def origins(self) -> tuple[str, ...]:
         return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def local_origins(self) -> bool:
+        """Whether ``null`` and loopback origins pass (``allow_local_origins``, resolved)."""
+        return bool(self.allow_local_origins)
+
+    def for_embedded(self) -> Settings:
+        """These settings as ``thoughtwire up`` runs them: the defaults of a local gateway."""
+        if self.allow_local_origins is not None:
+            return self
+        return dataclasses.replace(self, allow_local_origins=not self.auth_enabled)
 
     @property
     def hosts(self) -> frozenset[str]:

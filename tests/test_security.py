@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from api.app import create_app
-from api.auth import host_allowed
+from api.auth import ORIGIN_REFUSAL, host_allowed
 from shared.settings import Settings
 from tests.conftest import start_cluster
 from tests.procs import seconds, thoughtwire
@@ -364,7 +364,7 @@ def test_tokens_never_reach_the_logs(secure):
 async def test_browser_sockets_from_other_sites_are_refused(secure):
     a = secure.frontends[0]
     url = ws_url(a, token=token("browser"))
-    assert await closed_with(url, origin="https://evil.example") == (1008, "origin not allowed")
+    assert await closed_with(url, origin="https://evil.example") == (1008, ORIGIN_REFUSAL)
     async with connect(url, origin=f"http://127.0.0.1:{a.port}") as ws:  # the frontend's own page
         await greeting(ws)
 

@@ -23,7 +23,7 @@ import jwt
 import pytest
 import websockets
 
-from api.auth import Principal
+from api.auth import ORIGIN_REFUSAL, Principal
 from api.guard import SOCKET_SLOT_MS, Guard, room_at
 from shared.bus import Bus
 from shared.connections import RedisFactory
@@ -329,11 +329,11 @@ async def origins(c: Cluster, transport: str) -> None:
     evil = "https://evil.example"
     if transport == "socket":
         url = ws_url(a, token=bearer)
-        assert await closed_with(url, origin=evil) == (1008, "origin not allowed")
+        assert await closed_with(url, origin=evil) == (1008, ORIGIN_REFUSAL)
         async with connect(url, origin=ALLOWED_ORIGIN) as ws:
             await greeting(ws)
     elif transport == "sse":
-        assert await sse_status(a, f"s-{name}", bearer, Origin=evil) == (403, "origin not allowed")
+        assert await sse_status(a, f"s-{name}", bearer, Origin=evil) == (403, ORIGIN_REFUSAL)
         async with sse(a, f"s-{name}", bearer, Origin=ALLOWED_ORIGIN) as (response, _):
             assert response.status_code == 200
             assert response.headers["access-control-allow-origin"] == ALLOWED_ORIGIN

@@ -113,6 +113,7 @@ def _up(settings: Settings, host: str, port: int, workers: int | None) -> int:
     from shared.connections import RedisFactory
     from worker.main import in_process
 
+    settings = settings.for_embedded()
     count = workers if workers is not None else settings.embedded_workers
 
     def companion(factory: RedisFactory) -> AbstractAsyncContextManager[None]:
@@ -122,6 +123,11 @@ def _up(settings: Settings, host: str, port: int, workers: int | None) -> int:
     where = (settings.redis_url and "Redis at REDIS_URL") or "embedded in-process Redis"
     auth = "authentication on" if settings.auth_enabled else "no authentication"
     print(f"thoughtwire: {count} workers, {where}, agent {settings.agent}, {auth}")
+    if settings.local_origins:  # one line, so a refused page is never a mystery
+        print(
+            "thoughtwire: pages from files (Origin null) and localhost may connect; "
+            "THOUGHTWIRE_ALLOW_LOCAL_ORIGINS=0 turns this off"
+        )
     print(f"thoughtwire: open http://{host}:{port}/", flush=True)
     _serve(app, settings, host, port)
     return 0
