@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from importlib import resources
@@ -10,7 +11,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from redis.exceptions import RedisError
 
 from api.auth import AuthError
@@ -84,6 +85,17 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
+
+    client_module = resources.files("api").joinpath("static/thoughtwire.js").read_bytes()
+    client_etag = f'"{hashlib.sha256(client_module).hexdigest()[:16]}"'
+
+    @app.get("/thoughtwire.js", include_in_schema=False)
+    async def thoughtwire_js(request: Request) -> Response:
+        """The JavaScript client (clients/js), for pages to import."""
+        headers = {"Cache-Control": "public, max-age=3600", "ETag": client_etag}
+        if request.headers.get("if-none-match") == client_etag:
+            return Response(status_code=304, headers=headers)
+        return Response(client_module, media_type="text/javascript", headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
