@@ -7,7 +7,7 @@ import pytest
 
 from shared.protocol import Thought
 from worker.agents.base import Turn
-from worker.agents.simulated import ANSWER, SimulatedAgent
+from worker.agents.simulated import SimulatedAgent, answer_tokens
 from worker.coalesce import coalesce
 
 
@@ -66,4 +66,14 @@ async def test_the_simulated_agents_jitter_keeps_every_token_in_order():
     agent = SimulatedAgent(step_delay=0, answer_tokens=20, tokens_per_second=1000, jitter=0.5)
     thoughts = [t async for t in agent.run(Turn("q", []))]
     answer = [t.content for t in thoughts if t.type == "answer"]
-    assert "".join(answer) == "".join(w + " " for w in ANSWER.split()[:20])
+    assert answer == answer_tokens(20)
+
+
+@pytest.mark.parametrize("count", [1, 8, 12, 23, 24, 25, 60, 1000])
+def test_the_demo_answer_ends_where_its_paragraph_ends(count):
+    """However many tokens it is cut into, the answer is whole sentences: the default 12
+    used to end at "...think one token at a time instead of" (cycled words, cut short)."""
+    tokens = answer_tokens(count)
+    assert len(tokens) == count and all(t.strip() for t in tokens)
+    text = "".join(tokens).strip()
+    assert text.startswith("Based on my research") and text.endswith("the whole reply.")

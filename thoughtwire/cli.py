@@ -1,142 +1,630 @@
-"""The ``thoughtwire`` command: ``up``, ``api``, ``worker`` and ``chat``."""
+"""The ``thoughtwire`` command: run the gateway's processes, mint tokens, chat from a terminal.
+
+Every expected failure ends with one line on stderr, saying what is wrong and what
+to do, and an exit code of its own (:class:`Exit`); a traceback means a bug.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
 import os
+import signal
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
+from enum import IntEnum
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from thoughtwire.client import Follower, Refused, StateChange
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="thoughtwire", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+# How long `api`, `worker` and `up` try to reach Redis before they give up.
+REDIS_CHECK_SECONDS = 5.0
+# After Ctrl-C, how long `chat` waits for its run's `cancelled` event.
+CANCEL_WAIT_SECONDS = 3.0
+DEFAULT_URL = "ws://127.0.0.1:8000/ws/agent-thoughts"
+ICONS = {"thinking": "💭", "action": "🔧", "observation": "👁️ ", "error": "❌"}
 
-    up = commands.add_parser(
-        "up", help="a frontend and in-process workers (embedded Redis unless REDIS_URL)"
+
+class Exit(IntEnum):
+    """Exit codes, one per kind of failure (listed in ``--help`` and docs/cli.md)."""
+
+    OK = 0
+    RUN_FAILED = 1  # the run ended with an error, or was cancelled elsewhere
+    USAGE = 2  # bad arguments or settings
+    UNAUTHORIZED = 3  # no token, or a bad or expired one (close code 4001)
+    FORBIDDEN = 4  # the token does not allow this (close code 4003)
+    UNREACHABLE = 5  # no frontend answered within --timeout
+    REDIS_UNREACHABLE = 6  # Redis did not answer at start
+    BAD_REDIS_URL = 7  # REDIS_URL cannot be read
+    PORT_BUSY = 8  # the address to listen on is taken (or not ours to take)
+    REFUSED = 9  # the server refused otherwise (a policy close, an error reply)
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_HELP = {
+    Exit.OK: "success",
+    Exit.RUN_FAILED: "the run ended with an error, or was cancelled elsewhere",
+    Exit.USAGE: "bad arguments or settings",
+    Exit.UNAUTHORIZED: "no token, or a bad or expired one (close code 4001)",
+    Exit.FORBIDDEN: "the token does not allow this (close code 4003)",
+    Exit.UNREACHABLE: "no frontend answered within --timeout",
+    Exit.REDIS_UNREACHABLE: "Redis did not answer at start",
+    Exit.BAD_REDIS_URL: "REDIS_URL cannot be read",
+    Exit.PORT_BUSY: "the address to listen on is taken",
+    Exit.REFUSED: "the server refused the request",
+    Exit.INTERRUPTED: "interrupted (Ctrl-C); chat cancels its run first",
+}
+
+
+class Failure(Exception):
+    """An expected failure: one line for stderr, and the exit code."""
+
+    def __init__(self, code: Exit, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults beside every option; the epilog's lists kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # An option without a default (None) says what happens without it in its help.
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def environment_variables() -> list[tuple[str, Any]]:
+    """``(variable, default)`` for every setting, in the order ``Settings`` declares them.
+
+    The names are the ones :meth:`Settings.from_env` actually reads, recorded by
+    handing it an empty environment that notes each lookup.
+    """
+
+    class Recorder(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            names.append(key)
+            return default
+
+    names: list[str] = []
+    Settings.from_env(Recorder())
+    defaults = [f.default for f in dataclasses.fields(Settings)]
+    return list(zip(names, defaults, strict=True))
+
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {int(code):>3}  {text}" for code, text in EXIT_HELP.items())
+    variables = "\n".join(
+        f"  {name}" + ("" if default in (None, "") else f" (default: {default})")
+        for name, default in environment_variables()
     )
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--workers", type=int, default=None, help="in-process workers")
+    return (
+        f"exit codes:\n{codes}\n\n"
+        "environment (read by up, api, worker and token; chat reads none):\n"
+        f"{variables}\n\n"
+        "docs/cli.md describes each command."
+    )
 
-    api = commands.add_parser("api", help="one frontend on REDIS_URL")
-    api.add_argument("--host", default="0.0.0.0")
-    api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--insecure", action="store_true", help="run without authentication")
+
+def _version() -> str:
+    try:
+        return metadata.version("thoughtwire")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, with every subcommand and option."""
+    top = argparse.ArgumentParser(
+        prog="thoughtwire", description=__doc__, epilog=_epilog(), formatter_class=_Help
+    )
+    top.add_argument("--version", action="version", version=f"thoughtwire {_version()}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text, formatter_class=_Help)
+
+    up = command("up", "a frontend with in-process workers (embedded Redis unless REDIS_URL)")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    up.add_argument("--port", type=int, default=8000, help="port to listen on")
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="in-process workers (THOUGHTWIRE_EMBEDDED_WORKERS)",
+    )
     up.add_argument(
         "--insecure", action="store_true", help="listen beyond 127.0.0.1 without authentication"
     )
 
-    token = commands.add_parser("token", help="mint a development token from JWT_SECRET")
-    token.add_argument("--sub", required=True, help="the user")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds")
+    api = command("api", "one frontend on REDIS_URL")
+    api.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on")
+    api.add_argument("--insecure", action="store_true", help="run without authentication")
 
-    commands.add_parser("worker", help="one agent worker on REDIS_URL")
+    command("worker", "one agent worker on REDIS_URL")
 
-    chat = commands.add_parser("chat", help="send a prompt and print the thoughts as they stream")
-    chat.add_argument("prompt")
-    chat.add_argument("--url", default="ws://127.0.0.1:8000/ws/agent-thoughts")
+    token = command("token", "mint a token signed with JWT_SECRET")
+    token.add_argument("--sub", required=True, help="the user (for a viewer token: the owner)")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.add_argument("--aud", default=None, help="audience claim (default: JWT_AUDIENCE)")
+    token.add_argument("--iss", default=None, help="issuer claim (default: JWT_ISSUER)")
+    token.add_argument("--viewer", action="store_true", help="a read-only token for one --session")
+    token.add_argument("--session", default=None, help="the session a viewer token may watch")
 
-    args = parser.parse_args(argv)
+    chat = command("chat", "send a prompt, or follow a session, and print events as they stream")
+    chat.add_argument("prompt", nargs="?", help="the prompt (none with --follow)")
+    chat.add_argument(
+        "--url",
+        action="append",
+        default=None,
+        help=f"a frontend (ws:// or http:// URL); repeat to try several in turn; without it, {DEFAULT_URL}",
+    )
+    chat.add_argument(
+        "--token",
+        default=None,
+        help="a token, sent as Authorization: Bearer; without it, none is sent",
+    )
+    chat.add_argument(
+        "--session", default=None, help="continue (or with --follow, watch) a session"
+    )
+    chat.add_argument(
+        "--follow", action="store_true", help="watch --session without prompting, until Ctrl-C"
+    )
+    chat.add_argument("--json", action="store_true", help="print one JSON event per line")
+    chat.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for a frontend to answer"
+    )
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code."""
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        return int(_dispatch(args))
+    except Failure as failure:
+        print(f"thoughtwire {args.command}: {failure.message}", file=sys.stderr, flush=True)
+        return int(failure.code)
+    except KeyboardInterrupt:
+        return int(Exit.INTERRUPTED)
 
+
+def _dispatch(args: argparse.Namespace) -> Exit:
     if args.command == "chat":
-        from thoughtwire.client import chat as run_chat
-
-        return asyncio.run(run_chat(args.prompt, args.url))
-
+        return _chat(args)
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
-        print(f"thoughtwire: {exc}", file=sys.stderr)
-        return 2
-
+        raise Failure(Exit.USAGE, str(exc)) from None
     if args.command == "token":
+        return _token(settings, args)
+    if args.command == "up":
+        return _up(settings, args)
+    if settings.redis_url is None:
+        raise Failure(
+            Exit.USAGE, "needs REDIS_URL; `thoughtwire up` runs everything in one process"
+        )
+    if args.command == "api":
+        return _api(settings, args)
+    return _worker(settings)
+
+
+# --- token ------------------------------------------------------------------
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> Exit:
+    if not settings.jwt_secret:
+        raise Failure(Exit.USAGE, "needs JWT_SECRET, the secret the frontends check tokens with")
+    if args.viewer:
+        if not args.session:
+            raise Failure(Exit.USAGE, "a viewer token needs --session S, the session to watch")
+        from api.auth import Authenticator
+
+        viewer, _expires = Authenticator(settings).viewer_token(args.sub, args.session, args.ttl)
+        print(viewer)
+        return Exit.OK
+    audience = args.aud or settings.jwt_audience
+    issuer = args.iss or settings.jwt_issuer
+    if audience is None and issuer is None:
         from api.auth import mint
 
-        if not settings.jwt_secret:
-            print("thoughtwire token needs JWT_SECRET", file=sys.stderr)
-            return 2
         print(mint(settings.jwt_secret, args.sub, args.ttl))
-        return 0
-    if args.command == "up":
-        if (
-            not settings.auth_enabled
-            and args.host not in ("127.0.0.1", "localhost", "::1")
-            and not args.insecure
-        ):
-            print(
-                f"thoughtwire: no authentication is configured, so listening on 127.0.0.1, not {args.host} "
-                "(set JWT_SECRET, or pass --insecure)",
-                file=sys.stderr,
-            )
-            args.host = "127.0.0.1"
-        return _up(settings, args.host, args.port, args.workers)
-    if settings.redis_url is None:
+        return Exit.OK
+    import jwt  # only here: PyJWT with cryptography weighs on every other command
+
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": args.sub, "iat": now, "exp": now + args.ttl}
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    print(jwt.encode(claims, settings.jwt_secret, algorithm="HS256"))
+    return Exit.OK
+
+
+# --- processes ----------------------------------------------------------------
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> Exit:
+    host = args.host
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    if not settings.auth_enabled and not loopback and not args.insecure:
         print(
-            f"thoughtwire {args.command} needs REDIS_URL; `thoughtwire up` runs everything in one process",
+            f"thoughtwire: no authentication is configured, so listening on 127.0.0.1, not {host} "
+            "(set JWT_SECRET, or pass --insecure)",
             file=sys.stderr,
         )
-        return 2
-    if args.command == "api":
-        from api.app import create_app
-
-        if not settings.auth_enabled and not args.insecure:
-            print(
-                "thoughtwire api: no authentication is configured; set JWT_SECRET (or JWT_PUBLIC_KEY, "
-                "JWKS_URL), or pass --insecure to serve without it",
-                file=sys.stderr,
-            )
-            return 2
-
-        _serve(create_app(settings), settings, args.host, args.port)
-        return 0
-    from worker.main import main as worker_main
-
-    worker_main(settings)
-    return 0
-
-
-def _up(settings: Settings, host: str, port: int, workers: int | None) -> int:
+        host = "127.0.0.1"
+    check_port(host, args.port)  # before any worker starts
+    if settings.redis_url is not None:
+        check_redis(settings)
     from api.app import create_app
     from shared.connections import RedisFactory
     from worker.main import in_process
 
-    settings = settings.for_embedded()
-    count = workers if workers is not None else settings.embedded_workers
+    count = args.workers if args.workers is not None else settings.embedded_workers
 
     def companion(factory: RedisFactory) -> AbstractAsyncContextManager[None]:
         return in_process(settings, factory, count)
 
     app = create_app(settings, RedisFactory(settings), companions=(companion,))
-    where = (settings.redis_url and "Redis at REDIS_URL") or "embedded in-process Redis"
-    auth = "authentication on" if settings.auth_enabled else "no authentication"
-    print(f"thoughtwire: {count} workers, {where}, agent {settings.agent}, {auth}")
-    if settings.local_origins:  # one line, so a refused page is never a mystery
-        print(
-            "thoughtwire: pages from files (Origin null) and localhost may connect; "
-            "THOUGHTWIRE_ALLOW_LOCAL_ORIGINS=0 turns this off"
+    where = redis_address(settings.redis_url) if settings.redis_url else "embedded in-process Redis"
+    print(
+        f"thoughtwire: {count} workers, {where}, agent {settings.agent}, "
+        f"concurrency {settings.worker_concurrency}, {auth_mode(settings)}"
+    )
+    print(f"thoughtwire: open http://{host}:{args.port}/", flush=True)
+    _serve(app, settings, host, args.port)
+    return Exit.OK
+
+
+def _api(settings: Settings, args: argparse.Namespace) -> Exit:
+    if not settings.auth_enabled and not args.insecure:
+        raise Failure(
+            Exit.USAGE,
+            "no authentication is configured; set JWT_SECRET (or JWT_PUBLIC_KEY, JWKS_URL), "
+            "or pass --insecure to serve without it",
         )
-    print(f"thoughtwire: open http://{host}:{port}/", flush=True)
-    _serve(app, settings, host, port)
-    return 0
+    check_port(args.host, args.port)
+    check_redis(settings)
+    from api.app import create_app
+
+    print(
+        f"thoughtwire api: {auth_mode(settings)}, {redis_address(settings.redis_url)}, "
+        f"listening on {args.host}:{args.port}",
+        flush=True,
+    )
+    _serve(create_app(settings), settings, args.host, args.port)
+    return Exit.OK
+
+
+def _worker(settings: Settings) -> Exit:
+    check_redis(settings)
+    from worker.main import main as worker_main
+
+    print(
+        f"thoughtwire worker: agent {settings.agent}, concurrency {settings.worker_concurrency}, "
+        f"{redis_address(settings.redis_url)}",
+        flush=True,
+    )
+    worker_main(settings)
+    return Exit.OK
 
 
 def _serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     from api.server import serve
 
     serve(app, settings, host, port)
+
+
+def auth_mode(settings: Settings) -> str:
+    """How requests are authenticated, for a banner (never a secret)."""
+    modes = [
+        name
+        for name, on in (
+            ("JWT_SECRET (HS256)", settings.jwt_secret),
+            ("JWT_PUBLIC_KEY (RS256/ES256)", settings.jwt_public_key),
+            ("JWKS_URL (RS256/ES256)", settings.jwks_url),
+        )
+        if on
+    ]
+    return "authentication by " + " and ".join(modes) if modes else "no authentication"
+
+
+def redis_address(url: str | None) -> str:
+    """``Redis at scheme://host:port/db``: the URL without user or password."""
+    if url is None:
+        return "embedded in-process Redis"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    with contextlib.suppress(ValueError):
+        host += f":{parts.port}" if parts.port else ""
+    return "Redis at " + urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def check_redis_url(url: str) -> None:
+    """Raise :class:`Failure` (BAD_REDIS_URL) unless ``url`` is a Redis URL that can be used."""
+    parts = urlsplit(url)
+    problem = None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        problem = "it must start with redis://, rediss:// or unix://"
+    elif parts.scheme == "unix":
+        problem = None if parts.path else "a unix:// URL needs a socket path"
+    elif not parts.hostname:
+        problem = "it names no host"
+    else:
+        try:
+            parts.port  # noqa: B018 - reading it checks it
+        except ValueError:
+            problem = "its port is not a number from 0 to 65535"
+        if not problem and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            problem = "its path must be a database number, like /0"
+    if problem:
+        raise Failure(
+            Exit.BAD_REDIS_URL,
+            f"REDIS_URL cannot be used: {problem} (for example redis://127.0.0.1:6379/0)",
+        )
+
+
+def check_redis(settings: Settings) -> None:
+    """Raise :class:`Failure` unless REDIS_URL is readable and Redis answers a PING in time."""
+    assert settings.redis_url is not None
+    check_redis_url(settings.redis_url)
+    problem = asyncio.run(_ping(settings))
+    if problem:
+        raise Failure(
+            Exit.REDIS_UNREACHABLE,
+            f"cannot reach {redis_address(settings.redis_url)} ({problem}); "
+            "start Redis or fix REDIS_URL",
+        )
+
+
+async def _ping(settings: Settings) -> str | None:
+    """None once Redis answers; otherwise what went wrong, within REDIS_CHECK_SECONDS."""
+    from redis.exceptions import RedisError
+
+    from shared.backoff import UNAVAILABLE, retry
+    from shared.connections import RedisFactory
+
+    redis = RedisFactory(settings).commands()
+    try:
+        async with asyncio.timeout(REDIS_CHECK_SECONDS):
+            await retry(redis.ping, seconds=REDIS_CHECK_SECONDS)
+    except TimeoutError:
+        return f"no answer within {REDIS_CHECK_SECONDS:g} s"
+    except (*UNAVAILABLE, RedisError, ValueError) as exc:
+        return _short(exc)
+    finally:
+        await redis.aclose()
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    """An error's first line, without a trailing period; its class when it says nothing."""
+    text = str(exc).splitlines()[0].rstrip(".") if str(exc) else ""
+    return text or type(exc).__name__
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`Failure` (PORT_BUSY) if ``host:port`` cannot be listened on now.
+
+    SO_REUSEADDR as uvicorn sets it, so a port a previous run left in TIME_WAIT is free.
+    """
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError) as exc:
+        raise Failure(Exit.USAGE, f"cannot listen on {host!r}: {_short(exc)}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise Failure(
+                Exit.PORT_BUSY,
+                f"cannot listen on {host}:{port} ({exc.strerror or _short(exc)}); "
+                "stop what holds it or pass another --port",
+            ) from None
+
+
+# --- chat -------------------------------------------------------------------
+
+
+def _chat(args: argparse.Namespace) -> Exit:
+    if args.follow and not args.session:
+        raise Failure(Exit.USAGE, "--follow needs --session S, the session to watch")
+    if not args.follow and not args.prompt:
+        raise Failure(Exit.USAGE, "give a prompt, or --follow a --session")
+    if args.timeout <= 0:
+        raise Failure(Exit.USAGE, "--timeout must be more than 0 seconds")
+    return asyncio.run(Chat(args).run())
+
+
+class Chat:
+    """``thoughtwire chat``: one prompt's run (or, with --follow, a whole session) printed live."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
+        from thoughtwire.client import Follower
+
+        self.args = args
+        self.urls: list[str] = args.url or [DEFAULT_URL]
+        self.out = out
+        self.run_id: str | None = None
+        self.answering = False
+        self.was_connected = False
+        self.follower: Follower = Follower(
+            self.urls,
+            args.session,
+            token=args.token,
+            timeout=args.timeout,
+            open_timeout=min(args.timeout, 5.0),
+            max_reconnects=1_000_000,  # --timeout decides when to give up
+            on_state=self._state,
+        )
+
+    async def run(self) -> Exit:
+        """Stream until the run ends (or Ctrl-C); Ctrl-C cancels the run, then exits 130."""
+        interrupted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        stream = asyncio.create_task(self._stream(), name="chat-stream")
+        waiter = asyncio.create_task(interrupted.wait(), name="chat-interrupt")
+        try:
+            await asyncio.wait({stream, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if stream.done():
+                return stream.result()
+            await self._interrupt(stream, interrupted)
+            return Exit.INTERRUPTED
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            for task in (stream, waiter):
+                task.cancel()
+            await asyncio.gather(stream, waiter, return_exceptions=True)
+
+    async def _interrupt(self, stream: asyncio.Task[Exit], interrupted: asyncio.Event) -> None:
+        """Cancel the run and wait a little for its `cancelled` event; a second Ctrl-C skips it."""
+        self._line()
+        if self.args.follow:
+            print("thoughtwire chat: stopped following", file=sys.stderr, flush=True)
+            return
+        interrupted.clear()
+        await self.follower.cancel(self.run_id)
+        again = asyncio.create_task(interrupted.wait())
+        try:
+            await asyncio.wait({stream, again}, timeout=CANCEL_WAIT_SECONDS)
+        finally:
+            again.cancel()
+        ended = stream.done() and not stream.cancelled() and stream.exception() is None
+        what = "the run was cancelled" if ended else "asked the server to cancel the run"
+        print(f"thoughtwire chat: interrupted; {what}", file=sys.stderr, flush=True)
+
+    async def _stream(self) -> Exit:
+        from thoughtwire.client import Refused
+
+        prompt = None if self.args.follow else self.args.prompt
+        try:
+            async for event in self.follower.events(prompt):
+                ended = self._show(event)
+                if ended is not None:
+                    return ended
+        except Refused as exc:
+            raise self._failure(exc) from None
+        return Exit.OK
+
+    def _show(self, event: dict[str, Any]) -> Exit | None:
+        """Print one event; the exit code once this command's run has ended."""
+        kind = event["type"]
+        if kind != "gap" and not self.args.follow:
+            self.run_id = self.run_id or event["run"]
+            if event["run"] != self.run_id:
+                return None  # another run of a continued session
+        if self.args.json:
+            print(json.dumps(event, ensure_ascii=False), file=self.out, flush=True)
+        else:
+            self._print(event)
+        if self.args.follow or kind not in ("done", "error", "cancelled"):
+            return None
+        return Exit.OK if kind == "done" else Exit.RUN_FAILED
+
+    def _print(self, event: dict[str, Any]) -> None:
+        kind, content, out = event["type"], event.get("content", ""), self.out
+        if kind == "answer":
+            if not self.answering:
+                out.write("✅ ")
+                self.answering = True
+            out.write(str(content))
+        else:
+            self._line()
+            if kind == "retry":
+                out.write(f"↻ attempt {event['attempt']}: starting over\n")
+            elif kind == "gap":
+                out.write(f"⚠️  some events could not be recovered ({event['reason']})\n")
+            elif kind in ("error", "cancelled"):
+                out.write(f"{ICONS['error']} {content}\n")
+            elif kind != "done":
+                out.write(f"{ICONS.get(kind, kind)} {content}\n")
+        out.flush()
+
+    def _line(self) -> None:
+        """End the answer's line, if one is open."""
+        if self.answering:
+            self.out.write("\n")
+            self.out.flush()
+            self.answering = False
+
+    def _state(self, change: StateChange) -> None:
+        """Say on stderr when an established connection is lost and when it is back."""
+        from thoughtwire.client import State
+
+        if change.state == State.CONNECTED:
+            self.was_connected = True
+        elif change.state == State.RECONNECTING and self.was_connected:
+            self.was_connected = False
+            why = f"closed with {change.code}" if change.code else change.reason
+            print(f"thoughtwire chat: connection lost ({why}); reconnecting", file=sys.stderr)
+        elif change.state == State.RESUMED:
+            self.was_connected = True
+            gap = " after a gap" if change.gap else ""
+            print(f"thoughtwire chat: resumed on {_public(change.url)}{gap}", file=sys.stderr)
+
+    def _failure(self, exc: Refused) -> Failure:
+        from thoughtwire.client import Unreachable
+
+        self._line()
+        if isinstance(exc, Unreachable):
+            where = ", ".join(_public(url) for url in self.urls)
+            return Failure(
+                Exit.UNREACHABLE,
+                f"no frontend answered at {where} within {self.args.timeout:g} s; "
+                "check --url and that a frontend runs there (or raise --timeout)",
+            )
+        if exc.code == 4001:
+            return Failure(
+                Exit.UNAUTHORIZED,
+                f"not authenticated ({exc.reason}); pass a valid --token "
+                "(`thoughtwire token --sub NAME` mints one from JWT_SECRET)",
+            )
+        if exc.code == 4003:
+            return Failure(
+                Exit.FORBIDDEN,
+                f"forbidden ({exc.reason}); this token cannot do that "
+                "(a viewer token can only watch: use --follow)",
+            )
+        what = f"closed with {exc.code}" if exc.code else exc.error or "error"
+        return Failure(Exit.REFUSED, f"the server refused ({what}: {exc.reason})")
+
+
+def _public(url: str | None) -> str:
+    """A URL without its query (where a token may be) or credentials."""
+    if not url:
+        return "?"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    with contextlib.suppress(ValueError):
+        host += f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 if __name__ == "__main__":

@@ -1,72 +1,186 @@
 """A Python client for thoughtwire frontends that reconnects and resumes by itself.
 
->>> async for event in ask("What is machine learning?", ["ws://a:8000", "ws://b:8000"]):
+>>> async for event in ask("What is machine learning?", ["ws://a:8000", "ws://b:8000"],
+...                        token=get_token):
 ...     print(event["type"], event["content"])
 
-:class:`Follower` keeps the client's position ``(epoch, seq)`` in a session. When a
-connection drops it reconnects, to the next frontend in its list, with capped
-exponential backoff and jitter, and asks for everything after that position. The
-server answers with the missed events (each exactly once) or a ``gap`` saying what
-can no longer be had.
+Its only dependency is ``websockets`` (13 or later): importing this module loads
+neither the server's packages (FastAPI, uvicorn, Redis, the agents) nor PyJWT, so a
+program that only follows sessions stays small.
+
+:class:`Follower` keeps the client's position ``(session, epoch, seq)``. When a
+connection drops it reconnects, to the same or the next frontend of its list, with
+capped exponential backoff and jitter, and asks for everything after that position
+(``?session=S&after=N&epoch=E``). The server answers with the missed events, each
+exactly once, or a ``gap`` saying where the stream goes on. Events reach the caller
+once each and in seq order: a duplicate (a seq not past the position, in the same
+epoch) is dropped here too.
+
+Credentials are a token string, or a callable (plain or ``async``) that returns a
+fresh token and is called before every connection. The token travels in the
+``Authorization: Bearer`` header of the handshake, never in the URL. A close with
+4001 (token missing, invalid or expired) is final for a string; with a callable the
+client asks it once for a new token and tries again.
+
+The reconnecting ``async for ... in websockets.connect(uri)`` iterator retries one
+URI with one set of headers; this client moves on to the next frontend, sends a
+fresh token and a new resume position on every attempt, and knows which close codes
+are final, so it drives single ``connect`` calls itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
-import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, TextIO
-from urllib.parse import urlencode, urlsplit
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 DEFAULT_URL = "ws://127.0.0.1:8000/ws/agent-thoughts"
+SOCKET_PATH = "/ws/agent-thoughts"
 TERMINAL = ("done", "error", "cancelled")
-# Close codes after which reconnecting cannot help (see shared/closecodes.py).
-FINAL_CLOSE_CODES = {1000, 1008, 1009, 4001, 4003}
+# Close codes after which reconnecting cannot help (shared/closecodes.py says why);
+# 4001 is retried once when a token callback can give a fresh token.
+FINAL_CLOSE_CODES = frozenset({1000, 1008, 1009, 4001, 4003})
+UNAUTHORIZED = 4001
+FORBIDDEN = 4003
+# After a reconnect, how long to wait for a ``gap`` before saying "resumed" without one:
+# a frontend sends a gap, if any, right after its greeting.
+RESUME_SETTLE = 0.3
 
-ICONS = {"thinking": "💭", "action": "🔧", "observation": "👁️ ", "error": "❌"}
+Token = str | Callable[[], str | Awaitable[str]]
+
+
+class State(StrEnum):
+    """A follower's connection state, as reported to ``on_state``."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    RESUMED = "resumed"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One state change: where, and (for ``resumed``) the gap or (for the others) why."""
+
+    state: State
+    url: str | None = None
+    gap: dict[str, Any] | None = None
+    code: int | None = None
+    reason: str = ""
 
 
 class Refused(Exception):
-    """The server refused the request for good (a final close code or error reply)."""
+    """The server refused for good: a final close code, or an ``error`` reply.
+
+    ``code`` is the close code (None for an error reply, whose code is ``error``).
+    """
+
+    def __init__(self, reason: str, code: int | None = None, error: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.error = error
+
+
+class Unreachable(Refused):
+    """No frontend of the list could be reached in time (or in ``max_reconnects`` tries)."""
+
+
+def socket_url(base: str, query: dict[str, Any]) -> str:
+    """A frontend's socket URL from a base (``ws``/``http`` URL, with or without a path).
+
+    ``http(s)`` becomes ``ws(s)``; a URL with no ``/ws`` path gets ``/ws/agent-thoughts``.
+    ``query`` replaces those names in the base's own query; everything is encoded.
+    """
+    parts = urlsplit(base)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path if parts.path.startswith("/ws") else parts.path.rstrip("/") + SOCKET_PATH
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in query]
+    pairs = kept + [(k, str(v)) for k, v in query.items()]
+    return urlunsplit((scheme, parts.netloc, path, urlencode(pairs), ""))
+
+
+def backoff(first: float = 0.05, cap: float = 2.0) -> Iterator[float]:
+    """first, 2*first, 4*first, ... capped at ``cap``, each scaled by a random factor in [0.5, 1]."""
+    delay = first
+    while True:
+        yield delay * random.uniform(0.5, 1.0)
+        delay = min(delay * 2, cap)
+
+
+async def fetch_token(token: Token | None) -> str | None:
+    """The token to send: the string, or what the callable returns (awaited if need be)."""
+    if token is None or isinstance(token, str):
+        return token
+    value = token()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 class Follower:
-    """Follows one session across reconnects; yields events and ``gap`` notices."""
+    """Follows one session across reconnects and frontends; yields events and ``gap`` notices.
+
+    ``urls`` are frontends tried in turn, starting at ``first``; a list is kept as it
+    is, so its owner can swap frontends in and out. ``session``/``after``/``epoch``
+    resume a session (no ``after``: from the moment of joining); no ``session``
+    starts a new one. ``timeout`` gives up (:class:`Unreachable`) after that many
+    seconds without a connection; ``max_reconnects`` after that many tries in a row.
+    ``on_state`` is called with a :class:`StateChange` on every state change.
+    """
 
     def __init__(
         self,
         urls: str | Sequence[str],
         session: str | None = None,
         *,
+        token: Token | None = None,
         after: int | None = None,
         epoch: str | None = None,
+        on_state: Callable[[StateChange], None] | None = None,
         max_reconnects: int = 50,
         open_timeout: float = 5.0,
+        timeout: float | None = None,
         first: int = 0,
     ) -> None:
-        # A list is kept as it is, so its owner can swap frontends in and out.
         self.urls = (
             [urls] if isinstance(urls, str) else urls if isinstance(urls, list) else list(urls)
         )
+        if not self.urls:
+            raise ValueError("a follower needs at least one frontend URL")
         self.first = first
         self.session = session
         self.seq = after
         self.epoch = epoch
+        self.token = token
+        self.on_state = on_state
         self.max_reconnects = max_reconnects
         self.open_timeout = open_timeout
+        self.timeout = timeout
         self.reconnects = 0
         self.url_in_use: str | None = None
+        self.state: State | None = None
+        self._ws: ClientConnection | None = None
+        self._outbox: list[str] = []  # sent on the next connection (cancel, refresh)
+        self._prompts: list[str] = []  # resent on each connection until their run starts
+        self._runs: set[str] = set()
+        self._opened = False  # whether the current attempt got as far as a greeting
 
     def url(self, attempt: int) -> str:
+        """The socket URL for ``attempt``: its frontend, and the position to resume from."""
         base = self.urls[(self.first + attempt) % len(self.urls)]
-        if not urlsplit(base).path.startswith("/ws"):
-            base = base.rstrip("/") + "/ws/agent-thoughts"
         query: dict[str, Any] = {}
         if self.session is not None:
             query["session"] = self.session
@@ -74,62 +188,196 @@ class Follower:
                 query["after"] = self.seq
             if self.epoch is not None:
                 query["epoch"] = self.epoch
-        return base + ("?" + urlencode(query) if query else "")
+        return socket_url(base, query)
+
+    # --- actions ------------------------------------------------------------
+
+    async def prompt(self, text: str, key: str | None = None) -> str:
+        """Prompt the followed session; returns the idempotency key.
+
+        The prompt is sent now if connected, and again on each reconnect until a new
+        run shows it started: the key makes the server run it once.
+        """
+        key = key or uuid.uuid4().hex
+        frame = json.dumps({"type": "prompt", "content": text, "key": key})
+        self._prompts.append(frame)
+        await self._send(frame, keep=False)
+        return key
+
+    async def cancel(self, run: str | None = None) -> None:
+        """Cancel ``run``, or every unfinished run of the followed session."""
+        frame = json.dumps({"type": "cancel"} if run is None else {"type": "cancel", "run": run})
+        await self._send(frame, keep=True)
+
+    async def refresh(self, token: str | None = None) -> None:
+        """Hand the open socket a fresh token (``token``, or the callback's) before the old expires."""
+        fresh = token or await fetch_token(self.token)
+        if fresh:
+            await self._send(json.dumps({"type": "auth", "token": fresh}), keep=False)
+
+    async def _send(self, frame: str, *, keep: bool) -> None:
+        """Send on the open socket; otherwise (or if it fails) on the next, when ``keep``."""
+        ws = self._ws
+        if ws is not None:
+            try:
+                await ws.send(frame)
+                return
+            except ConnectionClosed:
+                pass
+        if keep:
+            self._outbox.append(frame)
+
+    # --- following ----------------------------------------------------------
 
     async def events(self, prompt: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Yield the session's events forever.
+        """Yield the session's events (and gaps) until a final close, or forever.
 
-        ``prompt`` is sent with an idempotency key, and sent again on each reconnect
-        until an event shows the run has started: the server runs it once.
+        ``prompt``, if given, is sent once the session is known (see :meth:`prompt`).
+        Raises :class:`Refused` for a final close or an ``error`` reply, and
+        :class:`Unreachable` when no frontend answers in time.
         """
-        delay = 0.05
-        request = (
-            None
-            if prompt is None
-            else json.dumps({"type": "prompt", "content": prompt, "key": uuid.uuid4().hex})
-        )
-        for attempt in range(self.max_reconnects + 1):
-            try:
-                url = self.url(attempt)
-                async with connect(url, open_timeout=self.open_timeout, max_size=2**22) as ws:
-                    self.url_in_use, delay = url, 0.05
-                    async for frame in ws:
-                        message = json.loads(frame)
-                        if message.get("type") == "session":
-                            if self.session is None and self.seq is None:
-                                self.seq = 0  # a session of our own: all of it is ours to see
-                            self.session = message["session"]
-                            if request is not None:
-                                await ws.send(request)
-                            continue
-                        if message.get("session", self.session) != self.session:
-                            continue  # a frame of the session this socket just left
-                        if self._advance(message):
-                            if "seq" in message:
-                                request = None
+        if prompt is not None:
+            await self.prompt(prompt)
+        delays, failures = backoff(), 0
+        deadline = self._deadline()
+        retried_auth, attempt, code, reason = False, 0, None, ""
+        self._report(State.CONNECTING)
+        try:
+            while True:
+                self._opened = False
+                try:
+                    async with aclosing(self._connection(attempt, deadline)) as messages:
+                        async for message in messages:
                             yield message
-            except ConnectionClosed as exc:
-                if exc.rcvd is not None and exc.rcvd.code in FINAL_CLOSE_CODES:
-                    raise Refused(f"closed with {exc.rcvd.code}: {exc.rcvd.reason}") from None
-            except (OSError, InvalidHandshake, InvalidURI, TimeoutError):
-                pass
-            self.reconnects += 1
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 2.0)
-        raise Refused(f"gave up after {self.max_reconnects} reconnects")
+                except ConnectionClosed as exc:
+                    code, reason = _close_of(exc)
+                    if code == UNAUTHORIZED and callable(self.token) and not retried_auth:
+                        retried_auth = True  # once: a fresh token, then 4001 is final
+                    elif code in FINAL_CLOSE_CODES:
+                        raise Refused(reason or f"closed with {code}", code) from None
+                    elif self._opened:
+                        retried_auth = False
+                except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                    code, reason = None, _describe(exc)
+                finally:
+                    self._ws = None
+                if self._opened:  # it was up: start counting and backing off afresh
+                    delays, failures, deadline = backoff(), 0, self._deadline()
+                attempt += 1
+                failures += 1
+                self.reconnects += 1
+                if failures > self.max_reconnects:
+                    raise Unreachable(f"gave up after {self.max_reconnects} tries: {reason}")
+                delay = next(delays)
+                if deadline is not None and _now() + delay >= deadline:
+                    raise Unreachable(f"no frontend answered within {self.timeout:g} s ({reason})")
+                self._report(State.RECONNECTING, code=code, reason=reason)
+                await asyncio.sleep(delay)
+        except Refused as exc:
+            code, reason = exc.code, exc.reason
+            raise
+        finally:
+            self._report(State.CLOSED, code=code, reason=reason)
+
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else _now() + self.timeout
+
+    async def _connection(
+        self, attempt: int, deadline: float | None
+    ) -> AsyncGenerator[dict[str, Any]]:
+        """One connection: open it, greet, resend what is pending, yield what is new."""
+        url = self.url(attempt)
+        token = await fetch_token(self.token)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        open_timeout = self.open_timeout
+        if deadline is not None:
+            open_timeout = max(0.01, min(open_timeout, deadline - _now()))
+        async with connect(
+            url, additional_headers=headers, open_timeout=open_timeout, max_size=2**22
+        ) as ws:
+            self.url_in_use = url
+            resumed = attempt > 0
+            settling = False
+            while True:
+                try:
+                    async with asyncio.timeout(RESUME_SETTLE if settling else None):
+                        frame = await ws.recv()
+                except TimeoutError:
+                    settling = False
+                    self._report(State.RESUMED, url=url)
+                    continue
+                message = json.loads(frame)
+                if message.get("type") == "session":
+                    await self._greeted(ws, message)
+                    if resumed:
+                        settling = True
+                    else:
+                        self._report(State.CONNECTED, url=url)
+                    continue
+                if settling:
+                    settling = False
+                    gap = message if message.get("type") == "gap" else None
+                    self._report(State.RESUMED, url=url, gap=gap)
+                if message.get("session", self.session) != self.session:
+                    continue  # a frame of the session this socket just left
+                if self._advance(message):
+                    yield message
+
+    async def _greeted(self, ws: ClientConnection, message: dict[str, Any]) -> None:
+        if self.session is None and self.seq is None:
+            self.seq = 0  # a session of our own: all of it is ours to see
+        self.session = message["session"]
+        self._ws, self._opened = ws, True
+        outbox, self._outbox = self._outbox, []
+        for frame in [*self._prompts, *outbox]:
+            await ws.send(frame)
 
     def _advance(self, message: dict[str, Any]) -> bool:
-        """Track the position; True for what the caller should see."""
+        """Track the position; True for what the caller should see (once each)."""
         kind = message.get("type")
         if kind == "gap":
             self.epoch, self.seq = message.get("epoch"), message["next"] - 1
             return True
         if "seq" in message:
-            self.epoch, self.seq = message["epoch"], message["seq"]
+            seq, epoch = message["seq"], message.get("epoch")
+            if epoch == self.epoch and self.seq is not None and seq <= self.seq:
+                return False  # seen already
+            self.epoch, self.seq = epoch, seq
+            run = message.get("run")
+            if run is not None and run not in self._runs:
+                self._runs.add(run)
+                if self._prompts:
+                    self._prompts.pop(0)  # the oldest prompt has its run
             return True
         if kind == "error":
-            raise Refused(message.get("message", "the server refused the request"))
+            code = message.get("code")
+            raise Refused(message.get("message", "the server refused the request"), error=code)
         return False  # pings, reconnect notices, connection-manager messages
+
+    def _report(self, state: State, **fields: Any) -> None:
+        self.state = state
+        if self.on_state is not None:
+            self.on_state(StateChange(state, **fields))
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _close_of(exc: ConnectionClosed) -> tuple[int | None, str]:
+    """The close code and reason the server sent (None: the connection just dropped)."""
+    if exc.rcvd is None:
+        return None, "connection lost"
+    return exc.rcvd.code, exc.rcvd.reason
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, safe account of a failed connection attempt."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return str(exc) or type(exc).__name__
 
 
 async def ask(
@@ -148,32 +396,3 @@ async def ask(
         yield message
         if message["type"] in TERMINAL:
             return
-
-
-async def chat(prompt: str, url: str = DEFAULT_URL, out: TextIO = sys.stdout) -> int:
-    """Print each thought as it streams; answer tokens are printed inline."""
-    answering = False
-    status = 0
-    async for event in ask(prompt, url):
-        kind, content = event["type"], event.get("content", "")
-        if kind == "answer":
-            if not answering:
-                out.write("✅ ")
-                answering = True
-            out.write(str(content))
-            out.flush()
-            continue
-        if answering:
-            out.write("\n")
-            answering = False
-        if kind == "retry":
-            out.write(f"↻ attempt {event['attempt']}: starting over\n")
-        elif kind == "gap":
-            out.write(f"⚠️  some events could not be recovered ({event['reason']})\n")
-        elif kind in ("error", "cancelled"):
-            out.write(f"{ICONS['error']} {content}\n")
-            status = 1
-        elif kind != "done":
-            out.write(f"{ICONS.get(kind, kind)} {content}\n")
-        out.flush()
-    return status

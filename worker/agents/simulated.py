@@ -8,7 +8,6 @@ Without jitter it is deterministic.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,26 @@ ANSWER = (
     "Based on my research, here is the answer: streaming lets you watch an agent "
     "think one token at a time instead of waiting for the whole reply."
 )
+
+
+def answer_tokens(count: int) -> list[str]:
+    """The demo answer in ``count`` tokens, always ending where a paragraph ends.
+
+    The paragraph is repeated whole as often as ``count`` needs and cut into
+    ``count`` runs of words (sizes differ by one at most), so a short answer is still
+    a complete sentence and a long one is paragraphs, never a sentence cut short.
+    """
+    if count < 1:
+        return []
+    words = ANSWER.split()
+    text = words * -(-count // len(words))  # whole paragraphs: ceil(count / len(words))
+    size, extra = divmod(len(text), count)
+    tokens, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        tokens.append(" ".join(text[start:end]) + " ")
+        start = end
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,7 @@ class SimulatedAgent:
         )
 
     async def _answer(self) -> AsyncIterator[str]:
-        words = itertools.islice(itertools.cycle(ANSWER.split()), self.answer_tokens)
+        words = answer_tokens(self.answer_tokens)
         start = time.monotonic()
         for i, word in enumerate(words):
             if self.tokens_per_second > 0:
@@ -74,4 +93,4 @@ class SimulatedAgent:
                     await asyncio.sleep(delay)
             elif i % 64 == 63:
                 await asyncio.sleep(0)  # unpaced: still let other runs in
-            yield word + " "
+            yield word
