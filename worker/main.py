@@ -48,6 +48,8 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
         )
         logger.info("%s claiming jobs (agent: %s)", worker.name, settings.agent)
         await worker.run(stop, drain_timeout=settings.drain_timeout)
+        ran = ", ".join(f"{n} {outcome}" for outcome, n in worker.outcomes.items()) or "none"
+        logger.info("%s stopped; runs: %s", worker.name, ran)
     finally:
         await redis.aclose()
 

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,10 @@ logger = logging.getLogger("thoughtwire.worker")
 # steps, and the first runs' events go out between the steps instead of waiting behind
 # every start of the burst (docs/performance.md).
 CLAIM_BATCH = 16
+
+# How a run this worker ran ended, for its log line, by the attempt's stop reason.
+# "finished" is the agent's own end (done, or an error it reported or raised).
+RUN_OUTCOMES = {"cancel": "cancelled", "shutdown": "handed back", "lost": "lease lost"}
 
 
 class Worker:
@@ -64,6 +69,7 @@ class Worker:
         self._open_pubsub = open_pubsub
         self._tasks: set[asyncio.Task[None]] = set()
         self._attempts: dict[str, RunAttempt] = {}
+        self.outcomes: Counter[str] = Counter()  # runs this worker ran, by how they ended
 
     @property
     def claim_block_ms(self) -> int:
@@ -165,10 +171,24 @@ class Worker:
             if start.attempt > 1:
                 await attempt.emit(Thought("retry", "", {"attempt": start.attempt}))
             self._attempts[job.run] = attempt
+            began, outcome = time.monotonic(), "interrupted"
+            logger.info(
+                "run started: session %s, run %s, attempt %d", job.session, job.run, start.attempt
+            )
             try:
                 await attempt.execute(agent)
+                outcome = RUN_OUTCOMES.get(attempt.stop_reason or "", "finished")
             finally:
                 self._attempts.pop(job.run, None)
+                self.outcomes[outcome] += 1
+                logger.info(
+                    "run ended: session %s, run %s, attempt %d, outcome %s, %.2f s",
+                    job.session,
+                    job.run,
+                    start.attempt,
+                    outcome,
+                    time.monotonic() - began,
+                )
 
     def cancel(self, runs: list[str]) -> None:
         for run in runs:
