@@ -215,6 +215,7 @@ export class Thoughtwire extends EventTarget {
 
   _closed(code, reason) {
     this._ws = null;
+    reason ||= code === 1006 ? "the connection failed or was lost" : "";
     const { _admitted: admitted, _wrote: wrote } = this;
     if (code === FORBIDDEN && admitted && wrote !== null) {
       // The token may read this session but not write to it (a viewer): the socket

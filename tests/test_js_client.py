@@ -1,0 +1,377 @@
+"""The JavaScript client (clients/js/thoughtwire.js) in a real headless chromium.
+
+Its pages are served by the frontends themselves (`/healthz`, then the module from
+`/thoughtwire.js`); the clients speak to real frontends with authentication on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from playwright.async_api import Page
+
+from tests.browser import browser_context
+from tests.conftest import Cluster, start_cluster
+from tests.procs import free_port, seconds
+
+pytestmark = pytest.mark.browser
+
+SECRET = "a-js-client-test-secret-of-32-bytes-or-more"
+# What the simulated agent yields for one prompt (start_cluster asks for 8 answer tokens).
+RUN_SHAPE = ["thinking", "thinking", "action", "observation", "thinking", *["answer"] * 8, "done"]
+
+
+def token(sub: str = "alice", expires_in: int = 600) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "iat": now, "exp": now + expires_in}, SECRET, algorithm="HS256")
+
+
+@dataclass
+class Tokens:
+    """The page's token callback: mints a fresh token per call, after any given first."""
+
+    first: list[str] = field(default_factory=list)
+    calls: int = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return self.first.pop(0) if self.first else token()
+
+
+@pytest.fixture(scope="module")
+def secure(redis_server, logdir):
+    """Two frontends with authentication on, one worker, runs slow enough to cut into."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        # The test pages come from one frontend and open sockets to the others.
+        THOUGHTWIRE_ALLOWED_ORIGINS="*",
+        THOUGHTWIRE_SIM_STEP_DELAY="0.3",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+    )
+    yield c
+    c.stop()
+
+
+@contextlib.asynccontextmanager
+async def client_page(origin: str, tokens: Tokens | None = None) -> AsyncIterator[Page]:
+    """A page of ``origin`` that can import the client; ``freshToken()`` calls ``tokens``."""
+    async with browser_context() as context:
+        page = await context.new_page()
+        if tokens is not None:
+            await page.expose_function("freshToken", tokens)
+        await page.goto(origin + "/healthz")
+        yield page
+
+
+# Opens a client as window.clients[name], recording everything it dispatches in
+# window.logs[name]. Returns the session, or what connect() was rejected with.
+OPEN = """async ({name, options, callback}) => {
+  const { Thoughtwire } = await import("/thoughtwire.js");
+  window.clients ??= {};
+  window.logs ??= {};
+  const log = window.logs[name] = {state: [], event: [], gap: [], message: [], error: []};
+  if (callback) options.token = () => window.freshToken();
+  const tw = window.clients[name] = new Thoughtwire({backoff: {initial: 50, max: 1000}, ...options});
+  for (const kind of Object.keys(log)) tw.addEventListener(kind, (e) => log[kind].push(e.detail));
+  try {
+    await tw.connect();
+    return {session: tw.session};
+  } catch (err) {
+    return {code: err.code, reason: err.reason};
+  }
+}"""
+
+
+async def open_client(
+    page: Page, name: str, callback: bool = False, **options: Any
+) -> dict[str, Any]:
+    result: dict[str, Any] = await page.evaluate(
+        OPEN, {"name": name, "options": options, "callback": callback}
+    )
+    return result
+
+
+async def log_of(page: Page, name: str) -> dict[str, list[Any]]:
+    log: dict[str, list[Any]] = await page.evaluate("(name) => window.logs[name]", name)
+    return log
+
+
+async def wait_for(page: Page, expression: str, name: str, arg: Any = None) -> None:
+    """Wait until ``expression`` (JS, over ``log``, ``tw`` and ``arg``) is true."""
+    await page.wait_for_function(
+        f"([name, arg]) => {{ const log = window.logs[name], tw = window.clients[name]; return {expression}; }}",
+        arg=[name, arg],
+        timeout=seconds(20) * 1000,
+    )
+
+
+def runs_done(count: int) -> str:
+    return f"log.event.filter((e) => e.type === 'done').length >= {count}"
+
+
+def seqs(events: list[dict[str, Any]]) -> list[int]:
+    return [e["seq"] for e in events]
+
+
+def states(log: dict[str, list[Any]]) -> list[str]:
+    return [s["state"] for s in log["state"]]
+
+
+async def test_it_prompts_and_gets_a_whole_run_exactly_once(secure: Cluster):
+    """A prompt's run arrives whole: seqs 1..N once each, in order, ended by ``done``."""
+    a = secure.frontends[0]
+    tokens = Tokens()
+    async with client_page(a.http, tokens) as page:
+        opened = await open_client(page, "alice", callback=True, urls=a.http)
+        await page.evaluate("window.clients.alice.prompt('What is streaming?', {key: 'k-1'})")
+        await wait_for(page, runs_done(1), "alice")
+        log = await log_of(page, "alice")
+        position = await page.evaluate("[window.clients.alice.epoch, window.clients.alice.seq]")
+    events = log["event"]
+    print("events:", len(events), "token callbacks:", tokens.calls)
+    assert [e["type"] for e in events] == RUN_SHAPE
+    assert seqs(events) == list(range(1, len(RUN_SHAPE) + 1))
+    assert {e["session"] for e in events} == {opened["session"]}
+    assert position == [events[-1]["epoch"], events[-1]["seq"]]
+    assert states(log) == ["connecting", "connected"]
+    assert tokens.calls == 1
+    assert log["error"] == [] and log["gap"] == []
+    assert [m["type"] for m in log["message"]] == ["session"]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_a_frontend_restart_mid_run_loses_and_repeats_nothing(secure: Cluster, how: str):
+    """The client's frontend goes (drained, or killed -9) mid-run; it resumes on the next.
+
+    The answer is whole and duplicate-free, and the token callback was called again
+    for the new socket.
+    """
+    doomed = secure.add_frontend()  # its own, so the module's frontends live on
+    survivor = secure.frontends[1]
+    tokens = Tokens()
+    try:
+        async with client_page(survivor.http, tokens) as page:
+            await open_client(page, "alice", callback=True, urls=[doomed.ws, survivor.ws])
+            first_url = await page.evaluate("window.clients.alice.url")
+            assert first_url.startswith(doomed.ws)
+            await page.evaluate("window.clients.alice.prompt('Tell me about resuming')")
+            await wait_for(page, "log.event.length >= 2", "alice")
+            if how == "SIGKILL":
+                doomed.proc.kill()
+            else:
+                doomed.proc.signal(signal.SIGTERM)
+            before = len((await log_of(page, "alice"))["event"])
+            await wait_for(page, runs_done(1), "alice")
+            log = await log_of(page, "alice")
+            url = await page.evaluate("window.clients.alice.url")
+    finally:
+        doomed.proc.stop()
+    events = log["event"]
+    print(f"{how}: {before} events before the restart, {len(events)} in all;", states(log))
+    assert before < len(RUN_SHAPE), "the restart did not land mid-run"
+    assert [e["type"] for e in events] == RUN_SHAPE
+    assert seqs(events) == list(range(1, len(RUN_SHAPE) + 1))
+    assert url.startswith(survivor.ws)
+    assert states(log)[:2] == ["connecting", "connected"]
+    assert "reconnecting" in states(log) and states(log)[-1] == "resumed"
+    assert tokens.calls >= 2, "the token callback was not called for the new socket"
+    assert log["gap"] == []
+
+
+@pytest.mark.parametrize("first", ["invalid", "expired"])
+async def test_a_4001_gets_one_fresh_token_and_goes_on(secure: Cluster, first: str):
+    """Refused at the door (an invalid token) or closed at once (one just expired): 4001.
+
+    With a token callback the client asks it once more and goes on; the run is whole.
+    """
+    a = secure.frontends[0]
+    # Expired five seconds ago: within the server's leeway, so the socket is taken and
+    # then closed with 4001 as its token's time runs out.
+    stale = "not-a-token" if first == "invalid" else token(expires_in=-5)
+    tokens = Tokens(first=[stale])
+    async with client_page(a.http, tokens) as page:
+        opened = await open_client(page, "alice", callback=True, urls=a.ws)
+        await wait_for(page, "tw.state === 'connected' || tw.state === 'resumed'", "alice")
+        await page.evaluate("window.clients.alice.prompt('Go on')")
+        await wait_for(page, runs_done(1), "alice")
+        log = await log_of(page, "alice")
+    print(first, states(log), [(s.get("code"), s.get("reason")) for s in log["state"]])
+    assert "session" in opened
+    retries = [s for s in log["state"] if s["state"] == "reconnecting"]
+    assert [s["code"] for s in retries] == [4001]
+    assert tokens.calls == 2
+    assert [e["type"] for e in log["event"]] == RUN_SHAPE
+    assert seqs(log["event"]) == list(range(1, len(RUN_SHAPE) + 1))
+
+
+async def test_refresh_hands_the_socket_a_fresh_token_before_the_old_expires(secure: Cluster):
+    """The first token expires two seconds in, within the first run; ``refresh()`` replaces it.
+
+    Without the refresh the socket is closed with 4001 at that time and the client
+    reconnects; with it, two runs later the first socket is still the one in use.
+    """
+    a = secure.frontends[0]
+    first = token(expires_in=2)
+    expires = jwt.decode(first, SECRET, algorithms=["HS256"])["exp"]
+    tokens = Tokens(first=[first])
+    async with client_page(a.http, tokens) as page:
+        await open_client(page, "alice", callback=True, urls=a.ws)
+        await page.evaluate("window.clients.alice.refresh()")
+        for n in (1, 2):
+            await page.evaluate("window.clients.alice.prompt('Keep going')")
+            await wait_for(page, runs_done(n), "alice")
+        log = await log_of(page, "alice")
+    print("states:", states(log), "token callbacks:", tokens.calls)
+    assert time.time() > expires, "the runs ended before the first token expired"
+    assert states(log) == ["connecting", "connected"]
+    assert tokens.calls == 2
+    assert [m["type"] for m in log["message"]] == ["session"]
+    assert seqs(log["event"]) == list(range(1, 2 * len(RUN_SHAPE) + 1))
+
+
+async def test_a_4001_without_a_callback_is_final(secure: Cluster):
+    a = secure.frontends[0]
+    async with client_page(a.http) as page:
+        opened = await open_client(page, "nobody", urls=a.ws, token="not-a-token")
+        log = await log_of(page, "nobody")
+    assert opened == {"code": 4001, "reason": "invalid token"}
+    assert states(log) == ["connecting", "closed"]
+
+
+async def test_a_viewer_follows_and_its_prompt_is_an_error_event(secure: Cluster):
+    """A viewer token reads the session from another frontend; its prompt is refused.
+
+    The refusal (4003) comes as an ``error`` event; the viewer resumes and still sees
+    the owner's next run, every event once.
+    """
+    a, b = secure.frontends[:2]
+    owner_token = token("owner")
+    async with client_page(a.http) as page:
+        opened = await open_client(page, "owner", urls=a.ws, token=owner_token)
+        session = opened["session"]
+        await page.evaluate("window.clients.owner.prompt('First question')")
+        await wait_for(page, runs_done(1), "owner")
+        async with httpx.AsyncClient() as http:
+            minted = await http.post(
+                f"{a.http}/v1/sessions/{session}/viewer-token",
+                headers={"Authorization": f"Bearer {owner_token}"},
+                timeout=seconds(10),
+            )
+        minted.raise_for_status()
+        viewer = minted.json()["token"]
+
+        await open_client(page, "viewer", urls=b.ws, token=viewer, session=session, after=0)
+        await wait_for(page, runs_done(1), "viewer")
+        await page.evaluate("window.clients.viewer.prompt('Let me in')")
+        await wait_for(page, "log.error.length >= 1 && tw.state === 'resumed'", "viewer")
+        await page.evaluate("window.clients.owner.prompt('Second question')")
+        await wait_for(page, runs_done(2), "owner")
+        await wait_for(page, runs_done(2), "viewer")
+        owner, seen = await log_of(page, "owner"), await log_of(page, "viewer")
+    print("viewer states:", states(seen), "errors:", seen["error"])
+    assert seen["error"] == [
+        {"action": "prompt", "code": 4003, "reason": seen["error"][0]["reason"]}
+    ]
+    assert seqs(seen["event"]) == seqs(owner["event"]) == list(range(1, 2 * len(RUN_SHAPE) + 1))
+    assert "closed" not in states(seen)
+
+
+async def test_a_gap_is_a_gap_event_and_a_resumed_state(secure: Cluster):
+    """Resuming from a position of another epoch: a ``gap``, then the log from its start."""
+    a = secure.frontends[0]
+    alice = token()
+    async with client_page(a.http) as page:
+        opened = await open_client(page, "writer", urls=a.ws, token=alice)
+        await page.evaluate("window.clients.writer.prompt('Something to resume')")
+        await wait_for(page, runs_done(1), "writer")
+        epoch = await page.evaluate("window.clients.writer.epoch")
+        stale = "0000deadbeef"
+        await open_client(
+            page, "reader", urls=a.ws, token=alice, session=opened["session"], after=3, epoch=stale
+        )
+        await wait_for(page, runs_done(1), "reader")
+        log = await log_of(page, "reader")
+    print("states:", log["state"], "gap:", log["gap"])
+    [gap] = log["gap"]
+    assert (gap["reason"], gap["after"], gap["epoch"], gap["next"]) == ("epoch", 3, epoch, 1)
+    assert log["state"] == [
+        {"state": "connecting"},
+        {"state": "resumed", "gap": None},
+        {"state": "resumed", "gap": gap},
+    ]
+    assert seqs(log["event"]) == list(range(1, len(RUN_SHAPE) + 1))
+
+
+# A socket the page controls: frames are pushed to it by the test, so duplicates and
+# stale events can be put in front of the client.
+FAKE = """async () => {
+  const { Thoughtwire } = await import("/thoughtwire.js");
+  const sockets = [];
+  class FakeSocket {
+    constructor(url, protocols) { this.url = url; this.protocols = protocols; this.sent = []; sockets.push(this); }
+    send(data) { this.sent.push(JSON.parse(data)); }
+    close() {}
+    frame(obj) { this.onmessage({data: JSON.stringify(obj)}); }
+    drop(code) { this.onclose({code, reason: "test"}); }
+  }
+  const event = (seq, epoch = "e1") => ({type: "answer", content: String(seq), session: "S", run: "R", seq, epoch, ts: 0});
+  const delivered = [];
+  const tw = new Thoughtwire({urls: ["ws://one.test", "http://two.test/"], token: "T0", WebSocket: FakeSocket,
+                              backoff: {initial: 1, max: 1}});
+  tw.addEventListener("event", (e) => delivered.push([e.detail.epoch, e.detail.seq]));
+  const opened = tw.connect();
+  await new Promise((r) => setTimeout(r, 0));
+  sockets[0].frame({type: "session", session: "S"});
+  await opened;
+  tw.prompt("queued nowhere: the socket is open", {key: "k"});
+  for (const seq of [1, 2, 2, 1, 3]) sockets[0].frame(event(seq));
+  sockets[0].drop(1012);
+  while (sockets.length < 2) await new Promise((r) => setTimeout(r, 5));
+  tw.cancel();  // waits for the next socket's greeting
+  const waiting = sockets[1].sent.length;
+  sockets[1].frame({type: "session", session: "S"});
+  for (const seq of [3, 4]) sockets[1].frame(event(seq));
+  sockets[1].frame({type: "gap", reason: "epoch", after: 4, epoch: "e2", next: 1});
+  for (const seq of [1, 2]) sockets[1].frame(event(seq, "e2"));
+  tw.close();
+  return {delivered, urls: sockets.map((s) => s.url), protocols: sockets[0].protocols,
+          sent: sockets.map((s) => s.sent), waiting};
+}"""
+
+
+async def test_duplicates_are_dropped_and_the_resume_names_the_position(secure: Cluster):
+    """Pure client behaviour, on sockets the page controls: no frontend answers them."""
+    async with client_page(secure.frontends[0].http) as page:
+        result = await page.evaluate(FAKE)
+    print(result)
+    assert result["delivered"] == [["e1", 1], ["e1", 2], ["e1", 3], ["e1", 4], ["e2", 1], ["e2", 2]]
+    assert result["urls"] == [
+        "ws://one.test/ws/agent-thoughts",
+        "ws://two.test/ws/agent-thoughts?session=S&after=3&epoch=e1",
+    ]
+    assert result["protocols"] == ["thoughtwire.v1", "bearer.T0"]
+    assert result["sent"] == [
+        [{"type": "prompt", "content": "queued nowhere: the socket is open", "key": "k"}],
+        [{"type": "cancel"}],
+    ]
+    assert result["waiting"] == 0, "a cancel was sent before the frontend took the socket"
+
+
+async def test_it_gives_up_after_max_reconnects(secure: Cluster):
+    nowhere = f"ws://127.0.0.1:{free_port()}"
+    async with client_page(secure.frontends[0].http) as page:
+        opened = await open_client(page, "lost", urls=nowhere, maxReconnects=2)
+        log = await log_of(page, "lost")
+    print(log["state"])
+    assert opened["code"] == 1006 and opened["reason"].startswith("gave up after 2 reconnects")
+    assert states(log) == ["connecting", "reconnecting", "reconnecting", "closed"]
