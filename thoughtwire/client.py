@@ -35,8 +35,7 @@ import inspect
 import json
 import random
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -177,6 +176,9 @@ class Follower:
         self._prompts: list[str] = []  # resent on each connection until their run starts
         self._runs: set[str] = set()
         self._opened = False  # whether the current attempt got as far as a greeting
+        self._opened_before = False  # whether any attempt did: the next is a resume
+        self._settling = False  # greeted again; a gap, if any, comes next
+        self._url_tried = ""
 
     def url(self, attempt: int) -> str:
         """The socket URL for ``attempt``: its frontend, and the position to resume from."""
@@ -246,9 +248,14 @@ class Follower:
             while True:
                 self._opened = False
                 try:
-                    async with aclosing(self._connection(attempt, deadline)) as messages:
-                        async for message in messages:
-                            yield message
+                    # No inner generator: one left suspended when the caller stops early
+                    # would be finalised apart from this one, and race it.
+                    async with await self._open(attempt, deadline) as ws:
+                        self._settling = False
+                        while True:
+                            message = await self._receive(ws)
+                            if message is not None:
+                                yield message
                 except ConnectionClosed as exc:
                     code, reason = _close_of(exc)
                     if code == UNAUTHORIZED and callable(self.token) and not retried_auth:
@@ -282,52 +289,54 @@ class Follower:
     def _deadline(self) -> float | None:
         return None if self.timeout is None else _now() + self.timeout
 
-    async def _connection(
-        self, attempt: int, deadline: float | None
-    ) -> AsyncGenerator[dict[str, Any]]:
-        """One connection: open it, greet, resend what is pending, yield what is new."""
+    async def _open(self, attempt: int, deadline: float | None) -> connect:
+        """The connection for ``attempt``: its URL, a fresh token, a timeout within ``deadline``."""
         url = self.url(attempt)
         token = await fetch_token(self.token)
         headers = {"Authorization": f"Bearer {token}"} if token else None
         open_timeout = self.open_timeout
         if deadline is not None:
             open_timeout = max(0.01, min(open_timeout, deadline - _now()))
-        async with connect(
-            url, additional_headers=headers, open_timeout=open_timeout, max_size=2**22
-        ) as ws:
+        self._url_tried = url
+        return connect(url, additional_headers=headers, open_timeout=open_timeout, max_size=2**22)
+
+    async def _receive(self, ws: ClientConnection) -> dict[str, Any] | None:
+        """The next frame's message for the caller, or None for one the caller does not see.
+
+        Greets (a ``session`` reply), reports ``connected``/``resumed``, and keeps the
+        position; on a reconnect, ``resumed`` waits a moment for a ``gap`` to report with it.
+        """
+        url = self._url_tried
+        try:
+            async with asyncio.timeout(RESUME_SETTLE if self._settling else None):
+                frame = await ws.recv()
+        except TimeoutError:
+            self._settling = False
+            self._report(State.RESUMED, url=url)
+            return None
+        message: dict[str, Any] = json.loads(frame)
+        if message.get("type") == "session":
+            resumed = self._opened_before
+            await self._greeted(ws, message)
             self.url_in_use = url
-            resumed = attempt > 0
-            settling = False
-            while True:
-                try:
-                    async with asyncio.timeout(RESUME_SETTLE if settling else None):
-                        frame = await ws.recv()
-                except TimeoutError:
-                    settling = False
-                    self._report(State.RESUMED, url=url)
-                    continue
-                message = json.loads(frame)
-                if message.get("type") == "session":
-                    await self._greeted(ws, message)
-                    if resumed:
-                        settling = True
-                    else:
-                        self._report(State.CONNECTED, url=url)
-                    continue
-                if settling:
-                    settling = False
-                    gap = message if message.get("type") == "gap" else None
-                    self._report(State.RESUMED, url=url, gap=gap)
-                if message.get("session", self.session) != self.session:
-                    continue  # a frame of the session this socket just left
-                if self._advance(message):
-                    yield message
+            if resumed:
+                self._settling = True
+            else:
+                self._report(State.CONNECTED, url=url)
+            return None
+        if self._settling:
+            self._settling = False
+            gap = message if message.get("type") == "gap" else None
+            self._report(State.RESUMED, url=url, gap=gap)
+        if message.get("session", self.session) != self.session:
+            return None  # a frame of the session this socket just left
+        return message if self._advance(message) else None
 
     async def _greeted(self, ws: ClientConnection, message: dict[str, Any]) -> None:
         if self.session is None and self.seq is None:
             self.seq = 0  # a session of our own: all of it is ours to see
         self.session = message["session"]
-        self._ws, self._opened = ws, True
+        self._ws, self._opened, self._opened_before = ws, True, True
         outbox, self._outbox = self._outbox, []
         for frame in [*self._prompts, *outbox]:
             await ws.send(frame)

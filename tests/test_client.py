@@ -1,0 +1,303 @@
+"""The Python client (thoughtwire.client) against real frontends with authentication on.
+
+Two frontends and one worker on a real Redis, ``JWT_SECRET`` set; tokens are HS256
+tokens signed with it, handed to the client as a string or a callback.
+"""
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from contextlib import aclosing
+
+import jwt
+import pytest
+
+from api.auth import Authenticator
+from shared.settings import Settings
+from tests.conftest import start_cluster
+from tests.procs import free_port, seconds
+from thoughtwire.client import (
+    Follower,
+    Refused,
+    State,
+    StateChange,
+    Unreachable,
+    ask,
+    socket_url,
+)
+
+SECRET = "a-client-test-secret-that-is-32-bytes-or-more"
+THOUGHTS = ["thinking", "thinking", "action", "observation", "thinking"]
+
+
+def token(sub="alice", ttl=600):
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "iat": now, "exp": now + ttl}, SECRET, algorithm="HS256")
+
+
+def viewer_token(owner, session):
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+    return auth.viewer_token(owner, session)[0]
+
+
+@pytest.fixture(scope="module")
+def secure(redis_server, logdir):
+    """Runs of about 2 s (60 answer tokens at 30 a second), so a frontend can go mid-run."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="60",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="30",
+        THOUGHTWIRE_DRAIN_WINDOW="0.2",
+    )
+    yield c
+    c.stop()
+
+
+def assert_once_in_order(events):
+    """Seqs 1..N, each once and in order; one run, whole."""
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+    assert [e["type"] for e in events] == [*THOUGHTS, *["answer"] * 60, "done"]
+
+
+# --- no server needed ---------------------------------------------------------
+
+
+def test_importing_the_client_loads_none_of_the_servers_packages():
+    """``import thoughtwire.client`` with fastapi, uvicorn, redis, fakeredis, openai and
+    jwt made unimportable, as a program that only follows sessions would have them."""
+    script = """
+import sys
+BLOCKED = {"fastapi", "uvicorn", "redis", "fakeredis", "openai", "jwt", "starlette"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} must not be imported by the client")
+sys.meta_path.insert(0, Block())
+import thoughtwire.client
+print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds(30)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_socket_urls_are_built_not_concatenated():
+    """A query already in the URL (even a token) is kept and merged, never doubled by '?'."""
+    url = socket_url("ws://h:1/ws/agent-thoughts?token=T", {"session": "S", "after": 3})
+    assert url == "ws://h:1/ws/agent-thoughts?token=T&session=S&after=3"
+    assert socket_url("http://h:1/", {}) == "ws://h:1/ws/agent-thoughts"
+    assert (
+        socket_url("https://h/base", {"epoch": "e f"}) == "wss://h/base/ws/agent-thoughts?epoch=e+f"
+    )
+    resumed = socket_url(
+        "ws://h/ws/agent-thoughts?session=OLD&after=1", {"session": "S", "after": 9}
+    )
+    assert resumed == "ws://h/ws/agent-thoughts?session=S&after=9"
+
+
+def test_the_position_drops_duplicates_and_follows_gaps():
+    """Plain data: a seq not past the position in the same epoch is not shown again."""
+    follower = Follower("ws://h", "S", after=0)
+    shown = [
+        follower._advance(m)
+        for m in (
+            {"type": "thinking", "seq": 1, "epoch": "a", "run": "r"},
+            {"type": "thinking", "seq": 2, "epoch": "a", "run": "r"},
+            {"type": "thinking", "seq": 2, "epoch": "a", "run": "r"},  # a duplicate
+            {"type": "gap", "reason": "epoch", "after": 2, "epoch": "b", "next": 1},
+            {"type": "answer", "seq": 1, "epoch": "b", "run": "r"},  # a new epoch
+            {"type": "ping"},
+        )
+    ]
+    assert shown == [True, True, False, True, True, False]
+    assert (follower.epoch, follower.seq) == ("b", 1)
+
+
+async def test_an_unreachable_frontend_fails_within_the_timeout():
+    """A port nobody listens on: Unreachable after ``timeout`` (2 s), not 50 retries later."""
+    states = []
+    follower = Follower(f"ws://127.0.0.1:{free_port()}", timeout=2, on_state=states.append)
+    began = time.monotonic()
+    with pytest.raises(Unreachable, match="within 2 s"):
+        async with asyncio.timeout(seconds(10)):
+            async for _ in follower.events("anyone?"):
+                pass
+    elapsed = time.monotonic() - began
+    print(f"gave up after {elapsed:.2f} s")
+    assert elapsed < 4, f"gave up after {elapsed:.2f} s"
+    assert states[0].state == State.CONNECTING and states[-1].state == State.CLOSED
+
+
+# --- against the cluster ------------------------------------------------------
+
+
+async def test_a_follower_resumes_on_frontend_b_after_a_is_sigtermed_mid_run(secure):
+    """Both URLs and a token callback; frontend A drains (SIGTERM) mid-run. Every seq
+    arrives once, on B after A, and the callback was called again for the reconnect."""
+    a, b = secure.frontends
+    calls, states = [], []
+
+    async def get_token():
+        calls.append(time.monotonic())
+        return token("alice")
+
+    follower = Follower([a.ws, b.ws], token=get_token, on_state=states.append, timeout=20)
+    events, stopper = [], None
+    async with asyncio.timeout(seconds(60)), aclosing(follower.events("through a restart")) as it:
+        async for event in it:
+            events.append(event)
+            if event["type"] == "answer" and stopper is None:
+                assert follower.url_in_use.startswith(a.ws)
+                stopper = asyncio.create_task(asyncio.to_thread(a.proc.stop))
+            if event["type"] == "done":
+                break
+        assert await stopper in (0, -signal.SIGTERM)
+    assert_once_in_order(events)
+    assert follower.url_in_use.startswith(b.ws)
+    assert len(calls) >= 2, f"the token callback was called {len(calls)} times"
+    kinds = [s.state for s in states]
+    assert kinds[:2] == [State.CONNECTING, State.CONNECTED]
+    assert State.RECONNECTING in kinds and State.RESUMED in kinds
+    resumed = next(s for s in states if s.state == State.RESUMED)
+    assert resumed.url.startswith(b.ws) and resumed.gap is None
+    assert kinds[-1] == State.CLOSED
+    secure.frontends[0] = secure.add_frontend()  # A again, for the tests that follow
+    secure.frontends.pop()
+
+
+async def test_a_string_token_is_never_put_in_the_url(secure):
+    """The token goes in the Authorization header; the URLs the client used carry none."""
+    tok = token("bob")
+    follower = Follower(secure.frontends[0].ws, token=tok)
+    async for event in follower.events("header only"):
+        if event["type"] == "done":
+            break
+    assert tok not in follower.url_in_use and "token" not in follower.url_in_use
+
+
+async def test_a_bad_token_string_is_final_4001(secure):
+    follower = Follower(secure.frontends[0].ws, token="not-a-token")
+    with pytest.raises(Refused) as info:
+        async with asyncio.timeout(seconds(10)):
+            async for _ in follower.events("hello"):
+                pass
+    assert info.value.code == 4001 and follower.reconnects == 0
+
+
+async def test_a_4001_asks_the_callback_once_for_a_fresh_token(secure):
+    """First an expired token, then a good one: one retry. A callback that only ever
+    returns bad tokens is called twice, then the 4001 is final."""
+    handed = [token("carol", ttl=-60), token("carol")]
+    follower = Follower(secure.frontends[0].ws, token=lambda: handed.pop(0))
+    async with asyncio.timeout(seconds(30)):
+        events = [e async for e in ask_with(follower, "after a refresh")]
+    assert events[-1]["type"] == "done" and handed == []
+
+    calls = []
+
+    def always_bad():
+        calls.append(1)
+        return "still-not-a-token"
+
+    with pytest.raises(Refused) as info:
+        async with asyncio.timeout(seconds(10)):
+            async for _ in Follower(secure.frontends[0].ws, token=always_bad).events("x"):
+                pass
+    assert info.value.code == 4001 and len(calls) == 2
+
+
+async def ask_with(follower, prompt):
+    async for event in follower.events(prompt):
+        yield event
+        if event["type"] in ("done", "error", "cancelled"):
+            return
+
+
+async def test_cancel_ends_the_followed_run(secure):
+    follower = Follower(secure.frontends[1].ws, token=token("dave"))
+    events = []
+    async with asyncio.timeout(seconds(30)):
+        async for event in follower.events("cancel me"):
+            events.append(event)
+            if event["type"] == "answer" and len(events) == len(THOUGHTS) + 1:
+                await follower.cancel(event["run"])
+            if event["type"] in ("done", "error", "cancelled"):
+                break
+    assert events[-1]["type"] == "cancelled"
+
+
+async def test_a_viewer_follows_from_another_frontend_but_its_prompt_is_an_error(secure):
+    """The owner prompts on A; a viewer token follows the same run on B. The viewer's
+    own prompt is refused (4003) and surfaces as :class:`Refused`, not a crash."""
+    a, b = secure.frontends
+    owner = Follower(a.ws, token=token("erin"))
+    seen_by_owner, seen_by_viewer = [], []
+    started = asyncio.Event()
+
+    async def as_owner():
+        async for event in ask_with(owner, "watch me"):
+            seen_by_owner.append(event)
+            started.set()
+
+    async def as_viewer():
+        await started.wait()
+        viewer = Follower(b.ws, owner.session, after=0, token=viewer_token("erin", owner.session))
+        async for event in viewer.events():
+            seen_by_viewer.append(event)
+            if event["type"] == "done":
+                return
+
+    async with asyncio.timeout(seconds(30)):
+        await asyncio.gather(as_owner(), as_viewer())
+    assert [e["seq"] for e in seen_by_viewer] == [e["seq"] for e in seen_by_owner]
+
+    viewer = Follower(b.ws, owner.session, after=0, token=viewer_token("erin", owner.session))
+    with pytest.raises(Refused) as info:
+        async with asyncio.timeout(seconds(10)):
+            async for event in viewer.events():
+                if event["type"] == "done":
+                    await viewer.prompt("may I?")
+    assert info.value.code == 4003
+
+
+async def test_ask_keeps_working_with_a_token(secure):
+    """The one-call helper, as the README shows it, with a token option."""
+    async with asyncio.timeout(seconds(30)):
+        events = [e async for e in ask("hi", secure.frontends[1].http, token=token("frank"))]
+    assert events[-1]["type"] == "done"
+    answer = "".join(e["content"] for e in events if e["type"] == "answer")
+    assert answer.strip().endswith("the whole reply.")
+
+
+async def test_refresh_hands_the_open_socket_a_fresh_token(secure):
+    """``refresh()`` sends an ``auth`` message; a token for another user closes with 4003."""
+    follower = Follower(secure.frontends[0].ws, token=token("gina"))
+    async with asyncio.timeout(seconds(30)):
+        async for event in follower.events("refresh mid-run"):
+            if event["seq"] == 2:
+                await follower.refresh(token("gina"))
+            if event["type"] == "done":
+                break
+    assert event["type"] == "done"
+    again = Follower(secure.frontends[0].ws, follower.session, after=0, token=token("gina"))
+    with pytest.raises(Refused) as info:
+        async with asyncio.timeout(seconds(10)):
+            async for _ in again.events():
+                await again.refresh(token("someone-else"))
+    assert info.value.code == 4003
+
+
+def test_state_changes_are_plain_data():
+    change = StateChange(State.CLOSED, code=4001, reason="token expired")
+    assert json.loads(json.dumps({"state": change.state, "code": change.code})) == {
+        "state": "closed",
+        "code": 4001,
+    }
