@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 
 from api.auth import AuthError
@@ -22,6 +23,14 @@ from api.lane import Gateway
 from api.sockets import routes as socket_routes
 from shared.connections import RedisFactory
 from shared.settings import Settings
+
+# The page runs only its own files: model text that got past the sanitiser still could
+# not run script, load a remote image or post anywhere (docs/page.md).
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
 
 # Something else to run for the frontend's lifetime on the same Redis (the embedded
 # mode's in-process workers); entered after the frontend starts, left before it stops.
@@ -84,7 +93,11 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
+
+    # The page's script, styles and vendored libraries (docs/page.md).
+    static = resources.files("api").joinpath("static")
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
     client_module = resources.files("api").joinpath("static/thoughtwire.js").read_bytes()
     client_etag = f'"{hashlib.sha256(client_module).hexdigest()[:16]}"'
