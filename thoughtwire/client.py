@@ -276,8 +276,13 @@ class Follower:
                 if failures > self.max_reconnects:
                     raise Unreachable(f"gave up after {self.max_reconnects} tries: {reason}")
                 delay = next(delays)
-                if deadline is not None and _now() + delay >= deadline:
-                    raise Unreachable(f"no frontend answered within {self.timeout:g} s ({reason})")
+                if deadline is not None:
+                    left = deadline - _now()
+                    if left <= 0:
+                        raise Unreachable(
+                            f"no frontend answered within {self.timeout:g} s ({reason})"
+                        )
+                    delay = min(delay, left)  # one last try just before the deadline
                 self._report(State.RECONNECTING, code=code, reason=reason)
                 await asyncio.sleep(delay)
         except Refused as exc:

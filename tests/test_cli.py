@@ -1,0 +1,341 @@
+"""The ``thoughtwire`` command: its failures, chat through a kill -9, Ctrl-C, help and tokens.
+
+Every expected failure is run as a real process; its stderr must be one line, with
+no traceback, and its exit code the one ``--help`` lists for it.
+"""
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import jwt
+import pytest
+
+from api.auth import Authenticator
+from shared.settings import Settings
+from tests.conftest import start_cluster
+from tests.procs import free_port, seconds, wait_until
+from thoughtwire.cli import Exit, environment_variables
+
+SECRET = "a-cli-test-secret-that-is-at-least-32-bytes"
+
+
+def token(sub="alice", ttl=600):
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "iat": now, "exp": now + ttl}, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def secure(redis_server, logdir):
+    """Two frontends and a worker with authentication on; runs of about 3 s."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="60",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+    )
+    yield c
+    c.stop()
+
+
+def command(*args, env=None, timeout=30):
+    """Run ``thoughtwire ARGS`` to its end; environment: this one without Redis or JWT settings."""
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("THOUGHTWIRE_", "JWT_", "REDIS"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "thoughtwire", *args],
+        env={**base, "PYTHONUNBUFFERED": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=seconds(timeout),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line(result, code, *words):
+    """Exit ``code``; stderr is one line, no traceback, and says ``words``."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    print(f"exit {result.returncode}: {lines[0]}")
+
+
+# --- failures, one line each ----------------------------------------------------
+
+
+def test_no_token_is_one_line_and_exit_3(secure):
+    result = command("chat", "hi", "--url", secure.frontends[0].ws)
+    assert_one_line(result, Exit.UNAUTHORIZED, "not authenticated (missing token)", "--token")
+
+
+def test_a_bad_token_is_one_line_and_exit_3(secure):
+    result = command("chat", "hi", "--url", secure.frontends[0].ws, "--token", "nonsense")
+    assert_one_line(result, Exit.UNAUTHORIZED, "invalid token")
+
+
+def test_a_viewer_token_that_prompts_is_one_line_and_exit_4(secure):
+    viewer = Authenticator(Settings(jwt_secret=SECRET)).viewer_token("alice", "some-session")[0]
+    url = secure.frontends[0].ws
+    result = command("chat", "hi", "--url", url, "--session", "some-session", "--token", viewer)
+    assert_one_line(result, Exit.FORBIDDEN, "forbidden", "--follow")
+
+
+def test_an_unreachable_frontend_fails_within_the_timeout_with_exit_5():
+    """A port nobody listens on, --timeout 2: one line within about 2 s. It took 72 s of
+    silence, then a traceback, before."""
+    began = time.monotonic()
+    result = command("chat", "hi", "--url", f"ws://127.0.0.1:{free_port()}", "--timeout", "2")
+    elapsed = time.monotonic() - began
+    assert_one_line(result, Exit.UNREACHABLE, "no frontend answered", "within 2 s")
+    print(f"gave up after {elapsed:.2f} s (process start included)")
+    assert elapsed < 8, f"gave up after {elapsed:.2f} s"
+
+
+def test_the_default_timeout_is_10_seconds():
+    result = command("chat", "--help")
+    assert "--timeout TIMEOUT" in result.stdout and "(default: 10.0)" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["api", "--insecure", "--port", "0"], ["worker"], ["up"]])
+def test_redis_unreachable_at_start_is_one_line_and_exit_6(args):
+    """A password in REDIS_URL is never printed; the address is."""
+    port = free_port()
+    url = f"redis://:hunter2-password@127.0.0.1:{port}/0"
+    result = command(*args, env={"REDIS_URL": url}, timeout=30)
+    assert_one_line(result, Exit.REDIS_UNREACHABLE, f"Redis at redis://127.0.0.1:{port}/0")
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:6379", "redis://127.0.0.1:notaport/0", "redis:///0", "localhost"]
+)
+@pytest.mark.parametrize("args", [["api", "--insecure"], ["worker"], ["up"]])
+def test_a_malformed_redis_url_is_one_line_and_exit_7(args, url):
+    result = command(*args, env={"REDIS_URL": url})
+    assert_one_line(result, Exit.BAD_REDIS_URL, "REDIS_URL cannot be used")
+
+
+@pytest.mark.parametrize("args", [["api", "--insecure", "--host", "127.0.0.1"], ["up"]])
+def test_a_busy_port_is_one_line_and_exit_8_before_any_worker_starts(args, redis_server):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = command(*args, "--port", str(port), env={"REDIS_URL": redis_server.url})
+    assert_one_line(result, Exit.PORT_BUSY, f"127.0.0.1:{port}", "--port")
+    assert "workers" not in result.stdout and "claiming jobs" not in result.stderr
+
+
+def test_a_bad_setting_is_one_line_and_exit_2():
+    result = command("worker", env={"REDIS_URL": "redis://x", "THOUGHTWIRE_AGENT": "nope"})
+    assert_one_line(result, Exit.USAGE, "THOUGHTWIRE_AGENT")
+
+
+def test_a_token_without_jwt_secret_is_one_line_and_exit_2():
+    assert_one_line(command("token", "--sub", "a"), Exit.USAGE, "JWT_SECRET")
+
+
+def test_chat_without_a_prompt_is_one_line_and_exit_2():
+    assert_one_line(command("chat"), Exit.USAGE, "--follow")
+    assert_one_line(command("chat", "--follow"), Exit.USAGE, "--session")
+
+
+# --- chat through a kill -9, and Ctrl-C -------------------------------------------
+
+
+class Chat:
+    """``thoughtwire chat --json`` as a child process, read line by line with bounded waits."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.events = []
+
+    @classmethod
+    async def start(cls, *args):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "thoughtwire",
+            "chat",
+            "--json",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        return cls(proc)
+
+    async def until(self, check, timeout=20):
+        """Read events until ``check(event)``; returns that event."""
+        async with asyncio.timeout(seconds(timeout)):
+            while True:
+                line = await self.proc.stdout.readline()
+                assert line, await self.proc.stderr.read()
+                event = json.loads(line)
+                self.events.append(event)
+                if check(event):
+                    return event
+
+    async def finish(self, timeout=20):
+        """The rest of stdout, the exit code and stderr."""
+        async with asyncio.timeout(seconds(timeout)):
+            rest, err = await self.proc.communicate()
+        self.events += [json.loads(line) for line in rest.splitlines()]
+        return self.proc.returncode, err.decode()
+
+    def kill(self):
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def test_chat_streams_a_run_once_per_seq_through_a_kill_9_of_frontend_a(redis_server, logdir):
+    """--token T --url A --url B; A is killed (SIGKILL) after the first answer token. The
+    run streams to its end from B: seqs 1..N once each, exit 0."""
+    cluster = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="60",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+    )
+    a, b = cluster.frontends
+    chat = await Chat.start("through a kill", "--token", token(), "--url", a.ws, "--url", b.ws)
+    try:
+        await chat.until(lambda e: e["type"] == "answer")
+        a.proc.kill()
+        code, err = await chat.finish()
+    finally:
+        chat.kill()
+        await asyncio.to_thread(cluster.stop)
+    assert code == Exit.OK, err
+    assert "Traceback" not in err and "resumed on" in err, err
+    seqs = [e["seq"] for e in chat.events]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+    assert chat.events[-1]["type"] == "done"
+    assert sum(e["type"] == "answer" for e in chat.events) == 60
+
+
+async def test_ctrl_c_cancels_the_run_and_exits_130(secure):
+    """SIGINT mid-run: the chat sends `cancel`, sees `cancelled`, exits 130, and the run's
+    state says cancelled."""
+    a = secure.frontends[0]
+    tok = token("ctrl-c")
+    chat = await Chat.start("interrupt me", "--token", tok, "--url", a.ws)
+    try:
+        first = await chat.until(lambda e: e["type"] == "answer")
+        chat.proc.send_signal(signal.SIGINT)
+        code, err = await chat.finish()
+    finally:
+        chat.kill()
+    assert code == Exit.INTERRUPTED, err
+    assert "Traceback" not in err and "the run was cancelled" in err, err
+    assert chat.events[-1]["type"] == "cancelled"
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}) as http:
+        state = (await http.get(f"{a.http}/v1/jobs/{first['run']}")).json()
+    assert state["status"] == "cancelled", state
+
+
+async def test_chat_follows_a_session_with_a_viewer_token(secure):
+    """The owner prompts; `chat --follow --session S` with a viewer token prints the run."""
+    a, b = secure.frontends
+    owner = await Chat.start("watched", "--token", token("owner"), "--url", a.ws)
+    try:
+        first = await owner.until(lambda e: "seq" in e)
+        viewer_token = Authenticator(Settings(jwt_secret=SECRET)).viewer_token(
+            "owner", first["session"]
+        )[0]
+        viewer = await Chat.start(
+            "--follow", "--session", first["session"], "--token", viewer_token, "--url", b.ws
+        )
+        try:
+            done = await viewer.until(lambda e: e["type"] == "done")
+            viewer.proc.send_signal(signal.SIGINT)
+            code, err = await viewer.finish()
+        finally:
+            viewer.kill()
+        assert code == Exit.INTERRUPTED and "Traceback" not in err, err
+        assert done["run"] == first["run"]
+        assert (await owner.finish())[0] == Exit.OK
+    finally:
+        owner.kill()
+
+
+# --- help, version, tokens, banners -----------------------------------------------
+
+
+def test_help_lists_every_command_exit_code_and_setting():
+    result = command("--help")
+    assert result.returncode == 0
+    for name in ("up", "api", "worker", "token", "chat"):
+        assert f"    {name} " in result.stdout
+    for code in Exit:
+        assert f"{int(code):>3}  " in result.stdout
+    variables = environment_variables()
+    assert len(variables) == len(dataclasses.fields(Settings))
+    for name, _default in variables:
+        assert name in result.stdout
+    assert "REDIS_URL" in result.stdout and "THOUGHTWIRE_LOG_MAXLEN (default: 10000)" in (
+        result.stdout
+    )
+    for sub in ("up", "api", "token", "chat"):
+        assert "(default: " in command(sub, "--help").stdout
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = command("--version")
+    assert result.stdout.strip() == f"thoughtwire {version('thoughtwire')}"
+
+
+def test_token_mints_viewer_tokens_and_sets_aud_and_iss():
+    env = {"JWT_SECRET": SECRET}
+    viewer = command("token", "--sub", "alice", "--viewer", "--session", "S1", env=env)
+    principal = Authenticator(Settings(jwt_secret=SECRET)).authenticate(viewer.stdout.strip())
+    assert principal.viewer_of == "S1"
+    assert_one_line(command("token", "--sub", "a", "--viewer", env=env), Exit.USAGE, "--session")
+
+    minted = command("token", "--sub", "bob", "--aud", "tw", "--iss", "https://i", env=env)
+    settings = Settings(jwt_secret=SECRET, jwt_audience="tw", jwt_issuer="https://i")
+    assert Authenticator(settings).authenticate(minted.stdout.strip()).user == "bob"
+
+
+def test_banners_say_auth_redis_agent_and_concurrency(secure):
+    frontend = secure.frontends[0].proc.output()
+    worker = secure.workers[0].output()
+    redis = f"Redis at {secure.redis.url}"
+    assert "thoughtwire api: authentication by JWT_SECRET (HS256)" in frontend
+    assert redis in frontend and redis in worker
+    assert "thoughtwire worker: agent simulated, concurrency 32" in worker
+    assert SECRET not in frontend + worker
+
+
+def test_workers_log_each_run_and_their_shutdown(secure):
+    """After the runs above: a start and an end line per run, and one line on stopping."""
+    worker = secure.add_worker()
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {token('logs')}"}) as http:
+            job = http.post(f"{secure.frontends[0].http}/v1/jobs", json={"prompt": "log me"})
+            run = job.json()["job"]
+            status_url = f"{secure.frontends[0].http}/v1/jobs/{run}"
+            wait_until(lambda: http.get(status_url).json()["status"] == "done", 20, "the run")
+    finally:
+        secure.workers.remove(worker)
+        worker.stop()
+    log = "".join(w.output() for w in [*secure.workers, worker])
+    assert f"run started: session {job.json()['session']}, run {run}, attempt 1" in log
+    assert f"run {run}, attempt 1, outcome finished, " in log
+    assert "stopped; runs: " in worker.output()
