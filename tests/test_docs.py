@@ -1,0 +1,179 @@
+"""The docs stay true: docs/protocol.md names everything the code sends and accepts, and
+its complete JavaScript example runs, in chromium, against real frontends."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import get_args
+
+import jwt
+import pytest
+
+from api.http import router
+from api.recovery import GapReason
+from api.sockets import routes as socket_routes
+from shared.closecodes import Close
+from shared.protocol import (
+    EVENT_TYPES,
+    ClientMessage,
+    ProtocolError,
+    parse_client_message,
+)
+from tests.browser import browser_context
+from tests.conftest import Cluster, start_cluster
+from tests.procs import RedisServer, seconds
+
+ROOT = Path(__file__).parent.parent
+PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
+SOURCES = [*(ROOT / "api").glob("*.py"), *(ROOT / "shared").glob("*.py")]
+
+
+def code_text() -> str:
+    return "\n".join(path.read_text() for path in SOURCES)
+
+
+def client_message_types() -> list[str]:
+    """The ``type`` of each client message class (their names are their wire names)."""
+    return [cls.__name__.lower() for cls in get_args(ClientMessage)]
+
+
+def test_every_client_message_type_is_real_and_documented():
+    types = client_message_types()
+    assert len(types) == 7
+    for kind in types:
+        try:
+            parse_client_message(f'{{"type": "{kind}"}}', max_prompt_chars=100)
+        except ProtocolError as exc:
+            assert exc.code != "unknown_type", kind  # missing fields, but a known type
+        assert f'{{"type":"{kind}"' in PROTOCOL, f"docs/protocol.md has no {kind} message"
+
+
+def test_every_event_type_is_documented():
+    for kind in EVENT_TYPES:
+        assert f"| `{kind}` |" in PROTOCOL, f"docs/protocol.md does not describe {kind} events"
+
+
+def test_every_reply_the_code_sends_is_documented():
+    """Each ``reply("X", ...)`` and ``"type": "X"`` frame the frontend makes has a row."""
+    text = code_text()
+    sent = set(re.findall(r'\breply\(\s*"(\w+)"', text))
+    sent |= set(re.findall(r'"type":\s*"(\w+)"', text)) - {"http", "function", "object"}
+    sent.add("error")  # error_reply
+    assert {"session", "ping", "gap", "reconnect", "personal", "broadcast"} <= sent
+    for kind in sent:
+        assert f'`{{"type":"{kind}"' in PROTOCOL, f"docs/protocol.md has no {kind} reply"
+
+
+def test_every_error_code_is_documented():
+    """Each code an ``error`` reply can carry, as the code spells it."""
+    text = code_text()
+    codes = set(re.findall(r'\berror_reply\(\s*[\'"](\w+)[\'"]', text))
+    codes |= set(re.findall(r'\bProtocolError\(\s*"(\w+)"', text))
+    assert {"bad_json", "rate_limited", "unavailable", "token_expired"} <= codes
+    for code in codes:
+        assert f"`{code}`" in PROTOCOL, f"docs/protocol.md does not explain error code {code}"
+
+
+def test_every_gap_reason_and_close_code_is_documented():
+    for reason in GapReason:
+        assert f"| `{reason.value}` |" in PROTOCOL, reason
+    for code in Close:
+        assert f"| {code.value} |" in PROTOCOL, code
+
+
+def test_every_endpoint_is_documented():
+    for path in socket_routes.paths:
+        assert f"`{path}`" in PROTOCOL, path
+    for route in router.routes:
+        for method in route.methods:
+            assert f"`{method} {route.path}" in PROTOCOL, f"{method} {route.path}"
+
+
+# --- the complete JavaScript example, run -----------------------------------------
+
+SECRET = secrets.token_urlsafe(32)
+
+
+def example_page() -> str:
+    """The html block under "A complete page" in docs/protocol.md."""
+    section = PROTOCOL[PROTOCOL.index("### A complete page") :]
+    found = re.search(r"```html\n(.*?)```", section, re.S)
+    assert found is not None
+    return found[1]
+
+
+def token(user: str) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + 3600}, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def secure(redis_server: RedisServer, logdir: Path) -> Iterator[Cluster]:
+    """Two frontends with authentication, one worker, runs paced to take about 1.5 s."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="30",
+    )
+    yield c
+    c.stop()
+
+
+async def open_example(context, frontend, fragment: str):
+    """The example page, at the frontend's origin, as a page of one's own served there.
+
+    Written into a page the frontend served (not fulfilled by the browser's test hooks:
+    chromium counts such a page as a public one and blocks its sockets to 127.0.0.1).
+    """
+    page = await context.new_page()
+    await page.goto(f"{frontend.http}/healthz#{fragment}")
+    await page.set_content(example_page())
+    await page.wait_for_function("document.body.dataset.session", timeout=seconds(10) * 1000)
+    return page
+
+
+@pytest.mark.browser
+async def test_the_complete_javascript_example_runs(secure):
+    """Signs in from the fragment, prompts, stops a run, shares; the link reads on B, read-only."""
+    a, b = secure.frontends
+    wait = seconds(20) * 1000
+    async with browser_context() as context:
+        page = await open_example(context, a, f"token={token('ada')}")
+        assert await page.text_content("#state") == "connected"
+        await page.fill("#prompt", "What is machine learning?")
+        await page.click("button:has-text('Send')")
+        await page.wait_for_selector("[data-status=done]", timeout=wait)
+        assert "thinking: " in await page.text_content("#log ol")
+        answer = await page.text_content("#log article p")
+        assert answer and answer.strip()
+
+        await page.fill("#prompt", "and now a long one")
+        await page.click("button:has-text('Send')")
+        await page.wait_for_function(
+            "document.querySelectorAll('#log article')[1]?.querySelector('p').textContent",
+            timeout=wait,
+        )
+        await page.click("#stop")
+        await page.wait_for_selector("[data-status=cancelled]", timeout=wait)
+
+        await page.click("#share")
+        await page.wait_for_function("document.getElementById('link').textContent", timeout=wait)
+        link = await page.text_content("#link")
+        assert link is not None and link.startswith(f"{a.http}/#session=")
+
+        viewer = await open_example(context, b, link.split("#", 1)[1])
+        await viewer.wait_for_selector("[data-status=cancelled]", timeout=wait)
+        assert await viewer.text_content("#log article p") == answer  # the same run, on B
+        await viewer.fill("#prompt", "may I?")
+        await viewer.click("button:has-text('Send')")
+        await viewer.wait_for_function(
+            "document.getElementById('notice').textContent.includes('prompt refused')",
+            timeout=wait,
+        )
+        assert await viewer.locator("#log article").count() == 2  # nothing ran
