@@ -36,14 +36,23 @@ def token(sub: str = "alice", expires_in: int = 600) -> str:
 
 @dataclass
 class Tokens:
-    """The page's token callback: mints a fresh token per call, after any given first."""
+    """The page's token callback: a fresh token per call, minted as it is asked for.
 
-    first: list[str] = field(default_factory=list)
-    calls: int = 0
+    The first calls get ``first`` (a token, or the lifetime in seconds of one to mint);
+    the others live ten minutes.
+    """
+
+    first: list[str | int] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.issued)
 
     def __call__(self) -> str:
-        self.calls += 1
-        return self.first.pop(0) if self.first else token()
+        given = self.first.pop(0) if self.first else 600
+        self.issued.append(given if isinstance(given, str) else token(expires_in=given))
+        return self.issued[-1]
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +206,7 @@ async def test_a_4001_gets_one_fresh_token_and_goes_on(secure: Cluster, first: s
     a = secure.frontends[0]
     # Expired five seconds ago: within the server's leeway, so the socket is taken and
     # then closed with 4001 as its token's time runs out.
-    stale = "not-a-token" if first == "invalid" else token(expires_in=-5)
-    tokens = Tokens(first=[stale])
+    tokens = Tokens(first=["not-a-token" if first == "invalid" else -5])
     async with client_page(a.http, tokens) as page:
         opened = await open_client(page, "alice", callback=True, urls=a.ws)
         await wait_for(page, "tw.state === 'connected' || tw.state === 'resumed'", "alice")
@@ -215,15 +223,13 @@ async def test_a_4001_gets_one_fresh_token_and_goes_on(secure: Cluster, first: s
 
 
 async def test_refresh_hands_the_socket_a_fresh_token_before_the_old_expires(secure: Cluster):
-    """The first token expires two seconds in, within the first run; ``refresh()`` replaces it.
+    """The first token expires within three seconds, before two runs end; ``refresh()`` replaces it.
 
     Without the refresh the socket is closed with 4001 at that time and the client
     reconnects; with it, two runs later the first socket is still the one in use.
     """
     a = secure.frontends[0]
-    first = token(expires_in=2)
-    expires = jwt.decode(first, SECRET, algorithms=["HS256"])["exp"]
-    tokens = Tokens(first=[first])
+    tokens = Tokens(first=[3])
     async with client_page(a.http, tokens) as page:
         await open_client(page, "alice", callback=True, urls=a.ws)
         await page.evaluate("window.clients.alice.refresh()")
@@ -231,12 +237,33 @@ async def test_refresh_hands_the_socket_a_fresh_token_before_the_old_expires(sec
             await page.evaluate("window.clients.alice.prompt('Keep going')")
             await wait_for(page, runs_done(n), "alice")
         log = await log_of(page, "alice")
-    print("states:", states(log), "token callbacks:", tokens.calls)
+    expires = jwt.decode(tokens.issued[0], options={"verify_signature": False})["exp"]
+    print("states:", log["state"], "token callbacks:", tokens.calls)
     assert time.time() > expires, "the runs ended before the first token expired"
     assert states(log) == ["connecting", "connected"]
     assert tokens.calls == 2
     assert [m["type"] for m in log["message"]] == ["session"]
     assert seqs(log["event"]) == list(range(1, 2 * len(RUN_SHAPE) + 1))
+
+
+async def test_a_callback_whose_tokens_keep_failing_is_asked_once_more_not_forever(
+    secure: Cluster,
+):
+    """Every token the callback gives has just expired: taken, then closed with 4001 at once.
+
+    The client asks the callback once more, then closes (4001) instead of reconnecting
+    in a loop.
+    """
+    a = secure.frontends[0]
+    tokens = Tokens(first=[-5] * 5)
+    async with client_page(a.http, tokens) as page:
+        await open_client(page, "alice", callback=True, urls=a.ws)
+        await wait_for(page, "tw.state === 'closed'", "alice")
+        log = await log_of(page, "alice")
+    print(states(log), "token callbacks:", tokens.calls)
+    assert states(log) == ["connecting", "connected", "reconnecting", "resumed", "closed"]
+    assert (log["state"][-1]["code"], log["state"][-1]["reason"]) == (4001, "token expired")
+    assert tokens.calls == 2
 
 
 async def test_a_4001_without_a_callback_is_final(secure: Cluster):

@@ -17,10 +17,13 @@ const BEARER = "bearer.";
 const DEFAULT_PATH = "/ws/agent-thoughts";
 const UNAUTHORIZED = 4001;
 const FORBIDDEN = 4003;
+const RATE_LIMITED = 4029;
 /** Close codes after which reconnecting cannot help (the server's shared/closecodes.py). */
 const FINAL = new Set([1000, 1008, 1009, UNAUTHORIZED, FORBIDDEN]);
 /** Prompts and cancellations held while no socket is open; more are refused. */
 const MAX_PENDING = 64;
+/** A socket its frontend kept this long (ms) had a token that worked: its 4001 is an expiry. */
+const TOKEN_LASTED_MS = 10000;
 
 /**
  * The query that asks a frontend for a session from a position.
@@ -112,6 +115,7 @@ export class Thoughtwire extends EventTarget {
     this._firstFrame = false; // nothing has come since its greeting
     this._wrote = null; // the last write on the open socket, to name a refusal
     this._authRetried = false;
+    this._admittedAt = 0;
     this._failures = 0;
     this._index = 0;
     this._pending = [];
@@ -217,6 +221,11 @@ export class Thoughtwire extends EventTarget {
     this._ws = null;
     reason ||= code === 1006 ? "the connection failed or was lost" : "";
     const { _admitted: admitted, _wrote: wrote } = this;
+    if (admitted && (code !== UNAUTHORIZED || Date.now() - this._admittedAt >= TOKEN_LASTED_MS)) {
+      // The last fresh token worked: a later 4001 may have another. A 4001 just after
+      // the door opened means the callback's tokens do not work, and is final.
+      this._authRetried = false;
+    }
     if (code === FORBIDDEN && admitted && wrote !== null) {
       // The token may read this session but not write to it (a viewer): the socket
       // was closed for the write alone, so the application hears of the refusal and
@@ -243,7 +252,9 @@ export class Thoughtwire extends EventTarget {
     // The next frontend in the list: the one that dropped the socket may be restarting.
     this._index = (this._index + 1) % this.urls.length;
     const ceiling = Math.min(this.backoff.max, this.backoff.initial * 2 ** (attempt - 1));
-    const wait = delay ?? Math.random() * ceiling; // full jitter: clients spread out
+    // Full jitter spreads clients out; a rate-limited one pauses for about the longest delay.
+    const pause = code === RATE_LIMITED ? this.backoff.max / 2 : 0;
+    const wait = delay ?? pause + Math.random() * (pause || ceiling);
     this._setState("reconnecting", { code, reason, attempt, delay: wait });
     this._timer = setTimeout(() => {
       this._timer = null;
@@ -287,7 +298,7 @@ export class Thoughtwire extends EventTarget {
     this._admitted = true;
     this._firstFrame = true;
     this._failures = 0;
-    this._authRetried = false;
+    this._admittedAt = Date.now();
     this._setState(this._resuming ? "resumed" : "connected", this._resuming ? { gap: null } : {});
     const pending = this._pending;
     this._pending = [];
