@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -402,3 +403,20 @@ async def test_it_gives_up_after_max_reconnects(secure: Cluster):
     print(log["state"])
     assert opened["code"] == 1006 and opened["reason"].startswith("gave up after 2 reconnects")
     assert states(log) == ["connecting", "reconnecting", "reconnecting", "closed"]
+
+
+async def test_every_frontend_serves_the_client_as_a_cacheable_module(secure: Cluster):
+    """``GET /thoughtwire.js`` is the package's file, JavaScript, cacheable, without a token."""
+    source = (Path(__file__).parent.parent / "clients" / "js" / "thoughtwire.js").read_bytes()
+    async with httpx.AsyncClient(timeout=seconds(10)) as http:
+        for frontend in secure.frontends[:2]:
+            response = await http.get(frontend.http + "/thoughtwire.js")
+            assert response.status_code == 200
+            assert response.content == source
+            assert response.headers["content-type"].startswith("text/javascript")
+            assert "max-age" in response.headers["cache-control"]
+            again = await http.get(
+                frontend.http + "/thoughtwire.js",
+                headers={"If-None-Match": response.headers["etag"]},
+            )
+            assert again.status_code == 304
