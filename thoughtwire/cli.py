@@ -281,6 +281,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     from shared.connections import RedisFactory
     from worker.main import in_process
 
+    settings = settings.for_embedded()
     count = args.workers if args.workers is not None else settings.embedded_workers
 
     def companion(factory: RedisFactory) -> AbstractAsyncContextManager[None]:
@@ -292,6 +293,11 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
         f"thoughtwire: {count} workers, {where}, agent {settings.agent}, "
         f"concurrency {settings.worker_concurrency}, {auth_mode(settings)}"
     )
+    if settings.local_origins:  # one line, so a refused page is never a mystery
+        print(
+            "thoughtwire: pages from files (Origin null) and localhost may connect; "
+            "THOUGHTWIRE_ALLOW_LOCAL_ORIGINS=0 turns this off"
+        )
     print(f"thoughtwire: open http://{host}:{args.port}/", flush=True)
     _serve(app, settings, host, args.port)
     return Exit.OK
