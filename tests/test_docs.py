@@ -177,3 +177,30 @@ async def test_the_complete_javascript_example_runs(secure):
             timeout=wait,
         )
         assert await viewer.locator("#log article").count() == 2  # nothing ran
+
+
+# --- links ------------------------------------------------------------------------
+
+LINKED_PAGES = ["protocol.md", "troubleshooting.md", "deploy.md"]
+
+
+def anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", markdown, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("name", LINKED_PAGES)
+def test_every_link_of_the_page_leads_somewhere(name):
+    page = ROOT / "docs" / name
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # another site
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{name} links to {target}: no such file"
+        if anchor:
+            assert anchor in anchors(linked.read_text()), f"{name} links to {target}: no heading"
