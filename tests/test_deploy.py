@@ -224,3 +224,25 @@ def test_every_docker_run_line_passes_the_start_up_checks():
     runs = list(docker_runs(DEPLOY_DOC.read_text()))
     roles = [check_start_up(argv, env, " ".join(argv)) for argv, env in runs]
     assert sorted(roles) == ["api", "worker"]
+
+
+def test_the_image_copies_what_its_package_links_to():
+    """Every symlink in the copied packages points into something the Dockerfile copies.
+
+    api/static/thoughtwire.js links to clients/js: without `COPY clients`, the wheel built
+    in the image silently lacks the file and every frontend fails at start-up.
+    """
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    copied = [ROOT / m for m in re.findall(r"^COPY (\S+) \./\S*$", dockerfile, re.M)]
+    copied += [
+        ROOT / name
+        for line in re.findall(r"^COPY (.+) \./$", dockerfile, re.M)
+        for name in line.split()
+    ]
+    assert ROOT / "api" in copied
+    for folder in [c for c in copied if c.is_dir()]:
+        for link in (p for p in folder.rglob("*") if p.is_symlink()):
+            target = link.resolve()
+            assert any(target.is_relative_to(c) for c in copied), (
+                f"{link.relative_to(ROOT)} links outside what deploy/Dockerfile copies"
+            )
