@@ -4,13 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := api worker shared thoughtwire tests bench
 
-.PHONY: run test check format bench bench-smoke system-deps clean
+.PHONY: run test check format bench bench-smoke screenshots system-deps clean
 
 run: $(VENV)/.base  ## the embedded gateway on http://127.0.0.1:8000/
 	$(BIN)/thoughtwire up
 
 test: $(VENV)/.test system-deps  ## the whole suite: real Redis, real processes, real browser
 	$(BIN)/pytest
+
+screenshots: $(VENV)/.test system-deps  ## the page's screenshots in docs/img (light, dark, 390 px wide)
+	THOUGHTWIRE_SCREENSHOTS_DIR=docs/img $(BIN)/pytest tests/test_page.py -k test_screenshots -q
 
 check: $(VENV)/.test  ## lint, format and type checks
 	$(BIN)/ruff check $(SOURCES)

@@ -7,12 +7,12 @@ import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from importlib import resources
+from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 
 from api.auth import AuthError
@@ -31,6 +31,24 @@ PAGE_POLICY = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
+
+PAGE_TYPES = {".js": "text/javascript", ".css": "text/css"}  # else plain text (licences)
+
+
+def _page_assets() -> dict[str, tuple[bytes, str, str]]:
+    """The page's files under ``api/static``, by name: body, content type and ETag."""
+    root = resources.files("api").joinpath("static")
+    files = {name: root.joinpath(name) for name in ("page.js", "page.css")}
+    for file in root.joinpath("vendor").iterdir():
+        if file.is_file():
+            files[f"vendor/{file.name}"] = file
+    assets = {}
+    for name, file in files.items():
+        body = file.read_bytes()
+        media_type = PAGE_TYPES.get(Path(name).suffix, "text/plain; charset=utf-8")
+        assets[name] = (body, media_type, f'"{hashlib.sha256(body).hexdigest()[:16]}"')
+    return assets
+
 
 # Something else to run for the frontend's lifetime on the same Redis (the embedded
 # mode's in-process workers); entered after the frontend starts, left before it stops.
@@ -95,9 +113,20 @@ def create_app(
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
-    # The page's script, styles and vendored libraries (docs/page.md).
-    static = resources.files("api").joinpath("static")
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    # The page's script, styles and vendored libraries (docs/page.md), read once and
+    # served by name from memory: no request path ever reaches the file system.
+    assets = _page_assets()
+
+    @app.get("/static/{name:path}", include_in_schema=False)
+    async def page_asset(name: str, request: Request) -> Response:
+        """One of the page's files; revalidated on every load, so an upgrade shows at once."""
+        if name not in assets:
+            raise HTTPException(404, "no such file")
+        body, media_type, etag = assets[name]
+        headers = {"Cache-Control": "no-cache", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type=media_type, headers=headers)
 
     client_module = resources.files("api").joinpath("static/thoughtwire.js").read_bytes()
     client_etag = f'"{hashlib.sha256(client_module).hexdigest()[:16]}"'

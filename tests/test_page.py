@@ -9,6 +9,7 @@ no serious or critical violation in light or dark mode; screenshots go to the lo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -89,6 +90,7 @@ class Tab:
     page: Page
     dialogs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    dismissals: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 async def open_tab(context: BrowserContext, url: str, *, init_script: str | None = None) -> Tab:
@@ -97,7 +99,7 @@ async def open_tab(context: BrowserContext, url: str, *, init_script: str | None
 
     def dialog(d: Any) -> None:
         tab.dialogs.append(d.message)
-        asyncio.ensure_future(d.dismiss())
+        tab.dismissals.append(asyncio.ensure_future(d.dismiss()))
 
     page.on("dialog", dialog)
     page.on("console", lambda m: m.type == "error" and tab.errors.append(m.text))
@@ -253,6 +255,43 @@ async def test_a_viewer_link_on_the_other_frontend_follows_live_and_cannot_promp
         assert viewer_tab.errors == [] and viewer_tab.dialogs == []
 
 
+AT_BOTTOM = "() => innerHeight + scrollY >= document.documentElement.scrollHeight - 2"
+
+
+async def test_autoscroll_stops_when_the_reader_scrolls_up_and_resumes_at_the_bottom(
+    cluster, context
+):
+    page = (await open_tab(context, f"{cluster.frontends[0].http}/#token={token_for('ivan')}")).page
+    await page.set_viewport_size({"width": 390, "height": 500})
+    for runs in range(1, 5):  # enough runs that the page scrolls by more than a window
+        await prompt(page, "fill the window")
+        await ended(page, runs)
+        if await page.evaluate("document.documentElement.scrollHeight > 2 * innerHeight"):
+            break
+    else:
+        raise AssertionError("four runs do not fill two windows")
+
+    await prompt(page, "scroll away from me")
+    await page.wait_for_selector(f".run:nth-of-type({runs + 1}) .step", timeout=WAIT_MS)
+    assert await page.evaluate(AT_BOTTOM)
+    await page.evaluate("window.scrollTo(0, 0)")  # the reader goes up to read
+    await ended(page, runs + 1)
+    assert await page.evaluate("scrollY") == 0, "the page kept the reader where they were"
+    assert await page.locator("#jump").is_visible()
+    await page.click("#jump")
+    assert await page.evaluate(AT_BOTTOM)
+    assert await page.locator("#jump").is_hidden()
+
+    await prompt(page, "and back down")
+    await page.wait_for_selector(f".run:nth-of-type({runs + 2}) .step", timeout=WAIT_MS)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+    height = await page.evaluate("document.documentElement.scrollHeight")
+    await ended(page, runs + 2)
+    assert await page.evaluate("document.documentElement.scrollHeight") > height
+    assert await page.evaluate(AT_BOTTOM), "back at the bottom, the page follows again"
+
+
 HOSTILE = (
     '<img src=x onerror="window.pwned = 1"><script>window.pwned = 2</script>'
     '<svg onload="window.pwned = 3"></svg><iframe src="javascript:window.pwned = 4"></iframe>'
@@ -312,7 +351,9 @@ async def test_axe_finds_no_serious_or_critical_violations(cluster, context, axe
     await ended(page, 1, "cancelled")
     assert await axe_violations(page) == []
     await page.click("#share")
-    await page.wait_for_function("() => document.querySelector('#share-link').value", timeout=WAIT_MS)
+    await page.wait_for_function(
+        "() => document.querySelector('#share-link').value", timeout=WAIT_MS
+    )
     assert await axe_violations(page) == []
 
     signin = await context.new_page()
@@ -323,6 +364,7 @@ async def test_axe_finds_no_serious_or_critical_violations(cluster, context, axe
     assert await axe_violations(signin) == []
 
 
+TIMES = "\u00d7"  # the multiplication sign, as a model writes it
 SHOTS = [
     ("page-light.png", {"width": 1280, "height": 800}, "light"),
     ("page-dark.png", {"width": 1280, "height": 800}, "dark"),
@@ -336,9 +378,17 @@ async def test_screenshots(model, context, logdir):
     cluster, llm = model
     llm.replies.extend(
         [
-            Reply.tool_calls(
-                ("call_1", "calculator", ['{"expression": ', '"17 * 23"}']),
-                reasoning=("The user wants ", "a product. ", "I will use the calculator ", "for it."),
+            dataclasses.replace(
+                Reply.tool_calls(
+                    ("call_1", "calculator", ['{"expression": ', '"17 * 23"}']),
+                    reasoning=(
+                        "The user wants ",
+                        "a product. ",
+                        "I will use the calculator ",
+                        "for it.",
+                    ),
+                ),
+                delay=0.05,
             ),
             Reply(
                 deltas=[
@@ -347,13 +397,14 @@ async def test_screenshots(model, context, logdir):
                     *(
                         {"content": piece}
                         for piece in (
-                            "**17 × 23 = 391.**\n\nWorking it out:\n\n",
-                            "1. `17 × 20 = 340`\n",
-                            "2. `17 × 3 = 51`\n",
+                            f"**17 {TIMES} 23 = 391.**\n\nWorking it out:\n\n",
+                            f"1. `17 {TIMES} 20 = 340`\n",
+                            f"2. `17 {TIMES} 3 = 51`\n",
                             "3. `340 + 51 = 391`\n",
                         )
                     ),
-                ]
+                ],
+                delay=0.05,
             ),
             Reply(
                 deltas=[
@@ -363,7 +414,7 @@ async def test_screenshots(model, context, logdir):
                 ]
                 + [{"content": "."}] * 4,
                 delay=0.05,
-                hang_after=6,
+                hang_after=6,  # the model stops after three dots and the run stays running
             ),
         ]
     )
@@ -371,13 +422,14 @@ async def test_screenshots(model, context, logdir):
     await page.set_viewport_size(SHOTS[0][1])
     await page.goto(f"{cluster.frontends[0].http}/#token={token_for('grace')}")
     await page.wait_for_function("() => document.body.dataset.session", timeout=WAIT_MS)
-    await prompt(page, "What is 17 × 23? Show the working.")
+    await prompt(page, f"What is 17 {TIMES} 23? Show the working.")
     await ended(page, 1)
     await prompt(page, "Write a haiku about streaming.")
     await page.wait_for_function(
-        "() => document.querySelector('.run:nth-of-type(2) .answer')?.textContent.includes('snow')",
+        "() => document.querySelector('.run:nth-of-type(2) .answer')?.textContent.includes('snow...')",
         timeout=WAIT_MS,
     )
+    await page.click(".run:nth-of-type(1) summary")  # the reader opens the first run's steps
     out = logdir / "screenshots"
     out.mkdir(exist_ok=True)
     keep = os.environ.get("THOUGHTWIRE_SCREENSHOTS_DIR")

@@ -81,32 +81,37 @@ const viewer = start.viewer;
 
 // ---------------------------------------------------------------- autoscroll
 
-let following = true; // at the bottom: new content scrolls into view
-
 function nearBottom() {
   const root = document.documentElement;
   return window.innerHeight + window.scrollY >= root.scrollHeight - NEAR_BOTTOM;
 }
 
+function toBottom() {
+  window.scrollTo(0, document.documentElement.scrollHeight);
+  $("jump").hidden = true;
+}
+
+/**
+ * Change the log, and follow the change only if the reader was at the bottom before it.
+ * Asked before each change rather than kept from scroll events, which arrive late: a
+ * reader who has just scrolled up is never pulled back down by the next token.
+ */
+function change(mutate) {
+  const follow = nearBottom();
+  mutate();
+  if (follow) toBottom();
+  else $("jump").hidden = false;
+}
+
 addEventListener(
   "scroll",
   () => {
-    following = nearBottom();
-    if (following) $("jump").hidden = true;
+    if (nearBottom()) $("jump").hidden = true;
   },
   { passive: true },
 );
 
-function grew() {
-  if (following) window.scrollTo(0, document.documentElement.scrollHeight);
-  else $("jump").hidden = false;
-}
-
-$("jump").addEventListener("click", () => {
-  following = true;
-  $("jump").hidden = true;
-  grew();
-});
+$("jump").addEventListener("click", toBottom);
 
 // ---------------------------------------------------------------- runs
 
@@ -205,8 +210,7 @@ class Card {
     if (this.frame) return;
     this.frame = requestAnimationFrame(() => {
       this.frame = null;
-      this.render();
-      grew();
+      change(() => this.render());
     });
   }
 
@@ -266,9 +270,10 @@ function remember(run, text) {
 
 /** A line in the log that belongs to no run: a gap, a refused prompt. */
 function notice(text, kind = "notice") {
-  $("runs").append(element("p", kind, text));
-  $("empty").hidden = true;
-  grew();
+  change(() => {
+    $("runs").append(element("p", kind, text));
+    $("empty").hidden = true;
+  });
 }
 
 // ---------------------------------------------------------------- connection
@@ -322,8 +327,7 @@ function open(session) {
   });
   client.addEventListener("event", (e) => {
     if (client !== tw || !e.detail.run) return;
-    cardFor(e.detail.run).apply(e.detail);
-    grew();
+    change(() => cardFor(e.detail.run).apply(e.detail));
   });
   client.addEventListener("gap", (e) => {
     if (client !== tw) return;
@@ -413,7 +417,7 @@ function send() {
   pending.push(text);
   $("prompt").value = "";
   fit();
-  following = true;
+  toBottom(); // whoever sends a prompt wants to see its run
 }
 
 function fit() {
