@@ -420,3 +420,24 @@ async def test_every_frontend_serves_the_client_as_a_cacheable_module(secure: Cl
                 headers={"If-None-Match": response.headers["etag"]},
             )
             assert again.status_code == 304
+
+
+async def test_a_heartbeat_keeps_a_quiet_session_open_past_the_idle_timeout(secure: Cluster):
+    """A frontend closes a socket that saw no frame either way for its idle timeout;
+    the client's heartbeat keeps a follower of a quiet session open, where one without
+    it is closed (1000, final) and would stop following for good."""
+    quiet = secure.add_frontend(THOUGHTWIRE_IDLE_TIMEOUT="1.5")
+    try:
+        async with client_page(quiet.http) as page:
+            for name, beat in (("beating", 300), ("silent", 0)):
+                opened = await open_client(page, name, urls=quiet.ws, token=token(), heartbeat=beat)
+                assert "session" in opened, opened
+            # The silent one's close is the sign that the idle timeout has passed.
+            await wait_for(page, "tw.state === 'closed'", "silent")
+            silent, beating = await log_of(page, "silent"), await log_of(page, "beating")
+            state = await page.evaluate("window.clients.beating.state")
+    finally:
+        quiet.proc.stop()
+    assert silent["state"][-1]["code"] == 1000
+    assert silent["state"][-1]["reason"] == "idle timeout"
+    assert state == "connected" and states(beating) == ["connecting", "connected"]

@@ -88,6 +88,8 @@ export class Thoughtwire extends EventTarget {
    * @param {{initial?: number, max?: number}} [options.backoff] reconnect delays, ms, full jitter
    * @param {number} [options.maxReconnects] failed reconnects in a row before giving up
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket class (outside browsers)
+   * @param {number} [options.heartbeat] ms between the frames that tell a frontend this
+   *   client is alive, so a quiet session is not closed as idle; 0: none
    */
   constructor(options = {}) {
     super();
@@ -97,6 +99,9 @@ export class Thoughtwire extends EventTarget {
     this.path = options.path ?? DEFAULT_PATH;
     this.backoff = { initial: 250, max: 10000, ...options.backoff };
     this.maxReconnects = options.maxReconnects ?? 50;
+    // Well inside a frontend's idle timeout (15 min by default), which closes a socket
+    // that saw no frame either way, and a follower of a quiet session sends none.
+    this.heartbeat = options.heartbeat ?? 240000;
     /** @type {string | null} the session followed, once known */
     this.session = options.session ?? null;
     /** @type {string | null} the epoch of `seq` */
@@ -120,6 +125,7 @@ export class Thoughtwire extends EventTarget {
     this._index = 0;
     this._pending = [];
     this._timer = null;
+    this._beat = null;
     this._done = false;
     this._opened = null;
   }
@@ -219,6 +225,7 @@ export class Thoughtwire extends EventTarget {
 
   _closed(code, reason) {
     this._ws = null;
+    clearInterval(this._beat);
     reason ||= code === 1006 ? "the connection failed or was lost" : "";
     const { _admitted: admitted, _wrote: wrote } = this;
     if (admitted && (code !== UNAUTHORIZED || Date.now() - this._admittedAt >= TOKEN_LASTED_MS)) {
@@ -265,6 +272,7 @@ export class Thoughtwire extends EventTarget {
   _finish(code, reason) {
     this._done = true;
     clearTimeout(this._timer);
+    clearInterval(this._beat);
     this._pending = [];
     this._setState("closed", { code, reason });
     const error = new Error(`closed (${code}): ${reason}`);
@@ -297,6 +305,11 @@ export class Thoughtwire extends EventTarget {
     this.session = message.session;
     this._admitted = true;
     this._firstFrame = true;
+    clearInterval(this._beat);
+    if (this.heartbeat > 0) {
+      const ws = this._ws;
+      this._beat = setInterval(() => ws?.send(JSON.stringify({ type: "pong" })), this.heartbeat);
+    }
     this._failures = 0;
     this._admittedAt = Date.now();
     this._setState(this._resuming ? "resumed" : "connected", this._resuming ? { gap: null } : {});
