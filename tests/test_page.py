@@ -255,6 +255,59 @@ async def test_a_viewer_link_on_the_other_frontend_follows_live_and_cannot_promp
         assert viewer_tab.errors == [] and viewer_tab.dialogs == []
 
 
+async def test_the_indicator_shows_a_frontend_restart_and_the_run_completes_once(
+    redis_server, logdir, context
+):
+    """The page's frontend restarts mid-run: it says Reconnecting, then Resumed, and the
+    answer arrives whole, nothing twice."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_SIM_STEP_DELAY="0.05",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="10",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS=str(ANSWER_TOKENS),
+    )
+    try:
+        a = c.frontends[0]
+        page = (await open_tab(context, f"{a.http}/#token={token_for('judy')}")).page
+        await page.evaluate(
+            """() => {
+              window.states = [];
+              new MutationObserver(() => window.states.push(document.body.dataset.state))
+                .observe(document.body, { attributes: true, attributeFilter: ['data-state'] });
+            }"""
+        )
+        await prompt(page, "survive a restart")
+        await page.wait_for_function(
+            "() => document.querySelector('.run .answer')?.textContent.length > 0",
+            timeout=WAIT_MS,
+        )
+        await asyncio.to_thread(a.proc.stop)  # SIGTERM: the frontend drains, then exits
+        await page.wait_for_function(
+            "() => document.body.dataset.state === 'reconnecting'", timeout=WAIT_MS
+        )
+        assert await page.text_content("#connection-text") == "Reconnecting…"
+        await asyncio.to_thread(a.start)  # the same port again
+        await ended(page, 1)
+        await page.wait_for_function(
+            "() => document.body.dataset.state === 'resumed'", timeout=seconds(30) * 1000
+        )
+        assert await page.text_content("#connection-text") == "Resumed"
+        answer = await page.locator(".run .answer").inner_text()
+        assert " ".join(answer.split()) == expected_answer()
+        assert await page.locator(".step .kind").all_text_contents() == [
+            "Thinking",
+            "Action",
+            "Observation",
+            "Thinking",
+        ]
+        print("states:", await page.evaluate("window.states"))
+    finally:
+        c.stop()
+
+
 AT_BOTTOM = "() => innerHeight + scrollY >= document.documentElement.scrollHeight - 2"
 
 

@@ -320,14 +320,22 @@ function open(session) {
     if (client !== tw) return;
     showState(e.detail, first);
     if (e.detail.state === "connected" || e.detail.state === "resumed") first = false;
-    if (e.detail.state === "closed" && e.detail.code === 4001) askForToken(e.detail.reason);
-    if (e.detail.state === "closed" && e.detail.code === 4003 && viewer) {
-      $("readonly-text").textContent = "This link no longer grants access: ask for a new one.";
+    if (e.detail.state !== "closed") return;
+    if (viewer && (e.detail.code === 4001 || e.detail.code === 4003)) {
+      $("readonly-text").textContent = "This link no longer grants access (it may have expired): ask for a new one.";
+    } else if (e.detail.code === 4001) {
+      askForToken(e.detail.reason);
     }
   });
   client.addEventListener("event", (e) => {
     if (client !== tw || !e.detail.run) return;
     change(() => cardFor(e.detail.run).apply(e.detail));
+  });
+  client.addEventListener("error", (e) => {
+    // Something asked of the client failed (a prompt or a cancel refused); it goes on.
+    if (client !== tw) return;
+    const { action, reason } = e.detail;
+    notice(`Could not ${action === "cancel" ? "stop the run" : `send the ${action}`}: ${reason}`, "notice error");
   });
   client.addEventListener("gap", (e) => {
     if (client !== tw) return;
