@@ -184,7 +184,9 @@ def parser() -> argparse.ArgumentParser:
         "--session", default=None, help="continue (or with --follow, watch) a session"
     )
     chat.add_argument(
-        "--follow", action="store_true", help="watch --session without prompting, until Ctrl-C"
+        "--follow",
+        action="store_true",
+        help="print --session's events so far, then live ones, until Ctrl-C; no prompt",
     )
     chat.add_argument("--json", action="store_true", help="print one JSON event per line")
     chat.add_argument(
@@ -483,6 +485,7 @@ class Chat:
         self.follower: Follower = Follower(
             self.urls,
             args.session,
+            after=0 if args.follow else None,  # a watcher sees the session so far, then live
             token=args.token,
             timeout=args.timeout,
             open_timeout=min(args.timeout, 5.0),
