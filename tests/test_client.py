@@ -290,8 +290,9 @@ async def test_refresh_hands_the_open_socket_a_fresh_token(secure):
     again = Follower(secure.frontends[0].ws, follower.session, after=0, token=token("gina"))
     with pytest.raises(Refused) as info:
         async with asyncio.timeout(seconds(10)):
-            async for _ in again.events():
-                await again.refresh(token("someone-else"))
+            async for event in again.events():
+                if event["seq"] == 1:
+                    await again.refresh(token("someone-else"))
     assert info.value.code == 4003
 
 
@@ -301,3 +302,37 @@ def test_state_changes_are_plain_data():
         "state": "closed",
         "code": 4001,
     }
+
+
+async def test_with_on_error_a_viewers_refused_prompt_is_reported_and_following_goes_on(secure):
+    """As the JavaScript client does: the 4003 that answers a viewer's prompt goes to
+    ``on_error``, the prompt is not sent again, and the run still arrives whole, once."""
+    a, b = secure.frontends
+    owner = Follower(a.ws, token=token("hana"))
+    errors, seen, started = [], [], asyncio.Event()
+
+    async def as_owner():
+        async for _event in ask_with(owner, "a viewer will try to prompt"):
+            started.set()
+
+    async def as_viewer():
+        await started.wait()
+        viewer = Follower(
+            b.ws,
+            owner.session,
+            after=0,
+            token=viewer_token("hana", owner.session),
+            on_error=errors.append,
+        )
+        async with aclosing(viewer.events()) as stream:
+            async for event in stream:
+                seen.append(event)
+                if len(seen) == 1:
+                    await viewer.prompt("may I?")
+                if event["type"] == "done":
+                    return
+
+    async with asyncio.timeout(seconds(30)):
+        await asyncio.gather(as_owner(), as_viewer())
+    assert [(e.code, e.action) for e in errors] == [(4003, "prompt")]
+    assert_once_in_order(seen)

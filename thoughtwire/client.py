@@ -43,6 +43,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State as ConnectionState
 
 DEFAULT_URL = "ws://127.0.0.1:8000/ws/agent-thoughts"
 SOCKET_PATH = "/ws/agent-thoughts"
@@ -52,6 +53,9 @@ TERMINAL = ("done", "error", "cancelled")
 FINAL_CLOSE_CODES = frozenset({1000, 1008, 1009, 4001, 4003})
 UNAUTHORIZED = 4001
 FORBIDDEN = 4003
+RATE_LIMITED = 4029
+# A rate-limited client waits this long at least (times 1 to 2) before it comes back.
+RATE_LIMIT_PAUSE = 1.0
 # After a reconnect, how long to wait for a ``gap`` before saying "resumed" without one:
 # a frontend sends a gap, if any, right after its greeting.
 RESUME_SETTLE = 0.3
@@ -86,11 +90,18 @@ class Refused(Exception):
     ``code`` is the close code (None for an error reply, whose code is ``error``).
     """
 
-    def __init__(self, reason: str, code: int | None = None, error: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        code: int | None = None,
+        error: str | None = None,
+        action: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
         self.error = error
+        self.action = action  # the write that was refused (prompt, cancel, auth), if known
 
 
 class Unreachable(Refused):
@@ -138,6 +149,9 @@ class Follower:
     starts a new one. ``timeout`` gives up (:class:`Unreachable`) after that many
     seconds without a connection; ``max_reconnects`` after that many tries in a row.
     ``on_state`` is called with a :class:`StateChange` on every state change.
+    ``on_error``, if given, hears of a write the token may not make (a viewer's prompt
+    or cancel: 4003) as a :class:`Refused`, and following goes on; without it, that
+    4003 is raised like any final close.
     """
 
     def __init__(
@@ -149,6 +163,7 @@ class Follower:
         after: int | None = None,
         epoch: str | None = None,
         on_state: Callable[[StateChange], None] | None = None,
+        on_error: Callable[[Refused], None] | None = None,
         max_reconnects: int = 50,
         open_timeout: float = 5.0,
         timeout: float | None = None,
@@ -165,6 +180,7 @@ class Follower:
         self.epoch = epoch
         self.token = token
         self.on_state = on_state
+        self.on_error = on_error
         self.max_reconnects = max_reconnects
         self.open_timeout = open_timeout
         self.timeout = timeout
@@ -172,7 +188,9 @@ class Follower:
         self.url_in_use: str | None = None
         self.state: State | None = None
         self._ws: ClientConnection | None = None
-        self._outbox: list[str] = []  # sent on the next connection (cancel, refresh)
+        self._outbox: list[tuple[str, str]] = []  # (action, frame) for the next connection
+        self._wrote: str | None = None  # the last write on this connection, to name a refusal
+        self._auth_retried = False  # a 4001 got its one fresh token since the last admission
         self._prompts: list[str] = []  # resent on each connection until their run starts
         self._runs: set[str] = set()
         self._opened = False  # whether the current attempt got as far as a greeting
@@ -203,31 +221,33 @@ class Follower:
         key = key or uuid.uuid4().hex
         frame = json.dumps({"type": "prompt", "content": text, "key": key})
         self._prompts.append(frame)
-        await self._send(frame, keep=False)
+        await self._send("prompt", frame, keep=False)
         return key
 
     async def cancel(self, run: str | None = None) -> None:
         """Cancel ``run``, or every unfinished run of the followed session."""
         frame = json.dumps({"type": "cancel"} if run is None else {"type": "cancel", "run": run})
-        await self._send(frame, keep=True)
+        await self._send("cancel", frame, keep=True)
 
     async def refresh(self, token: str | None = None) -> None:
         """Hand the open socket a fresh token (``token``, or the callback's) before the old expires."""
         fresh = token or await fetch_token(self.token)
         if fresh:
-            await self._send(json.dumps({"type": "auth", "token": fresh}), keep=False)
+            await self._send("auth", json.dumps({"type": "auth", "token": fresh}), keep=False)
 
-    async def _send(self, frame: str, *, keep: bool) -> None:
+    async def _send(self, action: str, frame: str, *, keep: bool) -> None:
         """Send on the open socket; otherwise (or if it fails) on the next, when ``keep``."""
         ws = self._ws
-        if ws is not None:
+        # Only on an open socket: a send on a closing one waits for the close to finish.
+        if ws is not None and ws.state is ConnectionState.OPEN:
             try:
+                self._wrote = action
                 await ws.send(frame)
                 return
             except ConnectionClosed:
                 pass
         if keep:
-            self._outbox.append(frame)
+            self._outbox.append((action, frame))
 
     # --- following ----------------------------------------------------------
 
@@ -242,7 +262,7 @@ class Follower:
             await self.prompt(prompt)
         delays, failures = backoff(), 0
         deadline = self._deadline()
-        retried_auth, attempt, code, reason = False, 0, None, ""
+        attempt, code, reason = 0, None, ""
         self._report(State.CONNECTING)
         try:
             while True:
@@ -258,12 +278,7 @@ class Follower:
                                 yield message
                 except ConnectionClosed as exc:
                     code, reason = _close_of(exc)
-                    if code == UNAUTHORIZED and callable(self.token) and not retried_auth:
-                        retried_auth = True  # once: a fresh token, then 4001 is final
-                    elif code in FINAL_CLOSE_CODES:
-                        raise Refused(reason or f"closed with {code}", code) from None
-                    elif self._opened:
-                        retried_auth = False
+                    self._after_close(code, reason)
                 except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                     code, reason = None, _describe(exc)
                 finally:
@@ -283,6 +298,8 @@ class Follower:
                             f"no frontend answered within {self.timeout:g} s ({reason})"
                         )
                     delay = min(delay, left)  # one last try just before the deadline
+                if code == RATE_LIMITED:
+                    delay = max(delay, RATE_LIMIT_PAUSE * random.uniform(1, 2))
                 self._report(State.RECONNECTING, code=code, reason=reason)
                 await asyncio.sleep(delay)
         except Refused as exc:
@@ -290,6 +307,24 @@ class Follower:
             raise
         finally:
             self._report(State.CLOSED, code=code, reason=reason)
+
+    def _after_close(self, code: int | None, reason: str) -> None:
+        """Raise :class:`Refused` if a close is final; return if the follower should reconnect."""
+        if self._opened:
+            self._auth_retried = False  # that token was taken: a later 4001 may have another
+        if code == FORBIDDEN and self._opened and self._wrote and self.on_error is not None:
+            # The token may read this session but not write to it (a viewer): the socket
+            # was closed for the write alone, so the caller hears of it and following goes
+            # on. The refused writes are not sent again.
+            self._prompts.clear()
+            self._outbox.clear()
+            self.on_error(Refused(reason or "forbidden", code, action=self._wrote))
+            return
+        if code == UNAUTHORIZED and callable(self.token) and not self._auth_retried:
+            self._auth_retried = True  # once: a fresh token, then a 4001 is final
+            return
+        if code in FINAL_CLOSE_CODES:
+            raise Refused(reason or f"closed with {code}", code, action=self._wrote)
 
     def _deadline(self) -> float | None:
         return None if self.timeout is None else _now() + self.timeout
@@ -302,7 +337,7 @@ class Follower:
         open_timeout = self.open_timeout
         if deadline is not None:
             open_timeout = max(0.01, min(open_timeout, deadline - _now()))
-        self._url_tried = url
+        self._url_tried, self._wrote = url, None
         return connect(url, additional_headers=headers, open_timeout=open_timeout, max_size=2**22)
 
     async def _receive(self, ws: ClientConnection) -> dict[str, Any] | None:
@@ -343,7 +378,8 @@ class Follower:
         self.session = message["session"]
         self._ws, self._opened, self._opened_before = ws, True, True
         outbox, self._outbox = self._outbox, []
-        for frame in [*self._prompts, *outbox]:
+        for action, frame in [*(("prompt", p) for p in self._prompts), *outbox]:
+            self._wrote = action
             await ws.send(frame)
 
     def _advance(self, message: dict[str, Any]) -> bool:
