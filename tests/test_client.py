@@ -336,3 +336,27 @@ async def test_with_on_error_a_viewers_refused_prompt_is_reported_and_following_
         await asyncio.gather(as_owner(), as_viewer())
     assert [(e.code, e.action) for e in errors] == [(4003, "prompt")]
     assert_once_in_order(seen)
+
+
+async def test_a_heartbeat_keeps_a_quiet_follower_past_the_idle_timeout(secure):
+    """A frontend that closes sockets quiet both ways for 1 s: a follower of a quiet
+    session with a 0.3 s heartbeat is still on its first socket 3 s later; without one
+    it is closed with 1000 `idle timeout`, which is final."""
+    frontend = secure.add_frontend(THOUGHTWIRE_IDLE_TIMEOUT="1")
+    secure.frontends.remove(frontend)
+    try:
+        beating = Follower(frontend.ws, "quiet-session", after=0, token=token(), heartbeat=0.3)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(seconds(3)), aclosing(beating.events()) as stream:
+                async for event in stream:
+                    raise AssertionError(f"the session is quiet: {event}")
+        assert beating.reconnects == 0
+
+        silent = Follower(frontend.ws, "quiet-session", after=0, token=token(), heartbeat=None)
+        with pytest.raises(Refused) as info:
+            async with asyncio.timeout(seconds(10)):
+                async for event in silent.events():
+                    raise AssertionError(f"the session is quiet: {event}")
+        assert (info.value.code, info.value.reason) == (1000, "idle timeout")
+    finally:
+        await asyncio.to_thread(frontend.proc.stop)

@@ -31,6 +31,7 @@ are final, so it drives single ``connect`` calls itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import random
@@ -59,6 +60,7 @@ RATE_LIMIT_PAUSE = 1.0
 # After a reconnect, how long to wait for a ``gap`` before saying "resumed" without one:
 # a frontend sends a gap, if any, right after its greeting.
 RESUME_SETTLE = 0.3
+PONG = '{"type":"pong"}'
 
 Token = str | Callable[[], str | Awaitable[str]]
 
@@ -151,7 +153,9 @@ class Follower:
     ``on_state`` is called with a :class:`StateChange` on every state change.
     ``on_error``, if given, hears of a write the token may not make (a viewer's prompt
     or cancel: 4003) as a :class:`Refused`, and following goes on; without it, that
-    4003 is raised like any final close.
+    4003 is raised like any final close. ``heartbeat``: after that many seconds without
+    a frame from the server, a ``pong`` tells the frontend the client is still there
+    (a frontend closes a socket quiet both ways for ``THOUGHTWIRE_IDLE_TIMEOUT``, 15 min).
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class Follower:
         open_timeout: float = 5.0,
         timeout: float | None = None,
         first: int = 0,
+        heartbeat: float | None = 240.0,
     ) -> None:
         self.urls = (
             [urls] if isinstance(urls, str) else urls if isinstance(urls, list) else list(urls)
@@ -184,6 +189,7 @@ class Follower:
         self.max_reconnects = max_reconnects
         self.open_timeout = open_timeout
         self.timeout = timeout
+        self.heartbeat = heartbeat or None
         self.reconnects = 0
         self.url_in_use: str | None = None
         self.state: State | None = None
@@ -348,13 +354,19 @@ class Follower:
         """
         url = self._url_tried
         try:
-            async with asyncio.timeout(RESUME_SETTLE if self._settling else None):
+            async with asyncio.timeout(RESUME_SETTLE if self._settling else self.heartbeat):
                 frame = await ws.recv()
         except TimeoutError:
-            self._settling = False
-            self._report(State.RESUMED, url=url)
+            if self._settling:
+                self._settling = False
+                self._report(State.RESUMED, url=url)
+            else:
+                await _pong(ws)
             return None
         message: dict[str, Any] = json.loads(frame)
+        if message.get("type") == "ping":
+            await _pong(ws)
+            return None
         if message.get("type") == "session":
             resumed = self._opened_before
             await self._greeted(ws, message)
@@ -408,6 +420,13 @@ class Follower:
         self.state = state
         if self.on_state is not None:
             self.on_state(StateChange(state, **fields))
+
+
+async def _pong(ws: ClientConnection) -> None:
+    """Tell the frontend the client is there (an answer to ``ping``, or a keep-alive)."""
+    if ws.state is ConnectionState.OPEN:
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(PONG)
 
 
 def _now() -> float:
