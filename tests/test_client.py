@@ -360,3 +360,16 @@ async def test_a_heartbeat_keeps_a_quiet_follower_past_the_idle_timeout(secure):
         assert (info.value.code, info.value.reason) == (1000, "idle timeout")
     finally:
         await asyncio.to_thread(frontend.proc.stop)
+
+
+async def test_what_waits_for_a_connection_is_bounded():
+    """Prompts waiting for their runs and cancels waiting for a socket: 64 each, then
+    :class:`Refused` (no socket is opened here)."""
+    follower = Follower("ws://127.0.0.1:1")
+    for i in range(64):
+        await follower.prompt(f"p{i}")
+        await follower.cancel()
+    with pytest.raises(Refused, match="64 prompts"):
+        await follower.prompt("one too many")
+    with pytest.raises(Refused, match="64 messages"):
+        await follower.cancel()

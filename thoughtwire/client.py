@@ -61,6 +61,8 @@ RATE_LIMIT_PAUSE = 1.0
 # a frontend sends a gap, if any, right after its greeting.
 RESUME_SETTLE = 0.3
 PONG = '{"type":"pong"}'
+# Prompts waiting for their runs to start, and cancels waiting for a connection, at most.
+MAX_PENDING = 64
 
 Token = str | Callable[[], str | Awaitable[str]]
 
@@ -226,6 +228,8 @@ class Follower:
         """
         key = key or uuid.uuid4().hex
         frame = json.dumps({"type": "prompt", "content": text, "key": key})
+        if len(self._prompts) >= MAX_PENDING:
+            raise Refused(f"{MAX_PENDING} prompts already wait for their runs", action="prompt")
         self._prompts.append(frame)
         await self._send("prompt", frame, keep=False)
         return key
@@ -253,6 +257,10 @@ class Follower:
             except ConnectionClosed:
                 pass
         if keep:
+            if len(self._outbox) >= MAX_PENDING:
+                raise Refused(
+                    f"{MAX_PENDING} messages already wait for a connection", action=action
+                )
             self._outbox.append((action, frame))
 
     # --- following ----------------------------------------------------------
