@@ -63,6 +63,8 @@ RESUME_SETTLE = 0.3
 PONG = '{"type":"pong"}'
 # Prompts waiting for their runs to start, and cancels waiting for a connection, at most.
 MAX_PENDING = 64
+# Runs remembered, to tell a new run (the answer to a prompt) from one seen already.
+RUNS_KEPT = 1024
 
 Token = str | Callable[[], str | Awaitable[str]]
 
@@ -200,7 +202,7 @@ class Follower:
         self._wrote: str | None = None  # the last write on this connection, to name a refusal
         self._auth_retried = False  # a 4001 got its one fresh token since the last admission
         self._prompts: list[str] = []  # resent on each connection until their run starts
-        self._runs: set[str] = set()
+        self._runs: dict[str, None] = {}  # runs seen, the latest RUNS_KEPT, oldest first
         self._opened = False  # whether the current attempt got as far as a greeting
         self._opened_before = False  # whether any attempt did: the next is a resume
         self._settling = False  # greeted again; a gap, if any, comes next
@@ -274,8 +276,7 @@ class Follower:
         """
         if prompt is not None:
             await self.prompt(prompt)
-        delays, failures = backoff(), 0
-        deadline = self._deadline()
+        retries = _Retries(self.max_reconnects, self.timeout)
         attempt, code, reason = 0, None, ""
         self._report(State.CONNECTING)
         try:
@@ -284,7 +285,7 @@ class Follower:
                 try:
                     # No inner generator: one left suspended when the caller stops early
                     # would be finalised apart from this one, and race it.
-                    async with await self._open(attempt, deadline) as ws:
+                    async with await self._open(attempt, retries.deadline) as ws:
                         self._settling = False
                         while True:
                             message = await self._receive(ws)
@@ -298,22 +299,10 @@ class Follower:
                 finally:
                     self._ws = None
                 if self._opened:  # it was up: start counting and backing off afresh
-                    delays, failures, deadline = backoff(), 0, self._deadline()
+                    retries = _Retries(self.max_reconnects, self.timeout)
                 attempt += 1
-                failures += 1
                 self.reconnects += 1
-                if failures > self.max_reconnects:
-                    raise Unreachable(f"gave up after {self.max_reconnects} tries: {reason}")
-                delay = next(delays)
-                if deadline is not None:
-                    left = deadline - _now()
-                    if left <= 0:
-                        raise Unreachable(
-                            f"no frontend answered within {self.timeout:g} s ({reason})"
-                        )
-                    delay = min(delay, left)  # one last try just before the deadline
-                if code == RATE_LIMITED:
-                    delay = max(delay, RATE_LIMIT_PAUSE * random.uniform(1, 2))
+                delay = retries.next_delay(code, reason)
                 self._report(State.RECONNECTING, code=code, reason=reason)
                 await asyncio.sleep(delay)
         except Refused as exc:
@@ -339,9 +328,6 @@ class Follower:
             return
         if code in FINAL_CLOSE_CODES:
             raise Refused(reason or f"closed with {code}", code, action=self._wrote)
-
-    def _deadline(self) -> float | None:
-        return None if self.timeout is None else _now() + self.timeout
 
     async def _open(self, attempt: int, deadline: float | None) -> connect:
         """The connection for ``attempt``: its URL, a fresh token, a timeout within ``deadline``."""
@@ -415,7 +401,9 @@ class Follower:
             self.epoch, self.seq = epoch, seq
             run = message.get("run")
             if run is not None and run not in self._runs:
-                self._runs.add(run)
+                self._runs[run] = None
+                if len(self._runs) > RUNS_KEPT:
+                    del self._runs[next(iter(self._runs))]
                 if self._prompts:
                     self._prompts.pop(0)  # the oldest prompt has its run
             return True
@@ -428,6 +416,32 @@ class Follower:
         self.state = state
         if self.on_state is not None:
             self.on_state(StateChange(state, **fields))
+
+
+class _Retries:
+    """When to try again after a failed or lost connection, and when to stop trying."""
+
+    def __init__(self, max_failures: int, timeout: float | None) -> None:
+        self.delays = backoff()
+        self.failures = 0
+        self.max_failures = max_failures
+        self.timeout = timeout
+        self.deadline = None if timeout is None else _now() + timeout
+
+    def next_delay(self, code: int | None, reason: str) -> float:
+        """Seconds to wait before the next try; raises :class:`Unreachable` to stop."""
+        self.failures += 1
+        if self.failures > self.max_failures:
+            raise Unreachable(f"gave up after {self.max_failures} tries: {reason}")
+        delay = next(self.delays)
+        if self.deadline is not None:
+            left = self.deadline - _now()
+            if left <= 0:
+                raise Unreachable(f"no frontend answered within {self.timeout:g} s ({reason})")
+            delay = min(delay, left)  # one last try just before the deadline
+        if code == RATE_LIMITED:
+            delay = max(delay, RATE_LIMIT_PAUSE * random.uniform(1, 2))
+        return delay
 
 
 async def _pong(ws: ClientConnection) -> None:
