@@ -137,7 +137,10 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=text, description=text, formatter_class=_Help)
+        epilog = "`thoughtwire --help` lists the exit codes and the environment variables."
+        return commands.add_parser(
+            name, help=text, description=text, epilog=epilog, formatter_class=_Help
+        )
 
     up = command("up", "a frontend with in-process workers (embedded Redis unless REDIS_URL)")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on")
