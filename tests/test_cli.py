@@ -337,5 +337,5 @@ def test_workers_log_each_run_and_their_shutdown(secure):
         worker.stop()
     log = "".join(w.output() for w in [*secure.workers, worker])
     assert f"run started: session {job.json()['session']}, run {run}, attempt 1" in log
-    assert f"run {run}, attempt 1, outcome finished, " in log
+    assert f"run {run}, attempt 1, outcome done, " in log
     assert "stopped; runs: " in worker.output()

@@ -75,6 +75,7 @@ class RunAttempt:
         self.limits = limits
         self.history = history or []  # the session's earlier messages, from the start
         self.stop_reason: str | None = None
+        self.ended: str | None = None  # the terminal event written (done, error, cancelled)
         self._next = 1  # this attempt's number for its next event
         self._last_seq = 0
         self._answer: list[str] = []
@@ -261,6 +262,7 @@ class RunAttempt:
         ):
             remember = orjson.dumps(self._turn.messages)
         await self.emit(terminal, result=result, remember=remember)
+        self.ended = terminal.type
         await self.bus.finish(self.entry_id, self.job)
 
     async def _drive(self, agent: Agent) -> None:

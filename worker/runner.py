@@ -41,8 +41,9 @@ logger = logging.getLogger("thoughtwire.worker")
 # every start of the burst (docs/performance.md).
 CLAIM_BATCH = 16
 
-# How a run this worker ran ended, for its log line, by the attempt's stop reason.
-# "finished" is the agent's own end (done, or an error it reported or raised).
+# How a run this worker ran ended, for its log line, by the attempt's stop reason; an
+# attempt that stopped for none ended with the terminal event it wrote (done or error),
+# or found at its last write that another attempt held the run (lease lost).
 RUN_OUTCOMES = {"cancel": "cancelled", "shutdown": "handed back", "lost": "lease lost"}
 
 
@@ -177,7 +178,9 @@ class Worker:
             )
             try:
                 await attempt.execute(agent)
-                outcome = RUN_OUTCOMES.get(attempt.stop_reason or "", "finished")
+                outcome = (
+                    RUN_OUTCOMES.get(attempt.stop_reason or "") or attempt.ended or "lease lost"
+                )
             finally:
                 self._attempts.pop(job.run, None)
                 self.outcomes[outcome] += 1
