@@ -24,7 +24,7 @@ format: $(VENV)/.test
 	$(BIN)/ruff check --fix $(SOURCES)
 	$(BIN)/ruff format $(SOURCES)
 
-system-deps:  ## redis-server and chromium from the OS packages, when missing
+system-deps:  ## redis-server, chromium, npm and kubectl from the OS packages, when missing
 	scripts/system-deps
 
 $(VENV)/.base: pyproject.toml
