@@ -77,7 +77,8 @@ class Guard:
         self.settings = settings
         # Connections (sockets and SSE streams) holding a slot here, id -> user: refreshed.
         self.held: dict[str, str] = {}
-        # Users known to be over the rate, until when nothing is worth asking Redis.
+        # Users known to be over the rate, until when (monotonic) nothing is worth asking
+        # Redis: a wall clock stepped back would otherwise lengthen every refusal by the step.
         self._over: dict[str, float] = {}
 
     async def owner(self, principal: Principal, session: str) -> str | None:
@@ -105,7 +106,7 @@ class Guard:
         user, limit, now = principal.user, self.settings.rate_limit, time.time()
         until = self._over.get(user)
         if until is not None:
-            if now < until:
+            if time.monotonic() < until:
                 raise self._over_rate()
             del self._over[user]
         current, previous = await self.bus.count(user, RATE_WINDOW, now)
@@ -115,19 +116,20 @@ class Guard:
             return
         # At least the spacing of allowed requests, so rounding never asks Redis per frame.
         soonest = now + RATE_WINDOW / max(limit, 1)
-        self._hold_off(user, max(soonest, room_at(current, previous, window, RATE_WINDOW, limit)))
+        room = max(soonest, room_at(current, previous, window, RATE_WINDOW, limit))
+        self._hold_off(user, room - now)
         raise self._over_rate()
 
     def _over_rate(self) -> LimitError:
         return LimitError(f"more than {self.settings.rate_limit} requests a minute; slow down")
 
-    def _hold_off(self, user: str, until: float) -> None:
+    def _hold_off(self, user: str, seconds: float) -> None:
+        now = time.monotonic()
         if len(self._over) >= HOLDOFFS:
-            now = time.time()
             self._over = {u: t for u, t in self._over.items() if t > now}
             if len(self._over) >= HOLDOFFS:  # all still waiting: forget the oldest
                 del self._over[next(iter(self._over))]
-        self._over[user] = until
+        self._over[user] = now + seconds
 
     async def take_run(self, principal: Principal, run: str) -> str | None:
         """Hold a concurrent-run slot for ``run``; returns the user to free it for later."""

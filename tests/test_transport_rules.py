@@ -23,8 +23,9 @@ import jwt
 import pytest
 import websockets
 
+from api import guard as guard_module
 from api.auth import ORIGIN_REFUSAL, Principal
-from api.guard import SOCKET_SLOT_MS, Guard, room_at
+from api.guard import SOCKET_SLOT_MS, Guard, LimitError, room_at
 from shared.bus import Bus
 from shared.connections import RedisFactory
 from shared.keys import Keys
@@ -431,6 +432,56 @@ def test_the_local_refusal_lasts_until_the_window_can_have_room() -> None:
     assert at == pytest.approx((101 - 7 / 20) * w)
     share = 1 - (at / w - 100)
     assert 4 + int(20 * share - 1e-9) <= 10 and 4 + int(20 * (share + 0.01)) > 10
+
+
+class SteppedClock:
+    """A wall clock that can be stepped back (NTP, a resumed VM), and a monotonic one that cannot."""
+
+    def __init__(self, wall: float) -> None:
+        self.wall = wall
+        self.mono = 1_000.0
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+async def test_a_wall_clock_stepped_back_does_not_lengthen_a_local_refusal(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user refused locally is asked about again once the window can have room, however
+    the frontend's wall clock moves meanwhile.
+
+    Measured with 11 requests (10 allowed) and then the wall clock stepped back an hour:
+    refused locally for 3,665 s before (the hold was a wall-clock time), 65 s after.
+    """
+    clock = SteppedClock((int(time.time()) // 60 + 1) * 60 + 1.0)
+    monkeypatch.setattr(guard_module, "time", clock)
+    settings = Settings(redis_url=own_redis.url, jwt_secret=SECRET, rate_limit=10)
+    redis = RedisFactory(settings).commands()
+    caller = Principal(user("stepped"))
+    try:
+        guard = Guard(settings, Bus(redis, Keys("stepped"), log_maxlen=10, log_ttl=60))
+        for _ in range(10):
+            await guard.check_rate(caller)
+        with pytest.raises(LimitError):
+            await guard.check_rate(caller)
+        clock.wall -= 3600
+        refused = 0
+        while refused < 7200:  # at most two hours, 5 s at a time
+            try:
+                await guard.check_rate(caller)
+                break
+            except LimitError:
+                refused += 5
+                clock.wall += 5
+                clock.mono += 5
+    finally:
+        await redis.aclose()
+    print(f"\nrefused locally for {refused} s after the wall clock stepped back an hour")
+    assert refused <= 120, f"refused for {refused} s after the wall clock stepped back an hour"
 
 
 async def test_a_killed_frontends_socket_slots_free_within_ten_seconds(
