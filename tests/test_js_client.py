@@ -340,6 +340,47 @@ async def test_a_gap_is_a_gap_event_and_a_resumed_state(secure: Cluster):
     assert seqs(log["event"]) == list(range(1, len(RUN_SHAPE) + 1))
 
 
+async def test_after_an_expired_log_the_next_resume_is_not_told_of_the_loss_again(
+    secure: Cluster,
+):
+    """A ``gap`` of reason ``expired`` (the log is gone: its epoch is null) leaves the client
+    at the start of no epoch, so its next resume is not told of the same loss again.
+
+    Measured: gaps on the resume after an expired gap, 1 before (the old epoch was kept
+    with seq 0, which the frontend cannot confirm), 0 after.
+    """
+    a = secure.frontends[0]
+    alice = token()
+    session = f"gone-{time.monotonic_ns()}"
+    async with client_page(a.http) as page:
+        await open_client(
+            page, "first", urls=a.ws, token=alice, session=session, after=3, epoch="0000deadbeef"
+        )
+        await wait_for(page, "log.gap.length >= 1", "first")
+        position = await page.evaluate(
+            "({epoch: window.clients.first.epoch, seq: window.clients.first.seq})"
+        )
+        await open_client(
+            page,
+            "next",
+            urls=a.ws,
+            token=alice,
+            session=session,
+            after=position["seq"],
+            epoch=position["epoch"],
+        )
+        await page.evaluate("window.clients.next.prompt('After the loss')")
+        await wait_for(page, runs_done(1), "next")
+        first, following = await log_of(page, "first"), await log_of(page, "next")
+    print("expired gap:", first["gap"], "position after it:", position)
+    print(f"gaps on the next resume: {len(following['gap'])}")
+    [gap] = first["gap"]
+    assert (gap["reason"], gap["epoch"], gap["next"]) == ("expired", None, 1)
+    assert position == {"epoch": None, "seq": 0}
+    assert following["gap"] == [], f"{len(following['gap'])} gaps on the next resume"
+    assert seqs(following["event"]) == list(range(1, len(RUN_SHAPE) + 1))
+
+
 # A socket the page controls: frames are pushed to it by the test, so duplicates and
 # stale events can be put in front of the client.
 FAKE = """async () => {

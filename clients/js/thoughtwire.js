@@ -328,8 +328,10 @@ export class Thoughtwire extends EventTarget {
   }
 
   _gap(gap) {
-    // The stream goes on at `next` of `epoch`: that is the position from now on.
-    if (typeof gap.epoch === "string") this.epoch = gap.epoch;
+    // The stream goes on at `next` of `epoch`: that is the position from now on. A null
+    // epoch (the log is gone) is the start of no epoch: keeping the old one would have the
+    // next resume name a position the frontend cannot confirm, and be told the loss again.
+    if (typeof gap.epoch === "string" || gap.epoch === null) this.epoch = gap.epoch;
     if (Number.isInteger(gap.next)) this.seq = gap.next - 1;
     this._emit("gap", gap);
     if (this._firstFrame && this._resuming) this._setState("resumed", { gap });
