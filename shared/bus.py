@@ -71,6 +71,8 @@ class Bus:
         self._log_maxlen = log_maxlen
         self._ttl = log_ttl
         self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
+        # How far Redis' clock is ahead of this process's (ms), as the last slot taken saw it.
+        self._redis_ahead_ms = 0
         # Scripts and the hot paths' commands go out pipelined (shared.batching).
         self._batch = Batcher(redis)
         self._append = redis.register_script(scripts.APPEND)
@@ -404,12 +406,15 @@ class Bus:
 
     async def acquire_slot(self, key: str, member: str, ttl_ms: int, limit: int) -> bool:
         """Hold one of ``limit`` slots for ``ttl_ms`` (holding it again renews it)."""
-        now = now_ms()
-        return bool(await self._script(self._acquire, (key,), (now, member, now + ttl_ms, limit)))
+        held, now = await self._script(self._acquire, (key,), (member, ttl_ms, limit))
+        self._redis_ahead_ms = int(now) - now_ms()
+        return bool(held)
 
     async def refresh_slots(self, key: str, members: Sequence[str], ttl_ms: int) -> None:
         """Renew held slots for ``ttl_ms``, all of one key in one ZADD (and the key's expiry)."""
-        expires = now_ms() + ttl_ms
+        # On Redis' clock, as the slots were taken: read off the last acquire, so that a
+        # refresh stays one ZADD rather than a script that asks Redis the time.
+        expires = now_ms() + self._redis_ahead_ms + ttl_ms
         scored = [part for member in members for part in (expires, member)]
         await self._commands(("ZADD", key, *scored), ("PEXPIRE", key, ttl_ms))
 

@@ -223,18 +223,23 @@ end
 return status
 """
 
-# KEYS: a sorted set of held slots.  ARGV: now-ms, member, expires-ms, limit.
+# KEYS: a sorted set of held slots.  ARGV: member, lifetime-ms, limit.
 # Slots expire by themselves (a frontend or worker that died frees its slots in time);
-# holders refresh them. Returns 1 if the member holds a slot, 0 if the limit is reached.
-ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if not redis.call('ZSCORE', KEYS[1], ARGV[2]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return 0
+# holders refresh them. Expiry is on Redis' clock: a holder whose clock is ahead of
+# another's by more than a slot's life would otherwise drop the other's live slots.
+# Returns {1 if the member holds a slot, 0 if the limit is reached; Redis' time in ms}.
+ACQUIRE = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return {0, now}
 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3] - ARGV[1])
-return 1
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, now}
 """
+)
 
 # KEYS: this window's counter, the previous window's.  ARGV: window seconds.  Counts one
 # more and returns {this window's count, the previous window's}; the caller adds the share
