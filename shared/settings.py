@@ -1,192 +1,31 @@
 """Settings: one frozen object, built from the environment once at startup and passed down.
 
-Nothing else in the codebase reads ``os.environ``. Every setting has a
-``THOUGHTWIRE_`` variable, except the few that the wider ecosystem already names
-(``REDIS_URL``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``JWT_SECRET``).
+Nothing else in the codebase reads ``os.environ``. Every setting is declared once
+below, with its type, default and description; ``thoughtwire --help`` and
+docs/settings.md are generated from that list (``python -m shared.settings``
+rewrites the page). Every setting has a ``THOUGHTWIRE_`` variable, except the few
+that the wider ecosystem already names (``REDIS_URL``, ``OPENAI_API_KEY``,
+``OPENAI_BASE_URL`` and the ``JWT_``/``JWKS_`` ones).
+
+``Settings(...)`` reads nothing by itself: the environment comes in through
+:meth:`Settings.from_env` only, so a test's or a library user's settings never
+pick up the process's variables by surprise.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 AGENTS = ("simulated", "openai")
 
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot be used; the message names the variable."""
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    # Where Redis is. None means embedded: an in-process Redis (``thoughtwire up``).
-    redis_url: str | None = None
-    # Prefix of every key and channel, so several deployments (or tests) share one Redis.
-    key_prefix: str = "tw"
-    # Connections per process in the command pool. Pools block (up to redis_pool_timeout)
-    # rather than raise when exhausted: redis-py 8 raises MaxConnectionsError past its cap,
-    # which under load would silently drop streams.
-    redis_pool_size: int = 64
-    redis_pool_timeout: float = 5.0
-
-    # Agent
-    agent: str = "simulated"
-    openai_api_key: str | None = field(default=None, repr=False)
-    openai_base_url: str | None = None
-    openai_model: str = "gpt-4o-mini"
-    openai_timeout: float = 60.0
-    openai_idle_timeout: float = 30.0  # longest silence inside a stream
-    openai_retries: int = 3  # before the first token: 429, 5xx, connection errors, timeouts
-    max_steps: int = 8  # model calls per run (each tool round is one)
-    max_tokens_per_run: int = 8192
-    tool_timeout: float = 30.0
-    tools: str = ""  # more tools: "pkg.module:function,..."
-    memory_turns: int = 20  # previous turns of a session sent with the next prompt
-    coalesce_ms: float = 15.0  # merge answer/thinking deltas this close together
-    sim_step_delay: float = 0.5
-    sim_answer_tokens: int = 12
-    sim_tokens_per_second: float = 20.0
-    # Each answer token lands within this share of an interval of its slot, as a real
-    # model's tokens do; 0 is a metronome.
-    sim_jitter: float = 0.0
-
-    # Event log per session: bounded in length and lifetime. Run states, results and
-    # idempotency keys are kept as long.
-    log_maxlen: int = 10_000
-    log_ttl: int = 86_400
-
-    # Frontend
-    send_queue_size: int = 1024
-    ping_interval: float = 60.0
-    max_message_bytes: int = 64 * 1024
-    max_prompt_chars: int = 32_000
-    ws_per_message_deflate: bool = False
-    # Bounds on what a client may make a frontend hold before it is known to be
-    # harmless (docs/security.md, "Bounds"). A request body: 413 past it, counted as it
-    # arrives. A request head (request line and headers): 431 past it.
-    max_body_bytes: int = 1024 * 1024
-    max_header_bytes: int = 64 * 1024
-    # A request head, and a WebSocket handshake until it is answered, must be done this
-    # long after the connection (or the previous response); otherwise it is closed.
-    handshake_timeout: float = 10.0
-    # A request's body must have arrived whole this long after its head; otherwise 408.
-    body_timeout: float = 30.0
-    # Open connections per frontend process, sockets included; past it only /healthz
-    # and /readyz are answered, with a little room, and then connections are closed.
-    max_connections: int = 10_000
-
-    # Authentication: HS256 with jwt_secret, and/or RS256/ES256 with a PEM public key or
-    # a JWKS URL. Any of them turns authentication on for every socket and endpoint.
-    jwt_secret: str | None = field(default=None, repr=False)
-    jwt_public_key: str | None = None
-    jwks_url: str | None = None
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    viewer_token_ttl: int = 3600
-    # Browser origins allowed to open sockets and call the API ("*": any). Empty: only
-    # pages served by the frontend itself (same origin), and clients that send none.
-    allowed_origins: str = ""
-    # Also allow pages opened from a file (``file://``, Origin ``null``) and loopback
-    # origins (http(s)://localhost, 127.0.0.1, [::1], any port). None: on for
-    # ``thoughtwire up`` without authentication, a gateway on the developer's own
-    # machine, so the pages one writes there just work; off everywhere else.
-    allow_local_origins: bool | None = None
-    # Host names (``name`` for any port, or ``name:port``) requests may be addressed to,
-    # beyond loopback ("*": any). Empty: only loopback without authentication, any with
-    # it. A local frontend without authentication is otherwise open to DNS rebinding.
-    allowed_hosts: str = ""
-
-    # Limits per user, held across all frontends (state in Redis).
-    rate_limit: int = 120  # client frames and API calls per minute
-    max_runs_per_user: int = 8
-    max_sockets_per_user: int = 50
-    idle_timeout: float = 900.0  # a socket with no frame either way this long is closed
-
-    # Frontend shutdown: sockets are told to reconnect in batches spread over this
-    # window, so they do not all land on the other frontends at once.
-    drain_window: float = 5.0
-    # Interactive runs are cancelled once no socket has watched their session this long.
-    disconnect_grace: float = 15.0
-    # Runs a frontend follows until they end, to end those whose state Redis lost
-    # (api/runs.py); past it the oldest is no longer followed.
-    tracked_runs: int = 10_000
-
-    # Worker
-    worker_concurrency: int = 32
-    drain_timeout: float = 20.0  # plus drain_window, below Kubernetes' 30 s grace period
-    lease_seconds: float = 10.0
-    max_attempts: int = 3
-    # How long a worker keeps retrying a Redis write (a restart, a failover) before
-    # it gives the run up to the lease, for another worker to retry.
-    redis_retry_seconds: float = 30.0
-    embedded_workers: int = 2
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.jwt_secret or self.jwt_public_key or self.jwks_url)
-
-    @property
-    def origins(self) -> tuple[str, ...]:
-        return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
-
-    @property
-    def local_origins(self) -> bool:
-        """Whether ``null`` and loopback origins pass (``allow_local_origins``, resolved)."""
-        return bool(self.allow_local_origins)
-
-    def for_embedded(self) -> Settings:
-        """These settings as ``thoughtwire up`` runs them: the defaults of a local gateway."""
-        if self.allow_local_origins is not None:
-            return self
-        return dataclasses.replace(self, allow_local_origins=not self.auth_enabled)
-
-    @property
-    def hosts(self) -> frozenset[str]:
-        return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
-        """Build settings from an environment mapping; explicit overrides win."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            name = _ENV_NAMES.get(f.name, "THOUGHTWIRE_" + f.name.upper())
-            raw = environ.get(name)
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(name, raw, f.type)
-        if "agent" not in values and values.get("openai_api_key"):
-            values["agent"] = "openai"
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        if self.agent not in AGENTS:
-            raise SettingsError(f"THOUGHTWIRE_AGENT must be one of {', '.join(AGENTS)}")
-        if self.agent == "openai" and not self.openai_api_key:
-            raise SettingsError("the openai agent needs OPENAI_API_KEY")
-        for name in ("send_queue_size", "log_maxlen", "worker_concurrency", "tracked_runs"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
-        for name in ("max_body_bytes", "max_header_bytes", "max_connections"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be at least 1")
-        for name in ("handshake_timeout", "body_timeout"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"THOUGHTWIRE_{name.upper()} must be more than 0")
-        if self.redis_pool_size < 2:  # the pipelined calls keep one connection to themselves
-            raise SettingsError("THOUGHTWIRE_REDIS_POOL_SIZE must be at least 2")
-        if self.memory_turns < 0:
-            raise SettingsError("THOUGHTWIRE_MEMORY_TURNS must be 0 (no memory) or more")
-        if not 0 <= self.sim_jitter <= 0.5:
-            raise SettingsError("THOUGHTWIRE_SIM_JITTER must be between 0 and 0.5")
-        if ":" in self.key_prefix or "{" in self.key_prefix:
-            raise SettingsError("THOUGHTWIRE_KEY_PREFIX must not contain ':' or '{'")
-
-
+# The settings whose variable the wider ecosystem already names.
 _ENV_NAMES = {
     "redis_url": "REDIS_URL",
     "openai_api_key": "OPENAI_API_KEY",
@@ -199,19 +38,319 @@ _ENV_NAMES = {
 }
 
 
-def _parse(name: str, raw: str, kind: Any) -> Any:
-    kind = str(kind)
-    try:
-        if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
-        if kind.startswith("bool"):
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a valid {kind.split(' ')[0]}") from None
-    return raw
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable a setting is read from."""
+    return _ENV_NAMES.get(field, "THOUGHTWIRE_" + field.upper())
+
+
+class _Environment(PydanticBaseSettingsSource):
+    """The variables of one environment mapping, by setting; empty ones count as unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """The raw string of one setting's variable, or None when it is unset."""
+        return self.environ.get(env_name(field_name)) or None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, info in self.settings_cls.model_fields.items():
+            raw, key, _complex = self.get_field_value(info, name)
+            if raw is not None:
+                values[key] = raw
+        return values
+
+
+class Settings(BaseSettings):
+    """Every setting of a frontend, a worker and ``thoughtwire up``: typed, defaulted, frozen."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    redis_url: str | None = Field(
+        None,
+        description="Where Redis is. Unset: embedded, an in-process Redis (`thoughtwire up`).",
+    )
+    key_prefix: str = Field(
+        "tw",
+        description="Prefix of every key and channel, so several deployments (or tests) "
+        "share one Redis. No ':' or '{'.",
+    )
+    # Pools block (up to redis_pool_timeout) rather than raise when exhausted: redis-py 8
+    # raises MaxConnectionsError past its cap, which under load would silently drop streams.
+    # The pipelined calls keep one connection to themselves, hence at least 2.
+    redis_pool_size: int = Field(
+        64, ge=2, description="Connections per process in the command pool (at least 2)."
+    )
+    redis_pool_timeout: float = Field(
+        5.0, description="Seconds a command waits for a free pooled connection."
+    )
+
+    # Agent
+    agent: str = Field(
+        "simulated",
+        description="The default agent: simulated, or openai (the default when "
+        "OPENAI_API_KEY is set).",
+    )
+    openai_api_key: str | None = Field(None, repr=False, description="The OpenAI API key.")
+    openai_base_url: str | None = Field(
+        None, description="An OpenAI-compatible endpoint instead of OpenAI's own."
+    )
+    openai_model: str = Field("gpt-4o-mini", description="The model the openai agent calls.")
+    openai_timeout: float = Field(60.0, description="Seconds for one model call.")
+    openai_idle_timeout: float = Field(
+        30.0, description="Longest silence inside a model's stream, in seconds."
+    )
+    openai_retries: int = Field(
+        3,
+        description="Retries before the first token: 429, 5xx, connection errors, timeouts.",
+    )
+    max_steps: int = Field(8, description="Model calls per run (each tool round is one).")
+    max_tokens_per_run: int = Field(8192, description="Tokens a run may generate.")
+    tool_timeout: float = Field(30.0, description="Seconds one tool call may take.")
+    tools: str = Field("", description='More tools: "pkg.module:function,...".')
+    memory_turns: int = Field(
+        20, ge=0, description="Previous turns of a session sent with the next prompt (0: none)."
+    )
+    coalesce_ms: float = Field(
+        15.0, description="Merge answer and thinking deltas this close together (ms)."
+    )
+    sim_step_delay: float = Field(0.5, description="The simulated agent's pause per step (s).")
+    sim_answer_tokens: int = Field(12, description="Tokens in a simulated answer.")
+    sim_tokens_per_second: float = Field(20.0, description="The simulated agent's token rate.")
+    # A real model's tokens are not a metronome either.
+    sim_jitter: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Each simulated token lands within this share of an interval of its "
+        "slot (0 to 0.5; 0: a metronome).",
+    )
+
+    # Event log per session: bounded in length and lifetime. Run states, results and
+    # idempotency keys are kept as long.
+    log_maxlen: int = Field(10_000, ge=1, description="Events kept per session log.")
+    log_ttl: int = Field(86_400, description="Seconds a session's log and runs are kept.")
+
+    # Frontend
+    send_queue_size: int = Field(1024, ge=1, description="Frames queued per viewer.")
+    ping_interval: float = Field(60.0, description="Seconds between WebSocket pings.")
+    max_message_bytes: int = Field(64 * 1024, description="Largest client frame, in bytes.")
+    max_prompt_chars: int = Field(32_000, description="Longest prompt, in characters.")
+    ws_per_message_deflate: bool = Field(
+        False, description="Offer permessage-deflate on WebSockets."
+    )
+    # Bounds on what a client may make a frontend hold before it is known to be
+    # harmless (docs/security.md, "Bounds"); a body is counted as it arrives.
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1, description="Largest request body, in bytes (413 past it)."
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1,
+        description="Largest request head (request line and headers), in bytes (431 past it).",
+    )
+    handshake_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds after a connection (or the previous response) by which a "
+        "request head or a WebSocket handshake must be done.",
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds after its head by which a body must be whole (408)."
+    )
+    max_connections: int = Field(
+        10_000,
+        ge=1,
+        description="Open connections per frontend process, sockets included; past it only "
+        "/healthz and /readyz are answered.",
+    )
+
+    # Authentication: any of the key settings turns it on for every socket and endpoint.
+    jwt_secret: str | None = Field(None, repr=False, description="HS256 secret for tokens.")
+    jwt_public_key: str | None = Field(None, description="PEM public key (RS256/ES256).")
+    jwks_url: str | None = Field(None, description="JWKS URL (RS256/ES256).")
+    jwt_audience: str | None = Field(None, description="Required `aud` claim.")
+    jwt_issuer: str | None = Field(None, description="Required `iss` claim.")
+    viewer_token_ttl: int = Field(3600, description="Lifetime of a viewer link's token (s).")
+    allowed_origins: str = Field(
+        "",
+        description='Browser origins allowed to open sockets and call the API ("*": any). '
+        "Empty: same origin only, and clients that send none.",
+    )
+    # None: on for `thoughtwire up` without authentication, a gateway on the developer's
+    # own machine, so the pages one writes there just work; off everywhere else.
+    allow_local_origins: bool | None = Field(
+        None,
+        description="Also allow file:// pages (Origin null) and loopback origins. "
+        "Unset: on for `thoughtwire up` without authentication, off elsewhere.",
+    )
+    # Without authentication a local frontend is otherwise open to DNS rebinding.
+    allowed_hosts: str = Field(
+        "",
+        description="Host names (name or name:port) requests may be addressed to beyond "
+        'loopback ("*": any). Empty: loopback only without authentication, any with it.',
+    )
+
+    # Limits per user, held across all frontends (state in Redis).
+    rate_limit: int = Field(120, description="Client frames and API calls per user per minute.")
+    max_runs_per_user: int = Field(8, description="Runs a user may have queued or running.")
+    max_sockets_per_user: int = Field(50, description="Open sockets per user.")
+    idle_timeout: float = Field(
+        900.0, description="A socket with no frame either way this long is closed (s)."
+    )
+
+    # Frontend shutdown
+    drain_window: float = Field(
+        5.0,
+        description="Seconds over which a stopping frontend tells its sockets to reconnect, "
+        "in batches.",
+    )
+    disconnect_grace: float = Field(
+        15.0,
+        description="Interactive runs are cancelled once no socket has watched their "
+        "session this long (s).",
+    )
+    tracked_runs: int = Field(
+        10_000,
+        ge=1,
+        description="Runs a frontend follows until they end, to end those Redis lost.",
+    )
+
+    # Worker
+    worker_concurrency: int = Field(32, ge=1, description="Runs a worker process runs at once.")
+    # Plus drain_window, below Kubernetes' 30 s grace period.
+    drain_timeout: float = Field(
+        20.0, description="Seconds a stopping worker lets its runs finish."
+    )
+    lease_seconds: float = Field(10.0, description="A run's lease; renewed every third.")
+    max_attempts: int = Field(3, description="Attempts at a run before it is dead-lettered.")
+    redis_retry_seconds: float = Field(
+        30.0,
+        description="How long a worker retries a Redis write (a restart, a failover) before "
+        "it gives the run up to the lease.",
+    )
+    embedded_workers: int = Field(2, description="Workers `thoughtwire up` runs.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments only: the environment is read by :meth:`from_env`."""
+        return (init_settings,)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(_one_line(error, values)) from None
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_is_one_segment(cls, prefix: str) -> str:
+        if ":" in prefix or "{" in prefix:  # keys.py puts ':' between parts, '{' in slots
+            raise ValueError("must not contain ':' or '{'")
+        return prefix
+
+    @model_validator(mode="after")
+    def _agent_is_runnable(self) -> Settings:
+        if self.agent not in AGENTS:
+            raise ValueError(f"THOUGHTWIRE_AGENT must be one of {', '.join(AGENTS)}")
+        if self.agent == "openai" and not self.openai_api_key:
+            raise ValueError("the openai agent needs OPENAI_API_KEY")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether any token key is set, which turns authentication on everywhere."""
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwks_url)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """The allowed browser origins, one per entry of ``allowed_origins``."""
+        return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def local_origins(self) -> bool:
+        """Whether ``null`` and loopback origins pass (``allow_local_origins``, resolved)."""
+        return bool(self.allow_local_origins)
+
+    def for_embedded(self) -> Settings:
+        """These settings as ``thoughtwire up`` runs them: the defaults of a local gateway."""
+        if self.allow_local_origins is not None:
+            return self
+        return self.model_copy(update={"allow_local_origins": not self.auth_enabled})
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The allowed host names, lower-cased, from ``allowed_hosts``."""
+        return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from an environment mapping; explicit overrides win."""
+        values = _Environment(cls, environ)()
+        if "agent" not in values and values.get("openai_api_key"):
+            values["agent"] = "openai"
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _one_line(error: ValidationError, values: Mapping[str, Any]) -> str:
+    """The first problem of a validation error, naming the variable it came from."""
+    first = error.errors(include_url=False)[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:  # a rule across settings; its message names the variables
+        return message
+    field = str(first["loc"][0])
+    if field not in values:
+        return f"{field}: {message}"
+    return f"{env_name(field)}={values[field]!r}: {message[0].lower()}{message[1:]}"
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """``(variable, type, default, description)`` for every setting, in declared order."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        kind = str(info.annotation).replace("typing.", "").replace("<class '", "")
+        kind = kind.replace("'>", "").replace(" | None", " (optional)")
+        default = "" if info.default in (None, "") else repr(info.default).strip("'")
+        rows.append((env_name(name), kind, default, info.description or ""))
+    return rows
+
+
+def markdown() -> str:
+    """docs/settings.md: every setting's variable, type, default and description."""
+    lines = [
+        "# Settings",
+        "",
+        "Every setting of a frontend (`thoughtwire api`), a worker (`thoughtwire worker`)",
+        "and `thoughtwire up`, read from the environment once at start. A bad value stops",
+        "the process with one line naming the variable (exit code 2). Generated from",
+        "`shared/settings.py` by `python -m shared.settings`; do not edit by hand.",
+        "",
+        "| Variable | Type | Default | Description |",
+        "|---|---|---|---|",
+    ]
+    for variable, kind, default, description in describe():
+        shown = f"`{default}`" if default else ""
+        text = description.replace("|", "\\|")
+        lines.append(f"| `{variable}` | {kind} | {shown} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+DOC = Path(__file__).parent.parent / "docs" / "settings.md"
+
+if __name__ == "__main__":
+    DOC.write_text(markdown())
+    print(f"wrote {DOC}", file=sys.stderr)

@@ -5,7 +5,6 @@ no traceback, and its exit code the one ``--help`` lists for it.
 """
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -284,7 +283,7 @@ def test_help_lists_every_command_exit_code_and_setting():
     for code in Exit:
         assert f"{int(code):>3}  " in result.stdout
     variables = environment_variables()
-    assert len(variables) == len(dataclasses.fields(Settings))
+    assert len(variables) == len(Settings.model_fields)
     for name, _default in variables:
         assert name in result.stdout
     assert "REDIS_URL" in result.stdout and "THOUGHTWIRE_LOG_MAXLEN (default: 10000)" in (

@@ -1,6 +1,7 @@
 import pytest
+from pydantic import ValidationError
 
-from shared.settings import Settings, SettingsError
+from shared.settings import DOC, Settings, SettingsError, describe, markdown
 
 
 def test_defaults_are_embedded_and_simulated():
@@ -62,3 +63,26 @@ def test_secrets_stay_out_of_repr():
 
 def test_overrides_win():
     assert Settings.from_env({"THOUGHTWIRE_KEY_PREFIX": "a"}, key_prefix="b").key_prefix == "b"
+
+
+def test_direct_construction_is_validated_and_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("THOUGHTWIRE_KEY_PREFIX", "from-env")
+    assert Settings().key_prefix == "tw"
+    with pytest.raises(SettingsError, match="THOUGHTWIRE_SEND_QUEUE_SIZE"):
+        Settings(send_queue_size=0)
+
+
+def test_settings_are_frozen():
+    with pytest.raises(ValidationError):
+        Settings().key_prefix = "x"  # type: ignore[misc]
+
+
+def test_every_setting_is_described():
+    for variable, kind, _default, description in describe():
+        assert variable.isupper() and kind and description, variable
+
+
+def test_settings_page_is_current():
+    """docs/settings.md is generated from the declared settings; regenerate it with
+    ``python -m shared.settings``."""
+    assert DOC.read_text() == markdown(), "run `python -m shared.settings`"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from shared.settings import Settings, SettingsError
+from shared.settings import Settings, SettingsError, env_name
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -90,21 +89,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def environment_variables() -> list[tuple[str, Any]]:
-    """``(variable, default)`` for every setting, in the order ``Settings`` declares them.
-
-    The names are the ones :meth:`Settings.from_env` actually reads, recorded by
-    handing it an empty environment that notes each lookup.
-    """
-
-    class Recorder(dict[str, str]):
-        def get(self, key: str, default: Any = None) -> Any:
-            names.append(key)
-            return default
-
-    names: list[str] = []
-    Settings.from_env(Recorder())
-    defaults = [f.default for f in dataclasses.fields(Settings)]
-    return list(zip(names, defaults, strict=True))
+    """``(variable, default)`` for every setting, in the order ``Settings`` declares them."""
+    return [(env_name(name), info.default) for name, info in Settings.model_fields.items()]
 
 
 def _epilog() -> str:
