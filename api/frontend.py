@@ -24,6 +24,7 @@ from shared.connections import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job
 from shared.settings import Settings
+from shared.vocab import OnDisconnect
 
 READY_TIMEOUT = 2.0
 DRAIN_BATCHES = 10
@@ -58,7 +59,7 @@ class Frontend:
         prompt: str,
         agent: str | None = None,
         *,
-        on_disconnect: str = "continue",
+        on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
         idempotency_key: str | None = None,
     ) -> tuple[str, str, bool]:
         """Queue a prompt, if the principal may; returns ``(run, session, created)``."""

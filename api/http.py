@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,6 +26,7 @@ from shared.protocol import (
     parse_event_id,
     valid_id,
 )
+from shared.vocab import OnDisconnect, RunStatus
 
 router = APIRouter(prefix="/v1")
 
@@ -40,7 +41,7 @@ class JobRequest(BaseModel):
     prompt: str = Field(min_length=1)
     session: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    on_disconnect: Literal["continue", "cancel"] = "continue"
+    on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
 
 
 def _frontend(request: Request) -> Frontend:
@@ -92,7 +93,7 @@ async def job_status(job: str, request: Request, caller: Caller) -> dict[str, ob
     await _frontend(request).guard.check_read(caller, state["session"])
     status = (
         "cancelling"
-        if state.get("cancel") == "1" and state["status"] in ("queued", "running")
+        if state.get("cancel") == "1" and state["status"] in (RunStatus.QUEUED, RunStatus.RUNNING)
         else state["status"]
     )
     body: dict[str, object] = {
@@ -101,9 +102,9 @@ async def job_status(job: str, request: Request, caller: Caller) -> dict[str, ob
         "status": status,
         "attempts": int(state.get("attempt", 0)),
     }
-    if state["status"] == "done":
+    if state["status"] == RunStatus.DONE:
         body["result"] = state.get("result", "")
-    elif state["status"] in ("failed", "cancelled"):
+    elif state["status"] in (RunStatus.FAILED, RunStatus.CANCELLED):
         body["error"] = state.get("result", "")
     return body
 

@@ -45,6 +45,7 @@ from shared.protocol import (
     reply,
     valid_id,
 )
+from shared.vocab import OnDisconnect
 
 routes = SocketRoutes()  # served by api.lane, ahead of FastAPI
 _route = routes.route
@@ -256,7 +257,7 @@ class SessionSocket:
                 session,
                 message.content,
                 self.agent,
-                on_disconnect="cancel",
+                on_disconnect=OnDisconnect.CANCEL,
                 idempotency_key=message.key,
             )
         elif isinstance(message, Resume):

@@ -32,6 +32,7 @@ from shared import scripts
 from shared.batching import Batcher
 from shared.keys import Keys
 from shared.protocol import Job, Thought, encode_event_head
+from shared.vocab import RunStatus, Verdict
 
 FENCED = -1  # what an append returns to an attempt that lost its lease
 
@@ -56,7 +57,7 @@ class Meta:
 class Attempt:
     """What the start script decided for a claimed job."""
 
-    verdict: str  # run, cancel, dead, busy, finished
+    verdict: Verdict
     attempt: int
     fence: str
     history: list[dict[str, Any]]  # the session's remembered messages, for ``run``
@@ -113,7 +114,7 @@ class Bus:
         # The run's record first, so a worker that takes the job always finds it. Field
         # by field only where unset: a retried submit must not reset a run that started.
         await self._commands(
-            ("HSETNX", run_key, "status", "queued"),
+            ("HSETNX", run_key, "status", RunStatus.QUEUED),
             ("HSETNX", run_key, "attempt", 0),
             ("HSETNX", run_key, "created", now_ms()),
             ("EXPIRE", run_key, ttl),
@@ -162,7 +163,7 @@ class Bus:
         cancelled = []
         for r in runs:
             status = await self._script(self._cancel, (self.keys.run(session, r),), ())
-            if _text(status or b"") in ("queued", "running"):
+            if _text(status or b"") in (RunStatus.QUEUED, RunStatus.RUNNING):
                 cancelled.append(r)
         if cancelled:
             message = orjson.dumps({"cancel": cancelled, "session": session})
@@ -260,7 +261,7 @@ class Bus:
             (fence, owner, lease_ms, max_attempts, self._ttl),
         )
         history = [message for turn in turns for message in orjson.loads(turn)]
-        return Attempt(_text(verdict), int(attempt), fence, history)
+        return Attempt(Verdict(_text(verdict)), int(attempt), fence, history)
 
     async def renew(self, job: Job, fence: str, lease_ms: int) -> int:
         """-1: the lease is lost; 1: cancellation was asked for; 0: carry on.

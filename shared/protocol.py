@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from shared.vocab import OnDisconnect, RunStatus
+
 # Event types a run produces. ``done``, ``error`` and ``cancelled`` end a run; ``retry``
 # says a new attempt starts over (clients drop the run's partial answer).
 THOUGHT_TYPES = ("thinking", "action", "observation", "answer")
@@ -30,7 +32,11 @@ TERMINAL_TYPES = ("done", "error", "cancelled")
 EVENT_TYPES = (*THOUGHT_TYPES, "retry", *TERMINAL_TYPES)
 
 # What a run's terminal event makes of its status.
-TERMINAL_STATUS = {"done": "done", "error": "failed", "cancelled": "cancelled"}
+TERMINAL_STATUS = {
+    "done": RunStatus.DONE,
+    "error": RunStatus.FAILED,
+    "cancelled": RunStatus.CANCELLED,
+}
 
 
 class ProtocolError(ValueError):
@@ -128,7 +134,7 @@ class Job:
     session: str
     prompt: str
     agent: str | None = None
-    on_disconnect: str = "continue"  # or "cancel": once nobody watches the session
+    on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
     user: str | None = None  # whose concurrent-run slot the run holds
 
     def encode(self) -> bytes:
@@ -151,7 +157,7 @@ class Job:
             run=obj["run"],
             prompt=obj["prompt"],
             agent=obj.get("agent"),
-            on_disconnect=obj.get("on_disconnect", "continue"),
+            on_disconnect=OnDisconnect(obj.get("on_disconnect", OnDisconnect.CONTINUE)),
             user=obj.get("user"),
         )
 

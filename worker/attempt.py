@@ -32,6 +32,7 @@ import orjson
 from shared.backoff import UNAVAILABLE, retry
 from shared.bus import FENCED, Bus
 from shared.protocol import TERMINAL_STATUS, Job, Thought
+from shared.vocab import OnDisconnect, StopReason
 from worker.agents import Agent, AgentError, Turn
 from worker.coalesce import coalesce
 
@@ -74,7 +75,7 @@ class RunAttempt:
         self.owner = owner
         self.limits = limits
         self.history = history or []  # the session's earlier messages, from the start
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.ended: str | None = None  # the terminal event written (done, error, cancelled)
         self._next = 1  # this attempt's number for its next event
         self._last_seq = 0
@@ -89,7 +90,7 @@ class RunAttempt:
         self._failure: BaseException | None = None  # what made a write fail, for good
         self._waiters: list[asyncio.Future[None]] = []
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: StopReason) -> None:
         """Stop the agent for ``reason`` (cancel, lost, shutdown); the first reason wins."""
         if self.stop_reason is None:
             self.stop_reason = reason
@@ -156,7 +157,7 @@ class RunAttempt:
         elif int(flight.result()) == FENCED:
             self._failure = LeaseLost()
             self._queued.clear()
-            self.stop("lost")
+            self.stop(StopReason.LOST)
         else:
             self._last_seq = int(flight.result())  # a retry has set it already
             if self._queued:
@@ -236,11 +237,11 @@ class RunAttempt:
         except Exception:
             logger.exception("run %s of session %s failed", self.job.run, self.job.session)
             return Thought("error", GENERIC_FAILURE)
-        if self.stop_reason == "cancel":
+        if self.stop_reason == StopReason.CANCEL:
             return Thought("cancelled", self._cancel_message)
-        if self.stop_reason == "lost":
+        if self.stop_reason == StopReason.LOST:
             raise LeaseLost
-        if self.stop_reason == "shutdown":
+        if self.stop_reason == StopReason.SHUTDOWN:
             return None
         return self._terminal or Thought("done", "")
 
@@ -294,7 +295,7 @@ class RunAttempt:
                 await self.bus.touch(self.owner, self.entry_id)
             try:
                 verdict = await self.bus.renew(self.job, self.fence, self.limits.lease_ms)
-                if self.job.on_disconnect == "cancel":
+                if self.job.on_disconnect == OnDisconnect.CANCEL:
                     watched = (await self.bus.subscribers([channel])).get(channel, 0)
             except asyncio.CancelledError:
                 raise
@@ -302,12 +303,12 @@ class RunAttempt:
                 continue  # Redis is away; the lease may lapse, and fencing keeps that safe
             # A run whose state Redis lost is not lost to us: the renewal took it back (0).
             if verdict < 0:
-                self.stop("lost")
+                self.stop(StopReason.LOST)
                 return
             if verdict > 0:
-                self.stop("cancel")
+                self.stop(StopReason.CANCEL)
                 return
-            if self.job.on_disconnect == "cancel":
+            if self.job.on_disconnect == OnDisconnect.CANCEL:
                 now = time.monotonic()
                 unwatched_since = None if watched else (unwatched_since or now)
                 if (
@@ -315,5 +316,5 @@ class RunAttempt:
                     and now - unwatched_since >= self.limits.disconnect_grace
                 ):
                     self._cancel_message = "the run was cancelled: nobody was watching"
-                    self.stop("cancel")
+                    self.stop(StopReason.CANCEL)
                     return

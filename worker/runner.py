@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from shared.backoff import UNAVAILABLE, delays
 from shared.bus import Bus
 from shared.protocol import Job, Thought
+from shared.vocab import StopReason, Verdict
 from worker.agents import Agent
 from worker.attempt import Limits, RunAttempt
 
@@ -44,7 +45,11 @@ CLAIM_BATCH = 16
 # How a run this worker ran ended, for its log line, by the attempt's stop reason; an
 # attempt that stopped for none ended with the terminal event it wrote (done or error),
 # or found at its last write that another attempt held the run (lease lost).
-RUN_OUTCOMES = {"cancel": "cancelled", "shutdown": "handed back", "lost": "lease lost"}
+RUN_OUTCOMES = {
+    StopReason.CANCEL: "cancelled",
+    StopReason.SHUTDOWN: "handed back",
+    StopReason.LOST: "lease lost",
+}
 
 
 class Worker:
@@ -140,7 +145,7 @@ class Worker:
         if pending:
             logger.warning("handing %d unfinished runs back to the queue", len(pending))
             for attempt in list(self._attempts.values()):
-                attempt.stop("shutdown")
+                attempt.stop(StopReason.SHUTDOWN)
             _done, pending = await asyncio.wait(pending, timeout=5)
             for task in pending:
                 task.cancel()
@@ -150,18 +155,18 @@ class Worker:
     async def _run_job(self, entry_id: str, job: Job) -> None:
         agent = self.agents.get(job.agent or self.default_agent)
         start = await self.bus.start(job, self.name, self.limits.lease_ms, self.max_attempts)
-        if start.verdict == "finished":
+        if start.verdict == Verdict.FINISHED:
             await self.bus.finish(entry_id, job)
             return
-        if start.verdict == "busy":
+        if start.verdict == Verdict.BUSY:
             return  # another attempt holds a live lease; its renewals take the job back
         attempt = RunAttempt(
             self.bus, job, entry_id, start.fence, self.name, self.limits, start.history
         )
-        if start.verdict == "cancel":
+        if start.verdict == Verdict.CANCEL:
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
             await self.bus.finish(entry_id, job)
-        elif start.verdict == "dead":
+        elif start.verdict == Verdict.DEAD:
             reason = f"the run failed {self.max_attempts} times"
             await attempt.emit(Thought("error", reason))
             await self.bus.dead_letter(entry_id, job, reason)
@@ -197,7 +202,7 @@ class Worker:
         for run in runs:
             attempt = self._attempts.get(run)
             if attempt is not None:
-                attempt.stop("cancel")
+                attempt.stop(StopReason.CANCEL)
 
     async def _listen_for_control(self) -> None:
         """Follow the control channel; reconnect (with backoff) whenever it drops."""

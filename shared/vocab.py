@@ -1,0 +1,51 @@
+"""Closed vocabularies: the few words a run's life is told in, as enums.
+
+Each value is the string the wire format, the run's hash in Redis and the Lua scripts
+(shared/scripts.py) already use, so a ``StrEnum`` member compares equal to, and encodes
+as, that string. Event types (``done``, ``error``, ``cancelled``, ...) are listed in
+shared/protocol.py, gap reasons in api/recovery.py (``GapReason``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    """A run's ``status`` in its hash: queued, then running, then one of the three ends."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        """Whether nothing more happens to a run in this status."""
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class StopReason(StrEnum):
+    """Why a worker stops an attempt's agent before it finishes on its own."""
+
+    CANCEL = "cancel"  # a client cancelled, or nobody watches an on_disconnect=cancel run
+    LOST = "lost"  # the lease or the fence went to another attempt
+    SHUTDOWN = "shutdown"  # the worker is stopping; the run goes back to the lease
+
+
+class Verdict(StrEnum):
+    """What the ``START`` script decides for a claimed job (shared/scripts.py)."""
+
+    RUN = "run"  # a new attempt, with a fresh fence and lease
+    CANCEL = "cancel"  # cancelled before it started: end it as cancelled
+    DEAD = "dead"  # out of attempts: dead-letter it
+    BUSY = "busy"  # another attempt holds a live lease: leave it
+    FINISHED = "finished"  # already ended: acknowledge the job
+
+
+class OnDisconnect(StrEnum):
+    """What happens to a run once no socket watches its session (``disconnect_grace``)."""
+
+    CONTINUE = "continue"  # it runs on; its events wait in the session's log
+    CANCEL = "cancel"  # it is cancelled, as an interactive chat's is
