@@ -6,7 +6,7 @@ never patterns. A message from Redis is decoded from UTF-8 once and handed to ev
 viewer of its channel; nothing is parsed or re-encoded on the way. It is also framed
 once, as the WebSocket frame every socket of the channel sends (:mod:`api.wire`).
 
-Delivery to a viewer never blocks: ``Viewer.deliver`` must return at once (a socket
+Delivery to a viewer never blocks: ``Subscriber.deliver`` must return at once (a socket
 puts the frame in its own bounded queue), so one slow client cannot stall the relay.
 """
 
@@ -33,7 +33,9 @@ SUBSCRIBE_TIMEOUT = 10.0
 RESUBSCRIBE_BATCH = 500
 
 
-class Viewer(Protocol):
+class Subscriber(Protocol):
+    """What the hub hands a channel's frames to: a viewer (api/viewer.py)."""
+
     def deliver(self, frame: str, position: tuple[int, str] | None, wire: bytes) -> None:
         """Take one frame (its ``(seq, epoch)`` if it is an event, and the frame ready
         for a WebSocket); must not block."""
@@ -55,7 +57,7 @@ class Hub:
         # Subscribed for the hub's whole life, so the connection is never idle of
         # subscriptions (and a frontend can be reached on it).
         self._home = home_channel.encode()
-        self._viewers: dict[bytes, set[Viewer]] = {}
+        self._viewers: dict[bytes, set[Subscriber]] = {}
         # One future per SUBSCRIBE sent, resolved by its confirmation, in order.
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._lock = asyncio.Lock()
@@ -72,7 +74,7 @@ class Hub:
     def channels(self) -> list[str]:
         return [c.decode() for c in self._viewers]
 
-    def viewers(self) -> set[Viewer]:
+    def viewers(self) -> set[Subscriber]:
         """Every viewer on any channel: the live sockets and streams of this frontend."""
         return set().union(*self._viewers.values())
 
@@ -93,7 +95,7 @@ class Hub:
                 await self._resync
         await self._disconnect()
 
-    async def join(self, channel: str, viewer: Viewer) -> None:
+    async def join(self, channel: str, viewer: Subscriber) -> None:
         """Add a viewer; returns once this frontend is subscribed to the channel."""
         key = channel.encode()
         async with self._lock:
@@ -116,7 +118,7 @@ class Hub:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
                 await asyncio.shield(ready)
 
-    async def leave(self, channel: str, viewer: Viewer) -> None:
+    async def leave(self, channel: str, viewer: Subscriber) -> None:
         """Remove a viewer; unsubscribes when it was the channel's last."""
         key = channel.encode()
         async with self._lock:

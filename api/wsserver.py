@@ -159,7 +159,7 @@ TESTED_UVICORN = ("0.54",)
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestBounds:
     """What one connection may hold before it is known to be harmless."""
 
     head_timeout: float  # seconds to send a request head, or to answer a handshake
@@ -167,7 +167,7 @@ class Limits:
     max_connections: int
 
     @classmethod
-    def of(cls, settings: Settings) -> Limits:
+    def of(cls, settings: Settings) -> RequestBounds:
         """The limits ``settings`` set."""
         return cls(settings.handshake_timeout, settings.max_header_bytes, settings.max_connections)
 
@@ -200,7 +200,7 @@ else:
         """uvicorn's httptools protocol, with a deadline and a size bound on each request
         head, a deadline on each WebSocket handshake, and a cap on connections."""
 
-        limits: Limits  # set on the class that :func:`http_protocol` makes
+        limits: RequestBounds  # set on the class that :func:`http_protocol` makes
 
         def connection_made(self, transport: Any) -> None:
             over = len(self.connections) - self.limits.max_connections
@@ -287,4 +287,4 @@ def http_protocol(settings: Settings) -> Any:
     limits, or, without httptools, ``"auto"`` (no head deadline, size bound or cap)."""
     if HTTP_PROTOCOL is None:  # pragma: no cover
         return "auto"
-    return type("BoundedHttpProtocol", (HTTP_PROTOCOL,), {"limits": Limits.of(settings)})
+    return type("BoundedHttpProtocol", (HTTP_PROTOCOL,), {"limits": RequestBounds.of(settings)})

@@ -12,10 +12,10 @@ from shared.bus import Bus
 from shared.keys import Keys
 from shared.protocol import Job, Thought, decode_event
 from tests.procs import seconds
-from worker.attempt import MAX_BATCH, Limits, RunAttempt
+from worker.attempt import MAX_BATCH, RunAttempt, RunLimits
 from worker.runner import CLAIM_BATCH, Worker
 
-LIMITS = Limits(lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0)
+LIMITS = RunLimits(lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0)
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ class LeaseLost(Exception):
 
 
 @dataclass(frozen=True)
-class Limits:
+class RunLimits:
     lease_ms: int
     redis_retry_seconds: float
     disconnect_grace: float
@@ -65,7 +65,7 @@ class RunAttempt:
         entry_id: str,
         fence: str,
         owner: str,
-        limits: Limits,
+        limits: RunLimits,
         history: list[dict[str, Any]] | None = None,
     ) -> None:
         self.bus = bus

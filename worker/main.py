@@ -14,7 +14,7 @@ from shared.connections import RedisFactory
 from shared.keys import Keys
 from shared.settings import Settings
 from worker.agents import build_agents
-from worker.attempt import Limits
+from worker.attempt import RunLimits
 from worker.runner import Worker
 
 logger = logging.getLogger("thoughtwire.worker")
@@ -30,7 +30,7 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
             log_maxlen=settings.log_maxlen,
             log_ttl=settings.log_ttl,
         )
-        limits = Limits(
+        limits = RunLimits(
             lease_ms=int(settings.lease_seconds * 1000),
             redis_retry_seconds=settings.redis_retry_seconds,
             disconnect_grace=settings.disconnect_grace,

@@ -33,7 +33,7 @@ from shared.bus import Bus
 from shared.protocol import Job, Thought
 from shared.vocab import StopReason, Verdict
 from worker.agents import Agent
-from worker.attempt import Limits, RunAttempt
+from worker.attempt import RunAttempt, RunLimits
 
 logger = logging.getLogger("thoughtwire.worker")
 
@@ -60,7 +60,7 @@ class Worker:
         default_agent: str,
         *,
         concurrency: int,
-        limits: Limits,
+        limits: RunLimits,
         max_attempts: int,
         open_pubsub: Callable[[], Redis] | None = None,
         name: str | None = None,

@@ -50,7 +50,7 @@ MAX_OBSERVATION_CHARS = 16_000
 
 
 @dataclass
-class Limits:
+class ModelLimits:
     max_steps: int = 8
     max_tokens: int = 8192
     tool_timeout: float = 30.0
@@ -59,7 +59,7 @@ class Limits:
 
 
 @dataclass
-class _Call:
+class _ToolCall:
     """A tool call as it streams in: its arguments arrive in pieces."""
 
     id: str = ""
@@ -72,7 +72,7 @@ class _Step:
     """What one streamed model call produced."""
 
     content: list[str] = field(default_factory=list)
-    calls: list[_Call] = field(default_factory=list)
+    calls: list[_ToolCall] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
 
@@ -82,7 +82,7 @@ class OpenAIAgent:
     client: openai.AsyncOpenAI
     model: str
     tools: dict[str, Tool]
-    limits: Limits = field(default_factory=Limits)
+    limits: ModelLimits = field(default_factory=ModelLimits)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIAgent:
@@ -92,7 +92,7 @@ class OpenAIAgent:
             timeout=settings.openai_timeout,
             max_retries=0,  # retried here, where it is known whether tokens were sent
         )
-        limits = Limits(
+        limits = ModelLimits(
             max_steps=settings.max_steps,
             max_tokens=settings.max_tokens_per_run,
             tool_timeout=settings.tool_timeout,
@@ -212,7 +212,7 @@ class OpenAIAgent:
                 # A new call starts: the one before it has all its arguments.
                 if step.calls:
                     out.append(self._action(step.calls[-1]))
-                step.calls.append(_Call())
+                step.calls.append(_ToolCall())
             call = step.calls[index]
             call.id = piece.id or call.id
             if piece.function is not None:
@@ -221,7 +221,7 @@ class OpenAIAgent:
         return out
 
     @staticmethod
-    def _action(call: _Call) -> Thought:
+    def _action(call: _ToolCall) -> Thought:
         arguments = _parse_arguments(call.arguments)
         shown = (
             json.dumps(arguments, ensure_ascii=False)
@@ -234,7 +234,7 @@ class OpenAIAgent:
             {"tool": call.name, "arguments": arguments, "call_id": call.id},
         )
 
-    async def _call_tool(self, call: _Call) -> tuple[Thought, str]:
+    async def _call_tool(self, call: _ToolCall) -> tuple[Thought, str]:
         tool = self.tools.get(call.name)
         arguments = _parse_arguments(call.arguments)
         failed = True
