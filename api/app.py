@@ -13,7 +13,6 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from redis.exceptions import RedisError
 
 from api.auth import AuthError
 from api.bounds import Bounds, invalid_request
@@ -21,7 +20,7 @@ from api.frontend import Frontend, running
 from api.http import router as http_router
 from api.lane import Gateway
 from api.sockets import routes as socket_routes
-from shared.connections import RedisFactory
+from shared.redis import RedisError, RedisFactory
 from shared.settings import Settings
 
 # The page runs only its own files: model text that got past the sanitiser still could

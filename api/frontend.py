@@ -9,20 +9,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from api.auth import Authenticator, Principal
 from api.guard import SOCKET_REFRESH_SECONDS, Guard
 from api.hub import Hub
-from api.pubsub import open_link
 from api.runs import Runs
 from shared.backoff import retry
 from shared.bus import Bus
 from shared.closecodes import Close
-from shared.connections import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job
+from shared.redis import Redis, RedisError, RedisFactory
+from shared.redis.pubsub import open_link
 from shared.settings import Settings
 from shared.vocab import OnDisconnect
 

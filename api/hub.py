@@ -19,13 +19,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from api.pubsub import Link, OnMessage
 from api.wire import text_frame
 from shared.backoff import delays
 from shared.protocol import event_position
+from shared.redis import RedisConnectionError, RedisTimeoutError
+from shared.redis.pubsub import Link, OnMessage
 
 logger = logging.getLogger("thoughtwire.hub")
 

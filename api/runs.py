@@ -34,10 +34,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from shared.bus import Bus
 from shared.protocol import TERMINAL_STATUS, Thought
+from shared.redis import RedisError
 
 logger = logging.getLogger("thoughtwire.runs")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.run import own_redis
 from shared import loops
 from shared.bus import Bus
-from shared.connections import RedisFactory
+from shared.redis import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job
 from shared.settings import Settings

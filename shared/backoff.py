@@ -8,8 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from shared.redis import RedisConnectionError, RedisTimeoutError
 
 T = TypeVar("T")
 

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
 
 from shared import scripts
-from shared.batching import Batcher
+from shared.redis import Batcher, Redis, ResponseError
+from shared.redis import Script as AsyncScript
 from shared.keys import Keys
 from shared.protocol import Job, Thought, encode_event_head
 from shared.vocab import RunStatus, Verdict
@@ -74,7 +72,7 @@ class Bus:
         self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
         # How far Redis' clock is ahead of this process's (ms), as the last slot taken saw it.
         self._redis_ahead_ms = 0
-        # Scripts and the hot paths' commands go out pipelined (shared.batching).
+        # Scripts and the hot paths' commands go out pipelined (shared.redis.pipeline).
         self._batch = Batcher(redis)
         self._append = redis.register_script(scripts.APPEND)
         self._start = redis.register_script(scripts.START)

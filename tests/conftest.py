@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from shared.connections import RedisFactory
+from shared.redis import RedisFactory
 from shared.settings import Settings
 from tests.procs import Frontend, Proc, RedisServer, make_logdir, thoughtwire
 

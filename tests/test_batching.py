@@ -1,6 +1,6 @@
 """The batcher's own reading of its connection, against a real redis-server.
 
-On a plain socket the batcher reads replies itself (``shared.batching._Line``); these
+On a plain socket the batcher reads replies itself (``shared.redis.pipeline._Line``); these
 tests show that it does, and that a connection that is killed or goes silent fails
 only the calls waiting on it, and the next call finds a new connection.
 """
@@ -12,11 +12,8 @@ import os
 import signal
 
 import pytest
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.batching import Batcher
+from shared.redis import Batcher, Redis, RedisConnectionError, RedisTimeoutError
 from tests.procs import RedisServer, seconds
 
 

@@ -8,9 +8,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import bus as bus_module
-from shared.batching import Batcher
+from shared.redis import Batcher
 from shared.bus import FENCED, Bus
-from shared.connections import RedisFactory
+from shared.redis import RedisFactory
 from shared.keys import Keys
 from shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
 from shared.settings import Settings

@@ -10,8 +10,8 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.hub import Hub
-from api.pubsub import RawLink, open_link
-from shared.connections import RedisFactory
+from shared.redis import RedisFactory
+from shared.redis.pubsub import RawLink, open_link
 from shared.settings import Settings
 from tests.procs import RedisServer, seconds
 

@@ -27,7 +27,7 @@ from api import guard as guard_module
 from api.auth import ORIGIN_REFUSAL, Principal
 from api.guard import SOCKET_SLOT_MS, Guard, LimitError, room_at
 from shared.bus import Bus
-from shared.connections import RedisFactory
+from shared.redis import RedisFactory
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.conftest import Cluster, start_cluster

@@ -269,7 +269,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     if settings.redis_url is not None:
         check_redis(settings)
     from api.app import create_app
-    from shared.connections import RedisFactory
+    from shared.redis import RedisFactory
     from worker.main import in_process
 
     settings = settings.for_embedded()
@@ -399,10 +399,8 @@ def check_redis(settings: Settings) -> None:
 
 async def _ping(settings: Settings) -> str | None:
     """None once Redis answers; otherwise what went wrong, within REDIS_CHECK_SECONDS."""
-    from redis.exceptions import RedisError
-
     from shared.backoff import UNAVAILABLE, retry
-    from shared.connections import RedisFactory
+    from shared.redis import RedisError, RedisFactory
 
     redis = RedisFactory(settings).commands()
     try:

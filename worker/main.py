@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from shared import loops
 from shared.bus import Bus
-from shared.connections import RedisFactory
+from shared.redis import RedisFactory
 from shared.keys import Keys
 from shared.settings import Settings
 from worker.agents import build_agents

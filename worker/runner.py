@@ -25,12 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.backoff import UNAVAILABLE, delays
 from shared.bus import Bus
 from shared.protocol import Job, Thought
+from shared.redis import Redis, RedisError
 from shared.vocab import StopReason, Verdict
 from worker.agents import Agent
 from worker.attempt import RunAttempt, RunLimits

@@ -1,11 +1,12 @@
-"""The hub's pub/sub connection: every message handed on from the read callback itself.
+"""The hub's pub/sub link: every message handed on from the read callback itself.
 
 Each frontend reads every event of every session it serves through one connection, so
 its per-message cost is the relay's floor. redis-py's ``PubSub.get_message`` costs a
 coroutine round, a timeout and a dict per message, and asks the event loop for itself
 several times (each a ``getpid`` system call on Python 3.11). :class:`RawLink` instead
-is an ``asyncio.Protocol`` over hiredis: ``data_received`` parses every whole reply of
-one read and calls ``on_message(kind, channel, data)`` for each, with no await at all.
+is a :class:`~shared.redis.resp.ReplyReader`: ``data_received`` parses every whole
+reply of one read and calls ``on_message(kind, channel, data)`` for each, with no
+await at all.
 
 It speaks only what the hub needs: AUTH, SUBSCRIBE, UNSUBSCRIBE, and a PING every
 ``ping_interval`` so that a connection that went silent (a dead peer, a NAT that
@@ -22,15 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
-from shared.connections import RedisFactory
+from shared.redis.connections import RedisFactory
+from shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command
 
 # kind (b"message", b"subscribe", b"unsubscribe"), channel, data (messages only)
 OnMessage = Callable[[bytes, bytes, "bytes | None"], None]
@@ -40,6 +41,8 @@ PING_INTERVAL = 15.0
 
 
 class Link(Protocol):
+    """A pub/sub connection that hands each message to ``on_message`` as it arrives."""
+
     async def subscribe(self, *channels: bytes) -> None: ...
 
     async def unsubscribe(self, *channels: bytes) -> None: ...
@@ -52,36 +55,27 @@ class Link(Protocol):
 
 async def open_link(factory: RedisFactory, on_message: OnMessage) -> Link:
     """A pub/sub link to the factory's Redis: raw for a server, redis-py for the embedded one."""
-    if factory.embedded:
+    url = factory.url()
+    if url is None:
         return await ClientLink.open(factory, on_message)
-    assert factory.settings.redis_url is not None
-    return await RawLink.open(factory.settings.redis_url, on_message)
+    return await RawLink.open(url, on_message)
 
 
-def _command(*args: bytes) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
+class RawLink(ReplyReader):
+    """The pub/sub link over a socket of its own, read from the read callback."""
 
-
-class RawLink(asyncio.Protocol):
     def __init__(self, on_message: OnMessage, ping_interval: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
+        # Silent for two intervals, not even a pong: the connection is dead.
+        super().__init__(2 * ping_interval)
         self._on_message = on_message
-        self._parser = hiredis.Reader()
-        self._transport: asyncio.Transport | None = None
-        self._closed: asyncio.Future[None] = loop.create_future()
-        self._replies: deque[asyncio.Future[Any]] = deque()  # to commands outside pub/sub
+        self._closed: asyncio.Future[None] = self._loop.create_future()
         self._ping_interval = ping_interval
-        self._pinger: asyncio.TimerHandle | None = None
-        self._heard = loop.time()
 
     @classmethod
     async def open(
         cls, url: str, on_message: OnMessage, *, ping_interval: float = PING_INTERVAL
     ) -> RawLink:
+        """Connect to the Redis at ``url`` and authenticate, within CONNECT_TIMEOUT."""
         options = parse_url(url)
         loop = asyncio.get_running_loop()
         link = cls(on_message, ping_interval)
@@ -103,23 +97,28 @@ class RawLink(asyncio.Protocol):
             if password:
                 username = options.get("username")
                 credentials = (username, password) if username else (password,)
-                reply = await link._call(b"AUTH", *(c.encode() for c in credentials))
-                if isinstance(reply, hiredis.ReplyError):
-                    link._abort()
-                    raise RedisConnectionError("pub/sub authentication failed")
-        link._schedule_ping()
+                try:
+                    await link._call(b"AUTH", *(c.encode() for c in credentials))
+                except RedisError:
+                    link.abort()
+                    raise RedisConnectionError("pub/sub authentication failed") from None
+        link._watch(ping_interval)
         return link
 
     async def subscribe(self, *channels: bytes) -> None:
-        self._write(_command(b"SUBSCRIBE", *channels))
+        """Subscribe to ``channels``; the confirmations come through ``on_message``."""
+        self._write(pack_command(b"SUBSCRIBE", *channels))
 
     async def unsubscribe(self, *channels: bytes) -> None:
-        self._write(_command(b"UNSUBSCRIBE", *channels))
+        """Unsubscribe from ``channels``; the confirmations come through ``on_message``."""
+        self._write(pack_command(b"UNSUBSCRIBE", *channels))
 
     async def wait_closed(self) -> None:
+        """Raise once the connection is gone, whoever ended it."""
         await asyncio.shield(self._closed)
 
     async def close(self) -> None:
+        """Close the connection and wait until it is gone."""
         if self._transport is not None:
             self._transport.close()
         with contextlib.suppress(Exception):
@@ -127,17 +126,9 @@ class RawLink(asyncio.Protocol):
 
     # --- asyncio.Protocol ---------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._pinger is not None:
-            self._pinger.cancel()
+        super().connection_lost(exc)
         error = RedisConnectionError(f"pub/sub connection lost: {exc or 'closed'}")
-        while self._replies:
-            waiter = self._replies.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
         if not self._closed.done():
             self._closed.set_exception(error)
             self._closed.exception()  # retrieved here, so an unawaited loss is not logged
@@ -146,7 +137,7 @@ class RawLink(asyncio.Protocol):
         self._heard = self._loop.time()
         parser = self._parser
         parser.feed(data)
-        while (reply := parser.gets()) is not False:
+        while (reply := parser.gets()) is not PARTIAL:
             if isinstance(reply, list) and reply:
                 kind = reply[0]
                 if kind == b"message":
@@ -157,12 +148,23 @@ class RawLink(asyncio.Protocol):
                     continue
                 if kind == b"pong":
                     continue
-            if self._replies:
-                waiter = self._replies.popleft()
-                if not waiter.done():
-                    waiter.set_result(reply)
+            if self._waiting:
+                call = self._waiting.popleft()
+                if not call.future.done():
+                    if isinstance(reply, Exception):
+                        call.future.set_exception(reply)
+                    else:
+                        call.future.set_result(reply)
 
     # --- inside -------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        return False  # a link is watched all its life: a message may come at any time
+
+    def _quiet(self, quiet: float) -> None:
+        with contextlib.suppress(RedisConnectionError):
+            self._write(pack_command(b"PING"))
+        self._watch(self._ping_interval)
 
     def _write(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -170,25 +172,10 @@ class RawLink(asyncio.Protocol):
         self._transport.write(data)
 
     async def _call(self, *args: bytes) -> Any:
-        waiter = self._loop.create_future()
-        self._replies.append(waiter)
-        self._write(_command(*args))
-        return await waiter
-
-    def _schedule_ping(self) -> None:
-        self._pinger = self._loop.call_later(self._ping_interval, self._ping)
-
-    def _ping(self) -> None:
-        if self._loop.time() - self._heard > 2 * self._ping_interval:
-            self._abort()  # not even a pong for two intervals: the connection is dead
-            return
-        with contextlib.suppress(RedisConnectionError):
-            self._write(_command(b"PING"))
-        self._schedule_ping()
-
-    def _abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        call = Call(pack_command(*args), 1, None, self._loop.create_future())
+        self._waiting.append(call)
+        self._write(call.payload)
+        return await call.future
 
 
 class ClientLink:
@@ -202,9 +189,11 @@ class ClientLink:
 
     @classmethod
     async def open(cls, factory: RedisFactory, on_message: OnMessage) -> ClientLink:
+        """A link on a pub/sub client of ``factory``."""
         return cls(factory.pubsub(), on_message)
 
     async def subscribe(self, *channels: bytes) -> None:
+        """Subscribe to ``channels``, and start reading once there is something to read."""
         await self._pubsub.subscribe(*channels)
         if self._reader is None:
             # Read only once subscribed: redis-py's get_message returns at once on a
@@ -212,13 +201,16 @@ class ClientLink:
             self._reader = asyncio.create_task(self._read(), name="pubsub-reader")
 
     async def unsubscribe(self, *channels: bytes) -> None:
+        """Unsubscribe from ``channels``."""
         await self._pubsub.unsubscribe(*channels)
 
     async def wait_closed(self) -> None:
+        """Return (or raise) once the reader has stopped."""
         assert self._reader is not None, "subscribe first"
         await asyncio.shield(self._reader)
 
     async def close(self) -> None:
+        """Stop reading and close the client."""
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -227,7 +219,7 @@ class ClientLink:
         await self._client.aclose()
 
     async def _read(self) -> None:
-        while True:
+        while True:  # until closed (cancelled) or the connection fails
             message = await self._pubsub.get_message(timeout=None)
             if message is None:
                 continue

@@ -4,10 +4,9 @@ A worker runs many runs at once, each appending its events as they come; a front
 queues prompts from many sockets. Their calls go to Redis together, in pipelines:
 one write and one read instead of one round trip each. A pipeline leaves at the end
 of the event-loop tick, or as soon as it holds ``max_batch`` calls (so a burst's
-first calls need not wait for its last); up to ``max_in_flight`` are away at a time
-on one connection, and whatever queues beyond goes out as one comes back. Nothing
-waits on a timer, so a lone call is not delayed; under load, pipelines fill by
-themselves.
+first calls need not wait for its last); whatever queues while the connection's
+buffer is full waits here and goes out when it drains. Nothing waits on a timer, so a
+lone call is not delayed; under load, pipelines fill by themselves.
 
 A call is a script run (EVALSHA) or a few plain commands whose replies the caller
 gets together. Calls leave, and are run by Redis, in the order they were made (but
@@ -18,84 +17,46 @@ knows whether its call is safe to repeat.
 
 The pipeline is packed here rather than by redis-py's ``Pipeline``: the arguments
 are only bytes, str and int, so the whole batch is encoded into one buffer with a
-few joins, written once, and its replies read off one pooled connection. That cut
-the worker's CPU per event by about a third (docs/performance.md).
+few joins (:mod:`shared.redis.resp`), written once, and its replies read off one
+pooled connection. That cut the worker's CPU per event by about a third
+(docs/performance.md).
 
 The connection is one of the pool's, opened by redis-py (so AUTH, SELECT, TLS and
-the rest are its), and then read by a :class:`_Line` of our own: an
-``asyncio.Protocol`` over hiredis that hands each reply to its call from the read
-callback. A pipeline costs one ``transport.write`` and no task, lock or timer of its
-own; through redis-py's reader each cost about 40 µs more, which is most of what an
-event costs a worker that streams slowly paced tokens. Where the connection is not
-a plain socket (the embedded mode's in-process Redis), replies are read through
-redis-py, a pipeline at a time.
+the rest are its), and then read by a :class:`_Line`: a
+:class:`~shared.redis.resp.ReplyReader` that hands each reply to its call from the
+read callback. A pipeline costs one ``transport.write`` and no task, lock or timer of
+its own; through redis-py's reader each cost about 40 µs more, which is most of what
+an event costs a worker that streams slowly paced tokens. Where the connection is not
+a plain socket we can read (the embedded mode's in-process Redis, or a client that
+decodes replies), the calls go through redis-py's own ``Pipeline`` instead, one
+pipeline at a time so that they still run in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import hiredis
-from redis._parsers import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError
+
+from shared.redis.resp import (
+    PARTIAL,
+    PUSH,
+    Call,
+    ReplyReader,
+    pack_command,
+    pack_evalsha,
+    settle,
+    unpack,
+)
 
 
-def _encode(value: Any) -> bytes:
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int):
-        return b"%d" % value
-    raise TypeError(f"cannot send {type(value).__name__} to Redis")
-
-
-def _pack(parts: Sequence[Any]) -> bytes:
-    data = [part if part.__class__ is bytes else _encode(part) for part in parts]
-    return b"*%d\r\n" % len(data) + b"".join([b"$%d\r\n%b\r\n" % (len(d), d) for d in data])
-
-
-def pack_command(*parts: Any) -> bytes:
-    """One command in RESP, as redis-py would send it."""
-    return _pack(parts)
-
-
-def pack_evalsha(sha: bytes, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
-    """One EVALSHA command in RESP."""
-    return _pack([b"EVALSHA", sha, len(keys), *keys, *args])
-
-
-@dataclass(slots=True)
-class _Call:
-    payload: bytes
-    replies: int  # how many commands the payload holds
-    script: AsyncScript | None  # set for a script run, to load it again after a restart
-    future: asyncio.Future[Any]
-    again: bool = False  # run again once already, after its script was loaded
-
-
-_PARTIAL = object()  # hiredis' answer while no whole reply has arrived
-_PUSH = getattr(hiredis, "PushNotification", None)  # RESP3 pushes, in hiredis 3 and later
-
-
-def _settle(call: _Call, result: Any) -> None:
-    if call.future.done():
-        return  # its caller was cancelled
-    if isinstance(result, Exception):
-        call.future.set_exception(result)
-    else:
-        call.future.set_result(result)
-
-
-class _Line(asyncio.Protocol):
+class _Line(ReplyReader):
     """The batcher's connection, read by hiredis from the read callback.
 
     Calls are written in order and Redis answers in order, so the replies pair with
@@ -118,29 +79,22 @@ class _Line(asyncio.Protocol):
         transport: Any,
         previous: asyncio.BaseProtocol,
         timeout: float | None,
-        on_unknown: Callable[[_Call], None],
+        on_unknown: Callable[[Call], None],
         on_writable: Callable[[], None],
     ) -> None:
-        self._loop = asyncio.get_running_loop()
+        super().__init__(timeout)
         self._on_writable = on_writable
         self._transport = transport
         self._previous = previous
-        self._timeout = timeout
         self._on_unknown = on_unknown
-        # A sentinel of our own for "no whole reply yet": RESP3 has a real False.
-        self._parser = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_PARTIAL)
-        self._waiting: deque[_Call] = deque()
         self._replies: list[Any] = []  # so far, for the head call when it has several
-        self._heard = 0.0
-        self._watchdog: asyncio.TimerHandle | None = None
-        self.closed = False
         self.paused = False  # the transport's buffer is full: calls wait in the batcher
 
     @classmethod
     def take_over(
         cls,
         connection: AbstractConnection,
-        on_unknown: Callable[[_Call], None],
+        on_unknown: Callable[[Call], None],
         on_writable: Callable[[], None],
     ) -> _Line | None:
         """Read ``connection`` from now on; None where it is not a plain socket we can read."""
@@ -162,26 +116,13 @@ class _Line(asyncio.Protocol):
         transport.set_protocol(line)
         return line
 
-    def send(self, calls: list[_Call]) -> None:
+    def send(self, calls: list[Call]) -> None:
         """Write ``calls``; the batcher sends only on a line that is open and not paused."""
         if not self._waiting:
             self._heard = self._loop.time()  # silence counts from the first call waiting
-            if self._timeout is not None and self._watchdog is None:
-                self._watchdog = self._loop.call_later(self._timeout, self._check)
+            self._watch(self._silence or 0.0)
         self._waiting.extend(calls)
         self._transport.write(b"".join([call.payload for call in calls]))
-
-    def _check(self) -> None:
-        self._watchdog = None
-        if not self._waiting or self.closed:
-            return
-        assert self._timeout is not None
-        silent = self._loop.time() - self._heard
-        if silent >= self._timeout:
-            self._fail(RedisTimeoutError(f"no reply from Redis in {self._timeout:g} s"))
-            self._transport.abort()
-        else:
-            self._watchdog = self._loop.call_later(self._timeout - silent, self._check)
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -189,12 +130,12 @@ class _Line(asyncio.Protocol):
         self._heard = self._loop.time()
         parser, waiting = self._parser, self._waiting
         parser.feed(data)
-        while (reply := parser.gets()) is not _PARTIAL:
-            if reply.__class__ is _PUSH:
+        while (reply := parser.gets()) is not PARTIAL:
+            if reply.__class__ is PUSH:
                 continue  # answers no call
             if not waiting:
-                self._fail(RedisConnectionError("a reply that no call waited for"))
-                self._transport.abort()
+                self._lost(RedisConnectionError("a reply that no call waited for"))
+                self.abort()
                 return
             call = waiting[0]
             if call.replies > 1:
@@ -215,10 +156,10 @@ class _Line(asyncio.Protocol):
                 call.again = True
                 self._on_unknown(call)
             else:
-                _settle(call, result)
+                settle(call, result)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed'}"))
+        super().connection_lost(exc)
         self._previous.connection_lost(exc)  # redis-py's reader: closed, as it should be
 
     def pause_writing(self) -> None:
@@ -228,42 +169,27 @@ class _Line(asyncio.Protocol):
         self.paused = False
         self._on_writable()
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport
-
-    def _fail(self, error: Exception) -> None:
-        self.closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        waiting, self._waiting = self._waiting, deque()
+    def _lost(self, error: Exception) -> None:
         self._replies = []
-        for call in waiting:
-            _settle(call, error)
+        super()._lost(error)
 
 
 class Batcher:
     """Sends many callers' calls pipelined on one connection (see above)."""
 
-    def __init__(self, redis: Redis, max_batch: int = 64, max_in_flight: int = 4) -> None:
+    def __init__(self, redis: Redis, max_batch: int = 64) -> None:
         self._redis = redis
         self._max_batch = max_batch
-        self._max_in_flight = max_in_flight
-        self._pending: list[_Call] = []
+        self._pending: list[Call] = []
         self._scheduled: asyncio.Handle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
         self._connection: AbstractConnection | None = None
-        # Pipelines share the connection: sent in turn, and their replies read in the
-        # same turn. A reset bumps the generation, failing pipelines sent before it.
-        self._send_turn = asyncio.Lock()
-        self._read_turn = asyncio.Lock()
-        self._generation = 0
         # Our own reader of the connection, where it can be had (None: not known yet).
         self._line: _Line | None = None
         self._own_reader: bool | None = None
         self._opening: asyncio.Task[None] | None = None
-        self._unknown: list[_Call] = []  # script runs waiting for their script to load
+        self._unknown: list[Call] = []  # script runs waiting for their script to load
         self._loading: asyncio.Task[None] | None = None
+        self._through_client: asyncio.Task[None] | None = None  # where we cannot read
 
     def script(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
@@ -286,7 +212,7 @@ class Batcher:
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Call(payload, replies, script, future))
+        self._pending.append(Call(payload, replies, script, future))
         if len(self._pending) >= self._max_batch:
             self._flush()  # a burst's first calls need not wait for its last
         elif self._scheduled is None:
@@ -307,12 +233,8 @@ class Batcher:
             elif self._opening is None:
                 self._opening = loop.create_task(self._open_line())
             return
-        while self._pending and len(self._sending) < self._max_in_flight:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            task = loop.create_task(self._send(batch))
-            self._sending.add(task)
-            task.add_done_callback(self._sent)
+        if self._pending and self._through_client is None:
+            self._through_client = loop.create_task(self._send_through_client())
 
     async def _open_line(self) -> None:
         """Connect (again, after a loss) and read the connection with a :class:`_Line`,
@@ -327,6 +249,9 @@ class Batcher:
             await connection.connect()
             self._line = _Line.take_over(connection, self._load_again, self._flush)
             self._own_reader = self._line is not None
+            if self._line is None:  # redis-py's pipelines take connections of their own
+                self._connection = None
+                await self._redis.connection_pool.release(connection)
         except asyncio.CancelledError:  # the loop is closing: nobody waits forever
             pending, self._pending = self._pending, []
             for call in pending:
@@ -337,13 +262,13 @@ class Batcher:
         except Exception as exc:  # nothing was sent: the calls waiting get the error
             pending, self._pending = self._pending, []
             for call in pending:
-                _settle(call, exc)
+                settle(call, exc)
         finally:
             self._opening = None
         if self._pending:
             self._flush()
 
-    def _load_again(self, call: _Call) -> None:
+    def _load_again(self, call: Call) -> None:
         """From the line: Redis forgot ``call``'s script (it restarted). Load it, and run
         the call again; the calls after it have run."""
         self._unknown.append(call)
@@ -362,7 +287,7 @@ class Batcher:
             raise
         except Exception as exc:  # for these calls only
             for call in calls:
-                _settle(call, exc)
+                settle(call, exc)
         else:
             self._pending[:0] = calls
             self._flush()
@@ -371,87 +296,60 @@ class Batcher:
             if self._unknown:  # refused while these were loading
                 self._loading = asyncio.get_running_loop().create_task(self._load_unknown())
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        # What queued while every pipeline was away goes out as one comes back.
-        self._sending.discard(task)
-        if self._pending:
-            self._flush()
+    # --- through redis-py, where the connection is not ours to read ---------------
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _send_through_client(self) -> None:
+        """Send what waits, a pipeline at a time, through redis-py's ``Pipeline``."""
+        batch: list[Call] = []
         try:
-            results = await self._execute(batch)
+            while self._pending:  # ends once a pipeline finds nothing more queued
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                try:
+                    results = await self._run_through_client(batch)
+                except Exception as exc:  # the pipeline could not be sent
+                    results = [exc] * len(batch)
+                for call, result in zip(batch, results, strict=True):
+                    settle(call, result)
+                batch = []
         except asyncio.CancelledError:  # the loop is closing: nobody waits forever
-            for call in batch:
+            for call in [*batch, *self._pending]:
                 call.future.cancel()
+            self._pending = []
             raise
-        except Exception as exc:  # the pipeline could not be sent
-            results = [exc] * len(batch)
-        for call, result in zip(batch, results, strict=True):
-            _settle(call, result)
+        finally:
+            self._through_client = None
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
+    async def _run_through_client(self, batch: list[Call]) -> list[Any]:
         """Each call's result: a script's reply or error, or a list of command replies."""
-        results = await self._pipeline(batch)
+        results = await self._client_pipeline(batch)
         unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if unknown:
-            # Redis restarted and forgot the scripts, so these calls did not run: load
+            # Redis forgot the scripts (it restarted), so these calls did not run: load
             # them, and run just those calls again.
             try:
                 for script in {id(batch[i].script): batch[i].script for i in unknown}.values():
                     assert script is not None
                     await self._redis.script_load(script.script)
-                again = await self._pipeline([batch[i] for i in unknown])
+                again = await self._client_pipeline([batch[i] for i in unknown])
             except Exception as exc:  # for these calls only: the others have run
                 again = [exc] * len(unknown)
             for i, result in zip(unknown, again, strict=True):
                 results[i] = result
         return results
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        payload = b"".join(call.payload for call in batch)
-        # The batcher keeps one connection of the pool for itself rather than taking
-        # one from it per pipeline.
-        async with self._send_turn:
-            if self._connection is None:
-                self._connection = await self._redis.connection_pool.get_connection()
-            connection, generation = self._connection, self._generation
-            try:
-                await connection.send_packed_command(payload, check_health=False)
-            except BaseException:
-                await self._reset(connection, generation)
-                raise
-        async with self._read_turn:
-            if generation != self._generation:
-                raise RedisConnectionError("the connection was reset before these replies")
-            results: list[Any] = []
-            try:
-                # One deadline for the whole pipeline rather than one per reply.
-                async with asyncio.timeout(connection.socket_timeout):
-                    for call in batch:
-                        replies = [await self._reply(connection) for _ in range(call.replies)]
-                        results.append(replies[0] if call.script is not None else replies)
-            except BaseException as exc:
-                # In the send turn: a pipeline being sent (perhaps on a connection it
-                # just reopened) must not outlive the reset with replies nobody reads.
-                async with self._send_turn:
-                    await self._reset(connection, generation)
-                if not isinstance(exc, Exception):
-                    raise
-                # The calls read so far have run; the error goes to the rest.
-                results.extend([exc] * (len(batch) - len(results)))
-            return results
-
-    @staticmethod
-    async def _reply(connection: AbstractConnection) -> Any:
-        try:
-            return await connection.read_response(timeout=math.inf)
-        except ResponseError as exc:  # a reply, not a broken connection
-            return exc
-
-    async def _reset(self, connection: AbstractConnection, generation: int) -> None:
-        """Replies may be left unread: pipelines sent on this connection so far fail, and
-        it connects again for the next one. Called in the send turn; a reset that
-        someone else already made is not made twice."""
-        if generation == self._generation:
-            self._generation += 1
-            await connection.disconnect(nowait=True)
+    async def _client_pipeline(self, batch: list[Call]) -> list[Any]:
+        pipe: Any = self._redis.pipeline(transaction=False)
+        # Replies as Redis sent them, as the line gives them, not reshaped per command.
+        pipe.response_callbacks = {}
+        for call in batch:
+            for command in unpack(call.payload):
+                pipe.execute_command(*command)
+        replies = await pipe.execute(raise_on_error=False)
+        results: list[Any] = []
+        at = 0
+        for call in batch:
+            mine = replies[at : at + call.replies]
+            at += call.replies
+            results.append(mine[0] if call.script is not None else mine)
+        return results

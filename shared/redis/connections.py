@@ -1,4 +1,11 @@
-"""Redis clients, sized explicitly; and the in-process Redis of the embedded mode."""
+"""The one place that decides how to reach Redis: pools sized explicitly, and the embedded Redis.
+
+Every Redis connection a process opens comes from a :class:`RedisFactory`. Today it
+reaches one server (``REDIS_URL``) or the in-process one of the embedded mode. A
+topology with more than one server (Redis Cluster, Sentinel) plugs in at
+:meth:`RedisFactory.url`, which answers "where is the Redis that serves this key's
+slot", and at the clients built from it; nothing outside this folder knows which.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +36,16 @@ class RedisFactory:
 
     @property
     def embedded(self) -> bool:
+        """No server to reach: every client talks to the in-process Redis."""
         return self.settings.redis_url is None
+
+    def url(self, key: str | None = None) -> str | None:
+        """The URL of the Redis that serves ``key``'s slot (any key: None); None when embedded.
+
+        One server serves every slot today. A Cluster or Sentinel topology answers
+        here, per slot or per failover, and only here.
+        """
+        return self.settings.redis_url
 
     def commands(self) -> Redis:
         """The client for commands: a blocking pool of ``redis_pool_size`` connections.
@@ -38,10 +54,11 @@ class RedisFactory:
         the default pool raises ``MaxConnectionsError`` at once, which under load
         turns into lost events.
         """
-        if self.settings.redis_url is None:
+        url = self.url()
+        if url is None:
             return self._fake()
         pool = BlockingConnectionPool.from_url(
-            self.settings.redis_url,
+            url,
             max_connections=self.settings.redis_pool_size,
             timeout=self.settings.redis_pool_timeout,
             socket_keepalive=True,
@@ -55,10 +72,11 @@ class RedisFactory:
         ``get_message``; whatever was published meanwhile would be lost without
         anyone knowing. The hub reconnects itself, so it can catch sockets up.
         """
-        if self.settings.redis_url is None:
+        url = self.url()
+        if url is None:
             return self._fake()
         return Redis.from_url(
-            self.settings.redis_url,
+            url,
             max_connections=2,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=15,
