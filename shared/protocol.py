@@ -272,7 +272,8 @@ def _optional_string(obj: dict[str, Any], name: str) -> str | None:
 
 def parse_after(value: Any) -> int:
     """A resume position: a whole number >= 0 (also from a query string or header)."""
-    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+    # ASCII only: str.isdigit() also takes "²" and "①", which int() refuses.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value

@@ -43,6 +43,9 @@ def test_json_messages():
         ('{"type":"prompt","content":""}', "empty_prompt"),
         ("x" * 101, "too_long"),
         ('{"type":"personal","to":"a:b","content":"x"}', "bad_message"),
+        # Characters str.isdigit() takes that int() does not: a ValueError, not a refusal.
+        ('{"type":"resume","session":"s","after":"\u00b2"}', "bad_message"),
+        ('{"type":"resume","session":"s","after":"\u2460"}', "bad_message"),
     ],
 )
 def test_bad_frames_raise_a_code_and_a_safe_message(frame, code):

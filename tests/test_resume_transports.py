@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from shared.keys import Keys
 from shared.protocol import ProtocolError, event_id, parse_event_id
@@ -291,3 +292,41 @@ async def test_sse_refuses_an_id_it_cannot_read(cluster, restarted):
         )
     assert response.status_code == 422
     assert "event id" in response.text
+
+
+# "²" and "①": str.isdigit() takes them, int() does not. A header is Latin-1: "²" only.
+ODD_POSITIONS = [
+    ("socket query", "\u00b2"),
+    ("socket query", "\u2460"),
+    ("sse query", "\u00b2"),
+    ("sse query", "\u2460"),
+    ("last-event-id", "\u00b2"),
+]
+
+
+@pytest.mark.parametrize(("where", "digit"), ODD_POSITIONS)
+async def test_a_position_of_odd_digits_is_refused_not_a_server_error(
+    cluster, restarted, where, digit
+):
+    """A seq of characters that look like digits is refused as a bad position: 1008 on a
+    socket, 422 over SSE. Before: 500 and a traceback in the frontend's log, on each."""
+    frontend = cluster.frontends[0]
+    if where == "socket query":
+        url = f"{frontend.ws}/ws/agent-thoughts?session={restarted.session}&after={digit}"
+        async with connect(url) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await recv_json(ws)
+        assert closed.value.rcvd is not None
+        print(f"\n{where} {digit!r}: closed {closed.value.rcvd.code}")
+        assert closed.value.rcvd.code == 1008
+        return
+    url = f"{frontend.http}/v1/sessions/{restarted.session}/events"
+    async with httpx.AsyncClient(timeout=seconds(10)) as http:
+        if where == "sse query":
+            response = await http.get(url, params={"after": f"{restarted.epoch}-{digit}"})
+        else:
+            response = await http.get(
+                url, headers={"Last-Event-ID": f"e-{digit}".encode("latin-1")}
+            )
+    print(f"\n{where} {digit!r}: {response.status_code}")
+    assert response.status_code == 422, response.text
