@@ -20,9 +20,9 @@ from pathlib import Path
 from bench.run import own_redis
 from shared import loops
 from shared.bus import Bus
-from shared.redis import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job, Thought
+from shared.redis import RedisFactory
 from shared.settings import Settings
 
 IN_FLIGHT = 100  # calls at a time, so that the client's round trips do not dominate

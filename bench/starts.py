@@ -22,9 +22,9 @@ from pathlib import Path
 from bench.run import own_redis
 from shared import loops
 from shared.bus import Bus
-from shared.redis import RedisFactory
 from shared.keys import Keys
 from shared.protocol import Job
+from shared.redis import RedisFactory
 from shared.settings import Settings
 from worker.main import serve
 

@@ -26,10 +26,10 @@ from typing import Any
 import orjson
 
 from shared import scripts
-from shared.redis import Batcher, Redis, ResponseError
-from shared.redis import Script as AsyncScript
 from shared.keys import Keys
 from shared.protocol import Job, Thought, encode_event_head
+from shared.redis import Batcher, Redis, ResponseError
+from shared.redis import Script as AsyncScript
 from shared.vocab import RunStatus, Verdict
 
 FENCED = -1  # what an append returns to an attempt that lost its lease

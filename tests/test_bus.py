@@ -8,11 +8,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import bus as bus_module
-from shared.redis import Batcher
 from shared.bus import FENCED, Bus
-from shared.redis import RedisFactory
 from shared.keys import Keys
 from shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
+from shared.redis import Batcher, RedisFactory
 from shared.settings import Settings
 
 

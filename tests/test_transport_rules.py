@@ -27,8 +27,8 @@ from api import guard as guard_module
 from api.auth import ORIGIN_REFUSAL, Principal
 from api.guard import SOCKET_SLOT_MS, Guard, LimitError, room_at
 from shared.bus import Bus
-from shared.redis import RedisFactory
 from shared.keys import Keys
+from shared.redis import RedisFactory
 from shared.settings import Settings
 from tests.conftest import Cluster, start_cluster
 from tests.procs import Frontend, RedisServer, seconds

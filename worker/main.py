@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 from shared import loops
 from shared.bus import Bus
-from shared.redis import RedisFactory
 from shared.keys import Keys
+from shared.redis import RedisFactory
 from shared.settings import Settings
 from worker.agents import build_agents
 from worker.attempt import RunLimits

@@ -43,14 +43,17 @@ PING_INTERVAL = 15.0
 class Link(Protocol):
     """A pub/sub connection that hands each message to ``on_message`` as it arrives."""
 
-    async def subscribe(self, *channels: bytes) -> None: ...
+    async def subscribe(self, *channels: bytes) -> None:
+        """Subscribe to ``channels``; each confirmation comes through ``on_message``."""
 
-    async def unsubscribe(self, *channels: bytes) -> None: ...
+    async def unsubscribe(self, *channels: bytes) -> None:
+        """Unsubscribe from ``channels``; each confirmation comes through ``on_message``."""
 
     async def wait_closed(self) -> None:
         """Return (or raise) once the connection is gone, whoever ended it."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Close the connection; idempotent."""
 
 
 async def open_link(factory: RedisFactory, on_message: OnMessage) -> Link:
@@ -127,6 +130,7 @@ class RawLink(ReplyReader):
     # --- asyncio.Protocol ---------------------------------------------------
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Fail what waits, and resolve :meth:`wait_closed` with the loss."""
         super().connection_lost(exc)
         error = RedisConnectionError(f"pub/sub connection lost: {exc or 'closed'}")
         if not self._closed.done():
@@ -134,6 +138,7 @@ class RawLink(ReplyReader):
             self._closed.exception()  # retrieved here, so an unawaited loss is not logged
 
     def data_received(self, data: bytes) -> None:
+        """Hand each whole message of ``data`` to ``on_message``; a reply to its command."""
         self._heard = self._loop.time()
         parser = self._parser
         parser.feed(data)

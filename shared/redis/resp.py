@@ -160,10 +160,13 @@ class ReplyReader(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport, to write and to abort."""
         self._transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Every waiting call fails with a connection error."""
         self._lost(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed'}"))
 
     def eof_received(self) -> bool | None:
-        return None  # close the transport
+        """Redis closed its side: close the transport."""
+        return None
