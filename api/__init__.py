@@ -1,0 +1,1 @@
+"""Frontends: hold clients' sockets and streams, queue prompts and relay events (``thoughtwire api``)."""

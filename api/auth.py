@@ -48,6 +48,7 @@ class AuthError(Exception):
 
     @property
     def status(self) -> int:
+        """The HTTP status of this refusal: 401 unauthenticated, 403 refused."""
         return 401 if self.code == Close.UNAUTHORIZED else 403
 
 
@@ -60,11 +61,13 @@ class Principal:
     viewer_of: str | None = None  # the one session a viewer token may read
 
     def can_read(self, session: str, owner: str | None) -> bool:
+        """Whether this principal may follow ``session``, owned by ``owner``."""
         if self.viewer_of is not None:
             return self.viewer_of == session
         return owner is None or owner == self.user
 
     def can_write(self, session: str, owner: str | None) -> bool:
+        """Whether this principal may prompt or cancel in ``session``; viewers never may."""
         return self.viewer_of is None and (owner is None or owner == self.user)
 
 
@@ -72,6 +75,8 @@ ANONYMOUS = Principal("anonymous")
 
 
 class Authenticator:
+    """Checks tokens (HS256 secret, PEM key or JWKS) and mints viewer tokens."""
+
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.auth_enabled
         self._secret = settings.jwt_secret

@@ -49,6 +49,7 @@ class Bounds:
         self.body_timeout = settings.body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate and bound one request, then hand it to the app."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -94,6 +95,7 @@ class CountedBody:
         self.refused = False
 
     async def receive(self) -> Message:
+        """The next body message, or a disconnect once a bound refused the request."""
         if self.refused:
             return DISCONNECT
         if self.whole:
@@ -113,6 +115,7 @@ class CountedBody:
         return message
 
     async def send(self, message: Message) -> None:
+        """Send the app's message, unless a refusal already answered."""
         if self.refused:
             return
         if message["type"] == "http.response.start":

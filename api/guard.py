@@ -48,6 +48,7 @@ class LimitError(AuthError):
 
     @property
     def status(self) -> int:
+        """The HTTP status of a limit: 429."""
         return 429
 
 

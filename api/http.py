@@ -38,6 +38,8 @@ SSE_TOKEN_EXPIRED = f"event: error\ndata: {error_reply('token_expired', 'token e
 
 
 class JobRequest(BaseModel):
+    """The body of ``POST /v1/jobs``: a prompt, and where and how it runs."""
+
     prompt: str = Field(min_length=1)
     session: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
@@ -89,6 +91,7 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
 
 @router.get("/jobs/{job}")
 async def job_status(job: str, request: Request, caller: Caller) -> dict[str, object]:
+    """A run's status, attempts, and result or error (``GET /v1/jobs/{job}``)."""
     state = await _job_state(request, job)
     await _frontend(request).guard.check_read(caller, state["session"])
     status = (
@@ -111,6 +114,7 @@ async def job_status(job: str, request: Request, caller: Caller) -> dict[str, ob
 
 @router.delete("/jobs/{job}", status_code=202)
 async def cancel_job(job: str, request: Request, caller: Caller) -> dict[str, object]:
+    """Cancel a queued or running run (``POST /v1/jobs/{job}/cancel``)."""
     frontend = _frontend(request)
     bus = frontend.bus
     state = await _job_state(request, job)

@@ -67,9 +67,11 @@ class Hub:
 
     @property
     def healthy(self) -> bool:
+        """Whether the pub/sub connection is up."""
         return self._connected.is_set()
 
     def channels(self) -> list[str]:
+        """The channels this frontend is subscribed to."""
         return [c.decode() for c in self._viewers]
 
     def viewers(self) -> set[Subscriber]:
@@ -77,6 +79,7 @@ class Hub:
         return set().union(*self._viewers.values())
 
     async def start(self) -> None:
+        """Connect, subscribe to the home channel, and start reading."""
         await self._connect()
         self._reader = asyncio.create_task(self._read_forever(), name="hub-reader")
 

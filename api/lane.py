@@ -51,6 +51,8 @@ class SocketRoutes:
         self.paths: list[str] = []  # as registered, for whoever lists the endpoints
 
     def route(self, path: str) -> Callable[[Endpoint], Endpoint]:
+        """Register the decorated endpoint for ``path`` (a Starlette path pattern)."""
+
         def register(endpoint: Endpoint) -> Endpoint:
             self.paths.append(path)
             if "{" in path:
@@ -63,6 +65,7 @@ class SocketRoutes:
         return register
 
     def match(self, path: str) -> tuple[Endpoint, dict[str, Any]] | None:
+        """The endpoint for ``path`` and its path parameters, or None."""
         endpoint = self._exact.get(path)
         if endpoint is not None:
             return endpoint, {}
@@ -91,6 +94,7 @@ class Gateway(FastAPI):
         self._warned: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse unknown hosts, serve socket routes here, pass the rest on."""
         if scope["type"] in ("http", "websocket"):
             headers = Headers(scope=scope)
             if not host_allowed(headers, self.settings):

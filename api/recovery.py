@@ -103,7 +103,9 @@ def gap(session: str, reason: str, after: int, epoch: str | None, next_seq: int)
     }
 
 
-def recover(
+# One decision over the log's state (position, epoch, trim, live tail), kept whole so each
+# case reads beside the others; tests/test_recovery_properties.py checks every case.
+def recover(  # noqa: C901
     session: str,
     position: Position | None,
     meta: Meta,

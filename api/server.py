@@ -25,6 +25,8 @@ logger = logging.getLogger("thoughtwire.server")
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which drains the frontend's sockets on the first signal."""
+
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
@@ -32,10 +34,12 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: Any = None) -> None:
+        """Serve until told to exit, noting the loop the signal handler hands the drain to."""
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """On the first signal start the drain; on the second, exit now."""
         # A signal handler: it only schedules the drain (or, the second time, exits).
         if self._drain is not None or self._loop is None or not self.started:
             super().handle_exit(sig, frame)
@@ -62,6 +66,7 @@ class RedactTokens(logging.Filter):
     pattern = re.compile(r"(token=)[^&\s\"]+")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``token=`` values from a log record's arguments; keep the record."""
         if isinstance(record.args, tuple):
             record.args = tuple(
                 self.pattern.sub(r"\1[redacted]", a) if isinstance(a, str) else a
@@ -94,6 +99,7 @@ def config(
 
 
 def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
+    """Run a frontend on ``host:port`` until it is stopped, tokens kept out of its logs."""
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactTokens())
     loops.settle()

@@ -147,6 +147,7 @@ class SessionSocket:
         return session, after, epoch, subprotocol
 
     async def serve(self, channels: Sequence[str] = ()) -> None:
+        """Admit the socket, follow its session, and handle its frames until it closes."""
         admitted = await self.admit()
         if admitted is None:
             return
@@ -317,6 +318,7 @@ class _Clock:
 
 @_route("/ws")
 async def echo(websocket: WebSocket) -> None:
+    """``/ws/echo``: the echo agent, answered as plain text."""
     await SessionSocket(
         websocket, render_frame=render.echo_text, agent="echo", raw_prompts=True
     ).serve()
@@ -324,21 +326,25 @@ async def echo(websocket: WebSocket) -> None:
 
 @_route("/ws/agent")
 async def agent(websocket: WebSocket) -> None:
+    """``/ws/agent``: a run's events as plain text lines."""
     await SessionSocket(websocket, render_frame=render.agent_text).serve()
 
 
 @_route("/ws/chat")
 async def chat(websocket: WebSocket) -> None:
+    """``/ws/chat``: answers only, as plain text."""
     await SessionSocket(websocket, render_frame=render.chat_text).serve()
 
 
 @_route("/ws/agent-thoughts")
 async def agent_thoughts(websocket: WebSocket) -> None:
+    """``/ws/agent-thoughts``: every event as JSON."""
     await SessionSocket(websocket).serve()
 
 
 @_route("/ws/robust")
 async def robust(websocket: WebSocket) -> None:
+    """``/ws/robust``: every event as JSON, with pings."""
     await SessionSocket(websocket, ping=_frontend(websocket).settings.ping_interval).serve()
 
 

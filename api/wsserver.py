@@ -50,14 +50,17 @@ class Mailbox:
         self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: Any) -> None:
+        """Queue one ASGI message and wake the reader."""
         self._items.append(item)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def empty(self) -> bool:
+        """Whether no message waits."""
         return not self._items
 
     async def get(self) -> Any:
+        """The oldest message, waiting for one."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -77,9 +80,11 @@ class Flag:
         self._waiters: list[asyncio.Future[None]] = []
 
     def is_set(self) -> bool:
+        """Whether the transport may be written to."""
         return self._set
 
     def set(self) -> None:
+        """Mark the transport writable and wake its waiters."""
         self._set = True
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -87,9 +92,11 @@ class Flag:
                 waiter.set_result(None)
 
     def clear(self) -> None:
+        """Mark the transport as pushing back."""
         self._set = False
 
     async def wait(self) -> None:
+        """Wait until the transport is writable."""
         if self._set:
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -106,12 +113,15 @@ except ImportError:  # pragma: no cover - an older uvicorn, or no websockets
 else:
 
     class SocketProtocol(WebSocketsSansIOProtocol):
+        """uvicorn's WebSocket protocol with the lighter queue and flag above."""
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.queue = Mailbox()  # type: ignore[assignment]
             self.writable = Flag()  # type: ignore[assignment]
 
         async def send(self, message: Any) -> None:
+            """Send an ASGI message; a close on a stalled transport closes at once."""
             if message["type"] == "websocket.close" and not self.writable.is_set():
                 await self._close_now(message)
                 return
@@ -203,6 +213,7 @@ else:
         limits: RequestBounds  # set on the class that :func:`http_protocol` makes
 
         def connection_made(self, transport: Any) -> None:
+            """Count the connection and start the head's timer."""
             over = len(self.connections) - self.limits.max_connections
             super().connection_made(transport)
             self._head_timer: asyncio.TimerHandle | None = None
@@ -216,10 +227,12 @@ else:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            """Stop the head's timer as the connection goes."""
             self._disarm()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            """Parse bytes, counting a head's against the head bound."""
             super().data_received(data)
             if self._in_head:
                 # A chunk that began a head may also end the previous body: it is
@@ -229,12 +242,14 @@ else:
                     self._refuse(431, "the request head is too large")
 
         def on_message_begin(self) -> None:
+            """A new request's head begins: count and time it from here."""
             super().on_message_begin()
             self._in_head = self._begun = True
             self._head_bytes = 0
             self._arm()  # a head pipelined behind a running response: from its first byte
 
         def on_headers_complete(self) -> None:
+            """A head is whole: stop its timer; past the connection cap, answer 503."""
             self._in_head = self._begun = False
             self._disarm()
             if self._over_cap and httptools.parse_url(self.url).path.decode() not in PROBES:
@@ -242,11 +257,13 @@ else:
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
+            """A response is out: the next head is due within the handshake timeout."""
             super().on_response_complete()
             if not self.transport.is_closing() and not self.pipeline:
                 self._arm()  # the next head is due; the idle wait is uvicorn's keep-alive
 
         def handle_websocket_upgrade(self) -> None:
+            """Upgrade to a WebSocket, unless past the connection cap; time the handshake."""
             if self._over_cap:
                 self._refuse(503, "too many connections")
                 return

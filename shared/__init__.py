@@ -1,0 +1,1 @@
+"""What frontends and workers both import: the bus, keys, protocol, settings and vocabularies."""

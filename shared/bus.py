@@ -36,10 +36,12 @@ FENCED = -1  # what an append returns to an attempt that lost its lease
 
 
 def now_ms() -> int:
+    """The wall clock in Unix milliseconds, as the scripts keep time."""
     return time.time_ns() // 1_000_000
 
 
 def new_token() -> str:
+    """A fresh random fencing token."""
     return os.urandom(6).hex()
 
 
@@ -237,6 +239,7 @@ class Bus:
             await pipe.execute()
 
     async def dead_letter(self, entry_id: str, job: Job, reason: str) -> None:
+        """Move a job that failed every attempt to the dead letters, and free its run slot."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 self.keys.dead_letters,
@@ -312,6 +315,7 @@ class Bus:
         return True
 
     async def release(self, job: Job, fence: str) -> None:
+        """Give a run back to its lease, for another worker to retry, if ``fence`` still holds it."""
         await self._script(self._release, (self.keys.run(job.session, job.run),), (fence,))
 
     # --- events -------------------------------------------------------------
@@ -371,6 +375,7 @@ class Bus:
         )
 
     async def meta(self, session: str) -> Meta:
+        """Where the session's log stands: its epoch and last seq."""
         seq, epoch = await self.redis.hmget(self.keys.session_meta(session), ["seq", "epoch"])
         return Meta(None if epoch is None else _text(epoch), int(seq or 0))
 
@@ -400,6 +405,7 @@ class Bus:
         return _text(owner)
 
     async def session_owner(self, session: str) -> str | None:
+        """The user who owns ``session``, or None if nobody has claimed it."""
         owner = await self.redis.get(self.keys.session_owner(session))
         return None if owner is None else _text(owner)
 
@@ -418,6 +424,7 @@ class Bus:
         await self._commands(("ZADD", key, *scored), ("PEXPIRE", key, ttl_ms))
 
     async def release_slot(self, key: str, member: str) -> None:
+        """Free one member's place in a slot set."""
         await self.redis.zrem(key, member)
 
     async def count(self, user: str, window_seconds: int, now: float) -> tuple[int, int]:
@@ -435,6 +442,7 @@ class Bus:
     # --- plain messages -----------------------------------------------------
 
     async def publish(self, channel: str, payload: str | bytes) -> int:
+        """PUBLISH ``payload`` on ``channel``; returns how many subscribers got it."""
         return int(await self.redis.publish(channel, payload))
 
     async def subscribers(self, channels: Iterable[str]) -> dict[str, int]:

@@ -10,6 +10,8 @@ from enum import IntEnum
 
 
 class Close(IntEnum):
+    """WebSocket close codes, each with what the client should do about it."""
+
     NORMAL = 1000  # the client or server finished; do not reconnect
     GOING_AWAY = 1001  # the frontend is stopping; reconnect
     POLICY = 1008  # the client broke a protocol rule; terminal

@@ -21,18 +21,22 @@ class Keys:
     # Jobs: one stream, read by the ``workers`` consumer group.
     @property
     def jobs(self) -> str:
+        """The stream of jobs the workers claim."""
         return f"{self.prefix}:jobs"
 
     jobs_group: str = "workers"
 
     # Per session: the event log, its metadata (seq, epoch) and its live channel.
     def session_log(self, session: str) -> str:
+        """A session's bounded event log (a stream, ids ``0-<seq>``)."""
         return f"{self.prefix}:{{{session}}}:log"
 
     def session_meta(self, session: str) -> str:
+        """A session's meta hash: its epoch and last seq."""
         return f"{self.prefix}:{{{session}}}:meta"
 
     def session_channel(self, session: str) -> str:
+        """The pub/sub channel a session's events are published on."""
         return f"{self.prefix}:{{{session}}}:events"
 
     def run(self, session: str, run: str) -> str:
@@ -48,21 +52,26 @@ class Keys:
         return f"{self.prefix}:{{{session}}}:runs"
 
     def session_owner(self, session: str) -> str:
+        """The user who owns a session."""
         return f"{self.prefix}:{{{session}}}:owner"
 
     # Per user, for limits held across frontends. User ids (JWT subjects) can hold any
     # character, so keys carry a digest of them.
     def user_rate(self, user: str, window: int) -> str:
+        """A user's request count in one rate window."""
         return f"{self.prefix}:user:{{{_digest(user)}}}:rate:{window}"
 
     def user_runs(self, user: str) -> str:
+        """A user's run slots: the runs queued or running."""
         return f"{self.prefix}:user:{{{_digest(user)}}}:runs"
 
     def user_sockets(self, user: str) -> str:
+        """A user's socket slots: the sockets open on any frontend."""
         return f"{self.prefix}:user:{{{_digest(user)}}}:sockets"
 
     # Jobs by id (the run id), and by the client's idempotency key.
     def job(self, run: str) -> str:
+        """A job by its id, the run id: the session it runs in."""
         return f"{self.prefix}:job:{run}"
 
     def idempotency(self, user: str, key: str) -> str:
@@ -74,6 +83,7 @@ class Keys:
 
     @property
     def dead_letters(self) -> str:
+        """The stream of jobs that failed every attempt."""
         return f"{self.prefix}:dead"
 
     @property
@@ -83,10 +93,12 @@ class Keys:
 
     # Connection-manager messages: one channel per client id, one for everyone.
     def client_channel(self, client_id: str) -> str:
+        """A client's personal channel."""
         return f"{self.prefix}:client:{{{client_id}}}"
 
     @property
     def broadcast_channel(self) -> str:
+        """The channel every client hears."""
         return f"{self.prefix}:broadcast"
 
     def node_channel(self, node: str) -> str:

@@ -18,6 +18,7 @@ Three kinds of message cross the system:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +62,14 @@ class Thought:
 
     @property
     def terminal(self) -> bool:
+        """Whether this ends its run (``done``, ``error``, ``cancelled``)."""
         return self.type in TERMINAL_TYPES
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """A decoded event of a session's log, as clients receive it."""
+
     type: str
     content: Any
     session: str
@@ -76,6 +80,7 @@ class Event:
 
     @property
     def terminal(self) -> bool:
+        """Whether this ends its run (``done``, ``error``, ``cancelled``)."""
         return self.type in TERMINAL_TYPES
 
 
@@ -108,6 +113,7 @@ def event_position(frame: str) -> tuple[int, str] | None:
 
 
 def decode_event(data: bytes | str) -> Event:
+    """An event from its JSON."""
     obj = orjson.loads(data)
     return Event(
         type=obj["type"],
@@ -138,6 +144,7 @@ class Job:
     user: str | None = None  # whose concurrent-run slot the run holds
 
     def encode(self) -> bytes:
+        """The job as JSON, as it goes on the jobs stream."""
         return orjson.dumps(
             {
                 "session": self.session,
@@ -151,6 +158,7 @@ class Job:
 
     @classmethod
     def decode(cls, data: bytes | str) -> Job:
+        """A job from the jobs stream's JSON."""
         obj = orjson.loads(data)
         return cls(
             session=obj["session"],
@@ -167,6 +175,8 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
+    """A client's prompt for its session (``{"type": "prompt"}``)."""
+
     content: str
     key: str | None = None  # an idempotency key: the same key never runs twice
 
@@ -232,31 +242,46 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", "a JSON frame must be an object")
     kind = obj.get("type")
-    if kind == "prompt":
-        key = _optional_string(obj, "key")
-        if key is not None and not 0 < len(key) <= 200:
-            raise ProtocolError("bad_message", "'key' must be 1-200 characters")
-        return Prompt(_prompt_text(_string(obj, "content"), max_prompt_chars), key)
-    if kind == "personal":
-        return Personal(to=_id(_string(obj, "to"), "client"), content=_string(obj, "content"))
-    if kind == "broadcast":
-        return Broadcast(content=_string(obj, "content"))
-    if kind == "pong":
-        return Pong()
-    if kind == "resume":
-        return Resume(
-            session=_id(_string(obj, "session"), "session"),
-            after=parse_after(obj.get("after", 0)),
-            epoch=_optional_string(obj, "epoch"),
-        )
-    if kind == "auth":
-        return Auth(_string(obj, "token"))
-    if kind == "cancel":
-        run = _optional_string(obj, "run")
-        return Cancel(run=None if run is None else _id(run, "run"))
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "a JSON frame needs a string 'type'")
-    raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
+    parse = _PARSERS.get(kind)
+    if parse is None:
+        raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
+    return parse(obj, max_prompt_chars)
+
+
+def _prompt(obj: dict[str, Any], max_prompt_chars: int) -> Prompt:
+    key = _optional_string(obj, "key")
+    if key is not None and not 0 < len(key) <= 200:
+        raise ProtocolError("bad_message", "'key' must be 1-200 characters")
+    return Prompt(_prompt_text(_string(obj, "content"), max_prompt_chars), key)
+
+
+def _resume(obj: dict[str, Any], _max_prompt_chars: int) -> Resume:
+    return Resume(
+        session=_id(_string(obj, "session"), "session"),
+        after=parse_after(obj.get("after", 0)),
+        epoch=_optional_string(obj, "epoch"),
+    )
+
+
+def _cancel(obj: dict[str, Any], _max_prompt_chars: int) -> Cancel:
+    run = _optional_string(obj, "run")
+    return Cancel(run=None if run is None else _id(run, "run"))
+
+
+# Each client message type and its parser, by the ``type`` it has on the wire.
+_PARSERS: dict[str, Callable[[dict[str, Any], int], ClientMessage]] = {
+    "prompt": _prompt,
+    "personal": lambda obj, _max: Personal(
+        to=_id(_string(obj, "to"), "client"), content=_string(obj, "content")
+    ),
+    "broadcast": lambda obj, _max: Broadcast(content=_string(obj, "content")),
+    "pong": lambda _obj, _max: Pong(),
+    "resume": _resume,
+    "auth": lambda obj, _max: Auth(_string(obj, "token")),
+    "cancel": _cancel,
+}
 
 
 def _string(obj: dict[str, Any], name: str) -> str:
@@ -329,4 +354,5 @@ def reply(type_: str, **fields: Any) -> str:
 
 
 def error_reply(code: str, message: str) -> str:
+    """An ``error`` reply frame with a code and a one-line message."""
     return reply("error", code=code, message=message)

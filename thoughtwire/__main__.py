@@ -1,3 +1,5 @@
+"""``python -m thoughtwire``: the command line."""
+
 import sys
 
 from thoughtwire.cli import main

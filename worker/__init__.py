@@ -1,0 +1,1 @@
+"""Workers: claim jobs, run agents and write the events they produce (``thoughtwire worker``)."""

@@ -50,6 +50,8 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True)
 class RunLimits:
+    """The bounds a worker holds each run to: lease, retries, grace, coalescing, memory."""
+
     lease_ms: int
     redis_retry_seconds: float
     disconnect_grace: float
@@ -58,6 +60,8 @@ class RunLimits:
 
 
 class RunAttempt:
+    """One attempt at a run: drives the agent, renews the lease, and writes its events fenced."""
+
     def __init__(
         self,
         bus: Bus,

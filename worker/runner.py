@@ -52,6 +52,8 @@ RUN_OUTCOMES = {
 
 
 class Worker:
+    """Claims jobs from the stream and runs each as an attempt, up to its concurrency."""
+
     def __init__(
         self,
         bus: Bus,
@@ -78,6 +80,7 @@ class Worker:
 
     @property
     def claim_block_ms(self) -> int:
+        """How long a claim waits for new jobs: half a lease, within 50 ms and 1 s."""
         return max(50, min(1000, self.limits.lease_ms // 2))
 
     async def run(self, stop: asyncio.Event, drain_timeout: float = 20.0) -> None:
@@ -182,9 +185,8 @@ class Worker:
             )
             try:
                 await attempt.execute(agent)
-                outcome = (
-                    RUN_OUTCOMES.get(attempt.stop_reason or "") or attempt.ended or "lease lost"
-                )
+                stopped = attempt.stop_reason
+                outcome = (RUN_OUTCOMES[stopped] if stopped else attempt.ended) or "lease lost"
             finally:
                 self._attempts.pop(job.run, None)
                 self.outcomes[outcome] += 1
@@ -198,6 +200,7 @@ class Worker:
                 )
 
     def cancel(self, runs: list[str]) -> None:
+        """Stop the agents of those ``runs`` this worker is running."""
         for run in runs:
             attempt = self._attempts.get(run)
             if attempt is not None:

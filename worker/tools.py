@@ -37,6 +37,8 @@ class ToolError(Exception):
 
 @dataclass(frozen=True)
 class Tool:
+    """A function a model may call: its name, description and JSON-schema parameters."""
+
     name: str
     description: str
     parameters: dict[str, Any]

@@ -26,10 +26,13 @@ class Turn:
     messages: list[dict[str, Any]] = field(default_factory=list)  # this turn's, for memory
 
     def remember(self, *messages: dict[str, Any]) -> None:
+        """Keep messages of this turn for the session's memory."""
         self.messages.extend(messages)
 
 
 class Agent(Protocol):
+    """What a worker runs for a prompt: a stream of thoughts."""
+
     def run(self, turn: Turn) -> AsyncIterator[Thought]:
         """Yield thoughts as they are produced.
 

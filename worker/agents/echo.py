@@ -9,5 +9,8 @@ from worker.agents.base import Turn
 
 
 class EchoAgent:
+    """Answers the prompt in capitals: the echo endpoint's agent."""
+
     async def run(self, turn: Turn) -> AsyncIterator[Thought]:
+        """Yield the prompt, upper-cased, as the answer."""
         yield Thought("answer", turn.prompt.upper())

@@ -51,6 +51,8 @@ MAX_OBSERVATION_CHARS = 16_000
 
 @dataclass
 class ModelLimits:
+    """Bounds on one run of a model: steps, tokens, and time per tool call and per silence."""
+
     max_steps: int = 8
     max_tokens: int = 8192
     tool_timeout: float = 30.0
@@ -79,6 +81,8 @@ class _Step:
 
 @dataclass
 class OpenAIAgent:
+    """An agent that streams a chat model (OpenAI or compatible), with tool calls."""
+
     client: openai.AsyncOpenAI
     model: str
     tools: dict[str, Tool]
@@ -86,6 +90,7 @@ class OpenAIAgent:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIAgent:
+        """The agent the settings describe: client, model, tools and limits."""
         client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url,
@@ -104,6 +109,7 @@ class OpenAIAgent:
         )
 
     async def run(self, turn: Turn) -> AsyncIterator[Thought]:
+        """Stream the model's reasoning, tool calls and answer, step by step."""
         started = time.monotonic()
         first_token: float | None = None
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}

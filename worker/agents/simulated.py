@@ -45,6 +45,8 @@ def answer_tokens(count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class SimulatedAgent:
+    """An agent that needs no model: a few steps, then a paced answer."""
+
     step_delay: float = 0.5
     answer_tokens: int = 12
     tokens_per_second: float = 20.0  # 0 streams the answer unpaced
@@ -52,6 +54,7 @@ class SimulatedAgent:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SimulatedAgent:
+        """The agent the ``sim_`` settings describe."""
         return cls(
             settings.sim_step_delay,
             settings.sim_answer_tokens,
@@ -60,6 +63,7 @@ class SimulatedAgent:
         )
 
     async def run(self, turn: Turn) -> AsyncIterator[Thought]:
+        """Yield thinking, an action and its observation, then the answer token by token."""
         topic = " ".join(turn.prompt.split())[:80]
         steps = (
             Thought("thinking", "Analyzing the question..."),
