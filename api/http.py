@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,14 +14,12 @@ from starlette.types import Receive, Scope, Send
 
 from api.auth import AuthError, Principal, check_origin, token_from
 from api.frontend import Frontend, new_id
+from api.sse import EventStream
 from api.viewer import Viewer
 from shared.backoff import UNAVAILABLE
 from shared.closecodes import Close
 from shared.protocol import (
     ProtocolError,
-    error_reply,
-    event_id,
-    event_position,
     parse_event_id,
     valid_id,
 )
@@ -30,11 +27,7 @@ from shared.vocab import OnDisconnect, RunStatus
 
 router = APIRouter(prefix="/v1")
 
-SSE_KEEPALIVE_SECONDS = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# A stream's last event when its token expires, as a socket closes with 4001: EventSource
-# clients see why (an ``error`` event), then the stream ends.
-SSE_TOKEN_EXPIRED = f"event: error\ndata: {error_reply('token_expired', 'token expired')}\n\n"
 
 
 class JobRequest(BaseModel):
@@ -155,11 +148,9 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
     # A stream holds one of the user's connection slots, as a socket does.
     stream = new_id()
     await frontend.guard.take_socket(caller, stream)
+    events = EventStream(caller.expires)
     viewer = Viewer(
-        frontend.bus,
-        frontend.hub,
-        queue_size=frontend.settings.send_queue_size,
-        on_close=lambda code, reason: _end(viewer.queue),
+        frontend.bus, frontend.hub, events, queue_size=frontend.settings.send_queue_size
     )
 
     async def ended() -> None:
@@ -172,7 +163,7 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
     except BaseException:
         await ended()
         raise
-    return _EventStream(_sse(viewer, caller.expires), ended)
+    return _EventStream(events.events(), ended)
 
 
 class _EventStream(StreamingResponse):
@@ -187,42 +178,3 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._ended()
-
-
-_END = ""  # no frame is empty
-
-
-def _end(queue: asyncio.Queue[str]) -> None:
-    """Closing an SSE stream: drop what is pending and end it; EventSource reconnects."""
-    while not queue.empty():
-        queue.get_nowait()
-    queue.put_nowait(_END)
-
-
-def _wait(expires: float | None) -> float:
-    """Seconds until a keep-alive is due or the token expires, whichever is first."""
-    if expires is None:
-        return SSE_KEEPALIVE_SECONDS
-    return max(0.0, min(SSE_KEEPALIVE_SECONDS, expires - time.time()))
-
-
-async def _sse(viewer: Viewer, expires: float | None = None) -> AsyncIterator[str]:
-    try:
-        while True:
-            if expires is not None and time.time() >= expires:
-                yield SSE_TOKEN_EXPIRED
-                return
-            try:
-                async with asyncio.timeout(_wait(expires)):
-                    frame = await viewer.queue.get()
-            except TimeoutError:
-                if expires is None or time.time() < expires:
-                    yield ": keep-alive\n\n"
-                continue
-            if frame == _END:
-                return
-            position = event_position(frame)
-            head = "" if position is None else f"id: {event_id(*position)}\n"
-            yield f"{head}data: {frame}\n\n"
-    finally:
-        await viewer.detach()

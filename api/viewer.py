@@ -1,21 +1,26 @@
 """A viewer: one client's view of one session, whatever carries it (a socket, an SSE stream).
 
-It holds the client's position ``(epoch, seq)`` and a bounded queue of frames to
-send. Live events that continue the position go straight into the queue; anything
-else (a duplicate, a hole, a new epoch) is settled against the log by a recovery
-task (:mod:`api.recovery`), so the client sees every event once and in order, or an
-explicit ``gap``.
+It holds the client's position ``(epoch, seq)`` and hands frames, in order, to its
+transport (:mod:`api.transport`), which never calls back. Live events that continue
+the position go on at once; anything else (a duplicate, a hole, a new epoch) is
+settled against the log by a recovery task (:mod:`api.recovery`), so the client sees
+every event once and in order, or an explicit ``gap``.
+
+A transport that keeps up takes each frame in the caller's own call (``write``), with
+no task and no queue. When it pushes back, frames wait in a bounded queue, made on
+first use, and a writer task, alive only while frames wait, offers them to ``send``
+one at a time: an idle viewer holds no task.
 
 Slow-client policy: the queue holds ``queue_size`` frames. When it is full the
-client is not keeping up: the viewer asks its transport to close with 4008 (SLOW),
-which tells the client to reconnect and resume from its last ``seq``. Nobody waits.
+client is not keeping up: the viewer closes its transport with 4008 (SLOW), which
+tells the client to reconnect and resume from its last ``seq``. Nobody waits: a
+send in progress is abandoned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -31,6 +36,7 @@ from api.recovery import (
     TakeLive,
     catch_up,
 )
+from api.transport import Transport
 from shared.backoff import UNAVAILABLE, retry
 from shared.bus import Bus
 from shared.closecodes import Close
@@ -41,30 +47,20 @@ RECOVERY_RETRY_SECONDS = 10.0
 CATCH_UP_PATIENCE = 10.0  # seconds a catch-up waits for room in the queue
 BUFFER_FACTOR = 4  # live frames held during a catch-up, in queue sizes
 
-OnClose = Callable[[int, str], None]
-# A transport's way to write a frame (and its ready bytes, if any) at once; False: queue it.
-Direct = Callable[[str, "bytes | None"], bool]
+SLOW_REASON = "slow consumer: reconnect and resume"
 
 
 class Viewer:
-    def __init__(
-        self,
-        bus: Bus,
-        hub: Hub,
-        *,
-        queue_size: int,
-        on_close: OnClose,
-        direct: Direct | None = None,
-        on_queue: Callable[[], None] | None = None,
-    ) -> None:
+    """One client's view of one session: its position, recovery and queue, over a transport."""
+
+    def __init__(self, bus: Bus, hub: Hub, transport: Transport, *, queue_size: int) -> None:
         self.bus = bus
         self.hub = hub
+        self._transport = transport
         self._queue: asyncio.Queue[str] | None = None  # made on first use: most never need it
         self._queue_size = queue_size
-        self._on_queue = on_queue
+        self._writer: asyncio.Task[None] | None = None  # alive only while frames wait
         self.session: str | None = None
-        self._on_close = on_close
-        self._direct = direct
         self._channels: set[str] = set()
         self._epoch: str | None = None
         self._seq = 0
@@ -75,18 +71,14 @@ class Viewer:
 
     @property
     def queue(self) -> asyncio.Queue[str]:
-        """Frames waiting for the transport, at most ``queue_size``."""
+        """Frames the transport pushed back, waiting for it, at most ``queue_size``."""
         if self._queue is None:
             self._queue = asyncio.Queue(maxsize=self._queue_size)
         return self._queue
 
     @property
-    def backlog(self) -> bool:
-        """Whether frames are waiting in the queue."""
-        return self._queue is not None and not self._queue.empty()
-
-    @property
     def position(self) -> Position:
+        """The last event the client was given: ``(epoch, seq)``."""
         return Position(self._epoch, self._seq)
 
     # --- frames in ----------------------------------------------------------
@@ -95,19 +87,20 @@ class Viewer:
         """Send or queue a frame for the client; closes the client when it is too far behind.
 
         ``wire`` is the frame ready-made for a WebSocket (:mod:`api.wire`), if the hub
-        made it: a transport that can write it at once takes it, and nothing queues.
+        made it. While nothing waits, the transport is offered the frame at once; only
+        when it pushes back does the frame queue.
         """
         if self.closed:
             return
-        if self._direct is not None and self._direct(frame, wire):
+        writer = self._writer
+        if (writer is None or writer.done()) and self._transport.write(frame, wire):
             return
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
-            self.close(Close.SLOW, "slow consumer: reconnect and resume")
+            self.close(Close.SLOW, SLOW_REASON)
             return
-        if self._on_queue is not None:
-            self._on_queue()
+        self._wake_writer()
 
     def deliver(
         self, frame: str, position: tuple[int, str] | None, wire: bytes | None = None
@@ -118,7 +111,7 @@ class Viewer:
             return
         if self._buffer is not None:
             if len(self._buffer) >= self._queue_size * BUFFER_FACTOR:
-                self.close(Close.SLOW, "slow consumer: reconnect and resume")
+                self.close(Close.SLOW, SLOW_REASON)
             self._buffer.append(frame)
             return
         seq, epoch = position
@@ -169,29 +162,70 @@ class Viewer:
         self._start_recovery(None if after is None else Position(epoch, after))
 
     async def join(self, channel: str) -> None:
+        """Take the frames of ``channel`` too."""
         if channel not in self._channels:
             self._channels.add(channel)
             await self.hub.join(channel, self)
 
     async def leave(self, channel: str) -> None:
+        """Stop taking the frames of ``channel``."""
         if channel in self._channels:
             self._channels.discard(channel)
             await self.hub.leave(channel, self)
 
     def close(self, code: int, reason: str) -> None:
-        """Stop taking frames and ask the transport to close. Idempotent."""
+        """Stop taking frames, drop what waits, and close the transport. Idempotent.
+
+        A send in progress is abandoned, not waited for: a client that stopped reading
+        is closed at once.
+        """
         if self.closed:
             return
-        self.closed = True
-        self._stop_recovery()
-        self._on_close(code, reason)
+        self._stop()
+        self._transport.close(code, reason)
 
     async def detach(self) -> None:
-        """Leave every channel; the transport calls this when it is done."""
-        self.closed = True
-        self._stop_recovery()
+        """Stop, and leave every channel; its owner calls this once the transport ended."""
+        self._stop()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await asyncio.gather(writer, return_exceptions=True)
         for channel in list(self._channels):
             await self.leave(channel)
+
+    def _stop(self) -> None:
+        self.closed = True
+        self._stop_recovery()
+        if self._writer is not None:
+            self._writer.cancel()
+        self._queue = None  # what waited is dropped
+
+    # --- the writer ---------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        """A frame was queued: make sure a writer is offering the queue to the transport."""
+        if not self.closed and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write(), name="viewer-writer"
+            )
+            self._writer.add_done_callback(self._writer_ended)
+
+    async def _write(self) -> None:
+        """Hand what is queued to the transport, in order, then end."""
+        queue = self.queue
+        while not queue.empty():
+            if not await self._transport.send(queue.get_nowait()):
+                # The transport has ended, and reports its own failure: just stop.
+                self._writer = None  # this task, which must not cancel itself
+                self._stop()
+                return
+
+    def _writer_ended(self, writer: asyncio.Task[None]) -> None:
+        if writer is self._writer:
+            self._writer = None
+        if not writer.cancelled() and writer.exception() is not None:
+            logger.error("writing to a transport failed", exc_info=writer.exception())
+            self.close(Close.INTERNAL, "internal error")
 
     # --- recovery -----------------------------------------------------------
 
@@ -276,7 +310,6 @@ class Viewer:
             async with asyncio.timeout(CATCH_UP_PATIENCE):
                 await self.queue.put(frame)
         except TimeoutError:
-            self.close(Close.SLOW, "slow consumer: reconnect and resume")
+            self.close(Close.SLOW, SLOW_REASON)
             return
-        if self._on_queue is not None:
-            self._on_queue()
+        self._wake_writer()

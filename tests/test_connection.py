@@ -88,3 +88,23 @@ async def test_a_shutdown_that_meets_a_close_still_cancels_the_socket():
     async with asyncio.timeout(seconds(5)):
         await asyncio.gather(serving, return_exceptions=True)
     assert serving.cancelled()
+
+
+class RefusingSocket(StuckSocket):
+    """A socket the server has closed on its own: ASGI refuses every send."""
+
+    async def send_text(self, text):
+        raise RuntimeError("Unexpected ASGI message 'websocket.send'")
+
+
+async def test_a_failed_send_ends_the_socket_and_its_viewer_without_a_close():
+    socket = RefusingSocket()
+    conn = Connection(socket, None, NullHub(), queue_size=4, render=as_is)
+    serving = await receiving(conn)
+    conn.send("0")
+    async with asyncio.timeout(seconds(5)):
+        await serving  # the transport stopped its own receive loop
+    assert conn.viewer.closed
+    assert not socket.closed.done()  # the server closed it already: nothing more is sent
+    conn.send("1")
+    assert conn.sent == 0

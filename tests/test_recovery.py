@@ -156,6 +156,22 @@ class RestartingLog:
         return [ev(1, f"e{self.epochs}")]
 
 
+class ClosedLog:
+    """A transport that takes every frame and notes each close."""
+
+    def __init__(self, closed):
+        self.closed = closed
+
+    def write(self, frame, wire):
+        return True
+
+    async def send(self, frame):
+        return True
+
+    def close(self, code, reason):
+        self.closed.append((code, reason))
+
+
 class NoHub:
     async def join(self, channel, viewer):
         pass
@@ -166,7 +182,7 @@ class NoHub:
 
 async def test_a_catch_up_that_cannot_settle_closes_for_a_reconnect_and_warns_once(caplog):
     log, closed = RestartingLog(), []
-    viewer = Viewer(log, NoHub(), queue_size=1000, on_close=lambda *why: closed.append(why))
+    viewer = Viewer(log, NoHub(), ClosedLog(closed), queue_size=1000)
     with caplog.at_level(logging.WARNING, "thoughtwire.viewer"):
         await viewer.follow("s", 0, "e0")
         task = viewer._recovery

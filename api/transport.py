@@ -1,0 +1,59 @@
+"""A transport: where a viewer's ready frames go, one client's socket or stream.
+
+Data flows one way: hub → viewer → transport. A viewer (:mod:`api.viewer`) owns the
+client's position, its recovery from the log and the slow-client policy (a bounded
+queue, 4008 when it is full); it hands each frame, in order, to its transport. Like
+centrifuge's ``Transport``, this contract has no read method: a transport gives
+nothing back to its viewer but whether it took a frame, and never reads a viewer's
+queue.
+
+Implementations: :class:`api.connection.SocketTransport` (a WebSocket) and
+:class:`api.sse.EventStream` (server-sent events).
+
+A third transport is one file with one class that has these three methods:
+
+* ``write(frame, wire)``: take the frame now, without waiting, or return False;
+* ``send(frame)``: take the frame, waiting while the client is behind; False once the
+  transport has ended (the client left, or a send failed);
+* ``close(code, reason)``: end now, dropping nothing of its own that is pending.
+
+Its endpoint makes a ``Viewer(bus, hub, transport, queue_size=...)``, calls
+``viewer.follow(...)``, and ``await viewer.detach()`` once the transport has ended.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Transport(Protocol):
+    """A sink for one client's frames; the viewer is its only writer.
+
+    Guarantee: frames reach the client in the order the viewer hands them over, none
+    twice. The viewer calls ``write`` only when nothing of its own is waiting or being
+    sent, and never calls ``write`` or ``send`` while a ``send`` is in progress, so a
+    transport keeps no queue: backpressure is ``write`` returning False, after which
+    the viewer queues (bounded) and offers each frame to ``send`` in turn. Once
+    ``close`` has been called, or ``send`` returned False, the viewer hands over
+    nothing more.
+    """
+
+    def write(self, frame: str, wire: bytes | None) -> bool:
+        """Take ``frame`` at once, or return False (nothing taken) when pushing back.
+
+        ``wire`` is the frame ready-made as WebSocket bytes (:mod:`api.wire`), when the
+        hub made it: a transport that writes exactly those bytes may use them. Must
+        not block, and must not call back into the viewer.
+        """
+        ...
+
+    async def send(self, frame: str) -> bool:
+        """Take ``frame``, waiting while the client is behind; False once ended.
+
+        A failure is the transport's own to report and end on; the viewer only stops.
+        """
+        ...
+
+    def close(self, code: int, reason: str) -> None:
+        """End now with ``code`` (a :class:`shared.closecodes.Close`); idempotent."""
+        ...
