@@ -204,3 +204,51 @@ def test_every_link_of_the_page_leads_somewhere(name):
         assert linked.exists(), f"{name} links to {target}: no such file"
         if anchor:
             assert anchor in anchors(linked.read_text()), f"{name} links to {target}: no heading"
+
+
+# --- where to add -----------------------------------------------------------------
+
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
+EXTENSIONS = ("an agent", "a transport", "a Redis topology", "a metric", "an event type")
+
+
+def where_to_add() -> dict[str, tuple[str, str]]:
+    """docs/architecture.md's "Where to add" table: extension -> (file to add, registry)."""
+    section = ARCHITECTURE.split("## Where to add", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("To add", "---"):
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def defines(path: Path, name: str) -> bool:
+    """Whether the module at ``path`` defines ``name`` (a class, function or assignment)."""
+    pattern = rf"^\s*(?:(?:async )?def |class ){name}\b|^\s*(?:self\.)?{name}\b[^=\n]*=[^=]"
+    return re.search(pattern, path.read_text(), re.M) is not None
+
+
+def test_where_to_add_names_each_extension_and_only_what_exists():
+    rows = where_to_add()
+    for extension in EXTENSIONS:
+        assert any(row.startswith(extension) for row in rows), f"no row for {extension}"
+    checked = 0
+    for extension, cells in rows.items():
+        text = " ".join(cells)
+        for path in re.findall(r"`([\w./-]+\.(?:py|md|js))`", text):
+            assert (ROOT / path).exists(), f"{extension}: {path} does not exist"
+            checked += 1
+        for name, path in re.findall(r"`(\w+)` in `([\w./-]+\.py)`", text):
+            assert defines(ROOT / path, name), f"{extension}: {path} defines no {name}"
+            checked += 1
+    assert checked >= 10, checked
+
+
+def test_where_to_add_says_so_while_no_metrics_registry_exists():
+    """The map says metrics have no registry yet; once a metrics module appears, the
+    map must name it instead."""
+    metric = next(cells for extension, cells in where_to_add().items() if "metric" in extension)
+    modules = ("shared/metrics.py", "api/metrics.py", "worker/metrics.py")
+    if "none yet" in metric[1]:
+        assert not any((ROOT / p).exists() for p in modules), "name the metrics registry"
