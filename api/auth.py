@@ -17,6 +17,7 @@ which a frontend without authentication never uses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -92,6 +93,18 @@ class Authenticator:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self.viewer_ttl = settings.viewer_token_ttl
+
+    async def principal(self, token: str | None) -> Principal:
+        """:meth:`authenticate`, with a key from ``JWKS_URL`` looked up off the event loop.
+
+        PyJWT fetches the key set with a blocking request when a token names a ``kid``
+        it has not cached, or its cache is stale: on the loop, a key set server slow to
+        answer would freeze every socket of this frontend for up to PyJWT's 30 s
+        timeout, and anyone can send a token naming a made-up ``kid``.
+        """
+        if self._jwks is None:
+            return self.authenticate(token)
+        return await asyncio.to_thread(self.authenticate, token)
 
     def authenticate(self, token: str | None) -> Principal:
         """The principal a token names; raises :class:`AuthError` (4001) otherwise."""

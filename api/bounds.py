@@ -54,20 +54,20 @@ class Bounds:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        refusal = self._refusal(scope, headers)
+        refusal = await self._refusal(scope, headers)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
         body = CountedBody(receive, send, self.max_body_bytes, self.body_timeout)
         await self.app(scope, body.receive, body.send)
 
-    def _refusal(self, scope: Scope, headers: Headers) -> JSONResponse | None:
+    async def _refusal(self, scope: Scope, headers: Headers) -> JSONResponse | None:
         if scope["path"].startswith(API_PREFIX):
             auth = scope["app"].state.frontend.auth
             if auth.enabled:
                 token, _ = token_from(QueryParams(scope["query_string"]), headers)
                 try:
-                    auth.authenticate(token)
+                    await auth.principal(token)
                 except AuthError as exc:
                     return refusal(exc.status, exc.message)
         if declared_length(headers) > self.max_body_bytes:

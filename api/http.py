@@ -48,7 +48,7 @@ async def principal(request: Request) -> Principal:
     """Who is calling: from ``Authorization: Bearer`` (or ``?token=``); counted against the rate."""
     frontend = _frontend(request)
     token, _ = token_from(request.query_params, request.headers)
-    caller = frontend.auth.authenticate(token)
+    caller = await frontend.auth.principal(token)
     if caller.expires is not None and caller.expires <= time.time():
         # The leeway is for clocks that disagree; a socket closes at exp, and so does this.
         raise AuthError("token expired")

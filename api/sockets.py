@@ -128,7 +128,7 @@ class SessionSocket:
                 raise AuthError("frontend restarting; reconnect", Close.RESTART)
             if self.require_auth and not frontend.auth.enabled:
                 raise AuthError("authentication is not configured on this server")
-            self.principal = frontend.auth.authenticate(token)
+            self.principal = await frontend.auth.principal(token)
             session, after, epoch = _start_position(websocket)
             await frontend.guard.check_read(self.principal, session)
             await frontend.guard.check_rate(self.principal)
@@ -269,7 +269,7 @@ class SessionSocket:
             await frontend.guard.check_write(self.principal, session)
             await frontend.bus.cancel(session, message.run)
         elif isinstance(message, Auth):
-            fresh = frontend.auth.authenticate(message.token)
+            fresh = await frontend.auth.principal(message.token)
             if fresh.user != self.principal.user or fresh.viewer_of != self.principal.viewer_of:
                 raise AuthError("a refreshed token must name the same user", Close.FORBIDDEN)
             self.principal = fresh
@@ -386,7 +386,7 @@ async def connection_manager(websocket: WebSocket) -> None:
     if frontend.auth.enabled:
         token, subprotocol = token_from(websocket.query_params, websocket.headers)
         try:
-            if frontend.auth.authenticate(token).user != client_id:
+            if (await frontend.auth.principal(token)).user != client_id:
                 await _refuse(
                     websocket, Close.FORBIDDEN, "a client id is your own user id", subprotocol
                 )
