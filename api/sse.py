@@ -6,10 +6,10 @@ to it at once; while it is busy (its last chunk not yet taken by the server), ``
 pushes back, and the viewer's writer waits in ``send`` for it to ask again. The stream
 holds no queue of its own: one frame at most is in hand.
 
-Each event's ``id`` is ``<epoch>-<seq>``, so ``Last-Event-ID`` resumes. A keep-alive
-comment goes out after a quiet interval; when the client's token expires the stream
-sends an ``error`` event and ends, as a socket closes with 4001; a close ends the
-stream, and EventSource reconnects.
+Each event's ``id`` is ``<epoch>-<seq>``, and a gap's is the position it leaves, so
+``Last-Event-ID`` resumes. A keep-alive comment goes out after a quiet interval; when
+the client's token expires the stream sends an ``error`` event and ends, as a socket
+closes with 4001; a close ends the stream, and EventSource reconnects.
 """
 
 from __future__ import annotations
@@ -18,12 +18,34 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import orjson
+
 from shared.protocol import error_reply, event_id, event_position
 
 SSE_KEEPALIVE_SECONDS = 15.0
 # A stream's last event when its token expires, as a socket closes with 4001: EventSource
 # clients see why (an ``error`` event), then the stream ends.
 SSE_TOKEN_EXPIRED = f"event: error\ndata: {error_reply('token_expired', 'token expired')}\n\n"
+
+
+GAP_HEAD = '{"type":"gap",'  # how a gap reply is encoded (api.recovery)
+
+
+def id_line(frame: str) -> str:
+    """A frame's ``id:`` line: an event's position, or the position a gap leaves the client.
+
+    A gap moves the client to ``next - 1`` of its epoch (to seq 0 of none, ``0``, when
+    the log is gone); without an id, a stream that drops before the next event would
+    resume from the old position and be told of the same loss again.
+    """
+    position = event_position(frame)
+    if position is not None:
+        return f"id: {event_id(*position)}\n"
+    if not frame.startswith(GAP_HEAD):
+        return ""
+    gap = orjson.loads(frame)
+    seq = gap["next"] - 1
+    return f"id: {seq if gap['epoch'] is None else event_id(seq, gap['epoch'])}\n"
 
 
 class EventStream:
@@ -114,6 +136,4 @@ class EventStream:
                 continue
             if frame is None:
                 return
-            position = event_position(frame)
-            head = "" if position is None else f"id: {event_id(*position)}\n"
-            yield f"{head}data: {frame}\n\n"
+            yield f"{id_line(frame)}data: {frame}\n\n"

@@ -152,10 +152,18 @@ async def _sse_frames(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
             frame = json.loads(line[6:])
             if "seq" in frame:
                 assert event_id == f"{frame['epoch']}-{frame['seq']}", "an id without its epoch"
+            elif frame["type"] == "gap":
+                assert event_id == gap_id(frame), "a gap without the position it leaves"
             else:
-                assert event_id is None, "only events have ids"
+                assert event_id is None, "only events and gaps have ids"
             event_id = None
             yield frame
+
+
+def gap_id(gap: dict[str, Any]) -> str:
+    """The id a gap's SSE event carries: where it leaves the client (seq 0 of no epoch: "0")."""
+    seq = gap["next"] - 1
+    return str(seq) if gap["epoch"] is None else f"{gap['epoch']}-{seq}"
 
 
 TRANSPORTS = {"ws-query": ws_query, "ws-resume": ws_resume, "sse": sse}
@@ -330,3 +338,45 @@ async def test_a_position_of_odd_digits_is_refused_not_a_server_error(
             )
     print(f"\n{where} {digit!r}: {response.status_code}")
     assert response.status_code == 422, response.text
+
+
+async def sse_first(
+    cluster: Cluster, session: str, last_id: str, prompt: bool
+) -> tuple[str | None, dict]:
+    """The first frame of a resumed stream and its id (with ``prompt``, a run is started)."""
+    url = f"{cluster.frontends[1].http}/v1/sessions/{session}/events"
+    async with (
+        httpx.AsyncClient(timeout=seconds(10)) as http,
+        http.stream("GET", url, headers={"Last-Event-ID": last_id}) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        prompting = asyncio.create_task(run_once(cluster, session) if prompt else asyncio.sleep(0))
+        try:
+            async with asyncio.timeout(seconds(20)):
+                event_id = None
+                async for line in lines:
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        return event_id, json.loads(line[6:])
+        finally:
+            await prompting
+    raise AssertionError("the stream ended before its first frame")
+
+
+async def test_a_stream_resumed_from_a_gaps_id_is_not_told_of_the_loss_again(cluster):
+    """A gap's SSE event carries the position it leaves, so EventSource resumes from there.
+
+    A stream resumed on a session whose log is gone gets a gap of reason ``expired``; a
+    reconnect with the id it last saw (before the next event came) gets the session's
+    events, not that gap again. Measured: the reconnect's first frame was the same gap
+    before (the gap had no id, so the stale position was sent again), the event at seq 1
+    after.
+    """
+    session = f"gone-{os.urandom(4).hex()}"
+    first_id, first = await sse_first(cluster, session, "0000dead-3", prompt=False)
+    assert first["type"] == "gap" and first["reason"] == "expired", first
+    _, again = await sse_first(cluster, session, first_id or "0000dead-3", prompt=True)
+    print(f"\nfirst frame: {first['type']} (id {first_id}); after reconnecting: {again['type']}")
+    assert again["type"] != "gap", f"the reconnect was told of the loss again: {again}"
