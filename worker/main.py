@@ -7,11 +7,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
+from functools import partial
 
 from shared import loops
 from shared.bus import Bus
 from shared.keys import Keys
 from shared.redis import RedisFactory
+from shared.redis.pubsub import channel_messages
 from shared.settings import Settings
 from worker.agents import build_agents
 from worker.attempt import RunLimits
@@ -44,7 +46,7 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
             concurrency=settings.worker_concurrency,
             limits=limits,
             max_attempts=settings.max_attempts,
-            open_pubsub=factory.pubsub,
+            listen=partial(channel_messages, factory),
         )
         logger.info("%s claiming jobs (agent: %s)", worker.name, settings.agent)
         await worker.run(stop, drain_timeout=settings.drain_timeout)

@@ -21,15 +21,14 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
 
 import orjson
 
 from shared.backoff import UNAVAILABLE, delays
 from shared.bus import Bus
 from shared.protocol import Job, Thought
-from shared.redis import Redis, RedisError
+from shared.redis import RedisError
 from shared.vocab import StopReason, Verdict
 from worker.agents import Agent
 from worker.attempt import RunAttempt, RunLimits
@@ -63,7 +62,7 @@ class Worker:
         concurrency: int,
         limits: RunLimits,
         max_attempts: int,
-        open_pubsub: Callable[[], Redis] | None = None,
+        listen: Callable[[str], AsyncGenerator[bytes, None]] | None = None,
         name: str | None = None,
     ) -> None:
         self.bus = bus
@@ -73,7 +72,7 @@ class Worker:
         self.limits = limits
         self.max_attempts = max_attempts
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
-        self._open_pubsub = open_pubsub
+        self._listen = listen  # a channel's messages (shared.redis.pubsub.channel_messages)
         self._tasks: set[asyncio.Task[None]] = set()
         self._attempts: dict[str, RunAttempt] = {}
         self.outcomes: Counter[str] = Counter()  # runs this worker ran, by how they ended
@@ -208,23 +207,16 @@ class Worker:
 
     async def _listen_for_control(self) -> None:
         """Follow the control channel; reconnect (with backoff) whenever it drops."""
-        if self._open_pubsub is None:
+        if self._listen is None:
             return
         for delay in delays():
-            client = self._open_pubsub()
-            pubsub: Any = client.pubsub()
             try:
-                await pubsub.subscribe(self.bus.keys.worker_control)
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is not None and message["type"] == "message":
-                        self.cancel(orjson.loads(message["data"]).get("cancel", []))
+                control = self._listen(self.bus.keys.worker_control)
+                async with contextlib.aclosing(control) as messages:
+                    async for data in messages:
+                        self.cancel(orjson.loads(data).get("cancel", []))
             except asyncio.CancelledError:
                 raise
             except UNAVAILABLE:
                 logger.warning("control channel lost; reconnecting")
-            finally:
-                with contextlib.suppress(*UNAVAILABLE):
-                    await pubsub.aclose()
-                await client.aclose()
             await asyncio.sleep(delay)

@@ -16,6 +16,9 @@ resubscribes (:mod:`api.hub`).
 
 The embedded mode has no server to connect to: :class:`ClientLink` gives the same
 interface over redis-py's ``PubSub`` on the in-process Redis.
+
+A worker follows one channel, its control channel, at a low rate: :func:`channel_messages`
+reads it through redis-py's ``PubSub``, whatever the Redis.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis.connections import RedisFactory
 from shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command
@@ -232,3 +236,24 @@ class ClientLink:
             if kind in ("message", "subscribe", "unsubscribe"):
                 data = message["data"] if kind == "message" else None
                 self._on_message(kind.encode(), message["channel"], data)
+
+
+async def channel_messages(factory: RedisFactory, channel: str) -> AsyncGenerator[bytes, None]:
+    """Each message published on ``channel``, on a connection of its own, until it drops.
+
+    A connection error ends it; the caller reconnects (redis-py's own retries are off on
+    this client, so nothing published meanwhile is lost silently). Close it with
+    ``contextlib.aclosing`` so the connection is closed at once.
+    """
+    client: Any = factory.pubsub()
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(channel)
+        while True:  # until the connection drops or the caller stops reading
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            if message is not None and message["type"] == "message":
+                yield message["data"]
+    finally:
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            await pubsub.aclose()
+        await client.aclose()
