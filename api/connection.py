@@ -117,21 +117,25 @@ class SocketTransport:
             self._interrupted = True
             self._serving.cancel()
 
-    async def run(self, receive_loop: ReceiveLoop) -> None:
-        """Run the receive loop until it ends, a send fails or a close is asked for."""
-        task = self._serving = asyncio.current_task()
-        assert task is not None
-        try:
-            if self._closing is None and self._error is None:
-                await receive_loop()
-        except asyncio.CancelledError:
-            # Ours (a stop) is taken back; one from outside (shutdown) goes on.
-            if not self._interrupted or task.uncancel() > 0:
-                raise
-        except Exception as exc:
-            self._error = self._error or exc
-        finally:
-            self._serving = None
+    def serve_in(self, task: asyncio.Task[Any] | None) -> None:
+        """The task running the receive loop, which a stop cancels; None once it left."""
+        self._serving = task
+
+    @property
+    def open(self) -> bool:
+        """Neither closed nor failed."""
+        return self._closing is None and self._error is None
+
+    def took_back(self, task: asyncio.Task[Any]) -> bool:
+        """After ``task`` was cancelled in the loop: whether this was a stop, now taken back.
+
+        A cancellation from outside (a shutdown) goes on, even if a stop met it.
+        """
+        return self._interrupted and task.uncancel() == 0
+
+    def failed(self, error: BaseException) -> None:
+        """The receive loop failed: reported, and a 1011 sent, by :meth:`finish`."""
+        self._error = self._error or error
 
     async def finish(self) -> None:
         """Report a failure, then send the close asked for (or 1011 after a failure)."""
@@ -186,13 +190,28 @@ class Connection:
         self.viewer.close(code, reason)
 
     async def serve(self, receive_loop: ReceiveLoop) -> None:
-        """Run the receive loop until the socket ends, then leave every channel and close.
+        """Run the receive loop until it ends, a send fails or a close is asked for.
+
+        Then the viewer leaves every channel, and the transport sends its close.
 
         The viewer's writer is stopped before the close is sent, so the close never
         queues behind a send to a client that stopped reading.
         """
+        # Inline, not in a method of the transport's: an idle socket waits here, and a
+        # coroutine between its task and the loop would cost each socket a frame.
+        transport = self.transport
+        task = asyncio.current_task()
+        assert task is not None
+        transport.serve_in(task)
         try:
-            await self.transport.run(receive_loop)
+            if transport.open:
+                await receive_loop()
+        except asyncio.CancelledError:
+            if not transport.took_back(task):
+                raise
+        except Exception as exc:
+            transport.failed(exc)
         finally:
+            transport.serve_in(None)
             await self.viewer.detach()
-        await self.transport.finish()
+        await transport.finish()

@@ -53,6 +53,24 @@ SLOW_REASON = "slow consumer: reconnect and resume"
 class Viewer:
     """One client's view of one session: its position, recovery and queue, over a transport."""
 
+    # A frontend holds one per socket, for hours: no per-instance dict.
+    __slots__ = (
+        "_again",
+        "_buffer",
+        "_channels",
+        "_epoch",
+        "_queue",
+        "_queue_size",
+        "_recovery",
+        "_seq",
+        "_transport",
+        "_writer",
+        "bus",
+        "closed",
+        "hub",
+        "session",
+    )
+
     def __init__(self, bus: Bus, hub: Hub, transport: Transport, *, queue_size: int) -> None:
         self.bus = bus
         self.hub = hub
