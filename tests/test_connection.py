@@ -108,3 +108,29 @@ async def test_a_failed_send_ends_the_socket_and_its_viewer_without_a_close():
     assert not socket.closed.done()  # the server closed it already: nothing more is sent
     conn.send("1")
     assert conn.sent == 0
+
+
+class ReadyRaw:
+    """Stands for uvicorn's connection under :class:`api.wire.RawSocket`: takes every frame."""
+
+    def __init__(self):
+        self.frames = []
+
+    def write(self, frame):
+        self.frames.append(frame)
+        return True
+
+
+async def test_a_json_socket_that_keeps_up_writes_ready_frames_in_the_hubs_own_call():
+    """No queue and no writer task: the bytes the hub framed go straight to the connection."""
+    conn = Connection(StuckSocket(), None, NullHub(), queue_size=4, render=as_is)
+    raw = conn.transport._raw = ReadyRaw()
+    tasks = len(asyncio.all_tasks())
+    for seq in range(1, 101):
+        conn.viewer.deliver(f"e{seq}", None, b"ready %d" % seq)
+    conn.send("own")  # a frame of the frontend's own: framed here, in order
+    assert raw.frames == [b"ready %d" % seq for seq in range(1, 101)] + [b"\x81\x03own"]
+    assert conn.sent == 101
+    assert conn.viewer._queue is None and conn.viewer._writer is None
+    assert len(asyncio.all_tasks()) == tasks
+    await conn.viewer.detach()
