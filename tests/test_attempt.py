@@ -12,8 +12,9 @@ from shared.bus import Bus
 from shared.keys import Keys
 from shared.protocol import Job, Thought, decode_event
 from tests.procs import seconds
-from worker.attempt import MAX_BATCH, RunAttempt, RunLimits
+from worker.attempt import RunAttempt, RunLimits
 from worker.runner import CLAIM_BATCH, Worker
+from worker.writer import MAX_BATCH
 
 LIMITS = RunLimits(lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0)
 
