@@ -60,11 +60,14 @@ class Principal:
     user: str
     expires: float | None = None
     viewer_of: str | None = None  # the one session a viewer token may read
+    granted_by: str | None = None  # the owner who minted the viewer token
 
     def can_read(self, session: str, owner: str | None) -> bool:
         """Whether this principal may follow ``session``, owned by ``owner``."""
         if self.viewer_of is not None:
-            return self.viewer_of == session
+            # A session's name outlives its owner's claim (it lapses with the log): once
+            # another user holds the name, the old owner's links must not show it.
+            return self.viewer_of == session and owner == self.granted_by
         return owner is None or owner == self.user
 
     def can_write(self, session: str, owner: str | None) -> bool:
@@ -123,7 +126,9 @@ class Authenticator:
         subject = _named(claims, "sub")
         if claims.get("scope") == VIEWER_SCOPE:
             session = _named(claims, "sid")
-            return Principal(f"viewer:{subject}", float(claims["exp"]), viewer_of=session)
+            return Principal(
+                f"viewer:{subject}", float(claims["exp"]), viewer_of=session, granted_by=subject
+            )
         return Principal(subject, float(claims["exp"]))
 
     def _decode(self, token: str, alg: str, header: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import re
+import secrets
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from api.app import create_app
 from api.auth import ORIGIN_REFUSAL, host_allowed
+from shared.keys import Keys
 from shared.settings import Settings
 from tests.conftest import start_cluster
 from tests.procs import seconds, thoughtwire
@@ -586,3 +588,40 @@ async def test_a_key_set_that_never_answers_does_not_freeze_the_frontend(redis_s
     assert health.status_code == 200
     assert took < 5, f"/healthz took {took:.1f} s while a key set lookup hung"
     assert answer.status_code == 401
+
+
+async def test_a_viewer_link_does_not_follow_its_session_name_to_a_new_owner(secure, redis_server):
+    """A viewer token reads its session only while the user who minted it owns it.
+
+    Alice's claim on a session name lapses (the owner key expires after
+    ``THOUGHTWIRE_LOG_TTL`` without her; here it is deleted, as its expiry would) and Bob
+    takes the name. Measured: Alice's viewer link, still valid, was let in and handed
+    Bob's whole run before; it is refused with 4003 after.
+    """
+    a, b = secure.frontends
+    alice, bob = token("alice-lapsed"), token("bob-later")
+    session = f"a-name-{secrets.token_hex(3)}"
+    async with connect(ws_url(a, token=alice, session=session)) as ws:
+        await greeting(ws)
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {alice}"}) as http:
+        grant = await http.post(f"{b.http}/v1/sessions/{session}/viewer-token")
+    viewer = grant.json()["token"]
+    with redis_server.client() as redis:
+        redis.delete(Keys(secure.prefix).session_owner(session))
+    async with connect(ws_url(a, token=bob, session=session)) as ws:
+        await greeting(ws)
+        await ws.send("Bob's own question")
+        bobs = await run_events(ws)
+    seen: list[dict] = []
+    code = None
+    async with connect(ws_url(b, token=viewer, session=session, after=0)) as ws:
+        try:
+            async with asyncio.timeout(seconds(10)):
+                while len(seen) < len(bobs):
+                    message = await recv_json(ws)
+                    if "seq" in message:
+                        seen.append(message)
+        except websockets.ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd else None
+    print(f"\nAlice's viewer link on Bob's session: closed {code}, {len(seen)} of his events")
+    assert seen == [] and code == 4003, f"{len(seen)} of Bob's events reached Alice's viewer"
