@@ -28,7 +28,7 @@ from api.frontend import Frontend, new_id
 from api.guard import LimitError
 from api.lane import SocketRoutes
 from shared.backoff import UNAVAILABLE
-from shared.closecodes import Close
+from shared.closecodes import Close, ErrorCode
 from shared.protocol import (
     Auth,
     Broadcast,
@@ -51,7 +51,9 @@ routes = SocketRoutes()  # served by api.lane, ahead of FastAPI
 _route = routes.route
 
 MessageHandler = Callable[[ClientMessage, "SessionSocket"], Awaitable[None]]
-UNAVAILABLE_REPLY = error_reply("unavailable", "the service is briefly unavailable; try again")
+UNAVAILABLE_REPLY = error_reply(
+    ErrorCode.UNAVAILABLE, "the service is briefly unavailable; try again"
+)
 
 
 def _frontend(websocket: WebSocket) -> Frontend:
@@ -73,7 +75,9 @@ def _start_position(websocket: WebSocket) -> tuple[str, int | None, str | None]:
     query = websocket.query_params
     session = query.get("session") or new_id()
     if not valid_id(session):
-        raise ProtocolError("bad_message", "session ids are 1-64 characters of [A-Za-z0-9._-]")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "session ids are 1-64 characters of [A-Za-z0-9._-]"
+        )
     after = query.get("after")
     return session, None if after is None else parse_after(after), query.get("epoch") or None
 
@@ -215,7 +219,9 @@ class SessionSocket:
         clock.heard()
         text = message.get("text")
         if text is None:
-            self.conn.send(error_reply("bad_frame", "binary frames are not supported; send text"))
+            self.conn.send(
+                error_reply(ErrorCode.BAD_FRAME, "binary frames are not supported; send text")
+            )
         return text
 
     def _on_quiet(self, clock: _Clock) -> None:
@@ -241,7 +247,7 @@ class SessionSocket:
         except ProtocolError as exc:
             self.conn.send(error_reply(exc.code, exc.message))
         except LimitError as exc:
-            self.conn.send(error_reply("rate_limited", exc.message))
+            self.conn.send(error_reply(ErrorCode.RATE_LIMITED, exc.message))
         except AuthError as exc:
             raise Stop(exc.code, exc.message) from None
         except UNAVAILABLE:
@@ -276,7 +282,9 @@ class SessionSocket:
         elif self.on_message is not None:
             await self.on_message(message, self)
         elif not isinstance(message, Pong):
-            self.conn.send(error_reply("unsupported", "this endpoint does not take that message"))
+            self.conn.send(
+                error_reply(ErrorCode.UNSUPPORTED, "this endpoint does not take that message")
+            )
 
 
 class _Clock:
@@ -376,7 +384,7 @@ async def connection_manager(websocket: WebSocket) -> None:
             payload = reply("personal", content=message.content, sender=client_id, to=message.to)
             if not await frontend.bus.publish(keys.client_channel(message.to), payload):
                 socket.conn.send(
-                    error_reply("not_connected", f"no client {message.to!r} is connected")
+                    error_reply(ErrorCode.NOT_CONNECTED, f"no client {message.to!r} is connected")
                 )
         elif isinstance(message, Broadcast):
             payload = reply("broadcast", content=message.content, sender=client_id)

@@ -20,12 +20,15 @@ from collections.abc import AsyncIterator
 
 import orjson
 
+from shared.closecodes import ErrorCode
 from shared.protocol import error_reply, event_id, event_position
 
 SSE_KEEPALIVE_SECONDS = 15.0
 # A stream's last event when its token expires, as a socket closes with 4001: EventSource
 # clients see why (an ``error`` event), then the stream ends.
-SSE_TOKEN_EXPIRED = f"event: error\ndata: {error_reply('token_expired', 'token expired')}\n\n"
+SSE_TOKEN_EXPIRED = (
+    f"event: error\ndata: {error_reply(ErrorCode.TOKEN_EXPIRED, 'token expired')}\n\n"
+)
 
 
 GAP_HEAD = '{"type":"gap",'  # how a gap reply is encoded (api.recovery)

@@ -1,4 +1,4 @@
-"""WebSocket close codes thoughtwire uses, and what a client should do about each.
+"""WebSocket close codes and ``error`` reply codes, and what a client should do about each.
 
 ``RECONNECT`` codes mean "come back (to any frontend) and resume"; the others are
 terminal until the client changes something (its token, its behaviour).
@@ -6,7 +6,7 @@ terminal until the client changes something (its token, its behaviour).
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 
 class Close(IntEnum):
@@ -35,3 +35,19 @@ RECONNECT = frozenset(
         Close.RATE_LIMITED,
     }
 )
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an ``error`` reply: the socket stays open unless a close follows."""
+
+    BAD_JSON = "bad_json"  # a frame starting with '{' is not JSON; fix the client
+    BAD_MESSAGE = "bad_message"  # a field of the wrong type, a bad id or position; fix it
+    UNKNOWN_TYPE = "unknown_type"  # a message type the protocol does not have
+    EMPTY_PROMPT = "empty_prompt"  # an empty or blank prompt
+    TOO_LONG = "too_long"  # a prompt over max_prompt_chars; send a shorter one
+    BAD_FRAME = "bad_frame"  # a binary frame; send text
+    UNSUPPORTED = "unsupported"  # a message this endpoint does not take
+    NOT_CONNECTED = "not_connected"  # a personal message to a client id nobody holds
+    RATE_LIMITED = "rate_limited"  # over a per-user limit; slow down, then send it again
+    UNAVAILABLE = "unavailable"  # Redis is briefly unreachable; send it again
+    TOKEN_EXPIRED = "token_expired"  # an SSE stream's token expired; get a new one

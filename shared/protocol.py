@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from shared.closecodes import ErrorCode
 from shared.vocab import OnDisconnect, RunStatus
 
 # Event types a run produces. ``done``, ``error`` and ``cancelled`` end a run; ``retry``
@@ -43,7 +44,7 @@ TERMINAL_STATUS = {
 class ProtocolError(ValueError):
     """A client frame that cannot be used; ``message`` is safe to send back."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -238,22 +239,22 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError:
-        raise ProtocolError("bad_json", "frame is not valid JSON") from None
+        raise ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("bad_message", "a JSON frame must be an object")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a JSON frame must be an object")
     kind = obj.get("type")
     if not isinstance(kind, str):
-        raise ProtocolError("bad_message", "a JSON frame needs a string 'type'")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a JSON frame needs a string 'type'")
     parse = _PARSERS.get(kind)
     if parse is None:
-        raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}")
     return parse(obj, max_prompt_chars)
 
 
 def _prompt(obj: dict[str, Any], max_prompt_chars: int) -> Prompt:
     key = _optional_string(obj, "key")
     if key is not None and not 0 < len(key) <= 200:
-        raise ProtocolError("bad_message", "'key' must be 1-200 characters")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'key' must be 1-200 characters")
     return Prompt(_prompt_text(_string(obj, "content"), max_prompt_chars), key)
 
 
@@ -287,7 +288,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], int], ClientMessage]] = {
 def _string(obj: dict[str, Any], name: str) -> str:
     value = obj.get(name)
     if not isinstance(value, str):
-        raise ProtocolError("bad_message", f"'{name}' must be a string")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"'{name}' must be a string")
     return value
 
 
@@ -302,7 +303,7 @@ def parse_after(value: Any) -> int:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value
-    raise ProtocolError("bad_message", "'after' must be a whole number >= 0")
+    raise ProtocolError(ErrorCode.BAD_MESSAGE, "'after' must be a whole number >= 0")
 
 
 def parse_event_id(value: str) -> tuple[int, str | None]:
@@ -311,7 +312,7 @@ def parse_event_id(value: str) -> tuple[int, str | None]:
     if not dash:
         return parse_after(value), None
     if not (0 < len(epoch) <= 64 and epoch.isalnum() and epoch.isascii()):
-        raise ProtocolError("bad_message", "an event id is <epoch>-<seq> or <seq>")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "an event id is <epoch>-<seq> or <seq>")
     return parse_after(seq), epoch
 
 
@@ -322,9 +323,9 @@ def event_id(seq: int, epoch: str) -> str:
 
 def _prompt_text(text: str, max_chars: int) -> str:
     if not text.strip():
-        raise ProtocolError("empty_prompt", "prompt is empty")
+        raise ProtocolError(ErrorCode.EMPTY_PROMPT, "prompt is empty")
     if len(text) > max_chars:
-        raise ProtocolError("too_long", f"prompt is longer than {max_chars} characters")
+        raise ProtocolError(ErrorCode.TOO_LONG, f"prompt is longer than {max_chars} characters")
     return text
 
 
@@ -341,7 +342,9 @@ def valid_id(value: str) -> bool:
 
 def _id(value: str, what: str) -> str:
     if not valid_id(value):
-        raise ProtocolError("bad_message", f"{what} ids are 1-64 characters of [A-Za-z0-9._-]")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"{what} ids are 1-64 characters of [A-Za-z0-9._-]"
+        )
     return value
 
 
@@ -353,6 +356,6 @@ def reply(type_: str, **fields: Any) -> str:
     return orjson.dumps({"type": type_, **fields}).decode()
 
 
-def error_reply(code: str, message: str) -> str:
+def error_reply(code: ErrorCode, message: str) -> str:
     """An ``error`` reply frame with a code and a one-line message."""
     return reply("error", code=code, message=message)

@@ -16,7 +16,7 @@ import pytest
 from api.http import router
 from api.recovery import GapReason
 from api.sockets import routes as socket_routes
-from shared.closecodes import Close
+from shared.closecodes import Close, ErrorCode
 from shared.protocol import (
     EVENT_TYPES,
     ClientMessage,
@@ -69,10 +69,12 @@ def test_every_reply_the_code_sends_is_documented():
 
 
 def test_every_error_code_is_documented():
-    """Each code an ``error`` reply can carry, as the code spells it."""
+    """Each code an ``error`` reply can carry: every ``ErrorCode``, and any code still
+    spelled as a string."""
     text = code_text()
     codes = set(re.findall(r'\berror_reply\(\s*[\'"](\w+)[\'"]', text))
     codes |= set(re.findall(r'\bProtocolError\(\s*"(\w+)"', text))
+    codes |= {code.value for code in ErrorCode}
     assert {"bad_json", "rate_limited", "unavailable", "token_expired"} <= codes
     for code in codes:
         assert f"`{code}`" in PROTOCOL, f"docs/protocol.md does not explain error code {code}"
