@@ -313,9 +313,15 @@ def _one_line(error: ValidationError, values: Mapping[str, Any]) -> str:
     if not first["loc"]:  # a rule across settings; its message names the variables
         return message
     field = str(first["loc"][0])
+    if first["type"] == "extra_forbidden":
+        return f"{field} is not a setting"
     if field not in values:
         return f"{field}: {message}"
-    return f"{env_name(field)}={values[field]!r}: {message[0].lower()}{message[1:]}"
+    value = f"{env_name(field)}={values[field]!r}"
+    kind = str(first["type"])
+    if kind.endswith(("_parsing", "_type")):  # not a number, not a boolean, ...
+        return f"{value} is not a valid {kind.split('_')[0]}"
+    return f"{value}: {message.replace('Input should be', 'must be')}"
 
 
 def describe() -> list[tuple[str, str, str, str]]:

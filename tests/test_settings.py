@@ -86,3 +86,25 @@ def test_settings_page_is_current():
     """docs/settings.md is generated from the declared settings; regenerate it with
     ``python -m shared.settings``."""
     assert DOC.read_text() == markdown(), "run `python -m shared.settings`"
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"THOUGHTWIRE_SEND_QUEUE_SIZE": "many"},
+            "THOUGHTWIRE_SEND_QUEUE_SIZE='many' is not a valid int",
+        ),
+        ({"THOUGHTWIRE_SIM_JITTER": "0.9"}, "THOUGHTWIRE_SIM_JITTER='0.9': must be less than"),
+        ({"THOUGHTWIRE_KEY_PREFIX": "a:b"}, "THOUGHTWIRE_KEY_PREFIX='a:b': must not contain"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_variable_and_the_value(env, line):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value).startswith(line) and "\n" not in str(info.value)
+
+
+def test_an_unknown_setting_is_refused():
+    with pytest.raises(SettingsError, match="bogus is not a setting"):
+        Settings(bogus=1)
