@@ -409,6 +409,7 @@ NOT_NAMES = {
     "Auth.token",  # a credential, checked to name the same user
     "JobRequest.prompt",
     "JobRequest.on_disconnect",
+    "{name:path}",  # /static/{name:path}: one of the page's own files, the same for everyone
 }
 
 
