@@ -15,7 +15,8 @@ A third transport is one file with one class that has these three methods:
 * ``write(frame, wire)``: take the frame now, without waiting, or return False;
 * ``send(frame)``: take the frame, waiting while the client is behind; False once the
   transport has ended (the client left, or a send failed);
-* ``close(code, reason)``: end now, dropping nothing of its own that is pending.
+* ``close(code, reason)``: end now, with that close code (what waits is the viewer's
+  to drop; a transport holds one frame at most).
 
 Its endpoint makes a ``Viewer(bus, hub, transport, queue_size=...)``, calls
 ``viewer.follow(...)``, and ``await viewer.detach()`` once the transport has ended.
