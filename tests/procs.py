@@ -121,7 +121,11 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.proc.start()
-        wait_until(self.ping, 10, "redis-server to answer")
+        try:
+            wait_until(self.ping, 10, "redis-server to answer")
+        except BaseException:
+            self.proc.kill()  # a server that never answered must not outlive the test
+            raise
         return self
 
     def ping(self) -> bool:
@@ -161,7 +165,11 @@ class Frontend:
 
     def start(self) -> Frontend:
         self.proc.start()
-        wait_until(self.ready, 30, f"{self.proc.name} to be ready")
+        try:
+            wait_until(self.ready, 30, f"{self.proc.name} to be ready")
+        except BaseException:
+            self.proc.kill()  # one that never got ready must not outlive the test
+            raise
         return self
 
     def ready(self) -> bool:
