@@ -10,7 +10,8 @@ code reaches Redis through the names re-exported here.
 - :mod:`shared.redis.resp`: the RESP encoder and the reply-reader core the two
   connections below share.
 - :mod:`shared.redis.pipeline`: :class:`Batcher`, many callers' calls in one round trip.
-- :mod:`shared.redis.pubsub`: the hub's pub/sub link.
+- :mod:`shared.redis.pubsub`: the hub's pub/sub link, and one channel's messages (a
+  worker's control channel).
 """
 
 from __future__ import annotations
