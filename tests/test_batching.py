@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from shared.redis import Batcher, Redis, RedisConnectionError, RedisTimeoutError
+from shared.redis import Batcher, Redis, RedisConnectionError, RedisTimeoutError, ResponseError
 from tests.procs import RedisServer, seconds
 
 
@@ -84,6 +84,29 @@ async def test_the_embedded_redis_is_read_through_redis_py():
     try:
         assert await batcher.commands(("PING",)) == [b"PONG"]
         assert batcher._line is None
+    finally:
+        await client.aclose()
+
+
+async def test_the_embedded_redis_keeps_raw_replies_order_and_reloads_forgotten_scripts():
+    """Through redis-py's pipeline the replies are the same as off the batcher's own line:
+    as Redis sent them, in call order, a refused command's error in its place, and a
+    script Redis forgot loaded and run again."""
+    import fakeredis
+
+    client = fakeredis.FakeAsyncRedis()
+    batcher = Batcher(client)
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    try:
+        assert await batcher.commands(("SET", "k", "v"), ("GET", "k")) == [b"OK", b"v"]
+        assert batcher._line is None
+        # Never loaded: the first pipelines are refused with NOSCRIPT, then run again.
+        replies = await asyncio.gather(*(batcher.script(script, ["n"], []) for _ in range(200)))
+        assert replies == list(range(1, 201))
+        await client.script_flush()
+        assert await batcher.script(script, ["n"], []) == 201
+        [refused] = await batcher.commands(("INCR", "k"))
+        assert isinstance(refused, ResponseError)
     finally:
         await client.aclose()
 
