@@ -14,14 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from api.auth import AuthError
-from api.bounds import Bounds, invalid_request
-from api.frontend import Frontend, running
-from api.http import router as http_router
-from api.lane import Gateway
-from api.sockets import routes as socket_routes
-from shared.redis import RedisError, RedisFactory
-from shared.settings import Settings
+from thoughtwire.api.auth import AuthError
+from thoughtwire.api.bounds import Bounds, invalid_request
+from thoughtwire.api.frontend import Frontend, running
+from thoughtwire.api.http import router as http_router
+from thoughtwire.api.lane import Gateway
+from thoughtwire.api.sockets import routes as socket_routes
+from thoughtwire.shared.redis import RedisError, RedisFactory
+from thoughtwire.shared.settings import Settings
 
 # The page runs only its own files: model text that got past the sanitiser still could
 # not run script, load a remote image or post anywhere (docs/page.md).
@@ -36,7 +36,7 @@ PAGE_TYPES = {".js": "text/javascript", ".css": "text/css"}  # else plain text (
 
 def _page_assets() -> dict[str, tuple[bytes, str, str]]:
     """The page's files under ``api/static``, by name: body, content type and ETag."""
-    root = resources.files("api").joinpath("static")
+    root = resources.files("thoughtwire.api").joinpath("static")
     files = {name: root.joinpath(name) for name in ("page.js", "page.css")}
     for file in root.joinpath("vendor").iterdir():
         if file.is_file():
@@ -109,7 +109,7 @@ def create_app(  # noqa: C901
         )
 
     app.include_router(http_router)
-    page = resources.files("api").joinpath("static/index.html").read_text()
+    page = resources.files("thoughtwire.api").joinpath("static/index.html").read_text()
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -130,7 +130,9 @@ def create_app(  # noqa: C901
             return Response(status_code=304, headers=headers)
         return Response(body, media_type=media_type, headers=headers)
 
-    client_module = resources.files("api").joinpath("static/thoughtwire.js").read_bytes()
+    client_module = (
+        resources.files("thoughtwire.api").joinpath("static/thoughtwire.js").read_bytes()
+    )
     client_etag = f'"{hashlib.sha256(client_module).hexdigest()[:16]}"'
 
     @app.get("/thoughtwire.js", include_in_schema=False)

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shared.closecodes import Close
-from shared.settings import Settings
+from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.settings import Settings
 
 if TYPE_CHECKING:
     from jwt import PyJWKClient

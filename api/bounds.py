@@ -14,7 +14,7 @@ head with 408, so a client cannot hold a request open by trickling its body. uvi
 from the socket, so what a refused body costs is bounded too.
 
 The request head and WebSocket frames are bounded where they are read, in uvicorn
-(:mod:`api.wsserver`); docs/security.md lists every bound.
+(:mod:`thoughtwire.api.wsserver`); docs/security.md lists every bound.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import AuthError, token_from
-from shared.settings import Settings
+from thoughtwire.api.auth import AuthError, token_from
+from thoughtwire.shared.settings import Settings
 
 API_PREFIX = "/v1/"
 TOO_LARGE = "the request body is larger than this frontend accepts"

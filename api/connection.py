@@ -1,8 +1,8 @@
-"""One client socket: a viewer (:mod:`api.viewer`) carried over a WebSocket transport.
+"""One client socket: a viewer (:mod:`thoughtwire.api.viewer`) carried over a WebSocket transport.
 
-:class:`SocketTransport` is the WebSocket's side of :class:`api.transport.Transport`.
+:class:`SocketTransport` is the WebSocket's side of :class:`thoughtwire.api.transport.Transport`.
 A JSON socket that keeps up takes each frame in the hub's own call, as ready bytes
-written straight to the connection (:mod:`api.wire`), with no task switch; everything
+written straight to the connection (:mod:`thoughtwire.api.wire`), with no task switch; everything
 else (a client falling behind, a rendered endpoint, a server this cannot reach under)
 is pushed back to the viewer, whose writer task offers it to ``send`` through ASGI.
 
@@ -21,12 +21,12 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from api.hub import Hub
-from api.viewer import Viewer
-from api.wire import RawSocket, text_frame
-from shared.bus import Bus
-from shared.closecodes import Close
-from shared.protocol import reply
+from thoughtwire.api.hub import Hub
+from thoughtwire.api.viewer import Viewer
+from thoughtwire.api.wire import RawSocket, text_frame
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.protocol import reply
 
 logger = logging.getLogger("thoughtwire.connection")
 

@@ -9,19 +9,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 
-from api.auth import Authenticator, Principal
-from api.guard import SOCKET_REFRESH_SECONDS, Guard
-from api.hub import Hub
-from api.runs import Runs
-from shared.backoff import retry
-from shared.bus import Bus
-from shared.closecodes import Close
-from shared.keys import Keys
-from shared.protocol import Job
-from shared.redis import Redis, RedisError, RedisFactory
-from shared.redis.pubsub import open_link
-from shared.settings import Settings
-from shared.vocab import OnDisconnect
+from thoughtwire.api.auth import Authenticator, Principal
+from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard
+from thoughtwire.api.hub import Hub
+from thoughtwire.api.runs import Runs
+from thoughtwire.shared.backoff import retry
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import Job
+from thoughtwire.shared.redis import Redis, RedisError, RedisFactory
+from thoughtwire.shared.redis.pubsub import open_link
+from thoughtwire.shared.settings import Settings
+from thoughtwire.shared.vocab import OnDisconnect
 
 READY_TIMEOUT = 2.0
 DRAIN_BATCHES = 10

@@ -22,10 +22,10 @@ import asyncio
 import math
 import time
 
-from api.auth import AuthError, Principal
-from shared.bus import Bus
-from shared.closecodes import Close
-from shared.settings import Settings
+from thoughtwire.api.auth import AuthError, Principal
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.settings import Settings
 
 RATE_WINDOW = 60
 RUN_SLOT_MS = 3_600_000  # a run's slot lapses after an hour even if nobody frees it

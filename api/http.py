@@ -12,18 +12,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from api.auth import AuthError, Principal, check_origin, token_from
-from api.frontend import Frontend, new_id
-from api.sse import EventStream
-from api.viewer import Viewer
-from shared.backoff import UNAVAILABLE
-from shared.closecodes import Close
-from shared.protocol import (
+from thoughtwire.api.auth import AuthError, Principal, check_origin, token_from
+from thoughtwire.api.frontend import Frontend, new_id
+from thoughtwire.api.sse import EventStream
+from thoughtwire.api.viewer import Viewer
+from thoughtwire.shared.backoff import UNAVAILABLE
+from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.protocol import (
     ProtocolError,
     parse_event_id,
     valid_id,
 )
-from shared.vocab import OnDisconnect, RunStatus
+from thoughtwire.shared.vocab import OnDisconnect, RunStatus
 
 router = APIRouter(prefix="/v1")
 

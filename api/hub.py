@@ -4,7 +4,7 @@ A frontend subscribes to a channel while at least one of its sockets is on it
 (reference-counted) and unsubscribes when the last one leaves. Channels are exact,
 never patterns. A message from Redis is decoded from UTF-8 once and handed to every
 viewer of its channel; nothing is parsed or re-encoded on the way. It is also framed
-once, as the WebSocket frame every socket of the channel sends (:mod:`api.wire`).
+once, as the WebSocket frame every socket of the channel sends (:mod:`thoughtwire.api.wire`).
 
 Delivery to a viewer never blocks: ``Subscriber.deliver`` must return at once (a socket
 puts the frame in its own bounded queue), so one slow client cannot stall the relay.
@@ -19,11 +19,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from api.wire import text_frame
-from shared.backoff import delays
-from shared.protocol import event_position
-from shared.redis import RedisConnectionError, RedisTimeoutError
-from shared.redis.pubsub import Link, OnMessage
+from thoughtwire.api.wire import text_frame
+from thoughtwire.shared.backoff import delays
+from thoughtwire.shared.protocol import event_position
+from thoughtwire.shared.redis import RedisConnectionError, RedisTimeoutError
+from thoughtwire.shared.redis.pubsub import Link, OnMessage
 
 logger = logging.getLogger("thoughtwire.hub")
 

@@ -9,7 +9,7 @@ by Starlette's own path syntax, and called with a plain Starlette ``WebSocket``;
 every other request, and a WebSocket to any other path, goes on to FastAPI as usual.
 
 The entry point is also where every request, HTTP or WebSocket, has its ``Host``
-checked (:func:`api.auth.host_allowed`): nothing behind it runs for a request
+checked (:func:`thoughtwire.api.auth.host_allowed`): nothing behind it runs for a request
 addressed to a name this frontend does not serve.
 """
 
@@ -28,10 +28,10 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api.auth import HOST_REFUSAL, host_allowed, token_from
-from api.wire import expose_protocol
-from shared.closecodes import Close
-from shared.settings import Settings
+from thoughtwire.api.auth import HOST_REFUSAL, host_allowed, token_from
+from thoughtwire.api.wire import expose_protocol
+from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.settings import Settings
 
 logger = logging.getLogger("thoughtwire.lane")
 

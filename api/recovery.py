@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 
-from shared.bus import Meta
-from shared.protocol import event_position
+from thoughtwire.shared.bus import Meta
+from thoughtwire.shared.protocol import event_position
 
 RECOVERY_PAGE = 500  # log entries read at a time when catching up
 CATCH_UP_ROUNDS = 16  # meta reads before a catch-up gives up (the client reconnects)

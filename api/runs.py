@@ -7,7 +7,7 @@ it follows its runs until they end, in a bounded table, checking their statuses 
 third of a lease in one pipelined call.
 
 A run whose state is missing is not ended at once: an attempt that is alive takes the
-state back (its lease renewal or its next append re-owns it, :mod:`shared.scripts`),
+state back (its lease renewal or its next append re-owns it, :mod:`thoughtwire.shared.scripts`),
 and it renews every third of a lease. So a state missing on checks a whole lease apart
 means no attempt holds the run (it was queued, or its worker died too): the frontend
 then writes the terminal ``error`` with ``END_LOST``, which acts only while the state is
@@ -34,9 +34,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from shared.bus import Bus
-from shared.protocol import TERMINAL_STATUS, Thought
-from shared.redis import RedisError
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Thought
+from thoughtwire.shared.redis import RedisError
 
 logger = logging.getLogger("thoughtwire.runs")
 

@@ -1,7 +1,7 @@
 """Running a frontend under uvicorn, with a drain before uvicorn's own shutdown.
 
 uvicorn, on SIGTERM, closes its listening socket and every WebSocket at once. A
-frontend first drains (:meth:`api.frontend.Frontend.drain`): ``/readyz`` turns 503,
+frontend first drains (:meth:`thoughtwire.api.frontend.Frontend.drain`): ``/readyz`` turns 503,
 new sockets are refused, open ones are told to reconnect in staggered batches. Only
 then does uvicorn shut down. A second signal skips the drain.
 """
@@ -17,9 +17,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from api.wsserver import PROTOCOL, http_protocol
-from shared import loops
-from shared.settings import Settings
+from thoughtwire.api.wsserver import PROTOCOL, http_protocol
+from thoughtwire.shared import loops
+from thoughtwire.shared.settings import Settings
 
 logger = logging.getLogger("thoughtwire.server")
 

@@ -21,15 +21,15 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api import render
-from api.auth import ANONYMOUS, AuthError, check_origin, token_from
-from api.connection import Connection, Render, as_is
-from api.frontend import Frontend, new_id
-from api.guard import LimitError
-from api.lane import SocketRoutes
-from shared.backoff import UNAVAILABLE
-from shared.closecodes import Close, ErrorCode
-from shared.protocol import (
+from thoughtwire.api import render
+from thoughtwire.api.auth import ANONYMOUS, AuthError, check_origin, token_from
+from thoughtwire.api.connection import Connection, Render, as_is
+from thoughtwire.api.frontend import Frontend, new_id
+from thoughtwire.api.guard import LimitError
+from thoughtwire.api.lane import SocketRoutes
+from thoughtwire.shared.backoff import UNAVAILABLE
+from thoughtwire.shared.closecodes import Close, ErrorCode
+from thoughtwire.shared.protocol import (
     Auth,
     Broadcast,
     Cancel,
@@ -45,7 +45,7 @@ from shared.protocol import (
     reply,
     valid_id,
 )
-from shared.vocab import OnDisconnect
+from thoughtwire.shared.vocab import OnDisconnect
 
 routes = SocketRoutes()  # served by api.lane, ahead of FastAPI
 _route = routes.route

@@ -1,4 +1,4 @@
-"""Server-sent events as a viewer's transport (:class:`api.transport.Transport`).
+"""Server-sent events as a viewer's transport (:class:`thoughtwire.api.transport.Transport`).
 
 The response body is pulled: :meth:`EventStream.events` is the async iterator a
 streaming response reads. While it waits for the next frame, ``write`` hands a frame
@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from shared.closecodes import ErrorCode
-from shared.protocol import error_reply, event_id, event_position
+from thoughtwire.shared.closecodes import ErrorCode
+from thoughtwire.shared.protocol import error_reply, event_id, event_position
 
 SSE_KEEPALIVE_SECONDS = 15.0
 # A stream's last event when its token expires, as a socket closes with 4001: EventSource

@@ -1,14 +1,14 @@
 """A transport: where a viewer's ready frames go, one client's socket or stream.
 
-Data flows one way: hub → viewer → transport. A viewer (:mod:`api.viewer`) owns the
+Data flows one way: hub → viewer → transport. A viewer (:mod:`thoughtwire.api.viewer`) owns the
 client's position, its recovery from the log and the slow-client policy (a bounded
 queue, 4008 when it is full); it hands each frame, in order, to its transport. Like
 centrifuge's ``Transport``, this contract has no read method: a transport gives
 nothing back to its viewer but whether it took a frame, and never reads a viewer's
 queue.
 
-Implementations: :class:`api.connection.SocketTransport` (a WebSocket) and
-:class:`api.sse.EventStream` (server-sent events).
+Implementations: :class:`thoughtwire.api.connection.SocketTransport` (a WebSocket) and
+:class:`thoughtwire.api.sse.EventStream` (server-sent events).
 
 A third transport is one file with one class that has these three methods:
 
@@ -42,7 +42,7 @@ class Transport(Protocol):
     def write(self, frame: str, wire: bytes | None) -> bool:
         """Take ``frame`` at once, or return False (nothing taken) when pushing back.
 
-        ``wire`` is the frame ready-made as WebSocket bytes (:mod:`api.wire`), when the
+        ``wire`` is the frame ready-made as WebSocket bytes (:mod:`thoughtwire.api.wire`), when the
         hub made it: a transport that writes exactly those bytes may use them. Must
         not block, and must not call back into the viewer.
         """
@@ -56,5 +56,5 @@ class Transport(Protocol):
         ...
 
     def close(self, code: int, reason: str) -> None:
-        """End now with ``code`` (a :class:`shared.closecodes.Close`); idempotent."""
+        """End now with ``code`` (a :class:`thoughtwire.shared.closecodes.Close`); idempotent."""
         ...

@@ -1,9 +1,9 @@
 """A viewer: one client's view of one session, whatever carries it (a socket, an SSE stream).
 
 It holds the client's position ``(epoch, seq)`` and hands frames, in order, to its
-transport (:mod:`api.transport`), which never calls back. Live events that continue
+transport (:mod:`thoughtwire.api.transport`), which never calls back. Live events that continue
 the position go on at once; anything else (a duplicate, a hole, a new epoch) is
-settled against the log by a recovery task (:mod:`api.recovery`), so the client sees
+settled against the log by a recovery task (:mod:`thoughtwire.api.recovery`), so the client sees
 every event once and in order, or an explicit ``gap``.
 
 A transport that keeps up takes each frame in the caller's own call (``write``), with
@@ -24,8 +24,8 @@ import logging
 from functools import partial
 from typing import Any
 
-from api.hub import Hub
-from api.recovery import (
+from thoughtwire.api.hub import Hub
+from thoughtwire.api.recovery import (
     CATCH_UP_ROUNDS,
     Emit,
     Position,
@@ -36,10 +36,10 @@ from api.recovery import (
     TakeLive,
     catch_up,
 )
-from api.transport import Transport
-from shared.backoff import UNAVAILABLE, retry
-from shared.bus import Bus
-from shared.closecodes import Close
+from thoughtwire.api.transport import Transport
+from thoughtwire.shared.backoff import UNAVAILABLE, retry
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.closecodes import Close
 
 logger = logging.getLogger("thoughtwire.viewer")
 
@@ -104,7 +104,7 @@ class Viewer:
     def put(self, frame: str, wire: bytes | None = None) -> None:
         """Send or queue a frame for the client; closes the client when it is too far behind.
 
-        ``wire`` is the frame ready-made for a WebSocket (:mod:`api.wire`), if the hub
+        ``wire`` is the frame ready-made for a WebSocket (:mod:`thoughtwire.api.wire`), if the hub
         made it. While nothing waits, the transport is offered the frame at once; only
         when it pushes back does the frame queue.
         """
@@ -270,7 +270,7 @@ class Viewer:
     async def _recover(self, position: Position | None) -> None:
         """Catch up from the log, a page at a time, then take the buffered live frames.
 
-        :func:`api.recovery.catch_up` decides; this does its reads and sends. Log
+        :func:`thoughtwire.api.recovery.catch_up` decides; this does its reads and sends. Log
         pages wait for room in the queue (a backlog may be far longer than the
         queue); live frames that arrive meanwhile wait in the buffer.
         """

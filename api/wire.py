@@ -15,7 +15,7 @@ uses it only while it is safe:
 * the transport is not pushing back (its buffer is under the high-water mark).
 
 Otherwise frames go the ASGI way, through the socket's bounded queue, where the
-slow-client policy applies (:mod:`api.viewer`). Under any other server, or with a
+slow-client policy applies (:mod:`thoughtwire.api.viewer`). Under any other server, or with a
 protocol this module does not know, every frame goes the ASGI way.
 """
 
@@ -51,7 +51,7 @@ def expose_protocol(scope: Scope, send: Send) -> None:
     """Put uvicorn's WebSocket connection in the scope, for :class:`RawSocket`.
 
     ``send`` must be the server's own (a middleware's wrapper hides the connection), so
-    the application's own entry point calls this: :class:`api.lane.Gateway`.
+    the application's own entry point calls this: :class:`thoughtwire.api.lane.Gateway`.
     """
     if scope["type"] == "websocket" and _Known is not None:
         owner = getattr(send, "__self__", None)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from shared.settings import Settings
+from thoughtwire.shared.settings import Settings
 
 PROTOCOL: Any = "auto"
 

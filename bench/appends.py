@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 from bench.run import own_redis
-from shared import loops
-from shared.bus import Bus
-from shared.keys import Keys
-from shared.protocol import Job, Thought
-from shared.redis import RedisFactory
-from shared.settings import Settings
+from thoughtwire.shared import loops
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import Job, Thought
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.settings import Settings
 
 IN_FLIGHT = 100  # calls at a time, so that the client's round trips do not dominate
 

@@ -16,9 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
-from shared.protocol import Thought
-from shared.settings import Settings
-from worker.coalesce import coalesce
+from thoughtwire.shared.protocol import Thought
+from thoughtwire.shared.settings import Settings
+from thoughtwire.worker.coalesce import coalesce
 
 TOKENS = 300
 RUNS = 3

@@ -19,7 +19,7 @@ import time
 import socketio
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from shared import loops
+from thoughtwire.shared import loops
 
 
 def now_ms() -> int:

@@ -19,7 +19,7 @@ import orjson
 from redis.asyncio import Redis
 
 from bench.wire import WireClient
-from shared import loops
+from thoughtwire.shared import loops
 
 CONNECT_CONCURRENCY = 200
 

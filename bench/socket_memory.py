@@ -26,7 +26,7 @@ from pathlib import Path
 import uvicorn
 
 from bench.run import free_port, own_redis
-from shared import loops
+from thoughtwire.shared import loops
 
 CLIENT = """
 import asyncio, sys
@@ -74,9 +74,9 @@ def where(stats: list[tracemalloc.StatisticDiff], count: int, top: int = 30) -> 
 
 async def measure(count: int, trace: bool, redis_url: str) -> None:
     os.environ.update(REDIS_URL=redis_url, THOUGHTWIRE_MAX_SOCKETS_PER_USER=str(count * 2))
-    from api.app import create_app
-    from api.server import config
-    from shared.settings import Settings
+    from thoughtwire.api.app import create_app
+    from thoughtwire.api.server import config
+    from thoughtwire.shared.settings import Settings
 
     port = free_port()
     settings = Settings.from_env(os.environ)

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 from bench.run import own_redis
-from shared import loops
-from shared.bus import Bus
-from shared.keys import Keys
-from shared.protocol import Job
-from shared.redis import RedisFactory
-from shared.settings import Settings
-from worker.main import serve
+from thoughtwire.shared import loops
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import Job
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.settings import Settings
+from thoughtwire.worker.main import serve
 
 DEADLINE = 120.0
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
-from shared.redis import RedisConnectionError, RedisTimeoutError
+from thoughtwire.shared.redis import RedisConnectionError, RedisTimeoutError
 
 T = TypeVar("T")
 

@@ -5,13 +5,13 @@ Guarantees:
 * **Jobs** go into one Redis Stream read by a consumer group. A job is acknowledged
   (and deleted) only when its run has ended. While it runs, its worker renews a
   lease; a job whose lease lapsed is claimed by another worker and run again as a
-  new attempt, and every write of an attempt is fenced (:mod:`shared.scripts`).
+  new attempt, and every write of an attempt is fenced (:mod:`thoughtwire.shared.scripts`).
 * **Events** of a session are numbered ``seq`` = 1, 2, 3, ... with no gaps within an
   ``epoch``. Each one is appended to the session's log (a stream bounded by MAXLEN
   and a TTL) and published on the session's channel in one atomic script, so the
   log and the live channel never disagree on order or content.
 * **Live delivery** over pub/sub is at-most-once. Frontends fill holes from the log
-  (:mod:`api.recovery`), which is why every event carries its position.
+  (:mod:`thoughtwire.api.recovery`), which is why every event carries its position.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any
 
 import orjson
 
-from shared import scripts
-from shared.keys import Keys
-from shared.protocol import Job, Thought, encode_event_head
-from shared.redis import Batcher, Redis, ResponseError
-from shared.redis import Script as AsyncScript
-from shared.vocab import RunStatus, Verdict
+from thoughtwire.shared import scripts
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import Job, Thought, encode_event_head
+from thoughtwire.shared.redis import Batcher, Redis, ResponseError
+from thoughtwire.shared.redis import Script as AsyncScript
+from thoughtwire.shared.vocab import RunStatus, Verdict
 
 FENCED = -1  # what an append returns to an attempt that lost its lease
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from shared.closecodes import ErrorCode
-from shared.vocab import OnDisconnect, RunStatus
+from thoughtwire.shared.closecodes import ErrorCode
+from thoughtwire.shared.vocab import OnDisconnect, RunStatus
 
 # Event types a run produces. ``done``, ``error`` and ``cancelled`` end a run; ``retry``
 # says a new attempt starts over (clients drop the run's partial answer).

@@ -2,7 +2,7 @@
 
 Nothing else in the codebase reads ``os.environ``. Every setting is declared once
 below, with its type, default and description; ``thoughtwire --help`` and
-docs/settings.md are generated from that list (``python -m shared.settings``
+docs/settings.md are generated from that list (``python -m thoughtwire.shared.settings``
 rewrites the page). Every setting has a ``THOUGHTWIRE_`` variable, except the few
 that the wider ecosystem already names (``REDIS_URL``, ``OPENAI_API_KEY``,
 ``OPENAI_BASE_URL`` and the ``JWT_``/``JWKS_`` ones).
@@ -343,7 +343,7 @@ def markdown() -> str:
         "Every setting of a frontend (`thoughtwire api`), a worker (`thoughtwire worker`)",
         "and `thoughtwire up`, read from the environment once at start. A bad value stops",
         "the process with one line naming the variable (exit code 2). Generated from",
-        "`shared/settings.py` by `python -m shared.settings`; do not edit by hand.",
+        "`shared/settings.py` by `python -m thoughtwire.shared.settings`; do not edit by hand.",
         "",
         "| Variable | Type | Default | Description |",
         "|---|---|---|---|",

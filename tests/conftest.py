@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from shared.redis import RedisFactory
-from shared.settings import Settings
 from tests.procs import Frontend, Proc, RedisServer, make_logdir, thoughtwire
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.settings import Settings
 
 
 @pytest.fixture(scope="session")

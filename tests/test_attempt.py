@@ -8,13 +8,13 @@ import asyncio
 
 import pytest
 
-from shared.bus import Bus
-from shared.keys import Keys
-from shared.protocol import Job, Thought, decode_event
 from tests.procs import seconds
-from worker.attempt import RunAttempt, RunLimits
-from worker.runner import CLAIM_BATCH, Worker
-from worker.writer import MAX_BATCH
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import Job, Thought, decode_event
+from thoughtwire.worker.attempt import RunAttempt, RunLimits
+from thoughtwire.worker.runner import CLAIM_BATCH, Worker
+from thoughtwire.worker.writer import MAX_BATCH
 
 LIMITS = RunLimits(lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0)
 

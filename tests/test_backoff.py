@@ -4,7 +4,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from shared.backoff import delays, retry
+from thoughtwire.shared.backoff import delays, retry
 
 
 def test_delays_double_up_to_the_cap_with_jitter():

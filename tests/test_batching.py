@@ -13,8 +13,14 @@ import signal
 
 import pytest
 
-from shared.redis import Batcher, Redis, RedisConnectionError, RedisTimeoutError, ResponseError
 from tests.procs import RedisServer, seconds
+from thoughtwire.shared.redis import (
+    Batcher,
+    Redis,
+    RedisConnectionError,
+    RedisTimeoutError,
+    ResponseError,
+)
 
 
 async def test_a_killed_connection_fails_the_waiting_call_and_the_next_one_reconnects(

@@ -24,10 +24,10 @@ import jwt
 import pytest
 import websockets
 
-from api import wsserver
 from tests.conftest import Cluster, start_cluster
 from tests.procs import seconds, wait_until
 from tests.wsclient import connect, greeting
+from thoughtwire.api import wsserver
 
 SECRET = "a-test-secret-for-bounds-at-least-32-bytes"
 HANDSHAKE_TIMEOUT = 2.0
@@ -532,7 +532,7 @@ async def test_a_websocket_handshake_the_app_never_answers_is_closed():
     """An upgrade whose head is whole but whose app never accepts: closed at the timeout."""
     import uvicorn
 
-    from shared.settings import Settings
+    from thoughtwire.shared.settings import Settings
 
     answer = asyncio.Event()
 
@@ -588,7 +588,7 @@ async def test_a_websocket_handshake_the_app_never_answers_is_closed():
 
 
 def test_the_uvicorn_internals_the_bounds_lean_on_are_still_there():
-    """Fails loudly when uvicorn changes what :class:`api.wsserver.HttpProtocol` overrides."""
+    """Fails loudly when uvicorn changes what :class:`thoughtwire.api.wsserver.HttpProtocol` overrides."""
     import httptools
     import uvicorn
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol

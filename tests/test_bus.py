@@ -7,12 +7,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared import bus as bus_module
-from shared.bus import FENCED, Bus
-from shared.keys import Keys
-from shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
-from shared.redis import Batcher, RedisFactory
-from shared.settings import Settings
+from thoughtwire.shared import bus as bus_module
+from thoughtwire.shared.bus import FENCED, Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
+from thoughtwire.shared.redis import Batcher, RedisFactory
+from thoughtwire.shared.settings import Settings
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import httpx
 import jwt
 import pytest
 
-from api.auth import Authenticator
-from shared.settings import Settings
 from tests.conftest import start_cluster
 from tests.procs import free_port, seconds, wait_until
+from thoughtwire.api.auth import Authenticator
 from thoughtwire.cli import Exit, environment_variables
+from thoughtwire.shared.settings import Settings
 
 SECRET = "a-cli-test-secret-that-is-at-least-32-bytes"
 

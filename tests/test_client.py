@@ -15,10 +15,9 @@ from contextlib import aclosing
 import jwt
 import pytest
 
-from api.auth import Authenticator
-from shared.settings import Settings
 from tests.conftest import start_cluster
 from tests.procs import free_port, seconds
+from thoughtwire.api.auth import Authenticator
 from thoughtwire.client import (
     Follower,
     Refused,
@@ -28,6 +27,7 @@ from thoughtwire.client import (
     ask,
     socket_url,
 )
+from thoughtwire.shared.settings import Settings
 
 SECRET = "a-client-test-secret-that-is-32-bytes-or-more"
 THOUGHTS = ["thinking", "thinking", "action", "observation", "thinking"]

@@ -5,10 +5,10 @@ import asyncio
 
 import pytest
 
-from shared.protocol import Thought
-from worker.agents.base import Turn
-from worker.agents.simulated import SimulatedAgent, answer_tokens
-from worker.coalesce import coalesce
+from thoughtwire.shared.protocol import Thought
+from thoughtwire.worker.agents.base import Turn
+from thoughtwire.worker.agents.simulated import SimulatedAgent, answer_tokens
+from thoughtwire.worker.coalesce import coalesce
 
 
 async def burst(*items, pause_after=None, pause=0.0):

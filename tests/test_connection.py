@@ -4,9 +4,9 @@ import asyncio
 
 from starlette.websockets import WebSocketState
 
-from api.connection import Connection, as_is
-from shared.closecodes import Close
 from tests.procs import seconds
+from thoughtwire.api.connection import Connection, as_is
+from thoughtwire.shared.closecodes import Close
 
 
 class StuckSocket:
@@ -111,7 +111,7 @@ async def test_a_failed_send_ends_the_socket_and_its_viewer_without_a_close():
 
 
 class ReadyRaw:
-    """Stands for uvicorn's connection under :class:`api.wire.RawSocket`: takes every frame."""
+    """Stands for uvicorn's connection under :class:`thoughtwire.api.wire.RawSocket`: takes every frame."""
 
     def __init__(self):
         self.frames = []

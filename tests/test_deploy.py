@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from shared.settings import Settings
+from thoughtwire.shared.settings import Settings
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"

@@ -13,19 +13,19 @@ from typing import get_args
 import jwt
 import pytest
 
-from api.http import router
-from api.recovery import GapReason
-from api.sockets import routes as socket_routes
-from shared.closecodes import Close, ErrorCode
-from shared.protocol import (
+from tests.browser import browser_context
+from tests.conftest import Cluster, start_cluster
+from tests.procs import RedisServer, seconds
+from thoughtwire.api.http import router
+from thoughtwire.api.recovery import GapReason
+from thoughtwire.api.sockets import routes as socket_routes
+from thoughtwire.shared.closecodes import Close, ErrorCode
+from thoughtwire.shared.protocol import (
     EVENT_TYPES,
     ClientMessage,
     ProtocolError,
     parse_client_message,
 )
-from tests.browser import browser_context
-from tests.conftest import Cluster, start_cluster
-from tests.procs import RedisServer, seconds
 
 ROOT = Path(__file__).parent.parent
 PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()

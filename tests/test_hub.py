@@ -9,11 +9,11 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from api.hub import Hub
-from shared.redis import RedisFactory
-from shared.redis.pubsub import RawLink, open_link
-from shared.settings import Settings
 from tests.procs import RedisServer, seconds
+from thoughtwire.api.hub import Hub
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.redis.pubsub import RawLink, open_link
+from thoughtwire.shared.settings import Settings
 
 
 class Collector:

@@ -23,13 +23,13 @@ import jwt
 import pytest
 import websockets
 
-from api.app import create_app
-from api.http import JobRequest
-from shared import protocol
-from shared.settings import Settings
 from tests.conftest import Cluster, start_cluster
 from tests.procs import seconds
 from tests.wsclient import connect, greeting, recv_json, run_events
+from thoughtwire.api.app import create_app
+from thoughtwire.api.http import JobRequest
+from thoughtwire.shared import protocol
+from thoughtwire.shared.settings import Settings
 
 SECRET = "a-test-secret-for-isolation-at-least-32-bytes"
 REFUSED = (4003, "this session belongs to someone else")

@@ -1,4 +1,4 @@
-from shared.keys import Keys
+from thoughtwire.shared.keys import Keys
 
 
 def key_slot_tag(key: str) -> str:

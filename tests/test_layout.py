@@ -253,3 +253,47 @@ def test_no_key_is_built_outside_shared_keys():
         if path != KEYS and (found := key_builders(path.read_text()))
     }
     assert offenders == {}, f"keys built outside shared/keys.py: {offenders}"
+
+
+def test_the_package_installs_under_its_own_name_only(tmp_path: Path) -> None:
+    """The design's folders stay at the top of the repo (``thoughtwire/api`` and the others
+    are links to them), but an installed thoughtwire brings only ``thoughtwire.*``: no
+    top-level ``api``, ``shared`` or ``worker`` to collide with an application's own."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("thoughtwire-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names if not name.startswith("thoughtwire-")}
+    assert tops == {"thoughtwire"}, tops
+    for module in ("api/app.py", "shared/redis/pipeline.py", "worker/runner.py"):
+        assert f"thoughtwire/{module}" in names
+    assert "thoughtwire/api/static/thoughtwire.js" in names
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as unpacked:
+        unpacked.extractall(site)
+    check = (
+        "import importlib.util as u, sys;"
+        "assert u.find_spec('thoughtwire.api') is not None;"
+        "assert all(u.find_spec(n) is None for n in ('api', 'shared', 'worker'))"
+    )
+    # -S: no site-packages (where this checkout is installed), only the unpacked wheel.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(site)!r}); {check}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr

@@ -7,11 +7,11 @@ import signal
 import httpx
 import pytest
 
-from shared.keys import Keys
 from tests.conftest import start_cluster
 from tests.procs import RedisServer, seconds, wait_until
 from tests.wsclient import connect, greeting, run_events
 from thoughtwire.client import Follower, ask
+from thoughtwire.shared.keys import Keys
 
 
 def check_stream(messages, first=1):

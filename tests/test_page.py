@@ -28,7 +28,7 @@ from tests.browser import browser_context
 from tests.conftest import Cluster, openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import RedisServer, seconds
-from worker.agents.simulated import answer_tokens
+from thoughtwire.worker.agents.simulated import answer_tokens
 
 pytestmark = pytest.mark.browser
 

@@ -1,7 +1,7 @@
 import orjson
 import pytest
 
-from shared.protocol import (
+from thoughtwire.shared.protocol import (
     Broadcast,
     Job,
     Personal,

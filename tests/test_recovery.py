@@ -5,12 +5,12 @@ import logging
 
 import orjson
 
-from api.recovery import CATCH_UP_ROUNDS, Position, recover, replay_from
-from api.viewer import Viewer
-from shared.bus import Meta
-from shared.closecodes import RECONNECT, Close
-from shared.keys import Keys
 from tests.procs import seconds
+from thoughtwire.api.recovery import CATCH_UP_ROUNDS, Position, recover, replay_from
+from thoughtwire.api.viewer import Viewer
+from thoughtwire.shared.bus import Meta
+from thoughtwire.shared.closecodes import RECONNECT, Close
+from thoughtwire.shared.keys import Keys
 
 
 def ev(seq, epoch="e1", run="r"):

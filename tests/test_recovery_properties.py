@@ -3,7 +3,7 @@
 A model session publishes a history of events, one epoch after another (a restart, or
 an expiry then a new epoch), into a log that keeps its last ``maxlen`` events and into
 the live buffer of a viewer subscribed from some point. The real catch-up loop
-(:func:`api.recovery.catch_up`) runs against it, with more events published between
+(:func:`thoughtwire.api.recovery.catch_up`) runs against it, with more events published between
 its reads. Whatever the position and the history, the loop ends within a bounded
 number of steps, and a client that applies what it was sent (events, and gaps that
 move it) never sees an event that does not follow its position: nothing repeated,
@@ -21,7 +21,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.recovery import (
+from thoughtwire.api.recovery import (
     CATCH_UP_ROUNDS,
     Emit,
     GapReason,
@@ -34,7 +34,7 @@ from api.recovery import (
     log_reset,
     replay_from,
 )
-from shared.bus import Meta
+from thoughtwire.shared.bus import Meta
 
 EPOCHS = ("ea", "eb", "ec")
 FOREIGN = "zz"  # an epoch this session never had

@@ -12,11 +12,11 @@ import time
 import httpx
 import pytest
 
-from shared.keys import Keys
 from tests.conftest import start_cluster
 from tests.procs import seconds, wait_until
 from tests.wsclient import connect, greeting, recv_json, run_events
 from thoughtwire.client import Follower
+from thoughtwire.shared.keys import Keys
 
 TOKENS = 60
 

@@ -1,7 +1,7 @@
 import orjson
 
-from api.render import agent_text, chat_text, echo_text
-from shared.protocol import error_reply
+from thoughtwire.api.render import agent_text, chat_text, echo_text
+from thoughtwire.shared.protocol import error_reply
 
 
 def event(type_, content=""):

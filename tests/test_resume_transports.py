@@ -22,11 +22,11 @@ import httpx
 import pytest
 import websockets
 
-from shared.keys import Keys
-from shared.protocol import ProtocolError, event_id, parse_event_id
 from tests.conftest import Cluster, start_cluster
 from tests.procs import RedisServer, seconds
 from tests.wsclient import connect, greeting, recv_json, run_events
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import ProtocolError, event_id, parse_event_id
 
 
 @dataclass(frozen=True)

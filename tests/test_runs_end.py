@@ -30,14 +30,14 @@ import httpx
 import pytest
 import redis
 
-from api.runs import LOST_MESSAGE, Runs
-from shared.bus import FENCED, Bus
-from shared.keys import Keys
-from shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
 from tests.conftest import Cluster, openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import Proc, RedisServer, seconds, wait_until
+from thoughtwire.api.runs import LOST_MESSAGE, Runs
 from thoughtwire.client import Follower
+from thoughtwire.shared.bus import FENCED, Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Job, Thought, decode_event
 
 TERMINAL = ("done", "error", "cancelled")
 LEASE = 1.0

@@ -14,13 +14,13 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from api.app import create_app
-from api.auth import ORIGIN_REFUSAL, host_allowed
-from shared.keys import Keys
-from shared.settings import Settings
 from tests.conftest import start_cluster
 from tests.procs import seconds, thoughtwire
 from tests.wsclient import connect, greeting, recv_json, run_events
+from thoughtwire.api.app import create_app
+from thoughtwire.api.auth import ORIGIN_REFUSAL, host_allowed
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.settings import Settings
 
 SECRET = "a-test-secret-that-is-at-least-32-bytes-long"
 AUDIENCE = "thoughtwire"

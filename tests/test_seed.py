@@ -21,12 +21,18 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from api import auth
-from api.auth import ORIGIN_REFUSAL, AuthError, check_origin, local_origin, origin_allowed
-from shared.settings import Settings
 from tests.browser import browser_context
 from tests.conftest import Cluster, start_cluster
 from tests.procs import Frontend, RedisServer, seconds, wait_until
+from thoughtwire.api import auth
+from thoughtwire.api.auth import (
+    ORIGIN_REFUSAL,
+    AuthError,
+    check_origin,
+    local_origin,
+    origin_allowed,
+)
+from thoughtwire.shared.settings import Settings
 
 SEED = Path(__file__).parent / "seed" / "websockets-agent-streaming.txt"
 PROMPT = "What is machine learning?"

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import DOC, Settings, SettingsError, describe, markdown
+from thoughtwire.shared.settings import DOC, Settings, SettingsError, describe, markdown
 
 
 def test_defaults_are_embedded_and_simulated():
@@ -84,8 +84,8 @@ def test_every_setting_is_described():
 
 def test_settings_page_is_current():
     """docs/settings.md is generated from the declared settings; regenerate it with
-    ``python -m shared.settings``."""
-    assert DOC.read_text() == markdown(), "run `python -m shared.settings`"
+    ``python -m thoughtwire.shared.settings``."""
+    assert DOC.read_text() == markdown(), "run `python -m thoughtwire.shared.settings`"
 
 
 @pytest.mark.parametrize(

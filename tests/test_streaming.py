@@ -9,12 +9,12 @@ import pytest
 import redis
 import websockets
 
-from api.connection import CLOSE_TIMEOUT
-from shared.closecodes import Close
-from shared.keys import Keys
 from tests.conftest import start_cluster
 from tests.procs import seconds
 from tests.wsclient import connect, greeting, recv_json, run_events
+from thoughtwire.api.connection import CLOSE_TIMEOUT
+from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.keys import Keys
 
 
 @pytest.fixture(scope="module")

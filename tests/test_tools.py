@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from tests import agent_tools
-from worker.tools import ToolError, calculator, current_time, load, tool, toolbox
+from thoughtwire.worker.tools import ToolError, calculator, current_time, load, tool, toolbox
 
 
 @pytest.mark.parametrize(

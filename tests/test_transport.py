@@ -1,17 +1,17 @@
 """The transport seam: a viewer hands frames to a sink, closes it, respects its backpressure.
 
-The fake sink below has only the three methods of :class:`api.transport.Transport` and
+The fake sink below has only the three methods of :class:`thoughtwire.api.transport.Transport` and
 no way to reach its viewer: whatever the viewer does, it does by calling down.
 """
 
 import asyncio
 
-from api.connection import SocketTransport
-from api.sse import SSE_TOKEN_EXPIRED, EventStream
-from api.transport import Transport
-from api.viewer import Viewer
-from shared.closecodes import Close
 from tests.procs import seconds
+from thoughtwire.api.connection import SocketTransport
+from thoughtwire.api.sse import SSE_TOKEN_EXPIRED, EventStream
+from thoughtwire.api.transport import Transport
+from thoughtwire.api.viewer import Viewer
+from thoughtwire.shared.closecodes import Close
 
 
 class Sink:

@@ -23,16 +23,16 @@ import jwt
 import pytest
 import websockets
 
-from api import guard as guard_module
-from api.auth import ORIGIN_REFUSAL, Principal
-from api.guard import SOCKET_SLOT_MS, Guard, LimitError, room_at
-from shared.bus import Bus
-from shared.keys import Keys
-from shared.redis import RedisFactory
-from shared.settings import Settings
 from tests.conftest import Cluster, start_cluster
 from tests.procs import Frontend, RedisServer, seconds
 from tests.wsclient import connect, greeting, recv_json, run_events
+from thoughtwire.api import guard as guard_module
+from thoughtwire.api.auth import ORIGIN_REFUSAL, Principal
+from thoughtwire.api.guard import SOCKET_SLOT_MS, Guard, LimitError, room_at
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.settings import Settings
 
 SECRET = "a-transport-secret-that-is-at-least-32-bytes"
 MAX_CONNECTIONS = 2

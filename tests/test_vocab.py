@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from shared import scripts
-from shared.protocol import TERMINAL_STATUS, Job
-from shared.vocab import OnDisconnect, RunStatus, StopReason, Verdict
+from thoughtwire.shared import scripts
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Job
+from thoughtwire.shared.vocab import OnDisconnect, RunStatus, StopReason, Verdict
 
 
 def test_every_verdict_is_one_the_start_script_returns():

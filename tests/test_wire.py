@@ -10,10 +10,10 @@ import uvicorn
 from fastapi import FastAPI, WebSocket
 from websockets.asyncio.client import connect
 
-from api.lane import Gateway, SocketRoutes
-from api.wire import SCOPE_KEY, RawSocket, text_frame
-from api.wsserver import PROTOCOL, Flag, Mailbox
 from tests.procs import seconds
+from thoughtwire.api.lane import Gateway, SocketRoutes
+from thoughtwire.api.wire import SCOPE_KEY, RawSocket, text_frame
+from thoughtwire.api.wsserver import PROTOCOL, Flag, Mailbox
 
 SIZES = [0, 1, 125, 126, 65_535, 65_536, 200_000]  # each length encoding, and its edges
 

@@ -23,7 +23,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from shared.settings import Settings, SettingsError, env_name
+from thoughtwire.shared.settings import Settings, SettingsError, env_name
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -228,7 +228,7 @@ def _token(settings: Settings, args: argparse.Namespace) -> Exit:
     if args.viewer:
         if not args.session:
             raise Failure(Exit.USAGE, "a viewer token needs --session S, the session to watch")
-        from api.auth import Authenticator
+        from thoughtwire.api.auth import Authenticator
 
         viewer, _expires = Authenticator(settings).viewer_token(args.sub, args.session, args.ttl)
         print(viewer)
@@ -236,7 +236,7 @@ def _token(settings: Settings, args: argparse.Namespace) -> Exit:
     audience = args.aud or settings.jwt_audience
     issuer = args.iss or settings.jwt_issuer
     if audience is None and issuer is None:
-        from api.auth import mint
+        from thoughtwire.api.auth import mint
 
         print(mint(settings.jwt_secret, args.sub, args.ttl))
         return Exit.OK
@@ -268,9 +268,9 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     check_port(host, args.port)  # before any worker starts
     if settings.redis_url is not None:
         check_redis(settings)
-    from api.app import create_app
-    from shared.redis import RedisFactory
-    from worker.main import in_process
+    from thoughtwire.api.app import create_app
+    from thoughtwire.shared.redis import RedisFactory
+    from thoughtwire.worker.main import in_process
 
     settings = settings.for_embedded()
     count = args.workers if args.workers is not None else settings.embedded_workers
@@ -303,7 +303,7 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
         )
     check_port(args.host, args.port)
     check_redis(settings)
-    from api.app import create_app
+    from thoughtwire.api.app import create_app
 
     print(
         f"thoughtwire api: {auth_mode(settings)}, {redis_address(settings.redis_url)}, "
@@ -316,7 +316,7 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
 
 def _worker(settings: Settings) -> Exit:
     check_redis(settings)
-    from worker.main import main as worker_main
+    from thoughtwire.worker.main import main as worker_main
 
     print(
         f"thoughtwire worker: agent {settings.agent}, concurrency {settings.worker_concurrency}, "
@@ -328,7 +328,7 @@ def _worker(settings: Settings) -> Exit:
 
 
 def _serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
-    from api.server import serve
+    from thoughtwire.api.server import serve
 
     serve(app, settings, host, port)
 
@@ -399,8 +399,8 @@ def check_redis(settings: Settings) -> None:
 
 async def _ping(settings: Settings) -> str | None:
     """None once Redis answers; otherwise what went wrong, within REDIS_CHECK_SECONDS."""
-    from shared.backoff import UNAVAILABLE, retry
-    from shared.redis import RedisError, RedisFactory
+    from thoughtwire.shared.backoff import UNAVAILABLE, retry
+    from thoughtwire.shared.redis import RedisError, RedisFactory
 
     redis = RedisFactory(settings).commands()
     try:

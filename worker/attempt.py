@@ -31,12 +31,12 @@ from typing import Any
 
 import orjson
 
-from shared.bus import Bus
-from shared.protocol import Job, Thought
-from shared.vocab import OnDisconnect, StopReason
-from worker.agents import Agent, AgentError, Turn
-from worker.coalesce import coalesce
-from worker.writer import LeaseLost, RunWriter
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.protocol import Job, Thought
+from thoughtwire.shared.vocab import OnDisconnect, StopReason
+from thoughtwire.worker.agents import Agent, AgentError, Turn
+from thoughtwire.worker.coalesce import coalesce
+from thoughtwire.worker.writer import LeaseLost, RunWriter
 
 logger = logging.getLogger("thoughtwire.worker")
 

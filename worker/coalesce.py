@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from shared.protocol import Thought
+from thoughtwire.shared.protocol import Thought
 
 MERGEABLE = ("answer", "thinking")
 _END = object()

@@ -9,15 +9,15 @@ import signal
 from collections.abc import AsyncIterator
 from functools import partial
 
-from shared import loops
-from shared.bus import Bus
-from shared.keys import Keys
-from shared.redis import RedisFactory
-from shared.redis.pubsub import channel_messages
-from shared.settings import Settings
-from worker.agents import build_agents
-from worker.attempt import RunLimits
-from worker.runner import Worker
+from thoughtwire.shared import loops
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.redis.pubsub import channel_messages
+from thoughtwire.shared.settings import Settings
+from thoughtwire.worker.agents import build_agents
+from thoughtwire.worker.attempt import RunLimits
+from thoughtwire.worker.runner import Worker
 
 logger = logging.getLogger("thoughtwire.worker")
 

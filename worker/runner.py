@@ -1,6 +1,6 @@
 """The worker: claims jobs, runs attempts, takes over jobs whose worker went away.
 
-A worker runs up to ``concurrency`` attempts at once (:mod:`worker.attempt`). Besides
+A worker runs up to ``concurrency`` attempts at once (:mod:`thoughtwire.worker.attempt`). Besides
 new jobs it reclaims, every half lease, jobs that have sat unrenewed for a whole
 lease (their worker died or stalled); the start script decides whether such a job
 really is free and numbers the new attempt. A control channel carries cancellations
@@ -25,13 +25,13 @@ from collections.abc import AsyncGenerator, Callable
 
 import orjson
 
-from shared.backoff import UNAVAILABLE, delays
-from shared.bus import Bus
-from shared.protocol import Job, Thought
-from shared.redis import RedisError
-from shared.vocab import StopReason, Verdict
-from worker.agents import Agent
-from worker.attempt import RunAttempt, RunLimits
+from thoughtwire.shared.backoff import UNAVAILABLE, delays
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.protocol import Job, Thought
+from thoughtwire.shared.redis import RedisError
+from thoughtwire.shared.vocab import StopReason, Verdict
+from thoughtwire.worker.agents import Agent
+from thoughtwire.worker.attempt import RunAttempt, RunLimits
 
 logger = logging.getLogger("thoughtwire.worker")
 

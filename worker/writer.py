@@ -19,9 +19,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from shared.backoff import UNAVAILABLE, retry
-from shared.bus import FENCED, Bus
-from shared.protocol import TERMINAL_STATUS, Job, Thought
+from thoughtwire.shared.backoff import UNAVAILABLE, retry
+from thoughtwire.shared.bus import FENCED, Bus
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Job, Thought
 
 MAX_BATCH = 256  # events per append call
 MAX_QUEUED = 1024  # events an agent may run ahead of Redis before it waits

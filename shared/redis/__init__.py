@@ -4,13 +4,13 @@ This folder is the only code that opens a Redis connection or knows redis-py's a
 hiredis' internals (tests/test_layout.py holds everyone else to it); the rest of the
 code reaches Redis through the names re-exported here.
 
-- :mod:`shared.redis.connections`: :class:`RedisFactory`, the one place that decides
+- :mod:`thoughtwire.shared.redis.connections`: :class:`RedisFactory`, the one place that decides
   how to reach Redis (one server, or the embedded in-process one; the seam for Cluster
   and Sentinel).
-- :mod:`shared.redis.resp`: the RESP encoder and the reply-reader core the two
+- :mod:`thoughtwire.shared.redis.resp`: the RESP encoder and the reply-reader core the two
   connections below share.
-- :mod:`shared.redis.pipeline`: :class:`Batcher`, many callers' calls in one round trip.
-- :mod:`shared.redis.pubsub`: the hub's pub/sub link, and one channel's messages (a
+- :mod:`thoughtwire.shared.redis.pipeline`: :class:`Batcher`, many callers' calls in one round trip.
+- :mod:`thoughtwire.shared.redis.pubsub`: the hub's pub/sub link, and one channel's messages (a
   worker's control channel).
 """
 
@@ -22,8 +22,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.redis.connections import RedisFactory
-from shared.redis.pipeline import Batcher
+from thoughtwire.shared.redis.connections import RedisFactory
+from thoughtwire.shared.redis.pipeline import Batcher
 
 # Errors that mean "Redis is not there right now", as opposed to a refused command.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError)

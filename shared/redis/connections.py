@@ -16,7 +16,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.settings import Settings
+from thoughtwire.shared.settings import Settings
 
 if TYPE_CHECKING:
     import fakeredis

@@ -17,7 +17,7 @@ knows whether its call is safe to repeat.
 
 The pipeline is packed here rather than by redis-py's ``Pipeline``: the arguments
 are only bytes, str and int, so the whole batch is encoded into one buffer with a
-few joins (:mod:`shared.redis.resp`), written once, and its replies read off one
+few joins (:mod:`thoughtwire.shared.redis.resp`), written once, and its replies read off one
 pooled connection. That cut the worker's CPU per event by about a third
 (docs/performance.md).
 
@@ -44,7 +44,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
-from shared.redis.resp import (
+from thoughtwire.shared.redis.resp import (
     PARTIAL,
     PUSH,
     Call,

@@ -12,7 +12,7 @@ It speaks only what the hub needs: AUTH, SUBSCRIBE, UNSUBSCRIBE, and a PING ever
 ``ping_interval`` so that a connection that went silent (a dead peer, a NAT that
 dropped it) is noticed; a link that hears nothing for two intervals aborts. Whatever
 ends the connection resolves :meth:`RawLink.wait_closed`; the hub then reconnects and
-resubscribes (:mod:`api.hub`).
+resubscribes (:mod:`thoughtwire.api.hub`).
 
 The embedded mode has no server to connect to: :class:`ClientLink` gives the same
 interface over redis-py's ``PubSub`` on the in-process Redis.
@@ -34,8 +34,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.redis.connections import RedisFactory
-from shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command
+from thoughtwire.shared.redis.connections import RedisFactory
+from thoughtwire.shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command
 
 # kind (b"message", b"subscribe", b"unsubscribe"), channel, data (messages only)
 OnMessage = Callable[[bytes, bytes, "bytes | None"], None]

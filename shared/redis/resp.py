@@ -1,7 +1,7 @@
 """RESP on the wire: one encoder and one reply-reader core, for the pipeline and the pub/sub link.
 
-Both of this folder's own connections (:mod:`shared.redis.pipeline`'s line and
-:mod:`shared.redis.pubsub`'s link) pack their commands here and read their replies
+Both of this folder's own connections (:mod:`thoughtwire.shared.redis.pipeline`'s line and
+:mod:`thoughtwire.shared.redis.pubsub`'s link) pack their commands here and read their replies
 with a :class:`ReplyReader`: an ``asyncio.Protocol`` whose ``data_received`` feeds
 hiredis and hands every whole reply on from the read callback, with no await, task or
 lock of its own. The core holds what the two share: the parser, the commands waiting

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from shared.settings import Settings
-from worker.agents.base import Agent, AgentError, Turn
-from worker.agents.echo import EchoAgent
-from worker.agents.simulated import SimulatedAgent
+from thoughtwire.shared.settings import Settings
+from thoughtwire.worker.agents.base import Agent, AgentError, Turn
+from thoughtwire.worker.agents.echo import EchoAgent
+from thoughtwire.worker.agents.simulated import SimulatedAgent
 
 __all__ = ["Agent", "AgentError", "Turn", "build_agents"]
 
@@ -19,7 +19,7 @@ def build_agents(settings: Settings) -> dict[str, Agent]:
     if settings.openai_api_key:
         # Imported only when configured: the openai package costs a worker about a
         # second to start and some 40 MB.
-        from worker.agents.openai_chat import OpenAIAgent
+        from thoughtwire.worker.agents.openai_chat import OpenAIAgent
 
         agents["openai"] = OpenAIAgent.from_settings(settings)
     return agents

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.protocol import Thought
+from thoughtwire.shared.protocol import Thought
 
 
 class AgentError(Exception):

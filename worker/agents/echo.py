@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from shared.protocol import Thought
-from worker.agents.base import Turn
+from thoughtwire.shared.protocol import Thought
+from thoughtwire.worker.agents.base import Turn
 
 
 class EchoAgent:

@@ -36,11 +36,11 @@ from typing import Any
 import httpx
 import openai
 
-from shared.backoff import delays
-from shared.protocol import Thought
-from shared.settings import Settings
-from worker.agents.base import AgentError, Turn
-from worker.tools import Tool, toolbox
+from thoughtwire.shared.backoff import delays
+from thoughtwire.shared.protocol import Thought
+from thoughtwire.shared.settings import Settings
+from thoughtwire.worker.agents.base import AgentError, Turn
+from thoughtwire.worker.tools import Tool, toolbox
 
 logger = logging.getLogger("thoughtwire.agent")
 

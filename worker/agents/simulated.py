@@ -13,9 +13,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shared.protocol import Thought
-from shared.settings import Settings
-from worker.agents.base import Turn
+from thoughtwire.shared.protocol import Thought
+from thoughtwire.shared.settings import Settings
+from thoughtwire.worker.agents.base import Turn
 
 ANSWER = (
     "Based on my research, here is the answer: streaming lets you watch an agent "
