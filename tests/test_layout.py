@@ -259,12 +259,21 @@ def test_the_package_installs_under_its_own_name_only(tmp_path: Path) -> None:
     """The design's folders stay at the top of the repo (``thoughtwire/api`` and the others
     are links to them), but an installed thoughtwire brings only ``thoughtwire.*``: no
     top-level ``api``, ``shared`` or ``worker`` to collide with an application's own."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    # From a copy: a build/ folder left in the checkout by an older layout would be packed too.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "node_modules"),
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
     )
