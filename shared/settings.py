@@ -355,7 +355,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-DOC = Path(__file__).parent.parent / "docs" / "settings.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"  # the checkout's
 
 if __name__ == "__main__":
     DOC.write_text(markdown())
