@@ -38,7 +38,6 @@ class Frontend:
     """What every socket handler needs; one per process, built by :func:`running`."""
 
     settings: Settings
-    keys: Keys
     redis: Redis
     bus: Bus
     hub: Hub
@@ -79,12 +78,11 @@ class Frontend:
                 seconds=SUBMIT_RETRY_SECONDS,
             )
         except BaseException:
-            if user is not None:
-                await self.bus.release_slot(self.keys.user_runs(user), run)
+            await self.guard.free_run(user, run)
             raise
-        if not submitted[2] and user is not None:  # an idempotent repeat: nothing new runs
-            await self.bus.release_slot(self.keys.user_runs(user), run)
-        self.runs.follow(submitted[1], submitted[0])
+        if not submitted[2]:  # an idempotent repeat: nothing new runs
+            await self.guard.free_run(user, run)
+        self.runs.follow(submitted[1], submitted[0], user)
         return submitted
 
     async def refresh_sockets(self) -> None:
@@ -126,18 +124,18 @@ class Frontend:
 @contextlib.asynccontextmanager
 async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Frontend]:
     """Open the clients and start the hub; tear down in reverse order."""
-    keys = Keys(settings.key_prefix)
     node = new_id()
     redis = factory.commands()
-    hub = Hub(partial(open_link, factory), keys.node_channel(node))
+    bus = Bus(
+        redis, Keys(settings.key_prefix), log_maxlen=settings.log_maxlen, log_ttl=settings.log_ttl
+    )
+    hub = Hub(partial(open_link, factory), bus.node_channel(node))
     refresher: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
     try:
         await hub.start()
-        bus = Bus(redis, keys, log_maxlen=settings.log_maxlen, log_ttl=settings.log_ttl)
         frontend = Frontend(
             settings=settings,
-            keys=keys,
             redis=redis,
             bus=bus,
             hub=hub,
@@ -147,7 +145,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
             runs=Runs(bus, limit=settings.tracked_runs, lease_seconds=settings.lease_seconds),
         )
         refresher = asyncio.create_task(frontend.refresh_sockets(), name="socket-slots")
-        await hub.join(keys.runs_ended, frontend.runs)  # runs that end are let go at once
+        await hub.join(bus.runs_ended, frontend.runs)  # runs that end are let go at once
         watcher = asyncio.create_task(frontend.runs.watch(), name="lost-runs")
         yield frontend
         frontend.draining = True

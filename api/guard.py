@@ -1,4 +1,6 @@
-"""Grants and limits: who may do what to which session, and how much, across all frontends.
+"""The frontend's side of grants and limits (:mod:`thoughtwire.shared.grants`).
+
+Who may do what to which session, and how much, across all frontends:
 
 * A session belongs to the first user who uses it. Only its owner may prompt it,
   cancel its runs or mint viewer tokens for it; its owner and holders of a viewer
@@ -25,16 +27,11 @@ import time
 from thoughtwire.api.auth import AuthError, Principal
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.grants import RATE_WINDOW, SOCKET_REFRESH_SECONDS, SOCKET_SLOT_MS
 from thoughtwire.shared.settings import Settings
 
-RATE_WINDOW = 60
-RUN_SLOT_MS = 3_600_000  # a run's slot lapses after an hour even if nobody frees it
-# A connection's slot lapses unless its frontend refreshes it, so the slots of a
-# frontend killed outright (kill -9, a lost node) come back within this long. Refreshes
-# go a user at a time, one ZADD for all of that user's slots (and one PEXPIRE), so a
-# short lifetime does not cost a Redis write per connection.
-SOCKET_SLOT_MS = 6_000
-SOCKET_REFRESH_SECONDS = 2.0
+__all__ = ["SOCKET_REFRESH_SECONDS", "SOCKET_SLOT_MS", "Guard", "LimitError", "room_at"]
+
 # Users over the rate that a frontend remembers; past it, those whose wait is over are
 # dropped (the user id is the client's to choose, so the table must not grow unbounded).
 HOLDOFFS = 4096
@@ -74,7 +71,7 @@ class Guard:
 
     def __init__(self, settings: Settings, bus: Bus) -> None:
         self.enabled = settings.auth_enabled
-        self.bus = bus
+        self.grants = bus.grants
         self.settings = settings
         # Connections (sockets and SSE streams) holding a slot here, id -> user: refreshed.
         self.held: dict[str, str] = {}
@@ -87,8 +84,8 @@ class Guard:
         if not self.enabled:
             return None
         if principal.viewer_of is None:
-            return await self.bus.claim_session(session, principal.user)
-        return await self.bus.session_owner(session)
+            return await self.grants.claim_session(session, principal.user)
+        return await self.grants.session_owner(session)
 
     async def check_read(self, principal: Principal, session: str) -> None:
         """Refuse (4003 / 403) unless ``principal`` may read ``session``."""
@@ -110,7 +107,7 @@ class Guard:
             if time.monotonic() < until:
                 raise self._over_rate()
             del self._over[user]
-        current, previous = await self.bus.count(user, RATE_WINDOW, now)
+        current, previous = await self.grants.count(user, now)
         window = int(now // RATE_WINDOW)
         share = 1 - (now / RATE_WINDOW - window)
         if current + math.floor(previous * share) <= limit:
@@ -136,12 +133,14 @@ class Guard:
         """Hold a concurrent-run slot for ``run``; returns the user to free it for later."""
         if not self.enabled:
             return None
-        key = self.bus.keys.user_runs(principal.user)
-        if not await self.bus.acquire_slot(key, run, RUN_SLOT_MS, self.settings.max_runs_per_user):
-            raise LimitError(
-                f"{self.settings.max_runs_per_user} runs are already going; wait for one to end"
-            )
+        limit = self.settings.max_runs_per_user
+        if not await self.grants.take_run(principal.user, run, limit):
+            raise LimitError(f"{limit} runs are already going; wait for one to end")
         return principal.user
+
+    async def free_run(self, user: str | None, run: str) -> None:
+        """Give back the slot :meth:`take_run` took, when nothing new was queued for it."""
+        await self.grants.free_run(user, run)
 
     async def take_socket(self, principal: Principal, connection: str) -> None:
         """Hold one of the user's connection slots, shared by sockets and SSE streams.
@@ -151,9 +150,8 @@ class Guard:
         """
         if not self.enabled:
             return
-        key = self.bus.keys.user_sockets(principal.user)
         limit = self.settings.max_sockets_per_user
-        if not await self.bus.acquire_slot(key, connection, SOCKET_SLOT_MS, limit):
+        if not await self.grants.take_socket(principal.user, connection, limit):
             raise LimitError(
                 f"{limit} sockets and event streams are already open for this user; close one"
             )
@@ -165,10 +163,7 @@ class Guard:
         for connection, user in self.held.items():
             by_user.setdefault(user, []).append(connection)
         results = await asyncio.gather(
-            *(
-                self.bus.refresh_slots(self.bus.keys.user_sockets(user), held, SOCKET_SLOT_MS)
-                for user, held in by_user.items()
-            ),
+            *(self.grants.refresh_sockets(user, held) for user, held in by_user.items()),
             return_exceptions=True,
         )
         for result in results:
@@ -178,4 +173,4 @@ class Guard:
     async def free_socket(self, principal: Principal, connection: str) -> None:
         """Give a connection's slot back (it is no longer refreshed even if Redis fails)."""
         if self.held.pop(connection, None) is not None:
-            await self.bus.release_slot(self.bus.keys.user_sockets(principal.user), connection)
+            await self.grants.free_socket(principal.user, connection)

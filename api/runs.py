@@ -48,6 +48,7 @@ ENDED = frozenset(TERMINAL_STATUS.values())
 @dataclass(slots=True)
 class _Followed:
     session: str
+    user: str | None = None  # whose run slot it holds, freed if it is ended as lost
     missing_since: float | None = None  # monotonic time its state was first seen missing
 
 
@@ -75,14 +76,14 @@ class Runs:
     def close(self, code: int, reason: str) -> None:
         """A draining frontend closes its viewers; this follows runs till the process ends."""
 
-    def follow(self, session: str, run: str) -> None:
+    def follow(self, session: str, run: str, user: str | None = None) -> None:
         """Follow ``run`` until it ends (a repeat changes nothing)."""
         if run in self._runs:
             return
         if len(self._runs) >= self.limit:
             self._runs.popitem(last=False)
             self.let_go += 1
-        self._runs[run] = _Followed(session)
+        self._runs[run] = _Followed(session, user)
 
     async def check(self, now: float | None = None) -> None:
         """One pass: forget the runs that ended, end those whose state stayed missing."""
@@ -103,7 +104,8 @@ class Runs:
             followed.missing_since = now  # an attempt that is alive takes it back meanwhile
         elif now - followed.missing_since >= self.lease_seconds:
             lost = Thought("error", LOST_MESSAGE)
-            if await self.bus.end_lost(followed.session, run, lost, TERMINAL_STATUS["error"]):
+            status = TERMINAL_STATUS["error"]
+            if await self.bus.end_lost(followed.session, run, lost, status, followed.user):
                 self.ended += 1
                 self._runs.pop(run, None)
                 logger.warning("run %s: its state was lost with Redis' data; ended it", run)

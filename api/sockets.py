@@ -373,7 +373,7 @@ async def connection_manager(websocket: WebSocket) -> None:
     """
     client_id: str = websocket.path_params["client_id"]
     frontend = _frontend(websocket)
-    keys = frontend.keys
+    bus = frontend.bus
     if not valid_id(client_id):
         await _refuse(websocket, Close.POLICY, "client ids are 1-64 characters of [A-Za-z0-9._-]")
         return
@@ -382,13 +382,13 @@ async def connection_manager(websocket: WebSocket) -> None:
         assert socket.conn is not None
         if isinstance(message, Personal):
             payload = reply("personal", content=message.content, sender=client_id, to=message.to)
-            if not await frontend.bus.publish(keys.client_channel(message.to), payload):
+            if not await bus.publish(bus.client_channel(message.to), payload):
                 socket.conn.send(
                     error_reply(ErrorCode.NOT_CONNECTED, f"no client {message.to!r} is connected")
                 )
         elif isinstance(message, Broadcast):
             payload = reply("broadcast", content=message.content, sender=client_id)
-            await frontend.bus.publish(keys.broadcast_channel, payload)
+            await bus.publish(bus.broadcast_channel, payload)
 
     socket = SessionSocket(websocket, hello={"client": client_id}, on_message=on_message)
     if frontend.auth.enabled:
@@ -402,4 +402,4 @@ async def connection_manager(websocket: WebSocket) -> None:
         except AuthError as exc:
             await _refuse(websocket, exc.code, exc.message, subprotocol)
             return
-    await socket.serve(channels=(keys.client_channel(client_id), keys.broadcast_channel))
+    await socket.serve(channels=(bus.client_channel(client_id), bus.broadcast_channel))

@@ -170,13 +170,13 @@ class Viewer:
         """
         if self.session is not None:
             self._stop_recovery()
-            await self.leave(self.bus.keys.session_channel(self.session))
+            await self.leave(self.bus.session_channel(self.session))
         if greeting is not None:
             self.put(greeting)
         self.session = session
         self._epoch, self._seq = epoch, after or 0
         self._buffer = []  # subscribe first, read the log second: nothing falls between
-        await self.join(self.bus.keys.session_channel(session))
+        await self.join(self.bus.session_channel(session))
         self._start_recovery(None if after is None else Position(epoch, after))
 
     async def join(self, channel: str) -> None:

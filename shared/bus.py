@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from thoughtwire.shared import scripts
+from thoughtwire.shared.grants import Grants
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, encode_event_head
 from thoughtwire.shared.redis import Batcher, Redis, ResponseError
@@ -72,19 +73,16 @@ class Bus:
         self._log_maxlen = log_maxlen
         self._ttl = log_ttl
         self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
-        # How far Redis' clock is ahead of this process's (ms), as the last slot taken saw it.
-        self._redis_ahead_ms = 0
         # Scripts and the hot paths' commands go out pipelined (shared.redis.pipeline).
         self._batch = Batcher(redis)
+        # Session owners, per-user slots and rates; a job leaving the queue frees its run slot.
+        self.grants = Grants(redis, keys, self._batch, ttl=log_ttl)
         self._append = redis.register_script(scripts.APPEND)
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
         self._end_lost = redis.register_script(scripts.END_LOST)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
-        self._acquire = redis.register_script(scripts.ACQUIRE)
-        self._count = redis.register_script(scripts.COUNT)
-        self._claim_session = redis.register_script(scripts.CLAIM)
 
     # --- jobs: the frontend's side -----------------------------------------
 
@@ -220,15 +218,14 @@ class Bus:
     async def finish(self, entry_id: str, job: Job) -> None:
         """Acknowledge a job and drop it from the stream: the stream holds only live jobs.
 
-        The run's slot among its user's concurrent runs is given back too.
+        The job's run has ended, so its user's run slot is given back (:mod:`grants`).
         """
         jobs = self.keys.jobs
         # Errors are let go: NOGROUP means Redis lost the queue already.
         await self._batch.commands(
             ("XACK", jobs, self.keys.jobs_group, entry_id), ("XDEL", jobs, entry_id)
         )
-        if job.user is not None:
-            await self.release_slot(self.keys.user_runs(job.user), job.run)
+        await self.grants.free_run(job.user, job.run)
 
     async def requeue(self, entry_id: str, job: Job) -> None:
         """Put a job back at the end of the queue for another worker (a draining one's)."""
@@ -250,8 +247,7 @@ class Bus:
             pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute()
-        if job.user is not None:
-            await self.release_slot(self.keys.user_runs(job.user), job.run)
+        await self.grants.free_run(job.user, job.run)
 
     async def start(self, job: Job, owner: str, lease_ms: int, max_attempts: int) -> Attempt:
         """Begin an attempt at ``job``, if the run's state allows; with the memory it needs."""
@@ -281,11 +277,14 @@ class Bus:
         replies = await self._commands(*(("HGET", keys.run(s, r), "status") for s, r in runs))
         return [None if reply is None else _text(reply) for reply in replies]
 
-    async def end_lost(self, session: str, run: str, thought: Thought, status: str) -> bool:
+    async def end_lost(
+        self, session: str, run: str, thought: Thought, status: str, user: str | None = None
+    ) -> bool:
         """End a run whose state Redis lost with ``thought`` (its terminal event).
 
         Acts only while the run's state is missing; returns whether it wrote. The job's
-        record is written again too, so the run's status can be looked up by its id.
+        record is written again too, so the run's status can be looked up by its id, and
+        ``user``'s run slot is given back.
         """
         keys = self.keys
         head = encode_event_head(thought, session, run, now_ms())
@@ -312,6 +311,7 @@ class Bus:
         if int(seq) == FENCED:
             return False
         await self._commands(("SET", keys.job(run), session, "EX", self._ttl))
+        await self.grants.free_run(user, run)
         return True
 
     async def release(self, job: Job, fence: str) -> None:
@@ -395,49 +395,34 @@ class Bus:
         turns: Any = await self.redis.lrange(self.keys.session_memory(session), 0, -1)
         return [message for turn in turns for message in orjson.loads(turn)]
 
-    # --- grants and limits ---------------------------------------------------
+    # --- names of channels a caller follows -----------------------------------
 
-    async def claim_session(self, session: str, user: str) -> str:
-        """The session's owner: ``user``, if nobody owned it yet."""
-        owner = await self._script(
-            self._claim_session, (self.keys.session_owner(session),), (user, self._ttl)
-        )
-        return _text(owner)
+    def session_channel(self, session: str) -> str:
+        """The channel ``session``'s events are published on (for a viewer to join)."""
+        return self.keys.session_channel(session)
 
-    async def session_owner(self, session: str) -> str | None:
-        """The user who owns ``session``, or None if nobody has claimed it."""
-        owner = await self.redis.get(self.keys.session_owner(session))
-        return None if owner is None else _text(owner)
+    @property
+    def worker_control(self) -> str:
+        """Where cancellations are announced to every worker."""
+        return self.keys.worker_control
 
-    async def acquire_slot(self, key: str, member: str, ttl_ms: int, limit: int) -> bool:
-        """Hold one of ``limit`` slots for ``ttl_ms`` (holding it again renews it)."""
-        held, now = await self._script(self._acquire, (key,), (member, ttl_ms, limit))
-        self._redis_ahead_ms = int(now) - now_ms()
-        return bool(held)
+    @property
+    def runs_ended(self) -> str:
+        """Where each run's end is announced (its id)."""
+        return self.keys.runs_ended
 
-    async def refresh_slots(self, key: str, members: Sequence[str], ttl_ms: int) -> None:
-        """Renew held slots for ``ttl_ms``, all of one key in one ZADD (and the key's expiry)."""
-        # On Redis' clock, as the slots were taken: read off the last acquire, so that a
-        # refresh stays one ZADD rather than a script that asks Redis the time.
-        expires = now_ms() + self._redis_ahead_ms + ttl_ms
-        scored = [part for member in members for part in (expires, member)]
-        await self._commands(("ZADD", key, *scored), ("PEXPIRE", key, ttl_ms))
+    def client_channel(self, client_id: str) -> str:
+        """A client's personal channel."""
+        return self.keys.client_channel(client_id)
 
-    async def release_slot(self, key: str, member: str) -> None:
-        """Free one member's place in a slot set."""
-        await self.redis.zrem(key, member)
+    @property
+    def broadcast_channel(self) -> str:
+        """The channel every client hears."""
+        return self.keys.broadcast_channel
 
-    async def count(self, user: str, window_seconds: int, now: float) -> tuple[int, int]:
-        """Count one more request by ``user`` at ``now`` (Unix seconds).
-
-        Returns this window's count, this request included, and the previous
-        window's: the sliding count is the first plus the share of the second still
-        inside the sliding window.
-        """
-        window = int(now // window_seconds)
-        keys = [self.keys.user_rate(user, window), self.keys.user_rate(user, window - 1)]
-        current, previous = await self._script(self._count, keys, (window_seconds,))
-        return int(current), int(previous)
+    def node_channel(self, node: str) -> str:
+        """A frontend's own control channel."""
+        return self.keys.node_channel(node)
 
     # --- plain messages -----------------------------------------------------
 

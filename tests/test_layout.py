@@ -306,3 +306,73 @@ def test_the_package_installs_under_its_own_name_only(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+# --- only shared/ builds names or reaches the bus's Redis ----------------------------
+
+SHARED = ROOT / "shared"
+
+
+def bus_reaches(code: str) -> list[str]:
+    """Where ``code`` reaches past the bus: ``.redis`` of a bus, ``.keys``, ``Keys`` (line: what).
+
+    ``Keys(...)`` is allowed only as an argument of ``Bus(...)``: a process builds its
+    bus with its prefix and never names a key itself. ``x.keys()`` (a dict's) is a call,
+    not the attribute, and is let be.
+    """
+    tree = parse(code)
+    handed: set[int] = set()  # the Keys(...) calls handed straight to Bus(...)
+    called: set[int] = set()  # what is called (x.keys() is a dict's)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            called.add(id(node.func))
+            if _last_name(node.func) == "Bus":
+                handed.update(id(arg) for arg in node.args)
+    found = [
+        (node.lineno, what) for node in ast.walk(tree) if (what := _reach(node, handed, called))
+    ]
+    return [f"{line}: {what}" for line, what in sorted(found)]
+
+
+def _reach(node: ast.AST, handed: set[int], called: set[int]) -> str:
+    """What ``node`` reaches past the bus, or ""."""
+    if isinstance(node, ast.Attribute):
+        if node.attr == "redis" and "bus" in _last_name(node.value).lower():
+            return f"{_last_name(node.value)}.redis"
+        if node.attr == "keys" and id(node) not in called:
+            return ".keys"
+    elif isinstance(node, ast.Call) and _last_name(node.func) == "Keys" and id(node) not in handed:
+        return "Keys(...)"
+    elif isinstance(node, ast.Name) and node.id == "Keys" and id(node) not in called:
+        return "Keys"
+    return ""
+
+
+def test_the_bus_rule_catches_keys_and_raw_redis():
+    code = (
+        "Bus(redis, Keys('tw'), log_maxlen=1, log_ttl=1)\n"
+        "await bus.redis.get('x')\n"
+        "channel = self.bus.keys.session_channel(s)\n"
+        "keys = Keys('tw')\n"
+        "def f(k: Keys): return {}.keys()\n"
+        "await self.frontend.bus.redis.ping()\n"
+        "slots = frontend.keys.user_runs(u)\n"
+    )
+    assert bus_reaches(code) == [
+        "2: bus.redis",
+        "3: .keys",
+        "4: Keys(...)",
+        "5: Keys",
+        "6: bus.redis",
+        "7: .keys",
+    ]
+
+
+def test_nothing_outside_shared_builds_a_key_or_reaches_the_bus_redis():
+    """api/ and worker/ ask the bus and grants by domain: no key names, no raw Redis calls."""
+    offenders = {
+        str(path.relative_to(ROOT)): found
+        for path in sources()
+        if not path.resolve().is_relative_to(SHARED) and (found := bus_reaches(path.read_text()))
+    }
+    assert offenders == {}, f"keys or the bus's Redis reached outside shared/: {offenders}"

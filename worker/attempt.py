@@ -182,7 +182,7 @@ class RunAttempt:
         """Renew the lease a few times per lease period; notice cancellation and absence."""
         interval = self.limits.lease_ms / 3000
         unwatched_since: float | None = None
-        channel = self.bus.keys.session_channel(self.job.session)
+        channel = self.bus.session_channel(self.job.session)
         # The first renewal comes at a random point of the first interval: runs started
         # together (a burst of prompts, a batch of claimed jobs) would otherwise renew
         # together forever, a burst of Redis calls that stalls every stream at once.

@@ -211,7 +211,7 @@ class Worker:
             return
         for delay in delays():
             try:
-                control = self._listen(self.bus.keys.worker_control)
+                control = self._listen(self.bus.worker_control)
                 async with contextlib.aclosing(control) as messages:
                     async for data in messages:
                         self.cancel(orjson.loads(data).get("cancel", []))
