@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from thoughtwire.api.wsserver import PROTOCOL, http_protocol
+from thoughtwire.api.wsserver import http_protocol, ws_protocol
 from thoughtwire.shared import loops
 from thoughtwire.shared.settings import Settings
 
@@ -90,7 +90,7 @@ def config(
         host=host,
         port=port,
         http=http_protocol(settings),
-        ws=PROTOCOL,
+        ws=ws_protocol(settings),  # the lighter protocol with the fast paths on
         ws_max_size=settings.max_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         timeout_graceful_shutdown=int(settings.drain_timeout) + 5,

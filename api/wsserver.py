@@ -17,8 +17,17 @@ or websockets that lacks the sans-I/O protocol it is ``"auto"``, uvicorn's choic
 httptools protocol, with a deadline and a size bound on every request head, a deadline
 on every WebSocket handshake, and a cap on connections (docs/security.md, "Bounds").
 
-Tested on uvicorn 0.54 (httptools 0.9, websockets 17); ``tests/test_bounds.py`` has a
-canary that fails if the uvicorn internals these classes lean on change.
+This module is the uvicorn adapter: the only code that touches uvicorn's internals.
+Besides the two protocols, :func:`expose_protocol` and :class:`RawSocket` write ready
+frames straight to a socket's transport (:mod:`thoughtwire.api.wire` says why).
+
+The lighter WebSocket protocol and the raw frame writes are fast paths: with
+``THOUGHTWIRE_FAST_PATHS=0``, or with a uvicorn or websockets release not in
+:data:`UVICORN`'s tested versions, :func:`ws_protocol` hands uvicorn its own
+websockets-sansio protocol, which :func:`expose_protocol` never exposes, so every frame
+goes through ASGI. The HTTP protocol's bounds are not a fast path but a security
+bound: they stay in both modes (``tests/test_fast_paths.py`` has the canaries that fail
+if the uvicorn internals either leans on change).
 """
 
 from __future__ import annotations
@@ -28,9 +37,17 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from starlette.types import Scope, Send
+from starlette.websockets import WebSocket
+from websockets.protocol import State
+
+from thoughtwire.shared.fastpaths import Adapter
 from thoughtwire.shared.settings import Settings
 
+UVICORN = Adapter("uvicorn", {"uvicorn": "0.54.0", "websockets": "17.4", "httptools": "0.9.0"})
+
 PROTOCOL: Any = "auto"
+PUBLIC_PROTOCOL: Any = "auto"  # uvicorn's own choice, where it has no websockets-sansio
 
 # How long a socket closed while its client was not reading may take to hand the
 # client what it was sent before its close; after that it is aborted.
@@ -153,6 +170,61 @@ else:
                 self.transport.abort()
 
     PROTOCOL = SocketProtocol
+    PUBLIC_PROTOCOL = "websockets-sansio"
+
+
+def ws_protocol(settings: Settings) -> Any:
+    """What to hand to ``uvicorn.Config(ws=...)``: :class:`SocketProtocol` with the fast
+    paths on and a tested uvicorn, else uvicorn's own websockets-sansio protocol."""
+    if PROTOCOL != "auto" and UVICORN.enabled(settings.fast_paths):
+        return PROTOCOL
+    return PUBLIC_PROTOCOL
+
+
+# Raw frame writes (thoughtwire.api.wire): only under the lighter protocol above, so
+# that with the fast paths off nothing but ASGI writes to a socket.
+SCOPE_KEY = "thoughtwire.ws_protocol"
+
+
+def expose_protocol(scope: Scope, send: Send) -> None:
+    """Put this module's WebSocket connection in the scope, for :class:`RawSocket`.
+
+    ``send`` must be the server's own (a middleware's wrapper hides the connection), so
+    the application's own entry point calls this: :class:`thoughtwire.api.lane.Gateway`.
+    A connection of uvicorn's own protocol (the fast paths off) is never exposed.
+    """
+    if scope["type"] == "websocket" and PROTOCOL != "auto":
+        owner = getattr(send, "__self__", None)
+        if isinstance(owner, PROTOCOL):
+            scope[SCOPE_KEY] = owner
+
+
+class RawSocket:
+    """Writes whole frames to one accepted socket's transport, or says it cannot."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    @classmethod
+    def of(cls, websocket: WebSocket) -> RawSocket | None:
+        """The raw writer for an accepted socket, or None where frames must go via ASGI."""
+        protocol = websocket.scope.get(SCOPE_KEY)
+        if protocol is None or protocol.conn.extensions:
+            return None
+        return cls(protocol)
+
+    def write(self, frame: bytes) -> bool:
+        """Write ``frame`` now; False (nothing written) when it must go the ASGI way."""
+        protocol = self._protocol
+        if (
+            protocol.close_sent
+            or not protocol.writable.is_set()
+            or protocol.conn.state is not State.OPEN
+            or protocol.transport.is_closing()
+        ):
+            return False
+        protocol.transport.write(frame)
+        return True
 
 
 # The HTTP side: each request head is bounded in time and size, and connections are
@@ -165,7 +237,8 @@ PROBES = frozenset({"/healthz", "/readyz"})
 # Connections past the cap that are still read, in case they are probes; past these,
 # a connection is answered 503 and closed before anything is read.
 PROBE_ROOM = 64
-TESTED_UVICORN = ("0.54",)
+# The uvicorn releases these bounds were tested on: UVICORN.tested.
+TESTED_UVICORN = (".".join(UVICORN.tested["uvicorn"].split(".")[:2]),)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     redis_pool_timeout: float = Field(
         5.0, description="Seconds a command waits for a free pooled connection."
     )
+    # The paths that reach into uvicorn's and redis-py's internals for speed
+    # (docs/performance.md, "Fast paths"); off, only their public APIs are used. The
+    # security bounds on HTTP request heads are not a fast path: they stay either way.
+    fast_paths: bool = Field(
+        True, description="Use the fast paths through uvicorn's and redis-py's internals."
+    )
 
     # Agent
     agent: str = Field(

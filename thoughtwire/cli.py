@@ -282,7 +282,8 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     where = redis_address(settings.redis_url) if settings.redis_url else "embedded in-process Redis"
     print(
         f"thoughtwire: {count} workers, {where}, agent {settings.agent}, "
-        f"concurrency {settings.worker_concurrency}, {auth_mode(settings)}"
+        f"concurrency {settings.worker_concurrency}, {auth_mode(settings)}, "
+        f"{fast_mode(settings, frontend=True)}"
     )
     if settings.local_origins:  # one line, so a refused page is never a mystery
         print(
@@ -307,7 +308,7 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
 
     print(
         f"thoughtwire api: {auth_mode(settings)}, {redis_address(settings.redis_url)}, "
-        f"listening on {args.host}:{args.port}",
+        f"listening on {args.host}:{args.port}, {fast_mode(settings, frontend=True)}",
         flush=True,
     )
     _serve(create_app(settings), settings, args.host, args.port)
@@ -320,7 +321,7 @@ def _worker(settings: Settings) -> Exit:
 
     print(
         f"thoughtwire worker: agent {settings.agent}, concurrency {settings.worker_concurrency}, "
-        f"{redis_address(settings.redis_url)}",
+        f"{redis_address(settings.redis_url)}, {fast_mode(settings, frontend=False)}",
         flush=True,
     )
     worker_main(settings)
@@ -331,6 +332,18 @@ def _serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     from thoughtwire.api.server import serve
 
     serve(app, settings, host, port)
+
+
+def fast_mode(settings: Settings, *, frontend: bool) -> str:
+    """Whether the fast paths are on (THOUGHTWIRE_FAST_PATHS, tested versions), for a banner."""
+    from thoughtwire.shared.fastpaths import mode
+    from thoughtwire.shared.redis.fast import REDIS
+
+    if not frontend:  # a worker reaches Redis only
+        return mode(settings.fast_paths, REDIS)
+    from thoughtwire.api.wsserver import UVICORN
+
+    return mode(settings.fast_paths, UVICORN, REDIS)
 
 
 def auth_mode(settings: Settings) -> str:

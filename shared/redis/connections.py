@@ -16,6 +16,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from thoughtwire.shared.redis import fast
 from thoughtwire.shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,6 +34,10 @@ class RedisFactory:
 
     settings: Settings
     _server: fakeredis.FakeServer | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        # The batcher is handed a client, not the settings: the switch goes with the factory.
+        fast.set_switch(self.settings.fast_paths)
 
     @property
     def embedded(self) -> bool:

@@ -29,7 +29,9 @@ its own; through redis-py's reader each cost about 40 µs more, which is most of
 an event costs a worker that streams slowly paced tokens. Where the connection is not
 a plain socket we can read (the embedded mode's in-process Redis, or a client that
 decodes replies), the calls go through redis-py's own ``Pipeline`` instead, one
-pipeline at a time so that they still run in order.
+pipeline at a time so that they still run in order. So do they with the fast paths
+off (``THOUGHTWIRE_FAST_PATHS=0``), or with a redis-py or hiredis release the line was
+not tested on (:mod:`thoughtwire.shared.redis.fast`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
+from thoughtwire.shared.redis import fast
 from thoughtwire.shared.redis.resp import (
     PARTIAL,
     PUSH,
@@ -98,17 +101,8 @@ class _Line(ReplyReader):
         on_writable: Callable[[], None],
     ) -> _Line | None:
         """Read ``connection`` from now on; None where it is not a plain socket we can read."""
-        writer = getattr(connection, "_writer", None)
-        transport = getattr(writer, "transport", None)
-        reader = getattr(connection, "_reader", None)
-        encoder = getattr(connection, "encoder", None)
-        if (
-            transport is None
-            or not hasattr(transport, "set_protocol")
-            or str(getattr(connection, "protocol", 2)) not in ("2", "3")  # hiredis reads both
-            or getattr(encoder, "decode_responses", False)  # callers expect str replies then
-            or getattr(reader, "_buffer", b"")  # bytes redis-py read and did not hand on
-        ):
+        transport = fast.transport_of(connection)
+        if transport is None:
             return None
         line = cls(
             transport, transport.get_protocol(), connection.socket_timeout, on_unknown, on_writable
@@ -177,7 +171,11 @@ class _Line(ReplyReader):
 class Batcher:
     """Sends many callers' calls pipelined on one connection (see above)."""
 
-    def __init__(self, redis: Redis, max_batch: int = 64) -> None:
+    def __init__(
+        self, redis: Redis, max_batch: int = 64, *, own_reader: bool | None = None
+    ) -> None:
+        """``own_reader`` False: always through redis-py's ``Pipeline``; None: as the fast
+        paths' switch says (:mod:`thoughtwire.shared.redis.fast`)."""
         self._redis = redis
         self._max_batch = max_batch
         self._pending: list[Call] = []
@@ -185,7 +183,9 @@ class Batcher:
         self._connection: AbstractConnection | None = None
         # Our own reader of the connection, where it can be had (None: not known yet).
         self._line: _Line | None = None
-        self._own_reader: bool | None = None
+        if own_reader is None:
+            own_reader = fast.enabled()
+        self._own_reader: bool | None = None if own_reader else False
         self._opening: asyncio.Task[None] | None = None
         self._unknown: list[Call] = []  # script runs waiting for their script to load
         self._loading: asyncio.Task[None] | None = None

@@ -15,7 +15,9 @@ ends the connection resolves :meth:`RawLink.wait_closed`; the hub then reconnect
 resubscribes (:mod:`thoughtwire.api.hub`).
 
 The embedded mode has no server to connect to: :class:`ClientLink` gives the same
-interface over redis-py's ``PubSub`` on the in-process Redis.
+interface over redis-py's ``PubSub`` on the in-process Redis. It is also the link with
+the fast paths off (``THOUGHTWIRE_FAST_PATHS=0``), or with a redis-py or hiredis release
+the raw link was not tested on (:mod:`thoughtwire.shared.redis.fast`).
 
 A worker follows one channel, its control channel, at a low rate: :func:`channel_messages`
 reads it through redis-py's ``PubSub``, whatever the Redis.
@@ -34,6 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from thoughtwire.shared.redis import fast
 from thoughtwire.shared.redis.connections import RedisFactory
 from thoughtwire.shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command
 
@@ -61,9 +64,10 @@ class Link(Protocol):
 
 
 async def open_link(factory: RedisFactory, on_message: OnMessage) -> Link:
-    """A pub/sub link to the factory's Redis: raw for a server, redis-py for the embedded one."""
+    """A pub/sub link to the factory's Redis: raw for a server, redis-py's ``PubSub`` for the
+    embedded one or with the fast paths off."""
     url = factory.url()
-    if url is None:
+    if url is None or not fast.REDIS.enabled(factory.settings.fast_paths):
         return await ClientLink.open(factory, on_message)
     return await RawLink.open(url, on_message)
 
@@ -188,7 +192,7 @@ class RawLink(ReplyReader):
 
 
 class ClientLink:
-    """The link over redis-py's PubSub, for the embedded (in-process) Redis."""
+    """The link over redis-py's PubSub: the embedded Redis's, and the public path's."""
 
     def __init__(self, client: Any, on_message: OnMessage) -> None:
         self._client = client

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis._parsers import BaseParser
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from thoughtwire.shared.redis.fast import parse_error
 
 PARTIAL = object()  # the parser's answer while no whole reply has arrived (RESP3 has a real False)
 PUSH = getattr(hiredis, "PushNotification", None)  # RESP3 pushes, in hiredis 3 and later
@@ -73,7 +74,7 @@ def unpack(payload: bytes) -> list[list[bytes]]:
 
 def new_parser() -> hiredis.Reader:
     """A hiredis reader of replies, error replies mapped as redis-py maps them."""
-    return hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=PARTIAL)
+    return hiredis.Reader(replyError=parse_error, notEnoughData=PARTIAL)
 
 
 @dataclass(slots=True)
