@@ -25,8 +25,9 @@ The lighter WebSocket protocol and the raw frame writes are fast paths: with
 ``THOUGHTWIRE_FAST_PATHS=0``, or with a uvicorn or websockets release not in
 :data:`UVICORN`'s tested versions, :func:`ws_protocol` hands uvicorn its own
 websockets-sansio protocol, which :func:`expose_protocol` never exposes, so every frame
-goes through ASGI. The HTTP protocol's bounds are not a fast path but a security
-bound: they stay in both modes (``tests/test_fast_paths.py`` has the canaries that fail
+goes through ASGI. Two things that lean on uvicorn's internals are not fast paths and
+stay in both modes: the HTTP protocol's bounds (security), and the close sent at once to
+a client that stopped reading (:class:`ClosingProtocol`, so it is told 4008 to resume) (``tests/test_fast_paths.py`` has the canaries that fail
 if the uvicorn internals either leans on change).
 """
 
@@ -129,13 +130,12 @@ except ImportError:  # pragma: no cover - an older uvicorn, or no websockets
     pass
 else:
 
-    class SocketProtocol(WebSocketsSansIOProtocol):
-        """uvicorn's WebSocket protocol with the lighter queue and flag above."""
+    class ClosingProtocol(WebSocketsSansIOProtocol):
+        """uvicorn's WebSocket protocol, closing at once a socket whose client stopped reading.
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.queue = Mailbox()  # type: ignore[assignment]
-            self.writable = Flag()  # type: ignore[assignment]
+        Not a fast path but a guarantee (a stalled client is told 4008, to resume): it
+        stays with the fast paths off, as the HTTP bounds below do.
+        """
 
         async def send(self, message: Any) -> None:
             """Send an ASGI message; a close on a stalled transport closes at once."""
@@ -143,9 +143,6 @@ else:
                 await self._close_now(message)
                 return
             await super().send(message)
-            if self.handshake_complete and message["type"] == "websocket.accept":
-                # Used only to answer the handshake, which is done.
-                self.request = self.response = None  # type: ignore[assignment]
 
         async def _close_now(self, message: Any) -> None:
             """Send a close to a client that stopped reading, without waiting for it.
@@ -169,13 +166,30 @@ else:
             if not self.disconnected:
                 self.transport.abort()
 
+    class SocketProtocol(ClosingProtocol):
+        """The fast path: :class:`ClosingProtocol` with the lighter queue and flag above,
+        and the handshake let go once answered."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.queue = Mailbox()  # type: ignore[assignment]
+            self.writable = Flag()  # type: ignore[assignment]
+
+        async def send(self, message: Any) -> None:
+            """Send an ASGI message; once the handshake is answered, let it go."""
+            await super().send(message)
+            if self.handshake_complete and message["type"] == "websocket.accept":
+                # Used only to answer the handshake, which is done.
+                self.request = self.response = None  # type: ignore[assignment]
+
     PROTOCOL = SocketProtocol
-    PUBLIC_PROTOCOL = "websockets-sansio"
+    PUBLIC_PROTOCOL = ClosingProtocol
 
 
 def ws_protocol(settings: Settings) -> Any:
     """What to hand to ``uvicorn.Config(ws=...)``: :class:`SocketProtocol` with the fast
-    paths on and a tested uvicorn, else uvicorn's own websockets-sansio protocol."""
+    paths on and a tested uvicorn, else uvicorn's own websockets-sansio protocol (as
+    :class:`ClosingProtocol`, which only adds the close to a stalled client)."""
     if PROTOCOL != "auto" and UVICORN.enabled(settings.fast_paths):
         return PROTOCOL
     return PUBLIC_PROTOCOL
