@@ -26,7 +26,7 @@ CONNECT_CONCURRENCY = 200
 
 @dataclass
 class Plan:
-    system: str  # thoughtwire, thin, sio
+    system: str  # thoughtwire (or thoughtwire-public, without fast paths), thin, socketio
     urls: list[str]  # one base URL per frontend
     sockets: list[tuple[str, int, bool]]  # (session, frontend index, triggers the run)
     tokens: int
@@ -96,7 +96,7 @@ class Socket:
             # "2"/"3" are ping/pong, and '42["name",data]' is an event.
             url = f"{base}/socket.io/?EIO=4&transport=websocket&session={self.session}"
             handler = self._on_socketio
-        elif self.plan.system == "thoughtwire":
+        elif self.plan.system.startswith("thoughtwire"):
             url = f"{base}/ws/agent-thoughts?session={self.session}&after=0"
             handler = self._on_thoughtwire
         else:
@@ -127,7 +127,7 @@ class Socket:
             client.send_text("40")
 
     async def trigger(self, redis: Redis) -> None:
-        if self.plan.system == "thoughtwire":
+        if self.plan.system.startswith("thoughtwire"):
             self.ws.send_text("go")
         else:
             command = {

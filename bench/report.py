@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-SYSTEMS = ("thoughtwire", "thin", "socketio")
+SYSTEMS = ("thoughtwire", "thoughtwire-public", "thin", "socketio")
 COLUMNS = [
     ("events_per_s", "events/s"),
     ("latency_ms_p50", "p50 ms"),
@@ -61,9 +61,9 @@ def table(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], out: Path) -> None:
     scenarios = [s for s in report["results"] if s not in ("idle", "coalescing")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.25
+    width = 0.2
     for i, system in enumerate(SYSTEMS):
-        xs = [j + (i - 1) * width for j in range(len(scenarios))]
+        xs = [j + (i - 1.5) * width for j in range(len(scenarios))]
         p99 = [report["results"][s].get(system, {}).get("latency_ms_p99", 0) for s in scenarios]
         cpu = [
             report["results"][s].get(system, {}).get("frontend_cpu_us_per_event", 0)

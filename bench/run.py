@@ -36,7 +36,8 @@ import httpx
 from bench.load import Plan, client_process
 
 TICKS = os.sysconf("SC_CLK_TCK")
-SYSTEMS = ("thoughtwire", "thin", "socketio")
+# thoughtwire-public is thoughtwire with THOUGHTWIRE_FAST_PATHS=0: public APIs only.
+SYSTEMS = ("thoughtwire", "thoughtwire-public", "thin", "socketio")
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "streams": {"sessions": 200, "watchers": 1, "tokens": 200, "rate": 50},
@@ -160,6 +161,11 @@ class System:
         self.prefix = prefix
 
     @property
+    def thoughtwire(self) -> bool:
+        """Whether this is thoughtwire, with its fast paths or without."""
+        return self.name.startswith("thoughtwire")
+
+    @property
     def urls(self) -> list[str]:
         scheme = "http" if self.name == "socketio" else "ws"
         return [f"{scheme}://127.0.0.1:{port}" for port in self.ports]
@@ -174,7 +180,7 @@ class System:
     def _start(self) -> System:
         py = sys.executable
         rate = self.scenario.get("rate", 0)
-        if self.name == "thoughtwire":
+        if self.thoughtwire:
             env = {
                 "REDIS_URL": self.redis_url,
                 "THOUGHTWIRE_KEY_PREFIX": self.prefix,
@@ -193,6 +199,7 @@ class System:
             # Coalescing is off except where it is measured, so that every system
             # relays the same number of events and costs per event compare.
             env["THOUGHTWIRE_COALESCE_MS"] = str(self.scenario.get("window_ms", 0))
+            env["THOUGHTWIRE_FAST_PATHS"] = "0" if self.name == "thoughtwire-public" else "1"
             cmds = [
                 [
                     py,
@@ -220,7 +227,7 @@ class System:
         self.worker = spawn(worker, env, self.logdir / f"{self.name}-worker.log")
         for port, proc in zip(self.ports, self.frontends, strict=True):
             wait_for_port(port, proc)
-        if self.name == "thoughtwire":
+        if self.thoughtwire:
             for port in self.ports:
                 _wait_ready(f"http://127.0.0.1:{port}/readyz")
         return self
@@ -343,7 +350,7 @@ def measure_streams(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
     received = sum(o["received"] for o in out)
     # thoughtwire's simulated run adds five steps before its answer and `done` after it;
     # with coalescing on, fewer events carry the same tokens, so only gaps count then
-    per_run = scenario["tokens"] + (6 if system.name == "thoughtwire" else 1)
+    per_run = scenario["tokens"] + (6 if system.thoughtwire else 1)
     expected = per_run * scenario["sessions"] * scenario["watchers"]
     elapsed = (max(o["finished"] for o in out) - min(o["started"] for o in out)) / 1000
     produced = received / scenario["watchers"]
@@ -446,7 +453,7 @@ def main() -> int:
                 continue
             scenario = {"jitter": args.jitter, **PROFILES[args.profile][name]}
             for system_name in args.systems.split(","):
-                if name == "coalescing" and system_name != "thoughtwire":
+                if name == "coalescing" and not system_name.startswith("thoughtwire"):
                     continue  # only thoughtwire has a coalescing window
                 measure = measure_idle if name == "idle" else measure_streams
                 prefix = f"b{name[:3]}{system_name[:2]}{redis.pid}"
