@@ -145,6 +145,9 @@ class RestartingLog:
         self.epochs = 0
         self.calls = 0
 
+    def session_channel(self, session):
+        return self.keys.session_channel(session)
+
     async def meta(self, session):
         self.calls += 1
         self.epochs += 1
