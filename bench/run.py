@@ -456,7 +456,9 @@ def main() -> int:
                 if name == "coalescing" and not system_name.startswith("thoughtwire"):
                     continue  # only thoughtwire has a coalescing window
                 measure = measure_idle if name == "idle" else measure_streams
-                prefix = f"b{name[:3]}{system_name[:2]}{redis.pid}"
+                # Its own keys per system and scenario: thoughtwire and thoughtwire-public
+                # must not read each other's logs.
+                prefix = f"b{name[:3]}{system_name[0]}{len(system_name)}{redis.pid}"
                 system = System(system_name, redis, redis_url, logdir, scenario, prefix)
                 try:
                     result = measure(system.start(), scenario)
