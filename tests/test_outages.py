@@ -9,28 +9,9 @@ import pytest
 
 from tests.conftest import start_cluster
 from tests.procs import RedisServer, seconds, wait_until
-from tests.wsclient import connect, greeting, run_events
+from tests.wsclient import check_stream, connect, greeting, run_events
 from thoughtwire.client import Follower, ask
 from thoughtwire.shared.keys import Keys
-
-
-def check_stream(messages, first=1):
-    """Every event once and in order within its epoch; a new epoch only after a gap.
-
-    Returns the number of gaps. A ``retry`` (a new attempt) is allowed; silent loss
-    or duplication is not.
-    """
-    epoch, last, gaps = None, first - 1, 0
-    for m in messages:
-        if m["type"] == "gap":
-            epoch, last, gaps = m["epoch"], m["next"] - 1, gaps + 1
-            continue
-        if epoch is None:
-            epoch = m["epoch"]
-        assert m["epoch"] == epoch, f"the epoch changed without a gap: {m}"
-        assert m["seq"] == last + 1, f"expected seq {last + 1}, got {m}"
-        last = m["seq"]
-    return gaps
 
 
 async def collect(prompt, urls, started=None, **options):

@@ -33,6 +33,7 @@ import redis
 from tests.conftest import Cluster, openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import Proc, RedisServer, seconds, wait_until
+from tests.wsclient import check_stream
 from thoughtwire.api.runs import LOST_MESSAGE, Runs
 from thoughtwire.client import Follower
 from thoughtwire.shared.bus import FENCED, Bus
@@ -462,23 +463,6 @@ async def inject(cluster: Cluster, fault: str, holder: Proc | None) -> None:
         await asyncio.to_thread(cluster.add_worker)
 
 
-def check_positions(messages: list[dict[str, Any]]) -> int:
-    """Every event once and in order within its epoch, a new epoch only after a gap;
-    returns the number of gaps."""
-    epoch: str | None = None
-    last, gaps = 0, 0
-    for m in messages:
-        if m["type"] == "gap":
-            epoch, last, gaps = m["epoch"], m["next"] - 1, gaps + 1
-            continue
-        if epoch is None:
-            epoch = m["epoch"]
-        assert m["epoch"] == epoch, f"the epoch changed without a gap: {m}"
-        assert m["seq"] == last + 1, f"expected seq {last + 1}, got {m}"
-        last = m["seq"]
-    return gaps
-
-
 async def job_status(cluster: Cluster, run: str) -> str:
     async with httpx.AsyncClient(timeout=10) as http:
         reply = await http.get(f"{cluster.frontends[0].http}/v1/jobs/{run}")
@@ -544,7 +528,7 @@ async def test_every_run_ends_whatever_redis_loses_and_whoever_dies(
             ) from None
     took = time.monotonic() - began
     ours = [m for m in socket.messages if m.get("run", run) == run]
-    gaps = check_positions([m for m in socket.messages if "seq" in m or m["type"] == "gap"])
+    gaps = check_stream([m for m in socket.messages if "seq" in m or m["type"] == "gap"])
     (ending,) = socket.terminals(run)
     FIGURES[f"{point} / {fault} ({ending['type']}, {gaps} gaps)"] = took
     print(f"{point} / {fault}: {ending['type']} {took:.2f} s after the fault, {gaps} gaps")

@@ -11,7 +11,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.procs import seconds
 
-__all__ = ["connect", "greeting", "recv_json", "recv_text", "run_events"]
+__all__ = ["check_stream", "connect", "greeting", "recv_json", "recv_text", "run_events"]
 
 
 async def recv_text(ws: ClientConnection, timeout: float = 10) -> str:
@@ -48,3 +48,22 @@ async def run_events(
             events.append(message)
             if message["type"] in ("done", "error", "cancelled"):
                 return events
+
+
+def check_stream(messages, first=1):
+    """Every event once and in order within its epoch; a new epoch only after a gap.
+
+    Returns the number of gaps. A ``retry`` (a new attempt) is allowed; silent loss
+    or duplication is not.
+    """
+    epoch, last, gaps = None, first - 1, 0
+    for m in messages:
+        if m["type"] == "gap":
+            epoch, last, gaps = m["epoch"], m["next"] - 1, gaps + 1
+            continue
+        if epoch is None:
+            epoch = m["epoch"]
+        assert m["epoch"] == epoch, f"the epoch changed without a gap: {m}"
+        assert m["seq"] == last + 1, f"expected seq {last + 1}, got {m}"
+        last = m["seq"]
+    return gaps
