@@ -51,3 +51,6 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"  # over a per-user limit; slow down, then send it again
     UNAVAILABLE = "unavailable"  # Redis is briefly unreachable; send it again
     TOKEN_EXPIRED = "token_expired"  # an SSE stream's token expired; get a new one
+    BUSY = "busy"  # a prompt with multitask "reject" while the session has an unfinished run
+    BUDGET = "budget"  # the user's token budget is spent; wait for it to refill
+    NOT_WAITING = "not_waiting"  # an approval for a call that is not waiting (or was decided)

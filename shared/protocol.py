@@ -31,7 +31,10 @@ from thoughtwire.shared.vocab import OnDisconnect, RunStatus
 # says a new attempt starts over (clients drop the run's partial answer).
 THOUGHT_TYPES = ("thinking", "action", "observation", "answer")
 TERMINAL_TYPES = ("done", "error", "cancelled")
-EVENT_TYPES = (*THOUGHT_TYPES, "retry", *TERMINAL_TYPES)
+# Protocol v2 (docs/protocol.md): a tool call's argument pieces, the end of a block of
+# deltas, and a tool call waiting for a person, then the person's (or the timeout's) answer.
+V2_TYPES = ("tool_input", "block_end", "approval", "decision")
+EVENT_TYPES = (*THOUGHT_TYPES, *V2_TYPES, "retry", *TERMINAL_TYPES)
 
 # What a run's terminal event makes of its status.
 TERMINAL_STATUS = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -120,6 +120,26 @@ class Settings(BaseSettings):
     max_tokens_per_run: int = Field(8192, description="Tokens a run may generate.")
     tool_timeout: float = Field(30.0, description="Seconds one tool call may take.")
     tools: str = Field("", description='More tools: "pkg.module:function,...".')
+    approval_tools: str = Field(
+        "", description='Tools that wait for a person to allow them before they run: "name,...".'
+    )
+    approval_timeout: float = Field(
+        300.0, gt=0, description="Seconds a run waits for an approval before the default."
+    )
+    approval_default: Literal["allow", "deny"] = Field(
+        "deny", description="The decision taken when an approval times out."
+    )
+    multitask: Literal["reject", "enqueue", "interrupt"] = Field(
+        "enqueue",
+        description="What a prompt does while its session has an unfinished run, unless "
+        "the prompt says: reject, enqueue or interrupt.",
+    )
+    budget_tokens_per_minute: int = Field(
+        0, ge=0, description="Tokens each user may use per minute, across workers (0: no limit)."
+    )
+    budget_tokens_per_day: int = Field(
+        0, ge=0, description="Tokens each user may use per day, across workers (0: no limit)."
+    )
     memory_turns: int = Field(
         20, ge=0, description="Previous turns of a session sent with the next prompt (0: none)."
     )
