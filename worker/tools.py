@@ -1,38 +1,63 @@
 """Tools an agent may call: the built-ins, and the user's, loaded by import path.
 
-A tool is a plain function, sync or async. Its JSON schema comes from its type hints
-and its docstring (the first paragraph describes the tool; ``name: text`` lines
-under ``Args:`` describe parameters). ``THOUGHTWIRE_TOOLS=pkg.module:function,...``
-adds tools.
+A tool is a plain function, sync or async. Its JSON schema is pydantic's schema of the
+function's arguments (``TypeAdapter``), so ``list[str]`` has ``items``, a ``Literal`` is
+an ``enum``, a pydantic model is an object schema, defaults are kept and a parameter
+that may be ``None`` is not required. The docstring's first paragraph describes the
+tool; its ``name: text`` lines under ``Args:`` describe the parameters. The same
+adapter validates (and coerces) a call's arguments before the tool runs: a call that
+does not fit raises ``InvalidArguments``, whose text says which field is wrong and how,
+so the model can call again. ``THOUGHTWIRE_TOOLS=pkg.module:function,...`` adds tools.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import copy
+import dataclasses
 import datetime as dt
 import importlib
 import inspect
 import operator
+import re
 import types
 import typing
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, TypeVar
 
-_JSON_TYPES: dict[Any, str] = {
-    str: "string",
-    int: "integer",
-    float: "number",
-    bool: "boolean",
-    list: "array",
-    dict: "object",
+import pydantic
+from pydantic.json_schema import GenerateJsonSchema
+
+MAX_ERRORS_SHOWN = 5
+MAX_INPUT_SHOWN = 40
+# A model that writes 14 where a string is wanted means "14": take it rather than make
+# it call again.
+_ARGUMENTS_CONFIG = pydantic.ConfigDict(coerce_numbers_to_str=True)
+_ARG_SECTIONS = ("Args:", "Arguments:", "Parameters:")
+_ARG_LINE = re.compile(r"(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)")
+_REF_PREFIX = "#/$defs/"
+# Pydantic words a call's errors in Python's terms ("keyword only argument"); the model
+# reads them as it reads a nested object's.
+_PLAIN_MESSAGES = {
+    "missing_argument": "Field required",
+    "missing_keyword_only_argument": "Field required",
+    "unexpected_keyword_argument": "Not a parameter of this tool",
 }
+
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ToolError(Exception):
     """A tool cannot be loaded or described."""
+
+
+class InvalidArguments(ValueError):
+    """A call's arguments do not fit the tool's parameters; the text says what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +68,8 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     function: Callable[..., Any]
+    # A person allows or denies each call before it runs (docs/protocol.md, "Approvals").
+    needs_approval: bool = False
 
     @property
     def schema(self) -> dict[str, Any]:
@@ -56,55 +83,233 @@ class Tool:
             },
         }
 
+    @cached_property
+    def _arguments(self) -> pydantic.TypeAdapter[Any]:
+        return _arguments_adapter(self.function)
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The arguments, validated and coerced, defaults filled in; else ``InvalidArguments``."""
+        try:
+            _, kwargs = self._arguments.validate_python(arguments)
+        except pydantic.ValidationError as exc:
+            raise InvalidArguments(_describe(self.name, exc)) from None
+        return dict(kwargs)
+
     async def call(self, arguments: dict[str, Any], seconds: float) -> str:
-        """Run the tool for at most ``seconds``; sync tools run in a thread, off the loop."""
+        """Validate the arguments, then run the tool for at most ``seconds``.
+
+        Sync tools run in a thread, off the loop. Arguments that do not fit raise
+        ``InvalidArguments`` and the tool is not called.
+        """
+        kwargs = self.validate(arguments)
         async with asyncio.timeout(seconds):
             if inspect.iscoroutinefunction(self.function):
-                result = await self.function(**arguments)
+                result = await self.function(**kwargs)
             else:
-                result = await asyncio.to_thread(self.function, **arguments)
+                result = await asyncio.to_thread(self.function, **kwargs)
         return result if isinstance(result, str) else str(result)
 
 
-def tool(function: Callable[..., Any]) -> Tool:
-    """Describe a function as a tool, from its signature, type hints and docstring."""
-    hints = typing.get_type_hints(function)
-    doc = inspect.getdoc(function) or ""
-    description, arg_docs = _parse_doc(doc)
-    properties: dict[str, Any] = {}
-    required = []
-    for name, param in inspect.signature(function).parameters.items():
+def tool(function: Callable[..., Any], *, needs_approval: bool | None = None) -> Tool:
+    """Describe a function as a tool, from its signature, type hints and docstring.
+
+    ``needs_approval`` (default: the function's own ``needs_approval`` attribute, which
+    :func:`requires_approval` sets) makes each call wait for a person to allow it.
+    """
+    description, arg_docs = _parse_doc(inspect.getdoc(function) or "")
+    parameters = _parameters(_arguments_adapter(function), arg_docs)
+    if needs_approval is None:
+        needs_approval = getattr(function, "needs_approval", False) is True
+    return Tool(
+        function.__name__, description or function.__name__, parameters, function, needs_approval
+    )
+
+
+def requires_approval(function: F) -> F:
+    """Declare that every call of the tool ``function`` waits for a person to allow it."""
+    function.needs_approval = True  # type: ignore[attr-defined]
+    return function
+
+
+# --- arguments: schema and validation ---------------------------------------
+
+
+def _arguments_adapter(function: Callable[..., Any]) -> pydantic.TypeAdapter[Any]:
+    """Pydantic's validator of a call of the function, from its signature and hints."""
+    try:
+        # TypeAdapter takes a function and validates a call of it (a case its code makes
+        # for functions, as validate_call does); its type hint names only types.
+        return pydantic.TypeAdapter(_arguments_of(function), config=_ARGUMENTS_CONFIG)  # type: ignore[arg-type]
+    except (pydantic.PydanticUserError, pydantic.PydanticSchemaGenerationError) as exc:
+        raise ToolError(f"cannot describe tool {function.__name__!r}: {exc}") from None
+
+
+def _arguments_of(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A function with the tool's parameters that returns the arguments it was given.
+
+    Pydantic validates a call of it as it would a call of the tool, and nothing runs:
+    the tool itself is called later, with a time limit, in a thread if it is sync. A
+    parameter that may be ``None`` and has no default gets ``None`` as its default (a
+    model leaves out what it has no value for); ``*args`` and ``**kwargs`` are not
+    offered to the model; a parameter without a hint is a string.
+    """
+    try:
+        hints = typing.get_type_hints(function, include_extras=True)
+    except Exception as exc:  # unresolvable forward references, mostly: NameError
+        raise ToolError(f"cannot read the type hints of {function.__name__!r}: {exc}") from None
+    parameters = []
+    for param in inspect.signature(function).parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        kind, optional = _json_type(hints.get(name, str))
-        properties[name] = {"type": kind}
-        if name in arg_docs:
-            properties[name]["description"] = arg_docs[name]
-        if param.default is param.empty and not optional:
-            required.append(name)
-    parameters = {"type": "object", "properties": properties, "required": required}
-    return Tool(function.__name__, description or function.__name__, parameters, function)
+        if param.kind is param.POSITIONAL_ONLY:
+            raise ToolError(f"tool {function.__name__!r}: arguments are passed by name")
+        hint = hints.get(param.name, str)
+        default = param.default
+        if default is param.empty and _may_be_none(hint):
+            default = None
+        # Keyword-only: the tool is called by name, and a parameter given a default
+        # here may come before one without.
+        parameters.append(param.replace(kind=param.KEYWORD_ONLY, annotation=hint, default=default))
+
+    def arguments(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, kwargs
+
+    arguments.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    arguments.__annotations__ = {p.name: p.annotation for p in parameters}
+    arguments.__name__ = arguments.__qualname__ = function.__name__
+    arguments.__module__ = function.__module__
+    return arguments
 
 
-def _json_type(hint: Any) -> tuple[str, bool]:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        return _json_type(inner[0])[0], True
-    return _JSON_TYPES.get(typing.get_origin(hint) or hint, "string"), False
+def _may_be_none(hint: Any) -> bool:
+    if typing.get_origin(hint) is typing.Annotated:
+        return _may_be_none(typing.get_args(hint)[0])
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return type(None) in typing.get_args(hint)
+    return hint is None or hint is type(None)
+
+
+class _NoFieldTitles(GenerateJsonSchema):
+    """Pydantic's schema without a ``title`` on every property: tokens the model needn't read."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        """Never: a property's name says it."""
+        return False
+
+
+def _parameters(adapter: pydantic.TypeAdapter[Any], arg_docs: dict[str, str]) -> dict[str, Any]:
+    """The ``parameters`` object of a Chat Completions tool: an object schema, refs inlined."""
+    schema = adapter.json_schema(schema_generator=_NoFieldTitles)
+    properties = schema.get("properties", {})
+    for name, text in arg_docs.items():
+        if name in properties:
+            properties[name].setdefault("description", text)
+    schema = _inline_refs(schema)
+    rest = {k: v for k, v in schema.items() if k not in ("type", "properties", "required")}
+    return {
+        "type": "object",
+        "properties": schema.get("properties", {}),
+        "required": schema.get("required", []),
+        **rest,  # additionalProperties: false, as the validation holds; $defs if recursive
+    }
+
+
+class _Recursive(Exception):
+    """A model refers to itself: its schema cannot be written out inline."""
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with each ``$ref`` replaced by its definition.
+
+    Servers that speak the Chat Completions API but not all of JSON Schema (vLLM's and
+    llama.cpp's grammars) read plain nested objects best. A recursive model cannot be
+    inlined: its schema keeps ``$defs``, which the OpenAI API accepts.
+    """
+    definitions = schema.get("$defs")
+    if not definitions:
+        return schema
+    body = {k: v for k, v in schema.items() if k != "$defs"}
+    try:
+        resolved: dict[str, Any] = _resolve(body, definitions, ())
+    except _Recursive:
+        return schema
+    return resolved
+
+
+def _resolve(node: Any, definitions: dict[str, Any], seen: tuple[str, ...]) -> Any:
+    if isinstance(node, list):
+        return [_resolve(item, definitions, seen) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if not (isinstance(ref, str) and ref.startswith(_REF_PREFIX)):
+        return {key: _resolve(value, definitions, seen) for key, value in node.items()}
+    name = ref.removeprefix(_REF_PREFIX)
+    if name in seen:
+        raise _Recursive(name)
+    target = _resolve(copy.deepcopy(definitions[name]), definitions, (*seen, name))
+    siblings = {k: _resolve(v, definitions, seen) for k, v in node.items() if k != "$ref"}
+    return {**target, **siblings}  # the parameter's own description wins over the model's
+
+
+def _describe(name: str, exc: pydantic.ValidationError) -> str:
+    """What is wrong with a call, one line per field, for the model to read and fix."""
+    errors = exc.errors(include_url=False, include_context=False)
+    lines = [f"invalid arguments for {name}:"]
+    for error in errors[:MAX_ERRORS_SHOWN]:
+        field = ".".join(str(part) for part in error["loc"]) or "arguments"
+        message = _PLAIN_MESSAGES.get(error["type"], error["msg"])
+        lines.append(f"- {field}: {message}{_shown_input(error)}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"- and {len(errors) - MAX_ERRORS_SHOWN} more")
+    return "\n".join(lines)
+
+
+def _shown_input(error: Any) -> str:
+    """``(got ...)`` for a wrong scalar (a missing field's input is the whole object)."""
+    value = error.get("input")
+    if not isinstance(value, str | int | float | bool):
+        return ""
+    text = repr(value)
+    if len(text) > MAX_INPUT_SHOWN:
+        text = text[: MAX_INPUT_SHOWN - 3] + "..."
+    return f" (got {text})"
+
+
+# --- docstrings ---------------------------------------------------------------
 
 
 def _parse_doc(doc: str) -> tuple[str, dict[str, str]]:
-    description, _, rest = doc.partition("\n\n")
-    arg_docs = {}
-    in_args = False
-    for line in rest.splitlines():
-        if line.strip() in ("Args:", "Arguments:", "Parameters:"):
-            in_args = True
-        elif in_args and ":" in line:
-            name, _, text = line.strip().partition(":")
-            arg_docs[name.split(" ")[0]] = text.strip()
-    return " ".join(description.split()), arg_docs
+    """The first paragraph, on one line, and each argument's description (Google style)."""
+    lines = doc.splitlines()
+    summary = []
+    for line in lines:
+        if not line.strip() or line.strip() in _ARG_SECTIONS:
+            break
+        summary.append(line)
+    return " ".join(" ".join(summary).split()), _arg_docs(lines)
+
+
+def _arg_docs(lines: list[str]) -> dict[str, str]:
+    """``name: text`` lines under ``Args:``; deeper-indented lines continue the text."""
+    docs: dict[str, str] = {}
+    in_args, indent, name = False, 0, ""
+    for line in lines:
+        text = line.strip()
+        depth = len(line) - len(line.lstrip())
+        if not text:
+            continue
+        if depth == 0:  # a section heading, or prose: inspect.getdoc dedented the rest
+            in_args, indent, name = text in _ARG_SECTIONS, 0, ""
+            continue
+        indent = indent or depth
+        match = _ARG_LINE.fullmatch(text) if in_args and depth <= indent else None
+        if match:
+            name = match[1]
+            docs[name] = match[2]
+        elif in_args and name:
+            docs[name] = f"{docs[name]} {text}".strip()
+    return docs
 
 
 def load(spec: str) -> list[Tool]:
@@ -187,7 +392,17 @@ def current_time(timezone: str | None = None) -> str:
 BUILTINS = (tool(calculator), tool(current_time))
 
 
-def toolbox(spec: str | None) -> dict[str, Tool]:
-    """The built-ins plus the user's tools, by name."""
+def toolbox(spec: str | None, approval_tools: str = "") -> dict[str, Tool]:
+    """The built-ins plus the user's tools, by name; those named in ``approval_tools``
+    (``name,...``) need approval, besides those that declare it."""
     tools = [*BUILTINS, *load(spec or "")]
-    return {t.name: t for t in tools}
+    named = approval_names(approval_tools)
+    return {
+        t.name: dataclasses.replace(t, needs_approval=True) if t.name in named else t
+        for t in tools
+    }
+
+
+def approval_names(approval_tools: str) -> frozenset[str]:
+    """The tool names of ``THOUGHTWIRE_APPROVAL_TOOLS`` (``name,...``)."""
+    return frozenset(filter(None, (name.strip() for name in approval_tools.split(","))))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -39,8 +40,8 @@ import openai
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import Thought
 from thoughtwire.shared.settings import Settings
-from thoughtwire.worker.agents.base import AgentError, Turn
-from thoughtwire.worker.tools import Tool, toolbox
+from thoughtwire.worker.agents.base import AgentError, Turn, denied
+from thoughtwire.worker.tools import InvalidArguments, Tool, toolbox
 
 logger = logging.getLogger("thoughtwire.agent")
 
@@ -112,13 +113,13 @@ class OpenAIAgent:
         """Stream the model's reasoning, tool calls and answer, step by step."""
         started = time.monotonic()
         first_token: float | None = None
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        reported = False
-        user = {"role": "user", "content": turn.prompt}
-        messages: list[dict[str, Any]] = [*turn.history, user]
-        turn.remember(user)
+        usage, reported, first, asked = self._begin(turn)
+        messages: list[dict[str, Any]] = [*turn.history, *turn.messages]
         finish = "max_steps"
-        for _step in range(self.limits.max_steps):
+        # A run that waited for an approval goes on with the calls of its step still to run.
+        async for observation in self._call_tools(turn, asked, messages, (first - 1, usage)):
+            yield observation
+        for number in range(first, self.limits.max_steps):
             step = _Step()
             async for thought in self._stream(
                 messages, step, max(1, self.limits.max_tokens - usage["completion_tokens"])
@@ -148,12 +149,10 @@ class OpenAIAgent:
             if not step.calls:
                 finish = step.finish_reason or "stop"
                 break
-            for call in step.calls:
-                observation, result = await self._call_tool(call)
+            async for observation in self._call_tools(
+                turn, step.calls, messages, (number, usage if reported else None)
+            ):
                 yield observation
-                message = {"role": "tool", "tool_call_id": call.id, "content": result}
-                messages.append(message)
-                turn.remember(message)
             if usage["completion_tokens"] >= self.limits.max_tokens:
                 finish = "max_tokens"
                 break
@@ -168,6 +167,51 @@ class OpenAIAgent:
                 "total_ms": round((now - started) * 1000),
             },
         )
+
+    @staticmethod
+    def _begin(turn: Turn) -> tuple[dict[str, int], bool, int, list[_ToolCall]]:
+        """Usage so far, whether reported, the next step, and the calls asked about."""
+        zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        checkpoint = turn.resume
+        if checkpoint is None:
+            turn.remember({"role": "user", "content": turn.prompt})
+            return zero, False, 0, []
+        turn.messages[:] = checkpoint["messages"]
+        usage = checkpoint["usage"]
+        calls = [_ToolCall(**call) for call in checkpoint["calls"]]
+        return usage or zero, usage is not None, checkpoint["step"] + 1, calls
+
+    async def _call_tools(
+        self,
+        turn: Turn,
+        calls: list[_ToolCall],
+        messages: list[dict[str, Any]],
+        at: tuple[int, dict[str, int] | None],
+    ) -> AsyncIterator[Thought]:
+        """Run a step's tool calls in order; ask first about those that need approval.
+
+        ``at`` is the step's number and the usage so far, for the checkpoint.
+        """
+        for index, call in enumerate(calls):
+            tool = self.tools.get(call.name)
+            if tool is not None and tool.needs_approval:
+                checkpoint = {
+                    "step": at[0],
+                    "usage": at[1],
+                    "messages": turn.messages,
+                    "calls": [dataclasses.asdict(c) for c in calls[index:]],
+                }
+                arguments = _parse_arguments(call.arguments)
+                decided = await turn.ask(call.id, call.name, arguments, checkpoint)
+                if not decided.allowed:
+                    observation = denied(call.name, call.id, decided)
+                    result = str(observation.content)
+            if tool is None or not tool.needs_approval or decided.allowed:
+                observation, result = await self._call_tool(call)
+            yield observation
+            message = {"role": "tool", "tool_call_id": call.id, "content": result}
+            messages.append(message)
+            turn.remember(message)
 
     async def _stream(
         self, messages: list[dict[str, Any]], step: _Step, max_tokens: int
@@ -252,6 +296,8 @@ class OpenAIAgent:
             try:
                 result = await tool.call(arguments, self.limits.tool_timeout)
                 failed = False
+            except InvalidArguments as exc:  # the tool did not run: the model may call again
+                result = f"error: {exc}"
             except TimeoutError:
                 result = f"error: the tool took longer than {self.limits.tool_timeout:g} s"
             except Exception as exc:
