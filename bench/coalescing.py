@@ -23,6 +23,7 @@ from thoughtwire.worker.coalesce import coalesce
 TOKENS = 300
 RUNS = 3
 RATES = (50, 200, 1000)  # tokens per second: a slow API, a fast API, a local model
+DELTA = {"delta": True}  # a model's tokens are deltas; only deltas of one block merge
 
 
 async def paced_tokens(rate: float):
@@ -31,7 +32,7 @@ async def paced_tokens(rate: float):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        yield Thought("answer", "tok ")
+        yield Thought("answer", "tok ", DELTA)
 
 
 async def measure(rate: float, window: float) -> dict[str, float]:

@@ -11,6 +11,10 @@ from thoughtwire.worker.agents.simulated import SimulatedAgent, answer_tokens
 from thoughtwire.worker.coalesce import coalesce
 
 
+def delta(kind, content, **extra):
+    return Thought(kind, content, {"delta": True, **extra})
+
+
 async def burst(*items, pause_after=None, pause=0.0):
     for i, item in enumerate(items):
         yield item
@@ -23,23 +27,23 @@ async def collect(source, window):
 
 
 async def test_window_zero_passes_everything_through():
-    items = [Thought("answer", c) for c in "abc"]
+    items = [delta("answer", c) for c in "abc"]
     assert await collect(burst(*items), 0) == items
 
 
 async def test_a_burst_is_merged_but_the_first_token_goes_alone():
-    items = [Thought("answer", c) for c in "abcdef"]
+    items = [delta("answer", c) for c in "abcdef"]
     out = await collect(burst(*items), 10.0)  # a window far longer than the burst
-    assert out == [Thought("answer", "a"), Thought("answer", "bcdef")]
+    assert out == [delta("answer", "a"), delta("answer", "bcdef")]
 
 
 async def test_kinds_are_not_merged_together_and_order_holds():
     items = [
-        Thought("thinking", "x"),
-        Thought("thinking", "y"),
+        delta("thinking", "x"),
+        delta("thinking", "y"),
         Thought("action", "go"),
-        Thought("answer", "1"),
-        Thought("answer", "2"),
+        delta("answer", "1"),
+        delta("answer", "2"),
     ]
     out = await collect(burst(*items), 10.0)
     assert [t.type for t in out] == ["thinking", "thinking", "action", "answer"]
@@ -48,18 +52,49 @@ async def test_kinds_are_not_merged_together_and_order_holds():
 
 
 async def test_after_a_quiet_window_a_token_goes_at_once():
-    items = [Thought("answer", "a"), Thought("answer", "b"), Thought("answer", "c")]
+    items = [delta("answer", "a"), delta("answer", "b"), delta("answer", "c")]
     out = await collect(burst(*items, pause_after=1, pause=0.2), 0.05)
     assert [t.content for t in out] == ["a", "b", "c"]
 
 
 async def test_a_failing_source_fails_the_consumer():
     async def broken():
-        yield Thought("answer", "a")
+        yield delta("answer", "a")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         await collect(broken(), 10.0)
+
+
+async def test_whole_items_are_never_merged_nor_a_delta_with_a_whole():
+    items = [
+        Thought("thinking", "first step"),
+        Thought("thinking", "second step"),
+        delta("answer", "a"),
+        Thought("answer", "whole"),
+        delta("answer", "b"),
+        delta("answer", "c"),
+    ]
+    out = await collect(burst(*items), 10.0)
+    assert out == [*items[:4], delta("answer", "bc")]
+
+
+async def test_tool_input_merges_within_its_call_only_and_keeps_the_calls_fields():
+    items = [
+        delta("tool_input", "{", call_id="a", tool="add"),
+        delta("tool_input", '"x": 1', call_id="a", tool="add"),
+        delta("tool_input", "}", call_id="a", tool="add"),
+        delta("tool_input", "{", call_id="b", tool="add"),
+        delta("tool_input", "}", call_id="b", tool="add"),
+        Thought("action", "add()", {"tool": "add", "arguments": {}, "call_id": "b"}),
+    ]
+    out = await collect(burst(*items), 10.0)
+    assert [(t.content, t.extra) for t in out] == [
+        ("{", {"delta": True, "call_id": "a", "tool": "add"}),
+        ('"x": 1}', {"delta": True, "call_id": "a", "tool": "add"}),
+        ("{}", {"delta": True, "call_id": "b", "tool": "add"}),
+        ("add()", {"tool": "add", "arguments": {}, "call_id": "b"}),
+    ]
 
 
 async def test_the_simulated_agents_jitter_keeps_every_token_in_order():

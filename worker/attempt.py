@@ -32,10 +32,15 @@ from typing import Any
 import orjson
 
 from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.closecodes import ErrorCode
+from thoughtwire.shared.grants import NO_BUDGET, Budget
 from thoughtwire.shared.protocol import Job, Thought
 from thoughtwire.shared.vocab import OnDisconnect, StopReason
 from thoughtwire.worker.agents import Agent, AgentError, Turn
+from thoughtwire.worker.approvals import DEFAULT_POLICY, ApprovalPolicy, Approvals
+from thoughtwire.worker.blocks import BlockTracker
 from thoughtwire.worker.coalesce import coalesce
+from thoughtwire.worker.usage import BudgetCharge, BudgetSpent, RunUsage, UsageMeter
 from thoughtwire.worker.writer import LeaseLost, RunWriter
 
 logger = logging.getLogger("thoughtwire.worker")
@@ -53,6 +58,8 @@ class RunLimits:
     disconnect_grace: float
     coalesce_window: float = 0.0
     memory_turns: int = 20
+    approval: ApprovalPolicy = DEFAULT_POLICY  # how long a tool call waits for a person
+    budget: Budget = NO_BUDGET  # tokens per user; none: nothing is charged
 
 
 class RunAttempt:
@@ -70,6 +77,7 @@ class RunAttempt:
         owner: str,
         limits: RunLimits,
         history: list[dict[str, Any]] | None = None,
+        waiting: dict[str, str] | None = None,
     ) -> None:
         self.bus = bus
         self.job = job
@@ -88,8 +96,31 @@ class RunAttempt:
             memory_turns=limits.memory_turns,
             on_fenced=partial(self.stop, StopReason.LOST),
         )
+        self.blocks = BlockTracker()  # numbers the agent's blocks; restorable from its state()
+        # ``waiting``: the approval an earlier attempt of this run was waiting for when its
+        # worker died. This attempt goes on from there (worker/approvals.py).
+        self.approvals = Approvals(
+            bus,
+            job,
+            fence,
+            limits.approval,
+            send=self._send,
+            snapshot=self._snapshot,
+            waiting=waiting,
+        )
+        self._resume: Any = None
+        # Counted always (``done`` carries it); charged only with a budget (worker/usage.py).
+        charge = None
+        if limits.budget.enabled:
+            charge = BudgetCharge(bus.grants, job.user, limits.budget)
+        self.usage = RunUsage(UsageMeter(job.prompt, self.history), charge)
         self._answer: list[str] = []
         self._answer_chars = 0
+        if waiting is not None:
+            self.blocks = BlockTracker.restore(orjson.loads(waiting["blocks"]))
+            self._answer = [waiting.get("answer", "")]
+            self._answer_chars = len(self._answer[0])
+            self._resume = orjson.loads(waiting["checkpoint"])
         self._driver: asyncio.Task[None] | None = None
         self._cancel_message = "the run was cancelled"
         self._turn: Turn | None = None
@@ -132,6 +163,8 @@ class RunAttempt:
                 raise  # the worker itself is being cancelled
         except LeaseLost:
             raise
+        except BudgetSpent as exc:
+            return Thought("error", str(exc), {"code": ErrorCode.BUDGET})
         except AgentError as exc:
             return Thought("error", str(exc))
         except Exception:
@@ -152,6 +185,7 @@ class RunAttempt:
             await self.bus.requeue(self.entry_id, self.job)
             logger.info("run %s handed back to the queue", self.job.run)
             return
+        terminal = await self.usage.settle(terminal)
         result = "".join(self._answer) if terminal.type == "done" else str(terminal.content)
         remember = b""
         if (
@@ -161,13 +195,19 @@ class RunAttempt:
             and self._turn.messages
         ):
             remember = orjson.dumps(self._turn.messages)
-        await self.emit(terminal, result=result, remember=remember)
+        # The open block of deltas ends before the run does, in the same call.
+        await self.emit(*self.blocks.close(), terminal, result=result, remember=remember)
         self.ended = terminal.type
+        if self.approvals.used:  # a wait the run ended in (a cancel) is over
+            await self.bus.end_approval(self.job)
         await self.bus.finish(self.entry_id, self.job)
 
     async def _drive(self, agent: Agent) -> None:
-        self._turn = Turn(self.job.prompt, self.history)
+        self._turn = Turn(
+            self.job.prompt, self.history, resume=self._resume, approver=self.approvals.ask
+        )
         window = self.limits.coalesce_window
+        await self.usage.start()
         thoughts = agent.run(self._turn)
         async for thought in coalesce(thoughts, window) if window > 0 else thoughts:
             if thought.terminal:
@@ -176,7 +216,24 @@ class RunAttempt:
             if thought.type == "answer" and self._answer_chars < MAX_RESULT_CHARS:
                 self._answer.append(str(thought.content))
                 self._answer_chars += len(str(thought.content))
-            await self.writer.queue(thought)
+            for written in self.blocks.track(thought):
+                await self.writer.queue(written)
+            if thought.type == "action":
+                self.approvals.seen(thought)  # an approval of the call may follow now
+            await self.usage.record(thought)  # charged once written; may stop the run
+
+    async def _send(self, thought: Thought) -> None:
+        """Write ``thought`` (an approval's event) in its block, after all queued before."""
+        for written in self.blocks.track(thought):
+            await self.writer.queue(written)
+        await self.writer.settled()
+
+    def _snapshot(self) -> dict[str, str]:
+        """What a new attempt needs besides the agent's checkpoint to go on after a wait."""
+        return {
+            "blocks": orjson.dumps(self.blocks.state()).decode(),
+            "answer": "".join(self._answer),
+        }
 
     async def _keep_lease(self) -> None:
         """Renew the lease a few times per lease period; notice cancellation and absence."""

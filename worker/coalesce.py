@@ -1,10 +1,13 @@
-"""Token coalescing: merge ``answer`` and ``thinking`` deltas that arrive close together.
+"""Token coalescing: merge deltas of one block that arrive close together.
 
 An LLM can emit a delta every few milliseconds; one event each costs a Redis call and
-a frame per socket. Deltas of one kind that arrive within ``window`` seconds of the
-last event sent are merged into one. A delta that arrives after a quiet ``window``
-goes out at once, so the first token is never delayed, and a slow stream is relayed
-as it comes. ``window`` = 0 turns coalescing off.
+a frame per socket. Consecutive deltas (``extra={"delta": True}``) of one block (the same
+type, and for ``tool_input`` the same ``call_id``) that arrive within ``window``
+seconds of the last event sent are merged into one. Whole items are never merged, nor
+a delta with a whole item or with another block's delta: merging never moves a block's
+edge (worker/blocks.py numbers the blocks after this). A delta that arrives after a
+quiet ``window`` goes out at once, so the first token is never delayed, and a slow
+stream is relayed as it comes. ``window`` = 0 turns coalescing off.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from thoughtwire.shared.protocol import Thought
 
-MERGEABLE = ("answer", "thinking")
+MERGEABLE = ("answer", "thinking", "tool_input")  # the types that stream as deltas
 _END = object()
 
 
@@ -31,7 +34,7 @@ class _Failed:
 async def coalesce(  # noqa: C901
     source: AsyncIterator[Thought], window: float
 ) -> AsyncIterator[Thought]:
-    """Merge answer and thinking deltas that come within ``window`` seconds of each other."""
+    """Merge deltas of one block that come within ``window`` seconds of each other."""
     if window <= 0:
         async for thought in source:
             yield thought
@@ -50,6 +53,7 @@ async def coalesce(  # noqa: C901
 
     producer = asyncio.create_task(produce(), name="coalesce-source")
     pending: list[Thought] = []
+    pending_key: tuple[str, object] | None = None  # the block the pending deltas are of
     last_sent = -window
     try:
         while True:
@@ -68,8 +72,10 @@ async def coalesce(  # noqa: C901
             if isinstance(item, _Failed):
                 raise item.exc
             assert isinstance(item, Thought)
-            if item.type in MERGEABLE and not item.extra:
-                if pending and pending[0].type == item.type:
+            extra = item.extra
+            if extra is not None and extra.get("delta") is True and item.type in MERGEABLE:
+                key = (item.type, extra.get("call_id"))
+                if pending and pending_key == key:
                     pending.append(item)
                     continue
                 if pending:
@@ -79,7 +85,7 @@ async def coalesce(  # noqa: C901
                     yield item
                     last_sent = time.monotonic()
                 else:
-                    pending = [item]
+                    pending, pending_key = [item], key
                 continue
             if pending:
                 yield _merge(pending)
@@ -97,4 +103,5 @@ async def coalesce(  # noqa: C901
 def _merge(thoughts: list[Thought]) -> Thought:
     if len(thoughts) == 1:
         return thoughts[0]
-    return Thought(thoughts[0].type, "".join(str(t.content) for t in thoughts))
+    first = thoughts[0]
+    return Thought(first.type, "".join(str(t.content) for t in thoughts), first.extra)
