@@ -16,6 +16,11 @@ exactly once, or a ``gap`` saying where the stream goes on. Events reach the cal
 once each and in seq order: a duplicate (a seq not past the position, in the same
 epoch) is dropped here too.
 
+The follower also folds what it yields into the session's state,
+:attr:`Follower.folded` (runs, their blocks, tool calls and approvals), with
+:func:`thoughtwire.shared.reducer.reduce`: the rules the JavaScript client's ``reduce``
+follows too.
+
 Credentials are a token string, or a callable (plain or ``async``) that returns a
 fresh token and is called before every connection. The token travels in the
 ``Authorization: Bearer`` header of the handshake, never in the URL. A close with
@@ -46,6 +51,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State as ConnectionState
 
+from thoughtwire.shared.reducer import initial_state, reduce
+
 DEFAULT_URL = "ws://127.0.0.1:8000/ws/agent-thoughts"
 SOCKET_PATH = "/ws/agent-thoughts"
 TERMINAL = ("done", "error", "cancelled")
@@ -65,6 +72,10 @@ PONG = '{"type":"pong"}'
 MAX_PENDING = 64
 # Runs remembered, to tell a new run (the answer to a prompt) from one seen already.
 RUNS_KEPT = 1024
+# What a prompt does while the session has an unfinished run, and the answers to an
+# approval (docs/protocol.md, "Protocol v2").
+MULTITASK = ("reject", "enqueue", "interrupt")
+DECISIONS = ("allow", "deny")
 
 Token = str | Callable[[], str | Awaitable[str]]
 
@@ -160,6 +171,8 @@ class Follower:
     4003 is raised like any final close. ``heartbeat``: after that many seconds without
     a frame from the server, a ``pong`` tells the frontend the client is still there
     (a frontend closes a socket quiet both ways for ``THOUGHTWIRE_IDLE_TIMEOUT``, 15 min).
+    ``folded`` is the session's state: what was yielded, folded by
+    :func:`thoughtwire.shared.reducer.reduce` (read-only; a new object per change).
     """
 
     def __init__(
@@ -197,6 +210,7 @@ class Follower:
         self.reconnects = 0
         self.url_in_use: str | None = None
         self.state: State | None = None
+        self.folded: dict[str, Any] = initial_state()
         self._ws: ClientConnection | None = None
         self._outbox: list[tuple[str, str]] = []  # (action, frame) for the next connection
         self._wrote: str | None = None  # the last write on this connection, to name a refusal
@@ -222,14 +236,22 @@ class Follower:
 
     # --- actions ------------------------------------------------------------
 
-    async def prompt(self, text: str, key: str | None = None) -> str:
+    async def prompt(self, text: str, key: str | None = None, multitask: str | None = None) -> str:
         """Prompt the followed session; returns the idempotency key.
 
         The prompt is sent now if connected, and again on each reconnect until a new
-        run shows it started: the key makes the server run it once.
+        run shows it started: the key makes the server run it once. ``multitask`` is
+        what to do if the session has an unfinished run: ``reject`` (an ``error``
+        reply, code ``busy``), ``enqueue`` (run after it) or ``interrupt`` (cancel it
+        first); by default the server's ``THOUGHTWIRE_MULTITASK``.
         """
         key = key or uuid.uuid4().hex
-        frame = json.dumps({"type": "prompt", "content": text, "key": key})
+        message = {"type": "prompt", "content": text, "key": key}
+        if multitask is not None:
+            if multitask not in MULTITASK:
+                raise ValueError(f"multitask must be one of {', '.join(MULTITASK)}")
+            message["multitask"] = multitask
+        frame = json.dumps(message)
         if len(self._prompts) >= MAX_PENDING:
             raise Refused(f"{MAX_PENDING} prompts already wait for their runs", action="prompt")
         self._prompts.append(frame)
@@ -240,6 +262,21 @@ class Follower:
         """Cancel ``run``, or every unfinished run of the followed session."""
         frame = json.dumps({"type": "cancel"} if run is None else {"type": "cancel", "run": run})
         await self._send("cancel", frame, keep=True)
+
+    async def approve(
+        self, run: str, call_id: str, decision: str, reason: str | None = None
+    ) -> None:
+        """Answer a tool call's ``approval`` in ``run``: ``allow`` or ``deny``, and why.
+
+        Sent now if connected, otherwise on the next connection. A call that no longer
+        waits is refused with an ``error`` reply (code ``not_waiting``).
+        """
+        if decision not in DECISIONS:
+            raise ValueError("decision must be allow or deny")
+        message = {"type": "approve", "run": run, "call_id": call_id, "decision": decision}
+        if reason is not None:
+            message["reason"] = reason
+        await self._send("approve", json.dumps(message), keep=True)
 
     async def refresh(self, token: str | None = None) -> None:
         """Hand the open socket a fresh token (``token``, or the callback's) before the old expires."""
@@ -267,15 +304,18 @@ class Follower:
 
     # --- following ----------------------------------------------------------
 
-    async def events(self, prompt: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def events(
+        self, prompt: str | None = None, multitask: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """Yield the session's events (and gaps) until a final close, or forever.
 
-        ``prompt``, if given, is sent once the session is known (see :meth:`prompt`).
+        ``prompt``, if given, is sent once the session is known (see :meth:`prompt`,
+        which takes ``multitask`` too).
         Raises :class:`Refused` for a final close or an ``error`` reply, and
         :class:`Unreachable` when no frontend answers in time.
         """
         if prompt is not None:
-            await self.prompt(prompt)
+            await self.prompt(prompt, multitask=multitask)
         retries = _Retries(self.max_reconnects, self.timeout)
         attempt, code, reason = 0, None, ""
         self._report(State.CONNECTING)
@@ -393,12 +433,14 @@ class Follower:
         kind = message.get("type")
         if kind == "gap":
             self.epoch, self.seq = message.get("epoch"), message["next"] - 1
+            self.folded = reduce(self.folded, message)
             return True
         if "seq" in message:
             seq, epoch = message["seq"], message.get("epoch")
             if epoch == self.epoch and self.seq is not None and seq <= self.seq:
                 return False  # seen already
             self.epoch, self.seq = epoch, seq
+            self.folded = reduce(self.folded, message)
             run = message.get("run")
             if run is not None and run not in self._runs:
                 self._runs[run] = None
@@ -472,12 +514,19 @@ def _describe(exc: BaseException) -> str:
 
 
 async def ask(
-    prompt: str, urls: str | Sequence[str] = DEFAULT_URL, **options: Any
+    prompt: str,
+    urls: str | Sequence[str] = DEFAULT_URL,
+    *,
+    multitask: str | None = None,
+    **options: Any,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Send one prompt; yield every event of its run (and gaps), ending with its terminal event."""
+    """Send one prompt; yield every event of its run (and gaps), ending with its terminal event.
+
+    ``multitask`` is as for :meth:`Follower.prompt`; ``options`` go to :class:`Follower`.
+    """
     follower = Follower(urls, **options)
     run = None
-    async for message in follower.events(prompt):
+    async for message in follower.events(prompt, multitask=multitask):
         if message["type"] == "gap":
             yield message
             continue

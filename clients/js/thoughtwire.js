@@ -9,6 +9,11 @@
  * Browsers cannot set headers on a WebSocket, so a token travels as the subprotocol
  * `bearer.<token>` beside `thoughtwire.v1`; it is never put into a URL.
  *
+ * `reduce` folds the session's frames into its state (runs, their blocks, tool calls
+ * and approvals); a client keeps that state as `folded`. It follows the same rules as
+ * the server's Python reducer (shared/reducer.py): both pass
+ * clients/conformance/reducer.json.
+ *
  * @module thoughtwire
  */
 
@@ -24,6 +29,10 @@ const FINAL = new Set([1000, 1008, 1009, UNAUTHORIZED, FORBIDDEN]);
 const MAX_PENDING = 64;
 /** A socket its frontend kept this long (ms) had a token that worked: its 4001 is an expiry. */
 const TOKEN_LASTED_MS = 10000;
+/** What a prompt does while the session has an unfinished run (docs/protocol.md). */
+const MULTITASK = new Set(["reject", "enqueue", "interrupt"]);
+/** The answers to an approval. */
+const DECISIONS = new Set(["allow", "deny"]);
 
 /**
  * The query that asks a frontend for a session from a position.
@@ -68,7 +77,8 @@ export function socketUrl(base, path, query) {
  *   `connecting`, `connected`, `reconnecting`, `resumed` or `closed`. A connection
  *   opened from a position is `resumed`; if the frontend then finds events lost, a
  *   second `resumed` follows with the `gap`.
- * - `event`: every event of the session (it has `seq`), exactly once, in seq order.
+ * - `event`: every event of the session (it has `seq`), exactly once, in seq order;
+ *   `folded` already includes it.
  * - `gap`: a gap reply: events after `after` are lost; the stream goes on at `next`
  *   of `epoch`.
  * - `message`: every other frame from the server (`session`, `error`, `ping`, ...).
@@ -110,6 +120,8 @@ export class Thoughtwire extends EventTarget {
     this.seq = options.session ? (options.after ?? null) : null;
     /** @type {string} `idle` until `connect()`, then the last state dispatched */
     this.state = "idle";
+    /** @type {object} the session's frames folded by `reduce`, up to the last `event` */
+    this.folded = initialState();
     /** @type {string | null} the socket URL in use or last used */
     this.url = null;
     this._token = options.token;
@@ -152,12 +164,39 @@ export class Thoughtwire extends EventTarget {
    * Send a prompt to the session; held until a socket is open.
    *
    * @param {string} text the prompt
-   * @param {{key?: string}} [options] an idempotency key: the same key runs once
+   * @param {{key?: string, multitask?: "reject" | "enqueue" | "interrupt"}} [options]
+   *   `key`: an idempotency key, the same key runs once; `multitask`: what to do if
+   *   the session has an unfinished run (refuse with `busy`, run after it, or cancel
+   *   it first); default: the server's `THOUGHTWIRE_MULTITASK`
    */
-  prompt(text, { key } = {}) {
+  prompt(text, { key, multitask } = {}) {
     const frame = { type: "prompt", content: String(text) };
     if (key !== undefined && key !== null) frame.key = key;
+    if (multitask !== undefined && multitask !== null) {
+      if (!MULTITASK.has(multitask)) {
+        throw new TypeError(`multitask: one of ${[...MULTITASK].join(", ")}`);
+      }
+      frame.multitask = multitask;
+    }
     this._write("prompt", frame);
+  }
+
+  /**
+   * Answer a tool call's `approval`: allow or deny it, with an optional reason.
+   *
+   * A refusal (a call not waiting, `not_waiting`) comes as a `message` with type
+   * `error`; a viewer's approve is an `error` event (the frontend closes with 4003).
+   *
+   * @param {string} run the run that waits
+   * @param {string} callId the approval's `call_id`
+   * @param {"allow" | "deny"} decision
+   * @param {string} [reason] shown beside the decision
+   */
+  approve(run, callId, decision, reason) {
+    if (!DECISIONS.has(decision)) throw new TypeError("decision: allow or deny");
+    const frame = { type: "approve", run, call_id: callId, decision };
+    if (reason !== undefined && reason !== null) frame.reason = String(reason);
+    this._write("approve", frame);
   }
 
   /**
@@ -324,6 +363,7 @@ export class Thoughtwire extends EventTarget {
     if (this.seq !== null && event.epoch === this.epoch && event.seq <= this.seq) return;
     this.epoch = event.epoch;
     this.seq = event.seq;
+    this.folded = reduce(this.folded, event);
     this._emit("event", event);
   }
 
@@ -333,6 +373,7 @@ export class Thoughtwire extends EventTarget {
     // next resume name a position the frontend cannot confirm, and be told the loss again.
     if (typeof gap.epoch === "string" || gap.epoch === null) this.epoch = gap.epoch;
     if (Number.isInteger(gap.next)) this.seq = gap.next - 1;
+    this.folded = reduce(this.folded, gap);
     this._emit("gap", gap);
     if (this._firstFrame && this._resuming) this._setState("resumed", { gap });
     this._firstFrame = false;
@@ -377,3 +418,247 @@ function defaultUrl() {
 function messageOf(err) {
   return err instanceof Error ? err.message : String(err);
 }
+
+// --- the reducer --------------------------------------------------------------
+//
+// A session's frames folded into its state, as shared/reducer.py folds them: the same
+// rules, the same conformance file (clients/conformance/reducer.json). `reduce` never
+// changes its input: it returns the same state when a frame changes nothing, and
+// otherwise a new one that shares every part it left alone (treat states as read-only).
+
+/** The block kind each content event belongs to. */
+const KINDS = new Map([
+  ["thinking", "reasoning"],
+  ["answer", "text"],
+  ["tool_input", "tool_call"],
+  ["action", "tool_call"],
+  ["observation", "tool_result"],
+]);
+/** The run statuses that end a run. */
+const ENDED = new Set(["done", "failed", "cancelled"]);
+/** Fields an event copies onto its block when it carries them. */
+const DETAILS = new Map([
+  ["tool_input", ["tool", "call_id"]],
+  ["action", ["tool", "call_id", "arguments"]],
+  ["observation", ["tool", "call_id", "is_error"]],
+  ["approval", ["tool", "call_id", "arguments"]],
+]);
+
+/**
+ * The state before any frame: `{epoch: null, seq: 0, runs: {}, order: []}`.
+ *
+ * @returns {object}
+ */
+export function initialState() {
+  return { epoch: null, seq: 0, runs: {}, order: [] };
+}
+
+/**
+ * `frames` reduced in turn, from `state` (by default the initial state).
+ *
+ * @param {Iterable<object>} frames decoded frames
+ * @param {object} [state]
+ * @returns {object}
+ */
+export function fold(frames, state) {
+  let folded = state ?? initialState();
+  for (const frame of frames) folded = reduce(folded, frame);
+  return folded;
+}
+
+/**
+ * The state after `frame`; `state` itself when the frame changes nothing.
+ *
+ * Events apply once each by `seq` within an epoch; an event of another epoch, or a
+ * `gap`, starts from the initial state; a `snapshot` replaces the state; a `retry`
+ * drops what the run's earlier attempt showed.
+ *
+ * @param {object} state a state from `initialState`, `reduce` or a snapshot
+ * @param {object} frame a decoded frame
+ * @returns {object}
+ */
+export function reduce(state, frame) {
+  if (!isRecord(frame)) return state;
+  if (frame.type === "gap") return initialState(); // the server then sends what the log has
+  if (frame.type === "snapshot") {
+    return isRecord(frame.state) ? structuredClone(frame.state) : state;
+  }
+  const seq = frame.seq;
+  if (!Number.isInteger(seq)) return state; // a reply: not part of the log
+  if (state.epoch !== null && (frame.epoch ?? null) !== state.epoch) state = initialState();
+  if (seq <= state.seq) return state; // seen already
+  return applyEvent(state, frame, seq);
+}
+
+function applyEvent(state, frame, seq) {
+  const next = { ...state, epoch: frame.epoch ?? null, seq };
+  const runId = frame.run;
+  if (typeof runId !== "string") return next;
+  let run = Object.hasOwn(state.runs, runId) ? state.runs[runId] : null;
+  if (run === null) {
+    run = newRun(runId);
+    next.order = [...state.order, runId];
+  }
+  const handler = HANDLERS.get(frame.type) ?? ((r) => r); // an unknown type moves the position only
+  next.runs = { ...state.runs, [runId]: handler(run, frame, seq) };
+  return next;
+}
+
+function newRun(runId) {
+  return {
+    run: runId,
+    status: "running",
+    attempt: 1,
+    blocks: [],
+    usage: null,
+    error: null,
+    finish_reason: null,
+  };
+}
+
+function newBlock(id, kind) {
+  const block = { id, kind, text: "", done: false };
+  if (kind === "tool_call") {
+    Object.assign(block, { tool: null, call_id: null, input: "", arguments: null, approval: null });
+  } else if (kind === "tool_result") {
+    Object.assign(block, { tool: null, call_id: null, is_error: false });
+  }
+  return block;
+}
+
+/** An event's content as text: strings as they are, null as nothing, the rest as JSON. */
+function textOf(content) {
+  if (typeof content === "string") return content;
+  return content === null || content === undefined ? "" : JSON.stringify(content);
+}
+
+function content(run, frame, seq) {
+  const kind = KINDS.get(frame.type);
+  if (typeof frame.block !== "string") return v1Content(run, frame, seq, kind);
+  const index = indexOf(run.blocks, frame.block);
+  const block = index === null ? newBlock(frame.block, kind) : run.blocks[index];
+  return put(run, index, fill(block, frame, frame.delta === true));
+}
+
+/** An event of a log without blocks: a whole item, but answers join the open text block. */
+function v1Content(run, frame, seq, kind) {
+  const blocks = run.blocks;
+  if (kind === "text") {
+    const last = blocks.at(-1);
+    if (last !== undefined && last.kind === "text" && !last.done) {
+      return put(run, blocks.length - 1, fill(last, frame, true));
+    }
+    return put(run, null, fill(newBlock(`seq${seq}`, kind), frame, true));
+  }
+  return put(run, null, fill(newBlock(`seq${seq}`, kind), frame, false));
+}
+
+function fill(block, frame, delta) {
+  const field = frame.type === "tool_input" ? "input" : "text";
+  const text = textOf(frame.content);
+  const next = delta
+    ? { ...block, [field]: block[field] + text }
+    : { ...block, [field]: text, done: true };
+  for (const name of DETAILS.get(frame.type) ?? []) {
+    if (Object.hasOwn(frame, name)) next[name] = frame[name];
+  }
+  return next;
+}
+
+function blockEnd(run, frame) {
+  const index = indexOf(run.blocks, frame.block);
+  if (index === null || run.blocks[index].done) return run;
+  return put(run, index, { ...run.blocks[index], done: true });
+}
+
+function approval(run, frame, seq) {
+  const [index, block] = toolCall(run, frame, seq);
+  const next = { ...block, approval: { status: "pending", reason: null, by: null } };
+  for (const name of DETAILS.get("approval")) {
+    if (Object.hasOwn(frame, name)) next[name] = frame[name];
+  }
+  return withStatus(put(run, index, next), "waiting");
+}
+
+function decision(run, frame, seq) {
+  const [index, block] = toolCall(run, frame, seq);
+  const approval = {
+    status: frame.decision ?? null,
+    reason: frame.reason ?? null,
+    by: frame.by ?? null,
+  };
+  return withStatus(put(run, index, { ...block, approval }), "running");
+}
+
+/** The tool-call block an approval or decision is about: by its block, else its call_id. */
+function toolCall(run, frame, seq) {
+  const blocks = run.blocks;
+  let index = indexOf(blocks, frame.block);
+  if (index === null && frame.call_id !== undefined && frame.call_id !== null) {
+    const found = blocks.findIndex((b) => b.kind === "tool_call" && b.call_id === frame.call_id);
+    index = found < 0 ? null : found;
+  }
+  if (index !== null) return [index, blocks[index]];
+  const id = typeof frame.block === "string" ? frame.block : `seq${seq}`;
+  return [null, newBlock(id, "tool_call")];
+}
+
+function withStatus(run, status) {
+  // An approval or decision that comes after the run's end does not bring it back.
+  return ENDED.has(run.status) ? run : { ...run, status };
+}
+
+function retry(run, frame) {
+  return {
+    ...run,
+    status: "running",
+    attempt: Number.isInteger(frame.attempt) ? frame.attempt : run.attempt + 1,
+    blocks: [],
+    usage: null,
+    error: null,
+    finish_reason: null,
+  };
+}
+
+function done(run, frame) {
+  const fields = { usage: frame.usage ?? null, finish_reason: frame.finish_reason ?? null };
+  return ended(run, "done", fields);
+}
+
+function failed(run, frame) {
+  const error = { message: frame.content ?? null, code: frame.code ?? null };
+  return ended(run, "failed", { error });
+}
+
+function ended(run, status, fields = {}) {
+  const blocks = run.blocks.map((b) => (b.done ? b : { ...b, done: true }));
+  return { ...run, ...fields, status, blocks };
+}
+
+function indexOf(blocks, id) {
+  if (typeof id !== "string") return null;
+  for (let i = blocks.length - 1; i >= 0; i--) if (blocks[i].id === id) return i;
+  return null;
+}
+
+function put(run, index, block) {
+  const blocks = [...run.blocks];
+  if (index === null) blocks.push(block);
+  else blocks[index] = block;
+  return { ...run, blocks };
+}
+
+function isRecord(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value);
+}
+
+const HANDLERS = new Map([
+  ...[...KINDS.keys()].map((type) => [type, content]),
+  ["block_end", blockEnd],
+  ["approval", approval],
+  ["decision", decision],
+  ["retry", retry],
+  ["done", done],
+  ["error", failed],
+  ["cancelled", (run) => ended(run, "cancelled")],
+]);
