@@ -297,3 +297,13 @@ async def test_a_bad_call_becomes_an_error_observation_and_the_model_calls_again
     assert second[-1] == {"role": "tool", "tool_call_id": "c1", "content": bad.content}
     sent = {t["function"]["name"]: t["function"] for t in llm.requests[0]["body"]["tools"]}
     assert sent["calculator"]["parameters"]["required"] == ["expression"]
+
+
+def test_a_parameter_without_a_hint_is_a_string_and_extras_are_not_offered():
+    def echo(text, *more, **options) -> str:  # type: ignore[no-untyped-def]
+        """Say it back."""
+        return str(text)
+
+    described = tool(echo)
+    assert described.parameters["properties"] == {"text": {"type": "string"}}
+    assert described.validate({"text": 5}) == {"text": "5"}
