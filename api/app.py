@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from thoughtwire.api.auth import AuthError
 from thoughtwire.api.bounds import Bounds, invalid_request
 from thoughtwire.api.frontend import Frontend, running
+from thoughtwire.api.guard import LimitError
 from thoughtwire.api.http import router as http_router
 from thoughtwire.api.lane import Gateway
 from thoughtwire.api.sockets import routes as socket_routes
@@ -98,7 +99,10 @@ def create_app(  # noqa: C901
     @app.exception_handler(AuthError)
     async def refused(request: Request, exc: AuthError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+        body = {"detail": exc.message}
+        if isinstance(exc, LimitError):  # which limit: rate_limited or budget
+            body["code"] = exc.error_code
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RedisError)
     async def unavailable(request: Request, exc: RedisError) -> JSONResponse:

@@ -21,7 +21,7 @@ from thoughtwire.shared.protocol import Job
 from thoughtwire.shared.redis import Redis, RedisError, RedisFactory
 from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.settings import Settings
-from thoughtwire.shared.vocab import OnDisconnect
+from thoughtwire.shared.vocab import DecidedBy, Decision, Multitask, OnDisconnect
 
 READY_TIMEOUT = 2.0
 DRAIN_BATCHES = 10
@@ -57,9 +57,15 @@ class Frontend:
         *,
         on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
         idempotency_key: str | None = None,
+        multitask: Multitask | None = None,
     ) -> tuple[str, str, bool]:
-        """Queue a prompt, if the principal may; returns ``(run, session, created)``."""
+        """Queue a prompt, if the principal may; returns ``(run, session, created)``.
+
+        Raises :class:`~thoughtwire.shared.bus.Busy` for a ``reject`` prompt while the
+        session has an unfinished run (``multitask`` None: the configured default).
+        """
         await self.guard.check_write(principal, session)
+        await self.guard.check_budget(principal)  # budget: refused before anything is queued
         run = new_id()
         user = await self.guard.take_run(principal, run)
         job = Job(
@@ -69,6 +75,7 @@ class Frontend:
             agent=agent,
             on_disconnect=on_disconnect,
             user=user,
+            multitask=multitask or Multitask(self.settings.multitask),
         )
         try:
             # Retrying may queue the job twice if a reply was lost; the run's state
@@ -84,6 +91,17 @@ class Frontend:
             await self.guard.free_run(user, run)
         self.runs.follow(submitted[1], submitted[0], user)
         return submitted
+
+    async def approve(
+        self, principal: Principal, run: str, call_id: str, decision: Decision, reason: str | None
+    ) -> bool:
+        """Answer the approval ``run`` waits for on ``call_id``, if the principal may write
+        its session (4003 / 403 otherwise); False when it waits for none."""
+        session = await self.bus.run_session(run)
+        if session is None:
+            return False
+        await self.guard.check_write(principal, session)
+        return await self.bus.decide(session, run, call_id, decision, reason, DecidedBy.USER)
 
     async def refresh_sockets(self) -> None:
         """Keep the connection slots (sockets, SSE streams) held here alive, while it lives."""

@@ -26,11 +26,23 @@ import time
 
 from thoughtwire.api.auth import AuthError, Principal
 from thoughtwire.shared.bus import Bus
-from thoughtwire.shared.closecodes import Close
-from thoughtwire.shared.grants import RATE_WINDOW, SOCKET_REFRESH_SECONDS, SOCKET_SLOT_MS
+from thoughtwire.shared.closecodes import Close, ErrorCode
+from thoughtwire.shared.grants import (
+    RATE_WINDOW,
+    SOCKET_REFRESH_SECONDS,
+    SOCKET_SLOT_MS,
+    Budget,
+)
 from thoughtwire.shared.settings import Settings
 
-__all__ = ["SOCKET_REFRESH_SECONDS", "SOCKET_SLOT_MS", "Guard", "LimitError", "room_at"]
+__all__ = [
+    "SOCKET_REFRESH_SECONDS",
+    "SOCKET_SLOT_MS",
+    "BudgetError",
+    "Guard",
+    "LimitError",
+    "room_at",
+]
 
 # Users over the rate that a frontend remembers; past it, those whose wait is over are
 # dropped (the user id is the client's to choose, so the table must not grow unbounded).
@@ -40,6 +52,8 @@ HOLDOFFS = 4096
 class LimitError(AuthError):
     """Over a limit; the client should slow down (4029 / HTTP 429)."""
 
+    error_code = ErrorCode.RATE_LIMITED  # the ``code`` of the ``error`` reply and HTTP body
+
     def __init__(self, message: str) -> None:
         super().__init__(message, Close.RATE_LIMITED)
 
@@ -47,6 +61,12 @@ class LimitError(AuthError):
     def status(self) -> int:
         """The HTTP status of a limit: 429."""
         return 429
+
+
+class BudgetError(LimitError):
+    """The user's token budget is spent: a prompt is refused (``budget`` / HTTP 429)."""
+
+    error_code = ErrorCode.BUDGET
 
 
 def room_at(current: int, previous: int, window: int, seconds: int, limit: int) -> float:
@@ -73,6 +93,8 @@ class Guard:
         self.enabled = settings.auth_enabled
         self.grants = bus.grants
         self.settings = settings
+        # Token budgets hold with authentication off too: everyone is then "anonymous".
+        self.budget = Budget(settings.budget_tokens_per_minute, settings.budget_tokens_per_day)
         # Connections (sockets and SSE streams) holding a slot here, id -> user: refreshed.
         self.held: dict[str, str] = {}
         # Users known to be over the rate, until when (monotonic) nothing is worth asking
@@ -128,6 +150,18 @@ class Guard:
             if len(self._over) >= HOLDOFFS:  # all still waiting: forget the oldest
                 del self._over[next(iter(self._over))]
         self._over[user] = now + seconds
+
+    async def check_budget(self, principal: Principal) -> None:
+        """Refuse (``budget`` / 429) a prompt while the user's token budget is spent."""
+        if self.budget.enabled:
+            used = await self.grants.budget_used(principal.user, time.time())
+            if self.budget.spent(used):
+                raise BudgetError("the token budget is spent; GET /v1/budget says when it refills")
+
+    async def budget_report(self, principal: Principal) -> dict[str, dict[str, int | None]]:
+        """The user's budget per window: limit, used, remaining, resets_at (Unix ms)."""
+        now = time.time()
+        return self.budget.report(await self.grants.budget_used(principal.user, now), now)
 
     async def take_run(self, principal: Principal, run: str) -> str | None:
         """Hold a concurrent-run slot for ``run``; returns the user to free it for later."""

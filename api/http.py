@@ -17,13 +17,15 @@ from thoughtwire.api.frontend import Frontend, new_id
 from thoughtwire.api.sse import EventStream
 from thoughtwire.api.viewer import Viewer
 from thoughtwire.shared.backoff import UNAVAILABLE
-from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.bus import Busy
+from thoughtwire.shared.closecodes import Close, ErrorCode
 from thoughtwire.shared.protocol import (
+    MAX_REASON_CHARS,
     ProtocolError,
     parse_event_id,
     valid_id,
 )
-from thoughtwire.shared.vocab import OnDisconnect, RunStatus
+from thoughtwire.shared.vocab import Decision, Multitask, OnDisconnect, RunStatus
 
 router = APIRouter(prefix="/v1")
 
@@ -37,6 +39,7 @@ class JobRequest(BaseModel):
     session: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
+    multitask: Multitask | None = None  # None: THOUGHTWIRE_MULTITASK
 
 
 def _frontend(request: Request) -> Frontend:
@@ -72,13 +75,19 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
     frontend = _frontend(request)
     if len(body.prompt) > frontend.settings.max_prompt_chars or not body.prompt.strip():
         raise HTTPException(422, "prompt is empty or too long")
-    run, session, created = await frontend.start_run(
-        caller,
-        body.session or new_id(),
-        body.prompt,
-        on_disconnect=body.on_disconnect,
-        idempotency_key=body.idempotency_key,
-    )
+    try:
+        run, session, created = await frontend.start_run(
+            caller,
+            body.session or new_id(),
+            body.prompt,
+            on_disconnect=body.on_disconnect,
+            idempotency_key=body.idempotency_key,
+            multitask=body.multitask,
+        )
+    except Busy as exc:
+        return JSONResponse(
+            {"detail": str(exc), "code": ErrorCode.BUSY, "run": exc.run}, status_code=409
+        )
     return JSONResponse({"job": run, "session": session, "created": created}, status_code=202)
 
 
@@ -115,6 +124,35 @@ async def cancel_job(job: str, request: Request, caller: Caller) -> dict[str, ob
     if not await bus.cancel(state["session"], job):
         raise HTTPException(409, f"the job has already ended: {state['status']}")
     return {"job": job, "status": "cancelling"}
+
+
+class ApprovalBody(BaseModel):
+    """The body of ``POST /v1/runs/{run}/approvals/{call_id}``: allow or deny, and why."""
+
+    decision: Decision
+    reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
+
+
+@router.post("/runs/{run}/approvals/{call_id}")
+async def approve(
+    run: str, call_id: str, body: ApprovalBody, request: Request, caller: Caller
+) -> JSONResponse:
+    """Allow or deny a tool call waiting for approval; the session's owner only."""
+    if not valid_id(run) or not 0 < len(call_id) <= 200:
+        raise HTTPException(422, "no such run or call id")
+    if not await _frontend(request).approve(caller, run, call_id, body.decision, body.reason):
+        return JSONResponse(
+            {"detail": "that call is not waiting for an approval", "code": ErrorCode.NOT_WAITING},
+            status_code=409,
+        )
+    return JSONResponse({"run": run, "call_id": call_id, "decision": body.decision})
+
+
+@router.get("/budget")
+async def budget(request: Request, caller: Caller) -> dict[str, dict[str, int | None]]:
+    """The caller's token budget per window (``minute``, ``day``): limit, used,
+    remaining and resets_at (Unix ms); a window without a limit has null ones."""
+    return await _frontend(request).guard.budget_report(caller)
 
 
 @router.post("/sessions/{session}/viewer-token")

@@ -28,8 +28,10 @@ from thoughtwire.api.frontend import Frontend, new_id
 from thoughtwire.api.guard import LimitError
 from thoughtwire.api.lane import SocketRoutes
 from thoughtwire.shared.backoff import UNAVAILABLE
+from thoughtwire.shared.bus import Busy
 from thoughtwire.shared.closecodes import Close, ErrorCode
 from thoughtwire.shared.protocol import (
+    Approve,
     Auth,
     Broadcast,
     Cancel,
@@ -246,8 +248,10 @@ class SessionSocket:
             await self._handle(message)
         except ProtocolError as exc:
             self.conn.send(error_reply(exc.code, exc.message))
-        except LimitError as exc:
-            self.conn.send(error_reply(ErrorCode.RATE_LIMITED, exc.message))
+        except Busy as exc:
+            self.conn.send(reply("error", code=ErrorCode.BUSY, message=str(exc), run=exc.run))
+        except LimitError as exc:  # rate_limited, or budget
+            self.conn.send(error_reply(exc.error_code, exc.message))
         except AuthError as exc:
             raise Stop(exc.code, exc.message) from None
         except UNAVAILABLE:
@@ -266,6 +270,7 @@ class SessionSocket:
                 self.agent,
                 on_disconnect=OnDisconnect.CANCEL,
                 idempotency_key=message.key,
+                multitask=message.multitask,
             )
         elif isinstance(message, Resume):
             await frontend.guard.check_read(self.principal, message.session)
@@ -274,6 +279,8 @@ class SessionSocket:
         elif isinstance(message, Cancel):
             await frontend.guard.check_write(self.principal, session)
             await frontend.bus.cancel(session, message.run)
+        elif isinstance(message, Approve):
+            await self._approve(message)
         elif isinstance(message, Auth):
             fresh = await frontend.auth.principal(message.token)
             if fresh.user != self.principal.user or fresh.viewer_of != self.principal.viewer_of:
@@ -284,6 +291,18 @@ class SessionSocket:
         elif not isinstance(message, Pong):
             self.conn.send(
                 error_reply(ErrorCode.UNSUPPORTED, "this endpoint does not take that message")
+            )
+
+
+    async def _approve(self, message: Approve) -> None:
+        """Answer a tool call's approval (any run of a session this socket's token owns)."""
+        assert self.conn is not None
+        answered = await self.frontend.approve(
+            self.principal, message.run, message.call_id, message.decision, message.reason
+        )
+        if not answered:
+            self.conn.send(
+                error_reply(ErrorCode.NOT_WAITING, "that call is not waiting for an approval")
             )
 
 

@@ -19,12 +19,18 @@ workers meet the same limits and each rule has one home:
   (hash tag: the session) do not. Freeing twice is harmless (ZREM of a member gone).
 * **Rates.** Requests per user in a sliding window of two fixed-window counters
   (``COUNT``).
+* **Token budgets.** Tokens per user in fixed windows (a minute, a UTC day), counted by
+  the workers as runs write them (``CHARGE``) and read by the frontends before a run is
+  queued. A run without a user charges :data:`ANONYMOUS`. Charges are batched, so a
+  budget can be overrun by what each run in flight writes between two charges
+  (``worker/usage.py``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from thoughtwire.shared import scripts
@@ -40,6 +46,49 @@ RUN_SLOT_MS = 3_600_000  # a run's slot lapses after an hour even if nobody free
 # short lifetime does not cost a Redis write per connection.
 SOCKET_SLOT_MS = 6_000
 SOCKET_REFRESH_SECONDS = 2.0
+
+# Token budget windows: name and length in seconds. Fixed windows on the Unix clock, so
+# the day is a UTC day; a window's counter outlives it by BUDGET_GRACE seconds only.
+BUDGET_WINDOWS = (("minute", 60), ("day", 86_400))
+BUDGET_GRACE = 60
+ANONYMOUS = "anonymous"  # whose budget a run without a user charges (authentication off)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Tokens each user may use per window, across frontends and workers (0: no limit)."""
+
+    per_minute: int = 0
+    per_day: int = 0
+
+    @property
+    def limits(self) -> tuple[int, ...]:
+        """The limit of each window of :data:`BUDGET_WINDOWS`, in that order."""
+        return (self.per_minute, self.per_day)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any window has a limit: without one, nothing is counted."""
+        return any(self.limits)
+
+    def spent(self, used: Sequence[int]) -> bool:
+        """Whether counts ``used`` (one per window) reach a limit: nothing more may run."""
+        return any(limit and n >= limit for limit, n in zip(self.limits, used, strict=True))
+
+    def report(self, used: Sequence[int], now: float) -> dict[str, dict[str, int | None]]:
+        """Per window: limit, used, remaining (None: no limit) and resets_at (Unix ms)."""
+        windows = {}
+        for (name, seconds), limit, n in zip(BUDGET_WINDOWS, self.limits, used, strict=True):
+            windows[name] = {
+                "limit": limit or None,
+                "used": n,
+                "remaining": max(0, limit - n) if limit else None,
+                "resets_at": (int(now // seconds) + 1) * seconds * 1000,
+            }
+        return windows
+
+
+NO_BUDGET = Budget()
 
 
 def _now_ms() -> int:
@@ -63,6 +112,7 @@ class Grants:
         self._acquire = redis.register_script(scripts.ACQUIRE)
         self._count = redis.register_script(scripts.COUNT)
         self._claim = redis.register_script(scripts.CLAIM)
+        self._charge = redis.register_script(scripts.CHARGE)
 
     def _script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         return self._batch.script(script, keys, args)
@@ -136,3 +186,25 @@ class Grants:
         keys = [self._keys.user_rate(user, window), self._keys.user_rate(user, window - 1)]
         current, previous = await self._script(self._count, keys, (RATE_WINDOW,))
         return int(current), int(previous)
+
+    # --- token budgets -------------------------------------------------------------
+
+    def _budget_keys(self, user: str, now: float) -> list[str]:
+        return [
+            self._keys.user_budget(user, name, int(now // seconds))
+            for name, seconds in BUDGET_WINDOWS
+        ]
+
+    async def charge(self, user: str, tokens: int, now: float) -> tuple[int, ...]:
+        """Add ``tokens`` to ``user``'s count in each budget window at ``now`` (Unix
+        seconds); returns the counts after, one per window of :data:`BUDGET_WINDOWS`."""
+        ttls = [seconds + BUDGET_GRACE for _name, seconds in BUDGET_WINDOWS]
+        used = await self._script(self._charge, self._budget_keys(user, now), (tokens, *ttls))
+        return tuple(int(n) for n in used)
+
+    async def budget_used(self, user: str, now: float) -> tuple[int, ...]:
+        """``user``'s token count in each budget window at ``now``, without charging."""
+        (reply,) = await self._batch.commands(("MGET", *self._budget_keys(user, now)))
+        if isinstance(reply, Exception):
+            raise reply
+        return tuple(int(n or 0) for n in reply)

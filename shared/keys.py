@@ -43,6 +43,10 @@ class Keys:
         """A run's state: status, attempt, fence, lease, result. In its session's slot."""
         return f"{self.prefix}:{{{session}}}:run:{run}"
 
+    def run_approval(self, session: str, run: str) -> str:
+        """A run's tool call waiting for a person (a hash), and what resumes it there."""
+        return f"{self.prefix}:{{{session}}}:run:{run}:approval"
+
     def session_memory(self, session: str) -> str:
         """The session's conversation: a list, one JSON array of messages per turn."""
         return f"{self.prefix}:{{{session}}}:memory"
@@ -50,6 +54,14 @@ class Keys:
     def session_runs(self, session: str) -> str:
         """The session's unfinished runs (a set), for "cancel everything"."""
         return f"{self.prefix}:{{{session}}}:runs"
+
+    def session_queue(self, session: str) -> str:
+        """The session's unfinished admitted runs (a sorted set scored by arrival order)."""
+        return f"{self.prefix}:{{{session}}}:queue"
+
+    def session_arrivals(self, session: str) -> str:
+        """The session's arrival counter: the order number of its last admitted run."""
+        return f"{self.prefix}:{{{session}}}:arrivals"
 
     def session_owner(self, session: str) -> str:
         """The user who owns a session."""
@@ -68,6 +80,10 @@ class Keys:
     def user_sockets(self, user: str) -> str:
         """A user's socket slots: the sockets open on any frontend."""
         return f"{self.prefix}:user:{{{_digest(user)}}}:sockets"
+
+    def user_budget(self, user: str, window: str, number: int) -> str:
+        """A user's tokens charged in budget window ``number`` of its kind (``minute``, ``day``)."""
+        return f"{self.prefix}:user:{{{_digest(user)}}}:budget:{window}:{number}"
 
     # Jobs by id (the run id), and by the client's idempotency key.
     def job(self, run: str) -> str:

@@ -3,7 +3,13 @@
 A run's state is a hash (``Keys.run``): ``status`` (queued, running, done, failed,
 cancelled), ``attempt``, ``fence`` (a random token per attempt), ``owner``, ``lease``
 (Unix ms the current attempt is good until), ``emitted`` (how many events the attempt
-has written), ``cancel`` (1 once asked to), ``result``.
+has written), ``cancel`` (1 once asked to), ``result``, ``order`` (its arrival order in
+its session, given at admission).
+
+Runs of one session run one at a time, in arrival order: ``ADMIT`` numbers each run and
+puts it in the session's queue (``Keys.session_queue``, a sorted set by that number),
+``START`` tells a run to wait while an earlier one is in the queue, and whatever ends a
+run (``APPEND``, ``END_LOST``) takes it out.
 """
 
 # Time inside a script: Redis 7 replicates script effects, so TIME is allowed.
@@ -12,7 +18,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: meta, log, channel, run, session's unfinished runs (a set), session's memory.
+# KEYS: meta, log, channel, run, session's unfinished runs (a set), session's memory,
+#       session's queue.
 # ARGV: maxlen, ttl, epoch seed, fence, min-seq, first-n, terminal-status, result, run,
 #       turn to remember, turns kept, runs-ended channel, heads...
 #
@@ -30,9 +37,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
 #   session's memory, which keeps whole turns, the last ``turns`` of them.
-# * The call that ends the run announces it (the run's id) on the runs-ended channel, so
-#   the frontend that queued it stops following it at once: a data loss just after the
-#   end would otherwise look to it like a run lost unended (api/runs.py).
+# * The call that ends the run takes it out of the session's queue and announces it (the
+#   run's id) on the runs-ended channel, so the frontend that queued it stops following it
+#   at once (a data loss just after the end would otherwise look to it like a run lost
+#   unended, api/runs.py) and workers start the session's next run (worker/parking.py).
 # * Expiry: the session's log, its meta and the run live ``ttl`` seconds past their last
 #   refresh. A refresh comes with any key the call creates, with the call that ends the
 #   run, and once a tenth of the ttl has gone by: not with every call, since each EXPIRE
@@ -90,6 +98,7 @@ end
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[4], 'status', ARGV[7], 'result', ARGV[8], 'emitted', emitted)
   redis.call('SREM', KEYS[5], ARGV[9])
+  redis.call('ZREM', KEYS[7], ARGV[9])
   redis.call('PUBLISH', ARGV[12], ARGV[9])
   if ARGV[10] ~= '' then
     redis.call('RPUSH', KEYS[6], ARGV[10])
@@ -102,21 +111,30 @@ end
 return seq
 """
 
-# KEYS: run, session's memory.  ARGV: fence, owner, lease-ms, max-attempts, ttl.
+# KEYS: run, session's memory, session's queue.  ARGV: fence, owner, lease-ms,
+# max-attempts, ttl.
 # Returns {verdict, attempt, turns...}: ``run`` (go, with the session's remembered
 # turns), ``cancel`` (write ``cancelled`` and stop), ``dead`` (too many attempts: write
 # ``error`` and dead-letter), ``busy`` (another attempt holds a live lease),
-# ``finished`` (already ended).
+# ``finished`` (already ended), ``wait`` (with the earliest run of the session admitted
+# before this one that has not ended: the run stays queued until it ends). A run asked
+# to cancel does not wait: its ``cancelled`` comes at once.
 START = (
     _NOW
     + """
-local s = redis.call('HMGET', KEYS[1], 'status', 'lease', 'cancel')
+local s = redis.call('HMGET', KEYS[1], 'status', 'lease', 'cancel', 'order')
 local status = s[1]
 if status == 'done' or status == 'failed' or status == 'cancelled' then
   return {'finished', 0}
 end
 if status == 'running' and tonumber(s[2] or '0') > now then
   return {'busy', 0}
+end
+if s[3] ~= '1' and s[4] then
+  local before = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. s[4], 'LIMIT', 0, 1)
+  if before[1] then
+    return {'wait', 0, before[1]}
+  end
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'fence', ARGV[1], 'owner', ARGV[2],
@@ -165,7 +183,7 @@ return 0
 """
 )
 
-# KEYS: run, meta, log, channel, session's unfinished runs.
+# KEYS: run, meta, log, channel, session's unfinished runs, session's queue.
 # ARGV: maxlen, ttl, epoch seed, fence, terminal-status, result, run, head.
 #
 # Ends a run whose state Redis lost while no attempt holds it (it was queued, and the job
@@ -197,6 +215,7 @@ redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch)
 redis.call('HSET', KEYS[1], 'status', ARGV[5], 'result', ARGV[6], 'fence', ARGV[4],
   'attempt', 0, 'emitted', 1)
 redis.call('SREM', KEYS[5], ARGV[7])
+redis.call('ZREM', KEYS[6], ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
@@ -214,6 +233,50 @@ redis.call('HINCRBY', KEYS[1], 'handoffs', 1)
 return 1
 """
 
+# KEYS: run, session's unfinished runs (a set), session's queue, session's arrivals.
+# ARGV: run id, multitask (reject, enqueue, interrupt), ttl, created (Unix ms).
+# Admits a run to its session, atomically with every other prompt for it, from any
+# frontend: ``reject`` refuses it while the session has an unfinished run (returns
+# {'busy', that run}); otherwise the run gets the next arrival order number, its queued
+# record and its place in the queue, and {'admitted', order, earlier runs...} comes back:
+# the unfinished runs admitted before it, which ``interrupt`` then cancels (``CANCEL``).
+# A retry of an admission that already happened changes nothing and returns the same.
+ADMIT = """
+local order = redis.call('HGET', KEYS[1], 'order')
+if not order then
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0)
+  if ARGV[2] == 'reject' and first[1] then
+    return {'busy', first[1]}
+  end
+  order = redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+  redis.call('HSETNX', KEYS[1], 'status', 'queued')
+  redis.call('HSETNX', KEYS[1], 'attempt', 0)
+  redis.call('HSETNX', KEYS[1], 'created', ARGV[4])
+  redis.call('HSET', KEYS[1], 'order', order)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('ZADD', KEYS[3], order, ARGV[1])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+local earlier = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. order)
+table.insert(earlier, 1, order)
+table.insert(earlier, 1, 'admitted')
+return earlier
+"""
+
+# KEYS: session's queue, a run.  ARGV: the run's id.  Takes a run out of its session's
+# queue if it has ended or its state is gone (Redis lost it and nobody ended it), so the
+# runs after it are not held up forever; returns 1 if it did.
+DEQUEUE = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if status == 'queued' or status == 'running' then
+  return 0
+end
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
 # KEYS: run.  Marks an unfinished run for cancellation; returns its status (or false).
 CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -221,6 +284,37 @@ if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', 1)
 end
 return status
+"""
+
+# KEYS: run, run's approval.  ARGV: fence, ttl, field, value, field, value...
+# Keeps what a run waiting for an approval needs to go on (worker/approvals.py), if
+# ``fence`` still holds the run; returns 0 otherwise. A decision taken already stays.
+AWAIT_APPROVAL = """
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
+  return 0
+end
+for i = 3, #ARGV - 1, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: run, run's approval.  ARGV: call_id, decision, reason (JSON), by.
+# Decides the call waiting for an approval, once: returns 1, or 0 when the run is not
+# waiting on that call (unknown, ended, cancelled, or decided already, by a person or
+# the timeout), so two answers racing each other never both count.
+DECIDE = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'cancel')
+if s[1] ~= 'running' or s[2] == '1' then
+  return 0
+end
+local w = redis.call('HMGET', KEYS[2], 'call_id', 'decision')
+if w[1] ~= ARGV[1] or w[2] then
+  return 0
+end
+redis.call('HSET', KEYS[2], 'decision', ARGV[2], 'reason', ARGV[3], 'by', ARGV[4])
+return 1
 """
 
 # KEYS: a sorted set of held slots.  ARGV: member, lifetime-ms, limit.
@@ -261,4 +355,20 @@ if owner == ARGV[1] then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return owner
+"""
+
+# KEYS: a user's token counters, one per budget window (one hash slot: the user's digest).
+# ARGV: tokens, then each counter's lifetime in seconds, in the order of KEYS.
+# Adds the tokens to every counter and returns the counts after, in the order of KEYS. A
+# counter lives a little past its window, and its expiry is set once, when the charge
+# creates it: a window's count never outlives the window, however often it is charged.
+CHARGE = """
+local used = {}
+for i, key in ipairs(KEYS) do
+  used[i] = redis.call('INCRBY', key, ARGV[1])
+  if redis.call('TTL', key) < 0 then
+    redis.call('EXPIRE', key, ARGV[i + 1])
+  end
+end
+return used
 """

@@ -11,11 +11,14 @@ from functools import partial
 
 from thoughtwire.shared import loops
 from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.grants import Budget
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.redis.pubsub import channel_messages
 from thoughtwire.shared.settings import Settings
+from thoughtwire.shared.vocab import Decision
 from thoughtwire.worker.agents import build_agents
+from thoughtwire.worker.approvals import ApprovalPolicy
 from thoughtwire.worker.attempt import RunLimits
 from thoughtwire.worker.runner import Worker
 
@@ -38,6 +41,12 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
             disconnect_grace=settings.disconnect_grace,
             coalesce_window=settings.coalesce_ms / 1000,
             memory_turns=settings.memory_turns,
+            approval=ApprovalPolicy(
+                settings.approval_timeout,
+                Decision(settings.approval_default),
+                settings.redis_retry_seconds,
+            ),
+            budget=Budget(settings.budget_tokens_per_minute, settings.budget_tokens_per_day),
         )
         worker = Worker(
             bus,
