@@ -52,6 +52,10 @@ def kinds(events):
     return [e["type"] for e in events]
 
 
+def of(events, kind):
+    return [e for e in events if e["type"] == kind]
+
+
 async def test_reasoning_then_a_tool_call_in_pieces_then_the_answer(agents, llm):
     llm.replies.extend(
         [
@@ -70,14 +74,19 @@ async def test_reasoning_then_a_tool_call_in_pieces_then_the_answer(agents, llm)
     assert kinds(events) == [
         "thinking",
         "thinking",
+        "block_end",
+        "tool_input",
+        "tool_input",
+        "tool_input",
         "action",
         "observation",
         "answer",
         "answer",
+        "block_end",
         "done",
     ]
     assert [e["content"] for e in events[:2]] == ["Let me ", "compute."]
-    action, observation = events[2], events[3]
+    action, observation = events[6], events[7]
     assert (action["tool"], action["arguments"], action["call_id"]) == (
         "calculator",
         {"expression": "2 * (3 + 4)"},
@@ -88,10 +97,15 @@ async def test_reasoning_then_a_tool_call_in_pieces_then_the_answer(agents, llm)
         "call_1",
         False,
     )
-    assert events[4]["content"] + events[5]["content"] == "The answer is 14."
+    assert events[8]["content"] + events[9]["content"] == "The answer is 14."
     done = events[-1]
     assert done["finish_reason"] == "stop"
-    assert done["usage"] == {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}
+    assert done["usage"] == {
+        "prompt_tokens": 30,
+        "completion_tokens": 9,
+        "total_tokens": 39,
+        "estimated": False,
+    }
     assert done["ttft_ms"] >= 0 and done["total_ms"] >= done["ttft_ms"]
     # The model was asked again with the call and its result.
     second = llm.requests[1]["body"]
@@ -115,10 +129,25 @@ async def test_two_tool_calls_in_one_turn(agents, llm):
         ]
     )
     events = await run_prompt(agents, "two things")
-    assert kinds(events) == ["action", "action", "observation", "observation", "answer", "done"]
-    assert [e["tool"] for e in events[:2]] == ["add", "current_time"]
-    assert events[2]["content"] == "5"
-    assert events[3]["content"].endswith("+09:00")
+    assert kinds(events) == [
+        "tool_input",
+        "tool_input",
+        "action",
+        "tool_input",
+        "action",
+        "observation",
+        "observation",
+        "answer",
+        "block_end",
+        "done",
+    ]
+    actions, observations = of(events, "action"), of(events, "observation")
+    assert [e["tool"] for e in actions] == ["add", "current_time"]
+    assert [e["block"] for e in actions] == ["b1", "b2"]
+    assert [e["block"] for e in of(events, "tool_input")] == ["b1", "b1", "b2"]
+    assert [e["block"] for e in observations] == ["b3", "b4"]
+    assert observations[0]["content"] == "5"
+    assert observations[1]["content"].endswith("+09:00")
 
 
 async def test_a_tool_that_raises_becomes_an_observation_and_the_run_goes_on(agents, llm):
@@ -126,10 +155,11 @@ async def test_a_tool_that_raises_becomes_an_observation_and_the_run_goes_on(age
         [Reply.tool_calls(("x", "explode", ['{"reason": "testing"}'])), Reply.text("It failed.")]
     )
     events = await run_prompt(agents, "break something")
-    assert kinds(events) == ["action", "observation", "answer", "done"]
-    assert events[1]["is_error"] is True
-    assert events[1]["content"] == "error: RuntimeError: exploded: testing"
-    assert "Traceback" not in events[1]["content"]
+    assert kinds(events) == ["tool_input", "action", "observation", "answer", "block_end", "done"]
+    [observation] = of(events, "observation")
+    assert observation["is_error"] is True
+    assert observation["content"] == "error: RuntimeError: exploded: testing"
+    assert "Traceback" not in observation["content"]
 
 
 async def test_a_429_with_retry_after_is_retried_then_succeeds(agents, llm):
@@ -137,14 +167,14 @@ async def test_a_429_with_retry_after_is_retried_then_succeeds(agents, llm):
         [Reply(status=429, headers={"Retry-After": "1"}), Reply.text("Hello", " again")]
     )
     events = await run_prompt(agents, "rate limited")
-    assert kinds(events) == ["answer", "answer", "done"]
+    assert kinds(events) == ["answer", "answer", "block_end", "done"]
     assert len(llm.requests) == 2
 
 
 async def test_a_failure_after_tokens_ends_the_run_with_a_safe_error(agents, llm):
     llm.replies.append(Reply.text("one", " two", " three", error_after=2))
     events = await run_prompt(agents, "fail midway")
-    assert kinds(events) == ["answer", "answer", "error"]
+    assert kinds(events) == ["answer", "answer", "block_end", "error"]
     assert events[-1]["content"] == "the model provider failed while answering"
     assert len(llm.requests) == 1  # never retried once tokens were out
 
@@ -152,7 +182,7 @@ async def test_a_failure_after_tokens_ends_the_run_with_a_safe_error(agents, llm
 async def test_a_stream_that_stops_sending_is_cut_off(agents, llm):
     llm.replies.append(Reply.text("so", " far", " never", hang_after=2))
     events = await run_prompt(agents, "hang")
-    assert kinds(events) == ["answer", "answer", "error"]
+    assert kinds(events) == ["answer", "answer", "block_end", "error"]
     assert events[-1]["content"] == "the model provider stopped responding"
 
 
@@ -195,3 +225,47 @@ async def test_a_second_prompt_on_another_worker_sees_the_first_turn(agents, llm
     assert messages[2] == {"role": "tool", "tool_call_id": "c1", "content": "42"}
     assert messages[3]["content"] == "It is 42."
     assert messages[4]["content"] == "What did I ask?"
+
+
+async def test_reasoning_a_call_in_four_pieces_and_the_answer_stream_as_v2_blocks(agents, llm):
+    """Reasoning deltas, each argument piece as it arrives (with the call's id and tool,
+    which the server sends with the first piece only), the whole parsed action, its
+    observation, answer deltas; a block each, every delta block closed once."""
+    llm.replies.extend(
+        [
+            Reply.tool_call(
+                "call_9",
+                "add",
+                {"a": 40, "b": 2},
+                pieces=4,
+                reasoning=("I should ", "add."),
+            ),
+            Reply.text("It is ", "**42**."),
+        ]
+    )
+    events = await run_prompt(agents, "What is 40 + 2?")
+    shape = [(e["type"], e.get("block"), e.get("delta")) for e in events]
+    assert shape == [
+        ("thinking", "b1", True),
+        ("thinking", "b1", True),
+        ("block_end", "b1", None),
+        *[("tool_input", "b2", True)] * 4,
+        ("action", "b2", False),
+        ("observation", "b3", False),
+        ("answer", "b4", True),
+        ("answer", "b4", True),
+        ("block_end", "b4", None),
+        ("done", None, None),
+    ]
+    pieces = of(events, "tool_input")
+    assert {(e["call_id"], e["tool"]) for e in pieces} == {("call_9", "add")}
+    assert json.loads("".join(e["content"] for e in pieces)) == {"a": 40, "b": 2}
+    [action] = of(events, "action")
+    assert (action["call_id"], action["tool"], action["arguments"]) == (
+        "call_9",
+        "add",
+        {"a": 40, "b": 2},
+    )
+    [observation] = of(events, "observation")
+    assert (observation["call_id"], observation["content"]) == ("call_9", "42")
+    assert "".join(e["content"] for e in of(events, "answer")) == "It is **42**."
