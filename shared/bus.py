@@ -10,6 +10,9 @@ Guarantees:
   ``epoch``. Each one is appended to the session's log (a stream bounded by MAXLEN
   and a TTL) and published on the session's channel in one atomic script, so the
   log and the live channel never disagree on order or content.
+* **Runs of a session** run one at a time, in the order they were admitted, whichever
+  frontend admitted them and whichever worker takes them (``ADMIT`` and ``START``,
+  :mod:`thoughtwire.shared.scripts`; the waiting side is :mod:`thoughtwire.worker.parking`).
 * **Live delivery** over pub/sub is at-most-once. Frontends fill holes from the log
   (:mod:`thoughtwire.api.recovery`), which is why every event carries its position.
 """
@@ -31,9 +34,18 @@ from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, encode_event_head
 from thoughtwire.shared.redis import Batcher, Redis, ResponseError
 from thoughtwire.shared.redis import Script as AsyncScript
-from thoughtwire.shared.vocab import RunStatus, Verdict
+from thoughtwire.shared.vocab import Multitask, RunStatus, Verdict
 
 FENCED = -1  # what an append returns to an attempt that lost its lease
+
+
+class Busy(Exception):
+    """A ``reject`` prompt while its session has an unfinished run (``run``)."""
+
+    def __init__(self, session: str, run: str) -> None:
+        super().__init__(f"session {session} has an unfinished run: {run}")
+        self.session = session
+        self.run = run
 
 
 def now_ms() -> int:
@@ -62,6 +74,7 @@ class Attempt:
     attempt: int
     fence: str
     history: list[dict[str, Any]]  # the session's remembered messages, for ``run``
+    waits_for: str | None = None  # for ``wait``: the earlier run of the session not ended
 
 
 class Bus:
@@ -83,13 +96,21 @@ class Bus:
         self._end_lost = redis.register_script(scripts.END_LOST)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
+        self._admit = redis.register_script(scripts.ADMIT)
+        self._dequeue = redis.register_script(scripts.DEQUEUE)
+        self._await_approval = redis.register_script(scripts.AWAIT_APPROVAL)
+        self._decide = redis.register_script(scripts.DECIDE)
 
     # --- jobs: the frontend's side -----------------------------------------
 
     async def submit(
         self, job: Job, idempotency_key: str | None = None, *, user: str | None = None
     ) -> tuple[str, str, bool]:
-        """Queue a job; returns ``(run, session, created)``.
+        """Admit and queue a job; returns ``(run, session, created)``.
+
+        The job's ``multitask`` says what happens while its session has an unfinished
+        run: ``reject`` raises :class:`Busy`; ``interrupt`` cancels those runs; both
+        ``enqueue`` and ``interrupt`` run it after them (``ADMIT``, atomic per session).
 
         With an idempotency key, the first job ``user`` submitted under it is returned
         for as long as results are kept, and nothing new is queued. Keys are per user:
@@ -107,21 +128,43 @@ class Bus:
             if first is None and existing is not None and _text(existing) != ours:
                 run, session = _text(existing).split(" ", 1)
                 return run, session, False
-        keys, ttl = self.keys, self._ttl
-        run_key, runs = keys.run(job.session, job.run), keys.session_runs(job.session)
-        # The run's record first, so a worker that takes the job always finds it. Field
-        # by field only where unset: a retried submit must not reset a run that started.
+        earlier = await self._admit_run(job)
+        if isinstance(earlier, Busy):
+            if idempotency_key is not None and user is not None:
+                await self._forget_key(self.keys.idempotency(user, idempotency_key), job)
+            raise earlier
+        keys = self.keys
         await self._commands(
-            ("HSETNX", run_key, "status", RunStatus.QUEUED),
-            ("HSETNX", run_key, "attempt", 0),
-            ("HSETNX", run_key, "created", now_ms()),
-            ("EXPIRE", run_key, ttl),
-            ("SADD", runs, job.run),
-            ("EXPIRE", runs, ttl),
-            ("SET", keys.job(job.run), job.session, "EX", ttl),
+            ("SET", keys.job(job.run), job.session, "EX", self._ttl),
             ("XADD", keys.jobs, "*", "job", job.encode()),
         )
+        if job.multitask == Multitask.INTERRUPT and earlier:
+            await self._cancel_runs(job.session, earlier)
         return job.run, job.session, True
+
+    async def _admit_run(self, job: Job) -> list[str] | Busy:
+        """The run's record and place in its session's queue, before its job is queued, so
+        a worker that takes the job always finds them; the earlier unfinished runs."""
+        keys, session = self.keys, job.session
+        verdict, first, *earlier = await self._script(
+            self._admit,
+            (
+                keys.run(session, job.run),
+                keys.session_runs(session),
+                keys.session_queue(session),
+                keys.session_arrivals(session),
+            ),
+            (job.run, job.multitask, self._ttl, now_ms()),
+        )
+        if _text(verdict) == "busy":
+            return Busy(session, _text(first))
+        return [_text(run) for run in earlier]
+
+    async def _forget_key(self, key: str, job: Job) -> None:
+        """Free an idempotency key taken for a job that was refused, so it can be used again."""
+        (held,) = await self._commands(("GET", key))
+        if held is not None and _text(held) == f"{job.run} {job.session}":
+            await self._commands(("DEL", key))
 
     async def _commands(self, *commands: Sequence[Any]) -> list[Any]:
         """Run ``commands`` in the shared pipeline; raise the first error Redis replied."""
@@ -158,6 +201,9 @@ class Bus:
             runs = sorted(_text(m) for m in members)
         else:
             runs = [run]
+        return await self._cancel_runs(session, runs)
+
+    async def _cancel_runs(self, session: str, runs: Sequence[str]) -> list[str]:
         cancelled = []
         for r in runs:
             status = await self._script(self._cancel, (self.keys.run(session, r),), ())
@@ -252,13 +298,25 @@ class Bus:
     async def start(self, job: Job, owner: str, lease_ms: int, max_attempts: int) -> Attempt:
         """Begin an attempt at ``job``, if the run's state allows; with the memory it needs."""
         fence = new_token()
+        keys, session = self.keys, job.session
         verdict, attempt, *turns = await self._script(
             self._start,
-            (self.keys.run(job.session, job.run), self.keys.session_memory(job.session)),
+            (keys.run(session, job.run), keys.session_memory(session), keys.session_queue(session)),
             (fence, owner, lease_ms, max_attempts, self._ttl),
         )
+        verdict = Verdict(_text(verdict))
+        if verdict == Verdict.WAIT:
+            return Attempt(verdict, 0, fence, [], waits_for=_text(turns[0]))
         history = [message for turn in turns for message in orjson.loads(turn)]
-        return Attempt(Verdict(_text(verdict)), int(attempt), fence, history)
+        return Attempt(verdict, int(attempt), fence, history)
+
+    async def dequeue(self, session: str, run: str) -> bool:
+        """Take ``run`` out of its session's queue if it has ended or its state is gone."""
+        keys = self.keys
+        removed = await self._script(
+            self._dequeue, (keys.session_queue(session), keys.run(session, run)), (run,)
+        )
+        return bool(removed)
 
     async def renew(self, job: Job, fence: str, lease_ms: int) -> int:
         """-1: the lease is lost; 1: cancellation was asked for; 0: carry on.
@@ -296,6 +354,7 @@ class Bus:
                 keys.session_log(session),
                 keys.session_channel(session),
                 keys.session_runs(session),
+                keys.session_queue(session),
             ),
             (
                 self._log_maxlen,
@@ -317,6 +376,54 @@ class Bus:
     async def release(self, job: Job, fence: str) -> None:
         """Give a run back to its lease, for another worker to retry, if ``fence`` still holds it."""
         await self._script(self._release, (self.keys.run(job.session, job.run),), (fence,))
+
+    # --- approvals: a run waiting for a person -------------------------------
+
+    async def await_approval(self, job: Job, fence: str, waiting: dict[str, str]) -> bool:
+        """Keep ``waiting`` (worker/approvals.py) as the run's approval, if ``fence`` holds it."""
+        keys = self.keys
+        pairs = [part for item in waiting.items() for part in item]
+        return bool(
+            await self._script(
+                self._await_approval,
+                (keys.run(job.session, job.run), keys.run_approval(job.session, job.run)),
+                (fence, self._ttl, *pairs),
+            )
+        )
+
+    async def approval(self, job: Job) -> dict[str, str] | None:
+        """The run's approval, waiting or decided: None when the run waits for none."""
+        fields: Any = await self.redis.hgetall(self.keys.run_approval(job.session, job.run))
+        return {_text(k): _text(v) for k, v in fields.items()} or None
+
+    async def end_approval(self, job: Job) -> None:
+        """Forget the run's approval: it was decided and written, or the run ended."""
+        await self._commands(("DEL", self.keys.run_approval(job.session, job.run)))
+
+    async def run_session(self, run: str) -> str | None:
+        """The session a run is of, or None when unknown or expired."""
+        session = await self.redis.get(self.keys.job(run))
+        return None if session is None else _text(session)
+
+    async def decide(
+        self, session: str, run: str, call_id: str, decision: str, reason: str | None, by: str
+    ) -> bool:
+        """Answer the approval ``run`` waits for on ``call_id``; False if it waits for none.
+
+        The first answer counts (a person's, or the worker's at the timeout); the
+        worker running the run is woken at once on the control channel.
+        """
+        keys = self.keys
+        decided = await self._script(
+            self._decide,
+            (keys.run(session, run), keys.run_approval(session, run)),
+            (call_id, decision, orjson.dumps(reason), by),
+        )
+        if not int(decided):
+            return False
+        message = orjson.dumps({"decided": [run], "session": session})
+        await self.redis.publish(keys.worker_control, message)
+        return True
 
     # --- events -------------------------------------------------------------
 
@@ -356,6 +463,7 @@ class Bus:
                 keys.run(session, job.run),
                 keys.session_runs(session),
                 keys.session_memory(session),
+                keys.session_queue(session),
             ),
             (
                 self._log_maxlen,

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from thoughtwire.shared.closecodes import ErrorCode
-from thoughtwire.shared.vocab import OnDisconnect, RunStatus
+from thoughtwire.shared.vocab import Decision, Multitask, OnDisconnect, RunStatus
 
 # Event types a run produces. ``done``, ``error`` and ``cancelled`` end a run; ``retry``
 # says a new attempt starts over (clients drop the run's partial answer).
@@ -146,6 +146,7 @@ class Job:
     agent: str | None = None
     on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
     user: str | None = None  # whose concurrent-run slot the run holds
+    multitask: Multitask = Multitask.ENQUEUE  # what it does while its session has a run
 
     def encode(self) -> bytes:
         """The job as JSON, as it goes on the jobs stream."""
@@ -157,6 +158,7 @@ class Job:
                 "agent": self.agent,
                 "on_disconnect": self.on_disconnect,
                 "user": self.user,
+                "multitask": self.multitask,
             }
         )
 
@@ -171,6 +173,8 @@ class Job:
             agent=obj.get("agent"),
             on_disconnect=OnDisconnect(obj.get("on_disconnect", OnDisconnect.CONTINUE)),
             user=obj.get("user"),
+            # Jobs queued before prompts chose were all enqueued.
+            multitask=Multitask(obj.get("multitask", Multitask.ENQUEUE)),
         )
 
 
@@ -183,6 +187,7 @@ class Prompt:
 
     content: str
     key: str | None = None  # an idempotency key: the same key never runs twice
+    multitask: Multitask | None = None  # None: the frontend's default (settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +233,19 @@ class Auth:
     token: str
 
 
-ClientMessage = Prompt | Personal | Broadcast | Pong | Resume | Cancel | Auth
+@dataclass(frozen=True, slots=True)
+class Approve:
+    """The session owner's answer to a tool call waiting for approval."""
+
+    run: str
+    call_id: str
+    decision: Decision
+    reason: str | None = None
+
+
+MAX_REASON_CHARS = 2000
+
+ClientMessage = Prompt | Personal | Broadcast | Pong | Resume | Cancel | Auth | Approve
 
 
 def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
@@ -258,7 +275,13 @@ def _prompt(obj: dict[str, Any], max_prompt_chars: int) -> Prompt:
     key = _optional_string(obj, "key")
     if key is not None and not 0 < len(key) <= 200:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'key' must be 1-200 characters")
-    return Prompt(_prompt_text(_string(obj, "content"), max_prompt_chars), key)
+    multitask = _optional_string(obj, "multitask")
+    if multitask is not None and multitask not in tuple(Multitask):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "'multitask' must be 'reject', 'enqueue' or 'interrupt'"
+        )
+    text = _prompt_text(_string(obj, "content"), max_prompt_chars)
+    return Prompt(text, key, None if multitask is None else Multitask(multitask))
 
 
 def _resume(obj: dict[str, Any], _max_prompt_chars: int) -> Resume:
@@ -274,6 +297,21 @@ def _cancel(obj: dict[str, Any], _max_prompt_chars: int) -> Cancel:
     return Cancel(run=None if run is None else _id(run, "run"))
 
 
+def _approve(obj: dict[str, Any], _max_prompt_chars: int) -> Approve:
+    call_id = _string(obj, "call_id")
+    if not 0 < len(call_id) <= 200:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'call_id' must be 1-200 characters")
+    decision = _string(obj, "decision")
+    if decision not in tuple(Decision):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'decision' must be 'allow' or 'deny'")
+    reason = _optional_string(obj, "reason")
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"'reason' is longer than {MAX_REASON_CHARS} characters"
+        )
+    return Approve(_id(_string(obj, "run"), "run"), call_id, Decision(decision), reason)
+
+
 # Each client message type and its parser, by the ``type`` it has on the wire.
 _PARSERS: dict[str, Callable[[dict[str, Any], int], ClientMessage]] = {
     "prompt": _prompt,
@@ -285,6 +323,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], int], ClientMessage]] = {
     "resume": _resume,
     "auth": lambda obj, _max: Auth(_string(obj, "token")),
     "cancel": _cancel,
+    "approve": _approve,
 }
 
 

@@ -42,6 +42,15 @@ class Verdict(StrEnum):
     DEAD = "dead"  # out of attempts: dead-letter it
     BUSY = "busy"  # another attempt holds a live lease: leave it
     FINISHED = "finished"  # already ended: acknowledge the job
+    WAIT = "wait"  # an earlier-admitted run of the session has not ended: park the job
+
+
+class Multitask(StrEnum):
+    """What a prompt does while its session has an unfinished run (docs/protocol.md)."""
+
+    REJECT = "reject"  # refused with code ``busy``
+    ENQUEUE = "enqueue"  # runs after the unfinished runs, in arrival order
+    INTERRUPT = "interrupt"  # cancels the unfinished runs, then runs after they end
 
 
 class OnDisconnect(StrEnum):
@@ -49,3 +58,17 @@ class OnDisconnect(StrEnum):
 
     CONTINUE = "continue"  # it runs on; its events wait in the session's log
     CANCEL = "cancel"  # it is cancelled, as an interactive chat's is
+
+
+class Decision(StrEnum):
+    """The answer to a tool call's ``approval`` (docs/protocol.md, "Approvals")."""
+
+    ALLOW = "allow"  # the tool runs
+    DENY = "deny"  # it does not; the model is told so and goes on
+
+
+class DecidedBy(StrEnum):
+    """Who took an approval's decision."""
+
+    USER = "user"  # the session's owner, from any frontend
+    TIMEOUT = "timeout"  # nobody answered in time: the default was taken

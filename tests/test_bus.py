@@ -39,8 +39,16 @@ async def append(bus, job, thoughts, *, fence, first, min_seq=0, **ending):
 
 
 async def test_seq_is_gap_free_across_concurrent_writers(bus):
+    # Runs of a session start one at a time (ADMIT, START), but the append script must
+    # number writers that overlap gap-free all the same: runs queued before that rule,
+    # or after Redis lost the session's queue. Forgetting the queue makes them overlap.
     async def writer(n):
-        job, fence = await started(bus, run=f"run{n}")
+        job = Job(run=f"run{n}", session="s", prompt="p")
+        await bus.submit(job)
+        await bus.redis.zrem(bus.keys.session_queue("s"), job.run)
+        attempt = await bus.start(job, "w1", 10_000, 3)
+        assert attempt.verdict == "run"
+        fence = attempt.fence
         for i in range(20):
             await append(bus, job, [Thought("answer", f"{n}-{i}")], fence=fence, first=i + 1)
 

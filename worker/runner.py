@@ -7,6 +7,9 @@ really is free and numbers the new attempt. A control channel carries cancellati
 from frontends, so a cancel reaches the right worker at once; lease renewals carry
 it too, in case that message was missed.
 
+A job whose run must wait for an earlier run of its session is parked
+(:mod:`thoughtwire.worker.parking`): it holds no slot, and starts when that run ends.
+
 Stopping: :meth:`Worker.run` returns when its ``stop`` event is set. It stops claiming
 at once, lets running attempts finish until ``drain_timeout``, then hands what is
 left back to the queue.
@@ -32,6 +35,7 @@ from thoughtwire.shared.redis import RedisError
 from thoughtwire.shared.vocab import StopReason, Verdict
 from thoughtwire.worker.agents import Agent
 from thoughtwire.worker.attempt import RunAttempt, RunLimits
+from thoughtwire.worker.parking import Parking
 
 logger = logging.getLogger("thoughtwire.worker")
 
@@ -76,6 +80,10 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._attempts: dict[str, RunAttempt] = {}
         self.outcomes: Counter[str] = Counter()  # runs this worker ran, by how they ended
+        self.parking = Parking(
+            bus, self.name, lease_seconds=limits.lease_ms / 1000, on_due=self._start_parked
+        )
+        self._stopping = False
 
     @property
     def claim_block_ms(self) -> int:
@@ -85,14 +93,27 @@ class Worker:
     async def run(self, stop: asyncio.Event, drain_timeout: float = 20.0) -> None:
         """Claim and run jobs until ``stop`` is set, then drain."""
         await self.bus.ensure_group()
-        control = asyncio.create_task(self._listen_for_control(), name="worker-control")
+        helpers = [
+            asyncio.create_task(
+                self._follow(self.bus.worker_control, self._on_control), name="worker-control"
+            ),
+            asyncio.create_task(
+                self._follow(self.bus.runs_ended, self._on_run_ended), name="runs-ended"
+            ),
+            asyncio.create_task(self.parking.keep(), name="parked-jobs"),
+        ]
         try:
             await self._claim_until(stop)
         finally:
+            self._stopping = True
+            await self.parking.hand_back()
             await self._drain(drain_timeout)
-            control.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await control
+            await self.parking.hand_back()  # those the drained attempts' STARTs parked
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
 
     async def _claim_until(self, stop: asyncio.Event) -> None:
         stopping = asyncio.create_task(stop.wait())
@@ -138,6 +159,18 @@ class Worker:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("run task failed", exc_info=task.exception())
+        self._start_parked()  # a slot is free
+
+    def _start_parked(self) -> None:
+        """Start the parked jobs that are due, as far as there are free slots.
+
+        A claim already on its way may bring more jobs than are then free: the worker
+        runs them all, over its concurrency by at most one claim for a moment.
+        """
+        if self._stopping:
+            return
+        for entry_id, job in self.parking.take_due(self.concurrency - len(self._tasks)):
+            self._start(entry_id, job)
 
     async def _drain(self, deadline: float) -> None:
         if not self._tasks:
@@ -161,8 +194,17 @@ class Worker:
             return
         if start.verdict == Verdict.BUSY:
             return  # another attempt holds a live lease; its renewals take the job back
+        if start.verdict == Verdict.WAIT:
+            assert start.waits_for is not None
+            self.parking.park(entry_id, job, start.waits_for)  # its slot is free at return
+            return
+        waiting = None
+        if start.verdict == Verdict.RUN and start.attempt > 1:
+            # A run its last worker left waiting for an approval goes on waiting, from
+            # where it was: no retry (worker/approvals.py).
+            waiting = await self.bus.approval(job)
         attempt = RunAttempt(
-            self.bus, job, entry_id, start.fence, self.name, self.limits, start.history
+            self.bus, job, entry_id, start.fence, self.name, self.limits, start.history, waiting
         )
         if start.verdict == Verdict.CANCEL:
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
@@ -175,7 +217,7 @@ class Worker:
             await attempt.emit(Thought("error", f"agent {job.agent!r} is not available"))
             await self.bus.finish(entry_id, job)
         else:
-            if start.attempt > 1:
+            if start.attempt > 1 and waiting is None:
                 await attempt.emit(Thought("retry", "", {"attempt": start.attempt}))
             self._attempts[job.run] = attempt
             began, outcome = time.monotonic(), "interrupted"
@@ -199,24 +241,43 @@ class Worker:
                 )
 
     def cancel(self, runs: list[str]) -> None:
-        """Stop the agents of those ``runs`` this worker is running."""
+        """Stop the agents of those ``runs`` this worker is running; end those parked here."""
         for run in runs:
             attempt = self._attempts.get(run)
             if attempt is not None:
                 attempt.stop(StopReason.CANCEL)
+        self.parking.cancelled(runs)
 
-    async def _listen_for_control(self) -> None:
-        """Follow the control channel; reconnect (with backoff) whenever it drops."""
+    def wake(self, runs: list[str]) -> None:
+        """Tell those ``runs`` this worker is running that their approval was answered."""
+        for run in runs:
+            attempt = self._attempts.get(run)
+            if attempt is not None:
+                attempt.approvals.wake()
+
+    def _on_control(self, data: bytes) -> None:
+        message = orjson.loads(data)
+        self.cancel(message.get("cancel", []))
+        self.wake(message.get("decided", []))
+
+    def _on_run_ended(self, data: bytes) -> None:
+        self.parking.ended(data.decode())
+
+    async def _follow(self, channel: str, handle: Callable[[bytes], None]) -> None:
+        """Follow ``channel``; reconnect (with backoff) whenever it drops.
+
+        Messages missed meanwhile are made up for: cancels by lease renewals, run ends
+        by the parked jobs' keep (:mod:`thoughtwire.worker.parking`).
+        """
         if self._listen is None:
             return
         for delay in delays():
             try:
-                control = self._listen(self.bus.worker_control)
-                async with contextlib.aclosing(control) as messages:
+                async with contextlib.aclosing(self._listen(channel)) as messages:
                     async for data in messages:
-                        self.cancel(orjson.loads(data).get("cancel", []))
+                        handle(data)
             except asyncio.CancelledError:
                 raise
             except UNAVAILABLE:
-                logger.warning("control channel lost; reconnecting")
+                logger.warning("channel %s lost; reconnecting", channel)
             await asyncio.sleep(delay)

@@ -1,0 +1,176 @@
+"""Jobs whose run waits for an earlier run of its session: parked here, holding no slot.
+
+Runs of one session run one at a time, in the order they were admitted (``ADMIT`` and
+``START`` in :mod:`thoughtwire.shared.scripts`). A job whose ``START`` says ``wait`` is
+parked: its task ends, so it holds none of the worker's run slots (a worker whose every
+slot held a waiting run would never run the runs they wait for), and the job stays
+claimed by this worker.
+
+* **Kept**: every third of a lease each parked job's stream entry is touched, so other
+  workers do not reclaim it as abandoned. If this worker dies the touches stop, and
+  another worker reclaims the job after a lease, as it would any job.
+* **Woken**: a job is checked again (a new ``START``) when the run it waits for ends (its
+  id on ``Keys.runs_ended``), when it is asked to cancel (the control channel: a
+  cancelled run does not wait), and at every keep, in case an announcement was missed.
+  The worker starts woken jobs as it has room.
+* **Never stuck behind a lost run**: a run waited for whose state stays missing for a
+  whole lease (Redis lost it and nobody ended it), or that ended but is still in the
+  queue, is taken out of the queue (``DEQUEUE``), so the runs after it start.
+* **Bounded**: at most ``limit`` jobs are parked. Past that a job is not parked: nobody
+  touches it, and a worker reclaims it after a lease and asks again.
+* **Stopping**: parked jobs go back to the queue, for the other workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from thoughtwire.shared.backoff import UNAVAILABLE
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Job
+from thoughtwire.shared.redis import RedisError
+
+logger = logging.getLogger("thoughtwire.worker")
+
+PARKED_LIMIT = 1000
+ENDED_REMEMBERED = 1000  # run ends kept, for a job parked just after its wait ended
+ENDED = frozenset(TERMINAL_STATUS.values())
+
+
+@dataclass(slots=True)
+class _Parked:
+    entry_id: str
+    job: Job
+    waits_for: str  # the earliest run admitted before it that has not ended
+
+
+class Parking:
+    """This worker's parked jobs: kept claimed, woken when the run they wait for ends."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        consumer: str,
+        *,
+        lease_seconds: float,
+        on_due: Callable[[], None],
+        limit: int = PARKED_LIMIT,
+    ) -> None:
+        self.bus = bus
+        self.consumer = consumer
+        self.lease_seconds = lease_seconds
+        self.limit = limit
+        self._on_due = on_due  # called when jobs become due: the worker starts what it can
+        self._parked: dict[str, _Parked] = {}  # by run
+        # run waited for -> runs parked behind it (a dict as an ordered set: arrival order)
+        self._waiters: dict[str, dict[str, None]] = {}
+        # run waited for -> when its state was first seen missing (monotonic); a job checked
+        # again is parked anew, so this is kept by the run waited for, not by the job
+        self._missing: dict[str, float] = {}
+        self._due: OrderedDict[str, None] = OrderedDict()  # runs to check again, oldest first
+        self._ended: OrderedDict[str, None] = OrderedDict()  # the last runs announced ended
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    def __contains__(self, run: object) -> bool:
+        return run in self._parked
+
+    def park(self, entry_id: str, job: Job, waits_for: str) -> bool:
+        """Park ``job`` until ``waits_for`` ends; False if too many are parked already."""
+        if job.run not in self._parked and len(self._parked) >= self.limit:
+            logger.warning("run %s: %d jobs parked already; left for later", job.run, self.limit)
+            return False
+        self._unpark(job.run)
+        self._parked[job.run] = _Parked(entry_id, job, waits_for)
+        self._waiters.setdefault(waits_for, {})[job.run] = None
+        if waits_for in self._ended:  # it ended while this job's START was on its way back
+            self._make_due([job.run])
+        return True
+
+    def ended(self, run: str) -> None:
+        """``run`` ended (announced on ``runs_ended``): the jobs waiting for it are due."""
+        self._ended[run] = None
+        if len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+        self._make_due(self._waiters.get(run, ()))
+
+    def cancelled(self, runs: list[str]) -> None:
+        """Cancelling was asked for ``runs``: those parked here are due (they need not wait)."""
+        self._make_due([run for run in runs if run in self._parked])
+
+    def take_due(self, count: int) -> list[tuple[str, Job]]:
+        """Up to ``count`` due jobs, unparked, oldest first: the worker starts them."""
+        taken: list[tuple[str, Job]] = []
+        while self._due and len(taken) < count:
+            run, _ = self._due.popitem(last=False)
+            parked = self._unpark(run)
+            if parked is not None:
+                taken.append((parked.entry_id, parked.job))
+        return taken
+
+    async def keep(self) -> None:
+        """Every third of a lease, touch the parked jobs and check them again; till cancelled."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self.check()
+            except (*UNAVAILABLE, RedisError) as exc:
+                logger.warning("keeping parked jobs failed (%r); trying again shortly", exc)
+
+    async def check(self, now: float | None = None) -> None:
+        """One keep: touch every parked job, free the queue of lost runs, wake them all."""
+        now = time.monotonic() if now is None else now
+        parked = list(self._parked.values())
+        if not parked:
+            return
+        await asyncio.gather(*(self.bus.touch(self.consumer, p.entry_id) for p in parked))
+        statuses = await self.bus.run_statuses([(p.job.session, p.waits_for) for p in parked])
+        for p, status in zip(parked, statuses, strict=True):
+            if self._stuck(p.waits_for, status, now) and await self.bus.dequeue(
+                p.job.session, p.waits_for
+            ):
+                logger.warning("run %s: run %s it waited for was lost", p.job.run, p.waits_for)
+        for run in [run for run in self._missing if run not in self._waiters]:
+            del self._missing[run]
+        self._make_due([p.job.run for p in parked])
+
+    def _stuck(self, run: str, status: str | None, now: float) -> bool:
+        """Whether ``run`` (waited for) cannot end by itself: it ended, or its state stayed
+        missing on checks a lease apart (an attempt alive would have taken it back)."""
+        if status is not None:
+            self._missing.pop(run, None)
+            return status in ENDED
+        return now - self._missing.setdefault(run, now) >= self.lease_seconds
+
+    async def hand_back(self) -> None:
+        """Put every parked job back on the queue for the other workers (stopping)."""
+        for run in list(self._parked):
+            parked = self._unpark(run)
+            assert parked is not None
+            with contextlib.suppress(*UNAVAILABLE, RedisError):
+                await self.bus.requeue(parked.entry_id, parked.job)
+
+    def _make_due(self, runs: Iterable[str]) -> None:
+        due = [run for run in runs if run in self._parked]
+        for run in due:
+            self._due[run] = None
+        if due:
+            self._on_due()
+
+    def _unpark(self, run: str) -> _Parked | None:
+        parked = self._parked.pop(run, None)
+        self._due.pop(run, None)
+        if parked is not None:
+            waiters = self._waiters.get(parked.waits_for)
+            if waiters is not None:
+                waiters.pop(run, None)
+                if not waiters:
+                    del self._waiters[parked.waits_for]
+        return parked
