@@ -43,7 +43,7 @@ def client_message_types() -> list[str]:
 
 def test_every_client_message_type_is_real_and_documented():
     types = client_message_types()
-    assert len(types) == 7
+    assert len(types) == 8
     for kind in types:
         try:
             parse_client_message(f'{{"type": "{kind}"}}', max_prompt_chars=100)

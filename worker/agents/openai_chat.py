@@ -3,14 +3,18 @@
 Works with OpenAI and compatible servers (vLLM, Ollama, LM Studio, llama.cpp, LiteLLM):
 ``OPENAI_BASE_URL`` picks the server. Each part of the stream becomes an event:
 
-=====================================================  ===============
+=====================================================  ===========================
 model output                                           event
-=====================================================  ===============
-reasoning deltas (``reasoning_content``/``reasoning``)  ``thinking``
-a tool call, once its streamed arguments are complete  ``action``
-the tool's result                                      ``observation``
-answer deltas                                          ``answer``
-=====================================================  ===============
+=====================================================  ===========================
+reasoning deltas (``reasoning_content``/``reasoning``)  ``thinking`` (delta)
+a tool call's arguments, piece by piece as they stream  ``tool_input`` (delta)
+a tool call, once its streamed arguments are complete  ``action`` (whole, parsed)
+the tool's result                                      ``observation`` (whole)
+answer deltas                                          ``answer`` (delta)
+=====================================================  ===========================
+
+Deltas carry ``extra={"delta": True}`` (``tool_input`` also its ``call_id`` and
+``tool``); the worker numbers the blocks (worker/blocks.py).
 
 After tool calls it asks the model again, until the model answers or a limit is hit;
 ``done`` carries the finish reason, token usage, time to first token and total time.
@@ -105,9 +109,8 @@ class OpenAIAgent:
             idle_timeout=settings.openai_idle_timeout,
             retries=settings.openai_retries,
         )
-        return cls(
-            client=client, model=settings.openai_model, tools=toolbox(settings.tools), limits=limits
-        )
+        tools = toolbox(settings.tools, settings.approval_tools)
+        return cls(client=client, model=settings.openai_model, tools=tools, limits=limits)
 
     async def run(self, turn: Turn) -> AsyncIterator[Thought]:
         """Stream the model's reasoning, tool calls and answer, step by step."""
@@ -131,19 +134,7 @@ class OpenAIAgent:
                 reported = True
                 for key in usage:
                     usage[key] += step.usage.get(key, 0)
-            assistant: dict[str, Any] = {
-                "role": "assistant",
-                "content": "".join(step.content) or None,
-            }
-            if step.calls:
-                assistant["tool_calls"] = [
-                    {
-                        "id": c.id,
-                        "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments},
-                    }
-                    for c in step.calls
-                ]
+            assistant = _assistant(step)
             messages.append(assistant)
             turn.remember(assistant)
             if not step.calls:
@@ -201,17 +192,24 @@ class OpenAIAgent:
                     "messages": turn.messages,
                     "calls": [dataclasses.asdict(c) for c in calls[index:]],
                 }
-                arguments = _parse_arguments(call.arguments)
-                decided = await turn.ask(call.id, call.name, arguments, checkpoint)
-                if not decided.allowed:
-                    observation = denied(call.name, call.id, decided)
-                    result = str(observation.content)
-            if tool is None or not tool.needs_approval or decided.allowed:
+                observation, result = await self._approved_call(turn, call, checkpoint)
+            else:
                 observation, result = await self._call_tool(call)
             yield observation
             message = {"role": "tool", "tool_call_id": call.id, "content": result}
             messages.append(message)
             turn.remember(message)
+
+    async def _approved_call(
+        self, turn: Turn, call: _ToolCall, checkpoint: dict[str, Any]
+    ) -> tuple[Thought, str]:
+        """Ask a person about ``call``; run it if allowed, else say it was denied."""
+        arguments = _parse_arguments(call.arguments)
+        decided = await turn.ask(call.id, call.name, arguments, checkpoint)
+        if decided.allowed:
+            return await self._call_tool(call)
+        observation = denied(call.name, call.id, decided)
+        return observation, str(observation.content)
 
     async def _stream(
         self, messages: list[dict[str, Any]], step: _Step, max_tokens: int
@@ -252,10 +250,10 @@ class OpenAIAgent:
             or extra.get("reasoning")
         )
         if reasoning:
-            out.append(Thought("thinking", reasoning))
+            out.append(Thought("thinking", reasoning, {"delta": True}))
         if delta.content:
             step.content.append(delta.content)
-            out.append(Thought("answer", delta.content))
+            out.append(Thought("answer", delta.content, {"delta": True}))
         for piece in delta.tool_calls or ():
             index = piece.index if piece.index is not None else len(step.calls) - 1
             if index >= len(step.calls):
@@ -266,8 +264,12 @@ class OpenAIAgent:
             call = step.calls[index]
             call.id = piece.id or call.id
             if piece.function is not None:
+                # The id and name usually come with a call's first piece only: kept here.
                 call.name = piece.function.name or call.name
                 call.arguments += piece.function.arguments or ""
+                if piece.function.arguments:
+                    extra = {"delta": True, "call_id": call.id, "tool": call.name}
+                    out.append(Thought("tool_input", piece.function.arguments, extra))
         return out
 
     @staticmethod
@@ -334,6 +336,21 @@ class OpenAIAgent:
                 logger.warning("the model provider refused the request: %r", exc)
                 raise AgentError("the model provider failed") from None
         raise AssertionError("unreachable")
+
+
+def _assistant(step: _Step) -> dict[str, Any]:
+    """The assistant message a step leaves: its text, and its tool calls if any."""
+    assistant: dict[str, Any] = {"role": "assistant", "content": "".join(step.content) or None}
+    if step.calls:
+        assistant["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for c in step.calls
+        ]
+    return assistant
 
 
 def _parse_arguments(text: str) -> Any:

@@ -1,0 +1,491 @@
+"""Approvals: a tool call waits for the session's owner, across frontends and worker deaths.
+
+Unit tests feed the pieces plain data or a real Redis; the integration tests run two
+uvicorn frontends and worker processes on a real redis-server, with the simulated
+agent's "search" call needing approval. Every wait is bounded; processes are stopped
+by their own PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from tests.conftest import start_cluster
+from tests.procs import seconds, wait_until
+from tests.wsclient import connect, greeting, recv_json
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.closecodes import ErrorCode
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import (
+    Approve,
+    Job,
+    ProtocolError,
+    Thought,
+    parse_client_message,
+)
+from thoughtwire.shared.vocab import DecidedBy, Decision
+from thoughtwire.worker.agents.base import Decided, Turn, denied
+from thoughtwire.worker.agents.simulated import SimulatedAgent
+from thoughtwire.worker.approvals import ApprovalPolicy, Approvals
+from thoughtwire.worker.tools import requires_approval, tool, toolbox
+
+SECRET = "an-approvals-test-secret-that-is-32-bytes-or-more"
+TIMEOUT = 6.0  # the cluster's approval timeout (s): long enough for a worker to die and be replaced
+
+
+def token(sub: str = "alice") -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "iat": now, "exp": now + 600}, SECRET, algorithm="HS256")
+
+
+# --- the message, the agent contract, the tools -------------------------------------
+
+
+def test_an_approve_message_parses_and_its_fields_are_checked():
+    frame = '{"type":"approve","run":"r1","call_id":"call_1","decision":"deny","reason":"no"}'
+    assert parse_client_message(frame, max_prompt_chars=10) == Approve(
+        "r1", "call_1", Decision.DENY, "no"
+    )
+    bad = [
+        '{"type":"approve","run":"r1","call_id":"c","decision":"maybe"}',
+        '{"type":"approve","run":"r 1","call_id":"c","decision":"allow"}',
+        '{"type":"approve","run":"r1","call_id":"","decision":"allow"}',
+        '{"type":"approve","run":"r1","decision":"allow"}',
+        '{"type":"approve","run":"r1","call_id":"c","decision":"allow","reason":7}',
+    ]
+    for frame in bad:
+        with pytest.raises(ProtocolError) as refused:
+            parse_client_message(frame, max_prompt_chars=10)
+        assert refused.value.code == ErrorCode.BAD_MESSAGE
+
+
+async def test_a_turn_without_an_approver_denies_and_a_denial_is_an_error_observation():
+    decided = await Turn("hi").ask("c1", "search", {}, None)
+    assert not decided.allowed
+    observation = denied("search", "c1", Decided(Decision.DENY, "not now", DecidedBy.USER))
+    assert observation.type == "observation"
+    assert observation.extra == {"tool": "search", "call_id": "c1", "is_error": True}
+    assert "denied" in observation.content and "not now" in observation.content
+    by_timeout = denied("search", "c1", Decided(Decision.DENY, None, DecidedBy.TIMEOUT))
+    assert "no answer in time" in by_timeout.content
+
+
+def test_a_tool_needs_approval_if_it_declares_it_or_is_named_in_the_setting():
+    def wipe(path: str) -> str:
+        """Delete a file."""
+        return path
+
+    assert not tool(wipe).needs_approval
+    assert tool(wipe, needs_approval=True).needs_approval
+    assert tool(requires_approval(wipe)).needs_approval
+    tools = toolbox("", "calculator, nothing")
+    assert tools["calculator"].needs_approval
+    assert not tools["current_time"].needs_approval
+
+
+async def test_the_simulated_agent_asks_about_search_and_goes_on_after_a_denial():
+    asked: list[tuple[str, str, Any, Any]] = []
+
+    async def approver(call_id: str, name: str, arguments: Any, checkpoint: Any) -> Decided:
+        asked.append((call_id, name, arguments, checkpoint))
+        return Decided(Decision.DENY, "no searching", DecidedBy.USER)
+
+    agent = SimulatedAgent(0, 2, 0, approval_tools=frozenset({"search"}))
+    thoughts = [t async for t in agent.run(Turn("cats", approver=approver))]
+    types = [t.type for t in thoughts]
+    assert asked == [("call_1", "search", {"query": "cats"}, {"step": 3})]
+    observation = thoughts[types.index("observation")]
+    assert observation.extra is not None and observation.extra["is_error"] is True
+    assert types[types.index("action") - 1] == "tool_input"
+    assert types.count("answer") == 2
+    # Resumed from the checkpoint: it asks again first, and writes nothing before.
+    resumed = [t async for t in agent.run(Turn("cats", resume={"step": 3}, approver=approver))]
+    assert resumed[0].type == "observation" and len(asked) == 2
+
+
+# --- the bus and Approvals on a real Redis -------------------------------------------
+
+
+def make_bus(redis_client: Any, prefix: str) -> Bus:
+    return Bus(redis_client, Keys(prefix), log_maxlen=1000, log_ttl=600)
+
+
+async def started_run(bus: Bus, session: str = "s1") -> tuple[Job, str]:
+    job = Job(run="r" + session, session=session, prompt="hi")
+    await bus.submit(job)
+    start = await bus.start(job, "w1", 30_000, 3)
+    return job, start.fence
+
+
+async def test_a_waiting_call_is_decided_once_and_only_while_its_run_waits(redis_client, prefix):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    # Nothing waits yet: a decision is refused.
+    assert not await bus.decide(job.session, job.run, "c1", Decision.ALLOW, None, DecidedBy.USER)
+    assert not await bus.await_approval(job, "another-fence", {"call_id": "c1"})
+    assert await bus.await_approval(job, fence, {"call_id": "c1", "deadline": "1"})
+    assert await bus.run_session(job.run) == job.session
+    assert not await bus.decide(job.session, job.run, "c2", Decision.ALLOW, None, DecidedBy.USER)
+    assert await bus.decide(job.session, job.run, "c1", Decision.DENY, "no", DecidedBy.USER)
+    # The first answer counts: the timeout's, or a second person's, is refused.
+    assert not await bus.decide(job.session, job.run, "c1", Decision.ALLOW, None, DecidedBy.USER)
+    state = await bus.approval(job)
+    assert state is not None
+    assert (state["decision"], json.loads(state["reason"]), state["by"]) == ("deny", "no", "user")
+    await bus.end_approval(job)
+    assert await bus.approval(job) is None
+
+
+async def test_a_cancelled_run_takes_no_decision(redis_client, prefix):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    assert await bus.await_approval(job, fence, {"call_id": "c1", "deadline": "1"})
+    await bus.cancel(job.session, job.run)
+    assert not await bus.decide(job.session, job.run, "c1", Decision.ALLOW, None, DecidedBy.USER)
+
+
+class Written:
+    """Stands in for the attempt: what Approvals writes, numbered as the tracker would."""
+
+    def __init__(self) -> None:
+        self.events: list[Thought] = []
+
+    async def send(self, thought: Thought) -> None:
+        self.events.append(thought)
+
+    def snapshot(self) -> dict[str, str]:
+        return {"blocks": "{}", "answer": ""}
+
+
+def approvals_for(
+    bus: Bus,
+    job: Job,
+    fence: str,
+    written: Written,
+    timeout: float = 30,
+    waiting: dict[str, str] | None = None,
+) -> Approvals:
+    policy = ApprovalPolicy(timeout, Decision.DENY, 1.0)
+    return Approvals(
+        bus, job, fence, policy, send=written.send, snapshot=written.snapshot, waiting=waiting
+    )
+
+
+async def test_ask_writes_the_approval_keeps_the_wait_and_a_decision_wakes_it(redis_client, prefix):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    written = Written()
+    approvals = approvals_for(bus, job, fence, written)
+    approvals.seen(Thought("action", "", {"call_id": "c1"}))
+    asking = asyncio.create_task(approvals.ask("c1", "search", {"q": 1}, {"step": 3}))
+    async with asyncio.timeout(seconds(5)):
+        while await bus.approval(job) is None:
+            await asyncio.sleep(0.01)
+    state = await bus.approval(job)
+    assert state is not None and json.loads(state["checkpoint"]) == {"step": 3}
+    assert [e.type for e in written.events] == ["approval"]
+    assert written.events[0].extra is not None
+    assert written.events[0].extra["default"] == "deny"
+    began = time.monotonic()
+    assert await bus.decide(job.session, job.run, "c1", Decision.ALLOW, "ok", DecidedBy.USER)
+    approvals.wake()  # what the worker's control channel does
+    async with asyncio.timeout(seconds(5)):
+        decided = await asking
+    assert time.monotonic() - began < 0.5
+    assert decided == Decided(Decision.ALLOW, "ok", DecidedBy.USER)
+    assert [e.type for e in written.events] == ["approval", "decision"]
+    assert await bus.approval(job) is None  # forgotten once written
+
+
+async def test_nobody_answers_and_the_default_is_taken_at_the_deadline(redis_client, prefix):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    written = Written()
+    approvals = approvals_for(bus, job, fence, written, timeout=0.3)
+    approvals.seen(Thought("action", "", {"call_id": "c1"}))
+    async with asyncio.timeout(seconds(5)):
+        decided = await approvals.ask("c1", "search", {}, None)
+    assert decided == Decided(Decision.DENY, None, DecidedBy.TIMEOUT)
+    assert written.events[-1].extra is not None
+    assert written.events[-1].extra["by"] == "timeout"
+
+
+async def test_a_resumed_wait_writes_no_second_approval_nor_a_decision_already_logged(
+    redis_client, prefix
+):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    waiting = {"call_id": "c1", "tool": "search", "deadline": str(2**40), "seq": "0"}
+    assert await bus.await_approval(job, fence, waiting)
+    assert await bus.decide(job.session, job.run, "c1", Decision.ALLOW, None, DecidedBy.USER)
+    # The dead attempt wrote the decision, then died before it forgot the wait.
+    head = bus.encode(job, Thought("decision", "allowed", {"call_id": "c1"}))
+    await bus.submit_encoded(job, [head], fence=fence, first=1)
+    written = Written()
+    state = await bus.approval(job)
+    approvals = approvals_for(bus, job, fence, written, waiting=state)
+    async with asyncio.timeout(seconds(5)):
+        decided = await approvals.ask("c1", "search", {}, None)
+    assert decided.allowed
+    assert written.events == []  # neither the approval nor the decision again
+    assert await bus.approval(job) is None
+
+
+# --- integration: two frontends, workers, kill -9 ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def approving(redis_server, logdir):
+    """Two frontends, two workers; "search" needs approval; 1 s leases; quick runs."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=2,
+        workers=2,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_APPROVAL_TOOLS="search",
+        THOUGHTWIRE_APPROVAL_TIMEOUT=str(TIMEOUT),
+        THOUGHTWIRE_LEASE_SECONDS="1",
+    )
+    yield c
+    c.stop()
+
+
+async def prompt_until_approval(ws: Any, text: str) -> list[dict[str, Any]]:
+    """Send a prompt; the events up to and including its ``approval``."""
+    await ws.send(text)
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(seconds(20)):
+        while not events or events[-1]["type"] != "approval":
+            message = await recv_json(ws)
+            if "seq" in message:
+                events.append(message)
+    return events
+
+
+async def rest_of_run(ws: Any) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(seconds(30)):
+        while not events or events[-1]["type"] not in ("done", "error", "cancelled"):
+            message = await recv_json(ws)
+            if "seq" in message:
+                events.append(message)
+    return events
+
+
+def socket_url(frontend: Any, session: str | None = None, who: str | None = None) -> str:
+    url = f"{frontend.ws}/ws/agent-thoughts?token={who or token()}"
+    return url + (f"&session={session}" if session else "")
+
+
+def assert_whole_run(events: list[dict[str, Any]]) -> None:
+    """One attempt's log of a run: no retry, each block started once, ends with done."""
+    types = [e["type"] for e in events]
+    assert "retry" not in types
+    assert types[-1] == "done"
+    assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[-1]["seq"] + 1))
+    starts: list[str] = []
+    for e in events:
+        block = e.get("block")
+        kind = e["type"]
+        starting = not starts or starts[-1] != block
+        if block is not None and kind not in ("approval", "decision", "block_end") and starting:
+            starts.append(block)
+    assert len(starts) == len(set(starts)), f"a block written twice: {starts}"
+    assert types.count("approval") == 1 and types.count("decision") == 1
+
+
+async def test_approved_over_frontend_b_while_the_prompt_came_on_frontend_a(approving):
+    a, b = approving.frontends
+    async with connect(socket_url(a)) as ws:
+        session = await greeting(ws)
+        before = await prompt_until_approval(ws, "find cats")
+        approval = before[-1]
+        action = next(e for e in before if e["type"] == "action")
+        assert approval["block"] == action["block"]
+        assert (approval["call_id"], approval["tool"]) == ("call_1", "search")
+        assert approval["arguments"] == {"query": "find cats"}
+        assert (approval["timeout_ms"], approval["default"]) == (TIMEOUT * 1000, "deny")
+        async with connect(socket_url(b, session)) as other:
+            await greeting(other)
+            message = {"type": "approve", "run": approval["run"], "call_id": "call_1"}
+            await other.send(json.dumps({**message, "decision": "allow", "reason": "fine"}))
+            after = await rest_of_run(ws)
+            # The same call again: it is not waiting any more.
+            await other.send(json.dumps({**message, "decision": "deny"}))
+            refused = await recv_json(other)
+            while "seq" in refused:
+                refused = await recv_json(other)
+            assert refused["code"] == "not_waiting"
+    decision = after[0]
+    assert decision["type"] == "decision"
+    assert (decision["decision"], decision["reason"], decision["by"]) == ("allow", "fine", "user")
+    assert decision["block"] == approval["block"]
+    observation = next(e for e in after if e["type"] == "observation")
+    assert observation["is_error"] is False
+    assert_whole_run(before + after)
+
+
+async def test_denied_over_http_the_observation_is_an_error_and_the_run_goes_on(approving):
+    a, b = approving.frontends
+    async with connect(socket_url(a)) as ws:
+        await greeting(ws)
+        approval = (await prompt_until_approval(ws, "find dogs"))[-1]
+        path = f"/v1/runs/{approval['run']}/approvals/call_1"
+        headers = {"Authorization": f"Bearer {token()}"}
+        async with httpx.AsyncClient(timeout=10, headers=headers) as http:
+            response = await http.post(b.http + path, json={"decision": "deny", "reason": "no"})
+            assert response.status_code == 200, response.text
+            assert response.json()["decision"] == "deny"
+            after = await rest_of_run(ws)
+            again = await http.post(b.http + path, json={"decision": "allow"})
+            assert again.status_code == 409
+            assert again.json()["code"] == "not_waiting"
+            unknown = await http.post(
+                b.http + "/v1/runs/nope/approvals/x", json={"decision": "allow"}
+            )
+            assert unknown.status_code == 409
+    assert [e["type"] for e in after[:2]] == ["decision", "observation"]
+    assert after[0]["by"] == "user" and after[0]["decision"] == "deny"
+    assert after[1]["is_error"] is True and "denied" in after[1]["content"]
+    assert "answer" in [e["type"] for e in after]
+    assert after[-1]["type"] == "done"
+
+
+async def test_nobody_answers_and_the_default_deny_is_taken_by_timeout(approving):
+    async with connect(socket_url(approving.frontends[0])) as ws:
+        await greeting(ws)
+        await prompt_until_approval(ws, "wait for nobody")
+        began = time.monotonic()
+        after = await rest_of_run(ws)
+    waited = time.monotonic() - began
+    assert TIMEOUT - 1 < waited < TIMEOUT + 3, waited
+    assert (after[0]["type"], after[0]["decision"], after[0]["by"]) == (
+        "decision",
+        "deny",
+        "timeout",
+    )
+    assert after[1]["is_error"] is True
+    assert after[-1]["type"] == "done"
+
+
+async def test_a_viewer_cannot_approve(approving):
+    a, b = approving.frontends
+    async with connect(socket_url(a)) as ws:
+        session = await greeting(ws)
+        approval = (await prompt_until_approval(ws, "viewers watch"))[-1]
+        async with httpx.AsyncClient(timeout=10) as http:
+            minted = await http.post(
+                f"{a.http}/v1/sessions/{session}/viewer-token",
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            viewer = minted.json()["token"]
+            path = f"/v1/runs/{approval['run']}/approvals/call_1"
+            response = await http.post(
+                b.http + path,
+                json={"decision": "allow"},
+                headers={"Authorization": f"Bearer {viewer}"},
+            )
+            assert response.status_code == 403
+            stranger = await http.post(
+                b.http + path,
+                json={"decision": "allow"},
+                headers={"Authorization": f"Bearer {token('mallory')}"},
+            )
+            assert stranger.status_code == 403
+        async with connect(socket_url(b, session, viewer)) as watcher:
+            await greeting(watcher)
+            message = {"type": "approve", "run": approval["run"], "call_id": "call_1"}
+            await watcher.send(json.dumps({**message, "decision": "allow"}))
+            async with asyncio.timeout(seconds(5)):
+                await watcher.wait_closed()
+            assert watcher.close_code == 4003
+        # Still waiting: the owner cancels it.
+        await ws.send(json.dumps({"type": "cancel", "run": approval["run"]}))
+        after = await rest_of_run(ws)
+    assert after[-1]["type"] == "cancelled"
+
+
+async def test_cancel_while_waiting_ends_the_run_within_a_second(approving):
+    a, b = approving.frontends
+    async with connect(socket_url(a)) as ws:
+        session = await greeting(ws)
+        approval = (await prompt_until_approval(ws, "cancel me"))[-1]
+        async with connect(socket_url(b, session)) as other:
+            await greeting(other)
+            sent = time.monotonic()
+            await other.send(json.dumps({"type": "cancel", "run": approval["run"]}))
+            after = await rest_of_run(ws)
+            elapsed = time.monotonic() - sent
+            await other.send(
+                json.dumps(
+                    {
+                        "type": "approve",
+                        "run": approval["run"],
+                        "call_id": "call_1",
+                        "decision": "allow",
+                    }
+                )
+            )
+            refused = await recv_json(other)
+            while "seq" in refused:
+                refused = await recv_json(other)
+    assert [e["type"] for e in after] == ["cancelled"]
+    assert elapsed < 1.0, f"cancel took {elapsed:.2f} s"
+    assert refused["code"] == "not_waiting"
+    with approving.redis.client() as r:
+        assert not r.exists(Keys(approving.prefix).run_approval(session, approval["run"]))
+
+
+def run_owner_pid(cluster: Any, session: str, run: str) -> int:
+    with cluster.redis.client() as r:
+        owner = r.hget(Keys(cluster.prefix).run(session, run), "owner")
+    return int(owner.decode().split("-")[-2])
+
+
+def session_log(cluster: Any, session: str) -> list[dict[str, Any]]:
+    with cluster.redis.client() as r:
+        entries = r.xrange(Keys(cluster.prefix).session_log(session))
+    return [json.loads(fields[b"e"]) for _id, fields in entries]
+
+
+@pytest.mark.parametrize("when", ["after the takeover", "before the takeover"])
+async def test_the_waiting_worker_is_killed_and_another_finishes_the_run_after_approval(
+    approving, when
+):
+    a, b = approving.frontends
+    async with connect(socket_url(a)) as ws:
+        session = await greeting(ws)
+        before = await prompt_until_approval(ws, f"survive {when}")
+        run = before[-1]["run"]
+        pid = run_owner_pid(approving, session, run)
+        victim = approving.worker_with_pid(pid)
+        victim.kill()  # SIGKILL, this worker's PID only
+        approving.workers.remove(victim)
+        approving.add_worker()
+        if when == "after the takeover":
+            wait_until(
+                lambda: run_owner_pid(approving, session, run) != pid,
+                10,
+                "another worker to take the waiting run",
+            )
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(
+                f"{b.http}/v1/runs/{run}/approvals/call_1",
+                json={"decision": "allow"},
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            assert response.status_code == 200, response.text
+        after = await rest_of_run(ws)
+    assert run_owner_pid(approving, session, run) != pid
+    assert_whole_run(before + after)
+    assert after[0]["type"] == "decision" and after[0]["by"] == "user"
+    log = [e for e in session_log(approving, session) if e["run"] == run]
+    assert log == before + after
