@@ -5,6 +5,7 @@ drives the page with authentication on.
 """
 
 import asyncio
+import json
 
 import pytest
 
@@ -14,20 +15,21 @@ from tests.wsclient import connect, greeting, run_events
 
 pytestmark = pytest.mark.browser
 
-KINDS = {"thinking": "Thinking", "action": "Action", "observation": "Observation"}
 WAIT_MS = seconds(10) * 1000
 
 
-def steps_of(events: list[dict]) -> list[str]:
-    """The timeline the page shows for a run's events: consecutive thinking makes one step."""
-    steps: list[str] = []
+def reasoning_of(events: list[dict]) -> list[str]:
+    """The reasoning the page shows for a run's events: consecutive thinking joined, a line each."""
+    shown: list[list[str]] = []
     previous = None
     for event in events:
-        kind = event["type"]
-        if kind in KINDS and not (kind == "thinking" and previous == "thinking"):
-            steps.append(KINDS[kind])
-        previous = kind
-    return steps
+        if event["type"] == "thinking":
+            if previous != "thinking":
+                shown.append([])
+            shown[-1].append(event["content"])
+        if event["type"] not in ("block_end",):
+            previous = event["type"]
+    return ["\n".join(lines) for lines in shown]
 
 
 async def test_a_browser_and_a_python_client_see_the_same_stream(cluster):
@@ -49,7 +51,9 @@ async def test_a_browser_and_a_python_client_see_the_same_stream(cluster):
         card = page.locator(".run")
         assert await card.get_attribute("data-run") == events[0]["run"]
         assert await card.locator(".prompt-text").text_content() == "What is machine learning?"
-        assert await card.locator(".step .kind").all_text_contents() == steps_of(events)
+        reasoning = await card.locator(".reasoning-text").all_text_contents()
+        assert reasoning == reasoning_of(events)
+        assert await card.locator(".tool .tool-name").all_text_contents() == ["search"]
         answer = "".join(e["content"] for e in events if e["type"] == "answer")
         assert (await card.locator(".answer").inner_text()).split() == answer.split()
 
@@ -67,7 +71,8 @@ async def test_the_page_shows_prompts_and_steps_as_text(cluster):
         await page.wait_for_selector(".run[data-status=done]", timeout=WAIT_MS)
         assert await page.locator("#runs img").count() == 0
         assert await page.text_content(".run .prompt-text") == hostile
-        assert hostile in (await page.text_content(".run .step-action .text") or "")
+        arguments = json.loads(await page.text_content(".run .tool-args") or "")
+        assert arguments == {"query": hostile}
     assert dialogs == []
 
 

@@ -1,15 +1,22 @@
 """The page at `/`, in real headless chromium, against real frontends with authentication on.
 
 A user opens `/#token=T`, prompts, stops a run, shares a read-only link that a second
-browser opens on the other frontend; answers are Markdown that runs nothing; axe finds
-no serious or critical violation in light or dark mode; screenshots go to the log folder
-(and to docs/img with ``THOUGHTWIRE_SCREENSHOTS_DIR``, as ``make screenshots`` sets it).
+browser opens on the other frontend; answers are Markdown that runs nothing; a tool call
+that needs approval shows Allow and Deny to the owner and not on a viewer link, and Allow
+lets the run go on; axe finds no serious or critical violation in light or dark mode;
+screenshots go to the log folder (and to docs/img with ``THOUGHTWIRE_SCREENSHOTS_DIR``,
+as ``make screenshots`` sets it).
+
+Some tests play a recorded protocol v2 session to the page through a stand-in socket,
+with the page's files served from the checkout: what they show does not depend on an
+agent's timing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -22,12 +29,13 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from playwright.async_api import BrowserContext, Page
+from playwright.async_api import BrowserContext, Page, Route
 
 from tests.browser import browser_context
 from tests.conftest import Cluster, openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import RedisServer, seconds
+from thoughtwire.api.app import PAGE_POLICY
 from thoughtwire.worker.agents.simulated import answer_tokens
 
 pytestmark = pytest.mark.browser
@@ -59,6 +67,23 @@ def cluster(redis_server: RedisServer, logdir: Path) -> Iterator[Cluster]:
         JWT_SECRET=SECRET,
         THOUGHTWIRE_SIM_STEP_DELAY="0.05",
         THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS=str(ANSWER_TOKENS),
+    )
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def approvals(redis_server: RedisServer, logdir: Path) -> Iterator[Cluster]:
+    """Two frontends with authentication on, whose simulated agent asks before its "search"."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=2,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_APPROVAL_TOOLS="search",
+        THOUGHTWIRE_SIM_STEP_DELAY="0.02",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="50",
         THOUGHTWIRE_SIM_ANSWER_TOKENS=str(ANSWER_TOKENS),
     )
     yield c
@@ -160,16 +185,36 @@ async def test_a_user_opens_a_token_link_prompts_and_sees_the_run_complete(clust
     assert await card.locator(".prompt-text").text_content() == "What is machine learning?"
     assert await card.locator(".badge").text_content() == "Done"
     assert " ".join((await card.locator(".answer").inner_text()).split()) == expected_answer()
-    kinds = await card.locator(".step .kind").all_text_contents()
-    # Five steps of the simulated agent; its first two thinking lines join into one step.
-    assert kinds == ["Thinking", "Action", "Observation", "Thinking"]
-    thinking = await card.locator(".step-thinking .text").first.text_content()
+    # The simulated agent's two thinking lines, its search (a tool card with its arguments
+    # and result inside), one more thinking line, the answer.
+    assert await shown_blocks(card) == ["reasoning", "tool", "reasoning", "answer"]
+    thinking = await card.locator(".reasoning-text").first.text_content()
     assert thinking == "Analyzing the question...\nI need to search for information"
-    timeline = card.locator("details.timeline")
-    assert not await timeline.evaluate("d => d.open"), "an ended run folds its steps away"
-    await timeline.locator("summary").click()
-    assert await timeline.evaluate("d => d.open")
+    tool = card.locator(".tool")
+    assert await tool.locator(".tool-name").text_content() == "search"
+    assert json.loads(await tool.locator(".tool-args").text_content() or "") == {
+        "query": "What is machine learning?"
+    }
+    assert await tool.locator(".tool-output").text_content() == (
+        "Found: relevant results about What is machine learning?"
+    )
+    assert await tool.get_attribute("data-status") == "done"
+    reasoning = card.locator("details.reasoning").first
+    assert not await reasoning.evaluate("d => d.open"), "an ended run folds its reasoning away"
+    await reasoning.locator("summary").click()
+    assert await reasoning.evaluate("d => d.open")
     assert tab.errors == [] and tab.dialogs == []
+
+
+SHOWN_BLOCKS = """card => [...card.querySelector('.run-body').children].map(el =>
+    el.classList.contains('reasoning') ? 'reasoning' : el.classList.contains('tool') ? 'tool'
+      : el.classList.contains('answer') ? 'answer' : el.className)"""
+
+
+async def shown_blocks(card: Any) -> list[str]:
+    """What a run card shows, in order: reasoning, tool (a call and its result), answer."""
+    shown: list[str] = await card.evaluate(SHOWN_BLOCKS)
+    return shown
 
 
 async def test_sign_in_field_takes_a_token(cluster, context):
@@ -301,12 +346,9 @@ async def test_the_indicator_shows_a_frontend_restart_and_the_run_completes_once
         assert await page.text_content("#connection-text") == "Resumed"
         answer = await page.locator(".run .answer").inner_text()
         assert " ".join(answer.split()) == expected_answer()
-        assert await page.locator(".step .kind").all_text_contents() == [
-            "Thinking",
-            "Action",
-            "Observation",
-            "Thinking",
-        ]
+        card = page.locator(".run")
+        assert await shown_blocks(card) == ["reasoning", "tool", "reasoning", "answer"]
+        assert await page.locator(".tool-output").count() == 1
         print("states:", await page.evaluate("window.states"))
     finally:
         c.stop()
@@ -329,7 +371,7 @@ async def test_autoscroll_stops_when_the_reader_scrolls_up_and_resumes_at_the_bo
         raise AssertionError("four runs do not fill two windows")
 
     await prompt(page, "scroll away from me")
-    await page.wait_for_selector(f".run:nth-of-type({runs + 1}) .step", timeout=WAIT_MS)
+    await page.wait_for_selector(f".run:nth-of-type({runs + 1}) .reasoning", timeout=WAIT_MS)
     assert await page.evaluate(AT_BOTTOM)
     await page.evaluate("window.scrollTo(0, 0)")  # the reader goes up to read
     await ended(page, runs + 1)
@@ -340,7 +382,7 @@ async def test_autoscroll_stops_when_the_reader_scrolls_up_and_resumes_at_the_bo
     assert await page.locator("#jump").is_hidden()
 
     await prompt(page, "and back down")
-    await page.wait_for_selector(f".run:nth-of-type({runs + 2}) .step", timeout=WAIT_MS)
+    await page.wait_for_selector(f".run:nth-of-type({runs + 2}) .reasoning", timeout=WAIT_MS)
     await page.evaluate("window.scrollTo(0, 0)")
     await page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
     height = await page.evaluate("document.documentElement.scrollHeight")
@@ -378,6 +420,393 @@ async def test_a_markdown_answer_with_script_payloads_renders_and_runs_nothing(m
         await answer.locator("a").first.click()
     assert await page.evaluate("window.pwned") is None
     assert tab.dialogs == []
+
+
+# --- approvals, against real frontends and a worker -----------------------------------
+
+
+async def waiting_for_approval(page: Page) -> None:
+    await page.wait_for_selector(".tool[data-status=waiting]", timeout=WAIT_MS)
+
+
+async def test_the_owner_allows_a_tool_call_and_a_viewer_link_shows_no_buttons(approvals):
+    """The run asks before its search: the owner's page shows Allow and Deny on the tool
+    card, a viewer link on the other frontend shows the card waiting with no buttons;
+    Allow on the owner's page lets the run go on to its answer on both."""
+    a, b = approvals.frontends
+    async with browser_context() as owner_context, browser_context() as viewer_context:
+        owner_tab = await open_tab(owner_context, f"{a.http}/#token={token_for('oscar')}")
+        owner = owner_tab.page
+        await prompt(owner, "Is it safe to search?")
+        await waiting_for_approval(owner)
+        card = owner.locator(".run")
+        assert await card.get_attribute("data-status") == "waiting"
+        assert await card.locator(".badge").text_content() == "Waiting for approval"
+        tool = card.locator(".tool")
+        assert await tool.locator(".tool-name").text_content() == "search"
+        assert json.loads(await tool.locator(".tool-args").text_content() or "") == {
+            "query": "Is it safe to search?"
+        }
+        assert await tool.locator("button.allow").is_visible()
+        assert await tool.locator("button.deny").is_visible()
+        assert await tool.locator(".tool-output").is_hidden(), "no result before the decision"
+
+        session = await owner.evaluate("document.body.dataset.session")
+        viewer_token = await mint_viewer_token(a.http, session, token_for("oscar"))
+        viewer_tab = await open_tab(
+            viewer_context, f"{b.http}/#session={session}&token={viewer_token}"
+        )
+        viewer = viewer_tab.page
+        await waiting_for_approval(viewer)
+        assert await viewer.locator(".tool button").count() == 0, "a viewer cannot approve"
+        assert "Waiting for the session's owner" in (
+            await viewer.locator(".tool .approval").text_content() or ""
+        )
+
+        await tool.locator("button.allow").click()
+        await ended(owner, 1)
+        await ended(viewer, 1)
+        for page in (owner, viewer):
+            shown = page.locator(".run .tool")
+            assert await shown.get_attribute("data-status") == "done"
+            assert (await shown.locator(".approval").text_content() or "").startswith(
+                "Allowed by the session's owner"
+            )
+            assert await shown.locator(".tool-output").text_content() == (
+                "Found: relevant results about Is it safe to search?"
+            )
+            answer = await page.locator(".run .answer").inner_text()
+            assert " ".join(answer.split()) == expected_answer()
+        assert owner_tab.errors == [] and viewer_tab.errors == []
+
+
+async def test_deny_on_the_page_marks_the_call_denied_and_the_run_goes_on(approvals, context):
+    tab = await open_tab(context, f"{approvals.frontends[0].http}/#token={token_for('peggy')}")
+    page = tab.page
+    await prompt(page, "search nothing")
+    await waiting_for_approval(page)
+    await page.fill(".tool .approval input", "not today")
+    await page.press(".tool .approval input", "Tab")  # keyboard only: Tab to Allow, then Deny
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Deny"
+    await page.keyboard.press("Enter")
+    await ended(page, 1)
+    tool = page.locator(".run .tool")
+    assert await tool.get_attribute("data-status") == "denied"
+    assert await tool.locator(".approval").text_content() == (
+        "Denied by the session's owner: not today"
+    )
+    assert await tool.locator(".tool-output").is_visible()
+    assert await tool.locator(".label", has_text="Error").count() == 1
+    assert tab.errors == []
+
+
+async def mint_viewer_token(http: str, session: str, token: str) -> str:
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(
+            f"{http}/v1/sessions/{session}/viewer-token",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    reply.raise_for_status()
+    return str(reply.json()["token"])
+
+
+# --- a recorded v2 session, played through a stand-in socket -------------------------
+
+PAGE_ORIGIN = "http://thoughtwire.test"
+PAGE_FILES = {"/": "api/static/index.html", "/thoughtwire.js": "clients/js/thoughtwire.js"}
+TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
+
+# A WebSocket that plays window.__script: steps of {frames} (sent at once), {pause: ms},
+# or {waitFor: type} (held until the page sends a frame of that type). What the page
+# sends is kept in window.__sent.
+FAKE_SOCKET = """(() => {
+  window.__sent = [];
+  class RecordedSocket {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      this.step = 0;
+      window.__socket = this;
+      setTimeout(() => {
+        this.readyState = 1;
+        this.deliver({ type: "session", session: "s-recorded" });
+        this.play(null);
+      }, 0);
+    }
+    deliver(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
+    play(sent) {
+      const script = window.__script || [];
+      while (this.step < script.length) {
+        const step = script[this.step];
+        if (step.waitFor) {
+          if (sent?.type !== step.waitFor) return;
+          sent = null;
+        } else if (step.pause !== undefined) {
+          this.step += 1;
+          setTimeout(() => this.play(null), step.pause);
+          return;
+        } else {
+          for (const frame of step.frames) this.deliver(frame);
+        }
+        this.step += 1;
+      }
+    }
+    send(data) {
+      const frame = JSON.parse(data);
+      window.__sent.push(frame);
+      setTimeout(() => this.play(frame), 0);
+    }
+    close() { this.readyState = 3; }
+  }
+  window.WebSocket = RecordedSocket;
+})();"""
+
+
+async def serve_checkout(route: Route) -> None:
+    """The page's files from the checkout, with the frontend's Content-Security-Policy."""
+    path = "/" + route.request.url.removeprefix(PAGE_ORIGIN).lstrip("/").split("#")[0]
+    file = PAGE_FILES.get(path) or ("api" + path if path.startswith("/static/") else None)
+    if file is None or not (ROOT / file).is_file():
+        await route.fulfill(status=404)
+        return
+    await route.fulfill(
+        body=(ROOT / file).read_bytes(),
+        content_type=TYPES.get(Path(file).suffix, "text/plain"),
+        headers={"Content-Security-Policy": PAGE_POLICY},
+    )
+
+
+class Log:
+    """A session's log as a worker writes it in protocol v2: seqs, an epoch, timestamps."""
+
+    def __init__(self, run: str = "r-recorded") -> None:
+        self.run = run
+        self.frames: list[dict[str, Any]] = []
+
+    def add(self, kind: str, content: Any = "", **fields: Any) -> None:
+        seq = len(self.frames) + 1
+        self.frames.append(
+            {
+                "type": kind,
+                "content": content,
+                "run": self.run,
+                "session": "s-recorded",
+                "seq": seq,
+                "epoch": "e-recorded",
+                "ts": 1_700_000_000_000 + 150 * seq,
+                **fields,
+            }
+        )
+
+
+def weather_run() -> Log:
+    """Streamed reasoning, a search whose arguments come in pieces and that needs approval,
+    its result, more reasoning, a Markdown answer in deltas, and usage on done."""
+    log = Log()
+    call = {"tool": "search", "call_id": "call_1"}
+    for piece in ("The user asks about ", "the weather in Paris. ", "I should search ", "for it."):
+        log.add("thinking", piece, block="b1", delta=True)
+    log.add("block_end", block="b1")
+    for piece in ('{"query": ', '"weather in ', 'Paris today"}'):
+        log.add("tool_input", piece, block="b2", delta=True, **call)
+    arguments = {"query": "weather in Paris today"}
+    log.add("action", "search", block="b2", delta=False, arguments=arguments, **call)
+    log.add(
+        "approval", "", block="b2", arguments=arguments, timeout_ms=300000, default="deny", **call
+    )
+    log.add("decision", "", block="b2", call_id="call_1", decision="allow", reason=None, by="user")
+    log.add(
+        "observation",
+        "Paris: 18 °C, light rain until 16:00, wind 12 km/h.",
+        block="b3",
+        delta=False,
+        is_error=False,
+        **call,
+    )
+    log.add("thinking", "It rains until four: an umbrella is worth it.", block="b4", delta=False)
+    answer = (
+        "**Paris is 18 °C today**, with light rain until 16:00.\n\n",
+        "- Take an umbrella for the morning\n",
+        "- A light jacket is enough\n\n",
+        "The wind stays under `15 km/h`.",
+    )
+    for piece in answer:
+        log.add("answer", piece, block="b5", delta=True)
+    log.add("block_end", block="b5")
+    usage = {"prompt_tokens": 412, "completion_tokens": 96, "total_tokens": 508, "estimated": True}
+    log.add("done", "", usage=usage, finish_reason="stop")
+    return log
+
+
+def until_approval(log: Log) -> list[dict[str, Any]]:
+    """The log played up to its approval, then held until the page sends `approve`."""
+    frames = log.frames
+    cut = next(i for i, f in enumerate(frames) if f["type"] == "approval") + 1
+    return [{"frames": frames[:cut]}, {"waitFor": "approve"}, {"frames": frames[cut:]}]
+
+
+async def recorded_page(
+    context: BrowserContext,
+    script: list[dict[str, Any]],
+    fragment: str = "",
+    scheme: str = "light",
+    init_script: str | None = None,
+) -> Tab:
+    page = await context.new_page()
+    tab = Tab(page)
+    page.on("console", lambda m: m.type == "error" and tab.errors.append(m.text))
+    page.on("pageerror", lambda e: tab.errors.append(str(e)))
+    await page.emulate_media(color_scheme=scheme)
+    await page.route(f"{PAGE_ORIGIN}/**", serve_checkout)
+    await page.add_init_script(script=FAKE_SOCKET)
+    await page.add_init_script(script=f"window.__script = {json.dumps(script)};")
+    if init_script is not None:
+        await page.add_init_script(script=init_script)
+    await page.goto(f"{PAGE_ORIGIN}/{fragment}")
+    await page.wait_for_function("() => document.body.dataset.session", timeout=WAIT_MS)
+    return tab
+
+
+def viewer_fragment() -> str:
+    """A viewer link's fragment: the page reads the token's claims to know it is one."""
+    claims = {"sub": "ann", "scope": "view", "sid": "s-recorded", "exp": int(time.time()) + 600}
+    return "#session=s-recorded&token=" + jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def test_a_recorded_v2_run_renders_reasoning_a_tool_card_approval_and_usage(context):
+    tab = await recorded_page(context, until_approval(weather_run()))
+    page = tab.page
+    await waiting_for_approval(page)
+    card = page.locator(".run")
+    reasoning = card.locator(".reasoning-text").first
+    assert await reasoning.text_content() == (
+        "The user asks about the weather in Paris. I should search for it."
+    ), "reasoning deltas join into one text"
+    assert await card.locator(".reasoning").first.evaluate("d => d.open")
+    tool = card.locator(".tool")
+    assert await tool.locator(".tool-args").text_content() == (
+        '{\n  "query": "weather in Paris today"\n}'
+    ), "arguments as pretty JSON"
+    assert await tool.locator(".tool-status").text_content() == "Waiting for approval"
+
+    await tool.locator("button.allow").click()
+    await ended(page, 1)
+    assert await page.evaluate("window.__sent") == [
+        {"type": "approve", "run": "r-recorded", "call_id": "call_1", "decision": "allow"}
+    ]
+    assert await shown_blocks(card) == ["reasoning", "tool", "reasoning", "answer"]
+    assert await tool.locator(".approval").text_content() == "Allowed by the session's owner."
+    assert await tool.locator(".tool-output").text_content() == (
+        "Paris: 18 °C, light rain until 16:00, wind 12 km/h."
+    )
+    answer = card.locator(".answer")
+    assert await answer.locator("strong").text_content() == "Paris is 18 °C today"
+    assert await answer.locator("li").count() == 2
+    assert await answer.locator("code").text_content() == "15 km/h"
+    assert await card.locator(".run-foot").text_content() == (
+        "Done in 2.7 s. ~508 tokens (~412 prompt, ~96 completion; estimated)."
+    )
+    assert not await card.locator(".reasoning").first.evaluate("d => d.open")
+    assert tab.errors == []
+
+
+async def test_a_recorded_tool_call_streams_its_input_then_shows_arguments(context):
+    log = weather_run()
+    first_piece = next(i for i, f in enumerate(log.frames) if f["type"] == "tool_input")
+    script = [{"frames": log.frames[: first_piece + 2]}, {"waitFor": "never"}]
+    page = (await recorded_page(context, script)).page
+    await page.wait_for_selector(".tool", timeout=WAIT_MS)
+    tool = page.locator(".tool")
+    await page.wait_for_function(
+        "text => document.querySelector('.tool-args').textContent === text",
+        arg='{"query": "weather in ',
+        timeout=WAIT_MS,
+    )
+    assert await tool.get_attribute("data-status") == "preparing"
+
+
+async def test_a_viewer_link_shows_a_pending_approval_without_buttons(context):
+    tab = await recorded_page(context, until_approval(weather_run()), viewer_fragment())
+    page = tab.page
+    await waiting_for_approval(page)
+    assert await page.locator("#readonly").is_visible()
+    assert await page.locator(".tool button, .tool input").count() == 0
+    assert await page.locator(".tool .approval").text_content() == (
+        "Waiting for the session's owner to allow or deny this call."
+    )
+    assert await page.evaluate("window.__sent") == []
+
+
+async def test_a_timeout_decision_and_an_error_result_are_marked(context):
+    log = Log()
+    call = {"tool": "delete_files", "call_id": "call_9"}
+    log.add("action", "delete_files", block="b1", delta=False, arguments='{"path": "/"}', **call)
+    log.add(
+        "approval", "", block="b1", arguments={"path": "/"}, timeout_ms=1000, default="deny", **call
+    )
+    log.add(
+        "decision", "", block="b1", call_id="call_9", decision="deny", reason=None, by="timeout"
+    )
+    log.add(
+        "observation", "denied: nobody allowed it", block="b2", delta=False, is_error=True, **call
+    )
+    log.add("error", "the model gave up", code="budget")
+    page = (await recorded_page(context, [{"frames": log.frames}])).page
+    await ended(page, 1, "failed")
+    tool = page.locator(".tool")
+    assert await tool.get_attribute("data-status") == "denied"
+    assert await tool.locator(".approval").text_content() == (
+        "Denied automatically: nobody answered in time."
+    )
+    assert await tool.locator(".label", has_text="Error").count() == 1
+    assert await page.locator(".run .badge").text_content() == "Failed"
+    assert await page.locator(".run-foot").text_content() == (
+        "Failed in 0.6 s: the model gave up (budget)"
+    )
+
+
+PARAGRAPHS = 120
+
+
+async def test_a_long_answer_renders_each_closed_paragraph_once(context):
+    """A long answer streams as many deltas: a paragraph a blank line has closed is drawn
+    once and kept (the same element to the end of the stream); only the open tail is drawn
+    again. The complete answer is drawn whole once more at its end."""
+    log = Log()
+    script: list[dict[str, Any]] = []
+    for n in range(PARAGRAPHS):
+        words = [f"Paragraph {n} ", "says something ", "worth reading", ".\n\n"]
+        for word in words:
+            log.add("answer", word, block="b1", delta=True)
+        script += [{"frames": log.frames[-4:]}, {"pause": 5}]
+    log.add("done", "")
+    script += [{"waitFor": "end"}, {"frames": log.frames[-1:]}]
+    page = (await recorded_page(context, script)).page
+    await page.evaluate(
+        """() => {
+          window.added = 0;
+          new MutationObserver(records => {
+            for (const r of records) window.added += r.addedNodes.length;
+          }).observe(document.getElementById('runs'), { childList: true, subtree: true });
+        }"""
+    )
+    await page.wait_for_function(
+        "() => document.querySelector('.answer')?.children.length >= 3", timeout=WAIT_MS
+    )
+    await page.evaluate("window.first = document.querySelector('.answer p')")
+    await page.wait_for_function(
+        "n => document.querySelectorAll('.answer p').length >= n", arg=PARAGRAPHS, timeout=WAIT_MS
+    )
+    assert await page.evaluate("window.first.isConnected"), "a closed paragraph was drawn again"
+    added = await page.evaluate("window.added")
+    print(f"{PARAGRAPHS} paragraphs in {len(log.frames) - 1} deltas: {added} nodes added")
+    assert added < 6 * PARAGRAPHS, added  # a redraw of the whole answer per frame: ~N²/2
+    first_paragraph = await page.locator(".answer p").first.text_content()
+    await page.evaluate("window.__socket.play({ type: 'end' })")
+    await ended(page, 1)
+    assert await page.locator(".answer p").count() == PARAGRAPHS
+    assert await page.locator(".answer p").first.text_content() == first_paragraph
 
 
 async def axe_violations(page: Page) -> list[dict[str, Any]]:

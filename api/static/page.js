@@ -4,7 +4,7 @@
 // Markdown rendered by marked and then sanitised by DOMPurify before innerHTML. The
 // frontend also serves this page with a Content-Security-Policy that runs no script
 // but its own files, so a sanitiser bug would still run nothing.
-import { Thoughtwire } from "/thoughtwire.js";
+import { Thoughtwire, initialState, reduce } from "/thoughtwire.js";
 import { marked } from "/static/vendor/marked.esm.js";
 import DOMPurify from "/static/vendor/purify.es.js";
 
@@ -13,9 +13,6 @@ const TOKEN_KEY = "thoughtwire.token";
 const PROMPTS_KEY = "thoughtwire.prompts";
 const KEPT_PROMPTS = 100; // prompts remembered per tab, to label runs after a reload
 const NEAR_BOTTOM = 48; // px: closer than this to the end counts as "at the bottom"
-
-const KINDS = { thinking: "Thinking", action: "Action", observation: "Observation", retry: "Retry" };
-const ENDS = { done: "Done", cancelled: "Stopped", error: "Failed" };
 
 marked.use({ gfm: true, breaks: false });
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
@@ -31,11 +28,6 @@ const PURIFY = {
   FORBID_ATTR: ["style"],
   FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select"],
 };
-
-/** Markdown text as sanitised HTML, set into `el`. */
-function renderMarkdown(el, text) {
-  el.innerHTML = DOMPurify.sanitize(marked.parse(text, { async: false }), PURIFY);
-}
 
 /** The claims of a JWT, unverified: only to tell a viewer link from an owner's token. */
 function claimsOf(token) {
@@ -115,18 +107,301 @@ $("jump").addEventListener("click", toBottom);
 
 // ---------------------------------------------------------------- runs
 
+// A card is drawn from the run's state, as the client's reducer folds the session's
+// frames into it (docs/protocol.md, "The reducer"); the page never interprets events
+// itself. Each block keeps its own elements and changes only what changed, so a token
+// costs a text append, not a redraw of the run.
+
 const cards = new Map(); // run id -> Card
 const pending = []; // prompts sent from this page whose run has not shown up yet
 let prompts = {}; // run id -> its prompt, as far as this tab knows
+let state = initialState(); // the session's state, folded by the client's reducer
 
-/** One run: its prompt, a timeline of steps, the answer and how it ended. */
+/** Pretty JSON for a tool call's arguments: an object, or JSON text, or the text as it is. */
+function prettyArguments(args) {
+  if (typeof args !== "string") return JSON.stringify(args, null, 2);
+  try {
+    return JSON.stringify(JSON.parse(args), null, 2);
+  } catch {
+    return args;
+  }
+}
+
+const TEMPLATE = document.createElement("template");
+
+/** Sanitised HTML of some Markdown, as nodes to insert (a template's content is inert). */
+function markdownNodes(text) {
+  TEMPLATE.innerHTML = DOMPurify.sanitize(marked.parse(text, { async: false }), PURIFY);
+  return TEMPLATE.content;
+}
+
+/** Where the settled part of a streaming Markdown text may end: after its last blank line outside a code fence. */
+function settledEnd(text, from) {
+  let fenced = false;
+  let end = from;
+  let at = from;
+  for (let next = text.indexOf("\n", at); next !== -1; next = text.indexOf("\n", at)) {
+    const line = text.slice(at, next);
+    if (/^ {0,3}(```|~~~)/.test(line)) fenced = !fenced;
+    else if (!fenced && line.trim() === "" && at > from) end = next + 1;
+    at = next + 1;
+  }
+  return end;
+}
+
+/**
+ * An answer's Markdown, drawn as it streams. Paragraphs that a blank line has closed are
+ * rendered once and kept; only the open tail is rendered again, at most once a frame.
+ * When the block is complete the whole text is rendered once more, so Markdown that
+ * spans paragraphs (a loose list, a reference link) comes out exactly.
+ */
+class MarkdownView {
+  constructor(el) {
+    this.el = el;
+    this.text = "";
+    this.done = false;
+    this.settled = 0; // characters of `text` rendered for good
+    this.tail = []; // the nodes of the rendering of text[settled:]
+  }
+
+  show(text, done) {
+    if (text === this.text && done === this.done) return;
+    if (done) {
+      this.el.replaceChildren(markdownNodes(text));
+      this.tail = [];
+      this.settled = text.length;
+    } else {
+      if (this.done || !text.startsWith(this.text.slice(0, this.settled))) this.clear();
+      for (const node of this.tail) node.remove();
+      const end = settledEnd(text, this.settled);
+      if (end > this.settled) {
+        this.el.append(markdownNodes(text.slice(this.settled, end)));
+        this.settled = end;
+      }
+      const tail = markdownNodes(text.slice(this.settled));
+      this.tail = [...tail.childNodes];
+      this.el.append(tail);
+    }
+    this.text = text;
+    this.done = done;
+  }
+
+  clear() {
+    this.el.replaceChildren();
+    this.settled = 0;
+    this.tail = [];
+  }
+}
+
+/** Consecutive reasoning blocks of a run: one "Reasoning" disclosure of joined text. */
+class ReasoningView {
+  constructor(card) {
+    this.card = card;
+    this.el = element("details", "reasoning");
+    this.el.open = card.status === "running" || card.status === "waiting";
+    const summary = element("summary", "", "Reasoning");
+    this.text = element("div", "reasoning-text");
+    this.el.append(summary, this.text);
+    // A click (or Enter/Space) on the summary is the reader's choice: keep it.
+    summary.addEventListener("click", () => {
+      card.touched = true;
+    });
+  }
+
+  /** A text node for one more block, on its own line after the first. */
+  add() {
+    if (this.text.firstChild) this.text.append("\n");
+    const node = document.createTextNode("");
+    this.text.append(node);
+    return node;
+  }
+}
+
+/** One reasoning block: a text node inside its group, appended to as deltas come. */
+class ThoughtView {
+  constructor(group) {
+    this.group = group;
+    this.node = group.add();
+  }
+
+  update(block) {
+    const shown = this.node.data;
+    if (block.text === shown) return;
+    if (block.text.startsWith(shown)) this.node.appendData(block.text.slice(shown.length));
+    else this.node.data = block.text;
+  }
+}
+
+/** An answer block: sanitised Markdown. */
+class TextView {
+  constructor() {
+    this.el = element("div", "answer markdown");
+    this.markdown = new MarkdownView(this.el);
+  }
+
+  update(block) {
+    this.markdown.show(block.text, block.done);
+  }
+}
+
+const TOOL_STATUS = {
+  preparing: "Preparing…",
+  waiting: "Waiting for approval",
+  running: "Running…",
+  done: "Done",
+  error: "Error",
+  denied: "Denied",
+  unfinished: "No result",
+};
+
+/** A tool call and its result in one card: name, arguments, approval, status, output. */
+class ToolView {
+  constructor(card, tool) {
+    this.card = card;
+    this.call = null; // the tool_call block, once seen
+    this.result = null; // the tool_result block, once seen
+    this.el = element("section", "tool");
+    const head = element("header", "tool-head");
+    head.append(element("span", "label", "Tool"));
+    this.name = element("code", "tool-name", tool || "tool");
+    this.status = element("span", "tool-status");
+    head.append(this.name, this.status);
+    this.el.setAttribute("aria-label", `Tool call: ${tool || "tool"}`);
+    this.argsLabel = element("p", "label", "Arguments");
+    this.args = element("pre", "tool-args");
+    this.approval = element("div", "approval");
+    this.approval.hidden = true;
+    this.outputLabel = element("p", "label", "Result");
+    this.output = element("pre", "tool-output");
+    this.outputLabel.hidden = this.output.hidden = true;
+    this.el.append(head, this.argsLabel, this.args, this.approval, this.outputLabel, this.output);
+    this.shownApproval = undefined;
+  }
+
+  update(block) {
+    if (block.kind === "tool_result") this.result = block;
+    else this.call = block;
+    this.draw();
+  }
+
+  draw() {
+    const call = this.call;
+    const tool = call?.tool || this.result?.tool;
+    if (tool && this.name.textContent !== tool) {
+      this.name.textContent = tool;
+      this.el.setAttribute("aria-label", `Tool call: ${tool}`);
+    }
+    if (call) {
+      const text = call.arguments != null ? prettyArguments(call.arguments) : call.input;
+      if (this.args.textContent !== text) this.args.textContent = text;
+      this.drawApproval(call.approval);
+    }
+    this.argsLabel.hidden = this.args.hidden = !call;
+    if (this.result) {
+      this.outputLabel.hidden = this.output.hidden = false;
+      this.outputLabel.textContent = this.result.is_error ? "Error" : "Result";
+      if (this.output.textContent !== this.result.text) this.output.textContent = this.result.text;
+    }
+    const status = this.statusOf();
+    this.el.dataset.status = status;
+    this.status.textContent = TOOL_STATUS[status];
+  }
+
+  statusOf() {
+    const approval = this.call?.approval;
+    if (this.result) return approval?.status === "deny" ? "denied" : this.result.is_error ? "error" : "done";
+    if (approval?.status === "pending") return "waiting";
+    if (approval?.status === "deny") return "denied";
+    if (this.card.ended) return "unfinished";
+    return this.call && !this.call.done ? "preparing" : "running";
+  }
+
+  drawApproval(approval) {
+    const key = approval && `${approval.status}|${approval.by}|${approval.reason}|${this.card.ended}`;
+    if (key === this.shownApproval) return;
+    this.shownApproval = key;
+    this.approval.hidden = !approval;
+    this.approval.replaceChildren();
+    if (!approval) return;
+    this.approval.dataset.status = approval.status;
+    if (approval.status !== "pending") {
+      this.approval.append(element("p", "decision", decisionText(approval)));
+    } else if (this.card.ended) {
+      this.approval.append(element("p", "decision", "The run ended before anyone decided."));
+    } else if (viewer) {
+      this.approval.append(element("p", "decision", "Waiting for the session's owner to allow or deny this call."));
+    } else {
+      this.approval.append(this.askOwner());
+    }
+  }
+
+  /** Allow and Deny, with an optional reason, for the session's owner. */
+  askOwner() {
+    const form = element("form", "ask");
+    form.setAttribute("aria-label", `Approve the ${this.call.tool || "tool"} call`);
+    form.append(element("p", "question", `This run wants to call ${this.call.tool || "a tool"} with the arguments above.`));
+    const id = `reason-${this.card.run}-${this.call.id}`;
+    const label = element("label", "", "Reason (optional)");
+    label.htmlFor = id;
+    const reason = element("input");
+    reason.type = "text";
+    reason.id = id;
+    reason.autocomplete = "off";
+    const allow = element("button", "primary allow", "Allow");
+    allow.type = "submit";
+    allow.value = "allow";
+    const deny = element("button", "danger deny", "Deny");
+    deny.type = "submit";
+    deny.value = "deny";
+    const row = element("div", "row");
+    row.append(reason, allow, deny);
+    form.append(label, row);
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const decision = e.submitter?.value === "deny" ? "deny" : "allow";
+      if (this.card.approve(this.call.call_id, decision, reason.value.trim() || undefined)) {
+        for (const control of [reason, allow, deny]) control.disabled = true;
+        e.submitter?.replaceChildren(decision === "allow" ? "Allowing…" : "Denying…");
+      }
+    });
+    return form;
+  }
+}
+
+function decisionText({ status, by, reason }) {
+  const verb = status === "allow" ? "Allowed" : "Denied";
+  const who = by === "timeout" ? " automatically: nobody answered in time" : " by the session's owner";
+  return `${verb}${who}${reason ? `: ${reason}` : "."}`;
+}
+
+const ENDS = { done: "Done", cancelled: "Stopped", failed: "Failed" };
+const BADGES = { running: "Running", waiting: "Waiting for approval", ...ENDS };
+
+function formatTokens(n, estimated) {
+  return (estimated ? "~" : "") + Number(n).toLocaleString("en");
+}
+
+/** "Done in 2.1 s. 1,234 tokens (1,000 prompt, 234 completion)", estimates marked "~". */
+function usageText(usage) {
+  if (!usage || usage.total_tokens == null) return "";
+  const est = usage.estimated === true;
+  const parts = `${formatTokens(usage.prompt_tokens ?? 0, est)} prompt, ${formatTokens(usage.completion_tokens ?? 0, est)} completion`;
+  return ` ${formatTokens(usage.total_tokens, est)} tokens (${parts}${est ? "; estimated" : ""}).`;
+}
+
+/** One run: its prompt, its blocks as the reducer has them, and how it ended. */
 class Card {
   constructor(run, prompt) {
     this.run = run;
-    this.answer = "";
-    this.lastStep = null;
-    this.firstTs = null;
-    this.touched = false; // the reader opened or closed the timeline themselves
+    this.touched = false; // the reader opened or closed reasoning themselves
+    this.status = "running";
+    this.ended = false;
+    this.attempt = 1;
+    this.views = new Map(); // block id -> its view
+    this.ids = []; // block ids drawn, in order
+    this.tools = new Map(); // call_id -> ToolView
+    this.groups = []; // reasoning groups, to fold when the run ends
+    this.last = null; // the last view drawn, to join consecutive reasoning
     this.el = element("article", "run");
     this.el.dataset.run = run;
     this.el.dataset.status = "running";
@@ -147,21 +422,10 @@ class Card {
       this.stop.addEventListener("click", () => this.cancel());
       head.append(this.stop);
     }
-
-    this.timeline = element("details", "timeline");
-    this.timeline.open = true;
-    this.summary = element("summary", "", "Steps");
-    this.steps = element("ol", "steps");
-    this.timeline.append(this.summary, this.steps);
-    // A click (or Enter/Space) on the summary is the reader's choice: keep it.
-    this.summary.addEventListener("click", () => {
-      this.touched = true;
-    });
-
-    this.body = element("div", "answer markdown");
+    this.note = element("p", "run-note", "");
+    this.body = element("div", "run-body");
     this.footer = element("p", "run-foot", "");
-    this.el.append(head, this.timeline, this.body, this.footer);
-    this.count = 0;
+    this.el.append(head, this.note, this.body, this.footer);
   }
 
   setPrompt(text) {
@@ -169,71 +433,96 @@ class Card {
     this.prompt.classList.toggle("unknown", text == null);
   }
 
-  /** Apply one event of this run, in seq order. */
-  apply(event) {
-    if (this.firstTs === null && event.ts) this.firstTs = event.ts;
-    const kind = event.type;
-    if (kind === "answer") {
-      this.answer += event.content ?? "";
-      this.scheduleRender();
-    } else if (kind === "retry") {
-      this.answer = ""; // a new attempt starts the answer over
-      this.render();
-      this.step("retry", `Attempt ${event.attempt}: the run starts over`);
-    } else if (kind in KINDS) {
-      this.step(kind, String(event.content ?? ""));
-    } else if (kind in ENDS) {
-      this.end(event);
-    }
+  /** Bring the card up to the run's state. */
+  draw(run) {
+    if (run.attempt !== this.attempt || !this.drawnPrefixOf(run.blocks)) this.restart(run.attempt);
+    for (const block of run.blocks) this.drawBlock(block);
+    if (run.status !== this.status) this.drawStatus(run);
+    else if (this.ended) this.drawFooter(run);
   }
 
-  step(kind, text) {
-    // Reasoning streams as many small deltas: consecutive ones make one paragraph.
-    if (kind === "thinking" && this.lastStep?.kind === "thinking") {
-      const prev = this.lastStep.text.textContent;
-      // Whole sentences from an agent that thinks in steps each start a new line.
-      const joint = /[.!?…:]$/.test(prev) && /^[A-Z]/.test(text) ? "\n" : "";
-      this.lastStep.text.textContent = prev + joint + text;
+  /** Whether the blocks drawn are still the first blocks of the run (a retry clears them). */
+  drawnPrefixOf(blocks) {
+    const n = this.ids.length;
+    return blocks.length >= n && (n === 0 || blocks[n - 1].id === this.ids[n - 1]);
+  }
+
+  restart(attempt) {
+    this.attempt = attempt;
+    this.views.clear();
+    this.tools.clear();
+    this.ids = [];
+    this.groups = [];
+    this.last = null;
+    this.body.replaceChildren();
+    this.note.textContent = attempt > 1 ? `Attempt ${attempt}: the run started over.` : "";
+  }
+
+  drawBlock(block) {
+    let view = this.views.get(block.id);
+    if (!view) {
+      view = this.viewFor(block);
+      this.views.set(block.id, view);
+      this.ids.push(block.id);
+      this.last = view;
+    } else if (view.shown === block) {
+      return; // unchanged since it was drawn
+    }
+    view.shown = block;
+    view.update(block);
+  }
+
+  viewFor(block) {
+    if (block.kind === "reasoning") {
+      let group = this.last instanceof ThoughtView ? this.last.group : null;
+      if (!group) {
+        group = new ReasoningView(this);
+        this.groups.push(group);
+        this.body.append(group.el);
+      }
+      return new ThoughtView(group);
+    }
+    if (block.kind === "tool_call" || block.kind === "tool_result") {
+      const known = block.call_id ? this.tools.get(block.call_id) : undefined;
+      const tool = known ?? new ToolView(this, block.tool);
+      if (!known) {
+        if (block.call_id) this.tools.set(block.call_id, tool);
+        this.body.append(tool.el);
+      }
+      // The result shows inside its call's card: the view is the call's, updated by both.
+      return { update: (b) => tool.update(b), tool };
+    }
+    const text = new TextView();
+    this.body.append(text.el);
+    return text;
+  }
+
+  drawStatus(run) {
+    this.status = run.status;
+    this.ended = run.status in ENDS;
+    this.el.dataset.status = run.status;
+    this.badge.textContent = BADGES[run.status] ?? run.status;
+    for (const tool of new Set(this.tools.values())) tool.draw(); // their status depends on the run's
+    if (this.ended) {
+      this.stop?.remove();
+      this.stop = null;
+      if (!this.touched) for (const group of this.groups) group.el.open = false; // the answer matters now
+    }
+    this.drawFooter(run);
+  }
+
+  drawFooter(run) {
+    if (!this.ended) {
+      this.footer.textContent = "";
       return;
     }
-    const li = element("li", `step step-${kind}`);
-    li.append(element("span", "kind", KINDS[kind]));
-    const body = element("span", "text", text);
-    li.append(body);
-    this.steps.append(li);
-    this.lastStep = { kind, text: body };
-    this.count += 1;
-    this.summary.textContent = `Steps (${this.count})`;
-  }
-
-  scheduleRender() {
-    if (this.frame) return;
-    this.frame = requestAnimationFrame(() => {
-      this.frame = null;
-      change(() => this.render());
-    });
-  }
-
-  render() {
-    renderMarkdown(this.body, this.answer);
-  }
-
-  end(event) {
-    if (this.frame) cancelAnimationFrame(this.frame);
-    this.frame = null;
-    this.render();
-    this.el.dataset.status = event.type;
-    this.badge.textContent = ENDS[event.type];
-    if (this.stop) this.stop.remove();
-    const took = this.firstTs && event.ts ? ` in ${((event.ts - this.firstTs) / 1000).toFixed(1)} s` : "";
-    if (event.type === "done") {
-      this.footer.textContent = `Done${took}.`;
-    } else if (event.type === "cancelled") {
-      this.footer.textContent = `Stopped${took}: ${event.content || "the run was cancelled"}.`;
-    } else {
-      this.footer.textContent = `Failed${took}: ${event.content || event.message || "the run failed"}`;
-    }
-    if (!this.touched && this.count > 0) this.timeline.open = false; // the answer matters now
+    const [first, last] = times.get(this.run) ?? [];
+    const took = first && last ? ` in ${((last - first) / 1000).toFixed(1)} s` : "";
+    let text;
+    if (run.status === "done") text = `Done${took}.${usageText(run.usage)}`;
+    else if (run.status === "cancelled") text = `Stopped${took}: the run was cancelled.`;
+    else text = `Failed${took}: ${run.error?.message || "the run failed"}${run.error?.code ? ` (${run.error.code})` : ""}`;
+    if (this.footer.textContent !== text) this.footer.textContent = text;
   }
 
   cancel() {
@@ -247,6 +536,17 @@ class Card {
     this.stop.textContent = "Stopping…";
     this.badge.textContent = "Stopping";
   }
+
+  /** Send the owner's decision on a tool call; false if it could not be sent. */
+  approve(callId, decision, reason) {
+    try {
+      tw.approve(this.run, callId, decision, reason);
+      return true;
+    } catch (err) {
+      notice(`Could not send the decision: ${err.message || err}`, "notice error");
+      return false;
+    }
+  }
 }
 
 function cardFor(run) {
@@ -259,6 +559,52 @@ function cardFor(run) {
     $("empty").hidden = true;
   }
   return card;
+}
+
+// Deltas are drawn at most once a frame; anything else (a tool call, an approval, the
+// end of a run) at once, so a card's status never lags behind its events.
+const dirty = new Set(); // runs whose cards are behind the state
+const times = new Map(); // run id -> [ts of its first frame, ts of its last]
+let drawing = null; // the animation frame that will draw them
+
+/** Fold one frame into the session's state and draw what it changed. */
+function fold(frame) {
+  const before = state;
+  state = reduce(state, frame);
+  if (state === before) return; // a duplicate, or a frame the state does not hold
+  if (frame.run && frame.ts) times.set(frame.run, [times.get(frame.run)?.[0] ?? frame.ts, frame.ts]);
+  if (!frame.run || state.order.length < before.order.length || (before.epoch && state.epoch !== before.epoch)) {
+    change(drawAll); // a gap, a snapshot or a new epoch: the state starts over
+    return;
+  }
+  dirty.add(frame.run);
+  if (frame.delta === true) schedule();
+  else flush();
+}
+
+function schedule() {
+  drawing ??= requestAnimationFrame(flush);
+}
+
+function flush() {
+  if (drawing !== null) cancelAnimationFrame(drawing);
+  drawing = null;
+  change(() => {
+    for (const run of dirty) if (state.runs[run]) cardFor(run).draw(state.runs[run]);
+    dirty.clear();
+  });
+}
+
+/** Draw every run of the state, and drop the cards of runs it no longer has. */
+function drawAll() {
+  for (const [run, card] of cards) {
+    if (!state.runs[run]) {
+      card.el.remove();
+      cards.delete(run);
+    }
+  }
+  for (const run of state.order) cardFor(run).draw(state.runs[run]);
+  dirty.clear();
 }
 
 function remember(run, text) {
@@ -328,8 +674,7 @@ function open(session) {
     }
   });
   client.addEventListener("event", (e) => {
-    if (client !== tw || !e.detail.run) return;
-    change(() => cardFor(e.detail.run).apply(e.detail));
+    if (client === tw) fold(e.detail);
   });
   client.addEventListener("error", (e) => {
     // Something asked of the client failed (a prompt or a cancel refused); it goes on.
@@ -339,6 +684,7 @@ function open(session) {
   });
   client.addEventListener("gap", (e) => {
     if (client !== tw) return;
+    fold(e.detail); // the state starts over: the frontend sends what it still has
     notice(`Some events could not be recovered (${e.detail.reason}); the stream goes on from here.`);
   });
   client.addEventListener("message", (e) => {
@@ -368,6 +714,9 @@ function reset() {
   tw?.close();
   tw = null;
   cards.clear();
+  times.clear();
+  dirty.clear();
+  state = initialState();
   pending.length = 0;
   $("runs").replaceChildren();
   $("empty").hidden = viewer;
