@@ -7,9 +7,21 @@ prompts for one session sent through different frontends within a few millisecon
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
 import orjson
 import pytest
 
+from tests.conftest import Cluster, openai_env, start_cluster
+from tests.fake_openai import FakeOpenAI, Reply
+from tests.procs import RedisServer, seconds
+from tests.wsclient import connect, greeting, recv_json
 from thoughtwire.shared.bus import Bus, Busy
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import (
@@ -216,3 +228,217 @@ async def test_a_parked_job_behind_a_lost_run_is_freed_after_a_lease(bus):
     await parking.check(now=101.0)
     assert [j.run for _, j in parking.take_due(5)] == ["b"]
     assert (await bus.start(b, "w", 10_000, 3)).verdict == Verdict.RUN
+
+
+# --- the whole system: two frontends, two workers, one session ---------------------
+
+TERMINAL = ("done", "error", "cancelled")
+SENT_WITHIN = 0.005  # the two prompts leave within 5 ms of each other
+
+
+@pytest.fixture(scope="module")
+def paced(redis_server: RedisServer, logdir: Path) -> Iterator[Cluster]:
+    """Two frontends and two workers; a simulated run takes about a second."""
+    cluster = start_cluster(
+        redis_server,
+        logdir,
+        frontends=2,
+        workers=2,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="20",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+        THOUGHTWIRE_LEASE_SECONDS="2",
+    )
+    yield cluster
+    cluster.stop()
+
+
+def prompt(content: str, multitask: str) -> str:
+    return json.dumps({"type": "prompt", "content": content, "multitask": multitask})
+
+
+async def frames_until(ws: Any, ends: int, timeout: float = 30) -> list[dict[str, Any]]:
+    """Every frame (events and replies) until ``ends`` runs have ended."""
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(seconds(timeout)):
+        while sum(f.get("type") in TERMINAL and "seq" in f for f in frames) < ends:
+            frames.append(await recv_json(ws, timeout))
+            frames[-1]["_at"] = time.monotonic()
+    return frames
+
+
+async def two_prompts(cluster: Cluster, multitask: str, ends: int) -> tuple[str, list, list]:
+    """Prompts for one session through each frontend within 5 ms; each socket's frames."""
+    a, b = cluster.frontends
+    async with connect(a.ws + "/ws/agent-thoughts") as first:
+        session = await greeting(first)
+        async with connect(f"{b.ws}/ws/agent-thoughts?session={session}") as second:
+            await greeting(second)
+            frames = prompt("via a", multitask), prompt("via b", multitask)
+            await first.send(frames[0])
+            sent = time.monotonic()
+            await second.send(frames[1])
+            assert time.monotonic() - sent < SENT_WITHIN
+            got_a, got_b = await asyncio.gather(
+                frames_until(first, ends), frames_until(second, ends)
+            )
+    return session, got_a, got_b
+
+
+def events(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [f for f in frames if "seq" in f]
+
+
+def runs_in_log_order(frames: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(e["run"] for e in events(frames)))
+
+
+def arrival_order(cluster: Cluster, session: str, runs: list[str]) -> list[str]:
+    keys = Keys(cluster.prefix)
+    with cluster.redis.client() as r:
+        orders = {run: int(r.hget(keys.run(session, run), "order")) for run in runs}
+    return sorted(runs, key=orders.__getitem__)
+
+
+def one_after_the_other(frames: list[dict[str, Any]], first: str, second: str) -> None:
+    """No interleaving: every event of ``second`` comes after ``first``'s terminal event."""
+    seqs = [(e["run"], e["seq"], e["type"]) for e in events(frames)]
+    assert [s for _r, s, _t in seqs] == sorted(s for _r, s, _t in seqs)
+    end = next(s for r, s, t in seqs if r == first and t in TERMINAL)
+    assert all(s <= end for r, s, _t in seqs if r == first), seqs
+    assert all(s > end for r, s, _t in seqs if r == second)
+
+
+async def test_reject_runs_exactly_one_and_the_other_is_told_busy(paced):
+    session, got_a, got_b = await two_prompts(paced, "reject", ends=1)
+    refusals = [f for f in got_a + got_b if f.get("type") == "error"]
+    (ran,) = runs_in_log_order(got_a)
+    assert runs_in_log_order(got_b) == [ran]
+    assert [(f["code"], f["run"]) for f in refusals] == [("busy", ran)]
+    assert ran in refusals[0]["message"]
+    assert events(got_a)[-1]["type"] == "done"
+    keys = Keys(paced.prefix)
+    with paced.redis.client() as r:
+        assert r.keys(keys.run(session, "*")) == [keys.run(session, ran).encode()]
+
+
+async def test_enqueue_runs_both_one_after_the_other_in_arrival_order(paced):
+    session, got_a, got_b = await two_prompts(paced, "enqueue", ends=2)
+    assert [f for f in got_a + got_b if f.get("type") == "error"] == []
+    order = runs_in_log_order(got_a)
+    assert len(order) == 2 and runs_in_log_order(got_b) == order
+    assert arrival_order(paced, session, order) == order
+    one_after_the_other(got_a, *order)
+    ends = [e for e in events(got_a) if e["type"] in TERMINAL]
+    assert [e["type"] for e in ends] == ["done", "done"]
+
+
+async def test_interrupt_cancels_the_first_and_runs_the_second(paced):
+    session, got_a, got_b = await two_prompts(paced, "interrupt", ends=2)
+    order = runs_in_log_order(got_a)
+    assert len(order) == 2 and runs_in_log_order(got_b) == order
+    assert arrival_order(paced, session, order) == order
+    one_after_the_other(got_a, *order)
+    ends = {e["run"]: e["type"] for e in events(got_a) if e["type"] in TERMINAL}
+    assert ends == {order[0]: "cancelled", order[1]: "done"}
+
+
+async def test_interrupt_ends_a_running_run_within_a_second(paced):
+    a, b = paced.frontends
+    async with connect(a.ws + "/ws/agent-thoughts") as first:
+        session = await greeting(first)
+        async with connect(f"{b.ws}/ws/agent-thoughts?session={session}") as second:
+            await greeting(second)
+            await first.send(prompt("a long story", "enqueue"))
+            while (await recv_json(first))["type"] != "answer":
+                pass  # it runs
+            sent = time.monotonic()
+            await second.send(prompt("never mind", "interrupt"))
+            frames = await frames_until(second, ends=2)
+    ends = [e for e in events(frames) if e["type"] in TERMINAL]
+    assert [e["type"] for e in ends] == ["cancelled", "done"]
+    assert ends[0]["_at"] - sent < seconds(1.0)
+    one_after_the_other(frames, ends[0]["run"], ends[1]["run"])
+
+
+async def test_http_jobs_choose_too_and_reject_answers_409_busy(paced):
+    async with httpx.AsyncClient(base_url=paced.frontends[0].http, timeout=10) as http:
+        first = await http.post("/v1/jobs", json={"prompt": "p", "multitask": "enqueue"})
+        session = first.json()["session"]
+        refused = await http.post(
+            "/v1/jobs", json={"prompt": "p", "session": session, "multitask": "reject"}
+        )
+        assert refused.status_code == 409
+        assert refused.json()["code"] == "busy"
+        assert refused.json()["run"] == first.json()["job"]
+        bad = await http.post("/v1/jobs", json={"prompt": "p", "multitask": "sometimes"})
+        assert bad.status_code == 422
+        await http.delete(f"/v1/jobs/{first.json()['job']}")
+
+
+# --- cancel while a run waits on a tool or on a model provider's back-off ------------
+
+
+async def pause(seconds: float) -> str:
+    """Wait, as a slow tool does.
+
+    Args:
+        seconds: how long to wait
+    """
+    await asyncio.sleep(seconds)
+    return "waited"
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def modelled(redis_server: RedisServer, logdir: Path, llm: FakeOpenAI) -> Iterator[Cluster]:
+    """The openai agent, talking to the fake model server, with a slow tool."""
+    cluster = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        workers=1,
+        **openai_env(llm),
+        THOUGHTWIRE_TOOLS="tests.test_multitask:pause",
+    )
+    yield cluster
+    cluster.stop()
+
+
+async def cancelled_within(cluster: Cluster, llm: FakeOpenAI, started: str) -> float:
+    """Send a prompt, wait until the run is at ``started``, cancel it: the seconds taken."""
+    asked = len(llm.requests)
+    async with connect(cluster.frontends[0].ws + "/ws/agent-thoughts") as ws:
+        await greeting(ws)
+        await ws.send("take your time")
+        async with asyncio.timeout(seconds(10)):
+            if started == "model":  # the model answered 429 with a long Retry-After
+                while len(llm.requests) <= asked:
+                    await asyncio.sleep(0.01)
+            else:
+                while (await recv_json(ws)).get("type") != started:
+                    pass
+        sent = time.monotonic()
+        await ws.send(json.dumps({"type": "cancel"}))
+        while (frame := await recv_json(ws)).get("type") not in TERMINAL:
+            pass
+        assert frame["type"] == "cancelled", frame
+        return time.monotonic() - sent
+
+
+async def test_a_cancel_is_acknowledged_within_a_second_during_a_slow_tool(modelled, llm):
+    llm.replies.clear()
+    llm.replies.append(Reply.tool_calls(("call-1", "pause", ['{"seconds": 30}'])))
+    assert await cancelled_within(modelled, llm, "action") < seconds(1.0)
+
+
+async def test_a_cancel_is_acknowledged_within_a_second_during_a_429_back_off(modelled, llm):
+    llm.replies.clear()
+    llm.replies.append(Reply(status=429, headers={"Retry-After": "30"}))
+    assert await cancelled_within(modelled, llm, "model") < seconds(1.0)
+    llm.replies.clear()
