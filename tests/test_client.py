@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from contextlib import aclosing
+from pathlib import Path
 
 import jwt
 import pytest
+from websockets.asyncio.server import serve
 
-from tests.conftest import start_cluster
+from tests.conftest import SIM_STEPS, sim_run, start_cluster
 from tests.procs import free_port, seconds
 from thoughtwire.api.auth import Authenticator
 from thoughtwire.client import (
@@ -30,7 +32,7 @@ from thoughtwire.client import (
 from thoughtwire.shared.settings import Settings
 
 SECRET = "a-client-test-secret-that-is-32-bytes-or-more"
-THOUGHTS = ["thinking", "thinking", "action", "observation", "thinking"]
+THOUGHTS = SIM_STEPS
 
 
 def token(sub="alice", ttl=600):
@@ -62,7 +64,7 @@ def assert_once_in_order(events):
     """Seqs 1..N, each once and in order; one run, whole."""
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1)), seqs
-    assert [e["type"] for e in events] == [*THOUGHTS, *["answer"] * 60, "done"]
+    assert [e["type"] for e in events] == sim_run(60)
 
 
 # --- no server needed ---------------------------------------------------------
@@ -373,3 +375,86 @@ async def test_what_waits_for_a_connection_is_bounded():
         await follower.prompt("one too many")
     with pytest.raises(Refused, match="64 messages"):
         await follower.cancel()
+
+
+# --- approvals, multitask and the folded state ------------------------------------
+
+CONFORMANCE = Path(__file__).resolve().parent.parent / "clients" / "conformance" / "reducer.json"
+
+
+def conformance_case(words):
+    """The case of clients/conformance/reducer.json whose name has ``words``."""
+    (case,) = [c for c in json.loads(CONFORMANCE.read_text())["cases"] if words in c["name"]]
+    return case
+
+
+async def test_approve_and_multitask_frames_and_the_folded_state():
+    """A stand-in frontend greets, keeps what the follower sends and hands it a v2 run:
+    ``approve`` and ``multitask`` go out as docs/protocol.md gives them, and ``folded``
+    is the reducer's state of the run."""
+    case = conformance_case("to its done")
+    frames = case["frames"]
+    received = []
+
+    async def frontend(ws):
+        await ws.send(json.dumps({"type": "session", "session": frames[0]["session"]}))
+        for _ in range(3):
+            received.append(json.loads(await ws.recv()))
+        for frame in frames:
+            await ws.send(json.dumps(frame))
+        await ws.wait_closed()
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        follower = Follower(f"ws://127.0.0.1:{port}", heartbeat=None)
+        # Before any connection: kept, and sent once the session is known.
+        await follower.approve("r1", "c1", "deny", "not that file")
+        await follower.approve("r1", "c2", "allow")
+        async with (
+            asyncio.timeout(seconds(10)),
+            aclosing(follower.events("go on", multitask="interrupt")) as stream,
+        ):
+            async for event in stream:
+                assert follower.folded["seq"] == event["seq"]
+                if event["seq"] == frames[-1]["seq"]:
+                    break
+    prompt = received[0]
+    assert prompt.pop("key") and prompt == {
+        "type": "prompt",
+        "content": "go on",
+        "multitask": "interrupt",
+    }
+    assert received[1:] == [
+        {
+            "type": "approve",
+            "run": "r1",
+            "call_id": "c1",
+            "decision": "deny",
+            "reason": "not that file",
+        },
+        {"type": "approve", "run": "r1", "call_id": "c2", "decision": "allow"},
+    ]
+    assert follower.folded == case["expected"]
+
+
+async def test_a_multitask_or_a_decision_the_protocol_does_not_have_is_refused_here():
+    follower = Follower("ws://127.0.0.1:1")
+    with pytest.raises(ValueError, match="multitask"):
+        await follower.prompt("x", multitask="later")
+    with pytest.raises(ValueError, match="allow or deny"):
+        await follower.approve("r1", "c1", "maybe")
+
+
+async def test_the_folded_state_of_a_real_run(secure):
+    """A run through a frontend and a worker folds to one run, done, whose text blocks
+    hold the answer its ``answer`` events carried."""
+    follower = Follower(secure.frontends[0].ws, token=token("hana"))
+    async with asyncio.timeout(seconds(30)):
+        events = [e async for e in ask_with(follower, "What is folding?")]
+    run = follower.folded["runs"][events[-1]["run"]]
+    answer = "".join(e["content"] for e in events if e["type"] == "answer")
+    assert follower.folded["order"] == [events[-1]["run"]]
+    assert follower.folded["seq"] == events[-1]["seq"]
+    assert run["status"] == "done" and all(b["done"] for b in run["blocks"])
+    assert "".join(b["text"] for b in run["blocks"] if b["kind"] == "text") == answer
+    assert [b["kind"] for b in run["blocks"]].count("tool_result") == 1

@@ -7,6 +7,7 @@ Its pages are served by the frontends themselves (`/healthz`, then the module fr
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -19,15 +20,15 @@ import jwt
 import pytest
 from playwright.async_api import Page
 
-from tests.browser import browser_context
-from tests.conftest import Cluster, start_cluster
+from tests.browser import browser_context, client_module_page
+from tests.conftest import Cluster, sim_run, start_cluster
 from tests.procs import free_port, seconds
 
 pytestmark = pytest.mark.browser
 
 SECRET = "a-js-client-test-secret-of-32-bytes-or-more"
 # What the simulated agent yields for one prompt (start_cluster asks for 8 answer tokens).
-RUN_SHAPE = ["thinking", "thinking", "action", "observation", "thinking", *["answer"] * 8, "done"]
+RUN_SHAPE = sim_run(8)
 
 
 def token(sub: str = "alice", expires_in: int = 600) -> str:
@@ -482,3 +483,84 @@ async def test_a_heartbeat_keeps_a_quiet_session_open_past_the_idle_timeout(secu
     assert silent["state"][-1]["code"] == 1000
     assert silent["state"][-1]["reason"] == "idle timeout"
     assert state == "connected" and states(beating) == ["connecting", "connected"]
+
+
+def conformance_case(words: str) -> dict[str, Any]:
+    """The case of clients/conformance/reducer.json whose name has ``words``."""
+    path = Path(__file__).resolve().parent.parent / "clients/conformance/reducer.json"
+    (case,) = [c for c in json.loads(path.read_text())["cases"] if words in c["name"]]
+    return case
+
+
+# A WebSocket stand-in: it greets with a session, keeps what the client sends, and
+# hands the client whatever frames the test gives it.
+FAKE_SOCKET = """() => {
+  window.sockets = [];
+  window.FakeSocket = class {
+    constructor(url, protocols) {
+      this.url = url;
+      this.sent = [];
+      window.sockets.push(this);
+      setTimeout(() => this.receive({type: "session", session: "S"}), 0);
+    }
+    receive(frame) { this.onmessage?.({data: JSON.stringify(frame)}); }
+    send(data) { this.sent.push(JSON.parse(data)); }
+    close() {}
+  };
+}"""
+
+
+async def test_approve_and_multitask_frames_and_the_folded_state():
+    """``approve`` and ``prompt``'s ``multitask`` send the frames docs/protocol.md gives;
+    bad values throw; ``folded`` is the reducer's state, up to date in each ``event``."""
+    case = conformance_case("to its done")
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        result = await page.evaluate(
+            """async (frames) => {
+              const tw = new window.tw.Thoughtwire({urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0});
+              const seen = [];
+              tw.addEventListener("event", (e) => seen.push(tw.folded.seq === e.detail.seq));
+              await tw.connect();
+              tw.prompt("go on", {key: "k1", multitask: "interrupt"});
+              tw.prompt("plain");
+              tw.approve("r1", "c1", "deny", "no");
+              tw.approve("r1", "c2", "allow");
+              const thrown = [];
+              for (const bad of [() => tw.prompt("x", {multitask: "later"}), () => tw.approve("r1", "c1", "maybe")]) {
+                try { bad(); } catch (err) { thrown.push(err.name); }
+              }
+              for (const frame of frames) window.sockets[0].receive(frame);
+              tw.close();
+              return {sent: window.sockets[0].sent, thrown, seen, folded: tw.folded};
+            }""",
+            case["frames"],
+        )
+    assert result["sent"] == [
+        {"type": "prompt", "content": "go on", "key": "k1", "multitask": "interrupt"},
+        {"type": "prompt", "content": "plain"},
+        {"type": "approve", "run": "r1", "call_id": "c1", "decision": "deny", "reason": "no"},
+        {"type": "approve", "run": "r1", "call_id": "c2", "decision": "allow"},
+    ]
+    assert result["thrown"] == ["TypeError", "TypeError"]
+    assert result["seen"] == [True] * len(case["frames"])
+    assert result["folded"] == case["expected"]
+
+
+async def test_the_folded_state_of_a_real_run(secure: Cluster):
+    """A run through a frontend and a worker folds to one run, done, whose text blocks
+    hold the answer the ``answer`` events carried."""
+    a = secure.frontends[0]
+    async with client_page(a.http) as page:
+        await open_client(page, "alice", urls=a.http, token=token())
+        await page.evaluate("window.clients.alice.prompt('What is folding?')")
+        await wait_for(page, runs_done(1), "alice")
+        log = await log_of(page, "alice")
+        folded = await page.evaluate("window.clients.alice.folded")
+    events = log["event"]
+    run = folded["runs"][events[-1]["run"]]
+    answer = "".join(e["content"] for e in events if e["type"] == "answer")
+    assert folded["order"] == [events[-1]["run"]] and folded["seq"] == events[-1]["seq"]
+    assert run["status"] == "done" and all(b["done"] for b in run["blocks"])
+    assert "".join(b["text"] for b in run["blocks"] if b["kind"] == "text") == answer
+    assert [b["kind"] for b in run["blocks"]].count("tool_result") == 1

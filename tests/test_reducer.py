@@ -7,25 +7,22 @@ on a page whose origin is answered by the test itself (no frontend needed).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from playwright.async_api import Page, Route
+from playwright.async_api import Page
 
-from tests.browser import browser_context
+from tests.browser import client_module_page
 from thoughtwire.shared.protocol import EVENT_TYPES
 from thoughtwire.shared.reducer import KINDS, fold, initial_state, reduce
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "clients" / "conformance" / "reducer.json"
-CLIENT = ROOT / "clients" / "js" / "thoughtwire.js"
 CASES: list[dict[str, Any]] = json.loads(CONFORMANCE.read_text())["cases"]
 NAMES = [case["name"] for case in CASES]
 
@@ -190,29 +187,6 @@ def test_any_frames_fold_without_an_exception_and_apply_once(frames):
 
 # --- JavaScript, in chromium --------------------------------------------------------
 
-ORIGIN = "http://reducer.thoughtwire.test"
-
-
-@contextlib.asynccontextmanager
-async def reducer_page() -> AsyncIterator[Page]:
-    """A page with the JavaScript client's module loaded as ``window.tw``."""
-
-    async def serve(route: Route) -> None:
-        if route.request.url.endswith("/thoughtwire.js"):
-            await route.fulfill(body=CLIENT.read_text(), content_type="text/javascript")
-        else:
-            await route.fulfill(
-                body="<!doctype html><title>reducer</title>", content_type="text/html"
-            )
-
-    async with browser_context() as context:
-        page = await context.new_page()
-        await page.route(f"{ORIGIN}/**", serve)
-        await page.goto(f"{ORIGIN}/")
-        await page.evaluate("async () => { window.tw = await import('/thoughtwire.js'); }")
-        yield page
-
-
 # Folds each list of frames with the page's reducer. Returns, per list, the final state
 # as JSON text (so a missing field cannot pass for a null), whether any reduce changed
 # its input, and whether a frame that changed nothing gave back the very same state.
@@ -241,7 +215,7 @@ async def fold_in_js(page: Page, logs: list[list[dict[str, Any]]]) -> list[dict[
 
 @pytest.mark.browser
 async def test_javascript_gives_every_conformance_case_the_state_python_gives():
-    async with reducer_page() as page:
+    async with client_module_page() as page:
         results = await fold_in_js(page, [case["frames"] for case in CASES])
     for case, result in zip(CASES, results, strict=True):
         assert result["state"] == case["expected"], case["name"]
@@ -259,7 +233,7 @@ async def test_javascript_folds_replayed_resumed_and_retried_logs_as_python_does
     ]
     replays += [(c, c["frames"] * 2) for c in CLEAN_LOGS]
     retried = [(c, log) for c in RETRIED for log in retry_logs(c)]
-    async with reducer_page() as page:
+    async with client_module_page() as page:
         replay_results = await fold_in_js(page, [log for _, log in replays])
         retry_results = await fold_in_js(page, [log for _, log in retried])
     for (case, _), result in zip(replays, replay_results, strict=True):

@@ -25,7 +25,7 @@ const FORBIDDEN = 4003;
 const RATE_LIMITED = 4029;
 /** Close codes after which reconnecting cannot help (the server's shared/closecodes.py). */
 const FINAL = new Set([1000, 1008, 1009, UNAUTHORIZED, FORBIDDEN]);
-/** Prompts and cancellations held while no socket is open; more are refused. */
+/** Prompts, cancellations and approvals held while no socket is open; more are refused. */
 const MAX_PENDING = 64;
 /** A socket its frontend kept this long (ms) had a token that worked: its 4001 is an expiry. */
 const TOKEN_LASTED_MS = 10000;
@@ -83,7 +83,8 @@ export function socketUrl(base, path, query) {
  *   of `epoch`.
  * - `message`: every other frame from the server (`session`, `error`, `ping`, ...).
  * - `error`: `{action, code?, reason}`: something the client was asked to do failed
- *   (a prompt or cancel refused, a token callback that threw); the client goes on.
+ *   (a prompt, cancel or approve refused, a token callback that threw); the client
+ *   goes on.
  */
 export class Thoughtwire extends EventTarget {
   /**
