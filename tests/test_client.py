@@ -458,3 +458,28 @@ async def test_the_folded_state_of_a_real_run(secure):
     assert run["status"] == "done" and all(b["done"] for b in run["blocks"])
     assert "".join(b["text"] for b in run["blocks"] if b["kind"] == "text") == answer
     assert [b["kind"] for b in run["blocks"]].count("tool_result") == 1
+
+
+async def test_a_call_approved_through_the_follower_goes_on_and_folds_with_its_decision(
+    redis_server, logdir
+):
+    """A worker that asks before "search": the follower sees the run wait, approves the
+    call, and the run finishes with the call's approval in its folded state."""
+    cluster = start_cluster(
+        redis_server, logdir, frontends=1, JWT_SECRET=SECRET, THOUGHTWIRE_APPROVAL_TOOLS="search"
+    )
+    try:
+        follower = Follower(cluster.frontends[0].ws, token=token("ivan"))
+        waiting = None
+        async with asyncio.timeout(seconds(30)):
+            async for event in ask_with(follower, "find cats"):
+                if event["type"] == "approval":
+                    waiting = follower.folded["runs"][event["run"]]["status"]
+                    await follower.approve(event["run"], event["call_id"], "allow", "fine")
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    run = follower.folded["runs"][event["run"]]
+    (call,) = [b for b in run["blocks"] if b["kind"] == "tool_call"]
+    assert waiting == "waiting" and run["status"] == "done"
+    assert call["approval"] == {"status": "allow", "reason": "fine", "by": "user"}
+    assert call["tool"] == "search" and call["done"]
