@@ -111,6 +111,25 @@ def start_cluster(
     return cluster
 
 
+# The event types of a simulated run before its answer: its search call's arguments stream
+# in three tool_input pieces before the whole action (docs/protocol.md, "Blocks").
+SIM_STEPS = [
+    "thinking",
+    "thinking",
+    "tool_input",
+    "tool_input",
+    "tool_input",
+    "action",
+    "observation",
+    "thinking",
+]
+
+
+def sim_run(tokens: int) -> list[str]:
+    """The event types of a whole simulated run: steps, answer deltas, their end, done."""
+    return [*SIM_STEPS, *["answer"] * tokens, "block_end", "done"]
+
+
 def openai_env(llm) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """Settings for workers whose openai agent talks to a local fake server."""
     return {
