@@ -348,9 +348,10 @@ def measure_streams(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
     latencies = [v for o in out for v in o["latencies"]]
     handled = [v for o in out for v in o["handled"]]
     received = sum(o["received"] for o in out)
-    # thoughtwire's simulated run adds five steps before its answer and `done` after it;
-    # with coalescing on, fewer events carry the same tokens, so only gaps count then
-    per_run = scenario["tokens"] + (6 if system.thoughtwire else 1)
+    # thoughtwire's simulated run adds eight steps before its answer (five, and its tool
+    # call's three argument pieces) and `block_end` and `done` after it; with coalescing
+    # on, fewer events carry the same tokens, so only gaps count then
+    per_run = scenario["tokens"] + (10 if system.thoughtwire else 1)
     expected = per_run * scenario["sessions"] * scenario["watchers"]
     elapsed = (max(o["finished"] for o in out) - min(o["started"] for o in out)) / 1000
     produced = received / scenario["watchers"]

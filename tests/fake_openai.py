@@ -60,6 +60,22 @@ class Reply:
             ]
         return cls(deltas=deltas, finish_reason="tool_calls")
 
+    @classmethod
+    def tool_call(
+        cls,
+        call_id: str,
+        name: str,
+        arguments: dict[str, Any],
+        pieces: int = 4,
+        reasoning: tuple[str, ...] = (),
+    ) -> Reply:
+        """One call whose arguments' JSON streams in ``pieces`` pieces of near-equal length."""
+        text = json.dumps(arguments)
+        size = -(-len(text) // pieces)
+        cut = [text[i : i + size] for i in range(0, len(text), size)]
+        assert len(cut) == pieces, f"{text!r} cannot be cut in {pieces} pieces"
+        return cls.tool_calls((call_id, name, cut), reasoning=reasoning)
+
 
 def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
     body = {

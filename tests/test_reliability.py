@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import start_cluster
+from tests.conftest import SIM_STEPS, sim_run, start_cluster
 from tests.procs import seconds, wait_until
 from tests.wsclient import connect, greeting, recv_json, run_events
 from thoughtwire.client import Follower
@@ -46,9 +46,7 @@ def assert_clean_runs(events, tokens=TOKENS):
     for e in events:
         runs.setdefault(e["run"], []).append(e["type"])
     for types in runs.values():
-        assert types == ["thinking", "thinking", "action", "observation", "thinking"] + [
-            "answer"
-        ] * tokens + ["done"]
+        assert types == sim_run(tokens)
     return runs
 
 
@@ -131,13 +129,7 @@ async def test_kill_9_a_worker_mid_run_and_another_finishes_it_with_a_retry(faul
     events = before + after
     retry = next(i for i, e in enumerate(events) if e["type"] == "retry")
     assert events[retry]["attempt"] == 2
-    assert [e["type"] for e in events[retry + 1 :]][:5] == [
-        "thinking",
-        "thinking",
-        "action",
-        "observation",
-        "thinking",
-    ]
+    assert [e["type"] for e in events[retry + 1 :]][: len(SIM_STEPS)] == SIM_STEPS
     assert [e["type"] for e in events[retry + 1 :]].count("answer") == TOKENS
     assert events[-1]["type"] == "done"
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))

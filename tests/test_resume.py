@@ -10,8 +10,6 @@ from tests.conftest import start_cluster
 from tests.procs import seconds
 from tests.wsclient import connect, greeting, recv_json, run_events
 
-STEPS = ["thinking", "thinking", "action", "observation", "thinking"]
-
 
 @pytest.fixture(scope="module")
 def cluster(redis_server, logdir):
@@ -102,7 +100,7 @@ async def test_a_trimmed_log_gives_an_explicit_gap_then_what_it_holds(cluster):
     session = None
     async with connect(cluster.frontends[0].ws + "/ws/agent-thoughts") as ws:
         session = await greeting(ws)
-        for _ in range(6):  # 6 runs x 46 events: well past the log's length
+        for _ in range(6):  # 6 runs x 50 events: well past the log's length
             await ws.send("again")
             events = await run_events(ws)
     last, epoch = events[-1]["seq"], events[-1]["epoch"]
