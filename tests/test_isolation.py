@@ -409,6 +409,8 @@ NOT_NAMES = {
     "Auth.token",  # a credential, checked to name the same user
     "JobRequest.prompt",
     "JobRequest.on_disconnect",
+    "Prompt.multitask",  # a closed vocabulary (reject, enqueue, interrupt), not a name
+    "JobRequest.multitask",
     "{name:path}",  # /static/{name:path}: one of the page's own files, the same for everyone
 }
 
