@@ -206,6 +206,16 @@ async def test_parking_is_bounded(bus):
     assert parking.park("1-1", job("b"), "a")  # the same job again takes no more room
 
 
+async def test_two_entries_of_one_run_are_both_kept(bus):
+    """A submit retried after a lost reply may queue a job twice: each entry is touched."""
+    parking = Parking(bus, "w", lease_seconds=1.0, on_due=lambda: None)
+    parking.park("1-1", job("b"), "a")
+    parking.park("1-2", job("b"), "a")
+    assert len(parking) == 2
+    parking.cancelled(["b"])
+    assert [entry for entry, _ in parking.take_due(5)] == ["1-1", "1-2"]
+
+
 async def test_a_parked_job_behind_a_lost_run_is_freed_after_a_lease(bus):
     a, b = job("a"), job("b")
     await bus.submit(a)

@@ -67,31 +67,30 @@ class Parking:
         self.lease_seconds = lease_seconds
         self.limit = limit
         self._on_due = on_due  # called when jobs become due: the worker starts what it can
-        self._parked: dict[str, _Parked] = {}  # by run
-        # run waited for -> runs parked behind it (a dict as an ordered set: arrival order)
+        # By stream entry, not by run: a submit retried after a lost reply can queue a run's
+        # job twice, and each entry must be touched while it is parked.
+        self._parked: dict[str, _Parked] = {}
+        # run waited for -> entries parked behind it (a dict as an ordered set: arrival order)
         self._waiters: dict[str, dict[str, None]] = {}
         # run waited for -> when its state was first seen missing (monotonic); a job checked
         # again is parked anew, so this is kept by the run waited for, not by the job
         self._missing: dict[str, float] = {}
-        self._due: OrderedDict[str, None] = OrderedDict()  # runs to check again, oldest first
+        self._due: OrderedDict[str, None] = OrderedDict()  # entries to check again, oldest first
         self._ended: OrderedDict[str, None] = OrderedDict()  # the last runs announced ended
 
     def __len__(self) -> int:
         return len(self._parked)
 
-    def __contains__(self, run: object) -> bool:
-        return run in self._parked
-
     def park(self, entry_id: str, job: Job, waits_for: str) -> bool:
         """Park ``job`` until ``waits_for`` ends; False if too many are parked already."""
-        if job.run not in self._parked and len(self._parked) >= self.limit:
+        if entry_id not in self._parked and len(self._parked) >= self.limit:
             logger.warning("run %s: %d jobs parked already; left for later", job.run, self.limit)
             return False
-        self._unpark(job.run)
-        self._parked[job.run] = _Parked(entry_id, job, waits_for)
-        self._waiters.setdefault(waits_for, {})[job.run] = None
+        self._unpark(entry_id)
+        self._parked[entry_id] = _Parked(entry_id, job, waits_for)
+        self._waiters.setdefault(waits_for, {})[entry_id] = None
         if waits_for in self._ended:  # it ended while this job's START was on its way back
-            self._make_due([job.run])
+            self._make_due([entry_id])
         return True
 
     def ended(self, run: str) -> None:
@@ -103,14 +102,15 @@ class Parking:
 
     def cancelled(self, runs: list[str]) -> None:
         """Cancelling was asked for ``runs``: those parked here are due (they need not wait)."""
-        self._make_due([run for run in runs if run in self._parked])
+        asked = set(runs)
+        self._make_due([e for e, parked in self._parked.items() if parked.job.run in asked])
 
     def take_due(self, count: int) -> list[tuple[str, Job]]:
         """Up to ``count`` due jobs, unparked, oldest first: the worker starts them."""
         taken: list[tuple[str, Job]] = []
         while self._due and len(taken) < count:
-            run, _ = self._due.popitem(last=False)
-            parked = self._unpark(run)
+            entry_id, _ = self._due.popitem(last=False)
+            parked = self._unpark(entry_id)
             if parked is not None:
                 taken.append((parked.entry_id, parked.job))
         return taken
@@ -139,7 +139,7 @@ class Parking:
                 logger.warning("run %s: run %s it waited for was lost", p.job.run, p.waits_for)
         for run in [run for run in self._missing if run not in self._waiters]:
             del self._missing[run]
-        self._make_due([p.job.run for p in parked])
+        self._make_due([p.entry_id for p in parked])
 
     def _stuck(self, run: str, status: str | None, now: float) -> bool:
         """Whether ``run`` (waited for) cannot end by itself: it ended, or its state stayed
@@ -151,26 +151,26 @@ class Parking:
 
     async def hand_back(self) -> None:
         """Put every parked job back on the queue for the other workers (stopping)."""
-        for run in list(self._parked):
-            parked = self._unpark(run)
+        for entry_id in list(self._parked):
+            parked = self._unpark(entry_id)
             assert parked is not None
             with contextlib.suppress(*UNAVAILABLE, RedisError):
                 await self.bus.requeue(parked.entry_id, parked.job)
 
-    def _make_due(self, runs: Iterable[str]) -> None:
-        due = [run for run in runs if run in self._parked]
-        for run in due:
-            self._due[run] = None
+    def _make_due(self, entries: Iterable[str]) -> None:
+        due = [entry_id for entry_id in entries if entry_id in self._parked]
+        for entry_id in due:
+            self._due[entry_id] = None
         if due:
             self._on_due()
 
-    def _unpark(self, run: str) -> _Parked | None:
-        parked = self._parked.pop(run, None)
-        self._due.pop(run, None)
+    def _unpark(self, entry_id: str) -> _Parked | None:
+        parked = self._parked.pop(entry_id, None)
+        self._due.pop(entry_id, None)
         if parked is not None:
             waiters = self._waiters.get(parked.waits_for)
             if waiters is not None:
-                waiters.pop(run, None)
+                waiters.pop(entry_id, None)
                 if not waiters:
                     del self._waiters[parked.waits_for]
         return parked
