@@ -373,7 +373,8 @@ async def test_one_budget_holds_across_two_workers_and_frontends(budgeted):
         )
     assert refused.status_code == 429
     assert refused.json()["code"] == "budget"
-    print(f"budget {DAY_BUDGET}, charged {used}, over by {used - DAY_BUDGET}; runs {len(ends)}")
+    stopped = sum(e["type"] == "error" for e in ends)
+    print(f"budget {DAY_BUDGET}: charged {used}; {len(ends)} runs, {stopped} stopped by it")
 
 
 async def test_the_budget_endpoint_reports_each_window(budgeted):
