@@ -338,3 +338,244 @@ def test_workers_log_each_run_and_their_shutdown(secure):
     assert f"run started: session {job.json()['session']}, run {run}, attempt 1" in log
     assert f"run {run}, attempt 1, outcome done, " in log
     assert "stopped; runs: " in worker.output()
+
+
+# --- protocol v2 in the terminal: reasoning, tool cards, approvals ---------------------
+
+
+def v2_frames():
+    """A recorded v2 run: streamed reasoning, a search that waits for approval, its result,
+    a whole thinking line, the answer in deltas, usage on done."""
+    frames = []
+
+    def add(kind, content="", **fields):
+        seq = len(frames) + 1
+        frames.append(
+            {"type": kind, "content": content, "run": "r1", "seq": seq, "epoch": "e1", **fields}
+        )
+
+    call = {"tool": "search", "call_id": "call_1"}
+    for piece in ("The user wants ", "the weather. ", "I will search."):
+        add("thinking", piece, block="b1", delta=True)
+    add("block_end", block="b1")
+    add("tool_input", '{"query": ', block="b2", delta=True, **call)
+    add("tool_input", '"Paris"}', block="b2", delta=True, **call)
+    add("action", "search", block="b2", delta=False, arguments={"query": "Paris"}, **call)
+    add(
+        "approval",
+        block="b2",
+        arguments={"query": "Paris"},
+        timeout_ms=1000,
+        default="deny",
+        **call,
+    )
+    add("decision", block="b2", call_id="call_1", decision="allow", reason="fine", by="user")
+    add("observation", "Paris: 18 °C", block="b3", delta=False, is_error=False, **call)
+    add("thinking", "Now I can answer.", block="b4", delta=False)
+    add("thinking", "Briefly.", block="b5", delta=False)
+    for piece in ("It is ", "18 °C."):
+        add("answer", piece, block="b6", delta=True)
+    add("block_end", block="b6")
+    usage = {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52, "estimated": True}
+    add("done", usage=usage, finish_reason="stop")
+    return frames
+
+
+def test_the_transcript_prints_joined_reasoning_a_tool_card_and_usage():
+    """Drawn from the reducer's state frame by frame, as `chat` does: each piece once."""
+    import io
+
+    from thoughtwire.shared.reducer import initial_state, reduce
+    from thoughtwire.terminal import Approval, Transcript
+
+    out = io.StringIO()
+    transcript, state, asked = Transcript(out), initial_state(), []
+    for frame in v2_frames():
+        state = reduce(state, frame)
+        asked += transcript.show(state["runs"]["r1"])
+    assert asked == [Approval("r1", "call_1", "search", '{"query": "Paris"}')]
+    assert out.getvalue() == (
+        "💭 The user wants the weather. I will search.\n"
+        "┌ 🔧 search\n"
+        '│   {"query": "Paris"}\n'
+        "│ ⏸  waiting for approval\n"
+        "│ ✔  allowed by the session's owner: fine\n"
+        "└ 👁️  Paris: 18 °C\n"
+        "💭 Now I can answer.\n"
+        "   Briefly.\n"
+        "✅ It is 18 °C.\n"
+        "   ~52 tokens (~40 prompt, ~12 completion, estimated)\n"
+    )
+
+
+def test_the_transcript_dims_reasoning_on_a_terminal_and_marks_errors():
+    import io
+
+    from thoughtwire.shared.reducer import fold
+    from thoughtwire.terminal import DIM, RESET, Transcript
+
+    frames = v2_frames()[:3]
+    frames.append(
+        {
+            "type": "error",
+            "content": "over budget",
+            "code": "budget",
+            "run": "r1",
+            "seq": 4,
+            "epoch": "e1",
+        }
+    )
+    out = io.StringIO()
+    Transcript(out, color=True).show(fold(frames)["runs"]["r1"])
+    assert out.getvalue() == (
+        f"💭 {DIM}The user wants the weather. I will search.{RESET}\n❌ over budget (budget)\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def asking(redis_server, logdir):
+    """Two frontends with authentication on, whose simulated agent asks before its search."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_APPROVAL_TOOLS="search",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="8",
+    )
+    yield c
+    c.stop()
+
+
+class TextChat:
+    """``thoughtwire chat`` printing for a person, its stdin a pipe that the test types into."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.stderr = ""
+
+    @classmethod
+    async def start(cls, *args, stdin=asyncio.subprocess.PIPE):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "thoughtwire",
+            "chat",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=stdin,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"},
+        )
+        return cls(proc)
+
+    async def asked(self, words, timeout=20):
+        """Read stderr until it says ``words``."""
+        async with asyncio.timeout(seconds(timeout)):
+            while words not in self.stderr:
+                chunk = await self.proc.stderr.read(1024)
+                assert chunk, self.stderr
+                self.stderr += chunk.decode()
+
+    async def type(self, line):
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def finish(self, timeout=20):
+        async with asyncio.timeout(seconds(timeout)):
+            out, err = await self.proc.communicate()
+        return self.proc.returncode, out.decode(), self.stderr + err.decode()
+
+    def kill(self):
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def test_chat_asks_before_a_tool_runs_and_sends_the_answer(asking):
+    """y on stdin allows the search; the output has the joined reasoning and a tool card."""
+    a = asking.frontends[0]
+    chat = await TextChat.start("What is thoughtwire?", "--token", token("yes"), "--url", a.ws)
+    try:
+        await chat.asked('allow search {"query": "What is thoughtwire?"}? [y/n')
+        await chat.type("y")
+        code, out, err = await chat.finish()
+    finally:
+        chat.kill()
+    assert code == Exit.OK, err
+    print(out)
+    assert out.startswith(
+        "💭 Analyzing the question...\n"
+        "   I need to search for information\n"
+        "┌ 🔧 search\n"
+        '│   {"query": "What is thoughtwire?"}\n'
+        "│ ⏸  waiting for approval\n"
+        "│ ✔  allowed by the session's owner\n"
+        "└ 👁️  Found: relevant results about What is thoughtwire?\n"
+        "💭 Processing the results...\n"
+        "✅ "
+    ), out
+    assert "Traceback" not in err
+
+
+async def test_chat_denies_with_a_reason(asking):
+    a = asking.frontends[1]
+    chat = await TextChat.start("Search, please", "--token", token("no"), "--url", a.ws)
+    try:
+        await chat.asked("allow search")
+        await chat.type("n not this time")
+        code, out, err = await chat.finish()
+    finally:
+        chat.kill()
+    assert code == Exit.OK, err
+    assert "│ ✖  denied by the session's owner: not this time\n└ ❌ error: " in out, out
+
+
+async def test_follow_shows_an_approval_without_asking_and_the_decision_from_elsewhere(asking):
+    """The owner's chat has nothing on stdin, so it says where else to answer; a follower
+    shows the call waiting and asks nothing; an HTTP approval lets both finish."""
+    a, b = asking.frontends
+    tok = token("elsewhere")
+    owner = await TextChat.start(
+        "Ask elsewhere", "--token", tok, "--url", a.ws, "--json", stdin=asyncio.subprocess.DEVNULL
+    )
+    follower = None
+    try:
+        await owner.asked("nothing to read an answer from")
+        assert "POST /v1/runs/" in owner.stderr
+        approval = None
+        async with asyncio.timeout(seconds(20)):
+            while approval is None:
+                line = await owner.proc.stdout.readline()
+                assert line
+                event = json.loads(line)
+                approval = event if event["type"] == "approval" else None
+        follower = await TextChat.start(
+            "--follow", "--session", approval["session"], "--token", tok, "--url", b.ws
+        )
+        async with asyncio.timeout(seconds(20)):
+            seen = b""
+            while b"waiting for approval" not in seen:
+                chunk = await follower.proc.stdout.read(1024)
+                assert chunk
+                seen += chunk
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}) as http:
+            reply = await http.post(
+                f"{b.http}/v1/runs/{approval['run']}/approvals/{approval['call_id']}",
+                json={"decision": "allow", "reason": "from the API"},
+            )
+        assert reply.status_code < 300, reply.text
+        async with asyncio.timeout(seconds(20)):
+            while b"tokens (" not in seen:  # the usage line under the answer
+                chunk = await follower.proc.stdout.read(1024)
+                assert chunk
+                seen += chunk
+        follower.proc.send_signal(signal.SIGINT)
+        code, out, err = await follower.finish()
+        shown = seen.decode() + out
+        assert "│ ✔  allowed by the session's owner: from the API\n" in shown, shown
+        assert "allow search" not in err, "a follower never asks"
+        assert code == Exit.INTERRUPTED
+        assert (await owner.finish())[0] == Exit.OK
+    finally:
+        owner.kill()
+        if follower is not None:
+            follower.kill()

@@ -29,13 +29,16 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from thoughtwire.client import Follower, Refused, StateChange
+    from thoughtwire.terminal import Approval
 
 # How long `api`, `worker` and `up` try to reach Redis before they give up.
 REDIS_CHECK_SECONDS = 5.0
 # After Ctrl-C, how long `chat` waits for its run's `cancelled` event.
 CANCEL_WAIT_SECONDS = 3.0
 DEFAULT_URL = "ws://127.0.0.1:8000/ws/agent-thoughts"
-ICONS = {"thinking": "💭", "action": "🔧", "observation": "👁️ ", "error": "❌"}
+# How often `chat` asks about one approval before it leaves it to the page or the API.
+APPROVAL_QUESTIONS = 3
+ANSWERS = {"y": "allow", "yes": "allow", "n": "deny", "no": "deny"}
 
 
 class Exit(IntEnum):
@@ -479,9 +482,16 @@ class Chat:
         self.args = args
         self.urls: list[str] = args.url or [DEFAULT_URL]
         self.out = out
+        from thoughtwire.shared.reducer import initial_state
+        from thoughtwire.terminal import Transcript
+
         self.run_id: str | None = None
-        self.answering = False
         self.was_connected = False
+        self.state: dict[str, Any] = initial_state()
+        color = out.isatty() and "NO_COLOR" not in os.environ
+        self.transcript = Transcript(out, color=color, headers=args.follow)
+        self.asking: dict[str, asyncio.Task[None]] = {}  # call_id -> its question on stdin
+        self.stdin = StdinLines()
         self.follower: Follower = Follower(
             self.urls,
             args.session,
@@ -508,9 +518,10 @@ class Chat:
             return Exit.INTERRUPTED
         finally:
             loop.remove_signal_handler(signal.SIGINT)
-            for task in (stream, waiter):
+            tasks = (stream, waiter, *self.asking.values())
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(stream, waiter, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _interrupt(self, stream: asyncio.Task[Exit], interrupted: asyncio.Event) -> None:
         """Cancel the run and wait a little for its `cancelled` event; a second Ctrl-C skips it."""
@@ -544,44 +555,89 @@ class Chat:
 
     def _show(self, event: dict[str, Any]) -> Exit | None:
         """Print one event; the exit code once this command's run has ended."""
+        from thoughtwire.shared.reducer import reduce
+
         kind = event["type"]
         if kind != "gap" and not self.args.follow:
             self.run_id = self.run_id or event["run"]
             if event["run"] != self.run_id:
                 return None  # another run of a continued session
+        self.state = reduce(self.state, event)
         if self.args.json:
             print(json.dumps(event, ensure_ascii=False), file=self.out, flush=True)
+            waiting = [_approval_of(event)] if kind == "approval" else []
         else:
-            self._print(event)
+            waiting = self._print(event)
+        self._settle(event, waiting)
         if self.args.follow or kind not in ("done", "error", "cancelled"):
             return None
         return Exit.OK if kind == "done" else Exit.RUN_FAILED
 
-    def _print(self, event: dict[str, Any]) -> None:
-        kind, content, out = event["type"], event.get("content", ""), self.out
-        if kind == "answer":
-            if not self.answering:
-                out.write("✅ ")
-                self.answering = True
-            out.write(str(content))
-        else:
+    def _print(self, event: dict[str, Any]) -> list[Approval]:
+        """Draw what the event changed in its run; the approvals newly waiting."""
+        if event["type"] == "gap":
             self._line()
-            if kind == "retry":
-                out.write(f"↻ attempt {event['attempt']}: starting over\n")
-            elif kind == "gap":
-                out.write(f"⚠️  some events could not be recovered ({event['reason']})\n")
-            elif kind in ("error", "cancelled"):
-                out.write(f"{ICONS['error']} {content}\n")
-            elif kind != "done":
-                out.write(f"{ICONS.get(kind, kind)} {content}\n")
-        out.flush()
+            self.out.write(f"⚠️  some events could not be recovered ({event['reason']})\n")
+            self.out.flush()
+            return []
+        run = self.state["runs"].get(event.get("run"))
+        return [] if run is None else self.transcript.show(run)
 
     def _line(self) -> None:
-        """End the answer's line, if one is open."""
-        if self.answering:
-            self.out.write("\n")
-            self.out.flush()
-            self.answering = False
+        """End the open line (reasoning or answer), if there is one."""
+        self.transcript.close()
+        self.out.flush()
+
+    # --- approvals ------------------------------------------------------------
+
+    def _settle(self, event: dict[str, Any], waiting: list[Approval]) -> None:
+        """Ask about new approvals (not when following); stop asking once one is decided."""
+        if not self.args.follow:
+            for call in waiting:
+                if call.call_id not in self.asking:
+                    self.asking[call.call_id] = asyncio.create_task(
+                        self._ask(call), name=f"chat-approval-{call.call_id}"
+                    )
+        kind = event["type"]
+        if kind in ("decision", "done", "error", "cancelled"):
+            decided = [event.get("call_id")] if kind == "decision" else list(self.asking)
+            for call_id in decided:
+                task = self.asking.get(str(call_id))
+                if task is not None and not task.done():
+                    task.cancel()
+                    print(file=sys.stderr, flush=True)  # end the unanswered question's line
+
+    async def _ask(self, call: Approval) -> None:
+        """Ask on stdin whether the call may run (y/n, then an optional reason) and send it."""
+        for _ in range(APPROVAL_QUESTIONS):
+            print(
+                f"thoughtwire chat: allow {call.tool} {call.arguments}? [y/n, then a reason if you like] ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            line = await self.stdin.readline()
+            if line is None:
+                print(
+                    f"\nthoughtwire chat: nothing to read an answer from; allow or deny it on the page "
+                    f"or with POST /v1/runs/{call.run}/approvals/{call.call_id}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+            word, _, reason = line.strip().partition(" ")
+            decision = ANSWERS.get(word.lower().rstrip(",:"))
+            if decision is not None:
+                await self._approve(call, decision, reason.strip() or None)
+                return
+
+    async def _approve(self, call: Approval, decision: str, reason: str | None) -> None:
+        from thoughtwire.client import Refused
+
+        try:
+            await self.follower.approve(call.run, call.call_id, decision, reason)
+        except Refused as exc:
+            print(f"thoughtwire chat: the decision was not sent ({exc.reason})", file=sys.stderr)
 
     def _state(self, change: StateChange) -> None:
         """Say on stderr when an established connection is lost and when it is back."""
@@ -623,6 +679,68 @@ class Chat:
             )
         what = f"closed with {exc.code}" if exc.code else exc.error or "error"
         return Failure(Exit.REFUSED, f"the server refused ({what}: {exc.reason})")
+
+
+def _approval_of(event: dict[str, Any]) -> Approval:
+    from thoughtwire.terminal import Approval, arguments_text
+
+    return Approval(
+        str(event.get("run")),
+        str(event.get("call_id")),
+        str(event.get("tool")),
+        arguments_text(event),
+    )
+
+
+class StdinLines:
+    """Lines typed on stdin, read without blocking the event loop; None once it ends.
+
+    A pipe or a terminal is watched with ``add_reader``; a file or /dev/null (which
+    epoll cannot watch) is read directly, as reading it never blocks.
+    """
+
+    MAX_LINE = 64 * 1024
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.ended = False
+
+    async def readline(self) -> str | None:
+        """The next line, without its newline; None at the end of stdin."""
+        while b"\n" not in self.buffer and not self.ended:
+            chunk = await self._read()
+            self.ended = not chunk or len(self.buffer) > self.MAX_LINE
+            self.buffer += chunk
+        if b"\n" in self.buffer:
+            line, _, self.buffer = self.buffer.partition(b"\n")
+        else:
+            line, self.buffer = self.buffer, b""
+            if not line:
+                return None
+        return line.decode(errors="replace")
+
+    async def _read(self) -> bytes:
+        try:
+            fd = sys.stdin.fileno() if self.fd is None else self.fd
+        except (AttributeError, ValueError, OSError):
+            return b""  # no stdin at all
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        try:
+            loop.add_reader(fd, readable)
+        except (OSError, ValueError):
+            return os.read(fd, 4096)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        return os.read(fd, 4096)
 
 
 def _public(url: str | None) -> str:
