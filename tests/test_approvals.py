@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import openai
 import pytest
 
-from tests.conftest import start_cluster
+from tests.conftest import openai_env, start_cluster
+from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import seconds, wait_until
 from tests.wsclient import connect, greeting, recv_json
 from thoughtwire.shared.bus import Bus
@@ -30,8 +33,10 @@ from thoughtwire.shared.protocol import (
     Thought,
     parse_client_message,
 )
+from thoughtwire.shared.reducer import fold
 from thoughtwire.shared.vocab import DecidedBy, Decision
 from thoughtwire.worker.agents.base import Decided, Turn, denied
+from thoughtwire.worker.agents.openai_chat import OpenAIAgent
 from thoughtwire.worker.agents.simulated import SimulatedAgent
 from thoughtwire.worker.approvals import ApprovalPolicy, Approvals
 from thoughtwire.worker.tools import requires_approval, tool, toolbox
@@ -217,24 +222,29 @@ async def test_nobody_answers_and_the_default_is_taken_at_the_deadline(redis_cli
     assert written.events[-1].extra["by"] == "timeout"
 
 
-async def test_a_resumed_wait_writes_no_second_approval_nor_a_decision_already_logged(
-    redis_client, prefix
+@pytest.mark.parametrize("died", ["after the decision", "before the approval"])
+async def test_a_resumed_wait_writes_what_the_log_lacks_and_nothing_twice(
+    redis_client, prefix, died
 ):
     bus = make_bus(redis_client, prefix)
     job, fence = await started_run(bus)
     waiting = {"call_id": "c1", "tool": "search", "deadline": str(2**40), "seq": "0"}
     assert await bus.await_approval(job, fence, waiting)
     assert await bus.decide(job.session, job.run, "c1", Decision.ALLOW, None, DecidedBy.USER)
-    # The dead attempt wrote the decision, then died before it forgot the wait.
-    head = bus.encode(job, Thought("decision", "allowed", {"call_id": "c1"}))
-    await bus.submit_encoded(job, [head], fence=fence, first=1)
+    if died == "after the decision":  # it died before it forgot the wait
+        heads = [
+            bus.encode(job, Thought(kind, "", {"call_id": "c1"}))
+            for kind in ("approval", "decision")
+        ]
+        await bus.submit_encoded(job, heads, fence=fence, first=1)
     written = Written()
     state = await bus.approval(job)
     approvals = approvals_for(bus, job, fence, written, waiting=state)
     async with asyncio.timeout(seconds(5)):
         decided = await approvals.ask("c1", "search", {}, None)
     assert decided.allowed
-    assert written.events == []  # neither the approval nor the decision again
+    expected = [] if died == "after the decision" else ["approval", "decision"]
+    assert [e.type for e in written.events] == expected
     assert await bus.approval(job) is None
 
 
@@ -489,3 +499,131 @@ async def test_the_waiting_worker_is_killed_and_another_finishes_the_run_after_a
     assert after[0]["type"] == "decision" and after[0]["by"] == "user"
     log = [e for e in session_log(approving, session) if e["run"] == run]
     assert log == before + after
+
+
+# --- the whole thing: a model's run with an approval, folded by the reducer ----------
+
+CONFORMANCE = Path(__file__).resolve().parent.parent / "clients" / "conformance" / "reducer.json"
+CASE_NAME = "a model's run: reasoning, a tool call in 4 pieces approved, a Markdown answer"
+MARKDOWN = (
+    "**Six times seven** is ",
+    "`42`.\n\n",
+    "- six sevens\n",
+    "- checked with the calculator",
+)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def modelled(redis_server, logdir, llm):
+    """Two frontends and one worker whose openai agent asks before each calculator call."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=2,
+        workers=1,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_APPROVAL_TOOLS="calculator",
+        **openai_env(llm),
+    )
+    yield c
+    c.stop()
+
+
+def normalized(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's frames with its ids and clocks replaced by fixed ones, as a case has them."""
+    fixed = {"session": "s1", "run": "r1", "epoch": "e1", "ts": 0}
+    timings = {"ttft_ms": 0, "total_ms": 0}
+    return [{**e, **fixed, **{k: v for k, v in timings.items() if k in e}} for e in events]
+
+
+async def test_a_model_run_with_an_approved_call_folds_to_its_conformance_case(modelled, llm):
+    call = Reply.tool_call(
+        "call_1", "calculator", {"expression": "6 * 7"}, reasoning=("Let me ", "compute.")
+    )
+    call.usage = {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32}
+    answer = Reply.text(
+        *MARKDOWN, usage={"prompt_tokens": 40, "completion_tokens": 18, "total_tokens": 58}
+    )
+    llm.replies.extend([call, answer])
+    a, b = modelled.frontends
+    async with connect(socket_url(a)) as ws:
+        await greeting(ws)
+        before = await prompt_until_approval(ws, "What is 6 * 7?")
+        approval = before[-1]
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(
+                f"{b.http}/v1/runs/{approval['run']}/approvals/call_1",
+                json={"decision": "allow"},
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            assert response.status_code == 200, response.text
+        after = await rest_of_run(ws)
+    events = before + after
+    types = [e["type"] for e in events]
+    assert types.count("tool_input") == 4
+    assert types.index("action") < types.index("approval") < types.index("decision")
+    observation = next(e for e in events if e["type"] == "observation")
+    assert (observation["content"], observation["is_error"]) == ("42", False)
+    assert_whole_run(events)
+    frames = normalized(events)
+    state = fold(frames)
+    (run,) = state["runs"].values()
+    text = next(block for block in run["blocks"] if block["kind"] == "text")
+    assert text["text"] == "".join(MARKDOWN)
+    call = next(block for block in run["blocks"] if block["kind"] == "tool_call")
+    assert call["input"] == '{"expression": "6 * 7"}'
+    assert call["approval"] == {"status": "allow", "reason": None, "by": "user"}
+    (case,) = [c for c in json.loads(CONFORMANCE.read_text())["cases"] if c["name"] == CASE_NAME]
+    assert frames == case["frames"]
+    assert state == case["expected"]
+
+
+class Died(Exception):
+    """The worker went away while the run waited."""
+
+
+async def test_the_openai_agent_goes_on_from_its_checkpoint_without_asking_the_model_again(llm):
+    llm.replies.extend(
+        [
+            Reply.tool_call("call_9", "calculator", {"expression": "2 + 3"}),
+            Reply.text("It is ", "5."),
+        ]
+    )
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=llm.base_url, max_retries=0)
+    agent = OpenAIAgent(client=client, model="m", tools=toolbox(None, "calculator"))
+    checkpoints: list[Any] = []
+
+    async def dies(call_id: str, name: str, arguments: Any, checkpoint: Any) -> Decided:
+        checkpoints.append(json.loads(json.dumps(checkpoint)))  # it must be plain JSON
+        raise Died
+
+    async def allows(call_id: str, name: str, arguments: Any, checkpoint: Any) -> Decided:
+        assert (call_id, name, arguments) == ("call_9", "calculator", {"expression": "2 + 3"})
+        return Decided(Decision.ALLOW)
+
+    first: list[Thought] = []
+    try:
+        with pytest.raises(Died):
+            async with asyncio.timeout(seconds(30)):
+                async for thought in agent.run(Turn("2 + 3?", approver=dies)):
+                    first.append(thought)
+        requests = len(llm.requests)
+        turn = Turn("2 + 3?", resume=checkpoints[0], approver=allows)
+        async with asyncio.timeout(seconds(30)):
+            second = [t async for t in agent.run(turn)]
+    finally:
+        await client.close()
+    assert [t.type for t in first][-1] == "action"
+    assert [t.type for t in second] == ["observation", "answer", "answer", "done"]
+    assert second[0].content == "5"
+    assert len(llm.requests) == requests + 1  # the answer's call only
+    sent = llm.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert [m["role"] for m in turn.messages] == ["user", "assistant", "tool", "assistant"]

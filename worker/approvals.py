@@ -3,10 +3,10 @@
 An agent asks (:meth:`~worker.agents.base.Turn.ask`) before it runs a tool that needs
 approval; :class:`Approvals` answers for the attempt:
 
-1. it writes the ``approval`` event (after the call's ``action``, in the call's block),
-2. keeps the waiting state in the run's approval hash (``Keys.run_approval``, in the
-   session's slot): the call, the deadline, the agent's checkpoint, the block tracker's
-   state and the answer so far,
+1. it keeps the waiting state in the run's approval hash (``Keys.run_approval``, in the
+   session's slot): the call, the deadline, where the log stood, the agent's
+   checkpoint, the block tracker's state and the answer so far,
+2. writes the ``approval`` event (after the call's ``action``, in the call's block),
 3. waits for the decision: a frontend's ``DECIDE`` wakes it on the worker control
    channel, and it polls every :data:`POLL_SECONDS` in case that message was missed; at
    the deadline it takes the default itself (``by: timeout``), with the same script, so
@@ -15,11 +15,11 @@ approval; :class:`Approvals` answers for the attempt:
 
 Guarantees: if the worker dies while the run waits, the next attempt finds the waiting
 state (worker/runner.py writes no ``retry`` then), restores the block tracker and the
-agent from it, and waits on (or takes the decision given meanwhile). The ``approval``
-event is never written twice: the state is kept only once it is in the log. Nor is the
-``decision``: an attempt that finds a decided state looks in the log, after where the
-approval was, for the decision before writing it. A death after the decision was
-forgotten (the tool was running) is an ordinary retry.
+agent from it, and waits on (or takes the decision given meanwhile). It looks in the
+log, after where it stood when the wait was kept, for the call's ``approval`` and
+``decision``, and writes only what is not there: neither is written twice, nor left
+out. A death before the wait was kept (the call's ``action`` is the last event) or
+after it was forgotten (the tool was running) is an ordinary retry.
 """
 
 from __future__ import annotations
@@ -108,58 +108,48 @@ class Approvals:
             self._action_seen.set()
 
     async def ask(self, call_id: str, tool: str, arguments: Any, checkpoint: Any) -> Decided:
-        """Write the approval, keep the wait in Redis, wait for the decision, write it."""
-        waiting = self._restored
-        self._restored = None
-        resumed = waiting is not None and waiting.get("call_id") == call_id
-        if not resumed:
-            waiting = await self._begin(call_id, tool, arguments, checkpoint)
-        assert waiting is not None
+        """Keep the wait in Redis, write the approval, wait for the decision, write it."""
+        waiting, self._restored = self._restored, None
+        logged: set[str] = set()  # this call's events an earlier attempt wrote already
+        if waiting is not None and waiting.get("call_id") == call_id:
+            logged = await self._logged(waiting)
+        else:
+            waiting = await self._keep(call_id, tool, checkpoint)
+        if "approval" not in logged:
+            extra = {
+                "call_id": call_id,
+                "tool": tool,
+                "arguments": arguments,
+                "timeout_ms": round(self.policy.timeout * 1000),
+                "default": self.policy.default,
+            }
+            await self._send(Thought("approval", f"{tool} waits for approval", extra))
         decided = await self._wait(waiting)
-        if not (resumed and await self._decision_written(waiting)):
-            await self._send(
-                Thought(
-                    "decision",
-                    "allowed" if decided.allowed else "denied",
-                    {
-                        "call_id": call_id,
-                        "decision": decided.decision,
-                        "reason": decided.reason,
-                        "by": decided.by,
-                    },
-                )
-            )
+        if "decision" not in logged:
+            extra = {
+                "call_id": call_id,
+                "decision": decided.decision,
+                "reason": decided.reason,
+                "by": decided.by,
+            }
+            content = "allowed" if decided.allowed else "denied"
+            await self._send(Thought("decision", content, extra))
         await self._call(self.bus.end_approval, self.job)
         return decided
 
-    async def _begin(
-        self, call_id: str, tool: str, arguments: Any, checkpoint: Any
-    ) -> dict[str, str]:
+    async def _keep(self, call_id: str, tool: str, checkpoint: Any) -> dict[str, str]:
+        """Keep the wait in Redis before its approval is written: a worker that dies in
+        between leaves a wait the next attempt finds, and writes the approval."""
         await self._after_action(call_id)
-        policy = self.policy
-        timeout_ms = round(policy.timeout * 1000)
-        await self._send(
-            Thought(
-                "approval",
-                f"{tool} waits for approval",
-                {
-                    "call_id": call_id,
-                    "tool": tool,
-                    "arguments": arguments,
-                    "timeout_ms": timeout_ms,
-                    "default": policy.default,
-                },
-            )
-        )
-        # Read once the approval is in the log: its decision, if any, comes after this.
+        # The approval and the decision come after this seq: where a new attempt looks.
         meta = await self._call(self.bus.meta, self.job.session)
         waiting = {
             "call_id": call_id,
             "tool": tool,
-            "deadline": str(now_ms() + timeout_ms),
+            "deadline": str(now_ms() + round(self.policy.timeout * 1000)),
             "seq": str(meta.last_seq),
             "checkpoint": orjson.dumps(checkpoint).decode(),
-            **self._snapshot(),
+            **self._snapshot(),  # the blocks as they are before the approval
         }
         self.used = True
         if not await self._call(self.bus.await_approval, self.job, self.fence, waiting):
@@ -203,20 +193,17 @@ class Approvals:
                 async with asyncio.timeout(min(left, POLL_SECONDS)):
                     await self._wake.wait()
 
-    async def _decision_written(self, waiting: dict[str, str]) -> bool:
-        """Whether an earlier attempt wrote this call's decision before it died."""
+    async def _logged(self, waiting: dict[str, str]) -> set[str]:
+        """Which of this call's ``approval`` and ``decision`` an earlier attempt wrote."""
         events = await self._call(
             self.bus.history, self.job.session, int(waiting["seq"]), MAX_LOOKBACK
         )
+        logged = set()
         for raw in events:
             event = orjson.loads(raw)
-            if (
-                event.get("type") == "decision"
-                and event.get("run") == self.job.run
-                and event.get("call_id") == waiting["call_id"]
-            ):
-                return True
-        return False
+            if event.get("run") == self.job.run and event.get("call_id") == waiting["call_id"]:
+                logged.add(str(event.get("type")))
+        return logged & {"approval", "decision"}
 
     async def _call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """A Redis call, tried again while Redis is briefly away."""
