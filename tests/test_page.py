@@ -92,9 +92,17 @@ def approvals(redis_server: RedisServer, logdir: Path) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def model(redis_server: RedisServer, logdir: Path) -> Iterator[tuple[Cluster, FakeOpenAI]]:
-    """One frontend with authentication on, whose worker's openai agent talks to a scripted model."""
+    """One frontend with authentication on, whose worker's openai agent talks to a scripted
+    model and asks before it uses the calculator."""
     llm = FakeOpenAI().start()
-    c = start_cluster(redis_server, logdir, frontends=1, JWT_SECRET=SECRET, **openai_env(llm))
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_APPROVAL_TOOLS="calculator",
+        **openai_env(llm),
+    )
     yield c, llm
     c.stop()
     llm.stop()
@@ -865,6 +873,27 @@ async def test_axe_finds_no_serious_or_critical_violations(cluster, context, axe
     assert await axe_violations(signin) == []
 
 
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_axe_finds_nothing_serious_on_tool_cards_and_approvals(context, axe_source, scheme):
+    """A recorded v2 run: waiting for approval (Allow, Deny, a reason field), then finished
+    (the decision, the result, usage), and the viewer's card with no buttons.
+
+    Measured: no violation of any impact in either scheme.
+    """
+    script = until_approval(weather_run())
+    page = (await recorded_page(context, script, scheme=scheme, init_script=axe_source)).page
+    await waiting_for_approval(page)
+    assert await axe_violations(page) == []
+    await page.click(".tool button.allow")
+    await ended(page, 1)
+    assert await axe_violations(page) == []
+    viewer = await recorded_page(
+        context, script, viewer_fragment(), scheme=scheme, init_script=axe_source
+    )
+    await waiting_for_approval(viewer.page)
+    assert await axe_violations(viewer.page) == []
+
+
 TIMES = "\u00d7"  # the multiplication sign, as a model writes it
 SHOTS = [
     ("page-light.png", {"width": 1280, "height": 800}, "light"),
@@ -872,10 +901,12 @@ SHOTS = [
     ("page-mobile-light.png", {"width": 390, "height": 844}, "light"),
     ("page-mobile-dark.png", {"width": 390, "height": 844}, "dark"),
 ]
+APPROVAL_SHOT = "page-approval.png"
 
 
 async def test_screenshots(model, context, logdir):
-    """A finished run (reasoning, a tool call, a Markdown answer) and one still thinking."""
+    """A finished run (reasoning, a tool call the reader allowed, its result, a Markdown
+    answer) and one still answering."""
     cluster, llm = model
     llm.replies.extend(
         [
@@ -924,20 +955,32 @@ async def test_screenshots(model, context, logdir):
     await page.goto(f"{cluster.frontends[0].http}/#token={token_for('grace')}")
     await page.wait_for_function("() => document.body.dataset.session", timeout=WAIT_MS)
     await prompt(page, f"What is 17 {TIMES} 23? Show the working.")
+    await waiting_for_approval(page)
+    out = logdir / "screenshots"
+    out.mkdir(exist_ok=True)
+    keep = os.environ.get("THOUGHTWIRE_SCREENSHOTS_DIR")
+    await page.fill(".tool .approval input", "arithmetic is harmless")
+    await page.screenshot(path=str(out / APPROVAL_SHOT))  # Allow and Deny on the tool card
+    if keep:
+        shutil.copyfile(out / APPROVAL_SHOT, Path(keep) / APPROVAL_SHOT)
+    await page.click(".tool button.allow")
     await ended(page, 1)
+    tool = page.locator(".run .tool")
+    assert await tool.locator(".tool-output").text_content() == "391"
+    assert "Allowed by the session's owner" in (
+        await tool.locator(".approval").text_content() or ""
+    )
     await prompt(page, "Write a haiku about streaming.")
     await page.wait_for_function(
         "() => document.querySelector('.run:nth-of-type(2) .answer')?.textContent.includes('snow...')",
         timeout=WAIT_MS,
     )
-    await page.click(".run:nth-of-type(1) summary")  # the reader opens the first run's steps
-    out = logdir / "screenshots"
-    out.mkdir(exist_ok=True)
-    keep = os.environ.get("THOUGHTWIRE_SCREENSHOTS_DIR")
+    await page.click(".run:nth-of-type(1) .reasoning summary")  # the reader opens the reasoning
     for name, size, scheme in SHOTS:
         await page.set_viewport_size(size)
         await page.emulate_media(color_scheme=scheme)
-        await page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+        # The finished run from its prompt down, below the bar.
+        await page.evaluate("document.querySelector('.run').scrollIntoView({ block: 'start' })")
         await page.screenshot(path=str(out / name))
         if keep:
             shutil.copyfile(out / name, Path(keep) / name)
