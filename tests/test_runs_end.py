@@ -63,6 +63,7 @@ async def lose_everything(bus: Bus, session: str = "s") -> None:
     """What FLUSHALL does to a session, without flushing a Redis other tests share."""
     keys = bus.keys
     doomed = [keys.session_meta(session), keys.session_log(session), keys.session_runs(session)]
+    doomed += [keys.session_queue(session), keys.session_arrivals(session)]
     doomed += [k async for k in bus.redis.scan_iter(match=keys.run(session, "*"))]
     await bus.redis.delete(*doomed, keys.jobs)
 
@@ -113,8 +114,8 @@ async def test_ending_a_lost_run_acts_only_while_its_state_is_missing(bus):
 
 async def test_the_frontend_ends_a_queued_run_whose_state_was_lost_once_a_lease_passed(bus):
     runs = Runs(bus, limit=10, lease_seconds=1.0)
-    await bus.submit(Job(run="q", session="s", prompt="p"))
     job, fence = await started(bus, run="w")
+    await bus.submit(Job(run="q", session="s", prompt="p"))  # it waits for "w"
     runs.follow("s", "q")
     runs.follow("s", "w")
     await runs.check(now=0.0)
