@@ -39,6 +39,7 @@ from thoughtwire.worker.agents.base import Decided, Turn, denied
 from thoughtwire.worker.agents.openai_chat import OpenAIAgent
 from thoughtwire.worker.agents.simulated import SimulatedAgent
 from thoughtwire.worker.approvals import ApprovalPolicy, Approvals
+from thoughtwire.worker.attempt import RunAttempt, RunLimits
 from thoughtwire.worker.tools import requires_approval, tool, toolbox
 
 SECRET = "an-approvals-test-secret-that-is-32-bytes-or-more"
@@ -119,7 +120,7 @@ async def test_the_simulated_agent_asks_about_search_and_goes_on_after_a_denial(
 
 
 def make_bus(redis_client: Any, prefix: str) -> Bus:
-    return Bus(redis_client, Keys(prefix), log_maxlen=1000, log_ttl=600)
+    return Bus(redis_client, Keys(prefix), log_maxlen=10_000, log_ttl=600)
 
 
 async def started_run(bus: Bus, session: str = "s1") -> tuple[Job, str]:
@@ -246,6 +247,53 @@ async def test_a_resumed_wait_writes_what_the_log_lacks_and_nothing_twice(
     expected = [] if died == "after the decision" else ["approval", "decision"]
     assert [e.type for e in written.events] == expected
     assert await bus.approval(job) is None
+
+
+class AsksAfterDeltas:
+    """Streams reasoning and a call's pieces, yields its action, and asks at once."""
+
+    async def run(self, turn: Turn) -> Any:
+        for i in range(40):
+            yield Thought("thinking", f"t{i} ", {"delta": True})
+        for i in range(1500):  # more than the writer takes before the agent must wait
+            yield Thought("thinking", f"step {i}")
+        for piece in ('{"query": ', '"cats"}'):
+            yield Thought("tool_input", piece, {"delta": True, "call_id": "c1", "tool": "search"})
+        yield Thought("action", "search", {"tool": "search", "arguments": {}, "call_id": "c1"})
+        decided = await turn.ask("c1", "search", {"query": "cats"}, {"at": "search"})
+        yield Thought(
+            "observation", "found", {"tool": "search", "call_id": "c1", "is_error": False}
+        )
+        assert decided.allowed
+
+
+async def test_with_coalescing_the_approval_still_follows_its_action_in_the_log(
+    redis_client, prefix
+):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    limits = RunLimits(
+        lease_ms=10_000, redis_retry_seconds=1.0, disconnect_grace=5.0, coalesce_window=0.05
+    )
+    attempt = RunAttempt(bus, job, "0-1", fence, "w1", limits)
+
+    async def person() -> None:
+        while await bus.approval(job) is None:
+            await asyncio.sleep(0.005)
+        assert await bus.decide(job.session, job.run, "c1", Decision.ALLOW, None, DecidedBy.USER)
+        attempt.approvals.wake()
+
+    async with asyncio.timeout(seconds(10)):
+        answering = asyncio.create_task(person())
+        await attempt.execute(AsksAfterDeltas())
+        await answering
+    log = [json.loads(e) for e in await bus.history(job.session)]
+    types = [e["type"] for e in log]
+    assert types.index("action") < types.index("approval") < types.index("decision")
+    assert types.index("decision") < types.index("observation")
+    assert types[-1] == "done"
+    blocks = {e["type"]: e.get("block") for e in log}
+    assert blocks["approval"] == blocks["action"] == blocks["decision"]
 
 
 # --- integration: two frontends, workers, kill -9 ------------------------------------
