@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -675,3 +676,32 @@ async def test_the_openai_agent_goes_on_from_its_checkpoint_without_asking_the_m
     sent = llm.requests[-1]["body"]["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
     assert [m["role"] for m in turn.messages] == ["user", "assistant", "tool", "assistant"]
+
+
+async def test_a_draining_worker_hands_a_waiting_run_over_and_it_goes_on_waiting(approving):
+    a, b = approving.frontends
+    async with connect(socket_url(a)) as ws:
+        session = await greeting(ws)
+        before = await prompt_until_approval(ws, "survive a deploy")
+        run = before[-1]["run"]
+        pid = run_owner_pid(approving, session, run)
+        leaving = approving.worker_with_pid(pid)
+        leaving.signal(signal.SIGTERM)  # drains for THOUGHTWIRE_DRAIN_TIMEOUT, then hands it back
+        wait_until(lambda: not leaving.alive(), 20, "the draining worker to exit")
+        approving.workers.remove(leaving)
+        approving.add_worker()
+        wait_until(
+            lambda: run_owner_pid(approving, session, run) != pid,
+            10,
+            "another worker to take the handed-back run",
+        )
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(
+                f"{b.http}/v1/runs/{run}/approvals/call_1",
+                json={"decision": "allow"},
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            assert response.status_code == 200, response.text
+        after = await rest_of_run(ws)
+    assert_whole_run(before + after)
+    assert "handed back" in leaving.output()
