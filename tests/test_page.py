@@ -774,6 +774,43 @@ async def test_a_timeout_decision_and_an_error_result_are_marked(context):
     )
 
 
+async def test_a_refused_decision_offers_the_buttons_again(context):
+    frames = until_approval(weather_run())[0]["frames"]
+    refusal = {"type": "error", "code": "not_waiting", "message": "that call waits for nothing"}
+    script = [{"frames": frames}, {"waitFor": "approve"}, {"frames": [refusal]}]
+    page = (await recorded_page(context, script)).page
+    await waiting_for_approval(page)
+    await page.click(".tool button.deny")
+    await page.wait_for_selector(".notice.error", timeout=WAIT_MS)
+    assert await page.locator(".tool button.deny").is_enabled()
+    assert await page.locator(".tool button.deny").text_content() == "Deny"
+
+
+async def test_a_v1_log_without_blocks_still_reads(context):
+    """A log written before blocks: whole thinking lines, an action and an observation
+    with no tool fields, answer pieces that join into one text."""
+    log = Log()
+    log.add("thinking", "Analyzing the question...")
+    log.add("thinking", "I need to search for information")
+    log.add("action", "Searching: tides")
+    log.add("observation", "Found: relevant results about tides")
+    for piece in ("Tides are ", "*long* waves."):
+        log.add("answer", piece)
+    log.add("done", "")
+    page = (await recorded_page(context, [{"frames": log.frames}])).page
+    await ended(page, 1)
+    card = page.locator(".run")
+    assert await shown_blocks(card) == ["reasoning", "tool", "answer"]
+    assert await card.locator(".reasoning-text").text_content() == (
+        "Analyzing the question...\nI need to search for information"
+    )
+    assert await card.locator(".tool-args").all_text_contents() == ["Searching: tides"]
+    assert await card.locator(".tool-output").all_text_contents() == [
+        "Found: relevant results about tides"
+    ]
+    assert await card.locator(".answer em").text_content() == "long"
+
+
 PARAGRAPHS = 120
 
 

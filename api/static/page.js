@@ -292,11 +292,12 @@ class ToolView {
       this.el.setAttribute("aria-label", `Tool call: ${tool}`);
     }
     if (call) {
-      const text = call.arguments != null ? prettyArguments(call.arguments) : call.input;
+      // A log without blocks (protocol v1) has no arguments: its action's text says what it did.
+      const text = call.arguments != null ? prettyArguments(call.arguments) : call.input || (call.tool ? "" : call.text);
       if (this.args.textContent !== text) this.args.textContent = text;
       this.drawApproval(call.approval);
     }
-    this.argsLabel.hidden = this.args.hidden = !call;
+    this.argsLabel.hidden = this.args.hidden = !this.args.textContent;
     if (this.result) {
       this.outputLabel.hidden = this.output.hidden = false;
       this.outputLabel.textContent = this.result.is_error ? "Error" : "Result";
@@ -314,6 +315,13 @@ class ToolView {
     if (approval?.status === "deny") return "denied";
     if (this.card.ended) return "unfinished";
     return this.call && !this.call.done ? "preparing" : "running";
+  }
+
+  /** Offer the buttons again: the frontend refused the decision sent. */
+  reopen() {
+    if (this.call?.approval?.status !== "pending") return;
+    this.shownApproval = undefined;
+    this.drawApproval(this.call.approval);
   }
 
   drawApproval(approval) {
@@ -483,10 +491,12 @@ class Card {
       return new ThoughtView(group);
     }
     if (block.kind === "tool_call" || block.kind === "tool_result") {
-      const known = block.call_id ? this.tools.get(block.call_id) : undefined;
+      // A log without blocks names no call: its observation belongs to the action before it.
+      const previous = !block.call_id && block.kind === "tool_result" && this.last?.tool;
+      const known = block.call_id ? this.tools.get(block.call_id) : previous && !previous.result ? previous : undefined;
       const tool = known ?? new ToolView(this, block.tool);
       if (!known) {
-        if (block.call_id) this.tools.set(block.call_id, tool);
+        this.tools.set(block.call_id ?? `block ${block.id}`, tool);
         this.body.append(tool.el);
       }
       // The result shows inside its call's card: the view is the call's, updated by both.
@@ -691,7 +701,10 @@ function open(session) {
     if (client !== tw) return;
     const message = e.detail;
     if (message.type === "session") joined(message.session);
-    else if (message.type === "error") notice(message.message || "The frontend refused that.", "notice error");
+    else if (message.type === "error") {
+      notice(message.message || "The frontend refused that.", "notice error");
+      for (const card of cards.values()) for (const tool of card.tools.values()) tool.reopen();
+    }
   });
   tw = client;
   client.connect().catch(() => {}); // failures arrive as "closed" state events
