@@ -462,3 +462,52 @@ async def test_a_cancel_is_acknowledged_within_a_second_during_a_429_back_off(mo
     llm.replies.append(Reply(status=429, headers={"Retry-After": "30"}))
     assert await cancelled_within(modelled, llm, "model") < seconds(1.0)
     llm.replies.clear()
+
+
+# --- a worker holding a parked job dies ------------------------------------------------
+
+
+def parked_consumer(cluster: Cluster, run: str) -> str | None:
+    """The consumer whose pending list holds ``run``'s job, once a worker claimed it."""
+    keys = Keys(cluster.prefix)
+    with cluster.redis.client() as r:
+        ids = {
+            entry_id: Job.decode(fields[b"job"]).run
+            for entry_id, fields in r.xrange(keys.jobs)
+            if b"job" in fields
+        }
+        pending = r.xpending_range(keys.jobs, "workers", "-", "+", 10)
+    return next((p["consumer"].decode() for p in pending if ids.get(p["message_id"]) == run), None)
+
+
+async def test_a_parked_job_whose_worker_dies_runs_in_turn_on_another(redis_server, logdir):
+    cluster = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        workers=2,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="30",
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
+        THOUGHTWIRE_LEASE_SECONDS="1",
+    )
+    try:
+        front = cluster.frontends[0]
+        async with httpx.AsyncClient(base_url=front.http, timeout=10) as http:
+            first = (await http.post("/v1/jobs", json={"prompt": "first"})).json()
+            session = first["session"]
+            second = await http.post("/v1/jobs", json={"prompt": "second", "session": session})
+            runs = [first["job"], second.json()["job"]]
+        async with connect(f"{front.ws}/ws/agent-thoughts?session={session}&after=0") as ws:
+            await greeting(ws)
+            async with asyncio.timeout(seconds(10)):
+                while (consumer := parked_consumer(cluster, runs[1])) is None:
+                    await asyncio.sleep(0.02)
+            holder = cluster.worker_with_pid(int(consumer.split("-")[-2]))
+            holder.kill()  # -9: it holds the parked job (and maybe the first run too)
+            frames = await frames_until(ws, ends=2, timeout=40)
+    finally:
+        cluster.stop()
+    assert runs_in_log_order(frames) == runs
+    ends = [e["type"] for e in events(frames) if e["type"] in TERMINAL]
+    assert ends == ["done", "done"]
+    one_after_the_other(frames, *runs)
