@@ -482,12 +482,10 @@ class Chat:
         self.args = args
         self.urls: list[str] = args.url or [DEFAULT_URL]
         self.out = out
-        from thoughtwire.shared.reducer import initial_state
         from thoughtwire.terminal import Transcript
 
         self.run_id: str | None = None
         self.was_connected = False
-        self.state: dict[str, Any] = initial_state()
         color = out.isatty() and "NO_COLOR" not in os.environ
         self.transcript = Transcript(out, color=color, headers=args.follow)
         self.asking: dict[str, asyncio.Task[None]] = {}  # call_id -> its question on stdin
@@ -555,14 +553,11 @@ class Chat:
 
     def _show(self, event: dict[str, Any]) -> Exit | None:
         """Print one event; the exit code once this command's run has ended."""
-        from thoughtwire.shared.reducer import reduce
-
         kind = event["type"]
         if kind != "gap" and not self.args.follow:
             self.run_id = self.run_id or event["run"]
             if event["run"] != self.run_id:
                 return None  # another run of a continued session
-        self.state = reduce(self.state, event)
         if self.args.json:
             print(json.dumps(event, ensure_ascii=False), file=self.out, flush=True)
             waiting = [_approval_of(event)] if kind == "approval" else []
@@ -574,13 +569,14 @@ class Chat:
         return Exit.OK if kind == "done" else Exit.RUN_FAILED
 
     def _print(self, event: dict[str, Any]) -> list[Approval]:
-        """Draw what the event changed in its run; the approvals newly waiting."""
+        """Draw what the event changed in its run, from the follower's folded state; the
+        approvals newly waiting."""
         if event["type"] == "gap":
             self._line()
             self.out.write(f"⚠️  some events could not be recovered ({event['reason']})\n")
             self.out.flush()
             return []
-        run = self.state["runs"].get(event.get("run"))
+        run = self.follower.folded["runs"].get(event.get("run"))
         return [] if run is None else self.transcript.show(run)
 
     def _line(self) -> None:
