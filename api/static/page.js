@@ -4,7 +4,7 @@
 // Markdown rendered by marked and then sanitised by DOMPurify before innerHTML. The
 // frontend also serves this page with a Content-Security-Policy that runs no script
 // but its own files, so a sanitiser bug would still run nothing.
-import { Thoughtwire, initialState, reduce } from "/thoughtwire.js";
+import { Thoughtwire, initialState } from "/thoughtwire.js";
 import { marked } from "/static/vendor/marked.esm.js";
 import DOMPurify from "/static/vendor/purify.es.js";
 
@@ -107,15 +107,15 @@ $("jump").addEventListener("click", toBottom);
 
 // ---------------------------------------------------------------- runs
 
-// A card is drawn from the run's state, as the client's reducer folds the session's
-// frames into it (docs/protocol.md, "The reducer"); the page never interprets events
+// A card is drawn from the run's state, as the client folds the session's frames into
+// it with its reducer (`folded`; docs/protocol.md, "The reducer"); the page never interprets events
 // itself. Each block keeps its own elements and changes only what changed, so a token
 // costs a text append, not a redraw of the run.
 
 const cards = new Map(); // run id -> Card
 const pending = []; // prompts sent from this page whose run has not shown up yet
 let prompts = {}; // run id -> its prompt, as far as this tab knows
-let state = initialState(); // the session's state, folded by the client's reducer
+let state = initialState(); // the client's folded state, as last drawn
 
 /** Pretty JSON for a tool call's arguments: an object, or JSON text, or the text as it is. */
 function prettyArguments(args) {
@@ -577,10 +577,10 @@ const dirty = new Set(); // runs whose cards are behind the state
 const times = new Map(); // run id -> [ts of its first frame, ts of its last]
 let drawing = null; // the animation frame that will draw them
 
-/** Fold one frame into the session's state and draw what it changed. */
-function fold(frame) {
+/** Draw what a frame changed in the session's state, which the client has folded it into. */
+function update(frame, folded) {
   const before = state;
-  state = reduce(state, frame);
+  state = folded;
   if (state === before) return; // a duplicate, or a frame the state does not hold
   if (frame.run && frame.ts) times.set(frame.run, [times.get(frame.run)?.[0] ?? frame.ts, frame.ts]);
   if (!frame.run || state.order.length < before.order.length || (before.epoch && state.epoch !== before.epoch)) {
@@ -684,7 +684,7 @@ function open(session) {
     }
   });
   client.addEventListener("event", (e) => {
-    if (client === tw) fold(e.detail);
+    if (client === tw) update(e.detail, client.folded);
   });
   client.addEventListener("error", (e) => {
     // Something asked of the client failed (a prompt or a cancel refused); it goes on.
@@ -694,7 +694,7 @@ function open(session) {
   });
   client.addEventListener("gap", (e) => {
     if (client !== tw) return;
-    fold(e.detail); // the state starts over: the frontend sends what it still has
+    update(e.detail, client.folded); // the state starts over: the frontend sends what it still has
     notice(`Some events could not be recovered (${e.detail.reason}); the stream goes on from here.`);
   });
   client.addEventListener("message", (e) => {
