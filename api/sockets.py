@@ -293,7 +293,6 @@ class SessionSocket:
                 error_reply(ErrorCode.UNSUPPORTED, "this endpoint does not take that message")
             )
 
-
     async def _approve(self, message: Approve) -> None:
         """Answer a tool call's approval (any run of a session this socket's token owns)."""
         assert self.conn is not None

@@ -398,8 +398,7 @@ def toolbox(spec: str | None, approval_tools: str = "") -> dict[str, Tool]:
     tools = [*BUILTINS, *load(spec or "")]
     named = approval_names(approval_tools)
     return {
-        t.name: dataclasses.replace(t, needs_approval=True) if t.name in named else t
-        for t in tools
+        t.name: dataclasses.replace(t, needs_approval=True) if t.name in named else t for t in tools
     }
 
 
