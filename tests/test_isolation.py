@@ -353,6 +353,40 @@ async def http_read_run(row: Row) -> None:
     row.assert_bob_saw_nothing_of(session)
 
 
+async def socket_approve_run(row: Row) -> None:
+    """An ``approve`` naming Alice's run, on Bob's socket: 4003, and her run goes on."""
+    async with connect(row.alice.ws(row.a)) as alice_ws:
+        run = await alice_is_running(row, alice_ws)
+        async with connect(row.bob.ws(row.b)) as ws:
+            row.bob_saw(await recv_json(ws))
+            decision = {"type": "approve", "run": run, "call_id": "call_1", "decision": "deny"}
+            await ws.send(json.dumps(decision))
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                while True:
+                    row.bob_saw(await recv_json(ws))
+        assert info.value.rcvd.code == 4003, info.value.rcvd
+        row.bob_saw(info.value.rcvd.reason)
+        await alice_run_ends_done(alice_ws, run)
+    row.assert_bob_saw_nothing_of(run)
+
+
+async def http_approve_run(row: Row) -> None:
+    """``POST /v1/runs/{run}/approvals/{call_id}`` on Alice's run: 403, not "not waiting"."""
+    async with connect(row.alice.ws(row.a)) as alice_ws:
+        run = await alice_is_running(row, alice_ws)
+        async with httpx.AsyncClient(timeout=seconds(10)) as http:
+            response = await http.post(
+                f"{row.b.http}/v1/runs/{run}/approvals/call_1",
+                headers=row.bob.headers,
+                json={"decision": "deny"},
+            )
+        assert response.status_code == 403, response.text
+        row.bob_saw(response.text)
+        assert await alice_run_state(row, run) == "running"
+        await alice_run_ends_done(alice_ws, run)
+    row.assert_bob_saw_nothing_of()
+
+
 Scenario = Callable[[Row], Awaitable[None]]
 
 # One row per name a client chooses, and where it chooses it.
@@ -368,6 +402,8 @@ NAMES: dict[str, Scenario] = {
     "run id: socket cancel.run": socket_cancel_run,
     "run id: DELETE /v1/jobs/{job}": http_cancel_run,
     "run id: GET /v1/jobs/{job}": http_read_run,
+    "run id: socket approve.run": socket_approve_run,
+    "run id: POST /v1/runs/{run}/approvals/{call_id}": http_approve_run,
 }
 
 
@@ -399,6 +435,8 @@ CHOSEN = {
     "{job}": "run id: GET /v1/jobs/{job}",
     "{session}": "session id: SSE",
     "{client_id}": "client id: /ws/{client_id} and personal.to",
+    "Approve.run": "run id: socket approve.run",
+    "{run}": "run id: POST /v1/runs/{run}/approvals/{call_id}",
 }
 NOT_NAMES = {
     "Prompt.content",
@@ -411,6 +449,10 @@ NOT_NAMES = {
     "JobRequest.on_disconnect",
     "Prompt.multitask",  # a closed vocabulary (reject, enqueue, interrupt), not a name
     "JobRequest.multitask",
+    "Approve.call_id",  # a tool call's id within a run the grant was checked for
+    "{call_id}",
+    "Approve.decision",  # a closed vocabulary (allow, deny)
+    "Approve.reason",  # free text shown in the log of the caller's own session
     "{name:path}",  # /static/{name:path}: one of the page's own files, the same for everyone
 }
 
