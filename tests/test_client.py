@@ -483,3 +483,43 @@ async def test_a_call_approved_through_the_follower_goes_on_and_folds_with_its_d
     assert waiting == "waiting" and run["status"] == "done"
     assert call["approval"] == {"status": "allow", "reason": "fine", "by": "user"}
     assert call["tool"] == "search" and call["done"]
+
+
+async def test_an_approval_decided_elsewhere_does_not_end_following_and_on_error_hears_refusals():
+    """A stand-in frontend refuses an ``approve`` (``not_waiting``: decided on another
+    frontend) and a prompt (``busy``), then sends a run: without ``on_error`` the
+    follower drops the first and raises the second; with it, both are reported and the
+    run is still followed to its end."""
+    case = conformance_case("to its done")
+    frames = case["frames"]
+
+    def frontend_with(refusals):
+        async def frontend(ws):
+            await ws.send(json.dumps({"type": "session", "session": frames[0]["session"]}))
+            for code in refusals:
+                await ws.send(json.dumps({"type": "error", "code": code, "message": code}))
+            for frame in frames:
+                await ws.send(json.dumps(frame))
+            await ws.wait_closed()
+
+        return frontend
+
+    async def follow(refusals, on_error=None):
+        async with serve(frontend_with(refusals), "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            follower = Follower(f"ws://127.0.0.1:{port}", heartbeat=None, on_error=on_error)
+            async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:
+                async for event in stream:
+                    if event["seq"] == frames[-1]["seq"]:
+                        break
+            return follower
+
+    follower = await follow(["not_waiting"])
+    assert follower.folded == case["expected"]
+    with pytest.raises(Refused) as info:
+        await follow(["busy"])
+    assert info.value.error == "busy"
+    heard = []
+    follower = await follow(["not_waiting", "busy"], on_error=heard.append)
+    assert [refused.error for refused in heard] == ["not_waiting", "busy"]
+    assert follower.folded == case["expected"]

@@ -56,6 +56,9 @@ from thoughtwire.shared.reducer import initial_state, reduce
 DEFAULT_URL = "ws://127.0.0.1:8000/ws/agent-thoughts"
 SOCKET_PATH = "/ws/agent-thoughts"
 TERMINAL = ("done", "error", "cancelled")
+# Error codes for a request someone else answered first (an approval decided on another
+# frontend): the run goes on and its log shows the decision, so following goes on too.
+ANSWERED_ELSEWHERE = frozenset({"not_waiting"})
 # Close codes after which reconnecting cannot help (shared/closecodes.py says why);
 # 4001 is retried once when a token callback can give a fresh token.
 FINAL_CLOSE_CODES = frozenset({1000, 1008, 1009, 4001, 4003})
@@ -167,8 +170,10 @@ class Follower:
     seconds without a connection; ``max_reconnects`` after that many tries in a row.
     ``on_state`` is called with a :class:`StateChange` on every state change.
     ``on_error``, if given, hears of a write the token may not make (a viewer's prompt
-    or cancel: 4003) as a :class:`Refused`, and following goes on; without it, that
-    4003 is raised like any final close. ``heartbeat``: after that many seconds without
+    or cancel: 4003) and of each ``error`` reply (a prompt refused as ``busy`` or over
+    ``budget``) as a :class:`Refused`, and following goes on; without it, those are
+    raised like any final close, except ``not_waiting`` (an approval someone decided
+    first), which is dropped: the run's ``decision`` event says what was decided. ``heartbeat``: after that many seconds without
     a frame from the server, a ``pong`` tells the frontend the client is still there
     (a frontend closes a socket quiet both ways for ``THOUGHTWIRE_IDLE_TIMEOUT``, 15 min).
     ``folded`` is the session's state: what was yielded, folded by
@@ -451,7 +456,11 @@ class Follower:
             return True
         if kind == "error":
             code = message.get("code")
-            raise Refused(message.get("message", "the server refused the request"), error=code)
+            refused = Refused(message.get("message", "the server refused the request"), error=code)
+            if self.on_error is not None:
+                self.on_error(refused)  # one request was refused; the session goes on
+            elif code not in ANSWERED_ELSEWHERE:
+                raise refused
         return False  # pings, reconnect notices, connection-manager messages
 
     def _report(self, state: State, **fields: Any) -> None:
