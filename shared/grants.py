@@ -19,11 +19,12 @@ workers meet the same limits and each rule has one home:
   (hash tag: the session) do not. Freeing twice is harmless (ZREM of a member gone).
 * **Rates.** Requests per user in a sliding window of two fixed-window counters
   (``COUNT``).
-* **Token budgets.** Tokens per user in fixed windows (a minute, a UTC day), counted by
-  the workers as runs write them (``CHARGE``) and read by the frontends before a run is
-  queued. A run without a user charges :data:`ANONYMOUS`. Charges are batched, so a
-  budget can be overrun by what each run in flight writes between two charges
-  (``worker/usage.py``).
+* **Token budgets.** Tokens per user in fixed windows (a minute, a UTC day), reserved by
+  the workers before runs write them (``RESERVE``, ``GIVE_BACK``) and read by the
+  frontends before a run is queued. A run without a user charges :data:`ANONYMOUS`. A
+  reservation never grants past a limit except for the one thought that takes what
+  remains, so a window's count stays under its limit plus one thought, however many
+  runs are in flight (``worker/usage.py``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ class Budget:
 NO_BUDGET = Budget()
 
 
+def budget_windows(now: float) -> tuple[int, ...]:
+    """The number of each window of :data:`BUDGET_WINDOWS` that ``now`` (Unix seconds) is in."""
+    return tuple(int(now // seconds) for _name, seconds in BUDGET_WINDOWS)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -113,6 +119,8 @@ class Grants:
         self._count = redis.register_script(scripts.COUNT)
         self._claim = redis.register_script(scripts.CLAIM)
         self._charge = redis.register_script(scripts.CHARGE)
+        self._reserve = redis.register_script(scripts.RESERVE)
+        self._give_back = redis.register_script(scripts.GIVE_BACK)
 
     def _script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         return self._batch.script(script, keys, args)
@@ -191,9 +199,25 @@ class Grants:
 
     def _budget_keys(self, user: str, now: float) -> list[str]:
         return [
-            self._keys.user_budget(user, name, int(now // seconds))
-            for name, seconds in BUDGET_WINDOWS
+            self._keys.user_budget(user, name, number)
+            for (name, _seconds), number in zip(BUDGET_WINDOWS, budget_windows(now), strict=True)
         ]
+
+    async def reserve(
+        self, user: str, budget: Budget, need: int, want: int, now: float
+    ) -> tuple[int, int]:
+        """Reserve up to ``want`` tokens of ``user``'s ``budget`` at ``now``: returns
+        ``(granted, over)``, ``(0, 0)`` when nothing remains, and ``over`` > 0 only for the
+        last grant, when less than ``need`` remained (``RESERVE``)."""
+        ttls = [seconds + BUDGET_GRACE for _name, seconds in BUDGET_WINDOWS]
+        limits = [n for pair in zip(budget.limits, ttls, strict=True) for n in pair]
+        keys = self._budget_keys(user, now)
+        granted, over = await self._script(self._reserve, keys, (need, max(1, want), *limits))
+        return int(granted), int(over)
+
+    async def give_back(self, user: str, tokens: int, now: float) -> None:
+        """Give back ``tokens`` reserved at ``now`` and not used, to the windows of then."""
+        await self._script(self._give_back, self._budget_keys(user, now), (tokens,))
 
     async def charge(self, user: str, tokens: int, now: float) -> tuple[int, ...]:
         """Add ``tokens`` to ``user``'s count in each budget window at ``now`` (Unix

@@ -9,7 +9,7 @@ its session, given at admission).
 Runs of one session run one at a time, in arrival order: ``ADMIT`` numbers each run and
 puts it in the session's queue (``Keys.session_queue``, a sorted set by that number),
 ``START`` tells a run to wait while an earlier one is in the queue, and whatever ends a
-run (``APPEND``, ``END_LOST``) takes it out.
+run (``APPEND``, ``END_LOST``, ``WITHDRAW``) takes it out.
 """
 
 # Time inside a script: Redis 7 replicates script effects, so TIME is allowed.
@@ -184,7 +184,8 @@ return 0
 )
 
 # KEYS: run, meta, log, channel, session's unfinished runs, session's queue.
-# ARGV: maxlen, ttl, epoch seed, fence, terminal-status, result, run, head.
+# ARGV: maxlen, ttl, epoch seed, fence, terminal-status, result, run, head, runs-ended
+# channel.
 #
 # Ends a run whose state Redis lost while no attempt holds it (it was queued, and the job
 # went with the jobs stream; or its worker died too), with one terminal event. It acts
@@ -193,11 +194,9 @@ return 0
 # The state it leaves (the terminal status, and a fence no attempt holds) fences out any
 # attempt that comes later. If the session's meta is gone too, the log starts a new epoch,
 # as ``APPEND`` would: a watcher that held events of the lost log gets a ``gap`` (reason
-# ``epoch``) and then this event.
-END_LOST = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return -1
-end
+# ``epoch``) and then this event. The end is announced on the runs-ended channel, as
+# ``APPEND`` announces it, so jobs parked behind the run start at once.
+_END = """
 local meta = redis.call('HMGET', KEYS[2], 'seq', 'epoch')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
@@ -219,8 +218,34 @@ redis.call('ZREM', KEYS[6], ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('PUBLISH', ARGV[9], ARGV[7])
 return seq
 """
+
+END_LOST = (
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return -1
+end
+"""
+    + _END
+)
+
+# KEYS and ARGV: as ``END_LOST``.  Ends, as ``END_LOST`` does, a run that was admitted but
+# whose job never reached the jobs stream (queueing it failed for good), so the runs after
+# it in its session's queue do not wait for it forever. It acts only while the run is
+# still ``queued`` and no attempt ever started it (returns -1 otherwise): a run whose job
+# did reach the stream after all and started is left to its attempt, and a job that
+# reaches the stream after this finds its run ended (``START``: ``finished``) and is let go.
+WITHDRAW = (
+    """
+local s = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if s[1] ~= 'queued' or (s[2] or '0') ~= '0' then
+  return -1
+end
+"""
+    + _END
+)
 
 # KEYS: run.  ARGV: fence.  Gives the lease up at once (a draining worker), so the
 # next worker to take the job does not wait for it to lapse.
@@ -371,4 +396,46 @@ for i, key in ipairs(KEYS) do
   end
 end
 return used
+"""
+
+# KEYS: a user's token counters, one per budget window (one hash slot: the user's digest).
+# ARGV: need, want (>= 1), then each counter's limit (0: none) and lifetime in seconds.
+# A reservation: grants ``want`` tokens, or what remains under every limit if less, and
+# nothing once nothing remains. When what remains is less than ``need`` (the thought that
+# asked), the grant takes it all and the thought goes ``over`` the limit, charged here with
+# it: after that nothing remains, so the counts stay under a limit plus one thought
+# however many runs reserve at once. Returns {granted, over}.
+RESERVE = """
+local need, want = tonumber(ARGV[1]), tonumber(ARGV[2])
+local granted = want
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[2 * i + 1])
+  if limit > 0 then
+    granted = math.min(granted, limit - tonumber(redis.call('GET', key) or '0'))
+  end
+end
+if granted <= 0 then
+  return {0, 0}
+end
+local over = math.max(0, need - granted)
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, granted + over)
+  if redis.call('TTL', key) < 0 then
+    redis.call('EXPIRE', key, ARGV[2 * i + 2])
+  end
+end
+return {granted, over}
+"""
+
+# KEYS: a user's token counters, one per budget window.  ARGV: tokens.
+# Gives back a reservation's unused tokens: takes them from each counter that still
+# exists, never below 0 (a window that is over has nothing to give back to).
+GIVE_BACK = """
+for _, key in ipairs(KEYS) do
+  local n = tonumber(redis.call('GET', key) or '0')
+  if n > 0 then
+    redis.call('DECRBY', key, math.min(n, tonumber(ARGV[1])))
+  end
+end
+return 0
 """

@@ -213,6 +213,7 @@ class RunAttempt:
             if thought.terminal:
                 self._terminal = thought  # the agent's own ending, with its details
                 return
+            await self.usage.cover(thought)  # held in the budget before it is queued
             if thought.type == "answer" and self._answer_chars < MAX_RESULT_CHARS:
                 self._answer.append(str(thought.content))
                 self._answer_chars += len(str(thought.content))
@@ -220,7 +221,6 @@ class RunAttempt:
                 await self.writer.queue(written)
             if thought.type == "action":
                 self.approvals.seen(thought)  # an approval of the call may follow now
-            await self.usage.record(thought)  # charged once written; may stop the run
 
     async def _send(self, thought: Thought) -> None:
         """Write ``thought`` (an approval's event) in its block, after all queued before."""

@@ -1,4 +1,4 @@
-"""A run's token usage, and its charges to the user's token budget.
+"""A run's token usage, and the reservations that hold it to the user's token budget.
 
 **Usage.** Every ``done`` carries ``usage``: ``prompt_tokens``, ``completion_tokens``,
 ``total_tokens`` and ``estimated``. When the agent's own ``done`` has the model server's
@@ -12,23 +12,38 @@ OpenAI's tokenizers; code and other languages take more tokens):
   an ``action``'s text when no ``tool_input`` came for its call.
 
 **Budgets.** With a budget set (:class:`~thoughtwire.shared.grants.Budget`),
-:class:`BudgetCharge` charges the user's counters as the run writes, batched: when
-:data:`CHARGE_TOKENS` tokens are pending, when :data:`CHARGE_SECONDS` have passed since
-the last charge, and at a step's end (an ``action``, an ``observation``). Before the
-agent starts, the counters are read: a run queued before the budget was spent does not
-start (its prompt is charged with the first charge). A run whose charge reaches a limit
-stops with :class:`BudgetSpent`. So each run in flight can overrun a budget by
-one step: under ``CHARGE_TOKENS`` tokens plus its largest single thought, or what it
-wrote in ``CHARGE_SECONDS``. Without a budget nothing is charged and Redis is not asked.
+:class:`BudgetCharge` holds a reservation in the user's counters, and a thought is
+queued for writing only once the reservation covers it. The prompt (with its history)
+is covered before the agent starts. When the reservation falls short, the run reserves
+again, :data:`CHARGE_TOKENS` tokens at a time (or the thought's size, if larger), with
+one atomic script (``RESERVE``) that grants what remains under every window's limit if
+that is less, and nothing once nothing remains: the run then ends with
+:class:`BudgetSpent` before the thought is written (a run queued before the budget was
+spent does not start).
 
-Charging fails open: while Redis cannot be reached the tokens stay pending and go with
-the next charge; the run goes on (its events cannot be written either, and the writer
+The rule for a thought larger than what is granted: it is written only if the grant
+that took the last of the budget covers it. The script then charges the whole thought,
+past the limit; after it nothing remains, and every other run's next reservation gets
+nothing. So a window's count stays below its limit plus one step, the largest single
+thing a reservation covers (one thought, or a prompt with its history), in total, at
+any moment, whatever the number of runs in flight.
+
+As the run ends, the unused reservation goes back (``GIVE_BACK``), so the counters hold
+what the run wrote; when the model server reported a total above that, the difference
+is charged then, unconditionally, as the only charge not bounded above. A reservation
+belongs to the windows it was granted in: when one of them is over, what is left of it
+goes back and the run reserves in the new windows. Without a budget nothing is reserved
+and Redis is not asked.
+
+Reserving fails open: while Redis cannot be reached, the run goes on and what it writes
+is owed, asked for again with the next reservation (at most every
+:data:`RETRY_SECONDS`) and charged at the run's end in any case; the bound does not hold
+for what is written meanwhile (the run's events cannot be written either, and the writer
 decides what that means).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -36,18 +51,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from thoughtwire.shared.backoff import UNAVAILABLE
-from thoughtwire.shared.grants import ANONYMOUS, Budget, Grants
+from thoughtwire.shared.grants import ANONYMOUS, Budget, Grants, budget_windows
 from thoughtwire.shared.protocol import Thought
 from thoughtwire.shared.redis import RedisError
 
 logger = logging.getLogger("thoughtwire.worker")
 
 CHARS_PER_TOKEN = 4
-CHARGE_TOKENS = 64  # pending tokens that make a charge due
-CHARGE_SECONDS = 0.1  # the longest pending tokens wait while the run writes
+CHARGE_TOKENS = 64  # tokens a reservation asks for at a time: a Redis call per so many
+RETRY_SECONDS = 1.0  # while Redis is away, how often a reservation is asked for again
 
 COMPLETION_TYPES = frozenset({"thinking", "answer", "tool_input"})
-STEP_ENDS = frozenset({"action", "observation"})  # a tool round: a charge is due
 
 
 SPENT = "the token budget is spent; GET /v1/budget says when it refills"
@@ -100,21 +114,35 @@ class UsageMeter:
         """Prompt and completion tokens counted so far."""
         return self.prompt_tokens + self.completion_tokens
 
+    def _chars(self, thought: Thought) -> tuple[int, int]:
+        """The prompt and completion characters ``thought`` adds."""
+        kind, extra = thought.type, thought.extra or {}
+        if kind in COMPLETION_TYPES or (
+            kind == "action" and str(extra.get("call_id")) not in self._streamed_calls
+        ):
+            return 0, len(str(thought.content))
+        if kind == "observation":
+            return len(str(thought.content)), 0
+        return 0, 0
+
+    def cost(self, thought: Thought) -> int:
+        """How many tokens counting ``thought`` would add to the total (counts nothing)."""
+        prompt, completion = self._chars(thought)
+        after = math.ceil((self._prompt_chars + prompt) / CHARS_PER_TOKEN) + math.ceil(
+            (self._completion_chars + completion) / CHARS_PER_TOKEN
+        )
+        return after - self.total_tokens
+
     def count(self, thought: Thought) -> int:
         """Count ``thought``; returns how many tokens it adds to the total."""
-        kind, extra = thought.type, thought.extra or {}
-        before = self.total_tokens
-        if kind in COMPLETION_TYPES:
-            if kind == "tool_input" and extra.get("call_id") is not None:
-                self._streamed_calls.add(str(extra["call_id"]))
-            self._completion_chars += len(str(thought.content))
-        elif kind == "action" and str(extra.get("call_id")) not in self._streamed_calls:
-            self._completion_chars += len(str(thought.content))
-        elif kind == "observation":
-            self._prompt_chars += len(str(thought.content))
-        else:
-            return 0
-        return self.total_tokens - before
+        tokens = self.cost(thought)
+        prompt, completion = self._chars(thought)
+        self._prompt_chars += prompt
+        self._completion_chars += completion
+        extra = thought.extra or {}
+        if thought.type == "tool_input" and extra.get("call_id") is not None:
+            self._streamed_calls.add(str(extra["call_id"]))
+        return tokens
 
     def usage(self, reported: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``usage`` of ``done``: the model server's counts if ``reported``, else ours."""
@@ -139,7 +167,7 @@ class UsageMeter:
 
 
 class BudgetCharge:
-    """Charges one attempt's tokens to its user's budget counters, batched (see above)."""
+    """One attempt's reservation in its user's budget counters (see above)."""
 
     def __init__(
         self,
@@ -147,81 +175,116 @@ class BudgetCharge:
         user: str | None,
         budget: Budget,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.grants = grants
         self.user = user or ANONYMOUS
         self.budget = budget
-        self.charged = 0  # tokens the counters have taken from this attempt
-        self.pending = 0  # tokens counted but not charged yet
-        self._clock = clock
-        self._last = clock()
+        self.charged = 0  # tokens the counters hold from this attempt
+        self.held = 0  # of those, reserved and not written yet
+        self.written = 0  # tokens covered and written (charged or owed)
+        self.owed = 0  # written while Redis was away: not charged yet
+        self._clock = clock  # Unix seconds: which windows a reservation is in
+        self._granted_at = 0.0  # when the reservation held was granted
+        self._retry_at = 0.0
 
     async def start(self, prompt_tokens: int) -> None:
-        """Before the agent starts: raise :class:`BudgetSpent` if the budget is spent
-        already; the prompt's tokens go with the first charge."""
-        try:
-            used = await self.grants.budget_used(self.user, time.time())
-        except (*UNAVAILABLE, RedisError) as exc:
-            logger.warning("reading a budget failed (%r); the run goes on", exc)
-        else:
-            if self.budget.spent(used):
-                raise BudgetSpent(SPENT)
-        self.pending += prompt_tokens
+        """Before the agent starts: reserve for the prompt; raise :class:`BudgetSpent` if
+        nothing remains."""
+        await self._reserve(prompt_tokens, self._clock())
 
-    async def add(self, tokens: int, *, step_end: bool = False) -> None:
-        """Count ``tokens``; charge when due. Raises :class:`BudgetSpent` past a limit."""
-        self.pending += tokens
-        if self.pending and (
-            step_end
-            or self.pending >= CHARGE_TOKENS
-            or self._clock() - self._last >= CHARGE_SECONDS
-        ):
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Charge what is pending; raise :class:`BudgetSpent` if a limit is reached."""
-        tokens, self._last = self.pending, self._clock()
-        try:
-            used = await self.grants.charge(self.user, tokens, time.time())
-        except (*UNAVAILABLE, RedisError) as exc:
-            logger.warning("charging %d tokens to a budget failed (%r); kept", tokens, exc)
+    async def cover(self, tokens: int) -> None:
+        """Hold ``tokens`` for a thought about to be written, reserving more if the
+        reservation falls short. Raises :class:`BudgetSpent` when nothing remains."""
+        now = self._clock()
+        if self.held and budget_windows(now) != budget_windows(self._granted_at):
+            await self._give_back()  # granted in windows that are over: ask the new ones
+        if tokens <= self.held:
+            self.held -= tokens
+            self.written += tokens
             return
-        self.pending -= tokens
-        self.charged += tokens
-        if self.budget.spent(used):
+        await self._reserve(tokens, now)
+
+    async def _reserve(self, tokens: int, now: float) -> None:
+        if now < self._retry_at:
+            self._owe(tokens)
+            return
+        need = max(0, tokens - self.held) + self.owed
+        try:
+            granted, over = await self.grants.reserve(
+                self.user, self.budget, need, max(need, CHARGE_TOKENS), now
+            )
+        except (*UNAVAILABLE, RedisError) as exc:
+            logger.warning("reserving %d budget tokens failed (%r); the run goes on", need, exc)
+            self._retry_at = now + RETRY_SECONDS
+            self._owe(tokens)
+            return
+        if not granted:
             raise BudgetSpent(SPENT)
+        # ``over`` only with the last grant: the thought is written past the limit.
+        self.charged += granted + over
+        self.held += granted + over - tokens - self.owed
+        self.owed = 0
+        self.written += tokens
+        self._granted_at = now
+
+    def _owe(self, tokens: int) -> None:
+        """Write ``tokens`` without a reservation: what is held covers what it can."""
+        self.owed += max(0, tokens - self.held)
+        self.held = max(0, self.held - tokens)
+        self.written += tokens
+
+    async def _give_back(self) -> None:
+        """Give the unused reservation back to the windows it was granted in."""
+        held, self.held = self.held, 0
+        try:
+            await self.grants.give_back(self.user, held, self._granted_at)
+        except (*UNAVAILABLE, RedisError) as exc:
+            logger.warning("giving back %d budget tokens failed (%r)", held, exc)
+        else:
+            self.charged -= held
 
     async def settle(self, reported_total: int | None = None) -> None:
-        """Charge what is left as the run ends; the model server's total, when it gave
-        one, replaces the estimate (an estimate above it is not given back)."""
-        if reported_total is not None:
-            self.pending = max(self.pending, reported_total - self.charged)
-        if self.pending:
-            with contextlib.suppress(BudgetSpent):  # the run has ended anyway
-                await self.flush()
+        """As the run ends: give back the unused reservation, and charge what is owed and
+        what the model server's total, when it gave one, adds to what was written (an
+        estimate above it is not given back)."""
+        if self.held:
+            await self._give_back()
+        extra = self.owed + max(0, (reported_total or 0) - self.written)
+        if not extra:
+            return
+        try:
+            await self.grants.charge(self.user, extra, self._clock())
+        except (*UNAVAILABLE, RedisError) as exc:
+            logger.warning("charging %d tokens to a budget failed (%r); lost", extra, exc)
+            return
+        self.charged += extra
+        self.owed = 0
 
 
 class RunUsage:
-    """One attempt's usage: counted always, charged to a budget only when one is set."""
+    """One attempt's usage: counted always, held to a budget only when one is set."""
 
     def __init__(self, meter: UsageMeter, charge: BudgetCharge | None = None) -> None:
         self.meter = meter
         self.charge = charge
 
     async def start(self) -> None:
-        """Before the agent runs: refuse (:class:`BudgetSpent`) if the budget is spent."""
+        """Before the agent runs: reserve for the prompt, or refuse (:class:`BudgetSpent`)."""
         if self.charge is not None:
             await self.charge.start(self.meter.prompt_tokens)
 
-    async def record(self, thought: Thought) -> None:
-        """Count a thought the agent yielded; charge the budget when due."""
-        tokens = self.meter.count(thought)
-        if self.charge is not None:
-            await self.charge.add(tokens, step_end=thought.type in STEP_ENDS)
+    async def cover(self, thought: Thought) -> None:
+        """Before ``thought`` is queued for writing: count it, held in the budget first.
+
+        Raises :class:`BudgetSpent` (the thought uncounted) when nothing remains."""
+        tokens = self.meter.cost(thought)
+        if self.charge is not None and tokens:
+            await self.charge.cover(tokens)
+        self.meter.count(thought)
 
     async def settle(self, terminal: Thought) -> Thought:
-        """Charge what is left; returns ``terminal``, a ``done`` with its ``usage``."""
+        """Settle the reservation; returns ``terminal``, a ``done`` with its ``usage``."""
         extra = terminal.extra or {}
         reported = extra.get("usage") if terminal.type == "done" else None
         usage = self.meter.usage(reported)
