@@ -236,12 +236,14 @@ async def test_reservations_come_in_chunks_and_unused_goes_back(bus, monkeypatch
     await charge.start(10)
     for _ in range(CHARGE_TOKENS * 3):  # a token each: a Redis call per chunk
         await charge.cover(1)
-    assert calls == [(10, CHARGE_TOKENS, CHARGE_TOKENS, 0)] + [(1, 64, 64, 0)] * 3
-    assert charge.held == 4 * CHARGE_TOKENS - 10 - 3 * CHARGE_TOKENS
-    await charge.cover(150)  # larger than a chunk: what it lacks is reserved whole
-    assert calls[-1] == (150 - 54, 150 - 54, 96, 0) and charge.held == 0
+    chunk = CHARGE_TOKENS
+    assert calls == [(10, chunk, chunk, 0)] + [(1, chunk, chunk, 0)] * 3
+    held = charge.held
+    assert held == 4 * chunk - 10 - 3 * chunk
+    await charge.cover(held + 2 * chunk)  # lacks more than a chunk: what it lacks, whole
+    assert calls[-1] == (2 * chunk, 2 * chunk, 2 * chunk, 0) and charge.held == 0
     await charge.cover(1)
-    assert charge.written == 10 + CHARGE_TOKENS * 3 + 150 + 1
+    assert charge.written == 10 + chunk * 3 + held + 2 * chunk + 1
     assert await day_used(bus.grants) == charge.charged == charge.written + charge.held
     await charge.settle()
     assert charge.held == 0

@@ -15,7 +15,7 @@ OpenAI's tokenizers; code and other languages take more tokens):
 :class:`BudgetCharge` holds a reservation in the user's counters, and a thought is
 queued for writing only once the reservation covers it. The prompt (with its history)
 is covered before the agent starts. When the reservation falls short, the run reserves
-again, :data:`CHARGE_TOKENS` tokens at a time (or the thought's size, if larger), with
+again, :data:`CHARGE_TOKENS` tokens at a time (or what the thought lacks, if more), with
 one atomic script (``RESERVE``) that grants what remains under every window's limit if
 that is less, and nothing once nothing remains: the run then ends with
 :class:`BudgetSpent` before the thought is written (a run queued before the budget was
