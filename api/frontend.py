@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from thoughtwire.api.auth import Authenticator, Principal
 from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard
 from thoughtwire.api.hub import Hub
 from thoughtwire.api.runs import Runs
-from thoughtwire.shared.backoff import retry
-from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.backoff import UNAVAILABLE, retry
+from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job
@@ -23,9 +24,11 @@ from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.settings import Settings
 from thoughtwire.shared.vocab import DecidedBy, Decision, Multitask, OnDisconnect
 
+logger = logging.getLogger("thoughtwire.frontend")
+
 READY_TIMEOUT = 2.0
 DRAIN_BATCHES = 10
-SUBMIT_RETRY_SECONDS = 5.0
+WITHDRAW_SECONDS = 1.0  # one try at withdrawing a run never queued; workers end it otherwise
 
 
 def new_id() -> str:
@@ -84,13 +87,28 @@ class Frontend:
                 partial(self.bus.submit, job, idempotency_key, user=principal.user),
                 seconds=SUBMIT_RETRY_SECONDS,
             )
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, (*UNAVAILABLE, RedisError)):
+                await self._withdraw(job, idempotency_key, principal.user)
             await self.guard.free_run(user, run)
             raise
         if not submitted[2]:  # an idempotent repeat: nothing new runs
             await self.guard.free_run(user, run)
         self.runs.follow(submitted[1], submitted[0], user)
         return submitted
+
+    async def _withdraw(self, job: Job, idempotency_key: str | None, user: str) -> None:
+        """Queueing ``job`` failed, maybe after its run was admitted: end that run, so the
+        session's next runs do not wait for it. One bounded try; if it fails too, the
+        workers end the run once it has gone unqueued too long (worker/parking.py)."""
+        try:
+            async with asyncio.timeout(WITHDRAW_SECONDS):
+                withdrawn = await self.bus.withdraw(job, idempotency_key, user=user)
+        except (TimeoutError, *UNAVAILABLE, RedisError) as exc:
+            logger.warning("run %s: not queued, and not withdrawn either (%r)", job.run, exc)
+            return
+        if withdrawn:
+            logger.warning("run %s: admitted but not queued; withdrawn", job.run)
 
     async def approve(
         self, principal: Principal, run: str, call_id: str, decision: Decision, reason: str | None

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from thoughtwire.shared import scripts
+from thoughtwire.shared.closecodes import ErrorCode
 from thoughtwire.shared.grants import Grants
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, encode_event_head
@@ -37,6 +38,11 @@ from thoughtwire.shared.redis import Script as AsyncScript
 from thoughtwire.shared.vocab import Multitask, RunStatus, Verdict
 
 FENCED = -1  # what an append returns to an attempt that lost its lease
+
+# How long a frontend retries queueing a job while Redis is away (:meth:`Bus.submit`);
+# a run admitted that long ago and still without its job record was never queued.
+SUBMIT_RETRY_SECONDS = 5.0
+NOT_QUEUED_MESSAGE = "the run could not be queued: the service was unavailable; try again"
 
 
 class Busy(Exception):
@@ -94,6 +100,7 @@ class Bus:
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
         self._end_lost = redis.register_script(scripts.END_LOST)
+        self._withdraw = redis.register_script(scripts.WITHDRAW)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._admit = redis.register_script(scripts.ADMIT)
@@ -133,11 +140,7 @@ class Bus:
             if idempotency_key is not None and user is not None:
                 await self._forget_key(self.keys.idempotency(user, idempotency_key), job)
             raise earlier
-        keys = self.keys
-        await self._commands(
-            ("SET", keys.job(job.run), job.session, "EX", self._ttl),
-            ("XADD", keys.jobs, "*", "job", job.encode()),
-        )
+        await self._queue_job(job)
         if job.multitask == Multitask.INTERRUPT and earlier:
             await self._cancel_runs(job.session, earlier)
         return job.run, job.session, True
@@ -159,6 +162,40 @@ class Bus:
         if _text(verdict) == "busy":
             return Busy(session, _text(first))
         return [_text(run) for run in earlier]
+
+    async def _queue_job(self, job: Job) -> None:
+        """Put an admitted run's job on the stream, then its record by id.
+
+        In that order, and the record only once the stream took the job: a queued run
+        without a record was never put on the stream (or is between the two calls), which
+        is what lets a worker end such a run as never queued (worker/parking.py).
+        """
+        keys = self.keys
+        await self._commands(("XADD", keys.jobs, "*", "job", job.encode()))
+        await self._commands(("SET", keys.job(job.run), job.session, "EX", self._ttl))
+
+    async def withdraw(
+        self, job: Job, idempotency_key: str | None = None, *, user: str | None = None
+    ) -> bool:
+        """End ``job``'s run, admitted but never queued, with an ``error`` (``WITHDRAW``).
+
+        For a frontend whose :meth:`submit` failed for good, so the session's next runs
+        do not wait for it. Acts only while the run is queued and was never started;
+        returns whether it wrote. The idempotency key the submit took for it (``user``'s)
+        is freed, so sending the prompt again queues it anew; the run slot is the
+        caller's to give back, as for any submit that failed.
+        """
+        error = Thought("error", NOT_QUEUED_MESSAGE, {"code": ErrorCode.UNAVAILABLE})
+        if not await self.end_lost(job.session, job.run, error, RunStatus.FAILED, queued=True):
+            return False
+        if idempotency_key is not None and user is not None:
+            await self._forget_key(self.keys.idempotency(user, idempotency_key), job)
+        return True
+
+    async def queued_jobs(self, runs: Sequence[str]) -> list[bool]:
+        """Whether each run's job record exists: its job reached the stream (:meth:`submit`)."""
+        replies = await self._commands(*(("EXISTS", self.keys.job(run)) for run in runs))
+        return [bool(reply) for reply in replies]
 
     async def _forget_key(self, key: str, job: Job) -> None:
         """Free an idempotency key taken for a job that was refused, so it can be used again."""
@@ -336,18 +373,26 @@ class Bus:
         return [None if reply is None else _text(reply) for reply in replies]
 
     async def end_lost(
-        self, session: str, run: str, thought: Thought, status: str, user: str | None = None
+        self,
+        session: str,
+        run: str,
+        thought: Thought,
+        status: str,
+        user: str | None = None,
+        *,
+        queued: bool = False,
     ) -> bool:
         """End a run whose state Redis lost with ``thought`` (its terminal event).
 
-        Acts only while the run's state is missing; returns whether it wrote. The job's
-        record is written again too, so the run's status can be looked up by its id, and
-        ``user``'s run slot is given back.
+        Acts only while the run's state is missing; returns whether it wrote. With
+        ``queued``, acts instead only while the run is queued and was never started
+        (``WITHDRAW``: a run never queued). The job's record is written too, so the run's
+        status can be looked up by its id, and ``user``'s run slot is given back.
         """
         keys = self.keys
         head = encode_event_head(thought, session, run, now_ms())
         seq = await self._script(
-            self._end_lost,
+            self._withdraw if queued else self._end_lost,
             (
                 keys.run(session, run),
                 keys.session_meta(session),
@@ -365,6 +410,7 @@ class Bus:
                 str(thought.content),
                 run,
                 head,
+                keys.runs_ended,
             ),
         )
         if int(seq) == FENCED:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,12 @@ from tests.conftest import Cluster, openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.procs import RedisServer, seconds
 from tests.wsclient import connect, greeting, recv_json
-from thoughtwire.shared.bus import Bus, Busy
+from thoughtwire.api import frontend as frontend_module
+from thoughtwire.api.auth import Principal
+from thoughtwire.api.frontend import Frontend
+from thoughtwire.api.guard import Guard
+from thoughtwire.api.runs import Runs
+from thoughtwire.shared.bus import Bus, Busy, Meta
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import (
     Job,
@@ -31,8 +36,12 @@ from thoughtwire.shared.protocol import (
     Thought,
     parse_client_message,
 )
+from thoughtwire.shared.redis import RedisConnectionError
+from thoughtwire.shared.settings import Settings
 from thoughtwire.shared.vocab import Multitask, Verdict
+from thoughtwire.worker.attempt import RunLimits
 from thoughtwire.worker.parking import Parking
+from thoughtwire.worker.runner import Worker
 
 # --- the scripts, against Redis -------------------------------------------------------
 
@@ -147,6 +156,133 @@ async def test_a_run_whose_state_is_gone_can_be_taken_out_of_the_queue(bus):
     await bus.redis.delete(bus.keys.run("s", "a"))
     assert await bus.dequeue("s", "a")
     assert (await bus.start(b, "w", 10_000, 3)).verdict == Verdict.RUN
+
+
+async def test_withdraw_ends_only_a_run_still_queued_and_never_started(bus):
+    a, b = job("a"), job("b")
+    assert not await bus.withdraw(a)  # never admitted: nothing to end, nothing written
+    assert await bus.meta("s") == Meta(None, 0)
+    await bus.submit(a)
+    await bus.submit(b)
+    started = await bus.start(a, "w", 10_000, 3)
+    assert not await bus.withdraw(a)  # it started: its attempt ends it
+    await end(bus, a, started.fence)
+    assert await bus.withdraw(b)
+    assert not await bus.withdraw(b)  # a retry writes nothing
+    (event,) = [e for e in map(orjson.loads, await bus.history("s")) if e["run"] == "b"]
+    assert (event["type"], event["code"]) == ("error", "unavailable")
+    assert (await bus.run_state("b"))["status"] == "failed"
+    assert (await bus.start(b, "w", 10_000, 3)).verdict == Verdict.FINISHED  # its job, late
+
+
+# --- a run admitted whose job never reached the stream ----------------------------------
+
+LIMITS = RunLimits(lease_ms=1500, redis_retry_seconds=1.0, disconnect_grace=5.0)
+SETTINGS = Settings(jwt_secret="s" * 32, max_runs_per_user=100)
+
+
+class Answers:
+    """An agent that answers at once."""
+
+    async def run(self, turn: Any) -> AsyncIterator[Thought]:
+        yield Thought("answer", "ok")
+
+
+class Unqueueable(Bus):
+    """A bus whose XADD of a job fails after its run's admission, as when Redis goes away
+    in between; with ``withdraw_fails``, the frontend's withdrawal fails too."""
+
+    fail = True
+    withdraw_fails = False
+
+    async def _commands(self, *commands: Any) -> list[Any]:
+        if self.fail and any(command[0] == "XADD" for command in commands):
+            raise RedisConnectionError("Redis went away")
+        return await super()._commands(*commands)
+
+    async def withdraw(self, j: Job, key: str | None = None, *, user: str | None = None) -> bool:
+        if self.withdraw_fails:
+            raise RedisConnectionError("Redis is still away")
+        return await super().withdraw(j, key, user=user)
+
+
+@pytest.fixture
+def unqueueable(redis_client, prefix, monkeypatch) -> Unqueueable:
+    monkeypatch.setattr(frontend_module, "SUBMIT_RETRY_SECONDS", 0.2)
+    return Unqueueable(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+
+
+def frontend_over(bus: Bus) -> Frontend:
+    """A frontend with only what queueing a run needs."""
+    runs = Runs(bus, limit=10, lease_seconds=1.0)
+    return Frontend(SETTINGS, bus.redis, bus, None, "n", None, Guard(SETTINGS, bus), runs)  # type: ignore[arg-type]
+
+
+async def run_ends(bus: Bus, session: str, run: str, worker: Worker, within: float) -> dict:
+    """Run ``worker`` until ``run`` has a terminal event in ``session``'s log; that event."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop, drain_timeout=seconds(5)))
+    try:
+        async with asyncio.timeout(seconds(within)):
+            while True:
+                ends = [e for e in map(orjson.loads, await bus.history(session)) if e["run"] == run]
+                if ends and ends[-1]["type"] in TERMINAL:
+                    return ends[-1]
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await running
+
+
+async def test_a_run_not_queued_is_withdrawn_and_the_next_prompt_runs(unqueueable):
+    frontend, caller = frontend_over(unqueueable), Principal("u")
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "lost", idempotency_key="k")
+    unqueueable.fail = False
+    run, session, _ = await frontend.start_run(caller, "s", "next")
+    worker = Worker(
+        unqueueable, {"t": Answers()}, "t", concurrency=4, limits=LIMITS, max_attempts=3
+    )
+    assert (await run_ends(unqueueable, session, run, worker, within=5))["type"] == "done"
+    errors = [e for e in map(orjson.loads, await unqueueable.history(session)) if e["run"] != run]
+    assert [(e["type"], e["code"]) for e in errors] == [("error", "unavailable")]
+    assert (await unqueueable.run_state(errors[0]["run"]))["status"] == "failed"
+    assert await unqueueable.redis.zcard(unqueueable.keys.session_queue(session)) == 0
+    # the idempotency key is free again: sending the prompt again queues it anew
+    again = await frontend.start_run(caller, "s", "lost", idempotency_key="k")
+    assert again[2] and again[0] != errors[0]["run"]
+
+
+async def test_a_run_never_queued_nor_withdrawn_is_ended_and_the_next_starts_in_bound(
+    unqueueable,
+):
+    """Measured: how long after the next prompt it started, against the bound."""
+    unqueueable.withdraw_fails = True
+    frontend, caller = frontend_over(unqueueable), Principal("u")
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "lost")
+    (stuck,) = await unqueueable.redis.smembers(unqueueable.keys.session_runs("s"))
+    stuck = stuck.decode()
+    assert (await unqueueable.run_statuses([("s", stuck)])) == ["queued"]
+    assert await unqueueable.redis.xlen(unqueueable.keys.jobs) == 0
+    assert await unqueueable.queued_jobs([stuck]) == [False]  # no job, so no job record
+    unqueueable.fail = False
+    sent = time.time()
+    run, session, _ = await frontend.start_run(caller, "s", "next")
+    worker = Worker(
+        unqueueable, {"t": Answers()}, "t", concurrency=4, limits=LIMITS, max_attempts=3
+    )
+    bound = seconds(2.0)
+    worker.parking.never_queued_seconds = bound
+    assert (await run_ends(unqueueable, session, run, worker, within=10))["type"] == "done"
+    events = [orjson.loads(e) for e in await unqueueable.history(session)]
+    began = next(e["ts"] for e in events if e["run"] == run) / 1000
+    print(f"\nnext run started {began - sent:.2f} s after its prompt; bound {bound:.1f} s")
+    assert began - sent < bound + LIMITS.lease_ms / 1000
+    (lost,) = [e for e in events if e["run"] == stuck]
+    assert (lost["type"], lost["code"], lost["seq"]) == ("error", "unavailable", 1)
+    assert events[-1]["run"] == run and events[-1]["type"] == "done"
+    assert (await unqueueable.run_state(stuck))["status"] == "failed"
 
 
 # --- messages and jobs -----------------------------------------------------------------

@@ -16,6 +16,16 @@ claimed by this worker.
 * **Never stuck behind a lost run**: a run waited for whose state stays missing for a
   whole lease (Redis lost it and nobody ended it), or that ended but is still in the
   queue, is taken out of the queue (``DEQUEUE``), so the runs after it start.
+* **Never stuck behind a run never queued**: a run waited for that stays ``queued``, never
+  started, with no job record, on checks ``never_queued_seconds`` apart, was admitted but
+  its job never reached the stream (its frontend's queueing failed for good, and so did
+  its withdrawal, or the frontend died between the two). It is ended as lost (``error``,
+  ``WITHDRAW``, which acts only on a run still queued and never started), so its
+  session's clients see it end and the runs after it start. The record is written only
+  once the job is on the stream (``Bus.submit``), and the bound is well past the
+  frontend's retries. Should a job still reach the stream after that (a frontend paused
+  for longer than the bound), its ``START`` finds the run ended and the job is let go:
+  the run never runs, and its ``error`` says so.
 * **Bounded**: at most ``limit`` jobs are parked. Past that a job is not parked: nobody
   touches it, and a worker reclaims it after a lease and asks again.
 * **Stopping**: parked jobs go back to the queue, for the other workers.
@@ -32,15 +42,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from thoughtwire.shared.backoff import UNAVAILABLE
-from thoughtwire.shared.bus import Bus
-from thoughtwire.shared.protocol import TERMINAL_STATUS, Job
+from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus
+from thoughtwire.shared.closecodes import ErrorCode
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Job, Thought
 from thoughtwire.shared.redis import RedisError
+from thoughtwire.shared.vocab import RunStatus
 
 logger = logging.getLogger("thoughtwire.worker")
 
 PARKED_LIMIT = 1000
 ENDED_REMEMBERED = 1000  # run ends kept, for a job parked just after its wait ended
 ENDED = frozenset(TERMINAL_STATUS.values())
+# A queued run without a job record for this long was never queued: three times the
+# frontend's retry window, so a submit still retrying (its last try may hang a while on a
+# Redis that went silent) is long over.
+NEVER_QUEUED_SECONDS = 3 * SUBMIT_RETRY_SECONDS
+NEVER_QUEUED_MESSAGE = "the run was lost: it was never queued; try again"
 
 
 @dataclass(slots=True)
@@ -61,11 +78,13 @@ class Parking:
         lease_seconds: float,
         on_due: Callable[[], None],
         limit: int = PARKED_LIMIT,
+        never_queued_seconds: float = NEVER_QUEUED_SECONDS,
     ) -> None:
         self.bus = bus
         self.consumer = consumer
         self.lease_seconds = lease_seconds
         self.limit = limit
+        self.never_queued_seconds = never_queued_seconds
         self._on_due = on_due  # called when jobs become due: the worker starts what it can
         # By stream entry, not by run: a submit retried after a lost reply can queue a run's
         # job twice, and each entry must be touched while it is parked.
@@ -75,6 +94,8 @@ class Parking:
         # run waited for -> when its state was first seen missing (monotonic); a job checked
         # again is parked anew, so this is kept by the run waited for, not by the job
         self._missing: dict[str, float] = {}
+        # run waited for -> when it was first seen queued without a job record (monotonic)
+        self._unqueued: dict[str, float] = {}
         self._due: OrderedDict[str, None] = OrderedDict()  # entries to check again, oldest first
         self._ended: OrderedDict[str, None] = OrderedDict()  # the last runs announced ended
 
@@ -139,7 +160,31 @@ class Parking:
                 logger.warning("run %s: run %s it waited for was lost", p.job.run, p.waits_for)
         for run in [run for run in self._missing if run not in self._waiters]:
             del self._missing[run]
+        queued = {
+            p.waits_for: p.job.session
+            for p, status in zip(parked, statuses, strict=True)
+            if status == RunStatus.QUEUED
+        }
+        await self._end_never_queued(queued, now)
         self._make_due([p.entry_id for p in parked])
+
+    async def _end_never_queued(self, queued: dict[str, str], now: float) -> None:
+        """End the runs waited for (``queued``: run -> session) that stayed queued without
+        a job record for ``never_queued_seconds``: their job never reached the stream."""
+        for run in [run for run in self._unqueued if run not in queued]:
+            del self._unqueued[run]  # it started, ended, or nobody waits for it here
+        if not queued:
+            return
+        runs = list(queued)
+        for run, has_job in zip(runs, await self.bus.queued_jobs(runs), strict=True):
+            if has_job:
+                self._unqueued.pop(run, None)
+            elif now - self._unqueued.setdefault(run, now) >= self.never_queued_seconds:
+                self._unqueued.pop(run)
+                lost = Thought("error", NEVER_QUEUED_MESSAGE, {"code": ErrorCode.UNAVAILABLE})
+                failed = RunStatus.FAILED
+                if await self.bus.end_lost(queued[run], run, lost, failed, queued=True):
+                    logger.warning("run %s: it was never queued; ended it as lost", run)
 
     def _stuck(self, run: str, status: str | None, now: float) -> bool:
         """Whether ``run`` (waited for) cannot end by itself: it ended, or its state stayed
