@@ -705,3 +705,42 @@ async def test_a_draining_worker_hands_a_waiting_run_over_and_it_goes_on_waiting
         after = await rest_of_run(ws)
     assert_whole_run(before + after)
     assert "handed back" in leaving.output()
+
+
+async def test_a_call_whose_arguments_do_not_fit_is_an_error_observation_nobody_is_asked(llm):
+    llm.replies.extend(
+        [
+            Reply.tool_calls(
+                ("call_1", "calculator", ['{"expr', '": "6 * 7"}']),  # no "expression"
+                ("call_2", "calculator", ['"6 * 7"']),  # not a JSON object
+                ("call_3", "calculator", ['{"expression": ', "[1, 2]}"]),  # not a string
+            ),
+            Reply.text("Let me try again."),
+        ]
+    )
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=llm.base_url, max_retries=0)
+    agent = OpenAIAgent(client=client, model="m", tools=toolbox(None, "calculator"))
+    assert agent.tools["calculator"].needs_approval
+    asked: list[str] = []
+
+    async def approver(call_id: str, name: str, arguments: Any, checkpoint: Any) -> Decided:
+        asked.append(call_id)
+        return Decided(Decision.ALLOW)
+
+    try:
+        async with asyncio.timeout(seconds(30)):
+            thoughts = [t async for t in agent.run(Turn("6 * 7?", approver=approver))]
+    finally:
+        await client.close()
+    assert asked == []
+    observations = [t for t in thoughts if t.type == "observation"]
+    assert [o.extra for o in observations] == [
+        {"tool": "calculator", "call_id": c, "is_error": True}
+        for c in ("call_1", "call_2", "call_3")
+    ]
+    contents = [str(o.content) for o in observations]
+    assert all(c.startswith("error: ") for c in contents), contents
+    assert "expression" in contents[0] and "JSON object" in contents[1]
+    assert [t.type for t in thoughts][-2:] == ["answer", "done"]
+    sent = llm.requests[-1]["body"]["messages"]  # the model is told, and may call again
+    assert [m["content"] for m in sent if m["role"] == "tool"] == contents

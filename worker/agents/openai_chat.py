@@ -203,8 +203,14 @@ class OpenAIAgent:
     async def _approved_call(
         self, turn: Turn, call: _ToolCall, checkpoint: dict[str, Any]
     ) -> tuple[Thought, str]:
-        """Ask a person about ``call``; run it if allowed, else say it was denied."""
+        """Ask a person about ``call``; run it if allowed, else say it was denied.
+
+        Arguments that do not fit the tool are its error observation at once: nobody is
+        asked about a call that cannot run.
+        """
         arguments = _parse_arguments(call.arguments)
+        if not _fits(self.tools.get(call.name), arguments):
+            return await self._call_tool(call)
         decided = await turn.ask(call.id, call.name, arguments, checkpoint)
         if decided.allowed:
             return await self._call_tool(call)
@@ -351,6 +357,17 @@ def _assistant(step: _Step) -> dict[str, Any]:
             for c in step.calls
         ]
     return assistant
+
+
+def _fits(tool: Tool | None, arguments: Any) -> bool:
+    """Whether ``tool`` can run with ``arguments``: a JSON object that fits its parameters."""
+    if tool is None or not isinstance(arguments, dict):
+        return False
+    try:
+        tool.validate(arguments)
+    except InvalidArguments:
+        return False
+    return True
 
 
 def _parse_arguments(text: str) -> Any:
