@@ -22,11 +22,12 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from thoughtwire.api.hub import Hub
-from thoughtwire.api.viewer import Viewer
+from thoughtwire.api.viewer import QUEUE_BYTES, Viewer
 from thoughtwire.api.wire import RawSocket, text_frame
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.protocol import reply
+from thoughtwire.shared.vocab import ViewScope
 
 logger = logging.getLogger("thoughtwire.connection")
 
@@ -171,10 +172,20 @@ class Connection:
     __slots__ = ("transport", "viewer")
 
     def __init__(
-        self, websocket: WebSocket, bus: Bus, hub: Hub, *, queue_size: int, render: Render = as_is
+        self,
+        websocket: WebSocket,
+        bus: Bus,
+        hub: Hub,
+        *,
+        queue_size: int,
+        render: Render = as_is,
+        queue_bytes: int = QUEUE_BYTES,
+        scope: ViewScope = ViewScope.FULL,
     ) -> None:
         self.transport = SocketTransport(websocket, render)
-        self.viewer = Viewer(bus, hub, self.transport, queue_size=queue_size)
+        self.viewer = Viewer(
+            bus, hub, self.transport, queue_size=queue_size, queue_bytes=queue_bytes, scope=scope
+        )
 
     @property
     def sent(self) -> int:

@@ -25,7 +25,7 @@ from thoughtwire.shared.protocol import (
     parse_event_id,
     valid_id,
 )
-from thoughtwire.shared.vocab import Decision, Multitask, OnDisconnect, RunStatus
+from thoughtwire.shared.vocab import Decision, Multitask, OnDisconnect, Replay, RunStatus, ViewScope
 
 router = APIRouter(prefix="/v1")
 
@@ -155,8 +155,16 @@ async def budget(request: Request, caller: Caller) -> dict[str, dict[str, int | 
     return await _frontend(request).guard.budget_report(caller)
 
 
+class ViewerTokenBody(BaseModel):
+    """The body of ``POST /v1/sessions/{session}/viewer-token`` (optional): what it shows."""
+
+    scope: ViewScope = ViewScope.FULL
+
+
 @router.post("/sessions/{session}/viewer-token")
-async def viewer_token(session: str, request: Request, caller: Caller) -> dict[str, object]:
+async def viewer_token(
+    session: str, request: Request, caller: Caller, body: ViewerTokenBody | None = None
+) -> dict[str, object]:
     """A short-lived, read-only token for one session; only its owner may mint one."""
     frontend = _frontend(request)
     if not valid_id(session):
@@ -164,8 +172,28 @@ async def viewer_token(session: str, request: Request, caller: Caller) -> dict[s
     if not frontend.auth.enabled:
         raise HTTPException(404, "authentication is off: there is nothing to grant")
     await frontend.guard.check_write(caller, session)
-    token, expires = frontend.auth.viewer_token(caller.user, session)
-    return {"token": token, "session": session, "expires": expires}
+    scope = ViewScope.FULL if body is None else body.scope
+    token, expires = frontend.auth.viewer_token(caller.user, session, scope=scope)
+    return {"token": token, "session": session, "expires": expires, "scope": scope}
+
+
+@router.get("/sessions/{session}/presence")
+async def session_presence(session: str, request: Request, caller: Caller) -> dict[str, object]:
+    """Who watches the session, across frontends: sockets, distinct users, first names;
+    its owner and its viewers may ask, as for its events."""
+    if not valid_id(session):
+        raise HTTPException(422, "session ids are 1-64 characters of [A-Za-z0-9._-]")
+    frontend = _frontend(request)
+    await frontend.guard.check_read(caller, session)
+    if frontend.presence is None:
+        raise HTTPException(503, "presence is not kept here", headers={"Retry-After": "1"})
+    figures = await frontend.presence.read(session)
+    return {
+        "session": session,
+        "sockets": figures.sockets,
+        "users": figures.users,
+        "names": figures.names(),
+    }
 
 
 @router.get("/sessions/{session}/events")
@@ -188,19 +216,38 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
     await frontend.guard.take_socket(caller, stream)
     events = EventStream(caller.expires)
     viewer = Viewer(
-        frontend.bus, frontend.hub, events, queue_size=frontend.settings.send_queue_size
+        frontend.bus,
+        frontend.hub,
+        events,
+        queue_size=frontend.settings.send_queue_size,
+        queue_bytes=frontend.settings.send_queue_bytes,
+        scope=caller.scope,
     )
 
+    watching = frontend.presence  # a stream counts in presence as a socket does
+    watched = False
+
     async def ended() -> None:
+        if watching is not None and watched:
+            watching.unwatch(session, caller.user)
         await viewer.detach()
         with contextlib.suppress(*UNAVAILABLE):
             await frontend.guard.free_socket(caller, stream)
 
     try:
-        await viewer.follow(session, after, epoch or request.query_params.get("epoch") or None)
+        raw_replay = request.query_params.get("replay") == Replay.RAW
+        await viewer.follow(
+            session,
+            after,
+            epoch or request.query_params.get("epoch") or None,
+            replay=Replay.RAW if raw_replay else Replay.SNAPSHOT,
+        )
     except BaseException:
         await ended()
         raise
+    if watching is not None:
+        watching.watch(session, caller.user)
+        watched = True
     return _EventStream(events.events(), ended)
 
 

@@ -27,6 +27,7 @@ from thoughtwire.api.connection import Connection, Render, as_is
 from thoughtwire.api.frontend import Frontend, new_id
 from thoughtwire.api.guard import LimitError
 from thoughtwire.api.lane import SocketRoutes
+from thoughtwire.api.presence import Watch
 from thoughtwire.shared.backoff import UNAVAILABLE
 from thoughtwire.shared.bus import Busy
 from thoughtwire.shared.closecodes import Close, ErrorCode
@@ -47,7 +48,7 @@ from thoughtwire.shared.protocol import (
     reply,
     valid_id,
 )
-from thoughtwire.shared.vocab import OnDisconnect
+from thoughtwire.shared.vocab import OnDisconnect, Replay
 
 routes = SocketRoutes()  # served by api.lane, ahead of FastAPI
 _route = routes.route
@@ -123,6 +124,7 @@ class SessionSocket:
         self.principal = ANONYMOUS
         self.socket_id = new_id()
         self.conn: Connection | None = None
+        self.watch: Watch | None = None  # its place in its session's presence
 
     async def admit(self) -> tuple[str, int | None, str | None, str | None] | None:
         """Check everything before accepting; on refusal close and return None."""
@@ -175,15 +177,22 @@ class SessionSocket:
             frontend.bus,
             frontend.hub,
             queue_size=frontend.settings.send_queue_size,
+            queue_bytes=frontend.settings.send_queue_bytes,
             render=self.render_frame,
+            scope=self.principal.scope,  # the token's: no query or message changes it
         )
         viewer = conn.viewer
         try:
             for channel in channels:
                 await viewer.join(channel)
             await viewer.follow(
-                session, after, epoch, greeting=reply("session", session=session, **self.hello)
+                session,
+                after,
+                epoch,
+                greeting=reply("session", session=session, **self.hello),
+                replay=self._replay(),
             )
+            await self._watch(session)
         except BaseException as exc:
             await viewer.detach()
             if isinstance(exc, TimeoutError | UNAVAILABLE):
@@ -192,7 +201,30 @@ class SessionSocket:
                 )
                 return
             raise
-        await conn.serve(self._receive_loop)
+        try:
+            await conn.serve(self._receive_loop)
+        finally:
+            if self.watch is not None:
+                await self.watch.stop()
+
+    async def _watch(self, session: str) -> None:
+        """Count this socket in ``session``'s presence; with ``?presence=1``, send it the
+        session's presence frames too (JSON endpoints only)."""
+        assert self.conn is not None
+        watching = self.frontend.presence
+        if watching is None:
+            return
+        if self.watch is None:
+            asked = self.websocket.query_params.get("presence") == "1"
+            frames = asked and self.render_frame is as_is
+            self.watch = Watch(watching, self.conn.viewer, self.principal.user, frames=frames)
+        await self.watch.start(session)
+
+    def _replay(self) -> Replay:
+        """``?replay=raw`` asks for the log as it is; plain text shows no snapshot."""
+        if self.render_frame is not as_is or self.websocket.query_params.get("replay") == "raw":
+            return Replay.RAW
+        return Replay.SNAPSHOT
 
     # --- receiving ----------------------------------------------------------
 
@@ -275,7 +307,14 @@ class SessionSocket:
         elif isinstance(message, Resume):
             await frontend.guard.check_read(self.principal, message.session)
             greeting = reply("session", session=message.session, **self.hello)
-            await viewer.follow(message.session, message.after, message.epoch, greeting=greeting)
+            await viewer.follow(
+                message.session,
+                message.after,
+                message.epoch,
+                greeting=greeting,
+                replay=message.replay if self.render_frame is as_is else Replay.RAW,
+            )
+            await self._watch(message.session)
         elif isinstance(message, Cancel):
             await frontend.guard.check_write(self.principal, session)
             await frontend.bus.cancel(session, message.run)
@@ -285,6 +324,9 @@ class SessionSocket:
             fresh = await frontend.auth.principal(message.token)
             if fresh.user != self.principal.user or fresh.viewer_of != self.principal.viewer_of:
                 raise AuthError("a refreshed token must name the same user", Close.FORBIDDEN)
+            if fresh.scope != self.principal.scope:
+                # The socket's viewer shows what its first token's scope shows, for its life.
+                raise AuthError("a refreshed token must have the same scope", Close.FORBIDDEN)
             self.principal = fresh
         elif self.on_message is not None:
             await self.on_message(message, self)

@@ -11,10 +11,12 @@ no task and no queue. When it pushes back, frames wait in a bounded queue, made 
 first use, and a writer task, alive only while frames wait, offers them to ``send``
 one at a time: an idle viewer holds no task.
 
-Slow-client policy: the queue holds ``queue_size`` frames. When it is full the
-client is not keeping up: the viewer closes its transport with 4008 (SLOW), which
-tells the client to reconnect and resume from its last ``seq``. Nobody waits: a
-send in progress is abandoned.
+Slow-client policy (:mod:`thoughtwire.api.backlog`): past ``queue_size`` waiting
+frames, the queue's consecutive deltas of one block are merged into one frame, so a
+slow reader still gets every token's content, in fewer frames. A queue that, merged,
+still holds more than ``queue_bytes`` is a client too far behind: the viewer closes
+its transport with 4008 (SLOW), which tells the client to reconnect and resume from
+its last ``seq``. Nobody waits: a send in progress is abandoned.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import logging
 from functools import partial
 from typing import Any
 
+from thoughtwire.api import scopes
+from thoughtwire.api.backlog import Backlog
 from thoughtwire.api.hub import Hub
 from thoughtwire.api.recovery import (
     CATCH_UP_ROUNDS,
@@ -31,15 +35,19 @@ from thoughtwire.api.recovery import (
     Position,
     ReadLog,
     ReadMeta,
+    ReadSnapshot,
+    Replay,
     Settle,
     Step,
     TakeLive,
     catch_up,
 )
+from thoughtwire.api.snapshots import reader
 from thoughtwire.api.transport import Transport
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.closecodes import Close
+from thoughtwire.shared.vocab import ViewScope
 
 logger = logging.getLogger("thoughtwire.viewer")
 
@@ -48,6 +56,7 @@ CATCH_UP_PATIENCE = 10.0  # seconds a catch-up waits for room in the queue
 BUFFER_FACTOR = 4  # live frames held during a catch-up, in queue sizes
 
 SLOW_REASON = "slow consumer: reconnect and resume"
+QUEUE_BYTES = 1 << 20  # the default byte cap of a viewer's queue (THOUGHTWIRE_SEND_QUEUE_BYTES)
 
 
 class Viewer:
@@ -60,23 +69,37 @@ class Viewer:
         "_channels",
         "_epoch",
         "_queue",
+        "_queue_bytes",
         "_queue_size",
         "_recovery",
+        "_replay",
         "_seq",
         "_transport",
         "_writer",
         "bus",
         "closed",
         "hub",
+        "scope",
         "session",
     )
 
-    def __init__(self, bus: Bus, hub: Hub, transport: Transport, *, queue_size: int) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        hub: Hub,
+        transport: Transport,
+        *,
+        queue_size: int,
+        queue_bytes: int = QUEUE_BYTES,
+        scope: ViewScope = ViewScope.FULL,
+    ) -> None:
         self.bus = bus
+        self.scope = scope  # what its token shows (api/scopes.py): fixed for its life
         self.hub = hub
         self._transport = transport
-        self._queue: asyncio.Queue[str] | None = None  # made on first use: most never need it
+        self._queue: Backlog | None = None  # made on first use: most never need it
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._writer: asyncio.Task[None] | None = None  # alive only while frames wait
         self.session: str | None = None
         self._channels: set[str] = set()
@@ -85,13 +108,14 @@ class Viewer:
         self._buffer: list[str] | None = None  # live frames held while the log is read
         self._again = False
         self._recovery: asyncio.Task[None] | None = None
+        self._replay = Replay.RAW  # how follow() asked to be caught up
         self.closed = False
 
     @property
-    def queue(self) -> asyncio.Queue[str]:
-        """Frames the transport pushed back, waiting for it, at most ``queue_size``."""
+    def queue(self) -> Backlog:
+        """Frames the transport pushed back, waiting for it: merged, and capped in bytes."""
         if self._queue is None:
-            self._queue = asyncio.Queue(maxsize=self._queue_size)
+            self._queue = Backlog(self._queue_size, self._queue_bytes)
         return self._queue
 
     @property
@@ -113,9 +137,7 @@ class Viewer:
         writer = self._writer
         if (writer is None or writer.done()) and self._transport.write(frame, wire):
             return
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if not self.queue.push(frame):
             self.close(Close.SLOW, SLOW_REASON)
             return
         self._wake_writer()
@@ -144,6 +166,42 @@ class Viewer:
         self._buffer = [frame]
         self._start_recovery(self.position)
 
+    def deliver_view(
+        self, frame: str, position: tuple[int, str] | None, view: str | None, wire: bytes | None
+    ) -> None:
+        """From the hub, to a viewer whose scope is not full: ``view`` is what its scope
+        shows of ``frame`` (None: nothing), ``wire`` the view ready for a WebSocket.
+
+        An event its scope drops moves the position as a sent one does, so the next
+        one's seq jumping over it is no hole. A catch-up buffers ``frame`` as it came:
+        what it sends is projected then.
+        """
+        if position is None or self.closed:
+            if view is not None:
+                self.put(view, wire)
+        elif self._advance(frame, position) and view is not None:
+            self.put(view, wire)
+
+    def _advance(self, frame: str, position: tuple[int, str]) -> bool:
+        """Whether the event at ``position`` is the next one (the position moves to it);
+        otherwise it is buffered, dropped as a duplicate, or settled by a catch-up.
+        :meth:`deliver` inlines the same steps: it runs per socket and event."""
+        if self._buffer is not None:
+            if len(self._buffer) >= self._queue_size * BUFFER_FACTOR:
+                self.close(Close.SLOW, SLOW_REASON)
+            self._buffer.append(frame)
+            return False
+        seq, epoch = position
+        if epoch == self._epoch or (self._epoch is None and self._seq == 0 and seq == 1):
+            if seq == self._seq + 1:
+                self._epoch, self._seq = epoch, seq
+                return True
+            if seq <= self._seq:
+                return False  # already sent
+        self._buffer = [frame]
+        self._start_recovery(self.position)
+        return False
+
     def resync(self) -> None:
         """From the hub, after it reconnected: frames may have been missed meanwhile."""
         if self.session is None or self.closed:
@@ -162,11 +220,13 @@ class Viewer:
         after: int | None = None,
         epoch: str | None = None,
         greeting: str | None = None,
+        replay: Replay = Replay.RAW,
     ) -> None:
         """Follow ``session``: from after ``after`` (a resume), or from now on.
 
         ``greeting`` is queued once the previous session is left, so no frame of
-        that session comes after it.
+        that session comes after it. ``replay`` :attr:`Replay.SNAPSHOT` starts a join
+        with the session's snapshot, and repairs a trimmed log with one.
         """
         if self.session is not None:
             self._stop_recovery()
@@ -175,6 +235,7 @@ class Viewer:
             self.put(greeting)
         self.session = session
         self._epoch, self._seq = epoch, after or 0
+        self._replay = replay
         self._buffer = []  # subscribe first, read the log second: nothing falls between
         await self.join(self.bus.session_channel(session))
         self._start_recovery(None if after is None else Position(epoch, after))
@@ -183,7 +244,7 @@ class Viewer:
         """Take the frames of ``channel`` too."""
         if channel not in self._channels:
             self._channels.add(channel)
-            await self.hub.join(channel, self)
+            await self.hub.join(channel, self, self.scope)
 
     async def leave(self, channel: str) -> None:
         """Stop taking the frames of ``channel``."""
@@ -232,7 +293,7 @@ class Viewer:
         """Hand what is queued to the transport, in order, then end."""
         queue = self.queue
         while not queue.empty():
-            if not await self._transport.send(queue.get_nowait()):
+            if not await self._transport.send(queue.pop()):
                 # The transport has ended, and reports its own failure: just stop.
                 self._writer = None  # this task, which must not cancel itself
                 self._stop()
@@ -276,7 +337,7 @@ class Viewer:
         """
         session = self.session
         assert session is not None
-        steps = catch_up(session, position)
+        steps = catch_up(session, position, replay=self._replay)
         answer: Any = None
         try:
             # Bounded: catch_up ends within CATCH_UP_ROUNDS rounds, whatever it is told.
@@ -305,14 +366,21 @@ class Viewer:
         if isinstance(step, ReadMeta):
             self._again = False  # a resync from here on is seen by this meta read, or Settle
             return await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
+        if isinstance(step, ReadSnapshot):
+            return await retry(
+                partial(reader(self.bus).get, session), seconds=RECOVERY_RETRY_SECONDS
+            )
         if isinstance(step, ReadLog):
             return await retry(
                 partial(self.bus.history, session, step.after, step.count),
                 seconds=RECOVERY_RETRY_SECONDS,
             )
         if isinstance(step, Emit):
+            full = self.scope is ViewScope.FULL
             for frame in step.frames:
-                await self._put_patiently(frame)
+                view = frame if full else scopes.project_frame(frame, self.scope)
+                if view is not None:  # a dropped event: the position moves past it below
+                    await self._put_patiently(view)
             self._epoch, self._seq = step.position.epoch, step.position.seq
             return None
         assert isinstance(step, Settle)
@@ -326,8 +394,8 @@ class Viewer:
             return
         try:
             async with asyncio.timeout(CATCH_UP_PATIENCE):
-                await self.queue.put(frame)
+                await self.queue.wait_for_room()
         except TimeoutError:
             self.close(Close.SLOW, SLOW_REASON)
             return
-        self._wake_writer()
+        self.put(frame)

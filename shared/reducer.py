@@ -18,7 +18,8 @@ A RunState is ``{"run", "status", "attempt", "blocks", "usage", "error",
 
 What it guarantees: frames are applied once each by ``seq`` within an epoch, so a
 log replayed, resumed from any earlier seq, or with duplicates folds to the same state
-as the log read once; a ``retry`` drops what the run's earlier attempt showed, so a
+as the log read once; a merged delta (``from_seq``..``seq``, sent to a slow viewer)
+applies only the part of its content past the state's ``seq``; a ``retry`` drops what the run's earlier attempt showed, so a
 retried run ends as its clean run would.
 """
 
@@ -86,11 +87,32 @@ def reduce(state: State, frame: Frame) -> State:
         state = initial_state()  # another log: nothing of the old one holds
     if seq <= state["seq"]:
         return state  # seen already
+    first = frame.get("from_seq")
+    if _is_seq(first) and first <= state["seq"]:
+        frame = _unseen(frame, state["seq"] - first + 1)
     return _apply(state, frame, seq)
 
 
 def _is_seq(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unseen(frame: Frame, seen: int) -> Frame:
+    """A merged delta (``from_seq``..``seq``) less its first ``seen`` events' content.
+
+    ``lengths`` gives each merged event's content length in characters (code points);
+    without it the frame cannot be cut and applies whole.
+    """
+    lengths = frame.get("lengths")
+    content = frame.get("content")
+    if not (
+        isinstance(content, str)
+        and isinstance(lengths, list)
+        and len(lengths) == frame["seq"] - frame["from_seq"] + 1
+        and all(_is_seq(n) for n in lengths)
+    ):
+        return frame
+    return {**frame, "content": content[sum(lengths[:seen]) :]}
 
 
 def _apply(state: State, frame: Frame, seq: int) -> State:

@@ -164,7 +164,14 @@ class Settings(BaseSettings):
     log_ttl: int = Field(86_400, description="Seconds a session's log and runs are kept.")
 
     # Frontend
-    send_queue_size: int = Field(1024, ge=1, description="Frames queued per viewer.")
+    send_queue_size: int = Field(
+        1024, ge=1, description="Frames queued per viewer before its deltas are merged."
+    )
+    send_queue_bytes: int = Field(
+        1 << 20,
+        ge=1,
+        description="Bytes a viewer's merged queue may hold; past them it is closed with 4008.",
+    )
     ping_interval: float = Field(60.0, description="Seconds between WebSocket pings.")
     max_message_bytes: int = Field(64 * 1024, description="Largest client frame, in bytes.")
     max_prompt_chars: int = Field(32_000, description="Longest prompt, in characters.")
@@ -229,6 +236,25 @@ class Settings(BaseSettings):
     max_sockets_per_user: int = Field(50, description="Open sockets per user.")
     idle_timeout: float = Field(
         900.0, description="A socket with no frame either way this long is closed (s)."
+    )
+
+    # Presence: who watches a session (docs/protocol.md, "Presence").
+    presence_refresh: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between a frontend's refreshes of its presence entries.",
+    )
+    presence_ttl: float = Field(
+        25.0,
+        gt=0,
+        description="Seconds a frontend's presence entry lasts unrefreshed: a killed "
+        "frontend's sockets leave presence within this (more than presence_refresh).",
+    )
+    presence_interval: float = Field(
+        1.0, gt=0, description="Least seconds between two presence frames of a session."
+    )
+    presence_names: int = Field(
+        100, ge=0, description="User names a presence frame lists at most (counts stay exact)."
     )
 
     # Frontend shutdown

@@ -37,13 +37,13 @@ class NullHub:
 
 async def test_a_client_that_falls_behind_is_closed_with_4008_and_nobody_waits():
     socket = StuckSocket()
-    conn = Connection(socket, None, NullHub(), queue_size=4, render=as_is)
+    conn = Connection(socket, None, NullHub(), queue_size=4, render=as_is, queue_bytes=4)
     serving = asyncio.create_task(conn.serve(lambda: asyncio.Event().wait()))
     conn.send("0")
     async with asyncio.timeout(seconds(5)):
         await socket.stuck.wait()
     for i in range(1, 5):
-        conn.viewer.deliver(str(i), None)  # fills the queue: the relay never blocks
+        conn.viewer.deliver(str(i), None)  # fills the queue's 4 bytes: the relay never blocks
     assert not socket.closed.done()
     conn.viewer.deliver("one too many", None)
     conn.viewer.deliver("and more, ignored", None)

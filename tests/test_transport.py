@@ -99,10 +99,10 @@ async def test_backpressure_queues_and_the_writer_sends_in_order_then_ends():
     await viewer.detach()
 
 
-async def test_a_full_queue_closes_the_sink_with_4008_once_and_nobody_waits():
+async def test_a_queue_over_its_byte_cap_closes_the_sink_with_4008_once_and_nobody_waits():
     sink = Sink(pushing_back=True)
     sink.open.clear()  # the client stopped reading
-    viewer = viewer_over(sink, queue_size=2)
+    viewer = Viewer(None, NoHub(), sink, queue_size=2, queue_bytes=8)  # nothing here merges
     viewer.put("0")
     async with asyncio.timeout(seconds(5)):
         await sink.sending.wait()  # "0" is in the stalled send

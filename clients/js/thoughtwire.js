@@ -488,7 +488,29 @@ export function reduce(state, frame) {
   if (!Number.isInteger(seq)) return state; // a reply: not part of the log
   if (state.epoch !== null && (frame.epoch ?? null) !== state.epoch) state = initialState();
   if (seq <= state.seq) return state; // seen already
+  if (Number.isInteger(frame.from_seq) && frame.from_seq <= state.seq) {
+    frame = unseen(frame, state.seq - frame.from_seq + 1);
+  }
   return applyEvent(state, frame, seq);
+}
+
+/**
+ * A merged delta (`from_seq`..`seq`, sent to a slow viewer) less its first `seen`
+ * events' content. `lengths` counts code points, as Python does; without it the frame
+ * applies whole.
+ */
+function unseen(frame, seen) {
+  const { content, lengths } = frame;
+  if (
+    typeof content !== "string" ||
+    !Array.isArray(lengths) ||
+    lengths.length !== frame.seq - frame.from_seq + 1 ||
+    !lengths.every(Number.isInteger)
+  ) {
+    return frame;
+  }
+  const cut = lengths.slice(0, seen).reduce((a, n) => a + n, 0);
+  return { ...frame, content: Array.from(content).slice(cut).join("") };
 }
 
 function applyEvent(state, frame, seq) {
