@@ -13,6 +13,7 @@ from functools import partial
 from thoughtwire.api.auth import Authenticator, Principal
 from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard
 from thoughtwire.api.hub import Hub
+from thoughtwire.api.presence import Watching
 from thoughtwire.api.runs import Runs
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
 from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus
@@ -50,6 +51,8 @@ class Frontend:
     # The runs this frontend queued, until they end: it ends those Redis lost (api/runs.py).
     runs: Runs
     draining: bool = field(default=False)
+    # Who watches each session, counted here and summed in Redis (api/presence.py).
+    presence: Watching | None = field(default=None)
 
     async def start_run(
         self,
@@ -168,6 +171,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
     hub = Hub(partial(open_link, factory), bus.node_channel(node))
     refresher: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
+    presence: asyncio.Task[None] | None = None
     try:
         await hub.start()
         frontend = Frontend(
@@ -179,7 +183,10 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
             auth=Authenticator(settings),
             guard=Guard(settings, bus),
             runs=Runs(bus, limit=settings.tracked_runs, lease_seconds=settings.lease_seconds),
+            presence=Watching(bus.presence, node, settings),
         )
+        assert frontend.presence is not None
+        presence = asyncio.create_task(frontend.presence.run(), name="presence")
         refresher = asyncio.create_task(frontend.refresh_sockets(), name="socket-slots")
         await hub.join(bus.runs_ended, frontend.runs)  # runs that end are let go at once
         watcher = asyncio.create_task(frontend.runs.watch(), name="lost-runs")
@@ -194,5 +201,11 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        if presence is not None:
+            presence.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await presence
+            assert frontend.presence is not None
+            await frontend.presence.close()
         await hub.close()
         await redis.aclose()

@@ -32,6 +32,7 @@ from thoughtwire.shared import scripts
 from thoughtwire.shared.closecodes import ErrorCode
 from thoughtwire.shared.grants import Grants
 from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.presence import Presence
 from thoughtwire.shared.protocol import Job, Thought, encode_event_head
 from thoughtwire.shared.redis import Batcher, Redis, ResponseError
 from thoughtwire.shared.redis import Script as AsyncScript
@@ -96,6 +97,8 @@ class Bus:
         self._batch = Batcher(redis)
         # Session owners, per-user slots and rates; a job leaving the queue frees its run slot.
         self.grants = Grants(redis, keys, self._batch, ttl=log_ttl)
+        # Who watches each session, summed across frontends (shared/presence.py).
+        self.presence = Presence(redis, keys, self._batch)
         self._append = redis.register_script(scripts.APPEND)
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
@@ -107,6 +110,7 @@ class Bus:
         self._dequeue = redis.register_script(scripts.DEQUEUE)
         self._await_approval = redis.register_script(scripts.AWAIT_APPROVAL)
         self._decide = redis.register_script(scripts.DECIDE)
+        self._save_snapshot = redis.register_script(scripts.SAVE_SNAPSHOT)
 
     # --- jobs: the frontend's side -----------------------------------------
 
@@ -539,6 +543,18 @@ class Bus:
             self.keys.session_log(session), min=f"(0-{after}", count=count
         )
         return [_text(fields[b"e"]) for _id, fields in entries]
+
+    async def snapshot(self, session: str) -> bytes | None:
+        """The session's stored snapshot's state (JSON), or None (:mod:`thoughtwire.shared.snapshots`)."""
+        fields: Any = await self.redis.hgetall(self.keys.session_snapshot(session))
+        state = fields.get(b"state") if fields else None
+        return None if state is None else bytes(state)
+
+    async def save_snapshot(self, session: str, epoch: str, seq: int, state: bytes) -> bool:
+        """Store the session's snapshot at ``seq`` of ``epoch``, if newer than the stored one."""
+        keys = (self.keys.session_snapshot(session), self.keys.session_meta(session))
+        saved = await self._script(self._save_snapshot, keys, (epoch, seq, state, self._ttl))
+        return bool(saved)
 
     # --- conversation memory ------------------------------------------------
 

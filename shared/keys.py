@@ -39,6 +39,10 @@ class Keys:
         """The pub/sub channel a session's events are published on."""
         return f"{self.prefix}:{{{session}}}:events"
 
+    def session_snapshot(self, session: str) -> str:
+        """A session's snapshot (a hash): ``epoch``, ``seq`` and the compacted ``state``."""
+        return f"{self.prefix}:{{{session}}}:snapshot"
+
     def run(self, session: str, run: str) -> str:
         """A run's state: status, attempt, fence, lease, result. In its session's slot."""
         return f"{self.prefix}:{{{session}}}:run:{run}"
@@ -66,6 +70,19 @@ class Keys:
     def session_owner(self, session: str) -> str:
         """The user who owns a session."""
         return f"{self.prefix}:{{{session}}}:owner"
+
+    # Presence: who watches a session, one entry per frontend (shared/presence.py).
+    def session_presence(self, session: str) -> str:
+        """A session's watchers: a hash, frontend id -> JSON ``{user: sockets}``."""
+        return f"{self.prefix}:{{{session}}}:presence"
+
+    def session_presence_expiry(self, session: str) -> str:
+        """When each frontend's presence entry lapses (a sorted set, Unix ms)."""
+        return f"{self.prefix}:{{{session}}}:presence:expiry"
+
+    def session_presence_channel(self, session: str) -> str:
+        """The pub/sub channel a session's ``presence`` frames are published on."""
+        return f"{self.prefix}:{{{session}}}:presence:frames"
 
     # Per user, for limits held across frontends. User ids (JWT subjects) can hold any
     # character, so keys carry a digest of them.

@@ -439,3 +439,88 @@ for _, key in ipairs(KEYS) do
 end
 return 0
 """
+
+# KEYS: the session's presence hash, its expiry sorted set, its presence channel.
+# ARGV: frontend id ('' only reads: no entry written, no time to live touched), what it
+#       holds (JSON {user: sockets}; '' holds none), ttl ms, interval ms, names cap,
+#       session, publish (1/0).
+# Writes the frontend's entry, drops the entries of frontends that stopped refreshing,
+# and sums what is left: sockets, distinct users, the first names in order. The frame
+# is published only when it differs from the last one published, and at most once an
+# interval; a change that must wait returns when it is due (Unix ms), for the caller
+# to call again then. Returns {sockets, users, frame, due or 0, earliest lapse or 0, now}.
+PRESENCE = (
+    _NOW
+    + """
+local node, held = ARGV[1], ARGV[2]
+local ttl, interval, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if node ~= '' then
+  if held == '' then
+    redis.call('HDEL', KEYS[1], node)
+    redis.call('ZREM', KEYS[2], node)
+  else
+    redis.call('HSET', KEYS[1], node, held)
+    redis.call('ZADD', KEYS[2], now + ttl, node)
+  end
+end
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('HDEL', KEYS[1], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local live = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local sockets, users, names, seen = 0, 0, {}, {}
+for i = 1, #live, 2 do
+  local entry = redis.call('HGET', KEYS[1], live[i])
+  if entry then
+    for user, n in pairs(cjson.decode(entry)) do
+      sockets = sockets + n
+      if not seen[user] then
+        seen[user] = true
+        users = users + 1
+        names[users] = user
+      end
+    end
+  end
+end
+table.sort(names)
+local first = {}
+for i = 1, math.min(cap, users) do
+  first[i] = cjson.encode(names[i])
+end
+local frame = '{"type":"presence","session":' .. cjson.encode(ARGV[6])
+  .. ',"sockets":' .. string.format('%d', sockets)
+  .. ',"users":' .. string.format('%d', users)
+  .. ',"names":[' .. table.concat(first, ',') .. ']}'
+local due = 0
+if ARGV[7] == '1' and redis.call('HGET', KEYS[1], ':sent') ~= frame then
+  due = tonumber(redis.call('HGET', KEYS[1], ':at') or '0') + interval
+  if now >= due then
+    redis.call('PUBLISH', KEYS[3], frame)
+    redis.call('HSET', KEYS[1], ':sent', frame, ':at', now)
+    due = 0
+  end
+end
+if node ~= '' then
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  redis.call('PEXPIRE', KEYS[2], 2 * ttl)
+end
+local lapse = 0
+if #live > 0 then
+  lapse = tonumber(live[2])
+end
+return {sockets, users, frame, due, lapse, now}
+"""
+)
+
+# KEYS: session's snapshot, session's meta. ARGV: epoch, seq, state (JSON), ttl.
+# A snapshot only moves forward, and only within the log's current epoch: one of an
+# older epoch, or at a seq the stored one has reached, is refused (0). Two writers at
+# one seq fold the same log, so which of them lands does not matter.
+SAVE_SNAPSHOT = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return 0 end
+local stored = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+if stored[1] == ARGV[1] and tonumber(stored[2]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', ARGV[2], 'state', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
