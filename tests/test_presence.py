@@ -23,7 +23,7 @@ from tests.wsclient import connect, greeting
 from thoughtwire.api.presence import LAPSE_MARGIN_SECONDS
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.presence import Presence
-from thoughtwire.shared.redis import Batcher, RedisFactory
+from thoughtwire.shared.redis import Batcher
 from thoughtwire.shared.settings import Settings
 
 SECRET = "a-presence-test-secret-at-least-32-bytes"
@@ -225,24 +225,33 @@ def test_the_default_bound_is_within_30_seconds() -> None:
     assert bound <= 30
 
 
-async def test_counts_stay_exact_past_the_names_cap(redis_server) -> None:  # type: ignore[no-untyped-def]
-    """Many users on several frontends: sockets and users exact, names cut to the cap."""
-    redis = RedisFactory(Settings(redis_url=redis_server.url, redis_pool_size=4)).commands()
-    try:
-        store = Presence(redis, Keys("t" + secrets.token_hex(4)), Batcher(redis))
-        session = "cap"
-        # 300 users: 0-199 with a socket each on n1, 100-299 with two each on n2.
-        one = {f"user{i:03}": 1 for i in range(200)}
-        two = {f"user{i:03}": 2 for i in range(100, 300)}
-        for node, held in (("n1", one), ("n2", two)):
-            await store.put(session, node, held, ttl_ms=60_000, interval_ms=1000, cap=100)
-        seen = await store.read(session, cap=100)
-        assert (seen.sockets, seen.users) == (600, 300)
-        assert seen.names() == [f"user{i:03}" for i in range(100)]
-        assert len(seen.frame) < 2000  # the frame holds the cap, not the crowd
-        await store.put(session, "n1", {}, ttl_ms=60_000, interval_ms=1000, cap=100)
-        seen = await store.read(session, cap=100)
-        assert (seen.sockets, seen.users) == (400, 200)
-        assert seen.names()[0] == "user100"
-    finally:
-        await redis.aclose()
+async def test_counts_stay_exact_past_the_names_cap(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Many users on two frontends: sockets and users exact, names cut to the cap (on a
+    redis-server, and on the embedded Redis of ``thoughtwire up``)."""
+    store = Presence(redis_client, Keys("t" + secrets.token_hex(4)), Batcher(redis_client))
+    session = "cap"
+    # 300 users: 0-199 with a socket each on n1, 100-299 with two each on n2.
+    one = {f"user{i:03}": 1 for i in range(200)}
+    two = {f"user{i:03}": 2 for i in range(100, 300)}
+    for node, held in (("n1", one), ("n2", two)):
+        await store.put(session, node, held, ttl_ms=60_000, interval_ms=1000, cap=100)
+    seen = await store.read(session, cap=100)
+    assert (seen.sockets, seen.users) == (600, 300)
+    assert seen.names() == [f"user{i:03}" for i in range(100)]
+    assert len(seen.frame) < 2000  # the frame holds the cap, not the crowd
+    await store.put(session, "n1", {}, ttl_ms=60_000, interval_ms=1000, cap=100)
+    seen = await store.read(session, cap=100)
+    assert (seen.sockets, seen.users) == (400, 200)
+    assert seen.names()[0] == "user100"
+
+
+async def test_an_entry_not_refreshed_lapses(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A frontend that stops refreshing (killed) drops out once its entry's time is up."""
+    store = Presence(redis_client, Keys("t" + secrets.token_hex(4)), Batcher(redis_client))
+    await store.put("s", "alive", {"alice": 1}, ttl_ms=60_000, interval_ms=1000, cap=10)
+    dead = await store.put("s", "dead", {"bob": 2}, ttl_ms=200, interval_ms=1000, cap=10)
+    assert (dead.sockets, dead.users, dead.lapse_ms) == (3, 2, dead.now_ms + 200)
+    async with asyncio.timeout(seconds(5)):
+        while (seen := await store.read("s", cap=10)).sockets != 1:  # bounded by the timeout
+            await asyncio.sleep(0.05)
+    assert seen.names() == ["alice"]
