@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.settings import Settings
+from thoughtwire.shared.vocab import ViewScope
 
 if TYPE_CHECKING:
     from jwt import PyJWKClient
@@ -37,6 +38,11 @@ SUBPROTOCOL = "thoughtwire.v1"
 BEARER_PROTOCOL = "bearer."
 VIEWER_SCOPE = "view"
 VIEWER_AUDIENCE = "thoughtwire:viewer"
+# The claim that holds a viewer token's scope (absent: full). Not ``scope``, which says
+# the token is a viewer's: a frontend that predates scopes reads this token as a full
+# viewer's, never as its owner's.
+VIEW_CLAIM = "view"
+SCOPES = frozenset(scope.value for scope in ViewScope)
 
 
 class AuthError(Exception):
@@ -61,6 +67,7 @@ class Principal:
     expires: float | None = None
     viewer_of: str | None = None  # the one session a viewer token may read
     granted_by: str | None = None  # the owner who minted the viewer token
+    scope: ViewScope = ViewScope.FULL  # what a viewer token shows; fixed when it is minted
 
     def can_read(self, session: str, owner: str | None) -> bool:
         """Whether this principal may follow ``session``, owned by ``owner``."""
@@ -127,7 +134,11 @@ class Authenticator:
         if claims.get("scope") == VIEWER_SCOPE:
             session = _named(claims, "sid")
             return Principal(
-                f"viewer:{subject}", float(claims["exp"]), viewer_of=session, granted_by=subject
+                f"viewer:{subject}",
+                float(claims["exp"]),
+                viewer_of=session,
+                granted_by=subject,
+                scope=_scope(claims),
             )
         return Principal(subject, float(claims["exp"]))
 
@@ -165,8 +176,13 @@ class Authenticator:
         except jwt.InvalidTokenError:
             raise AuthError("invalid token") from None
 
-    def viewer_token(self, owner: str, session: str, ttl: int | None = None) -> tuple[str, int]:
-        """A short-lived, read-only token for one session, signed with ``JWT_SECRET``."""
+    def viewer_token(
+        self, owner: str, session: str, ttl: int | None = None, scope: ViewScope = ViewScope.FULL
+    ) -> tuple[str, int]:
+        """A short-lived, read-only token for one session, signed with ``JWT_SECRET``.
+
+        ``scope`` is a claim of the token: what it shows is fixed for its life.
+        """
         if not self._secret:
             raise AuthError("viewer tokens need JWT_SECRET on the server", Close.FORBIDDEN)
         import jwt
@@ -180,9 +196,19 @@ class Authenticator:
             "aud": VIEWER_AUDIENCE,
             "exp": expires,
         }
+        if scope is not ViewScope.FULL:
+            claims[VIEW_CLAIM] = str(scope)
         return jwt.encode(
             claims, self._secret, algorithm="HS256", headers={"typ": "viewer+jwt"}
         ), expires
+
+
+def _scope(claims: Mapping[str, Any]) -> ViewScope:
+    """A viewer token's scope: full without the claim; a value not known is an invalid token."""
+    value = claims.get(VIEW_CLAIM, ViewScope.FULL.value)
+    if not isinstance(value, str) or value not in SCOPES:
+        raise AuthError("invalid token")
+    return ViewScope(value)
 
 
 def _named(claims: Mapping[str, Any], name: str) -> str:

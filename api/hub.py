@@ -6,6 +6,11 @@ never patterns. A message from Redis is decoded from UTF-8 once and handed to ev
 viewer of its channel; nothing is parsed or re-encoded on the way. It is also framed
 once, as the WebSocket frame every socket of the channel sends (:mod:`thoughtwire.api.wire`).
 
+A viewer whose token is scoped (:mod:`thoughtwire.api.scopes`) is sent what its scope
+shows: on a channel with such viewers, each message is projected and framed once per
+scope present, whatever the number of sockets of each. A channel without one pays
+nothing for scopes but a dictionary look-up per message.
+
 Delivery to a viewer never blocks: ``Subscriber.deliver`` must return at once (a socket
 puts the frame in its own bounded queue), so one slow client cannot stall the relay.
 """
@@ -17,13 +22,15 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
+from thoughtwire.api import scopes
 from thoughtwire.api.wire import text_frame
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import event_position
 from thoughtwire.shared.redis import RedisConnectionError, RedisTimeoutError
 from thoughtwire.shared.redis.pubsub import Link, OnMessage
+from thoughtwire.shared.vocab import ViewScope
 
 logger = logging.getLogger("thoughtwire.hub")
 
@@ -45,6 +52,26 @@ class Subscriber(Protocol):
         """Close the client (a draining frontend tells it to reconnect elsewhere)."""
 
 
+class ScopedSubscriber(Subscriber, Protocol):
+    """A subscriber that joins with a scope other than full (a viewer of a scoped token)."""
+
+    def deliver_view(
+        self, frame: str, position: tuple[int, str] | None, view: str | None, wire: bytes | None
+    ) -> None:
+        """Take ``frame`` as it came, and ``view``, what the scope shows of it (None:
+        nothing), with ``wire`` the view ready for a WebSocket; must not block."""
+
+
+class _Views:
+    """A channel's viewers by scope, kept while one of them has a scope other than full."""
+
+    __slots__ = ("full", "scoped")
+
+    def __init__(self, full: set[Subscriber]) -> None:
+        self.full = full
+        self.scoped: dict[ViewScope, set[ScopedSubscriber]] = {}
+
+
 class Hub:
     """Registry of live sockets by channel; owns this process's pub/sub connection."""
 
@@ -56,6 +83,8 @@ class Hub:
         # subscriptions (and a frontend can be reached on it).
         self._home = home_channel.encode()
         self._viewers: dict[bytes, set[Subscriber]] = {}
+        # Only channels with a viewer of a scope other than full: every viewer by scope.
+        self._scoped: dict[bytes, _Views] = {}
         # One future per SUBSCRIBE sent, resolved by its confirmation, in order.
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._lock = asyncio.Lock()
@@ -96,13 +125,20 @@ class Hub:
                 await self._resync
         await self._disconnect()
 
-    async def join(self, channel: str, viewer: Subscriber) -> None:
-        """Add a viewer; returns once this frontend is subscribed to the channel."""
+    async def join(
+        self, channel: str, viewer: Subscriber, scope: ViewScope = ViewScope.FULL
+    ) -> None:
+        """Add a viewer; returns once this frontend is subscribed to the channel.
+
+        A viewer of a ``scope`` other than full must be a :class:`ScopedSubscriber`.
+        """
         key = channel.encode()
         async with self._lock:
             viewers = self._viewers.setdefault(key, set())
             first = not viewers
             viewers.add(viewer)
+            if scope is not ViewScope.FULL or key in self._scoped:
+                self._place(key, viewers, viewer, scope)
             if not self._connected.is_set():
                 return  # the reader resubscribes every live channel when it reconnects
             if first:
@@ -127,6 +163,8 @@ class Hub:
             if viewers is None or viewer not in viewers:
                 return
             viewers.discard(viewer)
+            if key in self._scoped:
+                self._unplace(key, viewer)
             if viewers:
                 return
             del self._viewers[key]
@@ -136,6 +174,29 @@ class Hub:
                     await self._link.unsubscribe(key)
                 except (RedisConnectionError, RedisTimeoutError):
                     pass  # the reader reconnects and only resubscribes live channels
+
+    def _place(
+        self, key: bytes, viewers: set[Subscriber], viewer: Subscriber, scope: ViewScope
+    ) -> None:
+        """File a viewer under its scope, on a channel that has (or now has) a scoped one."""
+        views = self._scoped.get(key)
+        if views is None:  # the first scoped viewer: the others are all full
+            views = self._scoped[key] = _Views(viewers - {viewer})
+        if scope is ViewScope.FULL:
+            views.full.add(viewer)
+        else:
+            views.scoped.setdefault(scope, set()).add(cast(ScopedSubscriber, viewer))
+
+    def _unplace(self, key: bytes, viewer: Subscriber) -> None:
+        """Unfile a viewer; once no scoped viewer is left, the channel is plain again."""
+        views = self._scoped[key]
+        views.full.discard(viewer)
+        for scope, group in list(views.scoped.items()):
+            group.discard(cast(ScopedSubscriber, viewer))
+            if not group:
+                del views.scoped[scope]
+        if not views.scoped:
+            del self._scoped[key]
 
     # --- reading ------------------------------------------------------------
 
@@ -152,6 +213,10 @@ class Hub:
                 frame = data.decode()
                 position = event_position(frame)
                 wire = text_frame(data)  # once per message, whatever the number of sockets
+                views = self._scoped.get(channel)
+                if views is not None:
+                    self._deliver_views(views, frame, position, wire)
+                    return
                 for viewer in tuple(viewers):
                     viewer.deliver(frame, position, wire)
         elif kind == b"subscribe":
@@ -162,6 +227,19 @@ class Hub:
                     del self._pending[channel]
                 if not fut.done():
                     fut.set_result(None)
+
+    @staticmethod
+    def _deliver_views(
+        views: _Views, frame: str, position: tuple[int, str] | None, wire: bytes
+    ) -> None:
+        """A message to a channel with scoped viewers: projected once per scope present."""
+        for full in tuple(views.full):
+            full.deliver(frame, position, wire)
+        for scope, group in tuple(views.scoped.items()):
+            view = scopes.project_frame(frame, scope)
+            view_wire = None if view is None else text_frame(view.encode())
+            for viewer in tuple(group):
+                viewer.deliver_view(frame, position, view, view_wire)
 
     async def _read_forever(self) -> None:
         """Messages arrive through ``_dispatch``; this waits for the link to drop."""

@@ -72,3 +72,17 @@ class DecidedBy(StrEnum):
 
     USER = "user"  # the session's owner, from any frontend
     TIMEOUT = "timeout"  # nobody answered in time: the default was taken
+
+
+class ViewScope(StrEnum):
+    """What a viewer token shows of its session (api/scopes.py, docs/protocol.md)."""
+
+    FULL = "full"  # every event, as it is
+    ANSWER = "answer"  # the answer and the run's shape: no reasoning, no tool arguments or results
+
+
+class Replay(StrEnum):
+    """How a viewer that joins, or whose position the log no longer holds, is caught up."""
+
+    SNAPSHOT = "snapshot"  # one ``snapshot`` frame of the session's state, then the log after it
+    RAW = "raw"  # the log's events as they are, and a ``gap`` for what it lost
