@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import openai_env, start_cluster
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.wsclient import connect, greeting, recv_text, run_events
+from thoughtwire.shared.reducer import fold
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ async def test_a_tool_that_raises_becomes_an_observation_and_the_run_goes_on(age
     assert kinds(events) == ["tool_input", "action", "observation", "answer", "block_end", "done"]
     [observation] = of(events, "observation")
     assert observation["is_error"] is True
-    assert observation["content"] == "error: RuntimeError: exploded: testing"
+    assert observation["content"] == "error: the tool failed (RuntimeError)"
     assert "Traceback" not in observation["content"]
 
 
@@ -269,3 +270,45 @@ async def test_reasoning_a_call_in_four_pieces_and_the_answer_stream_as_v2_block
     [observation] = of(events, "observation")
     assert (observation["call_id"], observation["content"]) == ("call_9", "42")
     assert "".join(e["content"] for e in of(events, "answer")) == "It is **42**."
+
+
+@pytest.mark.parametrize("model_id", [None, "call_0"], ids=["no ids", "reused ids"])
+async def test_calls_the_server_sends_without_ids_or_with_reused_ids_are_two_cards(
+    agents, llm, model_id
+):
+    """Some compatible servers send no call id, or "call_0" at every step: each call still
+    has its own id on every event, its own block and card, and the model is answered with
+    the ids it sent."""
+    llm.replies.extend(
+        [
+            Reply.tool_calls((model_id, "add", ['{"a": 1,', ' "b": 2}'])),
+            Reply.tool_calls((model_id, "add", ['{"a": 3,', ' "b": 4}'])),
+            Reply.text("3, then 7."),
+        ]
+    )
+    events = await run_prompt(agents, "add twice")
+    actions, observations = of(events, "action"), of(events, "observation")
+    ids = [e["call_id"] for e in actions]
+    assert all(ids) and len(set(ids)) == 2, ids
+    assert [e["call_id"] for e in observations] == ids
+    assert [e["content"] for e in observations] == ["3", "7"]
+    for action in actions:
+        pieces = [e for e in of(events, "tool_input") if e["call_id"] == action["call_id"]]
+        assert {e["block"] for e in pieces} == {action["block"]}
+    (run,) = fold(events)["runs"].values()
+    calls = [b for b in run["blocks"] if b["kind"] == "tool_call"]
+    assert [(c["call_id"], c["input"]) for c in calls] == [
+        (ids[0], '{"a": 1, "b": 2}'),
+        (ids[1], '{"a": 3, "b": 4}'),
+    ]
+    results = [b for b in run["blocks"] if b["kind"] == "tool_result"]
+    assert [(r["call_id"], r["text"]) for r in results] == [(ids[0], "3"), (ids[1], "7")]
+    # What goes back to the model pairs each result with the id its call came with.
+    sent = llm.requests[-1]["body"]["messages"]
+    asked = [m["tool_calls"][0]["id"] for m in sent if m.get("tool_calls")]
+    answered = [m["tool_call_id"] for m in sent if m["role"] == "tool"]
+    assert asked == answered
+    if model_id is not None:
+        assert asked == [model_id, model_id]
+    else:
+        assert all(asked) and len(set(asked)) == 2

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import subprocess
+import sys
 from typing import Annotated, Literal
 
 import openai
@@ -16,6 +19,7 @@ from thoughtwire.worker.tools import (
     MAX_ERRORS_SHOWN,
     InvalidArguments,
     ToolError,
+    ToolRefused,
     calculator,
     current_time,
     load,
@@ -308,3 +312,91 @@ def test_a_parameter_without_a_hint_is_a_string_and_extras_are_not_offered():
     described = tool(echo)
     assert described.parameters["properties"] == {"text": {"type": "string"}}
     assert described.validate({"text": 5}) == {"text": "5"}
+
+
+# --- bounds on what a call may cost, and what a failure shows ----------------------
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "(((9**99)**99)**99)**99",  # 23 characters, some 90 million digits
+        "(9**99)**99 * (9**99)**99 * (9**99)**99",
+        "(10**99)**99 * 10",
+        "(2**99)**99 / 3",
+        "(2.5**99)**99",
+    ],
+)
+def test_the_calculator_refuses_a_result_too_large_before_computing_it(expression):
+    # In a child process: on a calculator without bounds this would hold the GIL for
+    # minutes, and no timeout in this process could stop it.
+    code = (
+        "import sys, time\n"
+        "from thoughtwire.worker.tools import calculator, ToolRefused\n"
+        "began = time.monotonic()\n"
+        "try:\n"
+        f"    calculator({expression!r})\n"
+        "except ToolRefused as exc:\n"
+        "    print(round(time.monotonic() - began, 3), exc)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=20
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{expression} ran for more than 20 s")
+    assert done.returncode == 0, done.stderr
+    took, _, message = done.stdout.strip().partition(" ")
+    assert float(took) < 0.1, took
+    assert "digits" in message or "too large" in message, message
+
+
+def test_the_calculator_still_computes_large_results_within_its_bound():
+    assert calculator("10 ** 99 * 10 ** 99") == "1" + "0" * 198
+    assert len(calculator("(2 ** 99) ** 40")) == len(str(2**3960))
+    with pytest.raises(ToolRefused, match="division by zero"):
+        calculator("1 / 0")
+
+
+def leaky(city: str) -> str:
+    """Fails with a secret in its message, as a careless user tool might.
+
+    Args:
+        city: the city
+    """
+    raise ConnectionError(f"GET https://api.example.com/weather?key=sk-SECRET&city={city}")
+
+
+def polite(city: str) -> str:
+    """Declines with a message written for the model.
+
+    Args:
+        city: the city
+    """
+    raise ToolRefused(f"no forecast for {city}; try a capital")
+
+
+async def test_a_failing_tool_shows_the_model_and_clients_its_type_not_its_message(llm, caplog):
+    llm.replies.extend(
+        [
+            Reply.tool_calls(("c1", "leaky", ['{"city": "Paris"}'])),
+            Reply.tool_calls(("c2", "polite", ['{"city": "Lyon"}'])),
+            Reply.text("No weather."),
+        ]
+    )
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=llm.base_url, max_retries=0)
+    tools = {**toolbox(None), "leaky": tool(leaky), "polite": tool(polite)}
+    agent = OpenAIAgent(client=client, model="test-model", tools=tools)
+    try:
+        with caplog.at_level(logging.WARNING, logger="thoughtwire.agent"):
+            async with asyncio.timeout(30):
+                thoughts = [t async for t in agent.run(Turn("Weather?"))]
+    finally:
+        await client.close()
+    leaked, declined = [t for t in thoughts if t.type == "observation"]
+    assert leaked.content == "error: the tool failed (ConnectionError)"
+    assert leaked.extra == {"tool": "leaky", "call_id": "c1", "is_error": True}
+    assert declined.content == "error: no forecast for Lyon; try a capital"
+    assert "SECRET" not in json.dumps(llm.requests[1]["body"])
+    # The detail is in the worker's log, for its operator.
+    assert "sk-SECRET" in caplog.text and "leaky" in caplog.text

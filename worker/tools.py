@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import importlib
 import inspect
+import math
 import operator
 import re
 import types
@@ -56,7 +57,16 @@ class ToolError(Exception):
     """A tool cannot be loaded or described."""
 
 
-class InvalidArguments(ValueError):
+class ToolRefused(ValueError):
+    """A tool declines a call; its text is written for the model, and shown as it is.
+
+    Any other exception a tool raises is shown only by its type name (its text may hold
+    what neither the model nor the session's viewers should read, such as a URL with a
+    key); the worker logs it whole.
+    """
+
+
+class InvalidArguments(ToolRefused):
     """A call's arguments do not fit the tool's parameters; the text says what is wrong."""
 
 
@@ -340,6 +350,12 @@ _OPERATORS: dict[type, Callable[..., Any]] = {
 }
 MAX_EXPRESSION = 200
 MAX_EXPONENT = 100
+# Every intermediate result is bounded before it is computed: a big-integer power or
+# product runs in C without releasing the GIL, so no timeout could stop it, and
+# "(((9**99)**99)**99)**99" alone is some 90 million digits. Below Python's own limit on
+# turning an int into text (4,300 digits), so every result can be shown.
+MAX_DIGITS = 4000
+_MAX_BITS = math.ceil(MAX_DIGITS * math.log2(10))
 
 
 def calculator(expression: str) -> str:
@@ -349,12 +365,17 @@ def calculator(expression: str) -> str:
         expression: the expression, for example "2 * (3 + 4)"
     """
     if len(expression) > MAX_EXPRESSION:
-        raise ValueError(f"expression is longer than {MAX_EXPRESSION} characters")
+        raise ToolRefused(f"expression is longer than {MAX_EXPRESSION} characters")
     try:
         tree = ast.parse(expression, mode="eval")
     except SyntaxError:
-        raise ValueError(f"not an arithmetic expression: {expression!r}") from None
-    value = _evaluate(tree.body)
+        raise ToolRefused(f"not an arithmetic expression: {expression!r}") from None
+    try:
+        value = _evaluate(tree.body)
+    except ZeroDivisionError:
+        raise ToolRefused("division by zero") from None
+    except OverflowError:
+        raise ToolRefused("a result is too large for a floating-point number") from None
     return str(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
@@ -368,12 +389,30 @@ def _evaluate(node: ast.AST) -> float | int:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise ValueError(f"exponents are limited to {MAX_EXPONENT}")
+        _check_size(node.op, left, right)
         return _OPERATORS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
         return _OPERATORS[type(node.op)](_evaluate(node.operand))
-    raise ValueError("only numbers and + - * / // % ** ( ) are allowed")
+    raise ToolRefused("only numbers and + - * / // % ** ( ) are allowed")
+
+
+def _check_size(op: ast.operator, left: float | int, right: float | int) -> None:
+    """Refuse an operation whose result would exceed :data:`MAX_DIGITS`, before it runs.
+
+    Only ``**`` and ``*`` of integers grow a result past its operands; the other
+    operators, and floats (which overflow with an ``OverflowError``), stay bounded.
+    """
+    if isinstance(op, ast.Pow):
+        if abs(right) > MAX_EXPONENT:
+            raise ToolRefused(f"exponents are limited to {MAX_EXPONENT}")
+        bits = abs(left).bit_length() * right if isinstance(left, int) and right > 0 else 0
+    elif isinstance(op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
+        bits = abs(left).bit_length() + abs(right).bit_length()
+    else:
+        return
+    # bit_length overstates log2 by less than a bit a factor: the bound is a little early.
+    if bits > _MAX_BITS:
+        raise ToolRefused(f"the result would have more than {MAX_DIGITS} digits")
 
 
 def current_time(timezone: str | None = None) -> str:
@@ -385,7 +424,7 @@ def current_time(timezone: str | None = None) -> str:
     try:
         zone = zoneinfo.ZoneInfo(timezone or "UTC")
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone: {timezone!r}") from None
+        raise ToolRefused(f"unknown time zone: {timezone!r}") from None
     return dt.datetime.now(zone).isoformat(timespec="seconds")
 
 

@@ -16,6 +16,13 @@ answer deltas                                          ``answer`` (delta)
 Deltas carry ``extra={"delta": True}`` (``tool_input`` also its ``call_id`` and
 ``tool``); the worker numbers the blocks (worker/blocks.py).
 
+A call's ``call_id`` is the run's own, ``c<step>.<n>`` (its step and its place in the
+step, from 1): every event of the call, its block and its approval go by it. The model
+server's id is not used there: some compatible servers send none, or ``call_0`` at
+every step, which would merge two calls into one block and let an answer meant for one
+call decide another. The server's id goes back only to the model, with the call's
+result, as the API wants (the run's id when the server sent none).
+
 After tool calls it asks the model again, until the model answers or a limit is hit;
 ``done`` carries the finish reason, token usage, time to first token and total time.
 
@@ -45,7 +52,7 @@ from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import Thought
 from thoughtwire.shared.settings import Settings
 from thoughtwire.worker.agents.base import AgentError, Turn, denied
-from thoughtwire.worker.tools import InvalidArguments, Tool, toolbox
+from thoughtwire.worker.tools import InvalidArguments, Tool, ToolRefused, toolbox
 
 logger = logging.getLogger("thoughtwire.agent")
 
@@ -67,17 +74,28 @@ class ModelLimits:
 
 @dataclass
 class _ToolCall:
-    """A tool call as it streams in: its arguments arrive in pieces."""
+    """A tool call as it streams in: its arguments arrive in pieces.
 
+    ``call_id`` is the run's id for the call (:func:`_call_id`); ``id`` the model server's,
+    if it sent one.
+    """
+
+    call_id: str = ""
     id: str = ""
     name: str = ""
     arguments: str = ""
+
+    @property
+    def model_id(self) -> str:
+        """The id the model knows the call by: the server's, else the run's."""
+        return self.id or self.call_id
 
 
 @dataclass
 class _Step:
     """What one streamed model call produced."""
 
+    number: int = 0  # the step's number in the run, from 0
     content: list[str] = field(default_factory=list)
     calls: list[_ToolCall] = field(default_factory=list)
     finish_reason: str | None = None
@@ -123,7 +141,7 @@ class OpenAIAgent:
         async for observation in self._call_tools(turn, asked, messages, (first - 1, usage)):
             yield observation
         for number in range(first, self.limits.max_steps):
-            step = _Step()
+            step = _Step(number)
             async for thought in self._stream(
                 messages, step, max(1, self.limits.max_tokens - usage["completion_tokens"])
             ):
@@ -169,7 +187,8 @@ class OpenAIAgent:
             return zero, False, 0, []
         turn.messages[:] = checkpoint["messages"]
         usage = checkpoint["usage"]
-        calls = [_ToolCall(**call) for call in checkpoint["calls"]]
+        # A checkpoint from before calls had ids of their own kept the server's only.
+        calls = [_ToolCall(**{"call_id": call["id"], **call}) for call in checkpoint["calls"]]
         return usage or zero, usage is not None, checkpoint["step"] + 1, calls
 
     async def _call_tools(
@@ -196,7 +215,7 @@ class OpenAIAgent:
             else:
                 observation, result = await self._call_tool(call)
             yield observation
-            message = {"role": "tool", "tool_call_id": call.id, "content": result}
+            message = {"role": "tool", "tool_call_id": call.model_id, "content": result}
             messages.append(message)
             turn.remember(message)
 
@@ -211,10 +230,10 @@ class OpenAIAgent:
         arguments = _parse_arguments(call.arguments)
         if not _fits(self.tools.get(call.name), arguments):
             return await self._call_tool(call)
-        decided = await turn.ask(call.id, call.name, arguments, checkpoint)
+        decided = await turn.ask(call.call_id, call.name, arguments, checkpoint)
         if decided.allowed:
             return await self._call_tool(call)
-        observation = denied(call.name, call.id, decided)
+        observation = denied(call.name, call.call_id, decided)
         return observation, str(observation.content)
 
     async def _stream(
@@ -261,12 +280,13 @@ class OpenAIAgent:
             step.content.append(delta.content)
             out.append(Thought("answer", delta.content, {"delta": True}))
         for piece in delta.tool_calls or ():
-            index = piece.index if piece.index is not None else len(step.calls) - 1
+            # Without an index, a piece goes on with the last call (or starts the first).
+            index = piece.index if piece.index is not None else max(len(step.calls) - 1, 0)
             if index >= len(step.calls):
                 # A new call starts: the one before it has all its arguments.
                 if step.calls:
                     out.append(self._action(step.calls[-1]))
-                step.calls.append(_ToolCall())
+                step.calls.append(_ToolCall(_call_id(step.number, len(step.calls))))
             call = step.calls[index]
             call.id = piece.id or call.id
             if piece.function is not None:
@@ -274,7 +294,7 @@ class OpenAIAgent:
                 call.name = piece.function.name or call.name
                 call.arguments += piece.function.arguments or ""
                 if piece.function.arguments:
-                    extra = {"delta": True, "call_id": call.id, "tool": call.name}
+                    extra = {"delta": True, "call_id": call.call_id, "tool": call.name}
                     out.append(Thought("tool_input", piece.function.arguments, extra))
         return out
 
@@ -289,7 +309,7 @@ class OpenAIAgent:
         return Thought(
             "action",
             f"{call.name}({shown})",
-            {"tool": call.name, "arguments": arguments, "call_id": call.id},
+            {"tool": call.name, "arguments": arguments, "call_id": call.call_id},
         )
 
     async def _call_tool(self, call: _ToolCall) -> tuple[Thought, str]:
@@ -304,14 +324,17 @@ class OpenAIAgent:
             try:
                 result = await tool.call(arguments, self.limits.tool_timeout)
                 failed = False
-            except InvalidArguments as exc:  # the tool did not run: the model may call again
+            except ToolRefused as exc:  # text for the model; InvalidArguments: it may call again
                 result = f"error: {exc}"
             except TimeoutError:
                 result = f"error: the tool took longer than {self.limits.tool_timeout:g} s"
             except Exception as exc:
-                result = f"error: {type(exc).__name__}: {exc}"
+                # Its text may hold a secret (a URL with a key): the model and every viewer
+                # read the observation, so only the operator's log has the detail.
+                logger.warning("tool %s failed on call %s", call.name, call.call_id, exc_info=True)
+                result = f"error: the tool failed ({type(exc).__name__})"
         result = result[:MAX_OBSERVATION_CHARS]
-        extra = {"tool": call.name, "call_id": call.id, "is_error": failed}
+        extra = {"tool": call.name, "call_id": call.call_id, "is_error": failed}
         return Thought("observation", result, extra), result
 
     async def _open(self, messages: list[dict[str, Any]], max_tokens: int) -> Any:
@@ -350,13 +373,23 @@ def _assistant(step: _Step) -> dict[str, Any]:
     if step.calls:
         assistant["tool_calls"] = [
             {
-                "id": c.id,
+                "id": c.model_id,
                 "type": "function",
                 "function": {"name": c.name, "arguments": c.arguments},
             }
             for c in step.calls
         ]
     return assistant
+
+
+def _call_id(step: int, index: int) -> str:
+    """The run's id for the call at ``index`` of step ``step`` (both from 0): ``c1.1`` first.
+
+    Unique within the run, and the same when a run goes on from an approval on another
+    worker: the calls still to run come back from the checkpoint with their ids, and its
+    steps are numbered on from the checkpoint's.
+    """
+    return f"c{step + 1}.{index + 1}"
 
 
 def _fits(tool: Tool | None, arguments: Any) -> bool:
