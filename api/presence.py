@@ -47,14 +47,20 @@ class Watching:
         self._cap = settings.presence_names
         self._held: dict[str, dict[str, int]] = {}  # session -> user -> watchers here
         self._due: dict[str, float] = {}  # session -> when (loop time) to write it next
+        # Viewers that asked for frames and joined since the session's last write: the
+        # figures reach them with the next write, whether or not they changed.
+        self._greet: dict[str, list[Viewer]] = {}
         self._wake = asyncio.Event()
 
     def held(self, session: str) -> dict[str, int]:
         """This frontend's watchers of ``session``, by user."""
         return dict(self._held.get(session, {}))
 
-    def watch(self, session: str, user: str) -> None:
-        """One more watcher of ``session`` here, as ``user``."""
+    def watch(self, session: str, user: str, greet: Viewer | None = None) -> None:
+        """One more watcher of ``session`` here, as ``user``; ``greet``, a viewer to be
+        told the figures even if its arrival leaves them as they were (a reconnect)."""
+        if greet is not None:
+            self._greet.setdefault(session, []).append(greet)
         users = self._held.setdefault(session, {})
         users[user] = users.get(user, 0) + 1
         self._soon(session)
@@ -120,15 +126,25 @@ class Watching:
 
     async def _put(self, session: str) -> None:
         held = self._held.get(session, {})
-        figures = await self._store.put(
-            session,
-            self._node,
-            held,
-            ttl_ms=self._ttl_ms,
-            interval_ms=self._interval_ms,
-            cap=self._cap,
-        )
+        greet = self._greet.pop(session, [])
+        try:
+            figures = await self._store.put(
+                session,
+                self._node,
+                held,
+                ttl_ms=self._ttl_ms,
+                interval_ms=self._interval_ms,
+                cap=self._cap,
+            )
+        except BaseException:
+            self._greet.setdefault(session, []).extend(greet)  # for the retry
+            raise
         self._schedule(session, figures)
+        # A frame published now, or held back to publish later, reaches them on the
+        # channel; otherwise nothing changed, and they are told the figures as they are.
+        if not figures.published and not figures.due_ms:
+            for viewer in greet:
+                viewer.put(figures.frame)
 
     def _schedule(self, session: str, figures: Figures) -> None:
         """When to write ``session`` next: to refresh, to publish a held-back change, or
@@ -152,6 +168,7 @@ class Watching:
         """Take this frontend's entries out at once, in one bounded try."""
         sessions = set(self._held) | set(self._due)
         self._held.clear()
+        self._greet.clear()
         with contextlib.suppress(TimeoutError, *UNAVAILABLE, RedisError):
             async with asyncio.timeout(CLOSE_SECONDS):
                 await asyncio.gather(*(self._put(session) for session in sessions))
@@ -175,7 +192,7 @@ class Watch:
         if self.frames:
             await self.viewer.join(self.watching.channel(session))
         self.session = session
-        self.watching.watch(session, self.user)
+        self.watching.watch(session, self.user, self.viewer if self.frames else None)
 
     async def stop(self) -> None:
         """Stop counting, and leave the presence frames. Idempotent."""

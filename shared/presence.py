@@ -39,6 +39,7 @@ class Figures:
     due_ms: int  # when a change held back by the interval may be published; 0: none
     lapse_ms: int  # when the first entry still held lapses; 0: none held
     now_ms: int
+    published: bool = False  # this call published ``frame``
 
     def names(self) -> list[str]:
         """The first names, in order, as in the frame."""
@@ -90,6 +91,8 @@ class Presence:
         )
         if isinstance(reply, Exception):
             raise reply
-        sockets, users, frame, due, lapse, now = reply
+        sockets, users, frame, due, lapse, now, published = reply
         text = frame.decode() if isinstance(frame, bytes) else str(frame)
-        return Figures(int(sockets), int(users), text, int(due), int(lapse), int(now))
+        return Figures(
+            int(sockets), int(users), text, int(due), int(lapse), int(now), bool(published)
+        )

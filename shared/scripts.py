@@ -448,7 +448,8 @@ return 0
 # and sums what is left: sockets, distinct users, the first names in order. The frame
 # is published only when it differs from the last one published, and at most once an
 # interval; a change that must wait returns when it is due (Unix ms), for the caller
-# to call again then. Returns {sockets, users, frame, due or 0, earliest lapse or 0, now}.
+# to call again then. Returns {sockets, users, frame, due or 0, earliest lapse or 0, now,
+# published (1/0)}.
 PRESENCE = (
     _NOW
     + """
@@ -491,13 +492,13 @@ local frame = '{"type":"presence","session":' .. cjson.encode(ARGV[6])
   .. ',"sockets":' .. string.format('%d', sockets)
   .. ',"users":' .. string.format('%d', users)
   .. ',"names":[' .. table.concat(first, ',') .. ']}'
-local due = 0
+local due, published = 0, 0
 if ARGV[7] == '1' and redis.call('HGET', KEYS[1], ':sent') ~= frame then
   due = tonumber(redis.call('HGET', KEYS[1], ':at') or '0') + interval
   if now >= due then
     redis.call('PUBLISH', KEYS[3], frame)
     redis.call('HSET', KEYS[1], ':sent', frame, ':at', now)
-    due = 0
+    due, published = 0, 1
   end
 end
 if node ~= '' then
@@ -508,7 +509,7 @@ local lapse = 0
 if #live > 0 then
   lapse = tonumber(live[2])
 end
-return {sockets, users, frame, due, lapse, now}
+return {sockets, users, frame, due, lapse, now, published}
 """
 )
 

@@ -150,6 +150,18 @@ async def test_counts_across_two_frontends(watched) -> None:  # type: ignore[no-
             assert frame["names"] == ["alice"]
 
 
+async def test_a_socket_is_told_the_figures_even_when_its_arrival_leaves_them(watched) -> None:  # type: ignore[no-untyped-def]
+    """A reconnect (one socket gone, one come) changes no figure, and so publishes nothing:
+    the socket that came is still told them. A resume to the same session is such a case."""
+    a = watched.frontends[0]
+    session = "p" + secrets.token_hex(6)
+    async with listening(a, session, "alice") as listener:
+        await listener.until(figures(1, 1), 10)
+        await listener.ws.send(json.dumps({"type": "resume", "session": session}))
+        frame = await listener.until(figures(1, 1), 10)
+        assert frame["names"] == ["alice"]
+
+
 async def test_a_viewer_may_read_presence_and_another_user_may_not(watched) -> None:  # type: ignore[no-untyped-def]
     a, b = watched.frontends
     session = "p" + secrets.token_hex(6)
