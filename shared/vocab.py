@@ -72,6 +72,7 @@ class DecidedBy(StrEnum):
 
     USER = "user"  # the session's owner, from any frontend
     TIMEOUT = "timeout"  # nobody answered in time: the default was taken
+    LOST = "lost"  # Redis lost the waiting call: denied, whatever the default
 
 
 class ViewScope(StrEnum):

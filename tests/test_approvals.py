@@ -224,6 +224,87 @@ async def test_nobody_answers_and_the_default_is_taken_at_the_deadline(redis_cli
     assert written.events[-1].extra["by"] == "timeout"
 
 
+async def test_past_the_deadline_a_refused_default_is_not_asked_again_in_a_loop(
+    redis_client, prefix
+):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    calls = 0
+    decide = bus.decide
+
+    async def counted(*args: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        return await decide(*args)
+
+    bus.decide = counted  # type: ignore[method-assign]
+    approvals = approvals_for(bus, job, fence, Written(), timeout=0.05)
+    approvals.seen(Thought("action", "", {"call_id": "c1"}))
+    asking = asyncio.create_task(approvals.ask("c1", "search", {}, None))
+    async with asyncio.timeout(seconds(5)):
+        while await bus.approval(job) is None:
+            await asyncio.sleep(0.01)
+    await bus.cancel(job.session, job.run)  # DECIDE refuses from now on
+    # A measure over half a second, not a wait for an event: how often it asks.
+    await asyncio.wait({asking}, timeout=0.5)
+    asking.cancel()
+    await asyncio.gather(asking, return_exceptions=True)
+    assert calls <= 2, f"{calls} decisions asked for in 0.5 s"
+
+
+async def test_a_wait_past_its_deadline_ends_when_the_run_is_marked_for_cancel(
+    redis_client, prefix
+):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    policy = ApprovalPolicy(0.05, Decision.DENY, 1.0)
+    written = Written()
+    asking: asyncio.Task[Decided] | None = None
+
+    def cancel() -> None:  # what the attempt does: it stops its agent with "cancel"
+        assert asking is not None
+        asking.cancel()
+
+    approvals = Approvals(
+        bus, job, fence, policy, send=written.send, snapshot=written.snapshot, on_cancel=cancel
+    )
+    approvals.seen(Thought("action", "", {"call_id": "c1"}))
+    asking = asyncio.create_task(approvals.ask("c1", "search", {}, None))
+    async with asyncio.timeout(seconds(5)):
+        while await bus.approval(job) is None:
+            await asyncio.sleep(0.01)
+    await bus.cancel(job.session, job.run)
+    async with asyncio.timeout(seconds(3)):
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+    assert [e.type for e in written.events] == ["approval"]  # no decision: the run ends
+
+
+async def test_a_lost_approval_record_is_a_denial_even_when_the_default_allows(
+    redis_client, prefix
+):
+    bus = make_bus(redis_client, prefix)
+    job, fence = await started_run(bus)
+    written = Written()
+    policy = ApprovalPolicy(30, Decision.ALLOW, 1.0)
+    approvals = Approvals(bus, job, fence, policy, send=written.send, snapshot=written.snapshot)
+    approvals.seen(Thought("action", "", {"call_id": "c1"}))
+    asking = asyncio.create_task(approvals.ask("c1", "search", {}, None))
+    async with asyncio.timeout(seconds(5)):
+        while await bus.approval(job) is None:
+            await asyncio.sleep(0.01)
+    await bus.end_approval(job)  # as a failover to a replica without it would
+    approvals.wake()
+    async with asyncio.timeout(seconds(5)):
+        decided = await asking
+    assert decided == Decided(Decision.DENY, None, DecidedBy.LOST)
+    assert written.events[-1].extra is not None
+    assert (written.events[-1].extra["decision"], written.events[-1].extra["by"]) == (
+        "deny",
+        "lost",
+    )
+
+
 @pytest.mark.parametrize("died", ["after the decision", "before the approval"])
 async def test_a_resumed_wait_writes_what_the_log_lacks_and_nothing_twice(
     redis_client, prefix, died
@@ -320,6 +401,11 @@ def approving(redis_server, logdir):
 async def prompt_until_approval(ws: Any, text: str) -> list[dict[str, Any]]:
     """Send a prompt; the events up to and including its ``approval``."""
     await ws.send(text)
+    return await until_approval(ws)
+
+
+async def until_approval(ws: Any) -> list[dict[str, Any]]:
+    """The events up to and including the next ``approval``."""
     events: list[dict[str, Any]] = []
     async with asyncio.timeout(seconds(20)):
         while not events or events[-1]["type"] != "approval":
@@ -550,6 +636,30 @@ async def test_the_waiting_worker_is_killed_and_another_finishes_the_run_after_a
     assert log == before + after
 
 
+async def test_a_waiting_run_cancelled_after_its_worker_died_ends_and_forgets_its_wait(
+    approving,
+):
+    a, _b = approving.frontends
+    async with connect(socket_url(a)) as ws:
+        session = await greeting(ws)
+        before = await prompt_until_approval(ws, "cancel me while nobody runs me")
+        run = before[-1]["run"]
+        victim = approving.worker_with_pid(run_owner_pid(approving, session, run))
+        victim.kill()  # SIGKILL, this worker's PID only
+        approving.workers.remove(victim)
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.delete(
+                f"{a.http}/v1/jobs/{run}",
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            assert response.status_code < 300, response.text
+        approving.add_worker()
+        after = await rest_of_run(ws)  # the next worker's START finds the cancel
+    assert [e["type"] for e in after] == ["cancelled"]
+    with approving.redis.client() as r:
+        assert not r.exists(Keys(approving.prefix).run_approval(session, run))
+
+
 # --- the whole thing: a model's run with an approval, folded by the reducer ----------
 
 CONFORMANCE = Path(__file__).resolve().parent.parent / "clients" / "conformance" / "reducer.json"
@@ -608,13 +718,14 @@ async def test_a_model_run_with_an_approved_call_folds_to_its_conformance_case(m
         approval = before[-1]
         async with httpx.AsyncClient(timeout=10) as http:
             response = await http.post(
-                f"{b.http}/v1/runs/{approval['run']}/approvals/call_1",
+                f"{b.http}/v1/runs/{approval['run']}/approvals/{approval['call_id']}",
                 json={"decision": "allow"},
                 headers={"Authorization": f"Bearer {token()}"},
             )
             assert response.status_code == 200, response.text
         after = await rest_of_run(ws)
     events = before + after
+    assert approval["call_id"] == "c1.1"  # the run's id for the call, not the server's
     types = [e["type"] for e in events]
     assert types.count("tool_input") == 4
     assert types.index("action") < types.index("approval") < types.index("decision")
@@ -634,6 +745,56 @@ async def test_a_model_run_with_an_approved_call_folds_to_its_conformance_case(m
     assert state == case["expected"]
 
 
+@pytest.mark.parametrize("model_id", [None, "call_0"], ids=["no ids", "reused ids"])
+async def test_an_answer_meant_for_the_first_call_cannot_decide_the_second(
+    modelled, llm, model_id
+):
+    """A server that sends no call ids, or "call_0" at every step: each call waits under its
+    own id, and an allow sent late for the first call does not approve the second."""
+    llm.replies.clear()
+    llm.replies.extend(
+        [
+            Reply.tool_call(model_id, "calculator", {"expression": "1 + 1"}),
+            Reply.tool_call(model_id, "calculator", {"expression": "2 + 2"}),
+            Reply.text("Done."),
+        ]
+    )
+    a, b = modelled.frontends
+    headers = {"Authorization": f"Bearer {token()}"}
+    async with connect(socket_url(a)) as ws, httpx.AsyncClient(timeout=10, headers=headers) as http:
+        await greeting(ws)
+        before = await prompt_until_approval(ws, "two sums")
+        first = before[-1]
+        approvals = f"{b.http}/v1/runs/{first['run']}/approvals/"
+        allowed = await http.post(approvals + first["call_id"], json={"decision": "allow"})
+        assert allowed.status_code == 200, (first["call_id"], allowed.text)
+        between = await until_approval(ws)
+        second = between[-1]
+        late = await http.post(approvals + first["call_id"], json={"decision": "allow"})
+        assert late.status_code == 409, "an allow for the first call approved the second"
+        assert late.json()["code"] == "not_waiting"
+        refused = await http.post(
+            approvals + second["call_id"], json={"decision": "deny", "reason": "not this one"}
+        )
+        assert refused.status_code == 200, refused.text
+        after = await rest_of_run(ws)
+    events = before + between + after
+    assert second["call_id"] != first["call_id"] and second["block"] != first["block"]
+    decisions = [(e["call_id"], e["decision"]) for e in events if e["type"] == "decision"]
+    assert decisions == [(first["call_id"], "allow"), (second["call_id"], "deny")]
+    observations = [e for e in events if e["type"] == "observation"]
+    assert [(e["call_id"], e["is_error"]) for e in observations] == [
+        (first["call_id"], False),
+        (second["call_id"], True),
+    ]
+    (run,) = fold(events)["runs"].values()
+    calls = [block for block in run["blocks"] if block["kind"] == "tool_call"]
+    assert [(c["input"], c["approval"]["status"]) for c in calls] == [
+        ('{"expression": "1 + 1"}', "allow"),
+        ('{"expression": "2 + 2"}', "deny"),
+    ]
+
+
 class Died(Exception):
     """The worker went away while the run waited."""
 
@@ -650,11 +811,12 @@ async def test_the_openai_agent_goes_on_from_its_checkpoint_without_asking_the_m
     checkpoints: list[Any] = []
 
     async def dies(call_id: str, name: str, arguments: Any, checkpoint: Any) -> Decided:
+        assert call_id == "c1.1"  # the run's id for the call, not the server's "call_9"
         checkpoints.append(json.loads(json.dumps(checkpoint)))  # it must be plain JSON
         raise Died
 
     async def allows(call_id: str, name: str, arguments: Any, checkpoint: Any) -> Decided:
-        assert (call_id, name, arguments) == ("call_9", "calculator", {"expression": "2 + 3"})
+        assert (call_id, name, arguments) == ("c1.1", "calculator", {"expression": "2 + 3"})
         return Decided(Decision.ALLOW)
 
     first: list[Thought] = []
@@ -672,9 +834,16 @@ async def test_the_openai_agent_goes_on_from_its_checkpoint_without_asking_the_m
     assert [t.type for t in first][-1] == "action"
     assert [t.type for t in second] == ["observation", "answer", "answer", "done"]
     assert second[0].content == "5"
+    assert second[0].extra is not None and second[0].extra["call_id"] == "c1.1"
     assert len(llm.requests) == requests + 1  # the answer's call only
     sent = llm.requests[-1]["body"]["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[1]["tool_calls"][0]["id"] == sent[2]["tool_call_id"] == "call_9"
+    # A checkpoint kept before calls had ids of their own goes on under the server's id,
+    # the one its wait in Redis names.
+    older = {**checkpoints[0], "calls": [{**checkpoints[0]["calls"][0]}]}
+    del older["calls"][0]["call_id"]
+    assert OpenAIAgent._begin(Turn("2 + 3?", resume=older))[3][0].call_id == "call_9"
     assert [m["role"] for m in turn.messages] == ["user", "assistant", "tool", "assistant"]
 
 
@@ -735,8 +904,7 @@ async def test_a_call_whose_arguments_do_not_fit_is_an_error_observation_nobody_
     assert asked == []
     observations = [t for t in thoughts if t.type == "observation"]
     assert [o.extra for o in observations] == [
-        {"tool": "calculator", "call_id": c, "is_error": True}
-        for c in ("call_1", "call_2", "call_3")
+        {"tool": "calculator", "call_id": c, "is_error": True} for c in ("c1.1", "c1.2", "c1.3")
     ]
     contents = [str(o.content) for o in observations]
     assert all(c.startswith("error: ") for c in contents), contents

@@ -59,11 +59,10 @@ def arguments_text(block: dict[str, Any]) -> str:
 def decision_text(approval: dict[str, Any]) -> str:
     """``allowed by the session's owner: reason``, ``denied automatically (timeout)``, ..."""
     verb = "allowed" if approval.get("status") == "allow" else "denied"
-    who = (
-        " automatically: nobody answered in time"
-        if approval.get("by") == "timeout"
-        else " by the session's owner"
-    )
+    who = {
+        "timeout": " automatically: nobody answered in time",
+        "lost": " automatically: the wait for an answer was lost",
+    }.get(str(approval.get("by")), " by the session's owner")
     reason = approval.get("reason")
     return f"{verb}{who}" + (f": {reason}" if reason else "")
 

@@ -10,7 +10,12 @@ approval; :class:`Approvals` answers for the attempt:
 3. waits for the decision: a frontend's ``DECIDE`` wakes it on the worker control
    channel, and it polls every :data:`POLL_SECONDS` in case that message was missed; at
    the deadline it takes the default itself (``by: timeout``), with the same script, so
-   a person's answer and the timeout never both count,
+   a person's answer and the timeout never both count; if the script refuses (the run
+   is being cancelled, or no longer runs) it asks again only after a poll, and a run
+   marked for cancel stops waiting at once (``on_cancel``): the run ends cancelled,
+   with no decision; if Redis lost the waiting state, nobody can answer any more and
+   the call is denied (``by: lost``), whatever the default: losing data never allows
+   a call,
 4. writes the ``decision`` event and forgets the waiting state; then the tool runs.
 
 Guarantees: if the worker dies while the run waits, the next attempt finds the waiting
@@ -83,6 +88,7 @@ class Approvals:
         send: Callable[[Thought], Awaitable[None]],
         snapshot: Callable[[], dict[str, str]],
         waiting: dict[str, str] | None = None,
+        on_cancel: Callable[[], None] = lambda: None,
     ) -> None:
         self.bus = bus
         self.job = job
@@ -91,6 +97,7 @@ class Approvals:
         self._send = send  # through the block tracker and the writer, then settled
         self._snapshot = snapshot  # the attempt's state to keep: blocks, answer so far
         self._restored = waiting  # the wait an earlier attempt left, to go on with
+        self._on_cancel = on_cancel  # the run is marked for cancel: the attempt stops it
         self.used = waiting is not None  # whether a waiting state may be left to clear
         self._wake = asyncio.Event()
         self._actions: set[str] = set()  # call ids whose action is written
@@ -167,31 +174,44 @@ class Approvals:
 
     async def _wait(self, waiting: dict[str, str]) -> Decided:
         """The decision: a person's, or the default once the deadline has passed."""
-        deadline, call_id = int(waiting["deadline"]), waiting["call_id"]
-        job, policy = self.job, self.policy
+        deadline = int(waiting["deadline"])
         while True:
             self._wake.clear()  # before reading: a wake-up during the read is kept
-            current = await self._call(self.bus.approval, job)
-            if current is None:  # Redis lost it: nobody can answer any more
-                return Decided(policy.default, None, DecidedBy.TIMEOUT)
+            current = await self._call(self.bus.approval, self.job)
+            if current is None:  # Redis lost it: nobody can answer, and nobody allowed it
+                logger.warning("run %s: its approval was lost; the call is denied", self.job.run)
+                return Decided(Decision.DENY, None, DecidedBy.LOST)
             decided = decided_from(current)
             if decided is not None:
                 return decided
             left = (deadline - now_ms()) / 1000
-            if left <= 0:
-                await self._call(
-                    self.bus.decide,
-                    job.session,
-                    job.run,
-                    call_id,
-                    policy.default,
-                    None,
-                    DecidedBy.TIMEOUT,
-                )
-                continue  # read what counted: the default, or a person's answer just before
+            if left <= 0 and await self._take_default(waiting["call_id"]):
+                continue  # read what counted: the default just taken
+            pause = min(left, POLL_SECONDS) if left > 0 else POLL_SECONDS  # after a refusal
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, POLL_SECONDS)):
+                async with asyncio.timeout(pause):
                     await self._wake.wait()
+
+    async def _take_default(self, call_id: str) -> bool:
+        """Decide the default at the deadline; False if the script refused it."""
+        job = self.job
+        if await self._call(
+            self.bus.decide,
+            job.session,
+            job.run,
+            call_id,
+            self.policy.default,
+            None,
+            DecidedBy.TIMEOUT,
+        ):
+            return True
+        # Refused: the run is marked for cancel (stop it), or no longer runs (its lease is
+        # being lost: the attempt learns it as it renews), or a person answered just
+        # before (their wake-up ends the pause). Asking again at once would spin.
+        state = await self._call(self.bus.run_state, job.run) or {}
+        if state.get("cancel") == "1":
+            self._on_cancel()
+        return False
 
     async def _logged(self, waiting: dict[str, str]) -> set[str]:
         """Which of this call's ``approval`` and ``decision`` an earlier attempt wrote."""

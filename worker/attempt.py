@@ -40,6 +40,7 @@ from thoughtwire.worker.agents import Agent, AgentError, Turn
 from thoughtwire.worker.approvals import DEFAULT_POLICY, ApprovalPolicy, Approvals
 from thoughtwire.worker.blocks import BlockTracker
 from thoughtwire.worker.coalesce import coalesce
+from thoughtwire.worker.snapshots import SnapshotKeeper
 from thoughtwire.worker.usage import BudgetCharge, BudgetSpent, RunUsage, UsageMeter
 from thoughtwire.worker.writer import LeaseLost, RunWriter
 
@@ -88,6 +89,7 @@ class RunAttempt:
         self.history = history or []  # the session's earlier messages, from the start
         self.stop_reason: StopReason | None = None
         self.ended: str | None = None  # the terminal event written (done, error, cancelled)
+        self.snapshots = SnapshotKeeper(bus, job.session)
         self.writer = RunWriter(
             bus,
             job,
@@ -95,6 +97,7 @@ class RunAttempt:
             retry_seconds=limits.redis_retry_seconds,
             memory_turns=limits.memory_turns,
             on_fenced=partial(self.stop, StopReason.LOST),
+            on_written=self.snapshots.written,
         )
         self.blocks = BlockTracker()  # numbers the agent's blocks; restorable from its state()
         # ``waiting``: the approval an earlier attempt of this run was waiting for when its
@@ -107,6 +110,7 @@ class RunAttempt:
             send=self._send,
             snapshot=self._snapshot,
             waiting=waiting,
+            on_cancel=partial(self.stop, StopReason.CANCEL),
         )
         self._resume: Any = None
         # Counted always (``done`` carries it); charged only with a budget (worker/usage.py).
@@ -152,6 +156,7 @@ class RunAttempt:
             keeper.cancel()
             self._driver.cancel()
             await asyncio.gather(keeper, self._driver, return_exceptions=True)
+            await self.snapshots.close(ended=self.ended is not None)
 
     async def _outcome(self) -> Thought | None:
         """The terminal event to write, or None for a stop that writes nothing."""

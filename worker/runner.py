@@ -81,7 +81,11 @@ class Worker:
         self._attempts: dict[str, RunAttempt] = {}
         self.outcomes: Counter[str] = Counter()  # runs this worker ran, by how they ended
         self.parking = Parking(
-            bus, self.name, lease_seconds=limits.lease_ms / 1000, on_due=self._start_parked
+            bus,
+            self.name,
+            lease_seconds=limits.lease_ms / 1000,
+            on_due=self._start_parked,
+            end_cancelled=self._end_cancelled,
         )
         self._stopping = False
 
@@ -186,9 +190,19 @@ class Worker:
             if pending:
                 await asyncio.wait(pending)
 
-    async def _run_job(self, entry_id: str, job: Job) -> None:
+    async def _end_cancelled(self, entry_id: str, job: Job) -> None:
+        """End a parked job cancelled while it waited, in no slot: its START sees the cancel."""
+        await self._run_job(entry_id, job, slot=False)
+
+    async def _run_job(self, entry_id: str, job: Job, *, slot: bool = True) -> None:
         agent = self.agents.get(job.agent or self.default_agent)
         start = await self.bus.start(job, self.name, self.limits.lease_ms, self.max_attempts)
+        if start.verdict == Verdict.RUN and not slot:
+            # Not cancelled after all (Redis lost the run's state since): it runs in a slot,
+            # here or on another worker, as a job handed back.
+            await self.bus.release(job, start.fence)
+            await self.bus.requeue(entry_id, job)
+            return
         if start.verdict == Verdict.FINISHED:
             await self.bus.finish(entry_id, job)
             return
@@ -208,10 +222,12 @@ class Worker:
         )
         if start.verdict == Verdict.CANCEL:
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
+            await self.bus.end_approval(job)  # it may have been waiting when its worker died
             await self.bus.finish(entry_id, job)
         elif start.verdict == Verdict.DEAD:
             reason = f"the run failed {self.max_attempts} times"
             await attempt.emit(Thought("error", reason))
+            await self.bus.end_approval(job)
             await self.bus.dead_letter(entry_id, job, reason)
         elif agent is None:
             await attempt.emit(Thought("error", f"agent {job.agent!r} is not available"))

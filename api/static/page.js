@@ -378,7 +378,10 @@ class ToolView {
 
 function decisionText({ status, by, reason }) {
   const verb = status === "allow" ? "Allowed" : "Denied";
-  const who = by === "timeout" ? " automatically: nobody answered in time" : " by the session's owner";
+  const who = {
+    timeout: " automatically: nobody answered in time",
+    lost: " automatically: the wait for an answer was lost",
+  }[by] ?? " by the session's owner";
   return `${verb}${who}${reason ? `: ${reason}` : "."}`;
 }
 

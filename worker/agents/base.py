@@ -69,7 +69,9 @@ class Turn:
 
 def denied(tool: str, call_id: str, decided: Decided) -> Thought:
     """The ``observation`` of a call that was not allowed to run: an error, saying why."""
-    why = " (no answer in time)" if decided.by == DecidedBy.TIMEOUT else ""
+    why = {DecidedBy.TIMEOUT: " (no answer in time)", DecidedBy.LOST: " (its wait was lost)"}.get(
+        decided.by, ""
+    )
     text = f"error: the call to {tool} was denied{why}"
     if decided.reason:
         text += f": {decided.reason}"
