@@ -38,23 +38,22 @@ class Reply:
 
     @classmethod
     def tool_calls(
-        cls, *calls: tuple[str, str, list[str]], reasoning: tuple[str, ...] = ()
+        cls, *calls: tuple[str | None, str, list[str]], reasoning: tuple[str, ...] = ()
     ) -> Reply:
-        """Calls as (id, name, argument pieces): the arguments stream in pieces, as real servers send them."""
+        """Calls as (id, name, argument pieces): the arguments stream in pieces, as real servers send them.
+
+        An id of None sends none, as some compatible servers do.
+        """
         deltas: list[dict[str, Any]] = [{"reasoning_content": r} for r in reasoning]
         for index, (call_id, name, pieces) in enumerate(calls):
-            deltas.append(
-                {
-                    "tool_calls": [
-                        {
-                            "index": index,
-                            "id": call_id,
-                            "type": "function",
-                            "function": {"name": name, "arguments": ""},
-                        }
-                    ]
-                }
-            )
+            first: dict[str, Any] = {
+                "index": index,
+                "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }
+            if call_id is not None:
+                first["id"] = call_id
+            deltas.append({"tool_calls": [first]})
             deltas += [
                 {"tool_calls": [{"index": index, "function": {"arguments": p}}]} for p in pieces
             ]
@@ -63,7 +62,7 @@ class Reply:
     @classmethod
     def tool_call(
         cls,
-        call_id: str,
+        call_id: str | None,
         name: str,
         arguments: dict[str, Any],
         pieces: int = 4,

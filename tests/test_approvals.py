@@ -746,9 +746,7 @@ async def test_a_model_run_with_an_approved_call_folds_to_its_conformance_case(m
 
 
 @pytest.mark.parametrize("model_id", [None, "call_0"], ids=["no ids", "reused ids"])
-async def test_an_answer_meant_for_the_first_call_cannot_decide_the_second(
-    modelled, llm, model_id
-):
+async def test_an_answer_meant_for_the_first_call_cannot_decide_the_second(modelled, llm, model_id):
     """A server that sends no call ids, or "call_0" at every step: each call waits under its
     own id, and an allow sent late for the first call does not approve the second."""
     llm.replies.clear()

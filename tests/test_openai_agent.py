@@ -88,14 +88,15 @@ async def test_reasoning_then_a_tool_call_in_pieces_then_the_answer(agents, llm)
     ]
     assert [e["content"] for e in events[:2]] == ["Let me ", "compute."]
     action, observation = events[6], events[7]
+    # The run's id for the first call of the first step; the server's goes back to the model.
     assert (action["tool"], action["arguments"], action["call_id"]) == (
         "calculator",
         {"expression": "2 * (3 + 4)"},
-        "call_1",
+        "c1.1",
     )
     assert (observation["content"], observation["call_id"], observation["is_error"]) == (
         "14",
-        "call_1",
+        "c1.1",
         False,
     )
     assert events[8]["content"] + events[9]["content"] == "The answer is 14."
@@ -259,16 +260,16 @@ async def test_reasoning_a_call_in_four_pieces_and_the_answer_stream_as_v2_block
         ("done", None, None),
     ]
     pieces = of(events, "tool_input")
-    assert {(e["call_id"], e["tool"]) for e in pieces} == {("call_9", "add")}
+    assert {(e["call_id"], e["tool"]) for e in pieces} == {("c1.1", "add")}
     assert json.loads("".join(e["content"] for e in pieces)) == {"a": 40, "b": 2}
     [action] = of(events, "action")
     assert (action["call_id"], action["tool"], action["arguments"]) == (
-        "call_9",
+        "c1.1",
         "add",
         {"a": 40, "b": 2},
     )
     [observation] = of(events, "observation")
-    assert (observation["call_id"], observation["content"]) == ("call_9", "42")
+    assert (observation["call_id"], observation["content"]) == ("c1.1", "42")
     assert "".join(e["content"] for e in of(events, "answer")) == "It is **42**."
 
 

@@ -23,6 +23,7 @@ from thoughtwire.api.auth import Authenticator, AuthError
 from thoughtwire.api.hub import Hub
 from thoughtwire.api.scopes import project_event, project_frame, project_state
 from thoughtwire.api.viewer import Viewer
+from thoughtwire.client import Follower
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.reducer import fold
@@ -266,6 +267,18 @@ async def test_a_scoped_viewer_never_sees_reasoning_or_tool_details(scoped):
     over_sse = await sse_events(b, session, viewer)
     hides_everything(over_sse)
     assert fold(over_sse) == fold(shown)
+
+    # The Python client takes the seq jumps as no gap, and folds what it was shown.
+    follower = Follower([a.ws, b.ws], session, token=viewer, after=0, epoch=shown[0]["epoch"])
+    followed = []
+    async with asyncio.timeout(seconds(20)):
+        async for item in follower.events():
+            followed.append(item)
+            if item["type"] == "done":
+                break
+    assert "gap" not in [e["type"] for e in followed]
+    hides_everything(followed)
+    assert follower.folded == fold(shown) == project_state(fold(everything), ANSWER)
 
 
 async def test_a_scoped_late_joiner_mid_run_sees_no_reasoning_or_tool_details(scoped):

@@ -289,7 +289,7 @@ async def test_a_bad_call_becomes_an_error_observation_and_the_model_calls_again
         "done",
     ]
     bad, good = [t for t in thoughts if t.type == "observation"]
-    assert bad.extra == {"tool": "calculator", "call_id": "c1", "is_error": True}
+    assert bad.extra == {"tool": "calculator", "call_id": "c1.1", "is_error": True}
     assert bad.content.splitlines() == [
         "error: invalid arguments for calculator:",
         "- expression: Field required",

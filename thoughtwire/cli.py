@@ -158,6 +158,12 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--iss", default=None, help="issuer claim (default: JWT_ISSUER)")
     token.add_argument("--viewer", action="store_true", help="a read-only token for one --session")
     token.add_argument("--session", default=None, help="the session a viewer token may watch")
+    token.add_argument(
+        "--scope",
+        choices=("full", "answer"),
+        default="full",
+        help="what a viewer token shows: every event, or the answer without reasoning or tool details",
+    )
 
     chat = command("chat", "send a prompt, or follow a session, and print events as they stream")
     chat.add_argument("prompt", nargs="?", help="the prompt (none with --follow)")
@@ -232,8 +238,11 @@ def _token(settings: Settings, args: argparse.Namespace) -> Exit:
         if not args.session:
             raise Failure(Exit.USAGE, "a viewer token needs --session S, the session to watch")
         from thoughtwire.api.auth import Authenticator
+        from thoughtwire.shared.vocab import ViewScope
 
-        viewer, _expires = Authenticator(settings).viewer_token(args.sub, args.session, args.ttl)
+        viewer, _expires = Authenticator(settings).viewer_token(
+            args.sub, args.session, args.ttl, ViewScope(args.scope)
+        )
         print(viewer)
         return Exit.OK
     audience = args.aud or settings.jwt_audience
