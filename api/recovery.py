@@ -27,6 +27,7 @@ import orjson
 
 from thoughtwire.shared.bus import Meta
 from thoughtwire.shared.protocol import event_position
+from thoughtwire.shared.vocab import Replay as Replay  # how a catch-up replays: its contract
 
 RECOVERY_PAGE = 500  # log entries read at a time when catching up
 CATCH_UP_ROUNDS = 16  # meta reads before a catch-up gives up (the client reconnects)
@@ -201,7 +202,12 @@ class Settle:
     """Answer True, and stop buffering, if nothing was buffered or missed since the last take."""
 
 
-Step = TakeLive | ReadMeta | ReadLog | Emit | Settle
+@dataclass(frozen=True, slots=True)
+class ReadSnapshot:
+    """Read the session's current snapshot: answered with a ``Snapshot``, or None."""
+
+
+Step = TakeLive | ReadMeta | ReadLog | ReadSnapshot | Emit | Settle
 CatchUp = Generator[Step, Any, bool]
 
 
@@ -212,6 +218,7 @@ def catch_up(
     page: int = RECOVERY_PAGE,
     rounds: int = CATCH_UP_ROUNDS,
     pages: int = CATCH_UP_PAGES,
+    replay: Replay = Replay.RAW,
 ) -> CatchUp:
     """Catch a client up from ``position`` (None: from now on) to the live tail.
 
@@ -221,8 +228,17 @@ def catch_up(
     log and are dropped (the gap that takes the client to the meta's epoch covers
     them): without that, a frame of an old epoch would be pending in every round. Returns
     True once settled; False after ``rounds`` rounds that did not settle.
+
+    With ``replay`` :attr:`Replay.SNAPSHOT`, a client joining from now on (a session
+    that has events) first gets a ``snapshot`` frame and goes on from its seq, and a
+    position the log no longer holds is repaired by one when it covers the loss.
     """
     held: list[str] = []  # frames taken but not merged yet
+    if replay is Replay.SNAPSHOT and position is None:
+        snapshot = yield ReadSnapshot()
+        if snapshot is not None:
+            position = Position(snapshot.epoch, snapshot.seq)
+            yield Emit([snapshot.frame], position)
     for _ in range(rounds):
         heard = [*held, *(yield TakeLive())]
         meta: Meta = yield ReadMeta()
@@ -235,19 +251,34 @@ def catch_up(
             position, held = result.position, result.pending
         else:
             heard = [f for f in heard if _epoch_of(f) == meta.epoch]
-            position, held = yield from _read_log(session, position, meta, heard, page, pages)
+            position, held = yield from _read_log(
+                session, position, meta, heard, page, pages, replay
+            )
         if not held and (yield Settle()):
             return True
     return False
 
 
 def _read_log(
-    session: str, position: Position, meta: Meta, heard: list[str], page: int, pages: int
+    session: str,
+    position: Position,
+    meta: Meta,
+    heard: list[str],
+    page: int,
+    pages: int,
+    replay: Replay = Replay.RAW,
 ) -> Generator[Step, Any, tuple[Position, list[str]]]:
     """One round's log pages: the client's new position, and the frames still to merge."""
     after = replay_from(position, meta)
-    for _ in range(pages):
+    for n in range(pages):
         entries: list[str] = yield ReadLog(after, page)
+        if n == 0 and replay is Replay.SNAPSHOT and _trimmed(position, meta, after, entries):
+            snapshot = yield ReadSnapshot()
+            if _covers(snapshot, meta, entries):
+                position = Position(snapshot.epoch, snapshot.seq)
+                yield Emit([snapshot.frame], position)
+                after, meta = position.seq, Meta(meta.epoch, max(meta.last_seq, position.seq))
+                entries = yield ReadLog(after, page)
         last = len(entries) < page
         live = [*heard, *(yield TakeLive())] if last else []
         result = recover(session, position, meta, entries, live)
@@ -258,3 +289,22 @@ def _read_log(
         after = position.seq
         meta = Meta(position.epoch, max(meta.last_seq, position.seq))
     return position, heard
+
+
+def _trimmed(position: Position, meta: Meta, after: int, entries: Sequence[str]) -> bool:
+    """Whether the log, in the client's epoch, no longer holds the events after ``after``."""
+    if not entries or meta.epoch is None or log_reset(position, meta) is not None:
+        return False
+    first = event_position(entries[0])
+    return first is not None and first[1] == meta.epoch and first[0] > after + 1
+
+
+def _covers(snapshot: Any, meta: Meta, entries: Sequence[str]) -> bool:
+    """Whether ``snapshot`` (or None) reaches the log's first event: nothing falls between."""
+    first = event_position(entries[0])
+    return (
+        snapshot is not None
+        and first is not None
+        and snapshot.epoch == meta.epoch
+        and snapshot.seq >= first[0] - 1
+    )

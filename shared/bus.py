@@ -44,6 +44,13 @@ FENCED = -1  # what an append returns to an attempt that lost its lease
 # a run admitted that long ago and still without its job record was never queued.
 SUBMIT_RETRY_SECONDS = 5.0
 NOT_QUEUED_MESSAGE = "the run could not be queued: the service was unavailable; try again"
+# A queued run without a job record for this long was never queued: three times the
+# frontend's retry window, so a submit still retrying (its last try may hang a while on a
+# Redis that went silent) is long over. Workers and ``reject`` admissions end such runs.
+NEVER_QUEUED_SECONDS = 3 * SUBMIT_RETRY_SECONDS
+NEVER_QUEUED_MESSAGE = "the run was lost: it was never queued; try again"
+# A ``reject`` prompt ends at most this many runs never queued ahead of it, then is busy.
+NEVER_QUEUED_ENDS = 8
 
 
 class Busy(Exception):
@@ -151,7 +158,22 @@ class Bus:
 
     async def _admit_run(self, job: Job) -> list[str] | Busy:
         """The run's record and place in its session's queue, before its job is queued, so
-        a worker that takes the job always finds them; the earlier unfinished runs."""
+        a worker that takes the job always finds them; the earlier unfinished runs.
+
+        A ``reject`` refused because of a run never queued (:meth:`never_queued`) ends
+        that run and asks again: no worker parks a job behind it, as no ``reject`` prompt
+        is admitted while it is there, so nobody else would end it for a day.
+        """
+        for _ in range(NEVER_QUEUED_ENDS):
+            admitted = await self._admit_once(job)
+            if not isinstance(admitted, Busy):
+                return admitted
+            if not await self.never_queued(job.session, admitted.run):
+                return admitted
+            await self.end_never_queued(job.session, admitted.run)
+        return admitted
+
+    async def _admit_once(self, job: Job) -> list[str] | Busy:
         keys, session = self.keys, job.session
         verdict, first, *earlier = await self._script(
             self._admit,
@@ -195,6 +217,30 @@ class Bus:
         if idempotency_key is not None and user is not None:
             await self._forget_key(self.keys.idempotency(user, idempotency_key), job)
         return True
+
+    async def never_queued(self, session: str, run: str) -> bool:
+        """Whether ``run`` was admitted but its job never reached the stream: it is queued,
+        never started, has no job record, and was admitted ``NEVER_QUEUED_SECONDS`` ago.
+
+        Its admission time is the admitting frontend's clock: clocks of frontends that
+        disagree by a good part of the bound would make it early or late.
+        """
+        keys = self.keys
+        (status, attempt, created), has_job = await self._commands(
+            ("HMGET", keys.run(session, run), "status", "attempt", "created"),
+            ("EXISTS", keys.job(run)),
+        )
+        if has_job or status is None or created is None or _text(status) != RunStatus.QUEUED:
+            return False
+        if _text(attempt or b"0") != "0":
+            return False
+        return now_ms() - int(created) >= NEVER_QUEUED_SECONDS * 1000
+
+    async def end_never_queued(self, session: str, run: str) -> bool:
+        """End ``run`` as lost with an ``error``: it stayed queued without ever reaching the
+        stream (``WITHDRAW``, which acts only on a run still queued and never started)."""
+        lost = Thought("error", NEVER_QUEUED_MESSAGE, {"code": ErrorCode.UNAVAILABLE})
+        return await self.end_lost(session, run, lost, RunStatus.FAILED, queued=True)
 
     async def queued_jobs(self, runs: Sequence[str]) -> list[bool]:
         """Whether each run's job record exists: its job reached the stream (:meth:`submit`)."""

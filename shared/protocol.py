@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from thoughtwire.shared.closecodes import ErrorCode
-from thoughtwire.shared.vocab import Decision, Multitask, OnDisconnect, RunStatus
+from thoughtwire.shared.vocab import Decision, Multitask, OnDisconnect, Replay, RunStatus
 
 # Event types a run produces. ``done``, ``error`` and ``cancelled`` end a run; ``retry``
 # says a new attempt starts over (clients drop the run's partial answer).
@@ -217,6 +217,7 @@ class Resume:
     session: str
     after: int
     epoch: str | None = None
+    replay: Replay = Replay.SNAPSHOT  # "raw": the log as it is, never a snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +290,15 @@ def _resume(obj: dict[str, Any], _max_prompt_chars: int) -> Resume:
         session=_id(_string(obj, "session"), "session"),
         after=parse_after(obj.get("after", 0)),
         epoch=_optional_string(obj, "epoch"),
+        replay=_replay(obj),
     )
+
+
+def _replay(obj: dict[str, Any]) -> Replay:
+    replay = _optional_string(obj, "replay")
+    if replay is not None and replay not in tuple(Replay):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'replay' must be 'snapshot' or 'raw'")
+    return Replay.SNAPSHOT if replay is None else Replay(replay)
 
 
 def _cancel(obj: dict[str, Any], _max_prompt_chars: int) -> Cancel:

@@ -43,6 +43,7 @@ class RunWriter:
         retry_seconds: float,
         memory_turns: int,
         on_fenced: Callable[[], None],
+        on_written: Callable[[int], None] | None = None,
     ) -> None:
         self.bus = bus
         self.job = job
@@ -50,6 +51,7 @@ class RunWriter:
         self.retry_seconds = retry_seconds
         self.memory_turns = memory_turns
         self._on_fenced = on_fenced  # the attempt stops its agent at once
+        self._on_written = on_written  # told the session's last seq after each batch
         self._next = 1  # this attempt's number for its next event
         self._last_seq = 0
         self._queued: list[bytes] = []  # encoded events not yet sent
@@ -127,6 +129,7 @@ class RunWriter:
             self._on_fenced()
         else:
             self._last_seq = int(flight.result())  # a retry has set it already
+            self._written()
             if self._queued:
                 self._send_next()
         if self._flight is None:
@@ -161,4 +164,9 @@ class RunWriter:
         seq = int(reply)
         if seq != FENCED:
             self._last_seq = seq
+            self._written()
         return seq
+
+    def _written(self) -> None:
+        if self._on_written is not None:
+            self._on_written(self._last_seq)

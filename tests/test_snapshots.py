@@ -1,0 +1,385 @@
+"""Snapshots for late joiners: a snapshot plus the tail folds to the log's own state.
+
+Pure parts with plain data; the joins against a real redis-server, frontend and workers
+(simulated agent): at random points of a run, while it waits for an approval and while
+it is retried; a trimmed log repaired by a snapshot; raw replay; a join storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Cluster, start_cluster
+from tests.procs import seconds, wait_until
+from tests.wsclient import check_stream, connect, greeting, recv_json
+from thoughtwire.api.recovery import (
+    Emit,
+    Position,
+    ReadLog,
+    ReadMeta,
+    ReadSnapshot,
+    Replay,
+    Settle,
+    TakeLive,
+    catch_up,
+)
+from thoughtwire.shared.bus import Meta
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import event_position
+from thoughtwire.shared.reducer import fold
+from thoughtwire.shared.snapshots import (
+    FINISHED_KEPT,
+    Hole,
+    Snapshot,
+    compact,
+    fold_tail,
+    snapshot_frame,
+)
+
+TOKENS = 300
+
+
+def event(seq: int, kind: str, run: str = "r1", epoch: str = "e1", **fields: Any) -> str:
+    frame = {"type": kind, "run": run, **fields, "seq": seq, "epoch": epoch}
+    return json.dumps(frame, separators=(",", ":"))
+
+
+def finished_run(first: int, run: str) -> list[str]:
+    return [
+        event(first, "thinking", run, block="b1", delta=False, content="hmm"),
+        event(first + 1, "answer", run, block="b2", delta=True, content="hi"),
+        event(first + 2, "done", run, usage={"total_tokens": 3}),
+    ]
+
+
+# --- pure -----------------------------------------------------------------------------
+
+
+def test_compact_keeps_unfinished_runs_whole_and_finished_ones_short():
+    log = [*finished_run(1, "a"), event(4, "thinking", "b", block="b1", delta=False, content="x")]
+    state = compact(fold(json.loads(e) for e in log))
+    assert state["runs"]["a"]["blocks"] == [
+        {"id": "b2", "kind": "text", "text": "hi", "done": True}
+    ]
+    assert state["runs"]["a"]["usage"] == {"total_tokens": 3}
+    assert state["runs"]["b"]["blocks"][0]["text"] == "x"
+    assert compact(state) == state
+
+
+def test_compact_keeps_the_latest_finished_runs():
+    log = [e for i in range(FINISHED_KEPT + 5) for e in finished_run(3 * i + 1, f"r{i}")]
+    state = compact(fold(json.loads(e) for e in log))
+    assert state["order"] == [f"r{i}" for i in range(5, FINISHED_KEPT + 5)]
+    assert set(state["runs"]) == set(state["order"])
+
+
+def test_a_snapshot_at_any_seq_plus_the_tail_folds_as_the_whole_log():
+    log = [*finished_run(1, "a"), *finished_run(4, "b")]
+    whole = compact(fold(json.loads(e) for e in log))
+    for n in range(len(log) + 1):
+        base = compact(fold(json.loads(e) for e in log[:n]))
+        assert compact(fold_tail(base, log[n:])) == whole
+
+
+def test_a_tail_with_a_hole_or_another_epoch_is_refused():
+    base = fold(json.loads(e) for e in finished_run(1, "a"))
+    with pytest.raises(Hole):
+        fold_tail(base, [event(5, "thinking", "b")])
+    with pytest.raises(Hole):
+        fold_tail(base, [event(4, "thinking", "b", epoch="e2")])
+
+
+def test_the_snapshot_frame_carries_its_position_at_its_tail():
+    state = fold(json.loads(e) for e in finished_run(1, "a"))
+    frame = snapshot_frame("s", state)
+    assert event_position(frame) == (3, "e1")
+    assert fold([json.loads(frame)]) == state
+
+
+def drive(steps, answers):  # type: ignore[no-untyped-def]
+    """Run a catch-up against canned answers; the emitted frames."""
+    sent: list[str] = []
+    answer = None
+    try:
+        while True:
+            step = steps.send(answer)
+            answer = answers(step)
+            if isinstance(step, Emit):
+                sent.extend(step.frames)
+    except StopIteration:
+        return sent
+
+
+def test_a_join_gets_the_snapshot_then_the_log_after_it():
+    log = [*finished_run(1, "a"), *finished_run(4, "b")]
+    snap = Snapshot("s", "e1", 4, compact(fold(json.loads(e) for e in log[:4])))
+
+    def answers(step):  # type: ignore[no-untyped-def]
+        if isinstance(step, ReadSnapshot):
+            return snap
+        if isinstance(step, ReadMeta):
+            return Meta("e1", 6)
+        if isinstance(step, ReadLog):
+            return [e for e in log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
+        if isinstance(step, TakeLive):
+            return []
+        return True if isinstance(step, Settle) else None
+
+    sent = drive(catch_up("s", None, replay=Replay.SNAPSHOT), answers)
+    assert sent == [snap.frame, *log[4:]]
+    raw = drive(catch_up("s", None, replay=Replay.RAW), answers)
+    assert raw == []  # from now on: nothing of the past
+
+
+def test_a_trimmed_log_is_repaired_by_a_snapshot_that_covers_it():
+    log = [*finished_run(1, "a"), *finished_run(4, "b")]
+    kept = log[3:]  # the log lost seq 1-3
+    snap = Snapshot("s", "e1", 6, compact(fold(json.loads(e) for e in log)))
+
+    def answers(step):  # type: ignore[no-untyped-def]
+        if isinstance(step, ReadSnapshot):
+            return snap
+        if isinstance(step, ReadMeta):
+            return Meta("e1", 6)
+        if isinstance(step, ReadLog):
+            return [e for e in kept if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
+        if isinstance(step, TakeLive):
+            return []
+        return True if isinstance(step, Settle) else None
+
+    assert drive(catch_up("s", Position("e1", 1), replay=Replay.SNAPSHOT), answers) == [snap.frame]
+    raw = drive(catch_up("s", Position("e1", 1), replay=Replay.RAW), answers)
+    assert json.loads(raw[0])["type"] == "gap" and raw[1:] == kept
+
+
+# --- integration ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def snapping(redis_server, logdir):  # type: ignore[no-untyped-def]
+    """One frontend, two workers; "search" waits for approval; 1 s leases; 300-token runs."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        frontends=1,
+        workers=2,
+        THOUGHTWIRE_APPROVAL_TOOLS="search",
+        THOUGHTWIRE_APPROVAL_TIMEOUT="60",
+        THOUGHTWIRE_LEASE_SECONDS="1",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS=str(TOKENS),
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="300",
+        THOUGHTWIRE_MAX_SOCKETS_PER_USER="1000",
+        THOUGHTWIRE_RATE_LIMIT="100000",
+    )
+    yield c
+    c.stop()
+
+
+def is_event(message: dict[str, Any]) -> bool:
+    return "seq" in message and message["type"] != "snapshot"
+
+
+def finished(frame: dict[str, Any]) -> bool:
+    """The run's ``done``, or a snapshot taken once it was done (the session's one run)."""
+    if frame["type"] == "snapshot":
+        runs = frame["state"]["runs"].values()
+        return bool(runs) and all(r["status"] == "done" for r in runs)
+    return frame["type"] == "done"
+
+
+async def join(url: str) -> list[dict[str, Any]]:
+    """A late joiner's frames after its greeting, up to the run's end."""
+    frames: list[dict[str, Any]] = []
+    async with connect(url) as ws:
+        await greeting(ws)
+        async with asyncio.timeout(seconds(60)):
+            while not frames or not finished(frames[-1]):
+                frames.append(await recv_json(ws, timeout=60))
+    return frames
+
+
+def owner_pid(cluster: Cluster, session: str, run: str) -> int:
+    with cluster.redis.client() as r:
+        owner = r.hget(Keys(cluster.prefix).run(session, run), "owner")
+    return int(owner.decode().split("-")[-2])
+
+
+def check_join(frames: list[dict[str, Any]], whole: dict[str, Any]) -> None:
+    """One snapshot first (if the session had events), the tail after it once, the same state."""
+    snapshots = [i for i, f in enumerate(frames) if f["type"] == "snapshot"]
+    assert snapshots in ([], [0]), [f["type"] for f in frames][:5]
+    events = [f for f in frames if is_event(f)]
+    first = frames[0]["seq"] + 1 if snapshots else events[0]["seq"]
+    assert check_stream(events, first=first) == 0
+    assert compact(fold(frames)) == whole
+
+
+async def test_joins_at_random_points_of_a_run_fold_to_the_logs_state(snapping):  # type: ignore[no-untyped-def]
+    """50 joins at random seqs, more during an approval wait and during a retry."""
+    rng = random.Random(7)
+    url = snapping.frontends[0].ws + "/ws/agent-thoughts"
+    log: list[dict[str, Any]] = []
+    joins: list[asyncio.Task[list[dict[str, Any]]]] = []
+    targets = sorted(rng.sample(range(1, 2 * TOKENS), 50))
+    async with connect(url + "?after=0") as ws:
+        session = await greeting(ws)
+        joiner = f"{url}?session={session}"
+
+        def spawn(n: int) -> None:
+            joins.extend(asyncio.create_task(join(joiner)) for _ in range(n))
+
+        await ws.send("snapshots please")
+        killed = False
+        async with asyncio.timeout(seconds(90)):
+            while not log or log[-1]["type"] != "done":
+                message = await recv_json(ws, timeout=30)
+                if not is_event(message):
+                    continue
+                log.append(message)
+                while targets and targets[0] <= message["seq"]:
+                    targets.pop(0)
+                    spawn(1)
+                if message["type"] == "approval":  # joins during the wait, then allow it
+                    spawn(3)
+                    await asyncio.sleep(0.2)  # spacing the joins inside the wait, not a sync
+                    await ws.send(
+                        json.dumps(
+                            {
+                                "type": "approve",
+                                "run": message["run"],
+                                "call_id": message["call_id"],
+                                "decision": "allow",
+                            }
+                        )
+                    )
+                answers = sum(1 for e in log if e["type"] == "answer")
+                if not killed and answers == TOKENS // 3:  # a retry: its owner is killed
+                    killed = True
+                    victim = snapping.worker_with_pid(owner_pid(snapping, session, message["run"]))
+                    victim.kill()
+                    snapping.workers.remove(victim)
+                    spawn(3)  # joins while the run is lost, before its retry
+                if message["type"] == "retry":
+                    spawn(3)
+        snapping.add_worker()
+        while targets:  # seqs the run did not reach: join at its end
+            targets.pop()
+            spawn(1)
+        results = await asyncio.gather(*joins)
+    assert any(e["type"] == "retry" for e in log)
+    assert check_stream(log) == 0
+    whole = compact(fold(log))
+    assert len(results) >= 59
+    for frames in results:
+        check_join(frames, whole)
+    assert sum(1 for frames in results if frames[0]["type"] == "snapshot") == len(results)
+
+
+def stored_snapshot_seq(cluster: Cluster, session: str) -> int:
+    with cluster.redis.client() as r:
+        seq = r.hget(Keys(cluster.prefix).session_snapshot(session), "seq")
+    return int(seq or 0)
+
+
+async def finished_session(cluster: Cluster) -> tuple[str, list[dict[str, Any]]]:
+    """A session with one whole run (its approval allowed); its events."""
+    url = cluster.frontends[0].ws + "/ws/agent-thoughts"
+    log: list[dict[str, Any]] = []
+    async with connect(url) as ws:
+        session = await greeting(ws)
+        await ws.send("a whole run")
+        async with asyncio.timeout(seconds(60)):
+            while not log or log[-1]["type"] != "done":
+                message = await recv_json(ws, timeout=30)
+                assert message["type"] != "error", message
+                if not is_event(message):
+                    continue
+                log.append(message)
+                if message["type"] == "approval":
+                    approve = {"type": "approve", "run": message["run"], "decision": "allow"}
+                    await ws.send(json.dumps({**approve, "call_id": message["call_id"]}))
+    last = log[-1]["seq"]
+    wait_until(lambda: stored_snapshot_seq(cluster, session) == last, 10, "the run's snapshot")
+    return session, log
+
+
+async def test_a_trimmed_log_is_repaired_by_the_snapshot_and_raw_replay_stays(snapping):  # type: ignore[no-untyped-def]
+    session, log = await finished_session(snapping)
+    epoch, last = log[-1]["epoch"], log[-1]["seq"]
+    with snapping.redis.client() as r:
+        r.xtrim(Keys(snapping.prefix).session_log(session), maxlen=5, approximate=False)
+    url = f"{snapping.frontends[0].ws}/ws/agent-thoughts?session={session}&after=1&epoch={epoch}"
+    async with connect(url) as ws:
+        await greeting(ws)
+        snapshot = await recv_json(ws)
+    assert snapshot["type"] == "snapshot" and snapshot["seq"] == last
+    assert compact(fold([snapshot])) == compact(fold(log))
+    async with connect(url + "&replay=raw") as ws:
+        await greeting(ws)
+        gap = await recv_json(ws)
+        tail = [await recv_json(ws) for _ in range(5)]
+    assert gap["type"] == "gap" and gap["reason"] == "trimmed" and gap["next"] == last - 4
+    assert tail == log[-5:]
+    # A resume may ask for the raw log too.
+    async with connect(f"{snapping.frontends[0].ws}/ws/agent-thoughts") as ws:
+        await greeting(ws)
+        resume = {"type": "resume", "session": session, "after": 1, "epoch": epoch}
+        await ws.send(json.dumps({**resume, "replay": "raw"}))
+        assert (await recv_json(ws))["type"] == "session"
+        assert (await recv_json(ws))["type"] == "gap"
+        assert [await recv_json(ws) for _ in range(5)] == log[-5:]
+        await ws.send(json.dumps(resume))
+        assert (await recv_json(ws))["type"] == "session"
+        assert (await recv_json(ws))["seq"] == last
+
+
+async def sse_first_frame(url: str) -> tuple[str, dict[str, Any]]:
+    """The ``id`` and data of an SSE stream's first frame."""
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=seconds(10)) as client,
+        client.stream("GET", url) as response,
+    ):
+        async for line in response.aiter_lines():
+            if not line and any(x.startswith("data: ") for x in lines):
+                break
+            lines.append(line)
+    ident = next(x[4:] for x in lines if x.startswith("id: "))
+    return ident, json.loads(next(x[6:] for x in lines if x.startswith("data: ")))
+
+
+async def test_sse_joins_with_a_snapshot_event_and_can_ask_for_the_raw_log(snapping):  # type: ignore[no-untyped-def]
+    session, log = await finished_session(snapping)
+    base = f"{snapping.frontends[0].http}/v1/sessions/{session}/events"
+    ident, first = await sse_first_frame(base)
+    assert first["type"] == "snapshot" and ident == f"{first['epoch']}-{first['seq']}"
+    assert compact(fold([first])) == compact(fold(log))
+    _ident, raw = await sse_first_frame(base + "?after=0&replay=raw")
+    assert raw == log[0]
+
+
+def hgetall_calls(cluster: Cluster) -> int:
+    with cluster.redis.client() as r:
+        stats: Any = r.info("commandstats")
+    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+async def test_a_join_storm_costs_one_snapshot_read(snapping):  # type: ignore[no-untyped-def]
+    session, log = await finished_session(snapping)
+    url = f"{snapping.frontends[0].ws}/ws/agent-thoughts?session={session}"
+    before = hgetall_calls(snapping)
+
+    async def one() -> dict[str, Any]:
+        async with connect(url) as ws:
+            await greeting(ws)
+            return await recv_json(ws, timeout=30)
+
+    firsts = await asyncio.gather(*(one() for _ in range(200)))
+    assert hgetall_calls(snapping) - before == 1
+    assert all(f["type"] == "snapshot" and f["seq"] == log[-1]["seq"] for f in firsts)
