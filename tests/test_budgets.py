@@ -37,6 +37,7 @@ from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, decode_event
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.settings import Settings
+from thoughtwire.shared.vocab import StopReason
 from thoughtwire.worker.attempt import RunAttempt, RunLimits
 from thoughtwire.worker.usage import (
     CHARGE_TOKENS,
@@ -452,6 +453,54 @@ async def test_a_run_that_crosses_the_budget_ends_with_a_budget_error(bus):
     await again.execute(later)
     assert later.sent == 0
     assert [decode_event(e).type for e in await bus.history("s2")] == ["error"]
+
+
+class AsksHalfway:
+    """Writes ``count`` answer deltas, asks to run a tool, then writes ``count`` more;
+    a resumed attempt goes on from the question, as a checkpointing agent does."""
+
+    def __init__(self, count: int, size: int = 8) -> None:
+        self.count, self.size = count, size
+
+    async def run(self, turn: Any) -> AsyncIterator[Thought]:
+        if turn.resume is None:
+            for _ in range(self.count):
+                yield Thought("answer", "x" * self.size, {"delta": True})
+            yield Thought("action", "search", {"tool": "search", "arguments": {}, "call_id": "c1"})
+        await turn.ask("c1", "search", {}, {"at": "search"})
+        for _ in range(self.count):
+            yield Thought("answer", "y" * self.size, {"delta": True})
+
+
+async def test_a_run_handed_over_while_waiting_gives_back_its_reservation_and_counts_it_all(bus):
+    budget = Budget(per_day=10_000)
+    attempt = await attempt_for(bus, budget, session="w")
+    job = attempt.job
+    running = asyncio.create_task(attempt.execute(AsksHalfway(10)))
+    async with asyncio.timeout(seconds(5)):
+        while await bus.approval(job) is None:
+            await asyncio.sleep(0.01)
+    attempt.stop(StopReason.SHUTDOWN)  # a draining worker hands the run over
+    async with asyncio.timeout(seconds(5)):
+        await running
+    before = attempt.usage.meter.total_tokens  # the prompt, 80 characters and the action
+    assert before == 10 + estimate_tokens("x" * 80 + "search")
+    # What it reserved and did not write went back: the counters hold what it wrote.
+    assert await day_used(bus.grants, now=time.time()) == before
+    # The next attempt goes on from the wait, with the counts so far.
+    start = await bus.start(job, "w2", 10_000, 3)
+    assert await bus.decide(job.session, job.run, "c1", "allow", None, "user")
+    resumed = RunAttempt(
+        bus, job, "0-2", start.fence, "w2", attempt.limits, waiting=await bus.approval(job)
+    )
+    async with asyncio.timeout(seconds(5)):
+        await resumed.execute(AsksHalfway(10))
+    done = json.loads((await bus.history("w"))[-1])
+    assert done["type"] == "done"
+    assert done["usage"]["total_tokens"] == before + 20
+    assert done["usage"]["prompt_tokens"] == 10
+    # The prompt was reserved once: the budget holds what the run wrote, no more.
+    assert await day_used(bus.grants, now=time.time()) == before + 20
 
 
 # --- real frontends, two worker processes ------------------------------------------

@@ -125,6 +125,8 @@ class RunAttempt:
             self._answer = [waiting.get("answer", "")]
             self._answer_chars = len(self._answer[0])
             self._resume = orjson.loads(waiting["checkpoint"])
+            if "usage" in waiting:  # the counts before the wait: done counts the run whole
+                self.usage.restore(orjson.loads(waiting["usage"]))
         self._driver: asyncio.Task[None] | None = None
         self._cancel_message = "the run was cancelled"
         self._turn: Turn | None = None
@@ -186,6 +188,7 @@ class RunAttempt:
     async def _finish(self, terminal: Thought | None) -> None:
         if terminal is None:  # shutdown: hand the job to another worker right away
             self.writer.abandon()
+            await self.usage.hand_back()  # what it reserved and did not write goes back
             await self.bus.release(self.job, self.fence)
             await self.bus.requeue(self.entry_id, self.job)
             logger.info("run %s handed back to the queue", self.job.run)
@@ -238,6 +241,7 @@ class RunAttempt:
         return {
             "blocks": orjson.dumps(self.blocks.state()).decode(),
             "answer": "".join(self._answer),
+            "usage": orjson.dumps(self.usage.state()).decode(),
         }
 
     async def _keep_lease(self) -> None:

@@ -35,6 +35,15 @@ belongs to the windows it was granted in: when one of them is over, what is left
 goes back and the run reserves in the new windows. Without a budget nothing is reserved
 and Redis is not asked.
 
+A run that waits for an approval keeps :meth:`RunUsage.state` in its waiting state; the
+attempt that goes on from the wait restores it, so ``done`` counts the whole run and the
+prompt is not reserved again. A draining worker that hands a run over gives back its
+reservation (:meth:`RunUsage.hand_back`). What remains: an attempt whose worker dies
+never gives back what it held (at most a chunk, or the prompt with its history), so that
+much stays counted until its window ends; and a run that restarts from the beginning
+(a ``retry``, not a wait) counts, in ``done``, only its last attempt, while the budget
+holds everything every attempt wrote.
+
 Reserving fails open: while Redis cannot be reached, the run goes on and what it writes
 is owed, asked for again with the next reservation (at most every
 :data:`RETRY_SECONDS`) and charged at the run's end in any case; the bound does not hold
@@ -143,6 +152,20 @@ class UsageMeter:
         if thought.type == "tool_input" and extra.get("call_id") is not None:
             self._streamed_calls.add(str(extra["call_id"]))
         return tokens
+
+    def state(self) -> dict[str, Any]:
+        """The counts so far, as plain JSON, to go on from with :meth:`restore`."""
+        return {
+            "prompt_chars": self._prompt_chars,
+            "completion_chars": self._completion_chars,
+            "streamed_calls": sorted(self._streamed_calls),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on counting from ``state`` (:meth:`state`), an earlier attempt's counts."""
+        self._prompt_chars = int(state["prompt_chars"])
+        self._completion_chars = int(state["completion_chars"])
+        self._streamed_calls = {str(call) for call in state.get("streamed_calls", ())}
 
     def usage(self, reported: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``usage`` of ``done``: the model server's counts if ``reported``, else ours."""
@@ -268,11 +291,32 @@ class RunUsage:
     def __init__(self, meter: UsageMeter, charge: BudgetCharge | None = None) -> None:
         self.meter = meter
         self.charge = charge
+        self.resumed = False  # going on from an earlier attempt's counts: prompt paid for
+
+    def state(self) -> dict[str, Any]:
+        """The counts so far, as plain JSON: kept with an approval's wait, so the attempt
+        that goes on from the wait counts the run whole (worker/approvals.py)."""
+        written = self.charge.written if self.charge is not None else 0
+        return {"meter": self.meter.state(), "written": written}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on from an earlier attempt's :meth:`state`: what it wrote is counted in
+        ``done`` and, with a budget, charged already (its prompt is not reserved again)."""
+        self.meter.restore(state["meter"])
+        if self.charge is not None:
+            self.charge.written = int(state.get("written", 0))
+        self.resumed = True
 
     async def start(self) -> None:
         """Before the agent runs: reserve for the prompt, or refuse (:class:`BudgetSpent`)."""
-        if self.charge is not None:
+        if self.charge is not None and not self.resumed:
             await self.charge.start(self.meter.prompt_tokens)
+
+    async def hand_back(self) -> None:
+        """The run goes to another worker (shutdown): give back what this attempt reserved
+        and did not write, and charge what it owes; what it wrote stays charged."""
+        if self.charge is not None:
+            await self.charge.settle()
 
     async def cover(self, thought: Thought) -> None:
         """Before ``thought`` is queued for writing: count it, held in the budget first.
