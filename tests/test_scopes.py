@@ -375,9 +375,10 @@ async def test_the_projection_runs_once_per_event_and_scope(redis_server, prefix
     channel = f"{prefix}:session"
     try:
         sockets = [(Sink(), ANSWER) for _ in range(50)] + [(Sink(), ViewScope.FULL) for _ in "ab"]
+        viewers = []
         for sink, scope in sockets:
-            viewer = Viewer(None, hub, sink, queue_size=100, scope=scope)
-            await hub.join(channel, viewer, scope)
+            viewers.append(Viewer(None, hub, sink, queue_size=100, scope=scope))
+            await hub.join(channel, viewers[-1], scope)
         with redis_server.client() as r:
             for e in RUN:
                 r.publish(channel, json.dumps(e, separators=(",", ":")))
@@ -394,5 +395,8 @@ async def test_the_projection_runs_once_per_event_and_scope(redis_server, prefix
                 assert [e["seq"] for e in got] == [4, 5, 6, 7, 9, 10, 11, 12, 13]
             else:
                 assert got == RUN
+        for viewer in viewers[:50]:  # the scoped ones leave: the channel is plain again
+            await hub.leave(channel, viewer)
+        assert not hub._scoped and hub.channels() == [channel]
     finally:
         await hub.close()
