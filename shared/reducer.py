@@ -20,13 +20,14 @@ What it guarantees: frames are applied once each by ``seq`` within an epoch, so 
 log replayed, resumed from any earlier seq, or with duplicates folds to the same state
 as the log read once; a merged delta (``from_seq``..``seq``, sent to a slow viewer)
 applies only the part of its content past the state's ``seq``; a ``retry`` drops what the run's earlier attempt showed, so a
-retried run ends as its clean run would.
+retried run ends as its clean run would. No frame makes it raise: a field of the wrong
+type is as if absent, and a snapshot that is not a whole state is ignored; and it folds
+any frames, however odd, to the state the JavaScript ``reduce`` gives them.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeGuard
 
@@ -46,6 +47,8 @@ KINDS = {
 # The run statuses the reducer uses; the last three are ends.
 RUNNING, WAITING, DONE, FAILED, CANCELLED = "running", "waiting", "done", "failed", "cancelled"
 ENDED = (DONE, FAILED, CANCELLED)
+# The largest whole number a JavaScript number holds exactly (Number.MAX_SAFE_INTEGER).
+MAX_WHOLE = 2**53 - 1
 # Fields an event copies onto its block when it carries them.
 DETAILS = {
     "tool_input": ("tool", "call_id"),
@@ -79,40 +82,49 @@ def reduce(state: State, frame: Frame) -> State:
         return initial_state()
     if kind == "snapshot":
         given = frame.get("state")
-        return copy.deepcopy(dict(given)) if isinstance(given, Mapping) else state
-    seq = frame.get("seq")
-    if not _is_seq(seq):
-        return state  # a reply (session, ping, error, ...): not part of the log
-    if state["epoch"] is not None and frame.get("epoch") != state["epoch"]:
+        return copy.deepcopy(dict(given)) if _is_state(given) else state
+    seq = _whole(frame.get("seq"))
+    epoch = frame.get("epoch")
+    if seq is None or not (epoch is None or isinstance(epoch, str)):
+        return state  # a reply (session, ping, error, ...), or no event: not part of the log
+    if state["epoch"] is not None and epoch != state["epoch"]:
         state = initial_state()  # another log: nothing of the old one holds
     if seq <= state["seq"]:
         return state  # seen already
-    first = frame.get("from_seq")
-    if _is_seq(first) and first <= state["seq"]:
-        frame = _unseen(frame, state["seq"] - first + 1)
+    first = _whole(frame.get("from_seq"))
+    if first is not None and first <= state["seq"]:
+        frame = _unseen(frame, seq - first + 1, state["seq"] - first + 1)
     return _apply(state, frame, seq)
 
 
-def _is_seq(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _whole(value: Any) -> int | None:
+    """``value`` as a seq (or attempt, or length): a whole number up to ``MAX_WHOLE``.
+
+    By value, not by how it is written: JSON.parse makes ``1.0`` the number 1, so the
+    JavaScript client cannot tell them apart, and neither does this one. ``true`` is no
+    number, and beyond ``MAX_WHOLE`` JavaScript rounds, so neither is a seq.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():  # also nan and the infinities
+        return None
+    return int(value) if abs(value) <= MAX_WHOLE else None
 
 
-def _unseen(frame: Frame, seen: int) -> Frame:
-    """A merged delta (``from_seq``..``seq``) less its first ``seen`` events' content.
+def _unseen(frame: Frame, merged: int, seen: int) -> Frame:
+    """A merged delta of ``merged`` events less its first ``seen`` events' content.
 
     ``lengths`` gives each merged event's content length in characters (code points);
     without it the frame cannot be cut and applies whole.
     """
     lengths = frame.get("lengths")
     content = frame.get("content")
-    if not (
-        isinstance(content, str)
-        and isinstance(lengths, list)
-        and len(lengths) == frame["seq"] - frame["from_seq"] + 1
-        and all(_is_seq(n) for n in lengths)
-    ):
+    if not isinstance(content, str) or not isinstance(lengths, list) or len(lengths) != merged:
         return frame
-    return {**frame, "content": content[sum(lengths[:seen]) :]}
+    counts = [_whole(n) for n in lengths]
+    if any(n is None or n < 0 for n in counts):
+        return frame
+    return {**frame, "content": content[sum(n or 0 for n in counts[:seen]) :]}
 
 
 def _apply(state: State, frame: Frame, seq: int) -> State:
@@ -152,12 +164,70 @@ def _new_block(block_id: str, kind: str) -> Block:
 
 
 def _text(content: Any) -> str:
-    """An event's content as text: strings as they are, null as nothing, the rest as JSON."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    return json.dumps(content, separators=(",", ":"), ensure_ascii=False)
+    """An event's content as text: a string as it is; anything else adds nothing.
+
+    Only strings, because two languages write other JSON values as different text
+    (``1.0``, ``1e20``, lone surrogates); the protocol's content is always a string.
+    """
+    return content if isinstance(content, str) else ""
+
+
+def _copy_details(block: Block, frame: Frame, kind: str) -> None:
+    """The fields of ``DETAILS[kind]`` the frame carries, onto ``block``.
+
+    A ``call_id`` that is not a string is no call_id (it could never name a call in
+    both languages alike: Python has ``True == 1``, JavaScript ``===`` has not).
+    """
+    for name in DETAILS.get(kind, ()):
+        if name in frame and (name != "call_id" or isinstance(frame[name], str)):
+            block[name] = frame[name]
+
+
+# --- snapshots ----------------------------------------------------------------
+# A snapshot's state is taken only when it has every part reducing reads, each of the
+# type reducing needs; any other one changes nothing, so a bad snapshot cannot make a
+# later event fail (nor the two languages fold it differently).
+
+
+def _is_state(value: Any) -> TypeGuard[Mapping[str, Any]]:
+    """Whether ``value`` is a whole state: epoch, seq, runs, and order naming each run once."""
+    if not isinstance(value, Mapping) or "epoch" not in value:
+        return False
+    epoch, runs, order = value["epoch"], value.get("runs"), value.get("order")
+    return (
+        (epoch is None or isinstance(epoch, str))
+        and _whole(value.get("seq")) is not None
+        and isinstance(runs, Mapping)
+        and isinstance(order, list)
+        and all(isinstance(run_id, str) and run_id in runs for run_id in order)
+        and len(set(order)) == len(order) == len(runs)
+        and all(_is_run(run) for run in runs.values())
+    )
+
+
+def _is_run(run: Any) -> bool:
+    return (
+        isinstance(run, Mapping)
+        and isinstance(run.get("status"), str)
+        and _whole(run.get("attempt")) is not None
+        and isinstance(run.get("blocks"), list)
+        and all(_is_block(block) for block in run["blocks"])
+    )
+
+
+def _is_block(block: Any) -> bool:
+    if not (
+        isinstance(block, Mapping)
+        and isinstance(block.get("id"), str)
+        and block.get("kind") in KINDS.values()
+        and isinstance(block.get("text"), str)
+        and isinstance(block.get("done"), bool)
+    ):
+        return False
+    if block["kind"] != "tool_call":
+        return True
+    call_id = block.get("call_id", 0)  # absent: not a string, nor None
+    return isinstance(block.get("input"), str) and (call_id is None or isinstance(call_id, str))
 
 
 # --- run handlers: (run, frame, seq) -> new run -----------------------------
@@ -175,6 +245,8 @@ def _content(run: Run, frame: Frame, seq: int) -> Run:
         return _v1_content(run, frame, seq, kind)
     index = _index(run["blocks"], block_id)
     block = _new_block(block_id, kind) if index is None else run["blocks"][index]
+    if block["kind"] != kind:
+        return run  # the id is another kind's block: the event is not about it
     return _put(run, index, _fill(block, frame, frame.get("delta") is True))
 
 
@@ -198,9 +270,7 @@ def _fill(block: Block, frame: Frame, delta: bool) -> Block:
         new = {**block, field: block[field] + content}
     else:
         new = {**block, field: content, "done": True}
-    for name in DETAILS.get(kind, ()):
-        if name in frame:
-            new[name] = frame[name]
+    _copy_details(new, frame, kind)
     return new
 
 
@@ -213,17 +283,21 @@ def _block_end(run: Run, frame: Frame, _seq: int) -> Run:
 
 def _approval(run: Run, frame: Frame, seq: int) -> Run:
     """A tool call waits for a person: its approval is pending, and so is the run."""
-    index, block = _tool_call(run, frame, seq)
+    found = _tool_call(run, frame, seq)
+    if found is None:
+        return run
+    index, block = found
     block = {**block, "approval": {"status": "pending", "reason": None, "by": None}}
-    for name in DETAILS["approval"]:
-        if name in frame:
-            block[name] = frame[name]
+    _copy_details(block, frame, "approval")
     return _with_status(_put(run, index, block), WAITING)
 
 
 def _decision(run: Run, frame: Frame, seq: int) -> Run:
     """A person (or the timeout) decided: the approval says how, and the run goes on."""
-    index, block = _tool_call(run, frame, seq)
+    found = _tool_call(run, frame, seq)
+    if found is None:
+        return run
+    index, block = found
     approval = {
         "status": frame.get("decision"),
         "reason": frame.get("reason"),
@@ -232,21 +306,25 @@ def _decision(run: Run, frame: Frame, seq: int) -> Run:
     return _with_status(_put(run, index, {**block, "approval": approval}), RUNNING)
 
 
-def _tool_call(run: Run, frame: Frame, seq: int) -> tuple[int | None, Block]:
-    """The tool-call block an approval or decision is about: by its block, else its call_id."""
+def _tool_call(run: Run, frame: Frame, seq: int) -> tuple[int | None, Block] | None:
+    """The tool-call block an approval or decision is about: by its block, else its call_id.
+
+    None when its block is of another kind: then the event is not about a tool call.
+    """
     blocks = run["blocks"]
     index = _index(blocks, frame.get("block"))
-    if index is None and frame.get("call_id") is not None:
+    call_id = frame.get("call_id")
+    if index is None and isinstance(call_id, str):
         index = next(
             (
                 i
                 for i, b in enumerate(blocks)
-                if b["kind"] == "tool_call" and b["call_id"] == frame["call_id"]
+                if b["kind"] == "tool_call" and b["call_id"] == call_id
             ),
             None,
         )
     if index is not None:
-        return index, blocks[index]
+        return (index, blocks[index]) if blocks[index]["kind"] == "tool_call" else None
     block_id = frame.get("block")
     return None, _new_block(block_id if isinstance(block_id, str) else f"seq{seq}", "tool_call")
 
@@ -258,11 +336,11 @@ def _with_status(run: Run, status: str) -> Run:
 
 def _retry(run: Run, frame: Frame, _seq: int) -> Run:
     """A new attempt starts over: what the run showed so far is dropped."""
-    attempt = frame.get("attempt")
+    attempt = _whole(frame.get("attempt"))
     return {
         **run,
         "status": RUNNING,
-        "attempt": attempt if _is_seq(attempt) else run["attempt"] + 1,
+        "attempt": run["attempt"] + 1 if attempt is None else attempt,
         "blocks": [],
         "usage": None,
         "error": None,

@@ -482,13 +482,16 @@ export function reduce(state, frame) {
   if (!isRecord(frame)) return state;
   if (frame.type === "gap") return initialState(); // the server then sends what the log has
   if (frame.type === "snapshot") {
-    return isRecord(frame.state) ? structuredClone(frame.state) : state;
+    return isState(frame.state) ? structuredClone(frame.state) : state;
   }
   const seq = frame.seq;
-  if (!Number.isInteger(seq)) return state; // a reply: not part of the log
-  if (state.epoch !== null && (frame.epoch ?? null) !== state.epoch) state = initialState();
+  const epoch = frame.epoch ?? null;
+  // A seq is a whole number up to 2^53-1 (so `1.0` is 1, as it is once parsed);
+  // an epoch is a string or null. Anything else is a reply, or no event.
+  if (!Number.isSafeInteger(seq) || !(epoch === null || typeof epoch === "string")) return state;
+  if (state.epoch !== null && epoch !== state.epoch) state = initialState();
   if (seq <= state.seq) return state; // seen already
-  if (Number.isInteger(frame.from_seq) && frame.from_seq <= state.seq) {
+  if (Number.isSafeInteger(frame.from_seq) && frame.from_seq <= state.seq) {
     frame = unseen(frame, state.seq - frame.from_seq + 1);
   }
   return applyEvent(state, frame, seq);
@@ -505,7 +508,7 @@ function unseen(frame, seen) {
     typeof content !== "string" ||
     !Array.isArray(lengths) ||
     lengths.length !== frame.seq - frame.from_seq + 1 ||
-    !lengths.every(Number.isInteger)
+    !lengths.every((n) => Number.isSafeInteger(n) && n >= 0)
   ) {
     return frame;
   }
@@ -549,10 +552,17 @@ function newBlock(id, kind) {
   return block;
 }
 
-/** An event's content as text: strings as they are, null as nothing, the rest as JSON. */
+/** An event's content as text: a string as it is; anything else adds nothing. */
 function textOf(content) {
-  if (typeof content === "string") return content;
-  return content === null || content === undefined ? "" : JSON.stringify(content);
+  return typeof content === "string" ? content : "";
+}
+
+/** The fields of `DETAILS` for `type` the frame carries, onto `block`; a call_id only as a string. */
+function copyDetails(block, frame, type) {
+  for (const name of DETAILS.get(type) ?? []) {
+    if (!Object.hasOwn(frame, name)) continue;
+    if (name !== "call_id" || typeof frame[name] === "string") block[name] = frame[name];
+  }
 }
 
 function content(run, frame, seq) {
@@ -560,6 +570,7 @@ function content(run, frame, seq) {
   if (typeof frame.block !== "string") return v1Content(run, frame, seq, kind);
   const index = indexOf(run.blocks, frame.block);
   const block = index === null ? newBlock(frame.block, kind) : run.blocks[index];
+  if (block.kind !== kind) return run; // another kind's block: the event is not about it
   return put(run, index, fill(block, frame, frame.delta === true));
 }
 
@@ -582,9 +593,7 @@ function fill(block, frame, delta) {
   const next = delta
     ? { ...block, [field]: block[field] + text }
     : { ...block, [field]: text, done: true };
-  for (const name of DETAILS.get(frame.type) ?? []) {
-    if (Object.hasOwn(frame, name)) next[name] = frame[name];
-  }
+  copyDetails(next, frame, frame.type);
   return next;
 }
 
@@ -595,16 +604,18 @@ function blockEnd(run, frame) {
 }
 
 function approval(run, frame, seq) {
-  const [index, block] = toolCall(run, frame, seq);
+  const found = toolCall(run, frame, seq);
+  if (found === null) return run;
+  const [index, block] = found;
   const next = { ...block, approval: { status: "pending", reason: null, by: null } };
-  for (const name of DETAILS.get("approval")) {
-    if (Object.hasOwn(frame, name)) next[name] = frame[name];
-  }
+  copyDetails(next, frame, "approval");
   return withStatus(put(run, index, next), "waiting");
 }
 
 function decision(run, frame, seq) {
-  const [index, block] = toolCall(run, frame, seq);
+  const found = toolCall(run, frame, seq);
+  if (found === null) return run;
+  const [index, block] = found;
   const approval = {
     status: frame.decision ?? null,
     reason: frame.reason ?? null,
@@ -613,15 +624,18 @@ function decision(run, frame, seq) {
   return withStatus(put(run, index, { ...block, approval }), "running");
 }
 
-/** The tool-call block an approval or decision is about: by its block, else its call_id. */
+/**
+ * The tool-call block an approval or decision is about: by its block, else its call_id
+ * (a string); null when its block is of another kind.
+ */
 function toolCall(run, frame, seq) {
   const blocks = run.blocks;
   let index = indexOf(blocks, frame.block);
-  if (index === null && frame.call_id !== undefined && frame.call_id !== null) {
+  if (index === null && typeof frame.call_id === "string") {
     const found = blocks.findIndex((b) => b.kind === "tool_call" && b.call_id === frame.call_id);
     index = found < 0 ? null : found;
   }
-  if (index !== null) return [index, blocks[index]];
+  if (index !== null) return blocks[index].kind === "tool_call" ? [index, blocks[index]] : null;
   const id = typeof frame.block === "string" ? frame.block : `seq${seq}`;
   return [null, newBlock(id, "tool_call")];
 }
@@ -635,7 +649,7 @@ function retry(run, frame) {
   return {
     ...run,
     status: "running",
-    attempt: Number.isInteger(frame.attempt) ? frame.attempt : run.attempt + 1,
+    attempt: Number.isSafeInteger(frame.attempt) ? frame.attempt : run.attempt + 1,
     blocks: [],
     usage: null,
     error: null,
@@ -673,6 +687,50 @@ function put(run, index, block) {
 
 function isRecord(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value);
+}
+
+// A snapshot's state is taken only when it has every part reducing reads, each of the
+// type reducing needs, as shared/reducer.py checks; any other one changes nothing.
+
+/** Whether `value` is a whole state: epoch, seq, runs, and order naming each run once. */
+function isState(value) {
+  if (!isRecord(value) || !Object.hasOwn(value, "epoch")) return false;
+  const { epoch, seq, runs, order } = value;
+  return (
+    (epoch === null || typeof epoch === "string") &&
+    Number.isSafeInteger(seq) &&
+    isRecord(runs) &&
+    Array.isArray(order) &&
+    order.every((id) => typeof id === "string" && Object.hasOwn(runs, id)) &&
+    new Set(order).size === order.length &&
+    order.length === Object.keys(runs).length &&
+    Object.values(runs).every(isRun)
+  );
+}
+
+function isRun(run) {
+  return (
+    isRecord(run) &&
+    typeof run.status === "string" &&
+    Number.isSafeInteger(run.attempt) &&
+    Array.isArray(run.blocks) &&
+    run.blocks.every(isBlock)
+  );
+}
+
+function isBlock(block) {
+  if (
+    !isRecord(block) ||
+    typeof block.id !== "string" ||
+    ![...KINDS.values()].includes(block.kind) ||
+    typeof block.text !== "string" ||
+    typeof block.done !== "boolean"
+  ) {
+    return false;
+  }
+  if (block.kind !== "tool_call") return true;
+  const callId = Object.hasOwn(block, "call_id") ? block.call_id : 0; // absent: not a string, nor null
+  return typeof block.input === "string" && (callId === null || typeof callId === "string");
 }
 
 const HANDLERS = new Map([
