@@ -16,7 +16,7 @@ from thoughtwire.api.hub import Hub
 from thoughtwire.api.presence import Watching
 from thoughtwire.api.runs import Runs
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
-from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus
+from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus, Busy
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job
@@ -53,6 +53,8 @@ class Frontend:
     draining: bool = field(default=False)
     # Who watches each session, counted here and summed in Redis (api/presence.py).
     presence: Watching | None = field(default=None)
+    # Withdrawals of runs admitted but not queued, until they end (each bounded: 1 s).
+    withdrawals: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start_run(
         self,
@@ -90,28 +92,46 @@ class Frontend:
                 partial(self.bus.submit, job, idempotency_key, user=principal.user),
                 seconds=SUBMIT_RETRY_SECONDS,
             )
-        except BaseException as exc:
-            if isinstance(exc, (*UNAVAILABLE, RedisError)):
-                await self._withdraw(job, idempotency_key, principal.user)
-            await self.guard.free_run(user, run)
+        except Busy:
+            await self.guard.free_run(user, run)  # refused: nothing of it was kept
+            raise
+        except BaseException:
+            # Whatever stopped it (Redis away past the retries, the socket closed, drained
+            # or its token expired while the submit retried), the run may have been
+            # admitted: withdraw it, or the session's next runs wait for it.
+            await self._withdraw(job, idempotency_key, principal.user, user)
             raise
         if not submitted[2]:  # an idempotent repeat: nothing new runs
             await self.guard.free_run(user, run)
         self.runs.follow(submitted[1], submitted[0], user)
         return submitted
 
-    async def _withdraw(self, job: Job, idempotency_key: str | None, user: str) -> None:
+    async def _withdraw(
+        self, job: Job, idempotency_key: str | None, user: str, slot: str | None
+    ) -> None:
         """Queueing ``job`` failed, maybe after its run was admitted: end that run, so the
-        session's next runs do not wait for it. One bounded try; if it fails too, the
-        workers end the run once it has gone unqueued too long (worker/parking.py)."""
+        session's next runs do not wait for it, and give its run slot (``slot``'s) back.
+
+        One try, bounded, and shielded: a second cancel of the caller (a socket closed
+        while it drains) does not cut it short; it goes on in a task the frontend keeps.
+        If it fails too, the workers, or the session's next ``reject`` prompt, end the run
+        once it has gone unqueued too long (``Bus.never_queued``).
+        """
+        task = asyncio.create_task(self._withdraw_once(job, idempotency_key, user, slot))
+        self.withdrawals.add(task)
+        task.add_done_callback(self.withdrawals.discard)
+        await asyncio.shield(task)
+
+    async def _withdraw_once(
+        self, job: Job, idempotency_key: str | None, user: str, slot: str | None
+    ) -> None:
         try:
             async with asyncio.timeout(WITHDRAW_SECONDS):
-                withdrawn = await self.bus.withdraw(job, idempotency_key, user=user)
+                if await self.bus.withdraw(job, idempotency_key, user=user):
+                    logger.warning("run %s: admitted but not queued; withdrawn", job.run)
+                await self.guard.free_run(slot, job.run)
         except (TimeoutError, *UNAVAILABLE, RedisError) as exc:
             logger.warning("run %s: not queued, and not withdrawn either (%r)", job.run, exc)
-            return
-        if withdrawn:
-            logger.warning("run %s: admitted but not queued; withdrawn", job.run)
 
     async def approve(
         self, principal: Principal, run: str, call_id: str, decision: Decision, reason: str | None
@@ -172,6 +192,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
     refresher: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
     presence: asyncio.Task[None] | None = None
+    frontend: Frontend | None = None
     try:
         await hub.start()
         frontend = Frontend(
@@ -205,7 +226,9 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
             presence.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await presence
-            assert frontend.presence is not None
+            assert frontend is not None and frontend.presence is not None
             await frontend.presence.close()
+        if frontend is not None and frontend.withdrawals:
+            await asyncio.wait(set(frontend.withdrawals))  # each is bounded: WITHDRAW_SECONDS
         await hub.close()
         await redis.aclose()

@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from thoughtwire.api.auth import Principal
 from thoughtwire.api.frontend import Frontend
 from thoughtwire.api.guard import Guard
 from thoughtwire.api.runs import Runs
-from thoughtwire.shared.bus import Bus, Busy, Meta
+from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Meta
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import (
     Job,
@@ -36,9 +37,12 @@ from thoughtwire.shared.protocol import (
     Thought,
     parse_client_message,
 )
-from thoughtwire.shared.redis import RedisConnectionError
+from thoughtwire.shared.redis import RedisConnectionError, RedisFactory
+from thoughtwire.shared.redis.pubsub import channel_messages
 from thoughtwire.shared.settings import Settings
 from thoughtwire.shared.vocab import Multitask, Verdict
+from thoughtwire.worker.agents.simulated import SimulatedAgent
+from thoughtwire.worker.approvals import ApprovalPolicy
 from thoughtwire.worker.attempt import RunLimits
 from thoughtwire.worker.parking import Parking
 from thoughtwire.worker.runner import Worker
@@ -285,6 +289,105 @@ async def test_a_run_never_queued_nor_withdrawn_is_ended_and_the_next_starts_in_
     assert (await unqueueable.run_state(stuck))["status"] == "failed"
 
 
+class Held(Bus):
+    """A bus whose XADD of a job waits until let go, as on a Redis that went silent: the
+    submitting task can be cancelled between its run's admission and its job's queueing.
+    With ``hold_withdraw``, the withdrawal waits too, until let go."""
+
+    hold = True
+    hold_withdraw = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.admitted = asyncio.Event()
+        self.withdrawing = asyncio.Event()
+        self.let_go = asyncio.Event()
+
+    async def _commands(self, *commands: Any) -> list[Any]:
+        if self.hold and any(command[0] == "XADD" for command in commands):
+            self.admitted.set()
+            await asyncio.Event().wait()  # never: only a cancel ends it
+        return await super()._commands(*commands)
+
+    async def withdraw(self, j: Job, key: str | None = None, *, user: str | None = None) -> bool:
+        self.withdrawing.set()
+        if self.hold_withdraw:
+            await self.let_go.wait()
+        return await super().withdraw(j, key, user=user)
+
+
+@pytest.fixture
+def held(redis_client, prefix) -> Held:
+    return Held(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+
+
+async def status_becomes(bus: Bus, session: str, run: str, status: str) -> None:
+    async with asyncio.timeout(seconds(5)):
+        while await bus.run_statuses([(session, run)]) != [status]:
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_a_submit_cancelled_between_admission_and_queueing_withdraws_its_run(held, cancels):
+    """The socket closes (or drains) while its prompt's job waits to be queued; with two
+    cancels, the second comes while the withdrawal is under way and does not stop it."""
+    held.hold_withdraw = cancels == 2
+    frontend, caller = frontend_over(held), Principal("u")
+    submitting = asyncio.create_task(frontend.start_run(caller, "s", "p", idempotency_key="k"))
+    async with asyncio.timeout(seconds(5)):
+        await held.admitted.wait()
+    (stuck,) = [m.decode() for m in await held.redis.smembers(held.keys.session_runs("s"))]
+    submitting.cancel()
+    if cancels == 2:
+        async with asyncio.timeout(seconds(5)):
+            await held.withdrawing.wait()
+        submitting.cancel()
+        held.let_go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    await status_becomes(held, "s", stuck, "failed")
+    (event,) = [e for e in map(orjson.loads, await held.history("s")) if e["run"] == stuck]
+    assert (event["type"], event["code"]) == ("error", "unavailable")
+    assert await held.redis.zcard(held.keys.session_queue("s")) == 0
+    assert (await held.run_state(stuck))["status"] == "failed"  # GET /v1/jobs/{run} knows it
+    held.hold = False
+    run, _, created = await frontend.start_run(caller, "s", "next", multitask=Multitask.REJECT)
+    assert created and run != stuck
+
+
+async def age(bus: Bus, session: str, run: str, seconds_ago: float) -> None:
+    """Make ``run`` look admitted ``seconds_ago``."""
+    created = int((time.time() - seconds_ago) * 1000)
+    await bus.redis.hset(bus.keys.run(session, run), "created", created)
+
+
+async def test_a_reject_prompt_behind_a_run_never_queued_ends_it_and_is_admitted(unqueueable):
+    unqueueable.withdraw_fails = True
+    frontend, caller = frontend_over(unqueueable), Principal("u")
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "lost")  # the frontend dies here, as it were
+    (stuck,) = [
+        m.decode() for m in await unqueueable.redis.smembers(unqueueable.keys.session_runs("s"))
+    ]
+    unqueueable.fail = False
+    with pytest.raises(Busy) as refused:  # not that long ago: its submit may still be going
+        await frontend.start_run(caller, "s", "too soon", multitask=Multitask.REJECT)
+    assert refused.value.run == stuck
+    await age(unqueueable, "s", stuck, NEVER_QUEUED_SECONDS + 1)
+    run, _, created = await frontend.start_run(caller, "s", "now", multitask=Multitask.REJECT)
+    assert created
+    (lost,) = [e for e in map(orjson.loads, await unqueueable.history("s")) if e["run"] == stuck]
+    assert (lost["type"], lost["code"]) == ("error", "unavailable")
+    assert (await unqueueable.run_state(stuck))["status"] == "failed"
+    assert await unqueueable.queued_jobs([run]) == [True]
+    # A run whose job was queued is never ended so, however long it has waited.
+    await age(unqueueable, "s", run, NEVER_QUEUED_SECONDS + 1)
+    with pytest.raises(Busy) as refused:
+        await frontend.start_run(caller, "s", "later", multitask=Multitask.REJECT)
+    assert refused.value.run == run
+    assert (await unqueueable.run_state(run))["status"] == "queued"
+
+
 # --- messages and jobs -----------------------------------------------------------------
 
 
@@ -326,6 +429,29 @@ async def test_a_parked_job_is_due_when_the_run_it_waits_for_ends_or_it_is_cance
     parking.park("1-3", job("d"), "c")
     parking.cancelled(["d"])
     assert [j.run for _, j in parking.take_due(5)] == ["d"]
+
+
+async def test_cancelled_parked_jobs_are_ended_by_tasks_of_their_own_as_far_as_bounded(bus):
+    ending: list[str] = []
+    release = asyncio.Event()
+
+    async def end_cancelled(entry_id: str, j: Job) -> None:
+        ending.append(j.run)
+        await release.wait()
+
+    parking = Parking(bus, "w", lease_seconds=1.0, on_due=lambda: None, end_cancelled=end_cancelled)
+    parking.ending_limit = 1
+    parking.park("1-1", job("b"), "a")
+    parking.park("1-2", job("c"), "a")
+    parking.cancelled(["b", "c"])
+    async with asyncio.timeout(seconds(5)):
+        while not ending:
+            await asyncio.sleep(0)
+    assert ending == ["b"] and len(parking) == 1  # one task at most: the other waits for a slot
+    assert [j.run for _, j in parking.take_due(5)] == ["c"]
+    release.set()
+    await parking.hand_back()  # waits for the task under way
+    assert ending == ["b"]
 
 
 async def test_a_job_parked_after_its_wait_ended_is_due_at_once(bus):
@@ -374,6 +500,65 @@ async def test_a_parked_job_behind_a_lost_run_is_freed_after_a_lease(bus):
     await parking.check(now=101.0)
     assert [j.run for _, j in parking.take_due(5)] == ["b"]
     assert (await bus.start(b, "w", 10_000, 3)).verdict == Verdict.RUN
+
+
+async def test_a_parked_run_cancelled_while_every_slot_waits_for_approval_ends_in_a_second(
+    redis_server, prefix
+):
+    """One slot, held by a run waiting for a person; the run parked behind it is cancelled.
+
+    The first run's job was claimed by a worker that then died: the worker under test
+    takes the second run's job meanwhile (it waits: parked), then takes the first over,
+    which asks for an approval nobody gives. Measured: cancel to ``cancelled``.
+    """
+    factory = RedisFactory(Settings(redis_url=redis_server.url, redis_pool_size=4))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=1000, log_ttl=60)
+    first, second = job("a"), job("b")
+    await bus.submit(first)
+    await bus.submit(second)
+    await bus.ensure_group()
+    assert [j.run for _, j in await bus.claim("gone", 1, 100)] == ["a"]
+    asks = SimulatedAgent(0, 2, 0, approval_tools=frozenset({"search"}))
+    limits = RunLimits(
+        lease_ms=1000,
+        redis_retry_seconds=1.0,
+        disconnect_grace=5.0,
+        approval=ApprovalPolicy(timeout=60),
+    )
+    worker = Worker(
+        bus,
+        {"sim": asks},
+        "sim",
+        concurrency=1,
+        limits=limits,
+        max_attempts=3,
+        listen=partial(channel_messages, factory),
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop, drain_timeout=seconds(2)))
+    try:
+        async with asyncio.timeout(seconds(10)):
+            while not (len(worker.parking) == 1 and await bus.approval(first)):
+                await asyncio.sleep(0.02)
+        sent = time.monotonic()
+        assert await bus.cancel("s", "b") == ["b"]
+        async with asyncio.timeout(seconds(5)):
+            while not [e for e in map(orjson.loads, await bus.history("s")) if e["run"] == "b"]:
+                await asyncio.sleep(0.01)
+        took = time.monotonic() - sent
+        print(f"\ncancel of a parked run, every slot held: cancelled in {took * 1000:.0f} ms")
+        (ended,) = [e for e in map(orjson.loads, await bus.history("s")) if e["run"] == "b"]
+        assert ended["type"] == "cancelled"
+        assert took < seconds(1.0)
+        assert (await bus.run_state("b"))["status"] == "cancelled"
+        assert await bus.approval(first)  # the first run waits still, in its slot
+        assert len(worker.parking) == 0
+        assert await bus.redis.xlen(bus.keys.jobs) == 1  # the second's job is done with
+    finally:
+        await bus.cancel("s", "a")
+        stop.set()
+        await running
+        await bus.redis.aclose()
 
 
 # --- the whole system: two frontends, two workers, one session ---------------------

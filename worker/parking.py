@@ -13,6 +13,11 @@ claimed by this worker.
   id on ``Keys.runs_ended``), when it is asked to cancel (the control channel: a
   cancelled run does not wait), and at every keep, in case an announcement was missed.
   The worker starts woken jobs as it has room.
+* **Cancelled without a slot**: a job asked to cancel (the control channel) is unparked and
+  ended at once by a small task of its own (``end_cancelled``: its ``START`` sees the
+  cancel, and its ``cancelled`` is written), not when a slot frees: every slot may be
+  held for minutes by runs waiting for an approval. At most ``ending_limit`` such tasks
+  run at once; past that a cancelled job is due, as a woken one, and waits for a slot.
 * **Never stuck behind a lost run**: a run waited for whose state stays missing for a
   whole lease (Redis lost it and nobody ended it), or that ended but is still in the
   queue, is taken out of the queue (``DEQUEUE``), so the runs after it start.
@@ -20,15 +25,18 @@ claimed by this worker.
   started, with no job record, on checks ``never_queued_seconds`` apart, was admitted but
   its job never reached the stream (its frontend's queueing failed for good, and so did
   its withdrawal, or the frontend died between the two). It is ended as lost (``error``,
-  ``WITHDRAW``, which acts only on a run still queued and never started), so its
-  session's clients see it end and the runs after it start. The record is written only
+  ``WITHDRAW``, which acts only on a run still queued and never started:
+  ``Bus.end_never_queued``), so its session's clients see it end and the runs after it
+  start. (A ``reject`` prompt refused because of such a run ends it the same way,
+  ``Bus.never_queued``: a refused prompt parks nothing behind it.) The record is written only
   once the job is on the stream (``Bus.submit``), and the bound is well past the
   frontend's retries. Should a job still reach the stream after that (a frontend paused
   for longer than the bound), its ``START`` finds the run ended and the job is let go:
   the run never runs, and its ``error`` says so.
 * **Bounded**: at most ``limit`` jobs are parked. Past that a job is not parked: nobody
   touches it, and a worker reclaims it after a lease and asks again.
-* **Stopping**: parked jobs go back to the queue, for the other workers.
+* **Stopping**: parked jobs go back to the queue, for the other workers; cancelled ones
+  being ended are waited for, a lease at most.
 """
 
 from __future__ import annotations
@@ -38,13 +46,13 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from thoughtwire.shared.backoff import UNAVAILABLE
-from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus
-from thoughtwire.shared.closecodes import ErrorCode
-from thoughtwire.shared.protocol import TERMINAL_STATUS, Job, Thought
+from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus
+from thoughtwire.shared.protocol import TERMINAL_STATUS, Job
 from thoughtwire.shared.redis import RedisError
 from thoughtwire.shared.vocab import RunStatus
 
@@ -52,12 +60,8 @@ logger = logging.getLogger("thoughtwire.worker")
 
 PARKED_LIMIT = 1000
 ENDED_REMEMBERED = 1000  # run ends kept, for a job parked just after its wait ended
+ENDING_LIMIT = 32  # cancelled jobs ended at once without a slot; past that they wait for one
 ENDED = frozenset(TERMINAL_STATUS.values())
-# A queued run without a job record for this long was never queued: three times the
-# frontend's retry window, so a submit still retrying (its last try may hang a while on a
-# Redis that went silent) is long over.
-NEVER_QUEUED_SECONDS = 3 * SUBMIT_RETRY_SECONDS
-NEVER_QUEUED_MESSAGE = "the run was lost: it was never queued; try again"
 
 
 @dataclass(slots=True)
@@ -77,8 +81,10 @@ class Parking:
         *,
         lease_seconds: float,
         on_due: Callable[[], None],
+        end_cancelled: Callable[[str, Job], Coroutine[Any, Any, None]] | None = None,
         limit: int = PARKED_LIMIT,
         never_queued_seconds: float = NEVER_QUEUED_SECONDS,
+        ending_limit: int = ENDING_LIMIT,
     ) -> None:
         self.bus = bus
         self.consumer = consumer
@@ -86,6 +92,10 @@ class Parking:
         self.limit = limit
         self.never_queued_seconds = never_queued_seconds
         self._on_due = on_due  # called when jobs become due: the worker starts what it can
+        # ends a cancelled job without a slot (a START, then its ``cancelled``); None: no task
+        self._end_cancelled = end_cancelled
+        self.ending_limit = ending_limit
+        self._ending: set[asyncio.Task[None]] = set()
         # By stream entry, not by run: a submit retried after a lost reply can queue a run's
         # job twice, and each entry must be touched while it is parked.
         self._parked: dict[str, _Parked] = {}
@@ -122,9 +132,30 @@ class Parking:
         self._make_due(self._waiters.get(run, ()))
 
     def cancelled(self, runs: list[str]) -> None:
-        """Cancelling was asked for ``runs``: those parked here are due (they need not wait)."""
+        """Cancelling was asked for ``runs``: those parked here are ended now, each by a task
+        of its own, as far as ``ending_limit`` allows; the rest are due (they need not wait)."""
         asked = set(runs)
-        self._make_due([e for e, parked in self._parked.items() if parked.job.run in asked])
+        entries = [e for e, parked in self._parked.items() if parked.job.run in asked]
+        due = []
+        for entry_id in entries:
+            if self._end_cancelled is None or len(self._ending) >= self.ending_limit:
+                due.append(entry_id)
+                continue
+            parked = self._unpark(entry_id)
+            assert parked is not None
+            task = asyncio.create_task(
+                self._end_cancelled(entry_id, parked.job), name=f"cancel-{parked.job.run}"
+            )
+            self._ending.add(task)
+            task.add_done_callback(self._ended_cancelled)
+        self._make_due(due)
+
+    def _ended_cancelled(self, task: asyncio.Task[None]) -> None:
+        self._ending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Its job stays claimed here, untouched: a worker reclaims it after a lease, and
+            # its START sees the cancel then.
+            logger.error("ending a cancelled parked job failed", exc_info=task.exception())
 
     def take_due(self, count: int) -> list[tuple[str, Job]]:
         """Up to ``count`` due jobs, unparked, oldest first: the worker starts them."""
@@ -181,9 +212,7 @@ class Parking:
                 self._unqueued.pop(run, None)
             elif now - self._unqueued.setdefault(run, now) >= self.never_queued_seconds:
                 self._unqueued.pop(run)
-                lost = Thought("error", NEVER_QUEUED_MESSAGE, {"code": ErrorCode.UNAVAILABLE})
-                failed = RunStatus.FAILED
-                if await self.bus.end_lost(queued[run], run, lost, failed, queued=True):
+                if await self.bus.end_never_queued(queued[run], run):
                     logger.warning("run %s: it was never queued; ended it as lost", run)
 
     def _stuck(self, run: str, status: str | None, now: float) -> bool:
@@ -195,12 +224,19 @@ class Parking:
         return now - self._missing.setdefault(run, now) >= self.lease_seconds
 
     async def hand_back(self) -> None:
-        """Put every parked job back on the queue for the other workers (stopping)."""
+        """Put every parked job back on the queue for the other workers (stopping); let the
+        cancelled ones being ended finish, a lease at most."""
         for entry_id in list(self._parked):
             parked = self._unpark(entry_id)
             assert parked is not None
             with contextlib.suppress(*UNAVAILABLE, RedisError):
                 await self.bus.requeue(parked.entry_id, parked.job)
+        if self._ending:
+            _done, late = await asyncio.wait(set(self._ending), timeout=self.lease_seconds)
+            for task in late:  # left claimed: a worker reclaims them after a lease
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
     def _make_due(self, entries: Iterable[str]) -> None:
         due = [entry_id for entry_id in entries if entry_id in self._parked]
