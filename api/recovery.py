@@ -235,10 +235,7 @@ def catch_up(
     """
     held: list[str] = []  # frames taken but not merged yet
     if replay is Replay.SNAPSHOT and position is None:
-        snapshot = yield ReadSnapshot()
-        if snapshot is not None:
-            position = Position(snapshot.epoch, snapshot.seq)
-            yield Emit([snapshot.frame], position)
+        position, held = yield from _snapshot_join()
     for _ in range(rounds):
         heard = [*held, *(yield TakeLive())]
         meta: Meta = yield ReadMeta()
@@ -257,6 +254,31 @@ def catch_up(
         if not held and (yield Settle()):
             return True
     return False
+
+
+def _snapshot_join() -> Generator[Step, Any, tuple[Position | None, list[str]]]:
+    """A join's snapshot: the position it leaves the client at, and the frames taken.
+
+    "From now on" still means from the subscription: every event after it is sent as
+    an event, even one the snapshot holds (a client that reads snapshots drops it as a
+    duplicate; one that does not still sees it). So the client's position is the
+    snapshot's seq or the subscription's, whichever is older, and a session with no
+    events when the client subscribed gets no snapshot at all.
+    """
+    meta: Meta = yield ReadMeta()
+    heard: list[str] = yield TakeLive()
+    now = meta.last_seq
+    first = next((at for at in map(event_position, heard) if at is not None), None)
+    if first is not None and first[1] == meta.epoch:
+        now = min(now, first[0] - 1)
+    if meta.epoch is None or now == 0:
+        return None, heard
+    snapshot = yield ReadSnapshot()
+    if snapshot is None or snapshot.epoch != meta.epoch:
+        return None, heard
+    position = Position(snapshot.epoch, min(snapshot.seq, now))
+    yield Emit([snapshot.frame], position)
+    return position, heard
 
 
 def _read_log(

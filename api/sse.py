@@ -32,6 +32,16 @@ SSE_TOKEN_EXPIRED = (
 
 
 GAP_HEAD = '{"type":"gap",'  # how a gap reply is encoded (api.recovery)
+SNAPSHOT_HEAD = '{"type":"snapshot",'  # how a snapshot is encoded (shared.snapshots)
+
+
+def event_line(frame: str) -> str:
+    """``event: snapshot`` for a snapshot: EventSource hands it to its own listener.
+
+    Its ``id`` (its position) still moves ``Last-Event-ID``; a client that only
+    listens for messages is not handed a state it does not know how to read.
+    """
+    return "event: snapshot\n" if frame.startswith(SNAPSHOT_HEAD) else ""
 
 
 def id_line(frame: str) -> str:
@@ -139,4 +149,4 @@ class EventStream:
                 continue
             if frame is None:
                 return
-            yield f"{id_line(frame)}data: {frame}\n\n"
+            yield f"{id_line(frame)}{event_line(frame)}data: {frame}\n\n"

@@ -103,7 +103,47 @@ def fold_tail(state: State, entries: Sequence[str]) -> State:
         if frame.get("seq") != seq + 1 or (epoch is not None and frame.get("epoch") != epoch):
             raise Hole(f"after seq {seq} of {epoch} comes {frame.get('seq')}")
         seq, epoch = frame["seq"], frame.get("epoch")
-    return fold(frames, state)
+    return fold(_joined(frames), state)
+
+
+DELTAS = ("thinking", "answer", "tool_input")
+
+
+def _joined(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive deltas of one block as one frame at the last one's seq.
+
+    The reducer appends each delta's content to its block, so the joined frame folds
+    to the same state; it copies a block's text once, not once per token.
+    """
+    out: list[dict[str, Any]] = []
+    pieces: list[str] = []
+    for frame in frames:
+        last = out[-1] if out else None
+        if _delta(frame) and last is not None and _same_block(last, frame):
+            pieces.append(frame["content"])
+            out[-1] = {**frame, "content": ""}
+            continue
+        if pieces:
+            out[-1]["content"] = "".join(pieces)
+        pieces = [frame["content"]] if _delta(frame) else []
+        out.append(frame)
+    if pieces:
+        out[-1]["content"] = "".join(pieces)
+    return out
+
+
+def _delta(frame: dict[str, Any]) -> bool:
+    return (
+        frame.get("type") in DELTAS
+        and frame.get("delta") is True
+        and isinstance(frame.get("block"), str)
+        and isinstance(frame.get("content"), str)
+        and "from_seq" not in frame
+    )
+
+
+def _same_block(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return _delta(a) and all(a.get(k) == b.get(k) for k in ("type", "run", "block"))
 
 
 async def stored(bus: Bus, session: str) -> State | None:

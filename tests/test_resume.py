@@ -106,6 +106,7 @@ async def test_a_trimmed_log_gives_an_explicit_gap_then_what_it_holds(cluster):
     last, epoch = events[-1]["seq"], events[-1]["epoch"]
     async with connect(
         f"{cluster.frontends[1].ws}/ws/agent-thoughts?session={session}&after=2&epoch={epoch}"
+        "&replay=raw"  # the gap itself; by default a snapshot repairs it (test_snapshots.py)
     ) as ws:
         await greeting(ws)
         gap = await recv_json(ws)
