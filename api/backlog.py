@@ -18,8 +18,9 @@ Order is never changed. A control event (``block_end``, ``done``, ``error``,
 merged, and it never overtakes a frame queued before it: overtaking an earlier ``seq``
 would make a reducer skip that event, a ``block_end`` must follow its block's deltas
 and a terminal event its run's. What keeps a control event from waiting behind
-tokens is the merge: a control event queued behind more than ``CONTROL_PATIENCE``
-unmerged frames merges them first, so it waits behind about one frame per block.
+tokens is the merge: on a backlog that has been past ``merge_after`` since it was last
+empty, a control event queued behind more than ``CONTROL_PATIENCE`` unmerged frames
+merges them first, so it waits behind about one frame per block.
 
 The merge parses frames; it runs only on a backlog past a threshold, so a client that
 keeps up pays nothing for it. Each frame is parsed about once: a merge looks only at
@@ -137,12 +138,13 @@ class Backlog:
     frames' JSON (most frames are ASCII).
     """
 
-    __slots__ = ("_bytes", "_frames", "_fresh", "_merge_after", "_room", "max_bytes")
+    __slots__ = ("_bytes", "_frames", "_fresh", "_lagging", "_merge_after", "_room", "max_bytes")
 
     def __init__(self, merge_after: int, max_bytes: int) -> None:
         self._frames: deque[str] = deque()
         self._bytes = 0
         self._fresh = 0  # frames at the tail queued since the last merge
+        self._lagging = False  # past the threshold once, until the backlog empties
         self._merge_after = merge_after
         self.max_bytes = max_bytes
         self._room: asyncio.Event | None = None  # made when a catch-up waits for room
@@ -161,12 +163,13 @@ class Backlog:
 
     def push(self, frame: str) -> bool:
         """Queue ``frame``; False when the backlog, merged, is still over its byte cap."""
-        if self._fresh > CONTROL_PATIENCE and DELTA_MARK not in frame:
+        if self._lagging and self._fresh > CONTROL_PATIENCE and DELTA_MARK not in frame:
             self.merge()  # a control event does not wait behind tokens
         self._frames.append(frame)
         self._bytes += len(frame)
         self._fresh += 1
         if self._fresh > self._merge_after or self._bytes > self.max_bytes:
+            self._lagging = True
             self.merge()
         return self._bytes <= self.max_bytes
 
@@ -175,6 +178,7 @@ class Backlog:
         frame = self._frames.popleft()
         self._bytes -= len(frame)
         self._fresh = min(self._fresh, len(self._frames))
+        self._lagging = self._lagging and bool(self._frames)
         if self._room is not None and len(self._frames) < self._merge_after:
             self._room.set()
         return frame

@@ -138,13 +138,33 @@ def test_the_backlog_merges_only_past_its_threshold_and_closes_only_past_its_byt
     assert all(pushed[:20]) and not pushed[-1]  # merged, the content alone is over 600
 
 
-def test_a_control_event_does_not_wait_behind_tokens():
-    backlog = Backlog(merge_after=1000, max_bytes=1 << 20)
-    for s in range(1, CONTROL_PATIENCE + 3):
+def test_on_a_lagging_backlog_a_control_event_does_not_wait_behind_tokens():
+    backlog = Backlog(merge_after=16, max_bytes=1 << 20)
+    for s in range(1, 18):
+        backlog.push(event(s))  # past the threshold: merged into one, and lagging
+    for s in range(18, 18 + CONTROL_PATIENCE + 2):
         backlog.push(event(s))
-    backlog.push(end(CONTROL_PATIENCE + 3))
+    backlog.push(end(CONTROL_PATIENCE + 20))
     queued = [backlog.pop() for _ in range(len(backlog))]
     assert [json.loads(f)["type"] for f in queued] == ["answer", "block_end"]
+    assert json.loads(queued[0])["from_seq"] == 1
+
+
+def test_a_backlog_under_its_threshold_is_never_merged():
+    """A reader that keeps up, or a catch-up pacing itself, gets every event as it is."""
+    backlog = Backlog(merge_after=16, max_bytes=1 << 20)
+    frames = [event(s) if s % 5 else end(s) for s in range(1, 17)]
+    for f in frames:
+        backlog.push(f)
+    assert [backlog.pop() for _ in range(len(backlog))] == frames
+    for s in range(1, 18):
+        backlog.push(event(s))  # past the threshold: merged
+    assert json.loads(backlog.pop())["from_seq"] == 1
+    assert backlog.empty()  # emptied: no longer lagging
+    frames = [event(s) for s in range(18, 28)] + [end(28)]
+    for f in frames:
+        backlog.push(f)
+    assert [backlog.pop() for _ in range(len(backlog))] == frames
 
 
 def test_the_backlog_counts_its_bytes_as_frames_come_and_go():
