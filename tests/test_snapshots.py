@@ -233,14 +233,17 @@ def finished(frame: dict[str, Any]) -> bool:
     return frame["type"] == "done"
 
 
-async def join(url: str) -> list[dict[str, Any]]:
-    """A late joiner's frames after its greeting, up to the run's end."""
+async def join(url: str, arrived: asyncio.Future[None] | None = None) -> list[dict[str, Any]]:
+    """A late joiner's frames after its greeting, up to the run's end; ``arrived`` is set
+    once its first frame is in."""
     frames: list[dict[str, Any]] = []
     async with connect(url) as ws:
         await greeting(ws)
         async with asyncio.timeout(seconds(60)):
             while not frames or not finished(frames[-1]):
                 frames.append(await recv_json(ws, timeout=60))
+                if arrived is not None and not arrived.done():
+                    arrived.set_result(None)
     return frames
 
 
@@ -279,8 +282,10 @@ async def test_joins_at_random_points_of_a_run_fold_to_the_logs_state(snapping):
         session = await greeting(ws)
         joiner = f"{url}?session={session}"
 
-        def spawn(n: int) -> None:
-            joins.extend(asyncio.create_task(join(joiner)) for _ in range(n))
+        def spawn(n: int) -> list[asyncio.Future[None]]:
+            arrived = [asyncio.get_running_loop().create_future() for _ in range(n)]
+            joins.extend(asyncio.create_task(join(joiner, a)) for a in arrived)
+            return arrived
 
         await ws.send("snapshots please")
         killed = False
@@ -294,8 +299,7 @@ async def test_joins_at_random_points_of_a_run_fold_to_the_logs_state(snapping):
                     targets.pop(0)
                     spawn(1)
                 if message["type"] == "approval":  # joins during the wait, then allow it
-                    spawn(3)
-                    await asyncio.sleep(0.2)  # spacing the joins inside the wait, not a sync
+                    await asyncio.gather(*spawn(3))  # joined, and caught up, while it waits
                     await ws.send(
                         json.dumps(
                             {
@@ -327,6 +331,9 @@ async def test_joins_at_random_points_of_a_run_fold_to_the_logs_state(snapping):
     for frames in results:
         check_join(frames, whole)
     assert sum(1 for frames in results if frames[0]["type"] == "snapshot") == len(results)
+    runs = [r for frames in results for r in frames[0]["state"]["runs"].values()]
+    assert any(r["status"] == "waiting" for r in runs)  # joined during the approval wait
+    assert any(r["attempt"] == 2 for r in runs)  # and after the retry
 
 
 def stored_snapshot_seq(cluster: Cluster, session: str) -> int:
