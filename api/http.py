@@ -178,9 +178,7 @@ async def viewer_token(
 
 
 @router.get("/sessions/{session}/presence")
-async def session_presence(
-    session: str, request: Request, caller: Caller
-) -> dict[str, object]:
+async def session_presence(session: str, request: Request, caller: Caller) -> dict[str, object]:
     """Who watches the session, across frontends: sockets, distinct users, first names;
     its owner and its viewers may ask, as for its events."""
     if not valid_id(session):

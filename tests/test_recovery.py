@@ -176,10 +176,10 @@ class ClosedLog:
 
 
 class NoHub:
-    async def join(self, channel, viewer):
+    async def join(self, channel, viewer, *args, **kwargs):
         pass
 
-    async def leave(self, channel, viewer):
+    async def leave(self, channel, viewer, *args, **kwargs):
         pass
 
 
