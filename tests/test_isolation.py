@@ -449,6 +449,7 @@ NOT_NAMES = {
     "JobRequest.on_disconnect",
     "Prompt.multitask",  # a closed vocabulary (reject, enqueue, interrupt), not a name
     "JobRequest.multitask",
+    "Resume.replay",  # a closed vocabulary ("raw"), how to catch up, not what to read
     "Approve.call_id",  # a tool call's id within a run the grant was checked for
     "{call_id}",
     "Approve.decision",  # a closed vocabulary (allow, deny)
