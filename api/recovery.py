@@ -259,11 +259,11 @@ def catch_up(
 def _snapshot_join() -> Generator[Step, Any, tuple[Position | None, list[str]]]:
     """A join's snapshot: the position it leaves the client at, and the frames taken.
 
-    "From now on" still means from the subscription: every event after it is sent as
-    an event, even one the snapshot holds (a client that reads snapshots drops it as a
-    duplicate; one that does not still sees it). So the client's position is the
-    snapshot's seq or the subscription's, whichever is older, and a session with no
-    events when the client subscribed gets no snapshot at all.
+    The client's position is the snapshot's seq: what follows comes once, from the
+    seq after it, and an event heard since the subscription that the snapshot holds is
+    not sent again. For a client that ignores snapshots, "from now on" starts at the
+    snapshot rather than at the subscription, a few milliseconds later. A session with
+    no events when the client subscribed gets no snapshot at all.
     """
     meta: Meta = yield ReadMeta()
     heard: list[str] = yield TakeLive()
@@ -276,7 +276,7 @@ def _snapshot_join() -> Generator[Step, Any, tuple[Position | None, list[str]]]:
     snapshot = yield ReadSnapshot()
     if snapshot is None or snapshot.epoch != meta.epoch:
         return None, heard
-    position = Position(snapshot.epoch, min(snapshot.seq, now))
+    position = Position(snapshot.epoch, snapshot.seq)
     yield Emit([snapshot.frame], position)
     return position, heard
 
