@@ -509,6 +509,131 @@ async def test_deny_on_the_page_marks_the_call_denied_and_the_run_goes_on(approv
     assert tab.errors == []
 
 
+# Every frame a page's sockets receive, as {type, seq}, in window.__frames.
+COUNT_FRAMES = """(() => {
+  const Socket = window.WebSocket;
+  window.__frames = [];
+  window.WebSocket = class extends Socket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      this.addEventListener("message", (m) => {
+        const frame = JSON.parse(m.data);
+        window.__frames.push({ type: frame.type, seq: frame.seq });
+      });
+    }
+  };
+})();"""
+PRESENCE_SHOT = "page-presence.png"
+ANSWER_ONLY_SHOT = "page-answer-only.png"
+
+
+async def share_link(page: Page, scope: str) -> str:
+    """The viewer link the Share dialog makes for ``scope`` (full or answer)."""
+    await page.click("#share")
+    await page.check(f"#share-scope input[value={scope}]")
+    await page.wait_for_function(
+        """scope => {
+          const link = document.querySelector('#share-link').value;
+          if (!link || document.querySelector('#share-ready').hidden) return false;
+          const token = new URLSearchParams(link.split('#')[1]).get('token');
+          const claims = JSON.parse(atob(token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/')));
+          return (claims.view ?? 'full') === scope;
+        }""",
+        arg=scope,
+        timeout=WAIT_MS,
+    )
+    link = await page.input_value("#share-link")
+    await page.click("#share-dialog button[type=submit]")
+    return link
+
+
+async def watching(page: Page, n: int) -> None:
+    await page.wait_for_function(
+        "n => document.querySelector('#presence-text').textContent === `${n} watching`",
+        arg=n,
+        timeout=WAIT_MS,
+    )
+
+
+async def test_an_answer_only_link_joins_by_snapshot_and_both_pages_show_two_watching(
+    approvals, logdir
+):
+    """The owner allows a search, then shares an answer-only link; opened on the other
+    frontend after the run, it gets one snapshot (not the log), shows the answer and the
+    tool's name only (no reasoning, arguments, result or buttons), and both pages say
+    "2 watching"; the viewer's next run streams live."""
+    a, b = approvals.frontends
+    async with browser_context() as owner_context, browser_context() as viewer_context:
+        owner_tab = await open_tab(owner_context, f"{a.http}/#token={token_for('rita')}")
+        owner = owner_tab.page
+        assert await owner.get_attribute("#presence", "aria-live") == "polite"
+        await watching(owner, 1)
+        await prompt(owner, "What should I search?")
+        await waiting_for_approval(owner)
+        await owner.locator(".tool button.allow").click()
+        await ended(owner, 1)
+
+        link = await share_link(owner, "answer")
+        assert "answers live" in (await owner.text_content("#share-what") or "")
+        viewer_tab = await open_tab(
+            viewer_context, link.replace(a.http, b.http), init_script=COUNT_FRAMES
+        )
+        viewer = viewer_tab.page
+        await ended(viewer, 1)
+        frames = await viewer.evaluate("window.__frames")
+        snapshots = [f for f in frames if f["type"] == "snapshot"]
+        assert len(snapshots) == 1, frames
+        log_length = snapshots[0]["seq"]
+        assert len(frames) < log_length, "a late joiner gets the snapshot, not the log"
+        assert not [f for f in frames if f.get("seq") is not None and f["type"] != "snapshot"]
+
+        await watching(owner, 2)
+        await watching(viewer, 2)
+        assert "answers only" in (await viewer.text_content("#readonly-text") or "")
+        # A finished run's snapshot keeps its answer (docs/protocol.md, "Snapshots").
+        first = viewer.locator(".run").first
+        assert await first.locator(".reasoning").count() == 0
+        theirs = await owner.locator(".run .answer").inner_text()
+        assert " ".join((await first.locator(".answer").inner_text()).split()) == " ".join(
+            theirs.split()
+        )
+
+        # Live on the answer-only link: the tool's name, no reasoning, arguments or result.
+        await prompt(owner, "And now?")
+        await waiting_for_approval(viewer)
+        card = viewer.locator(".run:nth-of-type(2)")
+        tool = card.locator(".tool")
+        assert await tool.locator(".tool-name").text_content() == "search"
+        assert await tool.locator("button").count() == 0
+        await owner.locator(".run:nth-of-type(2) .tool button.allow").click()
+        await ended(viewer, 2)
+        await ended(owner, 2)
+        assert await viewer.locator(".reasoning").count() == 0
+        assert await tool.get_attribute("data-status") == "done"
+        assert await tool.locator(".tool-args").is_hidden()
+        assert await tool.locator(".tool-output").is_hidden()
+        assert await tool.locator(".approval").text_content() == "Allowed by the session's owner."
+        answers = await owner.locator(".run .answer").all_inner_texts()
+        assert [
+            " ".join(t.split()) for t in await viewer.locator(".run .answer").all_inner_texts()
+        ] == [" ".join(t.split()) for t in answers]
+
+        out = logdir / "screenshots"
+        out.mkdir(exist_ok=True)
+        keep = os.environ.get("THOUGHTWIRE_SCREENSHOTS_DIR")
+        for page, name in ((owner, PRESENCE_SHOT), (viewer, ANSWER_ONLY_SHOT)):
+            await page.set_viewport_size({"width": 1280, "height": 800})
+            await page.evaluate(
+                "document.querySelector('.run:nth-of-type(2)').scrollIntoView({ block: 'start' })"
+            )
+            await page.screenshot(path=str(out / name))
+            if keep:
+                shutil.copyfile(out / name, Path(keep) / name)
+        await viewer.close()
+        await watching(owner, 1)
+        assert owner_tab.errors == [] and viewer_tab.errors == []
+
+
 async def mint_viewer_token(http: str, session: str, token: str) -> str:
     async with httpx.AsyncClient() as client:
         reply = await client.post(

@@ -58,7 +58,8 @@ function startingPoint() {
   const viewer = claims.scope === "view";
   const session = (viewer && claims.sid) || params.get("session") || null;
   showSession(session);
-  return { token, session, viewer };
+  // An answer-only link: the frontend sends no reasoning, tool arguments or results.
+  return { token, session, viewer, answerOnly: viewer && claims.view === "answer" };
 }
 
 /** Keep the session, and never the token, in the address bar, so a reload continues it. */
@@ -70,6 +71,7 @@ function showSession(session) {
 const start = startingPoint();
 let token = start.token;
 const viewer = start.viewer;
+const answerOnly = start.answerOnly;
 
 // ---------------------------------------------------------------- autoscroll
 
@@ -299,7 +301,8 @@ class ToolView {
     }
     this.argsLabel.hidden = this.args.hidden = !this.args.textContent;
     if (this.result) {
-      this.outputLabel.hidden = this.output.hidden = false;
+      // An answer-only link gets results without their text: nothing to show but the status.
+      this.outputLabel.hidden = this.output.hidden = answerOnly && !this.result.text;
       this.outputLabel.textContent = this.result.is_error ? "Error" : "Result";
       if (this.output.textContent !== this.result.text) this.output.textContent = this.result.text;
     }
@@ -664,15 +667,23 @@ function showState(detail, first) {
   $("share").disabled = !(tw?.session);
 }
 
+/** "3 watching": changed only when the count does, so a screen reader hears little. */
+function showPresence({ sockets }) {
+  if (!Number.isSafeInteger(sockets) || sockets < 1) return;
+  const text = `${sockets.toLocaleString("en")} watching`;
+  if ($("presence-text").textContent !== text) $("presence-text").textContent = text;
+  $("presence").hidden = false;
+}
+
 let tw = null;
 
 function open(session) {
   const options = {};
   if (token) options.token = () => token; // called on every connect: a new sign-in takes effect
-  if (session) {
-    options.session = session;
-    options.after = 0; // the whole log: a reload or a viewer link shows the runs so far
-  }
+  // A session joined without a position (a reload, a viewer link) starts with one
+  // snapshot of its runs so far, not its whole log; reconnects resume after it.
+  if (session) options.session = session;
+  options.presence = true;
   const client = new Thoughtwire(options);
   let first = true; // this client has not been connected yet
   client.addEventListener("state", (e) => {
@@ -688,6 +699,12 @@ function open(session) {
   });
   client.addEventListener("event", (e) => {
     if (client === tw) update(e.detail, client.folded);
+  });
+  client.addEventListener("snapshot", (e) => {
+    if (client === tw) update(e.detail, client.folded); // the runs so far, drawn at once
+  });
+  client.addEventListener("presence", (e) => {
+    if (client === tw) showPresence(e.detail);
   });
   client.addEventListener("error", (e) => {
     // Something asked of the client failed (a prompt or a cancel refused); it goes on.
@@ -717,7 +734,10 @@ function joined(session) {
   document.body.dataset.session = session;
   showSession(session);
   $("share").disabled = false;
-  if (viewer) $("readonly-text").textContent = `Following session ${session} live. This view cannot prompt or stop runs.`;
+  if (viewer) {
+    const shows = answerOnly ? " It shows the answers only: no reasoning, tool arguments or results." : "";
+    $("readonly-text").textContent = `Following session ${session} live. This view cannot prompt or stop runs.${shows}`;
+  }
   try {
     prompts = JSON.parse(sessionStorage.getItem(`${PROMPTS_KEY}.${session}`) || "{}");
   } catch {
@@ -734,6 +754,8 @@ function reset() {
   dirty.clear();
   state = initialState();
   pending.length = 0;
+  $("presence").hidden = true;
+  $("presence-text").textContent = "";
   $("runs").replaceChildren();
   $("empty").hidden = viewer;
 }
@@ -814,14 +836,28 @@ $("prompt").addEventListener("input", fit);
 
 // ---------------------------------------------------------------- sharing
 
-$("share").addEventListener("click", async () => {
+$("share").addEventListener("click", () => {
+  if (!tw?.session) return;
+  $("share-dialog").showModal();
+  makeLink();
+});
+
+// The owner chooses what the link shows; each choice mints its own token.
+for (const choice of document.querySelectorAll("#share-scope input")) {
+  choice.addEventListener("change", makeLink);
+}
+
+let minting = 0; // the latest link asked for: an earlier answer that comes late is dropped
+
+async function makeLink() {
   const session = tw?.session;
   if (!session) return;
-  const dialog = $("share-dialog");
+  const mint = ++minting;
+  const scope = document.querySelector("#share-scope input:checked")?.value ?? "full";
+  $("share-scope").hidden = viewer || !token;
   $("share-ready").hidden = true;
   $("share-message").hidden = false;
   $("share-message").textContent = "Making a link…";
-  dialog.showModal();
   const link = new URL("/", location.href);
   if (viewer) {
     link.hash = new URLSearchParams({ session, token }).toString();
@@ -838,17 +874,23 @@ $("share").addEventListener("click", async () => {
   try {
     const response = await fetch(`/v1/sessions/${encodeURIComponent(session)}/viewer-token`, {
       method: "POST",
-      headers: { Authorization: `Bearer ${token}` },
+      headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+      body: JSON.stringify({ scope }),
     });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) throw new Error(body.detail || `HTTP ${response.status}`);
+    if (mint !== minting) return;
     link.hash = new URLSearchParams({ session, token: body.token }).toString();
     const until = new Date(body.expires * 1000).toLocaleString();
+    $("share-what").textContent =
+      body.scope === "answer"
+        ? "Anyone with this link sees the session's answers live, read-only, from any frontend: no reasoning, tool arguments or results. It cannot prompt or stop runs."
+        : "Anyone with this link sees the session live, read-only, from any frontend. It cannot prompt or stop runs.";
     shared(link, `The link works until ${until}.`);
   } catch (err) {
-    $("share-message").textContent = `Could not make a link: ${err.message}`;
+    if (mint === minting) $("share-message").textContent = `Could not make a link: ${err.message}`;
   }
-});
+}
 
 function shared(link, expiry) {
   $("share-message").hidden = true;

@@ -52,6 +52,9 @@ export function positionQuery(session, epoch, seq) {
   return query;
 }
 
+/** How a join without a position, or a resume the log no longer holds, is caught up. */
+const REPLAYS = new Set(["snapshot", "raw"]);
+
 /**
  * A socket URL from a frontend's base URL (http(s) or ws(s)) or a full socket URL.
  *
@@ -81,6 +84,11 @@ export function socketUrl(base, path, query) {
  *   `folded` already includes it.
  * - `gap`: a gap reply: events after `after` are lost; the stream goes on at `next`
  *   of `epoch`.
+ * - `snapshot`: a snapshot reply: the session's state at its `seq`, which `folded` has
+ *   become (a join without a position, or a resume the log no longer holds); the
+ *   events after it follow as `event`s.
+ * - `presence`: who watches the session (`sockets`, `users`, `names`), with
+ *   `presence: true`.
  * - `message`: every other frame from the server (`session`, `error`, `ping`, ...).
  * - `error`: `{action, code?, reason}`: something the client was asked to do failed
  *   (a prompt, cancel or approve refused, a token callback that threw); the client
@@ -94,7 +102,11 @@ export class Thoughtwire extends EventTarget {
    * @param {string | (() => string | Promise<string>)} [options.token] a token, or a
    *   callback that returns a fresh one, called on every connect
    * @param {string} [options.session] continue or follow this session; default: a new one
-   * @param {number} [options.after] start after this seq (with `session`); default: from now on
+   * @param {number} [options.after] start after this seq (with `session`); default: from now
+   *   on, starting with the session's `snapshot` when it has events
+   * @param {"snapshot" | "raw"} [options.replay] `raw`: never a snapshot (a join without a
+   *   position sees only what comes after it; a trimmed log is a `gap`); default `snapshot`
+   * @param {boolean} [options.presence] ask for `presence` frames (who watches the session)
    * @param {string} [options.epoch] the epoch of `after`
    * @param {{initial?: number, max?: number}} [options.backoff] reconnect delays, ms, full jitter
    * @param {number} [options.maxReconnects] failed reconnects in a row before giving up
@@ -108,6 +120,9 @@ export class Thoughtwire extends EventTarget {
     this.urls = typeof urls === "string" ? [urls] : [...urls];
     if (this.urls.length === 0) throw new TypeError("urls: give at least one frontend");
     this.path = options.path ?? DEFAULT_PATH;
+    this.replay = options.replay ?? "snapshot";
+    if (!REPLAYS.has(this.replay)) throw new TypeError("replay: snapshot or raw");
+    this.presence = options.presence === true;
     this.backoff = { initial: 250, max: 10000, ...options.backoff };
     this.maxReconnects = options.maxReconnects ?? 50;
     // Well inside a frontend's idle timeout (15 min by default), which closes a socket
@@ -240,6 +255,8 @@ export class Thoughtwire extends EventTarget {
     if (this._done) return;
     this._resuming = this.session !== null && this.seq !== null;
     const query = positionQuery(this.session, this.epoch, this.seq);
+    if (this.replay === "raw") query.set("replay", "raw");
+    if (this.presence) query.set("presence", "1");
     let ws;
     try {
       this.url = socketUrl(this.urls[this._index], this.path, query);
@@ -329,13 +346,16 @@ export class Thoughtwire extends EventTarget {
     } catch {
       return; // this endpoint sends JSON only
     }
-    if (typeof message?.seq === "number") {
+    if (message?.type === "snapshot") {
+      this._snapshot(message);
+    } else if (typeof message?.seq === "number") {
       this._event(message);
     } else if (message?.type === "gap") {
       this._gap(message);
     } else {
       if (message?.type === "session") this._welcome(message);
       else if (message?.type === "ping") this._ws?.send(JSON.stringify({ type: "pong" }));
+      else if (message?.type === "presence") this._emit("presence", message);
       this._emit("message", message);
     }
   }
@@ -366,6 +386,22 @@ export class Thoughtwire extends EventTarget {
     this.seq = event.seq;
     this.folded = reduce(this.folded, event);
     this._emit("event", event);
+  }
+
+  _snapshot(snapshot) {
+    // A reply, not an event: it replaces the state and is a position to resume from.
+    // One not past the position held (same epoch) adds nothing; one that is not a
+    // whole state is ignored, as the reducer ignores it.
+    this._firstFrame = false;
+    const { seq, epoch } = snapshot;
+    if (!Number.isSafeInteger(seq) || !(epoch === null || typeof epoch === "string")) return;
+    if (this.seq !== null && epoch === this.epoch && seq <= this.seq) return;
+    const folded = reduce(this.folded, snapshot);
+    if (folded === this.folded) return;
+    this.folded = folded;
+    this.epoch = epoch;
+    this.seq = seq;
+    this._emit("snapshot", snapshot);
   }
 
   _gap(gap) {
