@@ -90,7 +90,9 @@ OPEN = """async ({name, options, callback}) => {
   const { Thoughtwire } = await import("/thoughtwire.js");
   window.clients ??= {};
   window.logs ??= {};
-  const log = window.logs[name] = {state: [], event: [], gap: [], message: [], error: []};
+  const log = window.logs[name] = {
+    state: [], event: [], gap: [], message: [], error: [], snapshot: [], presence: [],
+  };
   if (callback) options.token = () => window.freshToken();
   const tw = window.clients[name] = new Thoughtwire({backoff: {initial: 50, max: 1000}, ...options});
   for (const kind of Object.keys(log)) tw.addEventListener(kind, (e) => log[kind].push(e.detail));
@@ -313,6 +315,85 @@ async def test_a_viewer_follows_and_its_prompt_is_an_error_event(secure: Cluster
     ]
     assert seqs(seen["event"]) == seqs(owner["event"]) == list(range(1, 2 * len(RUN_SHAPE) + 1))
     assert "closed" not in states(seen)
+
+
+LONG_RUN_TOKENS = 2000
+
+
+@pytest.fixture(scope="module")
+def long_runs(redis_server, logdir):
+    """Two frontends with authentication on, whose runs answer in 2,000 tokens at once."""
+    c = start_cluster(
+        redis_server,
+        logdir,
+        JWT_SECRET=SECRET,
+        THOUGHTWIRE_ALLOWED_ORIGINS="*",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS=str(LONG_RUN_TOKENS),
+    )
+    yield c
+    c.stop()
+
+
+def answer_of(folded: dict[str, Any], run: str) -> str:
+    return "".join(b["text"] for b in folded["runs"][run]["blocks"] if b["kind"] == "text")
+
+
+async def test_a_late_joiner_of_a_long_run_gets_one_snapshot_and_resumes_after_it(
+    long_runs: Cluster,
+):
+    """A client that joins a session of 2,000 tokens without a position gets one
+    ``snapshot`` (the state, not the log) on the other frontend; a dropped socket resumes
+    from the snapshot's position; the next run comes once, event by event; presence
+    counts both clients; ``replay: "raw"`` gets no snapshot."""
+    a, b = long_runs.frontends
+    owner_token = token("owner")
+    async with client_page(a.http) as page:
+        opened = await open_client(page, "owner", urls=a.ws, token=owner_token)
+        session = opened["session"]
+        await page.evaluate("window.clients.owner.prompt('A long one')")
+        await wait_for(page, runs_done(1), "owner")
+        log_length = len((await log_of(page, "owner"))["event"])
+
+        await open_client(
+            page, "late", urls=b.ws, token=owner_token, session=session, presence=True
+        )
+        await wait_for(page, "log.snapshot.length === 1", "late")
+        await wait_for(page, "log.presence.some((p) => p.sockets === 2)", "late")
+        late = await log_of(page, "late")
+        folded = await page.evaluate("[window.clients.owner.folded, window.clients.late.folded]")
+        position = await page.evaluate("[window.clients.late.epoch, window.clients.late.seq]")
+        snapshot = late["snapshot"][0]
+        frames = len(late["message"]) + len(late["event"]) + len(late["snapshot"])
+        print(f"a log of {log_length} events; the late joiner got {frames} frames")
+        assert frames < log_length / 10
+        assert late["event"] == [], "nothing past the snapshot yet"
+        assert position == [snapshot["epoch"], snapshot["seq"]] and snapshot["seq"] == log_length
+        run = folded[0]["order"][0]
+        assert answer_of(folded[1], run) == answer_of(folded[0], run)
+        assert len(answer_of(folded[1], run)) > LONG_RUN_TOKENS
+        assert folded[1]["runs"][run]["status"] == "done"
+
+        # The socket drops: the reconnect resumes from the snapshot's seq, and the next
+        # run comes as events, each once.
+        await page.evaluate("window.clients.late._ws.close(4000, 'dropped by the test')")
+        await wait_for(page, "tw.state === 'resumed'", "late")
+        url = await page.evaluate("window.clients.late.url")
+        assert f"after={log_length}&epoch={snapshot['epoch']}" in url
+        await page.evaluate("window.clients.owner.prompt('Another')")
+        await wait_for(page, runs_done(2), "owner")
+        await wait_for(page, runs_done(1), "late")
+        owner, late = await log_of(page, "owner"), await log_of(page, "late")
+        assert seqs(late["event"]) == seqs(owner["event"])[log_length:]
+        assert len(late["snapshot"]) == 1 and late["gap"] == []
+
+        await open_client(page, "raw", urls=b.ws, token=owner_token, session=session, replay="raw")
+        assert "replay=raw" in await page.evaluate("window.clients.raw.url")
+        await page.evaluate("window.clients.owner.prompt('A third')")
+        await wait_for(page, runs_done(1), "raw")
+        raw = await log_of(page, "raw")
+    assert raw["snapshot"] == [] and raw["presence"] == []
+    runs = {e["run"] for e in raw["event"]}
+    assert len(runs) == 1 and not runs & {e["run"] for e in owner["event"]}, "the new run only"
 
 
 async def test_a_gap_is_a_gap_event_and_a_resumed_state(secure: Cluster):
