@@ -252,7 +252,10 @@ async def test_a_stale_epoch_at_seq_0_gets_a_gap_and_leaves_the_frontend_idle(
     """Resuming at seq 0 of an epoch the log no longer has used to get nothing while the
     frontend re-read the log in a loop: measured over 2 s, 1.95 s of the frontend's CPU
     and 531 Redis calls (0.83 s and 346 on a busier machine). Now: a gap and the log,
-    then nothing; under 0.01 s of CPU and 3 Redis calls."""
+    then nothing; under 0.01 s of CPU and 3 Redis calls for the catch-up. The count
+    below is every command the Redis server ran, so it also holds the socket's presence
+    (a debounced script whose own commands count: 30 to 65 in the window), and the bound
+    sits between that and the loop's hundreds."""
     frontend = cluster.frontends[1]
     url = f"{frontend.ws}/ws/agent-thoughts?session={restarted.session}&after=0&epoch=stale0"
     async with connect(url) as ws:
@@ -264,7 +267,7 @@ async def test_a_stale_epoch_at_seq_0_gets_a_gap_and_leaves_the_frontend_idle(
     assert frames, "nothing came back, not even a gap"
     check(frames, restarted, "stale0", 0, "epoch")
     assert cpu < 0.3, f"the frontend spent {cpu:.2f} s of CPU in {WINDOW} s"
-    assert calls < 60, f"{calls} Redis calls in {WINDOW} s"
+    assert calls < 150, f"{calls} Redis calls in {WINDOW} s"
 
 
 # --- SSE positions ----------------------------------------------------------------------
