@@ -272,6 +272,51 @@ async def test_chat_follows_a_session_with_a_viewer_token(secure):
         owner.kill()
 
 
+async def test_follow_starts_from_the_snapshot_or_with_from_start_from_the_first_event(secure):
+    """After a run, `chat --follow` prints one snapshot line, not the log; `--from-start`
+    prints every event from seq 1; a prompt in a continued session skips the snapshot."""
+    a, b = secure.frontends
+    tok = token("owner")
+    owner = await Chat.start("first", "--token", tok, "--url", a.ws)
+    try:
+        done = await owner.until(lambda e: e["type"] == "done")
+        assert (await owner.finish())[0] == Exit.OK
+    finally:
+        owner.kill()
+    session = done["session"]
+    for extra, check in (
+        ([], lambda e: "seq" in e),
+        (["--from-start"], lambda e: e["type"] == "done"),
+    ):
+        follower = await Chat.start(
+            "--follow", "--session", session, "--token", tok, "--url", b.ws, *extra
+        )
+        try:
+            await follower.until(check)
+            follower.proc.send_signal(signal.SIGINT)
+            code, err = await follower.finish()
+        finally:
+            follower.kill()
+        assert code == Exit.INTERRUPTED and "Traceback" not in err, err
+        if extra:
+            assert [e["seq"] for e in follower.events] == list(range(1, done["seq"] + 1))
+        else:
+            assert [e["type"] for e in follower.events] == ["snapshot"]
+            assert follower.events[0]["seq"] == done["seq"]
+    again = await Chat.start("second", "--session", session, "--token", tok, "--url", a.ws)
+    try:
+        await again.until(lambda e: e["type"] == "done")
+        assert (await again.finish())[0] == Exit.OK
+    finally:
+        again.kill()
+    assert "snapshot" not in {e["type"] for e in again.events}
+    assert len({e["run"] for e in again.events}) == 1
+
+
+def test_from_start_goes_with_follow():
+    assert_one_line(command("chat", "hi", "--from-start"), Exit.USAGE, "--follow")
+
+
 # --- help, version, tokens, banners -----------------------------------------------
 
 

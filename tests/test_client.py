@@ -123,6 +123,32 @@ def test_the_position_drops_duplicates_and_follows_gaps():
     assert (follower.epoch, follower.seq) == ("b", 1)
 
 
+def test_a_snapshot_is_the_state_and_the_position_and_raw_asks_for_none():
+    """Plain data: a whole snapshot becomes ``folded`` and the position; one that is not a
+    whole state, or not past the position, is not shown; ``replay="raw"`` is in the URL."""
+    follower = Follower("ws://h", "S")
+    state = {"epoch": "a", "seq": 7, "runs": {}, "order": []}
+    shown = [
+        follower._advance(m)
+        for m in (
+            {"type": "snapshot", "state": {"seq": 9}, "seq": 9, "epoch": "a"},  # not whole
+            {"type": "snapshot", "state": state, "seq": 7, "epoch": "a"},
+            {"type": "answer", "seq": 7, "epoch": "a", "run": "r"},  # the snapshot has it
+            {"type": "snapshot", "state": state, "seq": 7, "epoch": "a"},  # not past it
+            {"type": "answer", "seq": 8, "epoch": "a", "run": "r", "content": "x"},
+        )
+    ]
+    assert shown == [False, True, False, False, True]
+    assert (follower.epoch, follower.seq, follower.folded["seq"]) == ("a", 8, 8)
+    assert "replay" not in follower.url(0)
+    assert (
+        Follower("ws://h", "S", replay="raw").url(0)
+        == "ws://h/ws/agent-thoughts?session=S&replay=raw"
+    )
+    with pytest.raises(ValueError):
+        Follower("ws://h", "S", replay="all")
+
+
 async def test_an_unreachable_frontend_fails_within_the_timeout():
     """A port nobody listens on: Unreachable after ``timeout`` (2 s), not 50 retries later."""
     states = []
@@ -443,6 +469,35 @@ async def test_a_multitask_or_a_decision_the_protocol_does_not_have_is_refused_h
         await follower.prompt("x", multitask="later")
     with pytest.raises(ValueError, match="allow or deny"):
         await follower.approve("r1", "c1", "maybe")
+
+
+async def test_a_late_joiner_gets_one_snapshot_then_the_next_run_event_by_event(secure):
+    """A follower that joins a session after its run, with no position, gets one
+    ``snapshot`` (the finished run's answer, in far fewer frames than the log), then the
+    next run's events from the snapshot's seq on, each once."""
+    a, b = secure.frontends
+    owner = Follower(a.ws, token=token("ines"))
+    async with asyncio.timeout(seconds(30)):
+        first = [e async for e in ask_with(owner, "What is a snapshot?")]
+    late = Follower(b.ws, owner.session, token=token("ines"))
+    seen = []
+    async with asyncio.timeout(seconds(30)):
+        async for event in late.events():
+            seen.append(event)
+            if event["type"] == "snapshot":
+                second = [e async for e in ask_with(owner, "And again?")]
+            if event["type"] == "done":
+                break
+    assert seen[0]["type"] == "snapshot" and seen[0]["seq"] == first[-1]["seq"]
+    assert [e["type"] for e in seen].count("snapshot") == 1
+    assert [e["seq"] for e in seen[1:]] == [e["seq"] for e in second]
+    assert 1 + len(second) < len(first) + len(second)
+    run = late.folded["runs"][first[-1]["run"]]
+    answer = "".join(e["content"] for e in first if e["type"] == "answer")
+    assert run["status"] == "done"
+    assert "".join(b["text"] for b in run["blocks"] if b["kind"] == "text") == answer
+    assert late.folded["order"] == owner.folded["order"]
+    assert late.folded["runs"][second[-1]["run"]] == owner.folded["runs"][second[-1]["run"]]
 
 
 async def test_the_folded_state_of_a_real_run(secure):

@@ -184,7 +184,12 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--follow",
         action="store_true",
-        help="print --session's events so far, then live ones, until Ctrl-C; no prompt",
+        help="print --session's runs so far (from its snapshot), then live events, until Ctrl-C; no prompt",
+    )
+    chat.add_argument(
+        "--from-start",
+        action="store_true",
+        help="with --follow, replay every event of the session from its first instead of its snapshot",
     )
     chat.add_argument("--json", action="store_true", help="print one JSON event per line")
     chat.add_argument(
@@ -477,6 +482,8 @@ def _chat(args: argparse.Namespace) -> Exit:
         raise Failure(Exit.USAGE, "--follow needs --session S, the session to watch")
     if not args.follow and not args.prompt:
         raise Failure(Exit.USAGE, "give a prompt, or --follow a --session")
+    if args.from_start and not args.follow:
+        raise Failure(Exit.USAGE, "--from-start goes with --follow")
     if args.timeout <= 0:
         raise Failure(Exit.USAGE, "--timeout must be more than 0 seconds")
     return asyncio.run(Chat(args).run())
@@ -502,7 +509,9 @@ class Chat:
         self.follower: Follower = Follower(
             self.urls,
             args.session,
-            after=0 if args.follow else None,  # a watcher sees the session so far, then live
+            # A watcher sees the session so far as one snapshot (or, --from-start, every
+            # event of its log), then live; a reconnect resumes from what it has.
+            after=0 if args.follow and args.from_start else None,
             token=args.token,
             timeout=args.timeout,
             open_timeout=min(args.timeout, 5.0),
@@ -563,6 +572,8 @@ class Chat:
     def _show(self, event: dict[str, Any]) -> Exit | None:
         """Print one event; the exit code once this command's run has ended."""
         kind = event["type"]
+        if kind == "snapshot" and not self.args.follow:
+            return None  # the continued session's earlier runs: this command shows its own
         if kind != "gap" and not self.args.follow:
             self.run_id = self.run_id or event["run"]
             if event["run"] != self.run_id:
@@ -585,7 +596,10 @@ class Chat:
             self.out.write(f"⚠️  some events could not be recovered ({event['reason']})\n")
             self.out.flush()
             return []
-        run = self.follower.folded["runs"].get(event.get("run"))
+        folded = self.follower.folded
+        if event["type"] == "snapshot":  # the session so far: each of its runs
+            return [a for run in folded["order"] for a in self.transcript.show(folded["runs"][run])]
+        run = folded["runs"].get(event.get("run"))
         return [] if run is None else self.transcript.show(run)
 
     def _line(self) -> None:

@@ -165,8 +165,11 @@ class Follower:
 
     ``urls`` are frontends tried in turn, starting at ``first``; a list is kept as it
     is, so its owner can swap frontends in and out. ``session``/``after``/``epoch``
-    resume a session (no ``after``: from the moment of joining); no ``session``
-    starts a new one. ``timeout`` gives up (:class:`Unreachable`) after that many
+    resume a session; no ``after``: from the moment of joining, starting with one
+    ``snapshot`` frame of the session's state when it has events (``folded`` becomes
+    it, and reconnects resume from its ``seq``); ``after=0``: every event from the
+    start. ``replay="raw"`` asks for no snapshot ever (a trimmed log is a ``gap``). No
+    ``session`` starts a new one. ``timeout`` gives up (:class:`Unreachable`) after that many
     seconds without a connection; ``max_reconnects`` after that many tries in a row.
     ``on_state`` is called with a :class:`StateChange` on every state change.
     ``on_error``, if given, hears of a write the token may not make (a viewer's prompt
@@ -195,12 +198,16 @@ class Follower:
         timeout: float | None = None,
         first: int = 0,
         heartbeat: float | None = 240.0,
+        replay: str | None = None,
     ) -> None:
         self.urls = (
             [urls] if isinstance(urls, str) else urls if isinstance(urls, list) else list(urls)
         )
         if not self.urls:
             raise ValueError("a follower needs at least one frontend URL")
+        if replay not in (None, "snapshot", "raw"):
+            raise ValueError("replay must be snapshot or raw")
+        self.replay = replay
         self.first = first
         self.session = session
         self.seq = after
@@ -237,6 +244,8 @@ class Follower:
                 query["after"] = self.seq
             if self.epoch is not None:
                 query["epoch"] = self.epoch
+            if self.replay == "raw":
+                query["replay"] = "raw"
         return socket_url(base, query)
 
     # --- actions ------------------------------------------------------------
@@ -444,15 +453,11 @@ class Follower:
             seq, epoch = message["seq"], message.get("epoch")
             if epoch == self.epoch and self.seq is not None and seq <= self.seq:
                 return False  # seen already
-            self.epoch, self.seq = epoch, seq
-            self.folded = reduce(self.folded, message)
-            run = message.get("run")
-            if run is not None and run not in self._runs:
-                self._runs[run] = None
-                if len(self._runs) > RUNS_KEPT:
-                    del self._runs[next(iter(self._runs))]
-                if self._prompts:
-                    self._prompts.pop(0)  # the oldest prompt has its run
+            folded = reduce(self.folded, message)
+            if kind == "snapshot" and folded is self.folded:
+                return False  # not a whole state: no position to take from it
+            self.epoch, self.seq, self.folded = epoch, seq, folded
+            self._run_seen(message.get("run"))
             return True
         if kind == "error":
             code = message.get("code")
@@ -462,6 +467,15 @@ class Follower:
             elif code not in ANSWERED_ELSEWHERE:
                 raise refused
         return False  # pings, reconnect notices, connection-manager messages
+
+    def _run_seen(self, run: str | None) -> None:
+        """Note a run's first event: the oldest prompt waiting for its run has it."""
+        if run is not None and run not in self._runs:
+            self._runs[run] = None
+            if len(self._runs) > RUNS_KEPT:
+                del self._runs[next(iter(self._runs))]
+            if self._prompts:
+                self._prompts.pop(0)
 
     def _report(self, state: State, **fields: Any) -> None:
         self.state = state
