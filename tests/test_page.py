@@ -629,6 +629,8 @@ async def test_an_answer_only_link_joins_by_snapshot_and_both_pages_show_two_wat
             await page.screenshot(path=str(out / name))
             if keep:
                 shutil.copyfile(out / name, Path(keep) / name)
+        await owner.set_viewport_size({"width": 390, "height": 844})  # the bar wraps: look
+        await owner.screenshot(path=str(out / "page-presence-mobile.png"))
         await viewer.close()
         await watching(owner, 1)
         assert owner_tab.errors == [] and viewer_tab.errors == []
