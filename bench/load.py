@@ -69,6 +69,9 @@ def now_ms() -> float:
 class Socket:
     """One client socket of any of the three systems."""
 
+    rcvbuf = 0  # the kernel's receive buffer, in bytes; 0: the system's default
+    mss = 0  # the largest segment the server may send; 0: the link's (64 KiB on loopback)
+
     def __init__(
         self, plan: Plan, session: str, frontend: int, latencies: tuple[list[float], list[float]]
     ) -> None:
@@ -102,7 +105,7 @@ class Socket:
         else:
             url = f"{base}/ws?session={self.session}"
             handler = self._on_thin
-        self.ws = await WireClient.connect(url, handler)
+        self.ws = await WireClient.connect(url, handler, self.rcvbuf, self.mss)
 
     def _on_thoughtwire(self, client: WireClient, payload: bytes) -> None:
         if payload.startswith(b'{"type":"session"'):

@@ -200,6 +200,7 @@ class System:
             # relays the same number of events and costs per event compare.
             env["THOUGHTWIRE_COALESCE_MS"] = str(self.scenario.get("window_ms", 0))
             env["THOUGHTWIRE_FAST_PATHS"] = "0" if self.name == "thoughtwire-public" else "1"
+            env.update(self.scenario.get("env", {}))  # what one benchmark sets besides
             cmds = [
                 [
                     py,

@@ -65,12 +65,28 @@ class WireClient:
         self._open = False
 
     @classmethod
-    async def connect(cls, url: str, on_text: Callable[[WireClient, bytes], None]) -> WireClient:
+    async def connect(
+        cls,
+        url: str,
+        on_text: Callable[[WireClient, bytes], None],
+        rcvbuf: int = 0,
+        mss: int = 0,
+    ) -> WireClient:
+        """Open a WebSocket to ``url``; ``rcvbuf`` > 0 caps the kernel's receive buffer
+        (set before connecting, so the window offered to the server is small from the
+        start, as on a slow link). ``mss`` > 0 caps the segment size the server may
+        send: on loopback (a 64 KiB MTU) the server's send buffer starts at about 1 MiB,
+        sized from ten segments, and would take a long pause whole; at an Ethernet
+        segment size it starts at tens of KiB, as towards a phone."""
         parts = urlsplit(url)
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
+        if rcvbuf > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if mss > 0:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         try:
             await loop.sock_connect(sock, (parts.hostname or "127.0.0.1", parts.port or 80))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
