@@ -19,11 +19,12 @@ PUBLIC_PATH_TESTS := tests/test_fast_paths.py tests/test_streaming.py tests/test
 
 # Most tests wait on real processes rather than compute, so two pytest processes (one
 # test file each at a time: a file's fixtures and ports stay its own) halve the time.
+# The second pass is a few minutes and runs alone: its paths are the slower ones.
 PARALLEL := -n 2 --dist loadfile
 
 test: $(VENV)/.test system-deps  ## the whole suite, then the integration tests with fast paths off
 	$(BIN)/pytest $(PARALLEL)
-	THOUGHTWIRE_FAST_PATHS=0 $(BIN)/pytest $(PARALLEL) $(PUBLIC_PATH_TESTS) -q \
+	THOUGHTWIRE_FAST_PATHS=0 $(BIN)/pytest $(PUBLIC_PATH_TESTS) -q \
 		--deselect tests/test_streaming.py::test_a_client_that_stops_reading_is_closed_with_4008_and_nobody_else_waits
 
 screenshots: $(VENV)/.test system-deps  ## the page's screenshots in docs/img (light, dark, 390 px wide)
