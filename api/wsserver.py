@@ -15,7 +15,9 @@ or websockets that lacks the sans-I/O protocol it is ``"auto"``, uvicorn's choic
 
 :func:`http_protocol` is the class to hand to ``uvicorn.Config(http=...)``: uvicorn's
 httptools protocol, with a deadline and a size bound on every request head, a deadline
-on every WebSocket handshake, and a cap on connections (docs/security.md, "Bounds").
+on every WebSocket handshake, and a cap on connections (docs/security.md, "Bounds"); it
+also caps each accepted connection's kernel send buffer (:func:`cap_send_buffer`), with
+the fast paths on or off, WebSockets included (they keep the connection's socket).
 
 This module is the uvicorn adapter: the only code that touches uvicorn's internals.
 Besides the two protocols, :func:`expose_protocol` and :class:`RawSocket` write ready
@@ -34,6 +36,7 @@ if the uvicorn internals either leans on change).
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -257,16 +260,41 @@ TESTED_UVICORN = (".".join(UVICORN.tested["uvicorn"].split(".")[:2]),)
 
 @dataclass(frozen=True)
 class RequestBounds:
-    """What one connection may hold before it is known to be harmless."""
+    """What one connection may hold: before it is known to be harmless, and in the kernel."""
 
     head_timeout: float  # seconds to send a request head, or to answer a handshake
     max_head_bytes: int
     max_connections: int
+    send_buffer_bytes: int = 0  # SO_SNDBUF of each accepted connection; 0: the kernel's
 
     @classmethod
     def of(cls, settings: Settings) -> RequestBounds:
         """The limits ``settings`` set."""
-        return cls(settings.handshake_timeout, settings.max_header_bytes, settings.max_connections)
+        return cls(
+            settings.handshake_timeout,
+            settings.max_header_bytes,
+            settings.max_connections,
+            settings.send_buffer_bytes,
+        )
+
+
+def cap_send_buffer(transport: Any, size: int) -> None:
+    """Set an accepted connection's kernel send buffer to ``size`` bytes (0: leave it).
+
+    Linux autotunes a TCP send buffer up to tcp_wmem's maximum (4 MiB): a client that
+    stops reading would have megabytes of frames held there, where the frontend cannot
+    merge them and no setting bounds them. Capped, the kernel pushes back early and
+    the backlog waits in the viewer's bounded, merging queue (:mod:`thoughtwire.api.backlog`).
+    Set once, as the connection is made: the WebSocket protocol that takes the
+    connection over after the upgrade keeps the same socket.
+    """
+    sock = transport.get_extra_info("socket") if size else None
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:  # pragma: no cover - a socket without a send buffer to set
+        pass
 
 
 def response(status: int, reason: str) -> bytes:
@@ -300,8 +328,9 @@ else:
         limits: RequestBounds  # set on the class that :func:`http_protocol` makes
 
         def connection_made(self, transport: Any) -> None:
-            """Count the connection and start the head's timer."""
+            """Cap the connection's send buffer, count it and start the head's timer."""
             over = len(self.connections) - self.limits.max_connections
+            cap_send_buffer(transport, self.limits.send_buffer_bytes)
             super().connection_made(transport)
             self._head_timer: asyncio.TimerHandle | None = None
             self._in_head = True  # the first bytes are a head
@@ -388,7 +417,8 @@ else:
 
 def http_protocol(settings: Settings) -> Any:
     """What to hand to ``uvicorn.Config(http=...)``: :class:`HttpProtocol` with ``settings``'
-    limits, or, without httptools, ``"auto"`` (no head deadline, size bound or cap)."""
+    limits, or, without httptools, ``"auto"`` (no head deadline, size bound, cap or send
+    buffer cap)."""
     if HTTP_PROTOCOL is None:  # pragma: no cover
         return "auto"
     return type("BoundedHttpProtocol", (HTTP_PROTOCOL,), {"limits": RequestBounds.of(settings)})

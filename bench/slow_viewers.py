@@ -9,6 +9,7 @@ Lagging viewers connect with a small receive buffer and segment size, as over a 
 link, and fold what they got with the reducer, to compare with a viewer that kept up.
 
     .venv/bin/python -m bench.slow_viewers [--viewers 2000] [--parse-every 20] [--out FILE]
+        [--send-buffer-bytes N]
 """
 
 from __future__ import annotations
@@ -253,6 +254,11 @@ def main() -> int:
     parser.add_argument("--viewers", type=int, default=2000)
     parser.add_argument("--out", default="bench/results/slow_viewers.json")
     parser.add_argument("--parse-every", type=int, default=1)
+    parser.add_argument(
+        "--send-buffer-bytes",
+        type=int,
+        help="the frontends' THOUGHTWIRE_SEND_BUFFER_BYTES (default: theirs; 0: the kernel's)",
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -265,13 +271,12 @@ def main() -> int:
         "lagging_rcvbuf": RCVBUF,
         "lagging_mss": MSS,
         "send_queue_size": SEND_QUEUE_SIZE,
+        "send_buffer_bytes": args.send_buffer_bytes,  # None: the frontends' default
     }
-    scenario = {
-        "tokens": TOKENS,
-        "rate": RATE,
-        "jitter": 0.5,
-        "env": {"THOUGHTWIRE_SEND_QUEUE_SIZE": str(SEND_QUEUE_SIZE)},
-    }
+    env = {"THOUGHTWIRE_SEND_QUEUE_SIZE": str(SEND_QUEUE_SIZE)}
+    if args.send_buffer_bytes is not None:
+        env["THOUGHTWIRE_SEND_BUFFER_BYTES"] = str(args.send_buffer_bytes)
+    scenario = {"tokens": TOKENS, "rate": RATE, "jitter": 0.5, "env": env}
     with own_redis(logdir) as (redis_url, redis):
         for lagging in (False, True):
             # A fresh system per case, so each peak RSS is its own.

@@ -172,6 +172,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Bytes a viewer's merged queue may hold; past them it is closed with 4008.",
     )
+    # Linux grows an accepted socket's send buffer towards tcp_wmem's maximum (4 MiB):
+    # a viewer that stops reading would have its backlog held there, outside the
+    # viewer's bounded, merging queue (docs/performance.md, "Slow viewers").
+    send_buffer_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Kernel send buffer (SO_SNDBUF) of each accepted client connection, in "
+        "bytes (Linux doubles it); past it a lagging viewer's frames queue, merged, in the "
+        "frontend (0: the kernel's autotuning, up to megabytes).",
+    )
     ping_interval: float = Field(60.0, description="Seconds between WebSocket pings.")
     max_message_bytes: int = Field(64 * 1024, description="Largest client frame, in bytes.")
     max_prompt_chars: int = Field(32_000, description="Longest prompt, in characters.")

@@ -112,6 +112,11 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_nobody_else_w
         THOUGHTWIRE_SIM_ANSWER_TOKENS="40000",
         THOUGHTWIRE_SEND_QUEUE_SIZE="16",
         THOUGHTWIRE_SEND_QUEUE_BYTES="16384",
+        # The prompter reads 40,000 tokens sent at once, every one as its own frame: it
+        # keeps up only with the kernel's send buffer (megabytes) taking the burst. A
+        # capped one hands the burst to its queue, which merges and, at this byte cap,
+        # closes it too (tests/test_send_buffer.py shows the cap).
+        THOUGHTWIRE_SEND_BUFFER_BYTES="0",
     )
     try:
         url = c.frontends[0].ws + "/ws/agent-thoughts"
