@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     # a viewer that stops reading would have its backlog held there, outside the
     # viewer's bounded, merging queue (docs/performance.md, "Slow viewers").
     send_buffer_bytes: int = Field(
-        64 * 1024,
+        32 * 1024,
         ge=0,
         description="Kernel send buffer (SO_SNDBUF) of each accepted client connection, in "
         "bytes (Linux doubles it); past it a lagging viewer's frames queue, merged, in the "

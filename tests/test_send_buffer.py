@@ -140,4 +140,4 @@ async def test_a_stalled_viewer_backs_up_into_the_frontend_which_merges_not_the_
     assert fold(held_frames) == want and fold(free_frames) == want
     # The capped frontend held the rest of the run in its queue, merged.
     assert any("from_seq" in f for f in held_frames)
-    assert len(held_frames) < len(fast_frames)
+    assert len(held_frames) < FLOOD_TOKENS
