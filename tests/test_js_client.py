@@ -133,7 +133,12 @@ def runs_done(count: int) -> str:
 
 
 def seqs(events: list[dict[str, Any]]) -> list[int]:
-    return [e["seq"] for e in events]
+    """The seqs the events cover: a frame merged for a lagging reader (docs/protocol.md,
+    "Slow viewers") covers ``from_seq`` to ``seq``."""
+    covered: list[int] = []
+    for e in events:
+        covered.extend(range(e.get("from_seq", e["seq"]), e["seq"] + 1))
+    return covered
 
 
 def states(log: dict[str, list[Any]]) -> list[str]:
