@@ -38,6 +38,10 @@ _ENV_NAMES = {
 }
 
 
+# Never printed back in an error about their value.
+_SECRETS = frozenset({"openai_api_key", "jwt_secret"})
+
+
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
 
@@ -74,7 +78,9 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         None,
-        description="Where Redis is. Unset: embedded, an in-process Redis (`thoughtwire up`).",
+        description="Where Redis is: `redis://` (one server), `redis+cluster://h:p[,h:p…]`, "
+        "`redis+sentinel://h:p[,h:p…]/<service>[/db]`, or their `rediss` TLS forms. "
+        "Unset: embedded, an in-process Redis (`thoughtwire up`).",
     )
     key_prefix: str = Field(
         "tw",
@@ -317,6 +323,16 @@ class Settings(BaseSettings):
         except ValidationError as error:
             raise SettingsError(_one_line(error, values)) from None
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_a_topology(cls, url: str | None) -> str | None:
+        # Imported here: the Redis folder imports these settings.
+        from thoughtwire.shared.redis.topology import parse
+
+        if url is not None:
+            parse(url)  # its ValueError names what is wrong, never the password
+        return url
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_is_one_segment(cls, prefix: str) -> str:
@@ -379,11 +395,22 @@ def _one_line(error: ValidationError, values: Mapping[str, Any]) -> str:
         return f"{field} is not a setting"
     if field not in values:
         return f"{field}: {message}"
-    value = f"{env_name(field)}={values[field]!r}"
+    value = f"{env_name(field)}={_shown(field, values[field])!r}"
     kind = str(first["type"])
     if kind.endswith(("_parsing", "_type")):  # not a number, not a boolean, ...
         return f"{value} is not a valid {kind.split('_')[0]}"
     return f"{value}: {message.replace('Input should be', 'must be')}"
+
+
+def _shown(field: str, value: Any) -> Any:
+    """A value as an error may print it: secrets hidden, a URL's password replaced."""
+    if field in _SECRETS:
+        return "***"
+    if field == "redis_url" and isinstance(value, str):
+        from thoughtwire.shared.redis.topology import redact
+
+        return redact(value)
+    return value
 
 
 def describe() -> list[tuple[str, str, str, str]]:

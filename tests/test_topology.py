@@ -1,0 +1,78 @@
+"""REDIS_URL's three forms: one server, Redis Cluster and Sentinel, with and without TLS."""
+
+from __future__ import annotations
+
+import pytest
+
+from thoughtwire.shared.redis.topology import Kind, parse, redact
+
+
+def test_one_server_urls_are_passed_through_as_given() -> None:
+    for url in ("redis://localhost:6379/0", "rediss://u:p@h:6380", "unix:///tmp/r.sock"):
+        topology = parse(url)
+        assert topology.kind is Kind.SINGLE and topology.url == url
+    assert parse("rediss://h:1").tls
+
+
+def test_a_cluster_url_lists_its_seed_nodes_and_credentials() -> None:
+    topology = parse("rediss+cluster://app:s%40cret@10.0.0.1:7000,[::1]:7001,node-c:7002")
+    assert topology.kind is Kind.CLUSTER and topology.tls
+    assert topology.nodes == (("10.0.0.1", 7000), ("::1", 7001), ("node-c", 7002))
+    assert (topology.username, topology.password) == ("app", "s@cret")
+
+
+def test_a_sentinel_url_names_its_service_database_and_sentinel_credentials() -> None:
+    topology = parse(
+        "redis+sentinel://:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/2"
+        "?sentinel_password=spw&sentinel_username=watcher"
+    )
+    assert topology.kind is Kind.SENTINEL and not topology.tls
+    assert topology.nodes == (("127.0.0.1", 26379), ("127.0.0.1", 26380))
+    assert (topology.service, topology.db) == ("mymaster", 2)
+    assert (topology.username, topology.password) == (None, "pw")
+    assert (topology.sentinel_username, topology.sentinel_password) == ("watcher", "spw")
+    assert parse("redis+sentinel://h:26379/svc").db == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://h:1", "must start with one of"),
+        ("redis+cluster://", "names no host:port"),
+        ("redis+cluster://h", "is not host:port"),
+        ("redis+cluster://h:99999", "is not host:port"),
+        ("redis+cluster://h:1/3", "no database number"),
+        ("redis+sentinel://h:1", "names no Sentinel service"),
+        ("redis+sentinel://h:1/svc/x", "must end in"),
+    ],
+)
+def test_a_bad_url_is_one_clear_error_without_its_password(url: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says) as info:
+        parse(url.replace("://", "://u:topsecret@", 1) if "@" not in url else url)
+    assert "topsecret" not in str(info.value)
+
+
+def test_redaction_hides_every_password_and_keeps_the_rest() -> None:
+    url = "redis+sentinel://u:pw@h:1,h:2/svc/1?sentinel_password=spw&x=1"
+    assert redact(url) == "redis+sentinel://u:***@h:1,h:2/svc/1?sentinel_password=***&x=1"
+    assert redact("redis://h:6379/0") == "redis://h:6379/0"
+    assert parse(url).redacted == redact(url)
+
+
+def test_a_bad_redis_url_stops_the_process_with_one_line_and_no_password() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "thoughtwire", "up"],
+        env={"REDIS_URL": "redis+cluster://app:topsecret@nohost", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "thoughtwire up: REDIS_URL='redis+cluster://app:***@nohost': 'nohost' is not host:port"
+    ]
+    assert "topsecret" not in out.stdout + out.stderr
