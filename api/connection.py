@@ -76,6 +76,16 @@ class SocketTransport:
         self.sent += 1
         return True
 
+    def write_run(self, frames: list[str], wire: bytes) -> bool:
+        """Write ``frames``, ready and joined as ``wire``, with one write; False when they
+        must go one by one."""
+        if self._raw is None or self._closing is not None or self._error is not None:
+            return False
+        if not self._raw.write(wire):
+            return False
+        self.sent += len(frames)
+        return True
+
     async def send(self, frame: str) -> bool:
         """Send ``frame`` through ASGI, waiting on a slow client; False once ended."""
         if self._closing is not None or self._error is not None:

@@ -11,6 +11,14 @@ shows: on a channel with such viewers, each message is projected and framed once
 scope present, whatever the number of sockets of each. A channel without one pays
 nothing for scopes but a dictionary look-up per message.
 
+A frontend that falls behind (thousands of sockets on one session) reads many messages
+of a channel at once. The pub/sub link hands such a run over together, and the hub
+hands every viewer the whole :class:`Run`: a socket that keeps up checks the run's
+positions once and writes its frames with one call, one ``send`` for k events instead
+of k. A run that does not continue a viewer's position as a whole, or that its
+transport cannot take at once, is delivered frame by frame, as a lone message is. On a
+channel with scoped viewers each message of a run is delivered alone.
+
 Delivery to a viewer never blocks: ``Subscriber.deliver`` must return at once (a socket
 puts the frame in its own bounded queue), so one slow client cannot stall the relay.
 """
@@ -29,7 +37,7 @@ from thoughtwire.api.wire import text_frame
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import event_position
 from thoughtwire.shared.redis import RedisConnectionError, RedisTimeoutError
-from thoughtwire.shared.redis.pubsub import Link, OnMessage
+from thoughtwire.shared.redis.pubsub import Link, OnMessage, OnRun
 from thoughtwire.shared.vocab import ViewScope
 
 logger = logging.getLogger("thoughtwire.hub")
@@ -38,12 +46,43 @@ SUBSCRIBE_TIMEOUT = 10.0
 RESUBSCRIBE_BATCH = 500
 
 
+class Run:
+    """Messages of one channel that came in a row in one read, each as ``deliver`` takes it.
+
+    ``wire`` is every frame ready for a WebSocket, joined. When the run is events of one
+    epoch whose seqs follow each other, ``epoch`` is that epoch and ``first`` and
+    ``last`` the first and last seq (``epoch`` is None otherwise): a viewer checks the
+    run's order with one comparison.
+    """
+
+    __slots__ = ("epoch", "first", "frames", "last", "positions", "wire", "wires")
+
+    def __init__(self, data: list[bytes]) -> None:
+        self.frames = [d.decode() for d in data]
+        self.positions = [event_position(f) for f in self.frames]
+        self.wires = [text_frame(d) for d in data]  # once per message, whatever the sockets
+        self.wire = b"".join(self.wires)
+        self.epoch: str | None = None
+        self.first = self.last = 0
+        head = self.positions[0]
+        if head is not None:
+            seq, epoch = head
+            for position in self.positions:  # bounded by the run
+                if position != (seq, epoch):
+                    return
+                seq += 1
+            self.epoch, self.first, self.last = epoch, head[0], seq - 1
+
+
 class Subscriber(Protocol):
     """What the hub hands a channel's frames to: a viewer (api/viewer.py)."""
 
     def deliver(self, frame: str, position: tuple[int, str] | None, wire: bytes) -> None:
         """Take one frame (its ``(seq, epoch)`` if it is an event, and the frame ready
         for a WebSocket); must not block."""
+
+    def deliver_run(self, run: Run) -> None:
+        """Take a run's frames, in order, as ``deliver`` takes each; must not block."""
 
     def resync(self) -> None:
         """Frames may have been lost (the connection to Redis dropped): catch up."""
@@ -76,7 +115,7 @@ class Hub:
     """Registry of live sockets by channel; owns this process's pub/sub connection."""
 
     def __init__(
-        self, open_link: Callable[[OnMessage], Awaitable[Link]], home_channel: str
+        self, open_link: Callable[[OnMessage, OnRun], Awaitable[Link]], home_channel: str
     ) -> None:
         self._open_link = open_link
         # Subscribed for the hub's whole life, so the connection is never idle of
@@ -228,6 +267,19 @@ class Hub:
                 if not fut.done():
                     fut.set_result(None)
 
+    def _dispatch_run(self, channel: bytes, data: list[bytes]) -> None:
+        """From the link's read callback: messages of one channel that came in a row."""
+        viewers = self._viewers.get(channel)
+        if not viewers:
+            return
+        if channel in self._scoped:  # projected message by message, once per scope each
+            for message in data:
+                self._dispatch(b"message", channel, message)
+            return
+        run = Run(data)
+        for viewer in tuple(viewers):
+            viewer.deliver_run(run)
+
     @staticmethod
     def _deliver_views(
         views: _Views, frame: str, position: tuple[int, str] | None, wire: bytes
@@ -299,7 +351,7 @@ class Hub:
         return futures
 
     async def _connect(self) -> None:
-        self._link = await self._open_link(self._dispatch)
+        self._link = await self._open_link(self._dispatch, self._dispatch_run)
         try:
             await self._link.subscribe(self._home)
         except BaseException:

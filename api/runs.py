@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from thoughtwire.api.hub import Run
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.protocol import TERMINAL_STATUS, Thought
 from thoughtwire.shared.redis import RedisError
@@ -69,6 +70,11 @@ class Runs:
     def deliver(self, frame: str, position: object = None, wire: object = None) -> None:
         """From the hub: a run ended (its id, announced with its terminal event)."""
         self._runs.pop(frame, None)
+
+    def deliver_run(self, run: Run) -> None:
+        """From the hub: runs that ended, announced one after the other."""
+        for frame in run.frames:
+            self._runs.pop(frame, None)
 
     def resync(self) -> None:
         """Announcements may have been missed: the next check reads every status anyway."""

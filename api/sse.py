@@ -81,6 +81,10 @@ class EventStream:
         taker.set_result(frame)
         return True
 
+    def write_run(self, frames: list[str], wire: bytes) -> bool:
+        """Always False: the body takes one frame at a time, so a run goes frame by frame."""
+        return False
+
     async def send(self, frame: str) -> bool:
         """Hand ``frame`` to the body as soon as it asks; False once the stream ended."""
         # Bounded: each round either hands the frame over or waits for the next ask,

@@ -10,9 +10,10 @@ queue.
 Implementations: :class:`thoughtwire.api.connection.SocketTransport` (a WebSocket) and
 :class:`thoughtwire.api.sse.EventStream` (server-sent events).
 
-A third transport is one file with one class that has these three methods:
+A third transport is one file with one class that has these four methods:
 
 * ``write(frame, wire)``: take the frame now, without waiting, or return False;
+* ``write_run(frames, wire)``: the same for several frames at once, all or none;
 * ``send(frame)``: take the frame, waiting while the client is behind; False once the
   transport has ended (the client left, or a send failed);
 * ``close(code, reason)``: end now, with that close code (what waits is the viewer's
@@ -45,6 +46,15 @@ class Transport(Protocol):
         ``wire`` is the frame ready-made as WebSocket bytes (:mod:`thoughtwire.api.wire`), when the
         hub made it: a transport that writes exactly those bytes may use them. Must
         not block, and must not call back into the viewer.
+        """
+        ...
+
+    def write_run(self, frames: list[str], wire: bytes) -> bool:
+        """Take all of ``frames`` at once, in order, or return False (none taken).
+
+        ``wire`` is the frames ready-made as WebSocket bytes, joined. Must not block,
+        and must not call back into the viewer. A transport that cannot take several
+        frames in one go returns False: the viewer then hands them over one by one.
         """
         ...
 

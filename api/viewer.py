@@ -28,7 +28,7 @@ from typing import Any
 
 from thoughtwire.api import scopes
 from thoughtwire.api.backlog import Backlog
-from thoughtwire.api.hub import Hub
+from thoughtwire.api.hub import Hub, Run
 from thoughtwire.api.recovery import (
     CATCH_UP_ROUNDS,
     Emit,
@@ -165,6 +165,26 @@ class Viewer:
         # A hole, or another epoch: settle it against the log.
         self._buffer = [frame]
         self._start_recovery(self.position)
+
+    def deliver_run(self, run: Run) -> None:
+        """From the hub: a run of frames that came in one read, in order. Never blocks.
+
+        A run that continues the position as a whole, to a transport with nothing of
+        the viewer's waiting, goes in one write; any other run goes frame by frame.
+        """
+        if (
+            run.epoch is not None
+            and run.epoch == self._epoch
+            and run.first == self._seq + 1
+            and self._buffer is None
+            and not self.closed
+            and (self._writer is None or self._writer.done())
+            and self._transport.write_run(run.frames, run.wire)
+        ):
+            self._seq = run.last
+            return
+        for frame, position, wire in zip(run.frames, run.positions, run.wires, strict=True):
+            self.deliver(frame, position, wire)
 
     def deliver_view(
         self, frame: str, position: tuple[int, str] | None, view: str | None, wire: bytes | None

@@ -1,19 +1,28 @@
-"""The hub against a real redis-server: reference-counted subscriptions, relay, reconnects."""
+"""The hub against a real redis-server: reference-counted subscriptions, relay, reconnects;
+and, on a link fed by hand, what one read of several messages of a channel becomes."""
 
 import asyncio
+import json
 import os
 import signal
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from websockets.protocol import State
 
 from tests.procs import RedisServer, seconds
-from thoughtwire.api.hub import Hub
+from thoughtwire.api.connection import SocketTransport
+from thoughtwire.api.hub import Hub, Run
+from thoughtwire.api.viewer import Viewer
+from thoughtwire.api.wire import SCOPE_KEY, text_frame
 from thoughtwire.shared.redis import RedisFactory
-from thoughtwire.shared.redis.pubsub import RawLink, open_link
+from thoughtwire.shared.redis.pubsub import PING_INTERVAL, RawLink, open_link
+from thoughtwire.shared.redis.resp import pack_command, unpack
 from thoughtwire.shared.settings import Settings
+from thoughtwire.shared.vocab import ViewScope
 
 
 class Collector:
@@ -24,6 +33,10 @@ class Collector:
     def deliver(self, frame, position, wire=None):
         self.frames.append(frame)
         self.arrived.set()
+
+    def deliver_run(self, run):
+        for frame in run.frames:
+            self.deliver(frame, None)
 
     def resync(self):
         self.resyncs = getattr(self, "resyncs", 0) + 1
@@ -142,3 +155,183 @@ async def test_the_pubsub_link_authenticates_and_gives_up_on_a_silent_server(tmp
             os.kill(server.proc.popen.pid, signal.SIGCONT)
     finally:
         server.stop()
+
+
+# --- one read, several messages -------------------------------------------------
+
+
+class FakeRedis:
+    """The Redis end of a raw pub/sub link, in memory: it confirms every SUBSCRIBE, and
+    ``read`` hands the link messages as the bytes of one read."""
+
+    def __init__(self):
+        self.link = None
+        self.closed = False
+
+    async def open_link(self, on_message, on_run):
+        self.link = RawLink(on_message, PING_INTERVAL, on_run)
+        self.link.connection_made(self)
+        return self.link
+
+    def read(self, *messages):
+        self.link.data_received(b"".join(pack_command(b"message", c, d) for c, d in messages))
+
+    # the asyncio transport the link writes to
+    def write(self, data):
+        for command in unpack(data):
+            if command[0] == b"SUBSCRIBE":
+                confirm = b"".join(pack_command(b"subscribe", c, b"1") for c in command[1:])
+                asyncio.get_running_loop().call_soon(self.link.data_received, confirm)
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().call_soon(self.link.connection_lost, None)
+
+    abort = close
+
+
+@pytest.fixture
+async def fake_hub():
+    redis = FakeRedis()
+    hub = Hub(redis.open_link, "home")
+    await hub.start()
+    yield hub, redis
+    await hub.close()
+
+
+def delta(seq, content="x", type_="answer"):
+    fields = {"type": type_, "session": "s", "run": "r", "block": "b1", "delta": True}
+    event = {**fields, "content": content, "seq": seq, "epoch": "e1"}
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+class Sink:
+    """A transport that records each call that took frames, or pushes back until opened."""
+
+    def __init__(self, *, pushing_back=False):
+        self.pushing_back = pushing_back
+        self.writes = []  # the wire bytes of each write or write_run, one entry per call
+        self.sent = []
+        self.open = asyncio.Event()
+        self.arrived = asyncio.Event()
+
+    def write(self, frame, wire):
+        if self.pushing_back:
+            return False
+        self.writes.append(wire)
+        return True
+
+    def write_run(self, frames, wire):
+        return self.write(None, wire)
+
+    async def send(self, frame):
+        await self.open.wait()
+        self.sent.append(frame)
+        self.arrived.set()
+        return True
+
+    def close(self, code, reason): ...
+
+
+class RawProtocol:
+    """What a SocketTransport's raw writer needs of uvicorn's protocol; counts writes."""
+
+    def __init__(self):
+        self.writes = []
+        self.close_sent = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.conn = SimpleNamespace(extensions=[], state=State.OPEN)
+        self.transport = SimpleNamespace(write=self.writes.append, is_closing=lambda: False)
+
+
+async def test_the_link_hands_on_consecutive_messages_of_a_channel_together():
+    """Order across channels is exactly Redis's: only messages in a row are one run."""
+    got = []
+    link = RawLink(lambda *m: got.append(m), PING_INTERVAL, lambda c, d: got.append((c, d)))
+    link.data_received(
+        b"".join(pack_command(b"message", c, d) for c, d in [(b"a", b"1"), (b"a", b"2")])
+        + pack_command(b"subscribe", b"c", b"1")
+        + b"".join(pack_command(b"message", c, d) for c, d in [(b"b", b"3"), (b"a", b"4")])
+    )
+    assert got == [
+        (b"a", [b"1", b"2"]),
+        (b"subscribe", b"c", None),
+        (b"message", b"b", b"3"),
+        (b"message", b"a", b"4"),
+    ]
+    alone = []  # without a run callback, each message goes alone
+    link = RawLink(lambda *m: alone.append(m), PING_INTERVAL)
+    link.data_received(pack_command(b"message", b"a", b"1") + pack_command(b"message", b"a", b"2"))
+    assert alone == [(b"message", b"a", b"1"), (b"message", b"a", b"2")]
+
+
+def test_a_run_knows_whether_its_events_follow_each_other():
+    run = Run([delta(2), delta(3), delta(4)])
+    assert (run.epoch, run.first, run.last) == ("e1", 2, 4)
+    assert run.wire == b"".join(text_frame(delta(s)) for s in (2, 3, 4))
+    assert Run([delta(2), delta(4)]).epoch is None  # a hole
+    assert Run([delta(2), b'{"type":"pong"}']).epoch is None  # not only events
+
+
+async def test_a_read_of_three_messages_reaches_a_direct_socket_in_one_write(fake_hub):
+    hub, redis = fake_hub
+    protocol = RawProtocol()
+    transport = SocketTransport(SimpleNamespace(scope={SCOPE_KEY: protocol}))
+    viewer = Viewer(None, hub, transport, queue_size=8)
+    await hub.join("ch", viewer)
+    redis.read((b"ch", delta(1)))  # a lone message: one write, as ever
+    redis.read((b"ch", delta(2)), (b"ch", delta(3)), (b"ch", delta(4)))
+    frames = [text_frame(delta(seq)) for seq in (1, 2, 3, 4)]
+    assert protocol.writes == [frames[0], b"".join(frames[1:])]
+    assert transport.sent == 4 and viewer.position.seq == 4
+    assert viewer._queue is None and viewer._writer is None
+    await hub.leave("ch", viewer)
+
+
+async def test_a_run_that_overlaps_what_was_sent_goes_frame_by_frame(fake_hub):
+    hub, redis = fake_hub
+    sink = Sink()
+    viewer = Viewer(None, hub, sink, queue_size=8)
+    await hub.join("ch", viewer)
+    redis.read(*[(b"ch", delta(seq)) for seq in (1, 2, 3)])  # the first: seq 1 of no epoch yet
+    redis.read(*[(b"ch", delta(seq)) for seq in (2, 3, 4, 5)])  # 2 and 3 again
+    assert sink.writes == [text_frame(delta(seq)) for seq in (1, 2, 3, 4, 5)]
+    await hub.leave("ch", viewer)
+
+
+async def test_a_viewer_with_a_backlog_takes_a_run_through_its_queue(fake_hub):
+    hub, redis = fake_hub
+    sink = Sink(pushing_back=True)
+    viewer = Viewer(None, hub, sink, queue_size=8)
+    await hub.join("ch", viewer)
+    redis.read((b"ch", delta(1)))  # pushed back: queued, and the writer waits on the send
+    sink.pushing_back = False
+    redis.read(*[(b"ch", delta(seq)) for seq in (2, 3, 4)])
+    assert sink.writes == []  # not written past the frame that waits
+    sink.open.set()
+    async with asyncio.timeout(seconds(5)):
+        while len(sink.sent) < 4:
+            sink.arrived.clear()
+            await sink.arrived.wait()
+    assert sink.sent == [delta(seq).decode() for seq in (1, 2, 3, 4)]
+    await hub.leave("ch", viewer)
+
+
+async def test_scoped_viewers_get_their_projection_of_each_message_of_a_run(fake_hub):
+    hub, redis = fake_hub
+    full, answer = Sink(), Sink()
+    viewers = [Viewer(None, hub, full, queue_size=8), Viewer(None, hub, answer, queue_size=8)]
+    await hub.join("ch", viewers[0])
+    await hub.join("ch", viewers[1], ViewScope.ANSWER)
+    kinds = ["answer", "thinking", "answer"]
+    redis.read(*[(b"ch", delta(seq, type_=kind)) for seq, kind in enumerate(kinds, 1)])
+    assert full.writes == [text_frame(delta(seq, type_=k)) for seq, k in enumerate(kinds, 1)]
+    assert [json.loads(w[2:])["seq"] for w in answer.writes] == [1, 3]  # no reasoning
+    assert viewers[1].position.seq == 3
+    for viewer in viewers:
+        await hub.leave("ch", viewer)

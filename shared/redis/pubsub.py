@@ -6,7 +6,11 @@ coroutine round, a timeout and a dict per message, and asks the event loop for i
 several times (each a ``getpid`` system call on Python 3.11). :class:`RawLink` instead
 is a :class:`~shared.redis.resp.ReplyReader`: ``data_received`` parses every whole
 reply of one read and calls ``on_message(kind, channel, data)`` for each, with no
-await at all.
+await at all. Messages of one channel that follow each other in one read go together
+to ``on_run(channel, data)`` instead, when the caller gives one: a frontend that falls
+behind reads many events of a session at once, and hands each socket all of them in
+one write (:mod:`thoughtwire.api.hub`). Only consecutive messages are taken together,
+so the order in which messages are handed on is exactly the order Redis sent them.
 
 It speaks only what the hub needs: AUTH, SUBSCRIBE, UNSUBSCRIBE, and a PING every
 ``ping_interval`` so that a connection that went silent (a dead peer, a NAT that
@@ -38,10 +42,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from thoughtwire.shared.redis import fast
 from thoughtwire.shared.redis.connections import RedisFactory
-from thoughtwire.shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command
+from thoughtwire.shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command, settle
 
 # kind (b"message", b"subscribe", b"unsubscribe"), channel, data (messages only)
 OnMessage = Callable[[bytes, bytes, "bytes | None"], None]
+# channel, and the data of two or more messages of it that came in a row in one read
+OnRun = Callable[[bytes, list[bytes]], None]
 
 CONNECT_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
@@ -63,33 +69,44 @@ class Link(Protocol):
         """Close the connection; idempotent."""
 
 
-async def open_link(factory: RedisFactory, on_message: OnMessage) -> Link:
+async def open_link(
+    factory: RedisFactory, on_message: OnMessage, on_run: OnRun | None = None
+) -> Link:
     """A pub/sub link to the factory's Redis: raw for a server, redis-py's ``PubSub`` for the
-    embedded one or with the fast paths off."""
+    embedded one or with the fast paths off (which reads one message at a time, so never
+    calls ``on_run``)."""
     url = factory.url()
     if url is None or not fast.REDIS.enabled(factory.settings.fast_paths):
         return await ClientLink.open(factory, on_message)
-    return await RawLink.open(url, on_message)
+    return await RawLink.open(url, on_message, on_run=on_run)
 
 
 class RawLink(ReplyReader):
     """The pub/sub link over a socket of its own, read from the read callback."""
 
-    def __init__(self, on_message: OnMessage, ping_interval: float) -> None:
+    def __init__(
+        self, on_message: OnMessage, ping_interval: float, on_run: OnRun | None = None
+    ) -> None:
         # Silent for two intervals, not even a pong: the connection is dead.
         super().__init__(2 * ping_interval)
         self._on_message = on_message
+        self._on_run = on_run
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._ping_interval = ping_interval
 
     @classmethod
     async def open(
-        cls, url: str, on_message: OnMessage, *, ping_interval: float = PING_INTERVAL
+        cls,
+        url: str,
+        on_message: OnMessage,
+        *,
+        ping_interval: float = PING_INTERVAL,
+        on_run: OnRun | None = None,
     ) -> RawLink:
         """Connect to the Redis at ``url`` and authenticate, within CONNECT_TIMEOUT."""
         options = parse_url(url)
         loop = asyncio.get_running_loop()
-        link = cls(on_message, ping_interval)
+        link = cls(on_message, ping_interval, on_run)
         async with asyncio.timeout(CONNECT_TIMEOUT):
             try:
                 if "path" in options:
@@ -146,28 +163,46 @@ class RawLink(ReplyReader):
             self._closed.exception()  # retrieved here, so an unawaited loss is not logged
 
     def data_received(self, data: bytes) -> None:
-        """Hand each whole message of ``data`` to ``on_message``; a reply to its command."""
+        """Hand each whole message of ``data`` on, a run of one channel's together; a reply
+        to its command."""
         self._heard = self._loop.time()
         parser = self._parser
         parser.feed(data)
+        channel = b""
+        run: list[bytes] = []  # messages of ``channel`` read in a row, not yet handed on
         while (reply := parser.gets()) is not PARTIAL:
-            if isinstance(reply, list) and reply:
-                kind = reply[0]
-                if kind == b"message":
-                    self._on_message(kind, reply[1], reply[2])
-                    continue
-                if kind in (b"subscribe", b"unsubscribe"):
-                    self._on_message(kind, reply[1], None)
-                    continue
-                if kind == b"pong":
-                    continue
-            if self._waiting:
-                call = self._waiting.popleft()
-                if not call.future.done():
-                    if isinstance(reply, Exception):
-                        call.future.set_exception(reply)
-                    else:
-                        call.future.set_result(reply)
+            if isinstance(reply, list) and reply and reply[0] == b"message":
+                if reply[1] != channel and run:
+                    self._hand_on(channel, run)
+                    run = []
+                channel = reply[1]
+                run.append(reply[2])
+                continue
+            if run:  # anything else comes after the messages before it
+                self._hand_on(channel, run)
+                run = []
+            self._reply(reply)
+        if run:
+            self._hand_on(channel, run)
+
+    def _hand_on(self, channel: bytes, run: list[bytes]) -> None:
+        if len(run) == 1 or self._on_run is None:
+            for data in run:
+                self._on_message(b"message", channel, data)
+        else:
+            self._on_run(channel, run)
+
+    def _reply(self, reply: Any) -> None:
+        """A reply that is not a message: a confirmation, a pong, or a command's reply."""
+        if isinstance(reply, list) and reply:
+            kind = reply[0]
+            if kind in (b"subscribe", b"unsubscribe"):
+                self._on_message(kind, reply[1], None)
+                return
+            if kind == b"pong":
+                return
+        if self._waiting:
+            settle(self._waiting.popleft(), reply)
 
     # --- inside -------------------------------------------------------------
 
