@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.procs import Frontend, Proc, RedisServer, make_logdir, thoughtwire
+from tests.redis_cluster import redis_cluster  # noqa: F401  (a fixture for every module)
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.settings import Settings
 
