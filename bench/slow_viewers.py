@@ -9,7 +9,11 @@ Lagging viewers connect with a small receive buffer and segment size, as over a 
 link, and fold what they got with the reducer, to compare with a viewer that kept up.
 
     .venv/bin/python -m bench.slow_viewers [--viewers 2000] [--parse-every 20] [--out FILE]
-        [--send-buffer-bytes N]
+        [--send-buffer-bytes N] [--window-ms MS]
+
+``--window-ms`` is the workers' token coalescing window: by default the product's own
+(``THOUGHTWIRE_COALESCE_MS``), so the frontends relay what a deployment would relay; 0
+relays one event per token.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from bench.load import CONNECT_CONCURRENCY, Plan, Socket
 from bench.run import LOAD_PROCESSES, System, _get, own_redis, percentile
 from bench.wire import WireClient
 from thoughtwire.shared import loops, reducer
+from thoughtwire.shared.settings import Settings
 
 TOKENS = 1500  # 15 s at 100 tokens/s
 RATE = 100.0
@@ -259,6 +264,12 @@ def main() -> int:
         type=int,
         help="the frontends' THOUGHTWIRE_SEND_BUFFER_BYTES (default: theirs; 0: the kernel's)",
     )
+    parser.add_argument(
+        "--window-ms",
+        type=float,
+        default=Settings().coalesce_ms,
+        help="the workers' coalescing window (default: the product's; 0: one event per token)",
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -272,11 +283,18 @@ def main() -> int:
         "lagging_mss": MSS,
         "send_queue_size": SEND_QUEUE_SIZE,
         "send_buffer_bytes": args.send_buffer_bytes,  # None: the frontends' default
+        "window_ms": args.window_ms,
     }
     env = {"THOUGHTWIRE_SEND_QUEUE_SIZE": str(SEND_QUEUE_SIZE)}
     if args.send_buffer_bytes is not None:
         env["THOUGHTWIRE_SEND_BUFFER_BYTES"] = str(args.send_buffer_bytes)
-    scenario = {"tokens": TOKENS, "rate": RATE, "jitter": 0.5, "env": env}
+    scenario = {
+        "tokens": TOKENS,
+        "rate": RATE,
+        "jitter": 0.5,
+        "env": env,
+        "window_ms": args.window_ms,
+    }
     with own_redis(logdir) as (redis_url, redis):
         for lagging in (False, True):
             # A fresh system per case, so each peak RSS is its own.
