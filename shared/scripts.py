@@ -33,6 +33,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   (Redis lost writes), the log restarts under a new epoch (the writer's seed and the
 #   server's clock in microseconds, so no two restarts share one), so resuming clients are
 #   told of the loss instead of being handed renumbered events.
+# * Incarnations: the meta keeps the replication id of the master that wrote it
+#   (``master_replid``, which Redis draws anew at every start and every promotion of a
+#   replica). Replication is asynchronous, so a master that is new since the meta's last
+#   write may lack events that watchers already hold, and no writer but the run's own
+#   knows how far they went: the first call on a new incarnation starts a new epoch, so
+#   no seq of the old epoch is ever given to another event (docs/reliability.md,
+#   "Failover"). INFO is read once per call, whatever the number of events; where it is
+#   missing (the embedded Redis) the incarnation is unknown and never changes.
 # * Each head is an event encoded up to its ``"seq":``; the script completes it, so the
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
@@ -65,10 +73,12 @@ if not state[1] then
   emitted = 0
   refresh = true
 end
-local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
+local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch', 'replid')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
-if not epoch or seq < tonumber(ARGV[5]) then
+local info = redis.pcall('INFO', 'replication')
+local replid = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or false
+if not epoch or seq < tonumber(ARGV[5]) or (replid and meta[3] and meta[3] ~= replid) then
   local t = redis.call('TIME')
   epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
   seq = 0
@@ -87,7 +97,11 @@ for i = 13, #ARGV do
     emitted = n
   end
 end
-redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch)
+if replid and meta[3] ~= replid then
+  redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch, 'replid', replid)
+else
+  redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch)
+end
 local ttl = tonumber(ARGV[2])
 -- TTL is -1 for a log the XADDs above created, -2 for none: both refresh
 if refresh or redis.call('TTL', KEYS[2]) < ttl - ttl / 10 then
@@ -192,15 +206,18 @@ return 0
 # only when the run's state is missing (returns -1 otherwise), so it can never add a
 # second ending to a run an attempt re-owned or ended, and a retry of it writes nothing.
 # The state it leaves (the terminal status, and a fence no attempt holds) fences out any
-# attempt that comes later. If the session's meta is gone too, the log starts a new epoch,
-# as ``APPEND`` would: a watcher that held events of the lost log gets a ``gap`` (reason
-# ``epoch``) and then this event. The end is announced on the runs-ended channel, as
-# ``APPEND`` announces it, so jobs parked behind the run start at once.
+# attempt that comes later. If the session's meta is gone too, or another incarnation of
+# the master wrote it, the log starts a new epoch, as ``APPEND`` would: a watcher that held
+# events of the lost log gets a ``gap`` (reason ``epoch``) and then this event. The end is
+# announced on the runs-ended channel, as ``APPEND`` announces it, so jobs parked behind
+# the run start at once.
 _END = """
-local meta = redis.call('HMGET', KEYS[2], 'seq', 'epoch')
+local meta = redis.call('HMGET', KEYS[2], 'seq', 'epoch', 'replid')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
-if not epoch then
+local info = redis.pcall('INFO', 'replication')
+local replid = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or false
+if not epoch or (replid and meta[3] and meta[3] ~= replid) then
   local t = redis.call('TIME')
   epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
   seq = 0
@@ -210,7 +227,11 @@ seq = seq + 1
 local payload = ARGV[8] .. seq .. ',"epoch":"' .. epoch .. '"}'
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '0-' .. seq, 'e', payload)
 redis.call('PUBLISH', KEYS[4], payload)
-redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch)
+if replid then
+  redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch, 'replid', replid)
+else
+  redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch)
+end
 redis.call('HSET', KEYS[1], 'status', ARGV[5], 'result', ARGV[6], 'fence', ARGV[4],
   'attempt', 0, 'emitted', 1)
 redis.call('SREM', KEYS[5], ARGV[7])
