@@ -67,7 +67,11 @@ def create_app(  # noqa: C901
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with running(settings, factory) as frontend, contextlib.AsyncExitStack() as stack:
+        async with (
+            factory.following(),  # behind Sentinel: the master, across failovers
+            running(settings, factory) as frontend,
+            contextlib.AsyncExitStack() as stack,
+        ):
             for companion in companions:
                 await stack.enter_async_context(companion(factory))
             app.state.frontend = frontend

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +28,8 @@ from thoughtwire.shared.vocab import DecidedBy, Decision, Multitask, OnDisconnec
 
 logger = logging.getLogger("thoughtwire.frontend")
 
-READY_TIMEOUT = 2.0
+READY_TIMEOUT = 1.0  # Redis (behind Sentinel: the master) answers a PING within this
+READY_CACHE = 1.0  # seconds a PING's outcome answers /readyz: probes do not hammer Redis
 DRAIN_BATCHES = 10
 WITHDRAW_SECONDS = 1.0  # one try at withdrawing a run never queued; workers end it otherwise
 
@@ -55,6 +57,8 @@ class Frontend:
     presence: Watching | None = field(default=None)
     # Withdrawals of runs admitted but not queued, until they end (each bounded: 1 s).
     withdrawals: set[asyncio.Task[None]] = field(default_factory=set)
+    # When Redis was last asked for /readyz, and whether it answered.
+    pinged: tuple[float, bool] | None = field(default=None)
 
     async def start_run(
         self,
@@ -172,12 +176,16 @@ class Frontend:
         """Redis answers and this frontend is not draining."""
         if self.draining or not self.hub.healthy:
             return False
+        if self.pinged is not None and time.monotonic() - self.pinged[0] < READY_CACHE:
+            return self.pinged[1]
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await self.redis.ping()
+            answered = True
         except (TimeoutError, RedisError, OSError):
-            return False
-        return True
+            answered = False
+        self.pinged = (time.monotonic(), answered)
+        return answered
 
 
 @contextlib.asynccontextmanager

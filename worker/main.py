@@ -73,7 +73,9 @@ def main(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, RedisFactory(settings), stop)
+        factory = RedisFactory(settings)
+        async with factory.following():  # behind Sentinel: the master, across failovers
+            await serve(settings, factory, stop)
 
     loops.run(run())
 

@@ -9,7 +9,10 @@ slot", and at the clients built from it; nothing outside this folder knows which
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -17,6 +20,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from thoughtwire.shared.redis import fast
+from thoughtwire.shared.redis.sentinel import SentinelMaster
+from thoughtwire.shared.redis.topology import Kind, Topology, parse
 from thoughtwire.shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -34,6 +39,7 @@ class RedisFactory:
 
     settings: Settings
     _server: fakeredis.FakeServer | None = field(default=None, init=False)
+    _next_node: int = field(default=-1, init=False)  # Redis Cluster: the last pub/sub node
 
     def __post_init__(self) -> None:
         # The batcher is handed a client, not the settings: the switch goes with the factory.
@@ -52,6 +58,44 @@ class RedisFactory:
         """
         return self.settings.redis_url
 
+    @cached_property
+    def cluster(self) -> Topology | None:
+        """The Redis Cluster's topology, with a ``redis+cluster://`` URL (shared/redis/cluster.py)."""
+        url = self.settings.redis_url
+        if url is None or (topology := parse(url)).kind is not Kind.CLUSTER:
+            return None
+        return topology
+
+    @cached_property
+    def sentinel(self) -> SentinelMaster | None:
+        """The Sentinel service's master and its follower, with a ``redis+sentinel://`` URL."""
+        url = self.settings.redis_url
+        if url is None or (topology := parse(url)).kind is not Kind.SENTINEL:
+            return None
+        return SentinelMaster(topology, self.settings)
+
+    async def link_url(self) -> str | None:
+        """The URL of the server for a connection of our own (the hub's raw link): the one
+        server, or the master the sentinels name now; None when embedded. Hand that
+        connection to :meth:`watch`."""
+        if self.sentinel is not None:
+            return await self.sentinel.master_url()
+        return self.url()
+
+    def watch(self, connection: Any) -> None:
+        """Abort ``connection`` (of our own, with an ``abort()``) when the master switches."""
+        if self.sentinel is not None:
+            self.sentinel.watch(connection)
+
+    @contextlib.asynccontextmanager
+    async def following(self) -> AsyncIterator[None]:
+        """Follow the master across failovers while inside (Sentinel); one server: nothing."""
+        if self.sentinel is None:
+            yield
+            return
+        async with self.sentinel.following():
+            yield
+
     def commands(self) -> Redis:
         """The client for commands: a blocking pool of ``redis_pool_size`` connections.
 
@@ -62,6 +106,13 @@ class RedisFactory:
         url = self.url()
         if url is None:
             return self._fake()
+        if self.sentinel is not None:
+            return self.sentinel.commands()
+        if self.cluster is not None:
+            from thoughtwire.shared.redis.cluster import ClusterClient  # it imports this module
+
+            client: Any = ClusterClient(self.cluster, self.settings)
+            return client  # a RedisCluster: the same commands, routed per slot
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=self.settings.redis_pool_size,
@@ -80,6 +131,14 @@ class RedisFactory:
         url = self.url()
         if url is None:
             return self._fake()
+        if self.sentinel is not None:
+            return self.sentinel.pubsub()
+        if self.cluster is not None:
+            # Global channels only (a worker's control channel): any node hears every
+            # PUBLISH. Each new client tries the next node, so a lost one is left behind.
+            self._next_node = (self._next_node + 1) % len(self.cluster.nodes)
+            host, port = self.cluster.nodes[self._next_node]
+            url = self.cluster.node_url(host, port)
         return Redis.from_url(
             url,
             max_connections=2,

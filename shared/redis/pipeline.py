@@ -38,15 +38,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ReadOnlyError
 
 from thoughtwire.shared.redis import fast
+from thoughtwire.shared.redis.cluster import ClusterClient, is_cluster
 from thoughtwire.shared.redis.resp import (
     PARTIAL,
     PUSH,
@@ -69,8 +70,9 @@ class _Line(ReplyReader):
     to ``on_unknown``, which loads it and runs the call again.
 
     A reply that says Redis cannot serve now (``LOADING``, ``MASTERDOWN``: a connection
-    error) fails the whole call, as a broken connection would. RESP3 push messages
-    (invalidations, maintenance notices) answer no call and are let go.
+    error) fails the whole call, as a broken connection would. ``READONLY`` (a master
+    demoted by a failover) fails every waiting call and drops the connection. RESP3 push
+    messages (invalidations, maintenance notices) answer no call and are let go.
 
     Nothing heard for ``timeout`` seconds while calls wait aborts the connection.
     However it ends, every waiting call fails with a connection error, and redis-py's
@@ -127,6 +129,12 @@ class _Line(ReplyReader):
         while (reply := parser.gets()) is not PARTIAL:
             if reply.__class__ is PUSH:
                 continue  # answers no call
+            if reply.__class__ is ReadOnlyError:
+                # A master demoted by a failover: not an answer but a connection to drop,
+                # so that the next one asks where the master is now (Sentinel).
+                self._lost(RedisConnectionError(f"the server is a replica now: {reply}"))
+                self.abort()
+                return
             if not waiting:
                 self._lost(RedisConnectionError("a reply that no call waited for"))
                 self.abort()
@@ -176,6 +184,13 @@ class Batcher:
     ) -> None:
         """``own_reader`` False: always through redis-py's ``Pipeline``; None: as the fast
         paths' switch says (:mod:`thoughtwire.shared.redis.fast`)."""
+        if is_cluster(redis):
+            # A cluster's calls go to several masters: through redis-py's cluster pipeline,
+            # which splits a batch per node, on a twin that hands replies on as Redis sent
+            # them. The line reads one connection, so it is for one server only.
+            twin: Any = cast(ClusterClient, redis).raw()  # same commands as a Redis
+            redis = twin
+            own_reader = False
         self._redis = redis
         self._max_batch = max_batch
         self._pending: list[Call] = []
@@ -343,8 +358,9 @@ class Batcher:
         # Replies as Redis sent them, as the line gives them, not reshaped per command.
         pipe.response_callbacks = {}
         for call in batch:
-            for command in unpack(call.payload):
-                pipe.execute_command(*command)
+            for name, *args in unpack(call.payload):
+                # The name as text: a cluster pipeline routes by it (EVALSHA by its keys).
+                pipe.execute_command(name.decode(), *args)
         replies = await pipe.execute(raise_on_error=False)
         results: list[Any] = []
         at = 0

@@ -74,22 +74,39 @@ async def open_link(
 ) -> Link:
     """A pub/sub link to the factory's Redis: raw for a server, redis-py's ``PubSub`` for the
     embedded one or with the fast paths off (which reads one message at a time, so never
-    calls ``on_run``)."""
-    url = factory.url()
-    if url is None or not fast.REDIS.enabled(factory.settings.fast_paths):
+    calls ``on_run``). A Redis Cluster's link is raw whatever the switch (it has no public
+    path yet): one connection per master of the channels it follows (shared/redis/cluster.py)."""
+    if factory.cluster is not None:
+        from thoughtwire.shared.redis.cluster import ClusterLink  # which imports this module
+
+        return await ClusterLink.open(factory.cluster, factory.settings, on_message, on_run)
+    if factory.url() is None or not fast.REDIS.enabled(factory.settings.fast_paths):
         return await ClientLink.open(factory, on_message)
-    return await RawLink.open(url, on_message, on_run=on_run)
+    url = await factory.link_url()  # behind Sentinel: the master named now
+    assert url is not None
+    link = await RawLink.open(url, on_message, on_run=on_run)
+    factory.watch(link)  # dropped when the master switches: the hub reconnects, resyncs
+    return link
 
 
 class RawLink(ReplyReader):
     """The pub/sub link over a socket of its own, read from the read callback."""
 
     def __init__(
-        self, on_message: OnMessage, ping_interval: float, on_run: OnRun | None = None
+        self,
+        on_message: OnMessage,
+        ping_interval: float,
+        on_run: OnRun | None = None,
+        *,
+        sharded: bool = False,
     ) -> None:
         # Silent for two intervals, not even a pong: the connection is dead.
         super().__init__(2 * ping_interval)
         self._on_message = on_message
+        # Sharded pub/sub (a cluster's master, shared/redis/cluster.py): SSUBSCRIBE, and
+        # messages come as ``smessage``; confirmations are handed on with their own kind.
+        self._sharded = sharded
+        self._message = b"smessage" if sharded else b"message"
         self._on_run = on_run
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._ping_interval = ping_interval
@@ -102,11 +119,12 @@ class RawLink(ReplyReader):
         *,
         ping_interval: float = PING_INTERVAL,
         on_run: OnRun | None = None,
+        sharded: bool = False,
     ) -> RawLink:
         """Connect to the Redis at ``url`` and authenticate, within CONNECT_TIMEOUT."""
         options = parse_url(url)
         loop = asyncio.get_running_loop()
-        link = cls(on_message, ping_interval, on_run)
+        link = cls(on_message, ping_interval, on_run, sharded=sharded)
         async with asyncio.timeout(CONNECT_TIMEOUT):
             try:
                 if "path" in options:
@@ -135,11 +153,11 @@ class RawLink(ReplyReader):
 
     async def subscribe(self, *channels: bytes) -> None:
         """Subscribe to ``channels``; the confirmations come through ``on_message``."""
-        self._write(pack_command(b"SUBSCRIBE", *channels))
+        self._write(pack_command(b"SSUBSCRIBE" if self._sharded else b"SUBSCRIBE", *channels))
 
     async def unsubscribe(self, *channels: bytes) -> None:
         """Unsubscribe from ``channels``; the confirmations come through ``on_message``."""
-        self._write(pack_command(b"UNSUBSCRIBE", *channels))
+        self._write(pack_command(b"SUNSUBSCRIBE" if self._sharded else b"UNSUBSCRIBE", *channels))
 
     async def wait_closed(self) -> None:
         """Raise once the connection is gone, whoever ended it."""
@@ -170,8 +188,9 @@ class RawLink(ReplyReader):
         parser.feed(data)
         channel = b""
         run: list[bytes] = []  # messages of ``channel`` read in a row, not yet handed on
+        message = self._message
         while (reply := parser.gets()) is not PARTIAL:
-            if isinstance(reply, list) and reply and reply[0] == b"message":
+            if isinstance(reply, list) and reply and reply[0] == message:
                 if reply[1] != channel and run:
                     self._hand_on(channel, run)
                     run = []
@@ -196,13 +215,15 @@ class RawLink(ReplyReader):
         """A reply that is not a message: a confirmation, a pong, or a command's reply."""
         if isinstance(reply, list) and reply:
             kind = reply[0]
-            if kind in (b"subscribe", b"unsubscribe"):
+            if kind in (b"subscribe", b"unsubscribe", b"ssubscribe", b"sunsubscribe"):
                 self._on_message(kind, reply[1], None)
                 return
             if kind == b"pong":
                 return
         if self._waiting:
             settle(self._waiting.popleft(), reply)
+        elif isinstance(reply, Exception):  # a refused (S)SUBSCRIBE: MOVED, CROSSSLOT
+            self._on_message(b"error", b"", str(reply).encode())
 
     # --- inside -------------------------------------------------------------
 

@@ -1,0 +1,189 @@
+"""A Redis Sentinel deployment of real processes: one master, one replica, three sentinels.
+
+Everything listens on free loopback ports and lives in its own directory; every wait is
+bounded, and only the processes started here are stopped, each by its own PID.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.procs import Proc, RedisServer, free_port, make_logdir, wait_until
+
+SERVICE = "mymaster"
+DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 3000
+
+
+class SentinelServer:
+    """One ``redis-server --sentinel`` watching ``SERVICE`` with a quorum of 2."""
+
+    def __init__(self, workdir: Path, master_port: int) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; `make test` installs it")
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "sentinel.conf"  # a sentinel rewrites its own configuration
+        conf.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            "protected-mode no\n"
+            f"dir {workdir}\n"
+            "sentinel resolve-hostnames no\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+            f"sentinel parallel-syncs {SERVICE} 1\n"
+        )
+        self.proc = Proc(
+            "sentinel", [binary, str(conf), "--sentinel"], {}, workdir / "sentinel.log"
+        )
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def state(self) -> dict | None:  # type: ignore[type-arg]
+        """What this sentinel knows of the master, or None while it does not answer."""
+        try:
+            with self.client() as client:
+                return client.sentinel_master(SERVICE)  # type: ignore[no-any-return]
+        except redis.RedisError:
+            return None
+
+
+class SentinelDeployment:
+    """A master, its replica and three sentinels; the master found by asking a sentinel."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        first = RedisServer(self._dir("redis-a"))
+        self.servers: dict[int, RedisServer] = {first.port: first}
+        self.sentinels: list[SentinelServer] = []
+
+    def _dir(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def url(self) -> str:
+        """``REDIS_URL`` for the processes: every sentinel, and the service."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SERVICE}"
+
+    def start(self) -> SentinelDeployment:
+        try:
+            master = next(iter(self.servers.values())).start()
+            replica = RedisServer(
+                self._dir("redis-b"), "--replicaof", "127.0.0.1", str(master.port)
+            )
+            self.servers[replica.port] = replica.start()
+            wait_until(lambda: self._in_sync(replica), 20, "the replica to sync")
+            for i in range(3):
+                sentinel = SentinelServer(self._dir(f"sentinel-{i}"), master.port)
+                sentinel.proc.start()
+                self.sentinels.append(sentinel)
+            wait_until(self._settled, 30, "the sentinels to see the replica and each other")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _settled(self) -> bool:
+        states = [s.state() for s in self.sentinels]
+        return all(
+            state is not None
+            and state["num-slaves"] >= 1
+            and state["num-other-sentinels"] == len(self.sentinels) - 1
+            for state in states
+        )
+
+    @staticmethod
+    def _in_sync(replica: RedisServer) -> bool:
+        try:
+            with replica.client() as client:
+                return client.info("replication").get("master_link_status") == "up"  # type: ignore[no-any-return]
+        except redis.RedisError:
+            return False
+
+    # --- what a test asks and does ---------------------------------------------
+
+    def master(self) -> int:
+        """The master's port, as the first sentinel that answers says."""
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.client() as client:
+                    _host, port = client.sentinel_get_master_addr_by_name(SERVICE)
+                    return int(port)
+            except redis.RedisError:
+                continue
+        raise RuntimeError("no sentinel answers")
+
+    def master_server(self) -> RedisServer:
+        return self.servers[self.master()]
+
+    def replica_server(self) -> RedisServer:
+        master = self.master()
+        return next(s for port, s in self.servers.items() if port != master and s.proc.alive())
+
+    def failover(self) -> int:
+        """``SENTINEL FAILOVER``; returns once every sentinel names the new master, its port."""
+        old = self.master()
+        with self.sentinels[0].client() as client:
+            client.sentinel_failover(SERVICE)
+        return self.wait_for_new_master(old)
+
+    def kill_master(self) -> int:
+        """kill -9 the master by its PID; returns the port it listened on."""
+        server = self.master_server()
+        server.proc.kill()
+        return server.port
+
+    def wait_for_new_master(self, old: int, timeout: float = 30) -> int:
+        """Wait until every sentinel names a master other than ``old``, and it is one."""
+
+        def switched() -> int | None:
+            ports = set()
+            for sentinel in self.sentinels:
+                try:
+                    with sentinel.client() as client:
+                        ports.add(int(client.sentinel_get_master_addr_by_name(SERVICE)[1]))
+                except redis.RedisError:
+                    return None
+            if len(ports) != 1 or old in ports:
+                return None
+            port = ports.pop()
+            try:
+                with self.servers[port].client() as client:
+                    role = client.execute_command("ROLE")[0]
+            except redis.RedisError:
+                return None
+            return port if role == b"master" else None
+
+        port: int = wait_until(switched, timeout, "the sentinels to name a new master")
+        return port
+
+    @property
+    def pids(self) -> list[int]:
+        procs = [*(s.proc for s in self.servers.values()), *(s.proc for s in self.sentinels)]
+        return [p.pid for p in procs if p.popen is not None]
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.proc.stop()
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def sentinel_deployment() -> Iterator[SentinelDeployment]:
+    """A fresh master, replica and three sentinels per test (a failover changes them)."""
+    deployment = SentinelDeployment(make_logdir("sentinel")).start()
+    yield deployment
+    deployment.stop()
