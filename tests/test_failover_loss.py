@@ -13,6 +13,7 @@ master.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.procs import RedisServer, wait_until
+from tests.conftest import Cluster, start_cluster
+from tests.procs import RedisServer, seconds, wait_until
 from tests.tcp_proxy import TcpProxy
+from tests.wsclient import check_stream, connect, greeting, recv_json, run_events
 from thoughtwire.shared.bus import Bus, Meta
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought
@@ -185,3 +188,120 @@ def test_the_proxy_forwards_switches_and_silences(pair):
             listener.close()
     finally:
         proxy.stop()
+
+
+# --- through real frontends and workers ---------------------------------------------
+
+TOKENS = 40
+
+
+@pytest.fixture
+def failover(pair: Pair, logdir: Path) -> Iterator[tuple[Pair, TcpProxy, Cluster]]:
+    """One frontend and one worker reaching the pair's master through a proxy."""
+    proxy = TcpProxy(pair.master.port).start()
+    try:
+        cluster = start_cluster(
+            pair.master,
+            logdir,
+            frontends=1,
+            REDIS_URL=proxy.url,
+            THOUGHTWIRE_LEASE_SECONDS="1",
+            THOUGHTWIRE_SIM_ANSWER_TOKENS=str(TOKENS),
+            THOUGHTWIRE_SIM_TOKENS_PER_SECOND="40",
+        )
+    except BaseException:
+        proxy.stop()
+        raise
+    yield pair, proxy, cluster
+    cluster.stop()
+    proxy.stop()
+
+
+def fail_over(pair: Pair, proxy: TcpProxy, cluster: Cluster) -> None:
+    """The promoted replica takes over: every process reconnects to it; the old master dies."""
+    proxy.switch(pair.replica.port)
+    pair.master.proc.kill()
+    wait_until(cluster.frontends[0].ready, 30, "the frontend to be ready on the new master")
+
+
+async def messages_until(ws, done_of: set[str], timeout: float = 30) -> list[dict]:
+    """Every frame with a ``type`` until a terminal event of a run not in ``done_of``."""
+    messages = []
+    async with asyncio.timeout(seconds(timeout)):
+        while True:
+            message = await recv_json(ws)
+            messages.append(message)
+            terminal = message.get("type") in ("done", "error", "cancelled") and "seq" in message
+            if terminal and message["run"] not in done_of:
+                return messages
+
+
+def positions_hold_one_event(*streams: list[dict]) -> None:
+    """No ``(epoch, seq)`` names two different events, across every client's stream."""
+    seen: dict[tuple[str, int], dict] = {}
+    for message in (m for stream in streams for m in stream if "seq" in m):
+        first = seen.setdefault((message["epoch"], message["seq"]), message)
+        assert first == message, f"two events at one position: {first} and {message}"
+
+
+async def test_a_new_run_after_a_failover_never_reuses_a_seq_clients_hold(failover):
+    pair, proxy, cluster = failover
+    url = cluster.frontends[0].ws
+    async with connect(url + "/ws/agent-thoughts") as ws:
+        session = await greeting(ws)
+        await ws.send("first")
+        first = await run_events(ws)
+        assert await asyncio.to_thread(pair.caught_up)
+        pair.promote()
+        # The second run reaches the client through the old master alone.
+        await ws.send("second")
+        second = await run_events(ws)
+        epoch, held = second[-1]["epoch"], second[-1]["seq"]
+        assert {e["epoch"] for e in first + second} == {epoch}
+        assert held == 2 * len(first)
+        await asyncio.to_thread(fail_over, pair, proxy, cluster)
+        # A run started after the failover, by a writer that never saw seqs past the
+        # replica's: it must not number its events as the lost ones.
+        await ws.send("third")
+        after = await messages_until(ws, {first[0]["run"], second[0]["run"]})
+    third = [m for m in after if m.get("run") == after[-1]["run"] and "seq" in m]
+    assert third[-1]["type"] == "done"
+    assert all(e["epoch"] != epoch for e in third)
+    assert check_stream(first + second + after) >= 1
+    # A client that held the second run and comes back later is told, not fed the
+    # third run's tail as if it followed what it holds.
+    async with connect(
+        f"{url}/ws/agent-thoughts?session={session}&after={held}&epoch={epoch}"
+    ) as ws:
+        await greeting(ws)
+        gap = await recv_json(ws)
+        assert gap["type"] == "gap" and gap["reason"] == "epoch", gap
+        assert gap["epoch"] != epoch
+        resumed = await messages_until(ws, set(), timeout=10)
+    positions_hold_one_event(first, second, after, resumed)
+
+
+async def test_the_run_writing_through_a_failover_goes_on_in_a_new_epoch(failover):
+    pair, proxy, cluster = failover
+    async with connect(cluster.frontends[0].ws + "/ws/agent-thoughts") as ws:
+        await greeting(ws)
+        await ws.send("through a failover")
+        before = await first_events(ws, 12)
+        assert await asyncio.to_thread(pair.caught_up)
+        pair.promote()
+        lost = await first_events(ws, 8)  # on the old master only
+        await asyncio.to_thread(fail_over, pair, proxy, cluster)
+        after = await messages_until(ws, set())
+    epoch = before[0]["epoch"]
+    assert check_stream(before + lost + after) >= 1
+    assert after[-1]["type"] == "done" and after[-1]["epoch"] != epoch
+    positions_hold_one_event(before, lost, after)
+
+
+async def first_events(ws, count: int) -> list[dict]:
+    events: list[dict] = []
+    while len(events) < count:
+        message = await recv_json(ws)
+        if "seq" in message:
+            events.append(message)
+    return events
