@@ -23,18 +23,25 @@ import asyncio
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
-from thoughtwire.shared import scripts
+from thoughtwire.shared import scripts, tracing
 from thoughtwire.shared.closecodes import ErrorCode
 from thoughtwire.shared.grants import Grants
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.presence import Presence
 from thoughtwire.shared.protocol import Job, Thought, encode_event_head
-from thoughtwire.shared.redis import Batcher, Redis, ResponseError
+from thoughtwire.shared.redis import (
+    Batcher,
+    Redis,
+    ResponseError,
+    is_cluster,
+    register_script,
+    sharded,
+)
 from thoughtwire.shared.redis import Script as AsyncScript
 from thoughtwire.shared.vocab import Multitask, RunStatus, Verdict
 
@@ -99,6 +106,7 @@ class Bus:
         self.keys = keys
         self._log_maxlen = log_maxlen
         self._ttl = log_ttl
+        self._sharded = is_cluster(redis)  # a Redis Cluster: tagged channels are sharded
         self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
         # Scripts and the hot paths' commands go out pipelined (shared.redis.pipeline).
         self._batch = Batcher(redis)
@@ -106,11 +114,12 @@ class Bus:
         self.grants = Grants(redis, keys, self._batch, ttl=log_ttl)
         # Who watches each session, summed across frontends (shared/presence.py).
         self.presence = Presence(redis, keys, self._batch)
-        self._append = redis.register_script(scripts.APPEND)
+        # These publish on the session's channel: sharded on a cluster (shared/redis/cluster.py).
+        self._append = register_script(redis, scripts.APPEND)
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
-        self._end_lost = redis.register_script(scripts.END_LOST)
-        self._withdraw = redis.register_script(scripts.WITHDRAW)
+        self._end_lost = register_script(redis, scripts.END_LOST)
+        self._withdraw = register_script(redis, scripts.WITHDRAW)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._admit = redis.register_script(scripts.ADMIT)
@@ -146,6 +155,8 @@ class Bus:
             if first is None and existing is not None and _text(existing) != ours:
                 run, session = _text(existing).split(" ", 1)
                 return run, session, False
+        if job.traceparent is None and (context := tracing.traceparent()) is not None:
+            job = replace(job, traceparent=context)  # the trace goes on in the worker
         earlier = await self._admit_run(job)
         if isinstance(earlier, Busy):
             if idempotency_key is not None and user is not None:
@@ -370,13 +381,16 @@ class Bus:
 
     async def dead_letter(self, entry_id: str, job: Job, reason: str) -> None:
         """Move a job that failed every attempt to the dead letters, and free its run slot."""
+        # The dead letter first, then the job out of the queue: two streams, which are of
+        # two slots on a cluster, so no one transaction. A loss between the two leaves the
+        # job queued, to fail and be dead-lettered again: a dead letter twice, never none.
+        await self.redis.xadd(
+            self.keys.dead_letters,
+            {"job": job.encode(), "reason": reason},
+            maxlen=self._log_maxlen,
+            approximate=True,
+        )
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                self.keys.dead_letters,
-                {"job": job.encode(), "reason": reason},
-                maxlen=self._log_maxlen,
-                approximate=True,
-            )
             pipe.xack(self.keys.jobs, self.keys.jobs_group, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute()
@@ -643,12 +657,25 @@ class Bus:
     # --- plain messages -----------------------------------------------------
 
     async def publish(self, channel: str, payload: str | bytes) -> int:
-        """PUBLISH ``payload`` on ``channel``; returns how many subscribers got it."""
+        """PUBLISH ``payload`` on ``channel``; returns how many subscribers got it.
+
+        On a cluster a channel with a hash tag (a client's) is sharded: SPUBLISH, whose
+        count is the whole cluster's, where PUBLISH counts only one node's subscribers.
+        """
+        if self._sharded and sharded(channel):
+            return int(await self.redis.spublish(channel, payload))
         return int(await self.redis.publish(channel, payload))
 
     async def subscribers(self, channels: Iterable[str]) -> dict[str, int]:
-        """PUBSUB NUMSUB: how many frontends follow each channel."""
-        (reply,) = await self._commands(("PUBSUB", "NUMSUB", *channels))
+        """PUBSUB NUMSUB: how many frontends follow each channel (on a cluster, each
+        sharded channel asked of its master with SHARDNUMSUB)."""
+        if self._sharded:
+            replies = await self._commands(
+                *(("PUBSUB", "SHARDNUMSUB" if sharded(c) else "NUMSUB", c) for c in channels)
+            )
+            reply = [part for pair in replies for part in pair]
+        else:
+            (reply,) = await self._commands(("PUBSUB", "NUMSUB", *channels))
         return {
             _text(name): int(count) for name, count in zip(reply[::2], reply[1::2], strict=True)
         }

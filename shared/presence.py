@@ -25,7 +25,7 @@ import orjson
 
 from thoughtwire.shared import scripts
 from thoughtwire.shared.keys import Keys
-from thoughtwire.shared.redis import Batcher, Redis
+from thoughtwire.shared.redis import Batcher, Redis, register_script
 from thoughtwire.shared.redis import Script as AsyncScript
 
 
@@ -53,7 +53,8 @@ class Presence:
     def __init__(self, redis: Redis, keys: Keys, batch: Batcher) -> None:
         self._keys = keys
         self._batch = batch
-        self._script: AsyncScript = redis.register_script(scripts.PRESENCE)
+        # Publishes on the session's presence channel: sharded on a cluster.
+        self._script: AsyncScript = register_script(redis, scripts.PRESENCE)
 
     def channel(self, session: str) -> str:
         """The channel ``session``'s ``presence`` frames are published on."""

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from tests.procs import seconds
 from tests.redis_cluster import RedisCluster
+from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.protocol import Job, Thought, decode_event
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.redis.pubsub import open_link
+from thoughtwire.shared.settings import Settings
 
 
 def test_the_fixture_serves_every_slot_from_three_masters(redis_cluster: RedisCluster) -> None:
@@ -27,3 +36,49 @@ def test_the_fixture_moves_a_slot_and_promotes_a_replica(redis_cluster: RedisClu
     assert promoted != target and redis_cluster.master_of(key) == promoted
     redis_cluster.restart(target)
     assert target not in redis_cluster.masters()
+
+
+async def test_a_session_is_appended_and_published_on_its_master_through_sharded_pub_sub(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    got: list[tuple[bytes, bytes, bytes | None]] = []
+    confirmed = asyncio.Event()
+
+    def on_message(kind: bytes, channel: bytes, data: bytes | None) -> None:
+        got.append((kind, channel, data))
+        if kind == b"subscribe" and channel == bus.session_channel("s1").encode():
+            confirmed.set()
+
+    link = await open_link(factory, on_message)
+    try:
+        await link.subscribe(bus.runs_ended.encode(), bus.session_channel("s1").encode())
+        async with asyncio.timeout(seconds(5)):
+            await confirmed.wait()
+        job = Job(run="r1", session="s1", prompt="p")
+        await bus.submit(job)
+        attempt = await bus.start(job, "w1", 10_000, 3)
+        heads = [bus.encode(job, Thought("answer", f"t{i}")) for i in range(5)]
+        assert await bus.submit_encoded(job, heads, fence=attempt.fence, first=1) == 5
+        done = [bus.encode(job, Thought("done", "ok"))]
+        await bus.submit_encoded(job, done, fence=attempt.fence, first=6, status="done")
+        channel = bus.session_channel("s1")
+        assert await bus.subscribers([channel]) == {channel: 1}
+        async with asyncio.timeout(seconds(5)):
+            while not any(k == b"message" and c == bus.runs_ended.encode() for k, c, _ in got):
+                await asyncio.sleep(0.01)
+        events = [
+            decode_event(d or b"") for k, c, d in got if c == channel.encode() and k == b"message"
+        ]
+        assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
+        assert [decode_event(e).seq for e in await bus.history("s1")] == [1, 2, 3, 4, 5, 6]
+        master = redis_cluster.node(redis_cluster.master_of(channel))
+        assert master.call("PUBSUB", "SHARDNUMSUB", channel) == [channel, 1]
+        # the personal channel of a client is sharded too: SPUBLISH counts the cluster's
+        assert await bus.publish(bus.client_channel("nobody"), "x") == 0
+        await bus.dead_letter("0-1", job, "test")  # two streams, two slots
+        await bus.requeue("0-1", job)
+    finally:
+        await link.close()
+        await bus.redis.aclose()

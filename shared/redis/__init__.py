@@ -12,6 +12,8 @@ code reaches Redis through the names re-exported here.
 - :mod:`thoughtwire.shared.redis.pipeline`: :class:`Batcher`, many callers' calls in one round trip.
 - :mod:`thoughtwire.shared.redis.pubsub`: the hub's pub/sub link, and one channel's messages (a
   worker's control channel).
+- :mod:`thoughtwire.shared.redis.cluster`: Redis Cluster: its client, sharded channels, and the
+  hub's link across masters.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from thoughtwire.shared.redis.cluster import is_cluster, register_script, sharded
 from thoughtwire.shared.redis.connections import RedisFactory
 from thoughtwire.shared.redis.pipeline import Batcher
 
@@ -38,4 +41,7 @@ __all__ = [
     "RedisTimeoutError",
     "ResponseError",
     "Script",
+    "is_cluster",
+    "register_script",
+    "sharded",
 ]

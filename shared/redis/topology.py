@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
 class Kind(enum.StrEnum):
@@ -58,6 +58,13 @@ class Topology:
     def redacted(self) -> str:
         """The URL with its password replaced, for logs and errors."""
         return redact(self.url)
+
+    def node_url(self, host: str, port: int) -> str:
+        """A ``redis://`` (``rediss://``) URL of one node, with the servers' credentials."""
+        userinfo = ""
+        if self.password is not None:
+            userinfo = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        return f"{'rediss' if self.tls else 'redis'}://{userinfo}{host}:{port}"
 
 
 def parse(url: str) -> Topology:

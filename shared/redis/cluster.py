@@ -1,0 +1,256 @@
+"""Redis Cluster: the commands client, which channels are sharded, and the hub's link.
+
+With a ``redis+cluster://`` URL every command goes through redis-py's ``RedisCluster``,
+which learns the slot map from the listed nodes, sends each command to the master of
+its key's slot and follows ``MOVED``/``ASK`` redirections. Every script's keys are of
+one slot (``{session}`` or ``{user digest}`` hash tags, :mod:`thoughtwire.shared.keys`),
+so a script runs on one master.
+
+Channels come in two kinds. A channel whose name has a hash tag (a session's events
+and presence frames, a client's personal channel) is *sharded*: it is published with
+SPUBLISH, from the script that writes the session's log on the master of that slot,
+and followed with SSUBSCRIBE on that master, so an event crosses no cluster bus. The
+other channels (the broadcast, a frontend's node channel, runs ended, worker control)
+are global: PUBLISH and SUBSCRIBE on any node, which the cluster bus carries to all.
+
+The hub's link (:class:`ClusterLink`) holds one connection for the global channels and
+one per master that serves a sharded channel it follows. When a master goes (a
+failover), a slot moves (the server unsubscribes its channels: ``sunsubscribe``), or a
+subscription is redirected (``MOVED``), the whole link ends: the hub reconnects, which
+reads the slot map afresh, subscribes every channel on the master that serves it now,
+and has every viewer catch up from the log (:mod:`thoughtwire.api.hub`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from thoughtwire.shared.redis.pubsub import OnMessage, OnRun, RawLink
+from thoughtwire.shared.redis.topology import Topology
+from thoughtwire.shared.settings import Settings
+
+logger = logging.getLogger("thoughtwire.redis.cluster")
+
+# Commands that find the cluster's shape: their replies are parsed even on the raw
+# client (:meth:`ClusterClient.raw`), since redis-py reads its slot map through them.
+_DISCOVERY = ("CLUSTER", "COMMAND")
+
+
+def is_cluster(redis: Any) -> bool:
+    """Whether ``redis`` is a Redis Cluster client (then tagged channels are sharded)."""
+    return isinstance(redis, RedisCluster)
+
+
+def sharded(channel: str | bytes) -> bool:
+    """Whether ``channel`` is a sharded channel in a cluster: its name has a hash tag."""
+    name = channel.encode() if isinstance(channel, str) else channel
+    start = name.find(b"{")
+    return start >= 0 and name.find(b"}", start + 2) > start  # a non-empty ``{tag}``
+
+
+def register_script(redis: Any, lua: str) -> AsyncScript:
+    """``lua`` as a script of ``redis``. On a cluster, a channel the script is given as a
+    key (``redis.call('PUBLISH', KEYS[n], ...)``: a session's, in its slot) is published
+    with SPUBLISH on that slot's master; channels given as arguments stay global."""
+    if is_cluster(redis):
+        lua = lua.replace("redis.call('PUBLISH', KEYS[", "redis.call('SPUBLISH', KEYS[")
+    script: AsyncScript = redis.register_script(lua)
+    return script
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's ``RedisCluster``, built from a topology and the settings.
+
+    Each node's pool holds ``redis_pool_size`` connections (redis-py's cap is 100 per
+    node); a command that meets a lost node, ``CLUSTERDOWN`` or a slot not served is
+    retried three times with jittered backoff after reading the slot map again, which
+    rides out a replica's promotion (``cluster-node-timeout`` plus a second or so).
+    """
+
+    def __init__(self, topology: Topology, settings: Settings, *, raw: bool = False) -> None:
+        self.topology = topology
+        self.settings = settings
+        self._twins: list[ClusterClient] = []
+        super().__init__(
+            startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
+            username=topology.username,
+            password=topology.password,
+            ssl=topology.tls,
+            max_connections=settings.redis_pool_size,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), 3),
+            socket_keepalive=True,
+        )
+        if raw:
+            # Every node shares this one dict (redis-py hands it to each ClusterNode).
+            kept = {k: v for k, v in self.response_callbacks.items() if k.startswith(_DISCOVERY)}
+            self.response_callbacks.clear()
+            self.response_callbacks.update(kept)
+
+    def raw(self) -> ClusterClient:
+        """A twin whose data commands' replies are as Redis sent them (the batcher's); it
+        is closed with this client."""
+        twin = ClusterClient(self.topology, self.settings, raw=True)
+        self._twins.append(twin)
+        return twin
+
+    async def aclose(self) -> None:
+        """Close this client's connections and its twins'."""
+        twins, self._twins = self._twins, []
+        for twin in twins:
+            await twin.aclose()
+        await super().aclose()
+
+
+class ClusterLink:
+    """The hub's link over a cluster: global channels on one node, sharded on their master.
+
+    It ends (:meth:`wait_closed` raises) as soon as one of its connections is lost, a
+    master unsubscribes a channel the hub did not leave (its slot moved), or a
+    subscription is refused (``MOVED``: the slot map changed): the hub then opens a new
+    link, on the slot map as it is then (see the module's docstring).
+    """
+
+    def __init__(self, client: ClusterClient, on_message: OnMessage, on_run: OnRun | None) -> None:
+        self._client = client
+        self._on_message = on_message
+        self._on_run = on_run
+        self._global: RawLink | None = None
+        self._shards: dict[str, RawLink] = {}  # a master's name (host:port): its link
+        self._where: dict[bytes, str] = {}  # a sharded channel: the master it is on
+        self._leaving: dict[bytes, int] = defaultdict(int)  # SUNSUBSCRIBEs not confirmed
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(
+        cls, topology: Topology, settings: Settings, on_message: OnMessage, on_run: OnRun | None
+    ) -> ClusterLink:
+        """Read the slot map and connect the global channels' link to one of the masters."""
+        client = ClusterClient(topology, settings)
+        link = cls(client, on_message, on_run)
+        try:
+            await client.initialize()
+            node = random.choice(client.get_primaries())
+            link._global = await link._connect(node.host, int(node.port), sharded=False)
+        except BaseException:
+            await link.close()
+            raise
+        return link
+
+    async def subscribe(self, *channels: bytes) -> None:
+        """Subscribe: global channels on the global link, sharded ones on their master."""
+        assert self._global is not None
+        plain = [c for c in channels if not sharded(c)]
+        if plain:
+            await self._global.subscribe(*plain)
+        for (name, _slot), group in self._by_slot(c for c in channels if sharded(c)).items():
+            link = self._shards.get(name)
+            if link is None:
+                node = self._client.get_node(node_name=name)
+                assert node is not None
+                link = self._shards[name] = await self._connect(
+                    node.host, int(node.port), sharded=True
+                )
+            for channel in group:
+                self._where[channel] = name
+            await link.subscribe(*group)
+
+    async def unsubscribe(self, *channels: bytes) -> None:
+        """Unsubscribe, each channel where it was subscribed."""
+        assert self._global is not None
+        plain = [c for c in channels if not sharded(c)]
+        if plain:
+            await self._global.unsubscribe(*plain)
+        by_link: dict[tuple[str, int], list[bytes]] = defaultdict(list)
+        for channel in channels:
+            name = self._where.pop(channel, None) if sharded(channel) else None
+            if name is not None:
+                by_link[(name, self._client.keyslot(channel))].append(channel)
+        for (name, _slot), group in by_link.items():
+            for channel in group:
+                self._leaving[channel] += 1
+            await self._shards[name].unsubscribe(*group)
+
+    async def wait_closed(self) -> None:
+        """Raise once any connection of the link is gone, or the slot map changed."""
+        await asyncio.shield(self._closed)
+
+    async def close(self) -> None:
+        """Close every connection; idempotent."""
+        self._end(RedisConnectionError("pub/sub link closed"))
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        links = [self._global, *self._shards.values()]
+        self._global, self._shards = None, {}
+        for link in links:
+            if link is not None:
+                with contextlib.suppress(RedisConnectionError, OSError):
+                    await link.close()
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
+
+    # --- inside -------------------------------------------------------------
+
+    def _by_slot(self, channels: Iterable[bytes]) -> dict[tuple[str, int], list[bytes]]:
+        """Channels grouped by master and slot: one SSUBSCRIBE takes channels of one slot."""
+        groups: dict[tuple[str, int], list[bytes]] = defaultdict(list)
+        for channel in channels:
+            node = self._client.get_node_from_key(channel.decode())
+            assert node is not None
+            groups[(node.name, self._client.keyslot(channel))].append(channel)
+        return groups
+
+    async def _connect(self, host: str, port: int, *, sharded: bool) -> RawLink:
+        url = self._client.topology.node_url(host, port)
+        on_message = self._on_shard_message if sharded else self._on_message
+        link = await RawLink.open(url, on_message, on_run=self._on_run, sharded=sharded)
+        task = asyncio.create_task(self._watch(link), name=f"cluster-link-{host}:{port}")
+        self._watchers.append(task)
+        return link
+
+    async def _watch(self, link: RawLink) -> None:
+        """One connection ended: so does the link (the hub reconnects)."""
+        try:
+            await link.wait_closed()
+            self._end(RedisConnectionError(f"pub/sub connection closed: {link}"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._end(exc)
+
+    def _on_shard_message(self, kind: bytes, channel: bytes, data: bytes | None) -> None:
+        """A master's message or confirmation, as the hub takes it; a moved slot ends the link."""
+        if kind == b"message":
+            self._on_message(kind, channel, data)
+        elif kind == b"ssubscribe":
+            self._on_message(b"subscribe", channel, None)
+        elif kind == b"sunsubscribe":
+            if self._leaving.get(channel, 0) > 0:
+                self._leaving[channel] -= 1
+                if not self._leaving[channel]:
+                    del self._leaving[channel]
+                self._on_message(b"unsubscribe", channel, None)
+            else:  # the master let it go: its slot moved to another master
+                self._end(RedisConnectionError(f"slot of {channel!r} moved"))
+        elif kind == b"error":
+            self._end(RedisConnectionError(f"subscription refused: {data!r}"))
+
+    def _end(self, error: Exception) -> None:
+        if not self._closed.done():
+            logger.info("cluster pub/sub link ends: %s", error)
+            self._closed.set_exception(error)
+            self._closed.exception()  # retrieved: an unawaited end is not logged
