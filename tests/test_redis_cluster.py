@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
-from tests.procs import seconds
+import pytest
+
+from tests.conftest import Cluster, sim_run, start_cluster
+from tests.procs import RedisServer, seconds, wait_until
 from tests.redis_cluster import RedisCluster
+from tests.wsclient import connect, greeting, run_events
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, decode_event
@@ -82,3 +90,62 @@ async def test_a_session_is_appended_and_published_on_its_master_through_sharded
     finally:
         await link.close()
         await bus.redis.aclose()
+
+
+@dataclass
+class ClusterUrl:
+    """What start_cluster reads of a Redis: its URL."""
+
+    url: str
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_cluster: RedisCluster, logdir: Path) -> Iterator[Cluster]:
+    """Two frontends and two workers, real processes, on the Redis Cluster."""
+    c = start_cluster(
+        cast(RedisServer, ClusterUrl(redis_cluster.url)),
+        logdir,
+        frontends=2,
+        workers=2,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS="20",
+    )
+    yield c
+    c.stop()
+
+
+async def prompt_and_follow(url: str) -> tuple[str, list[dict[str, Any]]]:
+    """Open a session on ``url``, send one prompt, and return the run's events."""
+    async with connect(url + "/ws/agent-thoughts") as ws:
+        session = await greeting(ws)
+        await ws.send("hello")
+        return session, await run_events(ws, timeout=60)
+
+
+def shard_subscribers(redis_cluster: RedisCluster, channels: list[str]) -> int:
+    """PUBSUB SHARDNUMSUB of each channel, asked of the master of its slot, summed."""
+    total = 0
+    for channel in channels:
+        reply = redis_cluster.node(redis_cluster.master_of(channel)).call(
+            "PUBSUB", "SHARDNUMSUB", channel
+        )
+        total += int(cast(list[Any], reply)[1])
+    return total
+
+
+async def test_thirty_sessions_stream_through_two_frontends_over_a_cluster(
+    redis_cluster: RedisCluster, deployment: Cluster
+) -> None:
+    urls = [f.ws for f in deployment.frontends]
+    keys = Keys(deployment.prefix)
+    async with connect(urls[1] + "/ws/agent-thoughts") as ws:
+        watched = [keys.session_channel(await greeting(ws))]
+        # the frontend follows the session with SSUBSCRIBE on the master of its slot
+        wait_until(lambda: shard_subscribers(redis_cluster, watched) == 1, 10, "an SSUBSCRIBE")
+    results = await asyncio.gather(*(prompt_and_follow(urls[i % 2]) for i in range(30)))
+    channels = [keys.session_channel(session) for session, _ in results] + watched
+    assert {redis_cluster.master_of(c) for c in channels} == set(redis_cluster.masters())
+    for _session, events in results:
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert [e["type"] for e in events] == sim_run(20)
+    # every socket closed: each frontend has let go of every session's channel
+    wait_until(lambda: shard_subscribers(redis_cluster, channels) == 0, 10, "SSUBSCRIBEs to end")
