@@ -1,14 +1,19 @@
-"""The deploy examples start as written: the Kubernetes kit and the docs' ``docker run`` lines.
+"""The deploy kit starts as written: the Kubernetes overlays, compose, the image and the docs.
 
 Each container that runs ``thoughtwire api`` or ``thoughtwire worker`` has its
 environment built the way its runtime would build it, and put through the checks those
 commands make before they serve: ``Settings.from_env`` accepts it, it names a Redis, and
-``api`` without ``--insecure`` has authentication on.
+``api`` without ``--insecure`` has authentication on. The same settings then size what
+the manifests promise: grace periods above the drains, probes on real routes, proxy
+timeouts above the pings, KEDA on the real jobs stream.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import functools
+import importlib.util
 import json
 import re
 import shlex
@@ -20,13 +25,27 @@ from typing import Any
 
 import pytest
 
+from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.settings import Settings
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
+KUSTOMIZE = DEPLOY / "kubernetes"
+OVERLAYS = ("dev", "prod")
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
-ROLES = ("api", "worker")
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+SCHEMAS = Path(__file__).parent / "schemas"
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "Pod")
+
+# What a stopping process may take beyond its drain settings (api/server.py,
+# worker/runner.py): uvicorn waits DRAIN_TIMEOUT + 5 s after the frontend's drain
+# window; a worker hands unfinished runs back within 5 s after DRAIN_TIMEOUT.
+UVICORN_EXTRA = 5
+HAND_BACK = 5
+
+
+def yaml_module() -> Any:
+    return pytest.importorskip("yaml", reason="PyYAML comes with the test extra")
 
 
 def image_argv() -> list[str]:
@@ -51,24 +70,41 @@ def check_start_up(argv: list[str], env: Mapping[str, str], where: str) -> str:
     return role
 
 
+def api_port(argv: list[str]) -> int:
+    """The port ``thoughtwire api`` listens on for this command line."""
+    if "--port" in argv:
+        return int(argv[argv.index("--port") + 1])
+    return 8000
+
+
 # --- the Kubernetes kit -------------------------------------------------------------
 
 
-def render() -> list[dict[str, Any]]:
-    """``kubectl kustomize deploy/``: every object of the kit."""
+@functools.cache
+def rendered(overlay: str) -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (scripts/system-deps installs kubernetes-client)")
-    yaml = pytest.importorskip("yaml", reason="PyYAML comes with the test extra")
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY)],
+    result = subprocess.run(
+        [kubectl, "kustomize", str(KUSTOMIZE / "overlays" / overlay)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert rendered.returncode == 0, rendered.stderr
-    return [o for o in yaml.safe_load_all(rendered.stdout) if o]
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    """``kubectl kustomize deploy/kubernetes/overlays/<overlay>``: every object of it."""
+    return [o for o in yaml_module().safe_load_all(rendered(overlay)) if o]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind}/{name}"
+    return found[0]
 
 
 class Objects:
@@ -131,14 +167,18 @@ def container_env(container: Mapping[str, Any], objects: Objects, where: str) ->
     return env
 
 
+def pod_spec(o: Mapping[str, Any]) -> dict[str, Any]:
+    return o["spec"] if o["kind"] == "Pod" else o["spec"]["template"]["spec"]
+
+
 def thoughtwire_containers(
     objects: list[dict[str, Any]],
-) -> Iterator[tuple[str, list[str], dict[str, Any]]]:
-    """``(where, argv, container)`` for every container of the thoughtwire image."""
+) -> Iterator[tuple[str, list[str], dict[str, Any], dict[str, Any]]]:
+    """``(where, argv, container, workload)`` for every container of the thoughtwire image."""
     for o in objects:
         if o["kind"] not in WORKLOADS:
             continue
-        spec = o["spec"] if o["kind"] == "Pod" else o["spec"]["template"]["spec"]
+        spec = pod_spec(o)
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
             if not container["image"].split(":")[0].endswith("thoughtwire"):
                 continue
@@ -149,43 +189,354 @@ def thoughtwire_containers(
                 f"{o['kind']}/{o['metadata']['name']}/{container['name']}",
                 [*command, *args],
                 container,
+                o,
             )
 
 
-def test_every_container_of_the_kit_passes_the_start_up_checks():
+def roles(
+    overlay: str,
+) -> dict[str, tuple[str, list[str], dict[str, Any], dict[str, Any], Settings]]:
+    """Each role's one container in an overlay: where, argv, container, workload, settings."""
+    objects = render(overlay)
+    found = {}
+    for where, argv, container, workload in thoughtwire_containers(objects):
+        env = container_env(container, Objects(objects), where)
+        assert argv[1] not in found, f"two {argv[1]} containers"
+        found[argv[1]] = (where, argv, container, workload, Settings.from_env(env))
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_of_each_overlay_passes_the_start_up_checks(overlay):
     """Every `thoughtwire api`/`worker` container would start: 1 api and 1 worker Deployment.
 
-    Before: the Secret held only REDIS_URL, and `thoughtwire api` exited 2 ("no
-    authentication is configured"). Now the api gets JWT_SECRET; the worker does not.
+    The api gets JWT_SECRET (without it `thoughtwire api` exits 2, "no authentication is
+    configured"); the worker does not.
     """
-    rendered = render()
-    objects = Objects(rendered)
-    roles = []
-    for where, argv, container in thoughtwire_containers(rendered):
-        env = container_env(container, objects, where)
+    objects = render(overlay)
+    found = []
+    for where, argv, container, _ in thoughtwire_containers(objects):
+        env = container_env(container, Objects(objects), where)
         role = check_start_up(argv, env, where)
-        roles.append(role)
+        found.append(role)
         if role == "worker":  # least privilege: a worker never signs or checks a token
             assert "JWT_SECRET" not in env, where
-        print(f"{where}: {' '.join(argv)}; env {sorted(env)}")
-    assert sorted(roles) == ["api", "worker"]
+        print(f"{overlay}: {where}: {' '.join(argv)}; env {sorted(env)}")
+    assert sorted(found) == ["api", "worker"]
 
 
-def test_the_kit_lists_every_manifest_in_deploy():
-    yaml = pytest.importorskip("yaml", reason="PyYAML comes with the test extra")
-    kit = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    manifests = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kit["resources"]) == manifests
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_secrets_are_placeholders_that_say_so(overlay):
+    """Whoever reads the kit can read its Secret: every secret value says it is not for use."""
+    secret = one(render(overlay), "Secret", "thoughtwire")
+    assert "placeholder-not-for-production" in secret["stringData"]["JWT_SECRET"]
+    assert "placeholder" in secret["stringData"]["REDIS_URL"] or overlay == "dev"
 
 
-def test_the_rendered_kit_is_valid_kubernetes():
-    """Each rendered object against the Kubernetes schema, offline (strict: no unknown fields)."""
+def test_dev_runs_its_own_redis_and_prod_an_operated_sentinel():
+    dev, prod = render("dev"), render("prod")
+    redis = one(dev, "Deployment", "redis")
+    assert redis["spec"]["replicas"] == 1
+    one(dev, "Service", "redis")
+    assert roles("dev")["api"][4].redis_url == "redis://redis:6379/0"
+    # prod: no Redis of its own, not even a StatefulSet; REDIS_URL names the Sentinels.
+    assert not [o for o in prod if "redis" in o["metadata"]["name"] and o["kind"] in WORKLOADS]
+    assert not [o for o in prod if o["kind"] == "StatefulSet"]
+    for role in ("api", "worker"):
+        assert roles("prod")[role][4].redis_url.startswith("redis+sentinel://")
+
+
+# --- Kubernetes' schemas, offline ---------------------------------------------------
+
+
+def strict(schema: Any) -> Any:
+    """A CRD schema that, like `kubectl apply`'s strict field validation, refuses
+    unknown fields: each object with properties and no other rule for extra keys."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """``(apiVersion, kind)`` -> openAPIV3Schema of each vendored CRD (tests/schemas/keda)."""
+    schemas = {}
+    for path in (SCHEMAS / "keda").glob("*.yaml"):
+        crd = yaml_module().safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = {"type": "object"}  # the API server's part
+            schemas[(f"{group}/{version['name']}", kind)] = strict(schema)
+    return schemas
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_is_valid_kubernetes_and_keda(overlay):
+    """Built-in kinds against Kubernetes' schema (kubernetes-validate, strict: no unknown
+    fields); KEDA's kinds against the CRDs of KEDA v2.20.2, vendored, with jsonschema."""
     kubernetes_validate = pytest.importorskip(
         "kubernetes_validate", reason="kubernetes-validate (the test extra) is not installed"
     )
+    jsonschema = pytest.importorskip("jsonschema")
     version = kubernetes_validate.latest_version()
-    for o in render():
-        kubernetes_validate.validate(o, version, strict=True)
+    kinds = []
+    for o in render(overlay):
+        schema = crd_schemas().get((o["apiVersion"], o["kind"]))
+        if schema is not None:
+            jsonschema.validate(o, schema, cls=jsonschema.Draft7Validator)
+        else:
+            kubernetes_validate.validate(o, version, strict=True)
+        kinds.append(o["kind"])
+    print(f"{overlay}: {sorted(kinds)}")
+    expected = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    expected |= {"Ingress", "Secret", "ConfigMap"}
+    if overlay == "prod":
+        expected |= {"ScaledObject", "TriggerAuthentication"}
+    assert expected <= set(kinds)
+
+
+def test_the_keda_schema_catches_a_mistake():
+    """The vendored schema is really applied: a misspelt field or a trigger without a type fail."""
+    jsonschema = pytest.importorskip("jsonschema")
+    scaled = one(render("prod"), "ScaledObject", "thoughtwire-worker")
+    schema = crd_schemas()[("keda.sh/v1alpha1", "ScaledObject")]
+    for spoil in (
+        lambda s: s["spec"].update(minReplicas=1),  # it is minReplicaCount
+        lambda s: s["spec"]["triggers"][0].pop("type"),
+        lambda s: s["spec"].pop("scaleTargetRef"),
+    ):
+        spoilt = copy.deepcopy(scaled)
+        spoil(spoilt)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(spoilt, schema, cls=jsonschema.Draft7Validator)
+
+
+def test_the_kit_lists_every_manifest_it_holds():
+    """No file of a kustomization's folder is left out of it (a forgotten manifest)."""
+    yaml = yaml_module()
+    folders = [p.parent for p in KUSTOMIZE.rglob("kustomization.yaml")]
+    assert {f.name for f in folders} >= {"base", "dev", "prod", "keda"}
+    for folder in folders:
+        kit = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        listed = set(kit.get("resources", []))
+        listed |= {p["path"] for p in kit.get("patches", []) if "path" in p}
+        manifests = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+        assert manifests <= listed, f"{folder.relative_to(ROOT)}: {manifests - listed} unused"
+    assert not list(DEPLOY.glob("*.yaml")) or (DEPLOY / "compose.yaml").exists()
+
+
+# --- what the manifests promise, against the settings they set ----------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_periods_outlast_the_drains(overlay):
+    """A frontend: preStop sleep + DRAIN_WINDOW + (DRAIN_TIMEOUT + 5) inside its grace period;
+    a worker: DRAIN_TIMEOUT + 5 (handing runs back). Settings are those the pods get."""
+    found = roles(overlay)
+    where, _, container, workload, settings = found["api"]
+    grace = pod_spec(workload)["terminationGracePeriodSeconds"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    needed = pre_stop + settings.drain_window + settings.drain_timeout + UVICORN_EXTRA
+    print(f"{where}: grace {grace} s, needs {needed} s")
+    assert pre_stop >= 3, "the endpoint needs a few seconds to leave the load balancers"
+    assert grace > needed
+    where, _, _, workload, settings = found["worker"]
+    grace = pod_spec(workload)["terminationGracePeriodSeconds"]
+    needed = settings.drain_timeout + HAND_BACK
+    print(f"{where}: grace {grace} s, needs {needed} s")
+    assert grace > needed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_frontend_probes_hit_real_routes_on_the_served_port(overlay):
+    from thoughtwire.api.app import create_app
+
+    where, argv, container, _, settings = roles(overlay)["api"]
+    paths = {getattr(r, "path", None) for r in create_app(settings).routes}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    probes = {k: container[k]["httpGet"] for k in ("readinessProbe", "livenessProbe")}
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    for kind, probe in probes.items():
+        assert probe["path"] in paths, f"{where}: {kind} on {probe['path']}, not a route"
+        port = ports.get(probe["port"], probe["port"])
+        assert port == api_port(argv), f"{where}: {kind} on {port}, served on {api_port(argv)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_probes_hit_the_metrics_port(overlay):
+    """Workers serve /healthz and /readyz on THOUGHTWIRE_METRICS_PORT."""
+    where, _, container, _, settings = roles(overlay)["worker"]
+    if "metrics_port" not in Settings.model_fields:
+        pytest.skip("workers have no THOUGHTWIRE_METRICS_PORT server yet")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    sources = "\n".join(
+        p.read_text() for d in ("worker", "shared") for p in (ROOT / d).rglob("*.py")
+    )
+    for kind, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        probe = container[kind]["httpGet"]
+        assert probe["path"] == path
+        assert f'"{path}"' in sources, f"no worker code serves {path}"
+        port = ports.get(probe["port"], probe["port"])
+        assert port == settings.metrics_port, f"{where}: {kind} on {port}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_thoughtwire_pods_run_unprivileged_and_bounded(overlay):
+    for where, _, container, workload in thoughtwire_containers(render(overlay)):
+        pod = pod_spec(workload)["securityContext"]
+        assert pod["runAsNonRoot"] and pod["runAsUser"] != 0, where
+        assert pod["seccompProfile"]["type"] == "RuntimeDefault", where
+        own = container["securityContext"]
+        assert own["allowPrivilegeEscalation"] is False, where
+        assert own["readOnlyRootFilesystem"] is True, where
+        assert own["capabilities"]["drop"] == ["ALL"], where
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][bound]), where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_frontends_scale_on_cpu_and_leave_one_at_a_time(overlay):
+    objects = render(overlay)
+    hpa = one(objects, "HorizontalPodAutoscaler", "thoughtwire-api")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "thoughtwire-api"
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    pdb = one(objects, "PodDisruptionBudget", "thoughtwire-api")
+    labels = one(objects, "Deployment", "thoughtwire-api")["spec"]["template"]["metadata"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels["labels"].items()
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_ingress_keeps_quiet_sockets_and_is_not_sticky(overlay):
+    objects = render(overlay)
+    ingress = one(objects, "Ingress", "thoughtwire")
+    notes = ingress["metadata"]["annotations"]
+    settings = roles(overlay)["api"][4]
+    for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(notes[f"nginx.ingress.kubernetes.io/{timeout}"]) > settings.ping_interval
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # SSE
+    assert not [
+        k for k in notes if "affinity" in k or "session-cookie" in k or "upstream-hash" in k
+    ]
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    service = one(objects, "Service", "thoughtwire-api")
+    assert "sessionAffinity" not in service["spec"] or service["spec"]["sessionAffinity"] == "None"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "thoughtwire-api"
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_keda_scales_workers_on_the_lag_of_the_real_jobs_stream():
+    """The trigger reads the stream and group the workers use (shared/keys.py) under the
+    prefix the workers are given, and scales the workers' Deployment on its lag."""
+    objects = render("prod")
+    scaled = one(objects, "ScaledObject", "thoughtwire-worker")
+    _, _, _, workload, settings = roles("prod")["worker"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == workload["metadata"]["name"]
+    keys = Keys(settings.key_prefix)
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis-sentinel-streams"  # prod's Redis is behind Sentinel
+    meta = trigger["metadata"]
+    assert (meta["stream"], meta["consumerGroup"]) == (keys.jobs, keys.jobs_group)
+    assert int(meta["lagCount"]) > 0
+    # The Sentinels KEDA asks are the ones REDIS_URL names, with its master set.
+    url = settings.redis_url or ""
+    assert url.endswith("/" + meta["sentinelMaster"])
+    assert set(meta["addresses"].split(",")) == set(url.split("@")[1].split("/")[0].split(","))
+    auth = one(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert {t["parameter"] for t in auth["spec"]["secretTargetRef"]} == {
+        "password",
+        "sentinelPassword",
+    }
+
+
+def test_the_keda_component_names_dev_redis_in_full():
+    """KEDA's operator connects from its own namespace: `redis:6379` would not resolve there."""
+    yaml = yaml_module()
+    scaled = yaml.safe_load((KUSTOMIZE / "components/keda/scaledobject.yaml").read_text())
+    dev = yaml.safe_load((KUSTOMIZE / "overlays/dev/kustomization.yaml").read_text())
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis-streams"
+    assert trigger["metadata"]["address"] == f"redis.{dev['namespace']}.svc.cluster.local:6379"
+    assert trigger["metadata"]["stream"] == Keys().jobs
+
+
+# --- compose ------------------------------------------------------------------------
+
+
+def interpolate(value: str) -> str:
+    """Compose's ``${NAME:?message}`` and ``${NAME:-default}``, with NAME unset: a required
+    one stands for what the user exports (a placeholder), an optional one for its default."""
+
+    def one_variable(match: re.Match[str]) -> str:
+        _name, op, rest = match[1], match[2], match[3]
+        return "exported-by-the-user-" * 3 if op == ":?" else rest
+
+    return re.sub(r"\$\{(\w+)(:\?|:-)([^}]*)\}", one_variable, value)
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    return yaml_module().safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+
+
+def compose_thoughtwire() -> Iterator[tuple[str, list[str], dict[str, str], dict[str, Any]]]:
+    """``(service, argv, env, service)`` for each service of the thoughtwire image."""
+    for name, service in compose_services().items():
+        if not service.get("image", "").startswith("thoughtwire"):
+            continue
+        argv = ["thoughtwire", *(service.get("command") or image_argv()[1:])]
+        env = {k: interpolate(str(v)) for k, v in service.get("environment", {}).items()}
+        yield name, argv, env, service
+
+
+def seconds_of(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, f"a duration in seconds: {duration}"
+    return float(match[1])
+
+
+def test_every_compose_service_passes_the_start_up_checks():
+    """Two frontends and two workers that start, drain inside compose's stop grace period,
+    and that nginx (mounting the shipped config) sends its upstream to."""
+    found = []
+    for name, argv, env, service in compose_thoughtwire():
+        role = check_start_up(argv, env, name)
+        settings = Settings.from_env(env)
+        grace = seconds_of(service["stop_grace_period"])
+        if role == "api":
+            needed = settings.drain_window + settings.drain_timeout + UVICORN_EXTRA
+        else:
+            needed = settings.drain_timeout + HAND_BACK
+            assert "JWT_SECRET" not in env, name
+        assert grace > needed, f"{name}: stop_grace_period {grace} s, needs {needed} s"
+        found.append((role, name, api_port(argv) if role == "api" else None))
+    assert sorted(r for r, _, _ in found) == ["api", "api", "worker", "worker"]
+    nginx = compose_services()["nginx"]
+    assert any(v.startswith("./nginx/thoughtwire.conf:") for v in nginx["volumes"])
+    conf = (DEPLOY / "nginx" / "thoughtwire.conf").read_text()
+    servers = re.findall(r"^\s*server ([\w.-]+:\d+)", conf, re.M)
+    assert sorted(servers) == sorted(f"{n}:{p}" for r, n, p in found if r == "api")
+
+
+def test_compose_refuses_to_start_without_a_jwt_secret():
+    """No secret is written in compose.yaml: JWT_SECRET must come from the user's shell."""
+    for name, _, _, service in compose_thoughtwire():
+        raw = service["environment"]
+        if "JWT_SECRET" in raw:
+            assert raw["JWT_SECRET"].startswith("${JWT_SECRET:?"), name
 
 
 # --- the docs' docker run lines -----------------------------------------------------
@@ -222,8 +573,15 @@ def docker_runs(doc: str) -> Iterator[tuple[list[str], dict[str, str]]]:
 def test_every_docker_run_line_passes_the_start_up_checks():
     """The docs' `docker run` lines start: one `api` (with JWT_SECRET), one `worker`."""
     runs = list(docker_runs(DEPLOY_DOC.read_text()))
-    roles = [check_start_up(argv, env, " ".join(argv)) for argv, env in runs]
-    assert sorted(roles) == ["api", "worker"]
+    found = [check_start_up(argv, env, " ".join(argv)) for argv, env in runs]
+    assert sorted(found) == ["api", "worker"]
+
+
+# --- the image ----------------------------------------------------------------------
+
+
+def dockerfile() -> str:
+    return (DEPLOY / "Dockerfile").read_text()
 
 
 def test_the_image_copies_what_its_package_links_to():
@@ -232,11 +590,10 @@ def test_the_image_copies_what_its_package_links_to():
     api/static/thoughtwire.js links to clients/js: without `COPY clients`, the wheel built
     in the image silently lacks the file and every frontend fails at start-up.
     """
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    copied = [ROOT / m for m in re.findall(r"^COPY (\S+) \./\S*$", dockerfile, re.M)]
+    copied = [ROOT / m for m in re.findall(r"^COPY (\S+) \./\S*$", dockerfile(), re.M)]
     copied += [
         ROOT / name
-        for line in re.findall(r"^COPY (.+) \./$", dockerfile, re.M)
+        for line in re.findall(r"^COPY (.+) \./$", dockerfile(), re.M)
         for name in line.split()
     ]
     assert ROOT / "api" in copied
@@ -246,3 +603,95 @@ def test_the_image_copies_what_its_package_links_to():
             assert any(target.is_relative_to(c) for c in copied), (
                 f"{link.relative_to(ROOT)} links outside what deploy/Dockerfile copies"
             )
+
+
+def test_the_image_is_pinned_locked_and_unprivileged():
+    text = dockerfile()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"python:3\.11[\w.-]*-slim[\w.-]*@sha256:[0-9a-f]{64}", base[1])
+    stages = re.findall(r"^FROM (\S+)", text, re.M)
+    assert stages == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"], "a builder stage, then the runtime"
+    assert "pip install --require-hashes --no-deps -r /tmp/requirements.lock" in text
+    assert "pip install --require-hashes -r /tmp/build.lock" in text
+    assert "pip wheel --no-deps" in text and "--no-index /tmp/wheels/" in text
+    assert re.search(r"^USER 10001:10001$", text, re.M)
+    assert re.search(r"PYTHONUNBUFFERED=1", text)
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"python\"", text, re.M)
+    for label in ("title", "description", "version", "licenses"):
+        assert f"org.opencontainers.image.{label}=" in text
+
+
+def locked(path: Path) -> dict[str, str]:
+    """``{name: version}`` of a pip-compile lock, each entry checked to carry hashes."""
+    entries = re.split(r"\n(?=[A-Za-z])", path.read_text())
+    pins = {}
+    for entry in entries:
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", entry)
+        if match:
+            assert "--hash=sha256:" in entry, f"{path.name}: {match[1]} has no hash"
+            pins[match[1].lower().replace("_", "-")] = match[2]
+    return pins
+
+
+def test_the_lock_pins_every_dependency_with_hashes():
+    """requirements.lock holds each of pyproject's dependencies, and build.lock the build
+    backend, each pinned with its hashes (pip refuses the whole lock otherwise)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = locked(DEPLOY / "requirements.lock")
+    for requirement in project["project"]["dependencies"]:
+        name = re.match(r"[A-Za-z0-9._-]+", requirement)
+        assert name and name[0].lower().replace("_", "-") in pins, requirement
+    build = project["build-system"]["requires"]
+    assert [re.split(r"[<>=!~;\[ ]", r)[0] for r in build] == list(locked(DEPLOY / "build.lock"))
+
+
+def test_dockerignore_keeps_the_context_small_and_takes_what_is_copied():
+    """An allow-list: what the Dockerfile copies goes in; .git, .venv, .env and tests do not."""
+    rules = [r.strip() for r in (ROOT / ".dockerignore").read_text().splitlines() if r.strip()]
+    rules = [r for r in rules if not r.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {r[1:] for r in rules if r.startswith("!")}
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile(), re.M):
+        for name in source.split():
+            assert name in allowed, f".dockerignore leaves out {name}, which the image copies"
+    assert not allowed & {".git", ".venv", ".env", "tests", "bench"}
+
+
+def test_the_healthcheck_asks_each_role_on_its_own_port(monkeypatch):
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "healthcheck.py")
+    assert spec and spec.loader
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    monkeypatch.delenv("THOUGHTWIRE_METRICS_PORT", raising=False)
+    assert healthcheck.port(image_argv()) == 8000
+    assert healthcheck.port(["thoughtwire", "api", "--port", "8001"]) == 8001
+    assert healthcheck.port(["thoughtwire", "up", "--port=9000"]) == 9000
+    assert healthcheck.port(["thoughtwire", "worker"]) == 9100
+    monkeypatch.setenv("THOUGHTWIRE_METRICS_PORT", "9200")
+    assert healthcheck.port(["/usr/local/bin/python", "thoughtwire", "worker"]) == 9200
+
+
+# --- the dashboard and its metrics contract -----------------------------------------
+
+
+def contract() -> set[str]:
+    """The metric names docs/operations.md's "Metrics" section lists."""
+    section = OPERATIONS_DOC.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(thoughtwire_\w+)`", section, re.M))
+
+
+def test_the_dashboard_charts_exactly_the_metrics_of_the_contract():
+    dashboard = json.loads((DEPLOY / "grafana" / "thoughtwire.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", m)
+        for e in exprs
+        for m in re.findall(r"thoughtwire_\w+", e)
+    }
+    assert len(contract()) == 20
+    assert used == contract()
+    histograms = {m for m in used if re.search(r"_(seconds|seqs|size)$", m)}
+    for name in histograms:  # quantiles from buckets, never a gauge's value
+        assert any(f"{name}_bucket" in e for e in exprs), name
