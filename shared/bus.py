@@ -116,6 +116,9 @@ class Bus:
         self.presence = Presence(redis, keys, self._batch)
         # These publish on the session's channel: sharded on a cluster (shared/redis/cluster.py).
         self._append = register_script(redis, scripts.APPEND)
+        # Calls that do not end a run, of many sessions, share a script run (one server).
+        self._append_many = register_script(redis, scripts.APPEND_MANY)
+        self._append_common = (log_maxlen, log_ttl, self._epoch_seed, keys.runs_ended)
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)
         self._end_lost = register_script(redis, scripts.END_LOST)
@@ -564,6 +567,18 @@ class Bus:
         """
         session = job.session
         keys = self.keys
+        if not status and self._batch.bundles:
+            return self._batch.bundle(
+                self._append_many,
+                self._append_common,
+                (
+                    keys.session_meta(session),
+                    keys.session_log(session),
+                    keys.session_channel(session),
+                    keys.run(session, job.run),
+                ),
+                (len(heads), fence, min_seq, first, *heads),
+            )
         return self._script(
             self._append,
             (

@@ -39,8 +39,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   write may lack events that watchers already hold, and no writer but the run's own
 #   knows how far they went: the first call on a new incarnation starts a new epoch, so
 #   no seq of the old epoch is ever given to another event (docs/reliability.md,
-#   "Failover"). INFO is read once per call, whatever the number of events; where it is
-#   missing (the embedded Redis) the incarnation is unknown and never changes.
+#   "Failover"). INFO is read once per script run, whatever the number of events or of
+#   calls in a bundle (``APPEND_MANY``); where it is missing (the embedded Redis) the
+#   incarnation is unknown and never changes.
 # * Each head is an event encoded up to its ``"seq":``; the script completes it, so the
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
@@ -54,7 +55,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   run, and once a tenth of the ttl has gone by: not with every call, since each EXPIRE
 #   is a write that the append-only file and every replica carry (a third of a
 #   one-event call's bytes there: ``python -m bench.appends``).
-APPEND = """
+#
+# The body is one session's call, a Lua function of its ``KEYS`` and ``ARGV``: ``APPEND``
+# runs it once, ``APPEND_MANY`` once per call of a bundle.
+_APPEND = """
 local state = redis.call('HMGET', KEYS[4], 'fence', 'emitted', 'status')
 local emitted = tonumber(state[2] or '0')
 if state[1] and state[1] ~= ARGV[4] then
@@ -76,7 +80,7 @@ end
 local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch', 'replid')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
-local info = redis.pcall('INFO', 'replication')
+local info = replication()
 local replid = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or false
 if not epoch or seq < tonumber(ARGV[5]) or (replid and meta[3] and meta[3] ~= replid) then
   local t = redis.call('TIME')
@@ -124,6 +128,52 @@ else
 end
 return seq
 """
+_APPEND_FUNCTION = (
+    """
+local info
+local function replication()
+  if info == nil then
+    info = redis.pcall('INFO', 'replication')
+  end
+  return info
+end
+local function append(KEYS, ARGV)
+"""
+    + _APPEND
+    + "end\n"
+)
+
+APPEND = _APPEND_FUNCTION + "return append(KEYS, ARGV)\n"
+
+# A bundle: the calls of many sessions that do not end their runs, in one script run, so
+# that what a script run costs Redis besides its commands (parsing it, setting up Lua,
+# arguments it would repeat) is paid once per bundle, not once per event
+# (docs/performance.md, "Redis per event"). Only on one server: a cluster runs a script
+# on the master of its keys' slot, and a bundle's sessions are of many slots.
+# KEYS: each call's meta, log, channel and run, in the order of the calls.
+# ARGV: maxlen, ttl, epoch seed, runs-ended channel (as ``APPEND``'s), then for each call:
+#       its number of heads, fence, min-seq, first-n, heads...
+# Returns each call's reply, as ``APPEND`` would give it, in order; a call that fails
+# (its commands raise an error) gets that error and the others go on, as if each call
+# were a script run of its own.
+APPEND_MANY = (
+    _APPEND_FUNCTION
+    + """
+local replies, k, a = {}, 0, 5
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local ok, reply = pcall(append, {KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]}, {
+    ARGV[1], ARGV[2], ARGV[3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], '', '', '', '', '0',
+    ARGV[4], unpack(ARGV, a + 4, a + 3 + n)})
+  if not ok and type(reply) ~= 'table' then
+    reply = {err = tostring(reply)}
+  end
+  replies[#replies + 1] = reply
+  k, a = k + 4, a + 4 + n
+end
+return replies
+"""
+)
 
 # KEYS: run, session's memory, session's queue.  ARGV: fence, owner, lease-ms,
 # max-attempts, ttl.

@@ -44,10 +44,10 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from thoughtwire.shared.redis import fast
-from thoughtwire.shared.redis.cluster import ClusterClient, is_cluster
+from thoughtwire.shared.redis.cluster import ClusterClient, is_cluster, unavailable
 from thoughtwire.shared.redis.resp import (
     PARTIAL,
     PUSH,
@@ -176,6 +176,54 @@ class _Line(ReplyReader):
         super()._lost(error)
 
 
+class _Bundle:
+    """Calls of one bundle script queued one after the other: one script run, one
+    :class:`Call`, whose reply (a list) is shared out to their futures in order."""
+
+    __slots__ = ("args", "call", "common", "futures", "keys", "script")
+
+    def __init__(
+        self, script: AsyncScript, common: tuple[Any, ...], future: asyncio.Future[Any]
+    ) -> None:
+        self.script = script
+        self.common = common
+        self.keys: list[Any] = []
+        self.args: list[Any] = list(common)
+        self.futures: list[asyncio.Future[Any]] = []
+        self.call = Call(b"", 1, script, future)  # packed when closed: nothing joins it then
+        future.add_done_callback(self._share)
+
+    def join(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Add a call; the future gets its reply."""
+        future: asyncio.Future[Any] = self.call.future.get_loop().create_future()
+        self.keys.extend(keys)
+        self.args.extend(args)
+        self.futures.append(future)
+        return future
+
+    def close(self) -> None:
+        """Pack the script run: no call joins it after this."""
+        self.call.payload = pack_evalsha(self.script.sha.encode(), self.keys, self.args)
+
+    def _share(self, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            for future in self.futures:
+                future.cancel()
+            return
+        error = done.exception()
+        replies = None if error is not None else done.result()
+        if error is None and (not isinstance(replies, list) or len(replies) != len(self.futures)):
+            error = ResponseError(f"a bundle of {len(self.futures)} calls got {replies!r}")
+        for i, future in enumerate(self.futures):
+            if future.done():  # its caller gave up on it
+                continue
+            reply = error if error is not None else cast(list[Any], replies)[i]
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
 class Batcher:
     """Sends many callers' calls pipelined on one connection (see above)."""
 
@@ -205,6 +253,13 @@ class Batcher:
         self._unknown: list[Call] = []  # script runs waiting for their script to load
         self._loading: asyncio.Task[None] | None = None
         self._through_client: asyncio.Task[None] | None = None  # where we cannot read
+        self._bundle: _Bundle | None = None  # the last call queued, while calls may join it
+
+    @property
+    def bundles(self) -> bool:
+        """Whether calls of many sessions may share one script run (:meth:`bundle`): on one
+        server, not on a cluster, where a script runs on the master of its keys' slot."""
+        return isinstance(self._redis, Redis)
 
     def script(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
@@ -222,22 +277,57 @@ class Batcher:
         payload = b"".join(pack_command(*command) for command in commands)
         return self._queue(payload, len(commands), None)
 
+    def bundle(
+        self,
+        script: AsyncScript,
+        common: tuple[Any, ...],
+        keys: Sequence[Any],
+        args: Sequence[Any],
+    ) -> asyncio.Future[Any]:
+        """Run one call of a bundle ``script``; the future gets this call's reply (or error).
+
+        Calls of one bundle script with the same ``common`` arguments, queued one after
+        the other, leave as one script run (up to ``max_batch`` of them): its keys are
+        theirs in order, its arguments ``common`` and then theirs in order, and it
+        returns their replies in order. Only where :attr:`bundles` says so.
+        """
+        bundle = self._bundle
+        if bundle is None or bundle.script is not script or bundle.common != common:
+            loop = asyncio.get_running_loop()
+            bundle = _Bundle(script, common, loop.create_future())
+            self._queue_call(bundle.call, bundle)  # closes the bundle before it, if any
+        future = bundle.join(keys, args)
+        if len(bundle.futures) >= self._max_batch or len(self._pending) >= self._max_batch:
+            self._flush()
+        return future
+
     def _queue(
         self, payload: bytes, replies: int, script: AsyncScript | None
     ) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(Call(payload, replies, script, future))
-        if len(self._pending) >= self._max_batch:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue_call(Call(payload, replies, script, future))
+        return future
+
+    def _queue_call(self, call: Call, bundle: _Bundle | None = None) -> None:
+        """Queue ``call`` (``bundle``'s, which calls then join: the caller flushes it)."""
+        self._close_bundle()  # calls leave in order: nothing joins a bundle queued before
+        self._pending.append(call)
+        self._bundle = bundle
+        if bundle is None and len(self._pending) >= self._max_batch:
             self._flush()  # a burst's first calls need not wait for its last
         elif self._scheduled is None:
-            self._scheduled = loop.call_soon(self._flush)
-        return future
+            self._scheduled = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _close_bundle(self) -> None:
+        if self._bundle is not None:
+            self._bundle.close()
+            self._bundle = None
 
     def _flush(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+        self._close_bundle()
         loop = asyncio.get_running_loop()
         if self._own_reader is not False:
             line = self._line
@@ -318,12 +408,13 @@ class Batcher:
         batch: list[Call] = []
         try:
             while self._pending:  # ends once a pipeline finds nothing more queued
+                self._close_bundle()
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 try:
                     results = await self._run_through_client(batch)
                 except Exception as exc:  # the pipeline could not be sent
-                    results = [exc] * len(batch)
+                    results = [unavailable(exc)] * len(batch)
                 for call, result in zip(batch, results, strict=True):
                     settle(call, result)
                 batch = []
@@ -361,7 +452,8 @@ class Batcher:
             for name, *args in unpack(call.payload):
                 # The name as text: a cluster pipeline routes by it (EVALSHA by its keys).
                 pipe.execute_command(name.decode(), *args)
-        replies = await pipe.execute(raise_on_error=False)
+        # A cluster's refusal to serve a slot now (a failover) is Redis not being there.
+        replies = [unavailable(r) for r in await pipe.execute(raise_on_error=False)]
         results: list[Any] = []
         at = 0
         for call in batch:
