@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -24,6 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from thoughtwire.api.hub import Hub
 from thoughtwire.api.viewer import QUEUE_BYTES, Viewer
 from thoughtwire.api.wire import RawSocket, text_frame
+from thoughtwire.shared import tracing
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.protocol import reply
@@ -32,6 +33,7 @@ from thoughtwire.shared.vocab import ViewScope
 logger = logging.getLogger("thoughtwire.connection")
 
 CLOSE_TIMEOUT = 1.0
+MAX_AWAITED = 64  # runs a socket waits to trace the first event of, at most
 
 Render = Callable[[str], "str | None"]
 ReceiveLoop = Callable[[], Coroutine[Any, Any, None]]
@@ -46,6 +48,7 @@ class SocketTransport:
     """A WebSocket as a viewer's transport: writes frames, closes, never reads back."""
 
     __slots__ = (
+        "_awaiting",
         "_closing",
         "_error",
         "_interrupted",
@@ -66,6 +69,9 @@ class SocketTransport:
         self._serving: asyncio.Task[Any] | None = None  # the task in the receive loop
         self._interrupted = False  # a stop has cancelled that task
         self.sent = 0  # frames written, for idle detection
+        # With tracing on, the runs this socket prompted whose first event is still to
+        # come: by the text that names the run in an event, the prompt's span and time.
+        self._awaiting: dict[str, tuple[Any, int]] | None = None
 
     def write(self, frame: str, wire: bytes | None) -> bool:
         """Write ``frame`` as ready bytes now; False when it must go the ASGI way."""
@@ -74,6 +80,8 @@ class SocketTransport:
         if not self._raw.write(wire if wire is not None else text_frame(frame.encode())):
             return False
         self.sent += 1
+        if self._awaiting:
+            self._relayed((frame,))
         return True
 
     def write_run(self, frames: list[str], wire: bytes) -> bool:
@@ -84,6 +92,8 @@ class SocketTransport:
         if not self._raw.write(wire):
             return False
         self.sent += len(frames)
+        if self._awaiting:
+            self._relayed(frames)
         return True
 
     async def send(self, frame: str) -> bool:
@@ -103,7 +113,24 @@ class SocketTransport:
         except Exception as exc:
             return self._failed(exc)
         self.sent += 1
+        if self._awaiting:
+            self._relayed((frame,))
         return True
+
+    def await_first(self, run: str, prompt: Any, since_ns: int) -> None:
+        """Trace the first event of ``run`` written to this socket: a span under ``prompt``
+        (the span of the prompt that queued it) from ``since_ns`` on (shared/tracing.py)."""
+        if self._awaiting is None:
+            self._awaiting = {}
+        if len(self._awaiting) < MAX_AWAITED:
+            self._awaiting[f'"run":"{run}"'] = (prompt, since_ns)
+
+    def _relayed(self, frames: Sequence[str]) -> None:
+        assert self._awaiting is not None
+        for needle, (prompt, since_ns) in list(self._awaiting.items()):
+            if any(needle in frame for frame in frames):
+                del self._awaiting[needle]
+                tracing.record("first event relayed", since_ns, parent=prompt)
 
     def _failed(self, error: BaseException) -> bool:
         self._error = error

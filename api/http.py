@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
@@ -16,6 +17,7 @@ from thoughtwire.api.auth import AuthError, Principal, check_origin, token_from
 from thoughtwire.api.frontend import Frontend, new_id
 from thoughtwire.api.sse import EventStream
 from thoughtwire.api.viewer import Viewer
+from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.backoff import UNAVAILABLE
 from thoughtwire.shared.bus import Busy
 from thoughtwire.shared.closecodes import Close, ErrorCode
@@ -28,6 +30,7 @@ from thoughtwire.shared.protocol import (
 from thoughtwire.shared.vocab import Decision, Multitask, OnDisconnect, Replay, RunStatus, ViewScope
 
 router = APIRouter(prefix="/v1")
+logger = logging.getLogger("thoughtwire.http")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -52,6 +55,7 @@ async def principal(request: Request) -> Principal:
     frontend = _frontend(request)
     token, _ = token_from(request.query_params, request.headers)
     caller = await frontend.auth.principal(token)
+    logs.bind(user=caller.user)  # the request's lines name its (hashed) user
     if caller.expires is not None and caller.expires <= time.time():
         # The leeway is for clocks that disagree; a socket closes at exp, and so does this.
         raise AuthError("token expired")
@@ -75,19 +79,23 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
     frontend = _frontend(request)
     if len(body.prompt) > frontend.settings.max_prompt_chars or not body.prompt.strip():
         raise HTTPException(422, "prompt is empty or too long")
+    session = body.session or new_id()
+    logs.bind(session=session)
     try:
-        run, session, created = await frontend.start_run(
-            caller,
-            body.session or new_id(),
-            body.prompt,
-            on_disconnect=body.on_disconnect,
-            idempotency_key=body.idempotency_key,
-            multitask=body.multitask,
-        )
+        with tracing.span("prompt", {"thoughtwire.session": session}, kind="producer"):
+            run, session, created = await frontend.start_run(
+                caller,
+                session,
+                body.prompt,
+                on_disconnect=body.on_disconnect,
+                idempotency_key=body.idempotency_key,
+                multitask=body.multitask,
+            )
     except Busy as exc:
         return JSONResponse(
             {"detail": str(exc), "code": ErrorCode.BUSY, "run": exc.run}, status_code=409
         )
+    logger.info("run queued: session %s, run %s", session, run, extra={"run": run})
     return JSONResponse({"job": run, "session": session, "created": created}, status_code=202)
 
 

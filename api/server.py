@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from types import FrameType
 from typing import Any
 
@@ -60,21 +59,6 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-class RedactTokens(logging.Filter):
-    """Keep tokens out of the logs: uvicorn logs request paths with their query."""
-
-    pattern = re.compile(r"(token=)[^&\s\"]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Redact ``token=`` values from a log record's arguments; keep the record."""
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                self.pattern.sub(r"\1[redacted]", a) if isinstance(a, str) else a
-                for a in record.args
-            )
-        return True
-
-
 def config(
     app: FastAPI, settings: Settings, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Config:
@@ -95,12 +79,13 @@ def config(
         ws_per_message_deflate=settings.ws_per_message_deflate,
         timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
         log_level=log_level,
+        # Logging is set up once for the process (shared/logs.py): uvicorn's loggers
+        # propagate to its handler, in its format and with its redaction of tokens.
+        log_config=None,
     )
 
 
 def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
-    """Run a frontend on ``host:port`` until it is stopped, tokens kept out of its logs."""
-    for name in ("uvicorn.access", "uvicorn.error"):
-        logging.getLogger(name).addFilter(RedactTokens())
+    """Run a frontend on ``host:port`` until it is stopped."""
     loops.settle()
     DrainingServer(config(app, settings, host, port), app).run()

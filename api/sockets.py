@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -28,6 +29,7 @@ from thoughtwire.api.frontend import Frontend, new_id
 from thoughtwire.api.guard import LimitError
 from thoughtwire.api.lane import SocketRoutes
 from thoughtwire.api.presence import Watch
+from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.backoff import UNAVAILABLE
 from thoughtwire.shared.bus import Busy
 from thoughtwire.shared.closecodes import Close, ErrorCode
@@ -57,6 +59,8 @@ MessageHandler = Callable[[ClientMessage, "SessionSocket"], Awaitable[None]]
 UNAVAILABLE_REPLY = error_reply(
     ErrorCode.UNAVAILABLE, "the service is briefly unavailable; try again"
 )
+
+logger = logging.getLogger("thoughtwire.sockets")
 
 
 def _frontend(websocket: WebSocket) -> Frontend:
@@ -160,6 +164,7 @@ class SessionSocket:
         if admitted is None:
             return
         session, after, epoch, subprotocol = admitted
+        logs.bind(session=session, user=self.principal.user)  # this socket's task's lines
         frontend = self.frontend
         try:  # the slot admit() took is held from here, and freed however the socket ends
             await self.websocket.accept(subprotocol)
@@ -295,17 +300,10 @@ class SessionSocket:
         session = viewer.session
         assert session is not None
         if isinstance(message, Prompt):
-            await frontend.start_run(
-                self.principal,
-                session,
-                message.content,
-                self.agent,
-                on_disconnect=OnDisconnect.CANCEL,
-                idempotency_key=message.key,
-                multitask=message.multitask,
-            )
+            await self._prompt(message, session)
         elif isinstance(message, Resume):
             await frontend.guard.check_read(self.principal, message.session)
+            logs.bind(session=message.session)
             greeting = reply("session", session=message.session, **self.hello)
             await viewer.follow(
                 message.session,
@@ -334,6 +332,26 @@ class SessionSocket:
             self.conn.send(
                 error_reply(ErrorCode.UNSUPPORTED, "this endpoint does not take that message")
             )
+
+    async def _prompt(self, message: Prompt, session: str) -> None:
+        """Queue a prompt in a ``prompt`` span (with tracing on), whose trace the run's first
+        event relayed to this socket ends."""
+        assert self.conn is not None
+        received = time.time_ns()
+        with tracing.span("prompt", {"thoughtwire.session": session}, kind="producer") as span:
+            run, _, created = await self.frontend.start_run(
+                self.principal,
+                session,
+                message.content,
+                self.agent,
+                on_disconnect=OnDisconnect.CANCEL,
+                idempotency_key=message.key,
+                multitask=message.multitask,
+            )
+            if span is not None and created:
+                span.set_attribute("thoughtwire.run", run)
+                self.conn.transport.await_first(run, span, received)
+        logger.info("run queued: session %s, run %s", session, run, extra={"run": run})
 
     async def _approve(self, message: Approve) -> None:
         """Answer a tool call's approval (any run of a session this socket's token owns)."""

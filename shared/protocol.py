@@ -147,20 +147,23 @@ class Job:
     on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
     user: str | None = None  # whose concurrent-run slot the run holds
     multitask: Multitask = Multitask.ENQUEUE  # what it does while its session has a run
+    # The W3C trace context of the prompt that queued it, with tracing on (shared/tracing.py).
+    traceparent: str | None = None
 
     def encode(self) -> bytes:
         """The job as JSON, as it goes on the jobs stream."""
-        return orjson.dumps(
-            {
-                "session": self.session,
-                "run": self.run,
-                "prompt": self.prompt,
-                "agent": self.agent,
-                "on_disconnect": self.on_disconnect,
-                "user": self.user,
-                "multitask": self.multitask,
-            }
-        )
+        fields = {
+            "session": self.session,
+            "run": self.run,
+            "prompt": self.prompt,
+            "agent": self.agent,
+            "on_disconnect": self.on_disconnect,
+            "user": self.user,
+            "multitask": self.multitask,
+        }
+        if self.traceparent is not None:
+            fields["traceparent"] = self.traceparent
+        return orjson.dumps(fields)
 
     @classmethod
     def decode(cls, data: bytes | str) -> Job:
@@ -175,6 +178,7 @@ class Job:
             user=obj.get("user"),
             # Jobs queued before prompts chose were all enqueued.
             multitask=Multitask(obj.get("multitask", Multitask.ENQUEUE)),
+            traceparent=obj.get("traceparent"),
         )
 
 

@@ -303,7 +303,44 @@ class Settings(BaseSettings):
         description="How long a worker retries a Redis write (a restart, a failover) before "
         "it gives the run up to the lease.",
     )
+    # Failover (docs/reliability.md, "Failover")
+    pubsub_probe_interval: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds between a frontend's probes of its pub/sub connection: one "
+        "published on its own channel that has not come back within the next interval "
+        "makes it reconnect and resync its viewers. 0: off.",
+    )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas the call that ends a run waits for (WAIT) before the job is "
+        "acknowledged. 0: off.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        description="How long, in ms, that wait lasts at most; the job is acknowledged "
+        "after it either way.",
+    )
     embedded_workers: int = Field(2, description="Workers `thoughtwire up` runs.")
+
+    # Observability (docs/operations.md, "Logs" and "Traces")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or as one JSON object per line (with the session, "
+        "run, attempt and hashed user a line is about).",
+    )
+    tracing: bool = Field(
+        False,
+        description="Export OpenTelemetry traces (needs the `thoughtwire[otel]` extra); "
+        "the exporter is OTLP over HTTP, set by the standard `OTEL_EXPORTER_OTLP_*` variables.",
+    )
+    trace_file: str | None = Field(
+        None,
+        description="With tracing on, write spans as JSON lines to this file instead of "
+        "exporting them over OTLP.",
+    )
 
     @classmethod
     def settings_customise_sources(

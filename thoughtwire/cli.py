@@ -23,6 +23,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
+from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.settings import Settings, SettingsError, env_name
 
 if TYPE_CHECKING:
@@ -201,13 +202,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit code."""
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure("text")  # until the settings say which format
     try:
         return int(_dispatch(args))
     except Failure as failure:
-        print(f"thoughtwire {args.command}: {failure.message}", file=sys.stderr, flush=True)
+        logs.announce(f"thoughtwire {args.command}: {failure.message}", logging.ERROR)
         return int(failure.code)
     except KeyboardInterrupt:
         return int(Exit.INTERRUPTED)
@@ -220,6 +219,7 @@ def _dispatch(args: argparse.Namespace) -> Exit:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
         raise Failure(Exit.USAGE, str(exc)) from None
+    logs.configure_from(settings)
     if args.command == "token":
         return _token(settings, args)
     if args.command == "up":
@@ -276,10 +276,10 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     host = args.host
     loopback = host in ("127.0.0.1", "localhost", "::1")
     if not settings.auth_enabled and not loopback and not args.insecure:
-        print(
+        logs.announce(
             f"thoughtwire: no authentication is configured, so listening on 127.0.0.1, not {host} "
             "(set JWT_SECRET, or pass --insecure)",
-            file=sys.stderr,
+            logging.WARNING,
         )
         host = "127.0.0.1"
     check_port(host, args.port)  # before any worker starts
@@ -290,6 +290,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     from thoughtwire.worker.main import in_process
 
     settings = settings.for_embedded()
+    tracing.configure(settings, "thoughtwire")
     count = args.workers if args.workers is not None else settings.embedded_workers
 
     def companion(factory: RedisFactory) -> AbstractAsyncContextManager[None]:
@@ -297,17 +298,17 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
 
     app = create_app(settings, RedisFactory(settings), companions=(companion,))
     where = redis_address(settings.redis_url) if settings.redis_url else "embedded in-process Redis"
-    print(
+    logs.announce(
         f"thoughtwire: {count} workers, {where}, agent {settings.agent}, "
         f"concurrency {settings.worker_concurrency}, {auth_mode(settings)}, "
         f"{fast_mode(settings, frontend=True)}"
     )
     if settings.local_origins:  # one line, so a refused page is never a mystery
-        print(
+        logs.announce(
             "thoughtwire: pages from files (Origin null) and localhost may connect; "
             "THOUGHTWIRE_ALLOW_LOCAL_ORIGINS=0 turns this off"
         )
-    print(f"thoughtwire: open http://{host}:{args.port}/", flush=True)
+    logs.announce(f"thoughtwire: open http://{host}:{args.port}/")
     _serve(app, settings, host, args.port)
     return Exit.OK
 
@@ -323,10 +324,10 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
     check_redis(settings)
     from thoughtwire.api.app import create_app
 
-    print(
+    tracing.configure(settings, "thoughtwire-api")
+    logs.announce(
         f"thoughtwire api: {auth_mode(settings)}, {redis_address(settings.redis_url)}, "
-        f"listening on {args.host}:{args.port}, {fast_mode(settings, frontend=True)}",
-        flush=True,
+        f"listening on {args.host}:{args.port}, {fast_mode(settings, frontend=True)}"
     )
     _serve(create_app(settings), settings, args.host, args.port)
     return Exit.OK
@@ -336,19 +337,26 @@ def _worker(settings: Settings) -> Exit:
     check_redis(settings)
     from thoughtwire.worker.main import main as worker_main
 
-    print(
+    tracing.configure(settings, "thoughtwire-worker")
+
+    logs.announce(
         f"thoughtwire worker: agent {settings.agent}, concurrency {settings.worker_concurrency}, "
-        f"{redis_address(settings.redis_url)}, {fast_mode(settings, frontend=False)}",
-        flush=True,
+        f"{redis_address(settings.redis_url)}, {fast_mode(settings, frontend=False)}"
     )
-    worker_main(settings)
+    try:
+        worker_main(settings)
+    finally:
+        tracing.shutdown()  # what is still to export
     return Exit.OK
 
 
 def _serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
     from thoughtwire.api.server import serve
 
-    serve(app, settings, host, port)
+    try:
+        serve(app, settings, host, port)
+    finally:
+        tracing.shutdown()  # what is still to export
 
 
 def fast_mode(settings: Settings, *, frontend: bool) -> str:
@@ -382,6 +390,10 @@ def redis_address(url: str | None) -> str:
     if url is None:
         return "embedded in-process Redis"
     parts = urlsplit(url)
+    if parts.scheme.endswith(("+cluster", "+sentinel")):
+        from thoughtwire.shared.redis.topology import redact  # imports redis: only here
+
+        return "Redis at " + redact(url)  # every node named, the passwords hidden
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
@@ -393,6 +405,8 @@ def redis_address(url: str | None) -> str:
 def check_redis_url(url: str) -> None:
     """Raise :class:`Failure` (BAD_REDIS_URL) unless ``url`` is a Redis URL that can be used."""
     parts = urlsplit(url)
+    if parts.scheme.endswith(("+cluster", "+sentinel")):
+        return  # its own form, which Settings checked (shared/redis/topology.py)
     problem = None
     if parts.scheme not in ("redis", "rediss", "unix"):
         problem = "it must start with redis://, rediss:// or unix://"

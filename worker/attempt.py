@@ -131,6 +131,7 @@ class RunAttempt:
         self._cancel_message = "the run was cancelled"
         self._turn: Turn | None = None
         self._terminal: Thought | None = None
+        self._tokens: tuple[int, int] | None = None  # done's usage, as it was written
 
     def stop(self, reason: StopReason) -> None:
         """Stop the agent for ``reason`` (cancel, lost, shutdown); the first reason wins."""
@@ -138,6 +139,12 @@ class RunAttempt:
             self.stop_reason = reason
             if self._driver is not None:
                 self._driver.cancel()
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """The run's input and output tokens: as ``done`` said, or as counted so far."""
+        meter = self.usage.meter
+        return self._tokens or (meter.prompt_tokens, meter.completion_tokens)
 
     async def emit(self, *thoughts: Thought, result: str = "", remember: bytes = b"") -> None:
         """Write ``thoughts`` now, after everything queued (:meth:`RunWriter.emit`)."""
@@ -194,6 +201,9 @@ class RunAttempt:
             logger.info("run %s handed back to the queue", self.job.run)
             return
         terminal = await self.usage.settle(terminal)
+        reported = (terminal.extra or {}).get("usage")
+        if reported:
+            self._tokens = (reported["prompt_tokens"], reported["completion_tokens"])
         result = "".join(self._answer) if terminal.type == "done" else str(terminal.content)
         remember = b""
         if (

@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, Callable
 
 import orjson
 
+from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.backoff import UNAVAILABLE, delays
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.protocol import Job, Thought
@@ -195,6 +196,17 @@ class Worker:
         await self._run_job(entry_id, job, slot=False)
 
     async def _run_job(self, entry_id: str, job: Job, *, slot: bool = True) -> None:
+        # Every line logged while the job is handled, and by the tasks it starts, names it.
+        with logs.bound(session=job.session, run=job.run, user=job.user):
+            # The trace the prompt began goes on here: its time in the queue (from the
+            # entry's id, its time on the stream), then this attempt, current while it runs.
+            ids = {"thoughtwire.session": job.session, "thoughtwire.run": job.run}
+            queued_ns = int(entry_id.partition("-")[0]) * 1_000_000
+            tracing.record("queued", queued_ns, parent=job.traceparent, attributes=ids)
+            with tracing.span("run", ids, parent=job.traceparent, kind="consumer"):
+                await self._handle_job(entry_id, job, slot=slot)
+
+    async def _handle_job(self, entry_id: str, job: Job, *, slot: bool) -> None:
         agent = self.agents.get(job.agent or self.default_agent)
         start = await self.bus.start(job, self.name, self.limits.lease_ms, self.max_attempts)
         if start.verdict == Verdict.RUN and not slot:
@@ -217,6 +229,10 @@ class Worker:
             # A run its last worker left waiting for an approval goes on waiting, from
             # where it was: no retry (worker/approvals.py).
             waiting = await self.bus.approval(job)
+        logs.bind(attempt=start.attempt)  # undone with the job's fields, in _run_job
+        tracing.annotate(
+            {"thoughtwire.attempt": start.attempt, "thoughtwire.verdict": start.verdict}
+        )
         attempt = RunAttempt(
             self.bus, job, entry_id, start.fence, self.name, self.limits, start.history, waiting
         )
@@ -244,16 +260,21 @@ class Worker:
                 await attempt.execute(agent)
                 stopped = attempt.stop_reason
                 outcome = (RUN_OUTCOMES[stopped] if stopped else attempt.ended) or "lease lost"
+                tracing.annotate({"thoughtwire.outcome": outcome})
             finally:
                 self._attempts.pop(job.run, None)
                 self.outcomes[outcome] += 1
+                tokens_in, tokens_out = attempt.tokens
                 logger.info(
-                    "run ended: session %s, run %s, attempt %d, outcome %s, %.2f s",
+                    "run ended: session %s, run %s, attempt %d, outcome %s, %.2f s, "
+                    "tokens %d in, %d out",
                     job.session,
                     job.run,
                     start.attempt,
                     outcome,
                     time.monotonic() - began,
+                    tokens_in,
+                    tokens_out,
                 )
 
     def cancel(self, runs: list[str]) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from thoughtwire.shared import tracing
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
 from thoughtwire.shared.bus import FENCED, Bus
 from thoughtwire.shared.protocol import TERMINAL_STATUS, Job, Thought
@@ -58,6 +59,7 @@ class RunWriter:
         self._flight: asyncio.Future[Any] | None = None  # the write under way
         self._failure: BaseException | None = None  # what made a write fail, for good
         self._waiters: list[asyncio.Future[None]] = []
+        self._span: Any = None  # the write under way's, with tracing on (shared/tracing.py)
 
     async def emit(self, *thoughts: Thought, result: str = "", remember: bytes = b"") -> None:
         """Write ``thoughts`` now, after everything queued; the last may end the run,
@@ -100,6 +102,7 @@ class RunWriter:
         # Numbers are taken before the call: if it is dropped after Redis ran it, the
         # next call must not reuse them (the script would skip its events).
         first, self._next = self._next, self._next + len(batch)
+        self._span = tracing.start("append", {"thoughtwire.events": len(batch)})
         flight = self.bus.submit_encoded(
             self.job, batch, fence=self.fence, first=first, min_seq=self._last_seq
         )
@@ -111,6 +114,9 @@ class RunWriter:
 
     def _landed(self, batch: list[bytes], first: int, flight: asyncio.Future[Any]) -> None:
         self._flight = None
+        if self._span is not None:
+            tracing.end(self._span, {"thoughtwire.first": first})
+            self._span = None
         if flight.cancelled():
             return  # the attempt is ending
         error = flight.exception()
@@ -146,21 +152,22 @@ class RunWriter:
         result: str = "",
         remember: bytes = b"",
     ) -> int:
-        reply = await retry(
-            partial(
-                self.bus.submit_encoded,
-                self.job,
-                heads,
-                fence=self.fence,
-                first=first,
-                min_seq=self._last_seq,
-                status=status,
-                result=result,
-                remember=remember,
-                turns=self.memory_turns,
-            ),
-            seconds=self.retry_seconds,
-        )
+        with tracing.span("append", {"thoughtwire.events": len(heads)}):
+            reply = await retry(
+                partial(
+                    self.bus.submit_encoded,
+                    self.job,
+                    heads,
+                    fence=self.fence,
+                    first=first,
+                    min_seq=self._last_seq,
+                    status=status,
+                    result=result,
+                    remember=remember,
+                    turns=self.memory_turns,
+                ),
+                seconds=self.retry_seconds,
+            )
         seq = int(reply)
         if seq != FENCED:
             self._last_seq = seq

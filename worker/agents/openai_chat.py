@@ -48,6 +48,7 @@ from typing import Any
 import httpx
 import openai
 
+from thoughtwire.shared import tracing
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import Thought
 from thoughtwire.shared.settings import Settings
@@ -240,6 +241,29 @@ class OpenAIAgent:
         self, messages: list[dict[str, Any]], step: _Step, max_tokens: int
     ) -> AsyncIterator[Thought]:
         """One model call: yield its reasoning and answer deltas, collect its tool calls."""
+        # Not made current: it ends across this generator's yields (shared/tracing.py).
+        call = tracing.start(
+            f"chat {self.model}",
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": self.model,
+                "gen_ai.request.max_tokens": max_tokens,
+            },
+        )
+        failed = None
+        try:
+            async for thought in self._stream_call(messages, step, max_tokens):
+                yield thought
+        except Exception as exc:
+            failed = type(exc).__name__
+            raise
+        finally:  # also when the run stops it midway
+            tracing.end(call, _usage_attributes(step), error=failed)
+
+    async def _stream_call(
+        self, messages: list[dict[str, Any]], step: _Step, max_tokens: int
+    ) -> AsyncIterator[Thought]:
         stream = await self._open(messages, max_tokens)
         try:
             while True:
@@ -313,6 +337,19 @@ class OpenAIAgent:
         )
 
     async def _call_tool(self, call: _ToolCall) -> tuple[Thought, str]:
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": call.name,
+            "gen_ai.tool.call.id": call.call_id,
+        }
+        with tracing.span(f"execute_tool {call.name}", attributes) as span:
+            observation, result = await self._run_tool(call)
+            if span is not None:
+                failed = bool((observation.extra or {}).get("is_error"))
+                span.set_attribute("thoughtwire.tool.is_error", failed)
+            return observation, result
+
+    async def _run_tool(self, call: _ToolCall) -> tuple[Thought, str]:
         tool = self.tools.get(call.name)
         arguments = _parse_arguments(call.arguments)
         failed = True
@@ -365,6 +402,17 @@ class OpenAIAgent:
                 logger.warning("the model provider refused the request: %r", exc)
                 raise AgentError("the model provider failed") from None
         raise AssertionError("unreachable")
+
+
+def _usage_attributes(step: _Step) -> dict[str, str | int]:
+    """A model call's span attributes at its end: its tokens as the server counted them."""
+    attributes: dict[str, str | int] = {}
+    if step.usage:
+        attributes["gen_ai.usage.input_tokens"] = int(step.usage.get("prompt_tokens") or 0)
+        attributes["gen_ai.usage.output_tokens"] = int(step.usage.get("completion_tokens") or 0)
+    if step.finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = step.finish_reason
+    return attributes
 
 
 def _assistant(step: _Step) -> dict[str, Any]:
