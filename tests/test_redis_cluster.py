@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from tests.conftest import Cluster, sim_run, start_cluster
 from tests.procs import RedisServer, seconds, wait_until
 from tests.redis_cluster import RedisCluster
-from tests.wsclient import connect, greeting, run_events
+from tests.wsclient import check_stream, connect, greeting, run_events
 from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, decode_event
@@ -92,6 +93,9 @@ async def test_a_session_is_appended_and_published_on_its_master_through_sharded
         await bus.redis.aclose()
 
 
+TOKENS = 60  # a run's answer: two seconds at 30 tokens a second
+
+
 @dataclass
 class ClusterUrl:
     """What start_cluster reads of a Redis: its URL."""
@@ -107,7 +111,9 @@ def deployment(redis_cluster: RedisCluster, logdir: Path) -> Iterator[Cluster]:
         logdir,
         frontends=2,
         workers=2,
-        THOUGHTWIRE_SIM_ANSWER_TOKENS="20",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS=str(TOKENS),
+        # paced, so that a master can be killed or a slot moved while a run streams
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="30",
     )
     yield c
     c.stop()
@@ -146,6 +152,60 @@ async def test_thirty_sessions_stream_through_two_frontends_over_a_cluster(
     assert {redis_cluster.master_of(c) for c in channels} == set(redis_cluster.masters())
     for _session, events in results:
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-        assert [e["type"] for e in events] == sim_run(20)
+        assert [e["type"] for e in events] == sim_run(TOKENS)
     # every socket closed: each frontend has let go of every session's channel
     wait_until(lambda: shard_subscribers(redis_cluster, channels) == 0, 10, "SSUBSCRIBEs to end")
+
+
+async def until_end(ws: Any, count: int | None = None) -> list[dict[str, Any]]:
+    """Events and gaps until a run's end (or ``count`` events), in the order they came."""
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(seconds(60)):
+        while count is None or len(frames) < count:  # bounded by the timeout
+            frame = json.loads(await ws.recv())
+            if "seq" in frame or frame["type"] == "gap":
+                frames.append(frame)
+            if "seq" in frame and frame["type"] in ("done", "error", "cancelled"):
+                break
+    return frames
+
+
+def check_one_history(*streams: list[dict[str, Any]]) -> None:
+    """No (epoch, seq) names two different events, across every client's stream."""
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
+    for stream in streams:
+        for frame in stream:
+            if "seq" in frame:
+                event = seen.setdefault((frame["epoch"], frame["seq"]), frame)
+                assert event == frame, f"two events at one position: {event} {frame}"
+
+
+async def test_a_master_killed_mid_stream_hands_its_sessions_over_to_its_replica(
+    redis_cluster: RedisCluster, deployment: Cluster
+) -> None:
+    a, b = (f.ws for f in deployment.frontends)
+    keys = Keys(deployment.prefix)
+    async with connect(a + "/ws/agent-thoughts") as prompter:
+        session = await greeting(prompter)
+        master = redis_cluster.master_of(keys.session_channel(session))
+        async with connect(f"{b}/ws/agent-thoughts?session={session}") as viewer:
+            assert await greeting(viewer) == session
+            await prompter.send("hello")
+            head = await until_end(prompter, 12)  # the run is streaming
+            kill = asyncio.create_task(asyncio.to_thread(redis_cluster.kill_master, master))
+            try:
+                mine, theirs = await asyncio.gather(until_end(prompter), until_end(viewer))
+                promoted = await kill
+            finally:
+                await asyncio.gather(kill, return_exceptions=True)
+            mine = head + mine
+            check_stream(mine)
+            check_stream(theirs)
+            check_one_history(mine, theirs)
+            assert mine[-1]["type"] == theirs[-1]["type"] == "done"
+            assert redis_cluster.master_of(keys.session_channel(session)) == promoted
+            await prompter.send("and again")  # a new prompt, on the promoted replica
+            again = await until_end(prompter)
+            check_one_history(mine, theirs, again)
+            assert again[-1]["type"] == "done"
+    await asyncio.to_thread(redis_cluster.restart, master)

@@ -35,8 +35,13 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from thoughtwire.shared.redis.pubsub import OnMessage, OnRun, RawLink
 from thoughtwire.shared.redis.topology import Topology
@@ -47,6 +52,21 @@ logger = logging.getLogger("thoughtwire.redis.cluster")
 # Commands that find the cluster's shape: their replies are parsed even on the raw
 # client (:meth:`ClusterClient.raw`), since redis-py reads its slot map through them.
 _DISCOVERY = ("CLUSTER", "COMMAND")
+
+
+# Replies that say the cluster cannot serve a slot right now (a master failed and its
+# replica is not promoted yet, a slot being moved): to a caller, Redis is not there right
+# now, as with a lost connection, and a write is retried as it would be then.
+TRANSIENT = (ClusterDownError, SlotNotCoveredError, TryAgainError)
+
+
+def unavailable(error: Exception) -> Exception:
+    """``error`` as a connection error if it is :data:`TRANSIENT`, else as it is."""
+    if isinstance(error, TRANSIENT):
+        unreachable = RedisConnectionError(f"the cluster cannot serve now: {error}")
+        unreachable.__cause__ = error
+        return unreachable
+    return error
 
 
 def is_cluster(redis: Any) -> bool:
@@ -105,6 +125,14 @@ class ClusterClient(RedisCluster):
         twin = ClusterClient(self.topology, self.settings, raw=True)
         self._twins.append(twin)
         return twin
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one command, routed by its key; a :data:`TRANSIENT` refusal that outlasted
+        the retries is raised as a connection error."""
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except TRANSIENT as exc:
+            raise unavailable(exc) from exc
 
     async def aclose(self) -> None:
         """Close this client's connections and its twins'."""
@@ -190,7 +218,7 @@ class ClusterLink:
 
     async def close(self) -> None:
         """Close every connection; idempotent."""
-        self._end(RedisConnectionError("pub/sub link closed"))
+        self._end(RedisConnectionError("pub/sub link closed"), quiet=True)
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
@@ -249,8 +277,9 @@ class ClusterLink:
         elif kind == b"error":
             self._end(RedisConnectionError(f"subscription refused: {data!r}"))
 
-    def _end(self, error: Exception) -> None:
+    def _end(self, error: Exception, *, quiet: bool = False) -> None:
         if not self._closed.done():
-            logger.info("cluster pub/sub link ends: %s", error)
+            if not quiet:
+                logger.info("cluster pub/sub link ends: %s", error)
             self._closed.set_exception(error)
             self._closed.exception()  # retrieved: an unawaited end is not logged
