@@ -196,7 +196,12 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
     bus = Bus(
         redis, Keys(settings.key_prefix), log_maxlen=settings.log_maxlen, log_ttl=settings.log_ttl
     )
-    hub = Hub(partial(open_link, factory), bus.node_channel(node))
+    hub = Hub(
+        partial(open_link, factory),
+        bus.node_channel(node),
+        publish=bus.publish,
+        probe_interval=settings.pubsub_probe_interval,
+    )
     refresher: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
     presence: asyncio.Task[None] | None = None

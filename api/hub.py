@@ -21,22 +21,32 @@ channel with scoped viewers each message of a run is delivered alone.
 
 Delivery to a viewer never blocks: ``Subscriber.deliver`` must return at once (a socket
 puts the frame in its own bounded queue), so one slow client cannot stall the relay.
+
+A pub/sub connection can stay connected, answer its pings, and deliver nothing: after a
+failover it may still be on the old master, or a proxy between may have stopped
+forwarding (Centrifugo's users lost deliveries that way while every health check stayed
+green, centrifugal/centrifugo#1189). So the hub probes it: every ``probe_interval`` it
+publishes a probe on its home channel through the command connection, which follows the
+current master, and a probe that has not come back within the next interval means the
+link is deaf: it is dropped, reconnected, and every viewer resyncs from the log, as
+after any reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from thoughtwire.api import scopes
 from thoughtwire.api.wire import text_frame
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import event_position
-from thoughtwire.shared.redis import RedisConnectionError, RedisTimeoutError
+from thoughtwire.shared.redis import RedisConnectionError, RedisError, RedisTimeoutError
 from thoughtwire.shared.redis.pubsub import Link, OnMessage, OnRun
 from thoughtwire.shared.vocab import ViewScope
 
@@ -115,12 +125,23 @@ class Hub:
     """Registry of live sockets by channel; owns this process's pub/sub connection."""
 
     def __init__(
-        self, open_link: Callable[[OnMessage, OnRun], Awaitable[Link]], home_channel: str
+        self,
+        open_link: Callable[[OnMessage, OnRun], Awaitable[Link]],
+        home_channel: str,
+        *,
+        publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
+        probe_interval: float = 0.0,
     ) -> None:
         self._open_link = open_link
         # Subscribed for the hub's whole life, so the connection is never idle of
-        # subscriptions (and a frontend can be reached on it).
+        # subscriptions (and a frontend can be reached on it). Probes come back on it.
         self._home = home_channel.encode()
+        self._publish = publish
+        self._probe_interval = probe_interval if publish is not None else 0.0
+        self._probe: tuple[bytes, asyncio.Future[None]] | None = None  # the one under way
+        self._deaf = asyncio.Event()  # a probe did not come back on the link in use
+        self._prober: asyncio.Task[None] | None = None
+        self.deaf_links = 0  # links dropped because a probe did not come back
         self._viewers: dict[bytes, set[Subscriber]] = {}
         # Only channels with a viewer of a scope other than full: every viewer by scope.
         self._scoped: dict[bytes, _Views] = {}
@@ -150,9 +171,16 @@ class Hub:
         """Connect, subscribe to the home channel, and start reading."""
         await self._connect()
         self._reader = asyncio.create_task(self._read_forever(), name="hub-reader")
+        if self._probe_interval > 0:
+            self._prober = asyncio.create_task(self._probe_forever(), name="hub-probe")
 
     async def close(self) -> None:
         """Stop reading and drop the connection. Idempotent."""
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -258,6 +286,8 @@ class Hub:
                     return
                 for viewer in tuple(viewers):
                     viewer.deliver(frame, position, wire)
+            elif channel == self._home and data is not None:
+                self._heard(data)
         elif kind == b"subscribe":
             waiters = self._pending.get(channel)
             if waiters:
@@ -271,6 +301,9 @@ class Hub:
         """From the link's read callback: messages of one channel that came in a row."""
         viewers = self._viewers.get(channel)
         if not viewers:
+            if channel == self._home:
+                for message in data:
+                    self._heard(message)
             return
         if channel in self._scoped:  # projected message by message, once per scope each
             for message in data:
@@ -298,13 +331,77 @@ class Hub:
         while True:
             try:
                 assert self._link is not None
-                await self._link.wait_closed()
-                logger.warning("pub/sub connection closed; reconnecting")
+                if await self._until_dropped(self._link):
+                    logger.warning("pub/sub connection closed; reconnecting")
+                else:
+                    logger.warning(
+                        "pub/sub connection deaf: a probe did not come back within %.1f s; "
+                        "reconnecting",
+                        self._probe_interval,
+                    )
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning("pub/sub connection lost (%s); reconnecting", type(exc).__name__)
             await self._reconnect()
+
+    async def _until_dropped(self, link: Link) -> bool:
+        """Wait until ``link`` closes (True) or a probe finds it deaf (False)."""
+        closed = asyncio.ensure_future(link.wait_closed())
+        deaf = asyncio.ensure_future(self._deaf.wait())
+        try:
+            done, _ = await asyncio.wait((closed, deaf), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            deaf.cancel()
+        if closed in done:
+            if not closed.cancelled():
+                closed.result()  # what ended the connection, if it failed
+            return True
+        self.deaf_links += 1
+        return False
+
+    # --- probing ------------------------------------------------------------
+
+    async def _probe_forever(self) -> None:
+        """Probe the link in use every interval, for the hub's whole life."""
+        for n in itertools.count(1):
+            await asyncio.sleep(self._probe_interval)
+            link = self._link
+            if link is None or not self._connected.is_set() or self._deaf.is_set():
+                continue
+            if not await self.probe(n) and self._link is link:
+                self._deaf.set()
+
+    async def probe(self, n: int) -> bool:
+        """Publish probe ``n`` on the home channel; whether it came back within an interval.
+
+        A probe that could not be published says nothing of the link (Redis is away, and
+        the link will notice that itself): True. With several links (sharded pub/sub, one
+        link per shard), each needs a probe of its own through a channel of its shard.
+        """
+        assert self._publish is not None
+        token = b"probe %d" % n
+        heard = asyncio.get_running_loop().create_future()
+        self._probe = (token, heard)
+        try:
+            async with asyncio.timeout(self._probe_interval):
+                await self._publish(self._home.decode(), token)
+        except (RedisError, OSError, TimeoutError):
+            return True
+        try:
+            async with asyncio.timeout(self._probe_interval):
+                await heard
+        except TimeoutError:
+            return False
+        finally:
+            self._probe = None
+        return True
+
+    def _heard(self, data: bytes) -> None:
+        """A message on the home channel: the probe under way, if it is that one."""
+        if self._probe is not None and self._probe[0] == data and not self._probe[1].done():
+            self._probe[1].set_result(None)
 
     async def _reconnect(self) -> None:
         """Back off (capped, with jitter), reconnect, and resubscribe every live channel."""
@@ -357,6 +454,7 @@ class Hub:
         except BaseException:
             await self._disconnect()
             raise
+        self._deaf.clear()
         self._connected.set()
 
     async def _disconnect(self) -> None:

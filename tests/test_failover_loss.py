@@ -14,15 +14,17 @@ master.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.conftest import Cluster, start_cluster
-from tests.procs import RedisServer, seconds, wait_until
+from tests.conftest import Cluster, sim_run, start_cluster
+from tests.procs import Frontend, RedisServer, seconds, wait_until
 from tests.tcp_proxy import TcpProxy
 from tests.wsclient import check_stream, connect, greeting, recv_json, run_events
 from thoughtwire.shared.bus import Bus, Meta
@@ -305,3 +307,59 @@ async def first_events(ws, count: int) -> list[dict]:
         if "seq" in message:
             events.append(message)
     return events
+
+
+# --- a pub/sub connection that stays up and delivers nothing ---------------------------
+
+PROBE_INTERVAL = 1.0
+PROBED_TOKENS = 80
+
+
+async def test_a_deaf_pubsub_link_is_noticed_within_its_probe_interval_and_viewers_catch_up(
+    redis_server, logdir
+):
+    proxy = TcpProxy(redis_server.port).start()
+    cluster = start_cluster(
+        redis_server,
+        logdir,
+        frontends=0,
+        THOUGHTWIRE_SIM_ANSWER_TOKENS=str(PROBED_TOKENS),
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="40",
+    )
+    try:
+        # Only the frontend goes through the proxy: its pub/sub link is the one silenced.
+        frontend = cluster.add_frontend(
+            REDIS_URL=proxy.url, THOUGHTWIRE_PUBSUB_PROBE_INTERVAL=str(PROBE_INTERVAL)
+        )
+        await deaf_link_case(proxy, frontend)
+    finally:
+        cluster.stop()
+        proxy.stop()
+
+
+async def deaf_link_case(proxy: TcpProxy, frontend: Frontend) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(connect(frontend.ws + "/ws/agent-thoughts"))
+        session = await greeting(first)
+        viewers = [first]
+        for _ in range(2):
+            ws = await stack.enter_async_context(
+                connect(f"{frontend.ws}/ws/agent-thoughts?session={session}&after=0")
+            )
+            await greeting(ws)
+            viewers.append(ws)
+        await first.send("through a deaf link")
+        before = [await first_events(ws, 12) for ws in viewers]
+        assert proxy.silence_subscribers() == 1  # the hub's link: it stays open, deaf
+        silenced = time.monotonic()
+        noticed = await asyncio.to_thread(
+            wait_until, lambda: "connection deaf" in frontend.proc.output(), 10, "the probe"
+        )
+        took = time.monotonic() - silenced
+        rest = await asyncio.gather(*(run_events(ws, timeout=20) for ws in viewers))
+    assert noticed
+    # A probe goes out at most an interval after the silence and is given one interval.
+    assert took < 2 * PROBE_INTERVAL + seconds(1.5), took
+    for events in (b + r for b, r in zip(before, rest, strict=True)):
+        assert [e["type"] for e in events] == sim_run(PROBED_TOKENS)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
