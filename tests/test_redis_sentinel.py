@@ -1,0 +1,251 @@
+"""Sentinel failovers mid-stream, against real processes.
+
+Two frontends and two workers find the master through three sentinels
+(tests/redis_sentinel.py). Several sessions stream, each watched by a client on either
+frontend, when the master is switched by ``SENTINEL FAILOVER`` or killed with -9. Every
+client must end with its session's whole stream: each seq once, in order, within an
+epoch, a new epoch only after an explicit ``gap``; and no two clients may hold
+different events under one ``(epoch, seq)``. Every wait is bounded; every process is
+stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import Cluster, sim_run, start_cluster
+from tests.procs import seconds
+from tests.redis_sentinel import SentinelDeployment, sentinel_deployment  # noqa: F401
+from tests.wsclient import connect, greeting, run_events
+from thoughtwire.shared.keys import Keys
+
+TOKENS = 250  # at 50 a second: runs of about 5 s, past a failover's few seconds
+SESSIONS = 3
+TERMINAL = ("done", "error", "cancelled")
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def deployed(sentinel_deployment: SentinelDeployment, logdir) -> Iterator[Cluster]:  # noqa: F811
+    """Two frontends and two workers on the Sentinel deployment's master."""
+    cluster = start_cluster(
+        sentinel_deployment,  # type: ignore[arg-type]  # it has the ``url`` they need
+        logdir,
+        frontends=2,
+        workers=2,
+        THOUGHTWIRE_LEASE_SECONDS="3",
+        THOUGHTWIRE_SIM_STEP_DELAY="0.02",
+        THOUGHTWIRE_SIM_ANSWER_TOKENS=str(TOKENS),
+        THOUGHTWIRE_SIM_TOKENS_PER_SECOND="50",
+    )
+    yield cluster
+    cluster.stop()
+
+
+class Watcher:
+    """A client on one session through one frontend, keeping every message it gets."""
+
+    def __init__(self, ws: Any, session: str) -> None:
+        self.ws = ws
+        self.session = session
+        self.messages: list[dict[str, Any]] = []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for frame in self.ws:  # until the test closes the socket
+            self.messages.append(json.loads(frame))
+
+    def events(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages if "seq" in m]
+
+    def position(self) -> tuple[str, int] | None:
+        events = self.events()
+        return (events[-1]["epoch"], events[-1]["seq"]) if events else None
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` (every 50 ms) until it is truthy, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + seconds(timeout)
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return result
+
+
+def log_end(deployment: SentinelDeployment, prefix: str, session: str) -> tuple[str, int] | None:
+    """The ``(epoch, seq)`` of the session log's last event on the master, once terminal."""
+    try:
+        with deployment.master_server().client() as client:
+            entries = client.xrevrange(Keys(prefix).session_log(session), count=1)
+    except (redis.RedisError, RuntimeError, KeyError):
+        return None  # no master named yet, or it does not answer
+    if not entries:
+        return None
+    event = json.loads(entries[0][1][b"e"])
+    return (event["epoch"], event["seq"]) if event["type"] in TERMINAL else None
+
+
+def assert_whole_stream(watcher: Watcher) -> int:
+    """Seqs 1, 2, ... once each in their epoch; a new epoch only after a ``gap``. Returns
+    the number of gaps."""
+    epoch, last, gaps = None, 0, 0
+    for m in watcher.messages:
+        if m["type"] == "gap":
+            epoch, last, gaps = m["epoch"], m["next"] - 1, gaps + 1
+            continue
+        if "seq" not in m:
+            continue
+        epoch = epoch or m["epoch"]
+        assert m["epoch"] == epoch, f"the epoch changed without a gap: {m}"
+        assert m.get("from_seq", m["seq"]) == last + 1, f"expected seq {last + 1}, got {m}"
+        last = m["seq"]
+    return gaps
+
+
+def assert_one_event_per_position(watchers: list[Watcher]) -> None:
+    """No two clients of a session got different events under one ``(epoch, seq)``."""
+    seen: dict[tuple[str, str, int], str] = {}
+    for watcher in watchers:
+        for event in watcher.events():
+            if "from_seq" in event:
+                continue  # merged deltas: their seqs are checked one by one above
+            key = (watcher.session, event["epoch"], event["seq"])
+            body = json.dumps(event, sort_keys=True)
+            assert seen.setdefault(key, body) == body, f"two events at {key}"
+
+
+@contextlib.asynccontextmanager
+async def streaming(cluster: Cluster):  # type: ignore[no-untyped-def]
+    """SESSIONS sessions, each prompted through one frontend and watched through the other;
+    yields the prompters' and viewers' watchers once every run has streamed a while."""
+    stack = contextlib.AsyncExitStack()
+    watchers: list[Watcher] = []
+    prompters: list[Any] = []
+    try:
+        for i in range(SESSIONS):
+            a, b = cluster.frontends[i % 2], cluster.frontends[(i + 1) % 2]
+            prompter = await stack.enter_async_context(connect(a.ws + "/ws/agent-thoughts"))
+            session = await greeting(prompter)
+            viewer = await stack.enter_async_context(
+                connect(f"{b.ws}/ws/agent-thoughts?session={session}")
+            )
+            await greeting(viewer)
+            prompters.append(prompter)
+            watchers += [Watcher(prompter, session), Watcher(viewer, session)]
+        for i, prompter in enumerate(prompters):
+            await prompter.send(f"a long answer, session {i}")
+        await until(lambda: all(len(w.events()) >= 30 for w in watchers), 30, "every run to stream")
+        yield watchers
+    finally:
+        for watcher in watchers:
+            watcher.task.cancel()
+        await asyncio.gather(*(w.task for w in watchers), return_exceptions=True)
+        await stack.aclose()
+
+
+async def assert_every_client_whole(
+    deployment: SentinelDeployment, cluster: Cluster, watchers: list[Watcher]
+) -> int:
+    """Wait for each session's run to end in the log, and for every client to reach that
+    end; then check every stream. Returns the number of gaps the clients got."""
+    ends = {}
+    for session in {w.session for w in watchers}:
+        ends[session] = await until(
+            lambda s=session: log_end(deployment, cluster.prefix, s), 60, "the run to end"
+        )
+    await until(
+        lambda: all(w.position() == ends[w.session] for w in watchers),
+        30,
+        "every client to reach its session's end",
+    )
+    gaps = sum(assert_whole_stream(w) for w in watchers)
+    assert_one_event_per_position(watchers)
+    return gaps
+
+
+async def ready_status(http: httpx.AsyncClient, url: str) -> int:
+    try:
+        return (await http.get(url + "/readyz", timeout=2)).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+async def ready_within(http: httpx.AsyncClient, url: str, timeout: float) -> int:
+    """/readyz's status once it is 200, or its last within ``timeout`` seconds."""
+    deadline = time.monotonic() + seconds(timeout)
+    status = await ready_status(http, url)
+    while status != 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        status = await ready_status(http, url)
+    return status
+
+
+async def assert_a_new_prompt_completes(cluster: Cluster) -> None:
+    async with connect(cluster.frontends[1].ws + "/ws/agent-thoughts") as ws:
+        await greeting(ws)
+        await ws.send("after the failover")
+        events = await run_events(ws, timeout=60)
+    assert [e["type"] for e in events] == sim_run(TOKENS)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_sentinel_failover_mid_stream_leaves_every_client_whole(
+    deployed: Cluster,
+    sentinel_deployment: SentinelDeployment,  # noqa: F811
+) -> None:
+    old = sentinel_deployment.master()
+    async with streaming(deployed) as watchers:
+        new = await asyncio.to_thread(sentinel_deployment.failover)
+        assert new != old
+        await assert_every_client_whole(sentinel_deployment, deployed, watchers)
+    async with httpx.AsyncClient() as http:
+        for frontend in deployed.frontends:
+            assert await ready_within(http, frontend.http, 20) == 200
+    await assert_a_new_prompt_completes(deployed)
+    assert_followed(deployed)
+
+
+def assert_followed(cluster: Cluster) -> None:
+    """Every process heard of the switch; every frontend's hub reconnected."""
+    for proc in [*(f.proc for f in cluster.frontends), *cluster.workers]:
+        assert "master of mymaster switched" in proc.output(), proc.name
+    for frontend in cluster.frontends:
+        assert "pub/sub reconnected" in frontend.proc.output()
+
+
+async def test_a_master_killed_mid_stream_leaves_every_client_whole(
+    deployed: Cluster,
+    sentinel_deployment: SentinelDeployment,  # noqa: F811
+) -> None:
+    statuses: list[int] = []
+
+    async def poll_readiness(http: httpx.AsyncClient) -> None:
+        """/readyz of one frontend every 50 ms, until it went 503 and then 200 again."""
+        deadline = time.monotonic() + seconds(60)
+        while time.monotonic() < deadline:
+            statuses.append(await ready_status(http, deployed.frontends[0].http))
+            if 503 in statuses and statuses[-1] == 200:
+                return
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient() as http, streaming(deployed) as watchers:
+        old = sentinel_deployment.kill_master()
+        poller = asyncio.create_task(poll_readiness(http))
+        await asyncio.to_thread(sentinel_deployment.wait_for_new_master, old)
+        await assert_every_client_whole(sentinel_deployment, deployed, watchers)
+        await poller
+    assert 503 in statuses, statuses
+    assert statuses[statuses.index(503) :][-1] == 200, statuses
+    await assert_a_new_prompt_completes(deployed)
+    assert_followed(deployed)
