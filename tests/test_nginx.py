@@ -10,16 +10,21 @@ SIGTERMed mid-stream, and the client resumes through nginx with every event once
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 
+import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.conftest import Cluster, sim_run, start_cluster
 from tests.procs import Frontend, Proc, RedisServer, free_port, seconds, wait_until
@@ -119,6 +124,10 @@ class Nginx:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
 
 @pytest.fixture(scope="module")
 def behind_nginx(redis_server: RedisServer, logdir: Path) -> Iterator[tuple[Cluster, Nginx]]:
@@ -190,6 +199,43 @@ def kinds(states: list) -> list[State]:
     return [s.state for s in states]
 
 
+async def test_server_sent_events_through_nginx_arrive_as_they_are_written(behind_nginx):
+    """A run's 60 answer tokens take about 2 s; through nginx they arrive spread over that
+    time, not in one burst when a buffer fills or the response ends."""
+    _, nginx = behind_nginx
+    session = "sse-" + secrets.token_hex(4)
+    arrivals: list[tuple[float, str]] = []
+
+    async def read_events() -> None:
+        url = f"{nginx.http}/v1/sessions/{session}/events?after=0"
+        async with (
+            httpx.AsyncClient(timeout=seconds(30)) as client,
+            client.stream("GET", url) as response,
+        ):
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    kind = json.loads(line[len("data: ") :])["type"]
+                    arrivals.append((time.monotonic(), kind))
+                    if kind == "done":
+                        return
+
+    async with asyncio.timeout(seconds(60)):
+        reader = asyncio.create_task(read_events())
+        follower = Follower(nginx.ws, session, timeout=20)
+        async with aclosing(follower.events("streamed twice")) as it:
+            async for event in it:
+                if event["type"] == "done":
+                    break
+        await reader
+    answers = [at for at, kind in arrivals if kind == "answer"]
+    assert len(answers) == TOKENS
+    spread = answers[-1] - answers[0]
+    print(f"{len(arrivals)} events by SSE through nginx, answers over {spread:.2f} s")
+    assert spread > 1.0, f"the answer arrived in a burst ({spread:.2f} s)"
+
+
 async def test_a_stream_through_nginx_survives_its_frontend_stopping(behind_nginx):
     """SIGTERM the frontend holding the socket mid-run: the client, which only knows
     nginx's address, reconnects through nginx to the other frontend and resumes from its
@@ -224,3 +270,18 @@ async def test_a_stream_through_nginx_survives_its_frontend_stopping(behind_ngin
     assert resumed.gap is None and resumed.url.startswith(nginx.ws)
     assert on_the_other == 1, "the resumed socket is on the other frontend, through nginx"
     print(f"resumed through nginx after {follower.reconnects} reconnect(s); {len(events)} events")
+
+
+async def test_with_a_frontend_gone_every_request_and_socket_gets_through(behind_nginx):
+    """nginx's passive failover: with one frontend stopped, each new request and socket
+    handshake through nginx reaches the other (a refused connection, or a draining
+    frontend's 503, is retried on the next server)."""
+    cluster, nginx = behind_nginx
+    alive = [f for f in cluster.frontends if f.proc.alive()]
+    if len(alive) == 2:
+        alive[0].proc.stop()
+    async with httpx.AsyncClient(timeout=seconds(10)) as client:
+        for _ in range(10):
+            assert (await client.get(f"{nginx.http}/readyz")).status_code == 200
+            async with connect(f"{nginx.ws}/ws/agent-thoughts", open_timeout=seconds(10)) as ws:
+                assert ws.response is not None and ws.response.status_code == 101
