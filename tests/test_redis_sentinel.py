@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -27,6 +28,9 @@ from tests.procs import seconds
 from tests.redis_sentinel import SentinelDeployment, sentinel_deployment  # noqa: F401
 from tests.wsclient import connect, greeting, run_events
 from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.redis import Batcher, RedisConnectionError, RedisFactory
+from thoughtwire.shared.redis.pubsub import open_link
+from thoughtwire.shared.settings import Settings
 
 TOKENS = 250  # at 50 a second: runs of about 5 s, past a failover's few seconds
 SESSIONS = 3
@@ -36,13 +40,20 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def deployed(sentinel_deployment: SentinelDeployment, logdir) -> Iterator[Cluster]:  # noqa: F811
-    """Two frontends and two workers on the Sentinel deployment's master."""
+def deployed(
+    request: pytest.FixtureRequest,
+    sentinel_deployment: SentinelDeployment,  # noqa: F811
+    logdir,
+) -> Iterator[Cluster]:
+    """Two frontends and two workers on the Sentinel deployment's master; with the fast
+    paths on, unless the test asks for ``"public"``."""
+    public = getattr(request, "param", "fast") == "public"
     cluster = start_cluster(
         sentinel_deployment,  # type: ignore[arg-type]  # it has the ``url`` they need
         logdir,
         frontends=2,
         workers=2,
+        THOUGHTWIRE_FAST_PATHS="0" if public else "1",
         THOUGHTWIRE_LEASE_SECONDS="3",
         THOUGHTWIRE_SIM_STEP_DELAY="0.02",
         THOUGHTWIRE_SIM_ANSWER_TOKENS=str(TOKENS),
@@ -200,6 +211,7 @@ async def assert_a_new_prompt_completes(cluster: Cluster) -> None:
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
 
+@pytest.mark.parametrize("deployed", ["fast", "public"], indirect=True)
 async def test_a_sentinel_failover_mid_stream_leaves_every_client_whole(
     deployed: Cluster,
     sentinel_deployment: SentinelDeployment,  # noqa: F811
@@ -249,3 +261,89 @@ async def test_a_master_killed_mid_stream_leaves_every_client_whole(
     assert statuses[statuses.index(503) :][-1] == 200, statuses
     await assert_a_new_prompt_completes(deployed)
     assert_followed(deployed)
+
+
+# --- the parts, one at a time ----------------------------------------------------
+
+
+class FakeSentinel:
+    """A sentinel that answers ``SENTINEL MASTERS`` with a given state, or fails."""
+
+    def __init__(self, answer: dict[str, Any] | Exception) -> None:
+        self.answer = answer
+
+    async def sentinel_masters(self) -> dict[str, Any]:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def named(port: int, epoch: int, **flags: bool) -> FakeSentinel:
+    state = {"ip": "127.0.0.1", "port": port, "config-epoch": epoch, "num-other-sentinels": 2}
+    return FakeSentinel(
+        {"mymaster": {"is_master": True, "is_sdown": False, "is_odown": False, **state, **flags}}
+    )
+
+
+async def test_the_master_is_the_one_a_sentinel_names_with_the_newest_config_epoch() -> None:
+    url = "redis+sentinel://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3/mymaster"
+    master = RedisFactory(Settings(redis_url=url)).sentinel
+    assert master is not None
+    sentinels: Any = master.sentinels
+    # One has not heard of the failover yet, one has, one does not answer: the newer wins,
+    # in whichever order they are asked.
+    sentinels.sentinels = [named(6379, 0), named(6380, 1), FakeSentinel(RedisConnectionError())]
+    assert await sentinels.discover_master("mymaster") == ("127.0.0.1", 6380)
+    sentinels.sentinels.reverse()
+    assert await sentinels.discover_master("mymaster") == ("127.0.0.1", 6380)
+    # A master a sentinel sees down is no answer; no answer at all is a lost connection.
+    sentinels.sentinels = [named(6380, 1, is_sdown=True), FakeSentinel(RedisConnectionError())]
+    with pytest.raises(RedisConnectionError):
+        await sentinels.discover_master("mymaster")
+
+
+async def test_a_demoted_master_refusing_a_write_is_a_lost_connection_not_an_answer(
+    sentinel_deployment: SentinelDeployment,  # noqa: F811
+) -> None:
+    replica = sentinel_deployment.replica_server()
+    redis_client = RedisFactory(Settings(redis_url=replica.url, redis_pool_size=2)).commands()
+    batcher = Batcher(redis_client, own_reader=True)
+    try:
+        with pytest.raises(RedisConnectionError, match="replica"):
+            await batcher.commands(["SET", "k", "v"])
+        # The line was dropped, so the next call connects again (and is refused again).
+        with pytest.raises(RedisConnectionError, match="replica"):
+            await batcher.commands(["GET", "k"], ["SET", "k", "v"])
+        assert await batcher.commands(["GET", "k"]) == [None]  # reads are served
+    finally:
+        await redis_client.aclose()
+
+
+async def test_a_process_follows_the_master_and_drops_what_it_held_on_a_switch(
+    sentinel_deployment: SentinelDeployment,  # noqa: F811
+) -> None:
+    factory = RedisFactory(Settings(redis_url=sentinel_deployment.url, redis_pool_size=4))
+    assert factory.sentinel is not None
+    received: list[bytes] = []
+    async with factory.following():
+        redis_client = factory.commands()
+        batcher = Batcher(redis_client)
+        link = await open_link(factory, lambda kind, channel, data: received.append(kind))
+        try:
+            await link.subscribe(b"ch")
+            assert await batcher.commands(["SET", "k", "1"]) == [b"OK"]
+            old = sentinel_deployment.master()
+            new = await asyncio.to_thread(sentinel_deployment.failover)
+            async with asyncio.timeout(seconds(10)):
+                with pytest.raises(RedisConnectionError):
+                    await link.wait_closed()  # dropped: the hub would reconnect and resync
+            assert factory.sentinel.switches == 1
+            # The batcher's next call goes to the new master, through a new connection.
+            assert await batcher.commands(["SET", "k", "2"], ["ROLE"]) == [b"OK", ANY]
+            with sentinel_deployment.servers[new].client() as client:
+                assert client.get("k") == b"2"
+            assert (await factory.link_url()).endswith(f":{new}/0")
+            assert old != new
+        finally:
+            await link.close()
+            await redis_client.aclose()

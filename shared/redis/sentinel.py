@@ -262,16 +262,22 @@ class SentinelMaster:
         pubsub = client.pubsub()
         try:
             await pubsub.subscribe(SWITCH_CHANNEL)
-            # Subscribed: a switch missed while not listening shows as a new master.
-            master = await self.sentinels.discover_master(self.service)
-            if self._master is not None and master != self._master:
-                await self.switched(f"{_show(self._master)} -> {_show(master)} (while away)")
-            self._master = master
+            await self._caught_up()
             await self._read_switches(pubsub)
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
             await client.aclose()
+
+    async def _caught_up(self) -> None:
+        """Once subscribed: a switch missed while not listening shows as a new master."""
+        try:
+            master = await self.sentinels.discover_master(self.service)
+        except MasterNotFoundError:
+            return  # none up now (a failover under way): its switch is still to come
+        if self._master is not None and master != self._master:
+            await self.switched(f"{_show(self._master)} -> {_show(master)} (while away)")
+        self._master = master
 
     async def _read_switches(self, pubsub: Any) -> None:
         """Handle each ``+switch-master`` of our service; ping a silent sentinel."""
