@@ -20,6 +20,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,8 @@ from thoughtwire.shared.redis import (
 )
 from thoughtwire.shared.redis import Script as AsyncScript
 from thoughtwire.shared.vocab import Multitask, RunStatus, Verdict
+
+logger = logging.getLogger("thoughtwire.bus")
 
 FENCED = -1  # what an append returns to an attempt that lost its lease
 
@@ -101,12 +104,27 @@ class Attempt:
 class Bus:
     """Queue jobs, append events, publish messages. Shared by frontends and workers."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, log_maxlen: int, log_ttl: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        log_maxlen: int,
+        log_ttl: int,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         self.redis = redis
+        # The call that ends a run waits (WAIT) for this many replicas, at most this long.
+        self._wait = (wait_replicas, wait_timeout_ms)
         self.keys = keys
         self._log_maxlen = log_maxlen
         self._ttl = log_ttl
         self._sharded = is_cluster(redis)  # a Redis Cluster: tagged channels are sharded
+        if self._sharded and wait_replicas:
+            # A cluster pipeline sends a keyless WAIT to any node, not the script's master.
+            logger.warning("THOUGHTWIRE_REDIS_WAIT_REPLICAS is not applied on a Redis Cluster")
+            self._wait = (0, wait_timeout_ms)
         self._epoch_seed = os.urandom(2).hex()  # the script adds its clock: a new epoch each time
         # Scripts and the hot paths' commands go out pipelined (shared.redis.pipeline).
         self._batch = Batcher(redis)
@@ -579,7 +597,9 @@ class Bus:
                 ),
                 (len(heads), fence, min_seq, first, *heads),
             )
-        return self._script(
+        # The call that ends the run waits for replicas, if asked to, before the job is acked.
+        call = self._append_and_wait if status and self._wait[0] > 0 else self._script
+        return call(
             self._append,
             (
                 keys.session_meta(session),
@@ -606,6 +626,33 @@ class Bus:
                 *heads,
             ),
         )
+
+    def _append_and_wait(
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """``script`` then ``WAIT`` on one connection of its own, not the shared pipeline's:
+        WAIT holds its connection until the replicas acknowledged (or the timeout), and
+        every call behind it in the pipeline would wait as long."""
+        return asyncio.ensure_future(self._wait_for_replicas(script, keys, args))
+
+    async def _wait_for_replicas(
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        replicas, timeout_ms = self._wait
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await script(keys, args, client=pipe)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            reply, acknowledged = await pipe.execute()
+        if int(acknowledged) < replicas:
+            # WAIT neither undoes nor retries a write: the run has ended on the master and
+            # its job is acknowledged; a failover before the replicas catch up can lose it.
+            logger.warning(
+                "a run's end reached %d of %d replicas within %d ms",
+                int(acknowledged),
+                replicas,
+                timeout_ms,
+            )
+        return reply
 
     async def meta(self, session: str) -> Meta:
         """Where the session's log stands: its epoch and last seq."""

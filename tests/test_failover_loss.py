@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import shutil
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ import pytest
 import redis
 
 from tests.conftest import Cluster, sim_run, start_cluster
-from tests.procs import Frontend, RedisServer, seconds, wait_until
+from tests.procs import Frontend, Proc, RedisServer, seconds, wait_until
 from tests.tcp_proxy import TcpProxy
 from tests.wsclient import check_stream, connect, greeting, recv_json, run_events
 from thoughtwire.shared.bus import Bus, Meta
@@ -363,3 +366,99 @@ async def deaf_link_case(proxy: TcpProxy, frontend: Frontend) -> None:
     for events in (b + r for b, r in zip(before, rest, strict=True)):
         assert [e["type"] for e in events] == sim_run(PROBED_TOKENS)
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+# --- waiting for replicas before a job is acknowledged ---------------------------------
+
+WAIT_MS = 1500
+
+
+class Monitor:
+    """``redis-cli monitor`` on a server: every command it runs, with its time and client."""
+
+    def __init__(self, server: RedisServer, log: Path) -> None:
+        binary = shutil.which("redis-cli")
+        assert binary is not None
+        self.proc = Proc("monitor", [binary, "-p", str(server.port), "monitor"], {}, log)
+
+    def __enter__(self) -> Monitor:
+        self.proc.start()
+        wait_until(lambda: "OK" in self.proc.output(), 10, "MONITOR to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stop()
+
+    def lines(self) -> list[tuple[float, str, str]]:
+        """``(time, client, command)`` of each command seen."""
+        seen = []
+        for line in self.proc.output().splitlines():
+            match = re.match(r"([\d.]+) \[\d+ ([^\]]+)\] (.*)", line)
+            if match:
+                seen.append((float(match[1]), match[2], match[3]))
+        return seen
+
+
+async def ended_and_acked(
+    pair: Pair, logdir: Path, prefix: str
+) -> tuple[list[tuple[float, str, str]], str]:
+    """Run one job on a worker that waits for a replica: what the master saw of its end,
+    and what the worker logged."""
+    cluster = start_cluster(
+        pair.master,
+        logdir,
+        frontends=0,
+        THOUGHTWIRE_REDIS_WAIT_REPLICAS="1",
+        THOUGHTWIRE_REDIS_WAIT_TIMEOUT_MS=str(WAIT_MS),
+    )
+    bus = bus_on(pair.master, cluster.prefix)
+    try:
+        with Monitor(pair.master, logdir / f"monitor-{prefix}.log") as monitor:
+            job = Job(run=prefix, session=prefix, prompt="wait for me")
+            await bus.submit(job)
+
+            async def acked() -> bool:
+                return await bus.redis.xlen(bus.keys.jobs) == 0
+
+            async with asyncio.timeout(seconds(20)):
+                while not await acked():
+                    await asyncio.sleep(0.05)
+            seen = monitor.lines()
+    finally:
+        await bus.redis.aclose()
+        cluster.stop()
+    return seen, cluster.workers[0].output()
+
+
+def end_wait_ack(seen: list[tuple[float, str, str]]) -> tuple[tuple, tuple, tuple]:
+    """The script call that ended the run, the WAIT after it, and the job's XACK."""
+    end = next(s for s in seen if s[2].upper().startswith('"EVALSHA"') and ' "done" ' in s[2])
+    wait = next(s for s in seen if s[2].startswith('"WAIT"') and s[0] >= end[0])
+    ack = next(s for s in seen if s[2].startswith('"XACK"'))
+    return end, wait, ack
+
+
+async def test_the_end_of_a_run_waits_for_a_replica_before_its_job_is_acknowledged(
+    pair, logdir, prefix
+):
+    seen, _ = await ended_and_acked(pair, logdir, prefix)
+    end, wait, ack = end_wait_ack(seen)
+    assert wait[2] == f'"WAIT" "1" "{WAIT_MS}"'
+    assert wait[1] == end[1]  # on the connection that wrote the end
+    assert end[0] <= wait[0] <= ack[0]
+    assert ack[0] - wait[0] < WAIT_MS / 1000  # the replica answered before the timeout
+
+
+async def test_with_its_replica_stopped_the_end_waits_the_timeout_then_the_job_is_acked(
+    pair, logdir, prefix
+):
+    pair.replica.proc.signal(signal.SIGSTOP)  # connected, and silent
+    try:
+        seen, logged = await ended_and_acked(pair, logdir, prefix)
+    finally:
+        pair.replica.proc.signal(signal.SIGCONT)
+    end, wait, ack = end_wait_ack(seen)
+    assert wait[1] == end[1]
+    # The job is acknowledged once the timeout passed, and the shortfall is logged.
+    assert ack[0] - wait[0] >= WAIT_MS / 1000
+    assert "a run's end reached 0 of 1 replicas" in logged

@@ -34,6 +34,8 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
             Keys(settings.key_prefix),
             log_maxlen=settings.log_maxlen,
             log_ttl=settings.log_ttl,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
         )
         limits = RunLimits(
             lease_ms=int(settings.lease_seconds * 1000),
