@@ -414,7 +414,9 @@ def test_frontends_scale_on_cpu_and_leave_one_at_a_time(overlay):
     assert hpa["spec"]["scaleTargetRef"]["name"] == "thoughtwire-api"
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     pdb = one(objects, "PodDisruptionBudget", "thoughtwire-api")
-    labels = one(objects, "Deployment", "thoughtwire-api")["spec"]["template"]["metadata"]
+    deployment = one(objects, "Deployment", "thoughtwire-api")
+    assert "replicas" not in deployment["spec"], "the HPA owns it; an apply would reset it"
+    labels = deployment["spec"]["template"]["metadata"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels["labels"].items()
     assert pdb["spec"]["maxUnavailable"] == 1
 
