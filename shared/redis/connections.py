@@ -1,10 +1,12 @@
 """The one place that decides how to reach Redis: pools sized explicitly, and the embedded Redis.
 
-Every Redis connection a process opens comes from a :class:`RedisFactory`. Today it
-reaches one server (``REDIS_URL``) or the in-process one of the embedded mode. A
-topology with more than one server (Redis Cluster, Sentinel) plugs in at
-:meth:`RedisFactory.url`, which answers "where is the Redis that serves this key's
-slot", and at the clients built from it; nothing outside this folder knows which.
+Every Redis connection a process opens comes from a :class:`RedisFactory`. It
+reaches one server (``REDIS_URL``), the in-process one of the embedded mode, or the
+master of a Sentinel service (:mod:`thoughtwire.shared.redis.sentinel`, which builds
+those clients and follows failovers while :meth:`RedisFactory.following`). A topology
+plugs in at :meth:`RedisFactory.url`, which answers "where is the Redis that serves
+this key's slot", and at the clients built from it; nothing outside this folder knows
+which.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ class RedisFactory:
     def url(self, key: str | None = None) -> str | None:
         """The URL of the Redis that serves ``key``'s slot (any key: None); None when embedded.
 
-        One server serves every slot today. A Cluster or Sentinel topology answers
-        here, per slot or per failover, and only here.
+        One server serves every slot today. A Cluster topology answers here, per slot.
+        Behind Sentinel this is the sentinels' URL: the master's address changes with
+        failovers, so it is asked for when connecting (:meth:`link_url`, and redis-py's
+        Sentinel pools).
         """
         return self.settings.redis_url
 

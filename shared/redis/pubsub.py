@@ -18,6 +18,9 @@ dropped it) is noticed; a link that hears nothing for two intervals aborts. What
 ends the connection resolves :meth:`RawLink.wait_closed`; the hub then reconnects and
 resubscribes (:mod:`thoughtwire.api.hub`).
 
+Behind Sentinel the raw link connects to the master the sentinels name, and is aborted
+when the master switches (:mod:`thoughtwire.shared.redis.sentinel`): the hub reconnects.
+
 The embedded mode has no server to connect to: :class:`ClientLink` gives the same
 interface over redis-py's ``PubSub`` on the in-process Redis. It is also the link with
 the fast paths off (``THOUGHTWIRE_FAST_PATHS=0``), or with a redis-py or hiredis release
