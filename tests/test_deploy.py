@@ -23,8 +23,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from tests.conftest import start_cluster
+from tests.procs import wait_until
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.settings import Settings
 
@@ -697,3 +700,36 @@ def test_the_dashboard_charts_exactly_the_metrics_of_the_contract():
     histograms = {m for m in used if re.search(r"_(seconds|seqs|size)$", m)}
     for name in histograms:  # quantiles from buckets, never a gauge's value
         assert any(f"{name}_bucket" in e for e in exprs), name
+
+
+# --- the number KEDA scales on, from a real Redis -----------------------------------
+
+
+def jobs_group(redis: Any, keys: Keys) -> dict[str, Any]:
+    """XINFO GROUPS' entry for the workers' group: what KEDA's `lagCount` reads."""
+    (group,) = [g for g in redis.xinfo_groups(keys.jobs) if g["name"] == keys.jobs_group.encode()]
+    return group
+
+
+def test_the_jobs_lag_counts_waiting_jobs_and_stays_exact_as_workers_delete(redis_server, logdir):
+    """Jobs queued while no worker runs are the group's lag; once workers ran them (each
+    acknowledged, then deleted, in whatever order they ended) the lag is 0, not unknown:
+    a deletion behind the group's position leaves Redis able to count."""
+    cluster = start_cluster(redis_server, logdir, frontends=1, workers=1)
+    try:
+        keys = Keys(cluster.prefix)
+        redis = redis_server.client()
+        wait_until(lambda: redis.exists(keys.jobs), 10, "the workers' group")
+        cluster.workers[0].stop()
+        api = cluster.frontends[0].http
+        for i in range(5):
+            reply = httpx.post(f"{api}/v1/jobs", json={"prompt": f"queued {i}"}, timeout=10)
+            assert reply.status_code == 202, reply.text
+        assert jobs_group(redis, keys)["lag"] == 5
+        cluster.add_worker()
+        wait_until(lambda: redis.xlen(keys.jobs) == 0, 30, "the workers to run every job")
+        group = jobs_group(redis, keys)
+        print(f"after the runs: {group}")
+        assert (group["lag"], group["pending"], group["entries-read"]) == (0, 0, 5)
+    finally:
+        cluster.stop()
