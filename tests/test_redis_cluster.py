@@ -209,3 +209,42 @@ async def test_a_master_killed_mid_stream_hands_its_sessions_over_to_its_replica
             check_one_history(mine, theirs, again)
             assert again[-1]["type"] == "done"
     await asyncio.to_thread(redis_cluster.restart, master)
+
+
+async def test_a_streaming_sessions_slot_moved_to_another_master_loses_and_repeats_no_event(
+    redis_cluster: RedisCluster, deployment: Cluster
+) -> None:
+    a, b = (f.ws for f in deployment.frontends)
+    keys = Keys(deployment.prefix)
+    async with connect(a + "/ws/agent-thoughts") as prompter:
+        session = await greeting(prompter)
+        channel = keys.session_channel(session)
+        source = redis_cluster.master_of(channel)
+        target = next(p for p in redis_cluster.masters() if p != source)
+        async with connect(f"{b}/ws/agent-thoughts?session={session}") as viewer:
+            assert await greeting(viewer) == session
+            await prompter.send("hello")
+            head = await until_end(prompter, 12)  # the run is streaming
+            slot = redis_cluster.slot_of(channel)
+            move = asyncio.create_task(asyncio.to_thread(redis_cluster.move_slot, slot, target))
+            try:
+                mine, theirs = await asyncio.gather(until_end(prompter), until_end(viewer))
+                await move
+            finally:
+                await asyncio.gather(move, return_exceptions=True)
+    mine = head + mine
+    # Every event once and in order. The log's meta reaches the new master with the old
+    # one's replication id, which the append script takes for a new incarnation (a
+    # failover that may have lost writes, shared/scripts.py): the seqs may go on in a new
+    # epoch, after an explicit gap, never reusing a seq for another event.
+    for stream in (mine, theirs):
+        gaps = [f for f in stream if f["type"] == "gap"]
+        assert check_stream(stream) <= 1 and all(g["reason"] == "epoch" for g in gaps)
+        events = [f for f in stream if f["type"] != "gap"]
+        assert [e["type"] for e in events] == sim_run(TOKENS)
+    assert [e["content"] for e in mine if "seq" in e] == [
+        e["content"] for e in theirs if "seq" in e
+    ]
+    check_one_history(mine, theirs)
+    assert redis_cluster.master_of(channel) == target
+    wait_until(lambda: shard_subscribers(redis_cluster, [channel]) == 0, 10, "SSUBSCRIBEs to end")
