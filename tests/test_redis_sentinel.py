@@ -29,7 +29,7 @@ from tests.redis_sentinel import SentinelDeployment, sentinel_deployment  # noqa
 from tests.wsclient import connect, greeting, run_events
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.redis import Batcher, RedisConnectionError, RedisFactory
-from thoughtwire.shared.redis.pubsub import open_link
+from thoughtwire.shared.redis.pubsub import RawLink, open_link
 from thoughtwire.shared.settings import Settings
 
 TOKENS = 250  # at 50 a second: runs of about 5 s, past a failover's few seconds
@@ -341,6 +341,9 @@ async def test_a_process_follows_the_master_and_drops_what_it_held_on_a_switch(
         try:
             await link.subscribe(b"ch")
             assert await batcher.commands(["SET", "k", "1"]) == [b"OK"]
+            # The fast paths hold: the line took over a SentinelManagedConnection, and the
+            # link is the raw one, on the master's address.
+            assert batcher._line is not None and isinstance(link, RawLink)
             old = sentinel_deployment.master()
             new = await asyncio.to_thread(sentinel_deployment.failover)
             async with asyncio.timeout(seconds(10)):
@@ -349,6 +352,7 @@ async def test_a_process_follows_the_master_and_drops_what_it_held_on_a_switch(
             assert factory.sentinel.switches == 1
             # The batcher's next call goes to the new master, through a new connection.
             assert await batcher.commands(["SET", "k", "2"], ["ROLE"]) == [b"OK", ANY]
+            assert batcher._line is not None and not batcher._line.closed
             with sentinel_deployment.servers[new].client() as client:
                 assert client.get("k") == b"2"
             assert (await factory.link_url()).endswith(f":{new}/0")
