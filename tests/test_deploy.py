@@ -536,6 +536,17 @@ def test_every_compose_service_passes_the_start_up_checks():
     assert sorted(servers) == sorted(f"{n}:{p}" for r, n, p in found if r == "api")
 
 
+def test_compose_yaml_follows_the_compose_specification():
+    """Against the Compose Specification's schema, vendored (tests/schemas/compose)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((SCHEMAS / "compose" / "compose-spec.json").read_text())
+    compose = yaml_module().safe_load((DEPLOY / "compose.yaml").read_text())
+    jsonschema.validate(compose, schema, cls=jsonschema.Draft7Validator)
+    compose["services"]["worker-1"]["stop_grace"] = "40s"  # a misspelt key is caught
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(compose, schema, cls=jsonschema.Draft7Validator)
+
+
 def test_compose_refuses_to_start_without_a_jwt_secret():
     """No secret is written in compose.yaml: JWT_SECRET must come from the user's shell."""
     for name, _, _, service in compose_thoughtwire():
