@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import start_cluster
-from tests.procs import wait_until
+from tests.conftest import Cluster, start_cluster
+from tests.procs import free_port, wait_until
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.settings import Settings
 
@@ -675,11 +675,17 @@ def test_dockerignore_keeps_the_context_small_and_takes_what_is_copied():
     assert not allowed & {".git", ".venv", ".env", "tests", "bench"}
 
 
-def test_the_healthcheck_asks_each_role_on_its_own_port(monkeypatch):
+def healthcheck_module() -> Any:
+    """deploy/healthcheck.py, the image's HEALTHCHECK, loaded from its file."""
     spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "healthcheck.py")
     assert spec and spec.loader
     healthcheck = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(healthcheck)
+    return healthcheck
+
+
+def test_the_healthcheck_asks_each_role_on_its_own_port(monkeypatch):
+    healthcheck = healthcheck_module()
     monkeypatch.delenv("THOUGHTWIRE_METRICS_PORT", raising=False)
     assert healthcheck.port(image_argv()) == 8000
     assert healthcheck.port(["thoughtwire", "api", "--port", "8001"]) == 8001
@@ -722,25 +728,53 @@ def jobs_group(redis: Any, keys: Keys) -> dict[str, Any]:
     return group
 
 
-def test_the_jobs_lag_counts_waiting_jobs_and_stays_exact_as_workers_delete(redis_server, logdir):
+@pytest.fixture(scope="module")
+def small_cluster(redis_server, logdir) -> Iterator[Cluster]:
+    """One frontend and one worker on a real Redis."""
+    cluster = start_cluster(redis_server, logdir, frontends=1, workers=1)
+    yield cluster
+    cluster.stop()
+
+
+def test_the_healthcheck_passes_on_a_live_frontend_and_fails_on_a_closed_port(
+    small_cluster, monkeypatch
+):
+    """The image's HEALTHCHECK script, with PID 1's command line that of a frontend."""
+    healthcheck = healthcheck_module()
+    frontend = small_cluster.frontends[0]
+
+    class Cmdline:
+        def __init__(self, _path: str) -> None:
+            pass
+
+        def read_bytes(self) -> bytes:
+            return "\0".join(["thoughtwire", "api", "--port", str(port)]).encode()
+
+    monkeypatch.setattr(healthcheck, "Path", Cmdline)
+    port = frontend.port
+    assert healthcheck.main() == 0
+    port = free_port()
+    assert healthcheck.main() == 1
+
+
+def test_the_jobs_lag_counts_waiting_jobs_and_stays_exact_as_workers_delete(
+    small_cluster, redis_server
+):
     """Jobs queued while no worker runs are the group's lag; once workers ran them (each
     acknowledged, then deleted, in whatever order they ended) the lag is 0, not unknown:
     a deletion behind the group's position leaves Redis able to count."""
-    cluster = start_cluster(redis_server, logdir, frontends=1, workers=1)
-    try:
-        keys = Keys(cluster.prefix)
-        redis = redis_server.client()
-        wait_until(lambda: redis.exists(keys.jobs), 10, "the workers' group")
-        cluster.workers[0].stop()
-        api = cluster.frontends[0].http
-        for i in range(5):
-            reply = httpx.post(f"{api}/v1/jobs", json={"prompt": f"queued {i}"}, timeout=10)
-            assert reply.status_code == 202, reply.text
-        assert jobs_group(redis, keys)["lag"] == 5
-        cluster.add_worker()
-        wait_until(lambda: redis.xlen(keys.jobs) == 0, 30, "the workers to run every job")
-        group = jobs_group(redis, keys)
-        print(f"after the runs: {group}")
-        assert (group["lag"], group["pending"], group["entries-read"]) == (0, 0, 5)
-    finally:
-        cluster.stop()
+    cluster = small_cluster
+    keys = Keys(cluster.prefix)
+    redis = redis_server.client()
+    wait_until(lambda: redis.exists(keys.jobs), 10, "the workers' group")
+    cluster.workers[0].stop()
+    api = cluster.frontends[0].http
+    for i in range(5):
+        reply = httpx.post(f"{api}/v1/jobs", json={"prompt": f"queued {i}"}, timeout=10)
+        assert reply.status_code == 202, reply.text
+    assert jobs_group(redis, keys)["lag"] == 5
+    cluster.add_worker()
+    wait_until(lambda: redis.xlen(keys.jobs) == 0, 30, "the workers to run every job")
+    group = jobs_group(redis, keys)
+    print(f"after the runs: {group}")
+    assert (group["lag"], group["pending"], group["entries-read"]) == (0, 0, 5)
