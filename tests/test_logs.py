@@ -209,3 +209,17 @@ def test_text_and_json_lines_redact_the_same_secrets(capsys, configured):
             )
         else:
             assert "[session=S run=R attempt=3 user=" in err
+
+
+def test_every_password_of_a_redis_url_is_found_and_redacted():
+    url = "redis+sentinel://u:p%40ss1@h:1,h:2/svc/1?sentinel_password=sp4ss&x=1"
+    assert set(logs.url_secrets(url)) == {"p%40ss1", "p@ss1", "sp4ss"}
+    assert logs.url_secrets("redis://h:6379/0") == logs.url_secrets(None) == []
+    redact = logs.Redactor(logs.url_secrets(url))
+    assert redact(f"cannot reach {url}") == (
+        "cannot reach redis+sentinel://u:***@h:1,h:2/svc/1?sentinel_password=***&x=1"
+    )
+    assert redact("AUTH failed for p@ss1") == "AUTH failed for [redacted]"
+    assert (
+        redact("http://h:8080/a@b and redis://h:6379/0") == "http://h:8080/a@b and redis://h:6379/0"
+    )
