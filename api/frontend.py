@@ -173,7 +173,11 @@ class Frontend:
             await asyncio.sleep(pause)
 
     async def ready(self) -> bool:
-        """Redis answers and this frontend is not draining."""
+        """Redis answers (behind Sentinel: the master) and this frontend is not draining.
+
+        Redis is asked at most once every READY_CACHE seconds, however often probes come;
+        a pub/sub link that is down says "not ready" at once.
+        """
         if self.draining or not self.hub.healthy:
             return False
         if self.pinged is not None and time.monotonic() - self.pinged[0] < READY_CACHE:

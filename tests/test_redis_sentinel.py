@@ -16,6 +16,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 from unittest.mock import ANY
 
@@ -27,6 +28,7 @@ from tests.conftest import Cluster, sim_run, start_cluster
 from tests.procs import seconds
 from tests.redis_sentinel import SentinelDeployment, sentinel_deployment  # noqa: F401
 from tests.wsclient import connect, greeting, run_events
+from thoughtwire.api.frontend import Frontend
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.redis import Batcher, RedisConnectionError, RedisFactory
 from thoughtwire.shared.redis.pubsub import RawLink, open_link
@@ -360,3 +362,32 @@ async def test_a_process_follows_the_master_and_drops_what_it_held_on_a_switch(
         finally:
             await link.close()
             await redis_client.aclose()
+
+
+async def test_readiness_asks_redis_at_most_once_a_second_and_says_503_without_it() -> None:
+    class Redis:
+        pings, up = 0, True
+
+        async def ping(self) -> bool:
+            self.pings += 1
+            if not self.up:
+                raise RedisConnectionError("no master")
+            return True
+
+    redis_client = Redis()
+    frontend: Any = Frontend(
+        settings=Settings(),
+        redis=redis_client,  # type: ignore[arg-type]
+        bus=None,  # type: ignore[arg-type]
+        hub=SimpleNamespace(healthy=True),  # type: ignore[arg-type]
+        node="n",
+        auth=None,  # type: ignore[arg-type]
+        guard=None,  # type: ignore[arg-type]
+        runs=None,  # type: ignore[arg-type]
+    )
+    assert all([await frontend.ready() for _ in range(50)])
+    assert redis_client.pings == 1  # probes in a burst cost Redis one PING
+    redis_client.up = False
+    frontend.pinged = (frontend.pinged[0] - 1.0, True)  # a second later
+    assert not await frontend.ready()
+    assert not await frontend.ready() and redis_client.pings == 2

@@ -237,15 +237,21 @@ class SentinelMaster:
         has the new configuration.
         """
         delays: Iterator[float] = backoff.delays()
-        for attempt in range(1_000_000_000):  # until cancelled
-            sentinel = self.sentinels.sentinels[attempt % len(self.sentinels.sentinels)]
+        turn = 0
+        while True:  # until cancelled
+            sentinels = self.sentinels.sentinels
+            sentinel = sentinels[turn % len(sentinels)]
+            turn += 1
+            started = time.monotonic()
             try:
-                await self._listen(sentinel)
+                await self._listen(sentinel)  # returns only by raising
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 logger.warning("sentinel %s: %r; listening to another", _address(sentinel), exc)
-            else:
+            except Exception:  # a bug here must not end the following silently
+                logger.exception("following sentinel %s failed", _address(sentinel))
+            if time.monotonic() - started > 2 * PING_INTERVAL:
                 delays = backoff.delays()  # it listened a while: start the backoff afresh
             await asyncio.sleep(next(delays))
 
@@ -292,9 +298,10 @@ class SentinelMaster:
             heard = time.monotonic()
             if message["type"] != "message":
                 continue
-            name, _old_ip, _old_port, ip, port = message["data"].decode().split()
-            if name == self.service:
-                master = (ip, int(port))
+            # "<service> <old ip> <old port> <new ip> <new port>"
+            fields = message["data"].decode(errors="replace").split()
+            if len(fields) == 5 and fields[0] == self.service and fields[4].isdigit():
+                master = (fields[3], int(fields[4]))
                 old, self._master = self._master, master
                 await self.switched(f"{_show(old) if old else '?'} -> {_show(master)}")
 
@@ -305,8 +312,11 @@ class SentinelMaster:
         for link in list(self._links):
             link.abort()
         for pool in list(self._pools):
-            with contextlib.suppress(RedisError, OSError):
-                await pool.disconnect(inuse_connections=True)
+            # Bounded: closing waits for each socket to close, and the old master may be
+            # gone without a word. A connection cut short is marked closed all the same.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(SENTINEL_TIMEOUT):
+                    await pool.disconnect(inuse_connections=True)
 
 
 def _address(client: Redis) -> str:
