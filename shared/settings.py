@@ -45,6 +45,10 @@ _SECRETS = frozenset({"openai_api_key", "jwt_secret"})
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
 
+    def __init__(self, message: str, variable: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable  # the environment variable at fault, when there is one
+
 
 def env_name(field: str) -> str:
     """The environment variable a setting is read from."""
@@ -358,7 +362,9 @@ class Settings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as error:
-            raise SettingsError(_one_line(error, values)) from None
+            loc = error.errors(include_url=False)[0]["loc"]
+            variable = env_name(str(loc[0])) if loc else None
+            raise SettingsError(_one_line(error, values), variable) from None
 
     @field_validator("redis_url")
     @classmethod

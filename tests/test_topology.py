@@ -71,8 +71,9 @@ def test_a_bad_redis_url_stops_the_process_with_one_line_and_no_password() -> No
         timeout=60,
         check=False,
     )
-    assert out.returncode == 2
+    assert out.returncode == 7  # the exit code of a REDIS_URL that cannot be used
     assert out.stderr.strip().splitlines() == [
-        "thoughtwire up: REDIS_URL='redis+cluster://app:***@nohost': 'nohost' is not host:port"
+        "thoughtwire up: REDIS_URL cannot be used: "
+        "REDIS_URL='redis+cluster://app:***@nohost': 'nohost' is not host:port"
     ]
     assert "topsecret" not in out.stdout + out.stderr

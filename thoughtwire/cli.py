@@ -218,6 +218,8 @@ def _dispatch(args: argparse.Namespace) -> Exit:
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
+        if exc.variable == "REDIS_URL":
+            raise Failure(Exit.BAD_REDIS_URL, f"REDIS_URL cannot be used: {exc}") from None
         raise Failure(Exit.USAGE, str(exc)) from None
     logs.configure_from(settings)
     if args.command == "token":
