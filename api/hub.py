@@ -289,13 +289,20 @@ class Hub:
             elif channel == self._home and data is not None:
                 self._heard(data)
         elif kind == b"subscribe":
-            waiters = self._pending.get(channel)
-            if waiters:
-                fut = waiters.popleft()
-                if not waiters:
-                    del self._pending[channel]
-                if not fut.done():
-                    fut.set_result(None)
+            self._confirmed(channel)
+        elif kind == b"resync":  # the link missed what came meanwhile (a cluster slot moved)
+            for viewer in tuple(self._viewers.get(channel, ())):
+                viewer.resync()
+
+    def _confirmed(self, channel: bytes) -> None:
+        """A subscription confirmed: the oldest join waiting for it goes on."""
+        waiters = self._pending.get(channel)
+        if waiters:
+            fut = waiters.popleft()
+            if not waiters:
+                del self._pending[channel]
+            if not fut.done():
+                fut.set_result(None)
 
     def _dispatch_run(self, channel: bytes, data: list[bytes]) -> None:
         """From the link's read callback: messages of one channel that came in a row."""

@@ -248,3 +248,65 @@ async def test_a_streaming_sessions_slot_moved_to_another_master_loses_and_repea
     check_one_history(mine, theirs)
     assert redis_cluster.master_of(channel) == target
     wait_until(lambda: shard_subscribers(redis_cluster, [channel]) == 0, 10, "SSUBSCRIBEs to end")
+
+
+async def until(check: Any, timeout: float, what: str) -> None:
+    """Poll ``check`` on the event loop until it is true, for at most ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(seconds(timeout)):
+            while not check():  # bounded by the timeout
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise TimeoutError(f"timed out waiting for {what}") from None
+
+
+async def test_the_link_follows_a_moved_slot_and_a_failed_master_channel_by_channel(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url))
+    got: list[tuple[bytes, bytes, bytes | None]] = []
+    link = await open_link(factory, lambda kind, c, data: got.append((kind, c, data)))
+    home = f"{prefix}:home".encode()
+    by_master: dict[int, bytes] = {}
+    for i in range(200):  # one session channel per master
+        channel = Keys(prefix).session_channel(f"s{i}")
+        by_master.setdefault(redis_cluster.master_of(channel), channel.encode())
+    channels = list(by_master.values())
+    try:
+        await link.subscribe(home, *channels)
+        await until(
+            lambda: {c for k, c, _ in got if k == b"subscribe"} >= {home, *channels},
+            5,
+            "the subscriptions",
+        )
+
+        # a slot moved: the master unsubscribes; the link subscribes it where it went
+        source, moved = next(iter(by_master.items()))
+        target = next(p for p in redis_cluster.masters() if p != source)
+        await asyncio.to_thread(
+            redis_cluster.move_slot, redis_cluster.slot_of(moved.decode()), target
+        )
+        await until(lambda: (b"resync", moved, None) in got, 10, "a resync of the moved channel")
+        redis_cluster.node(target).call("SPUBLISH", moved, "after the move")
+        await until(lambda: (b"message", moved, b"after the move") in got, 5, "a message")
+        assert [c for k, c, _ in got if k == b"resync"] == [moved]
+
+        # a master killed: its channel is subscribed on the replica promoted in its place
+        def global_subscribers(port: int) -> int:
+            reply = redis_cluster.node(port).call("PUBSUB", "NUMSUB", home)
+            return int(cast(list[Any], reply)[1])
+
+        victim_master = next(
+            p for p in redis_cluster.masters() if p != target and global_subscribers(p) == 0
+        )
+        victim = next(c for c in channels if redis_cluster.master_of(c.decode()) == victim_master)
+        promoted = await asyncio.to_thread(redis_cluster.kill_master, victim_master)
+        await until(lambda: (b"resync", victim, None) in got, 30, "a resync after the failover")
+        redis_cluster.node(promoted).call("SPUBLISH", victim, "after the failover")
+        await until(lambda: (b"message", victim, b"after the failover") in got, 5, "a message")
+        assert [c for k, c, _ in got if k == b"resync"] == [moved, victim]
+        with pytest.raises(TimeoutError):  # the link as a whole lived on
+            await asyncio.wait_for(link.wait_closed(), 0.1)
+    finally:
+        await link.close()
+    await asyncio.to_thread(redis_cluster.restart, victim_master)

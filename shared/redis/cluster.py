@@ -15,10 +15,11 @@ are global: PUBLISH and SUBSCRIBE on any node, which the cluster bus carries to 
 
 The hub's link (:class:`ClusterLink`) holds one connection for the global channels and
 one per master that serves a sharded channel it follows. When a master goes (a
-failover), a slot moves (the server unsubscribes its channels: ``sunsubscribe``), or a
-subscription is redirected (``MOVED``), the whole link ends: the hub reconnects, which
-reads the slot map afresh, subscribes every channel on the master that serves it now,
-and has every viewer catch up from the log (:mod:`thoughtwire.api.hub`).
+failover) or a slot moves (the master unsubscribes its channels: ``sunsubscribe``), the
+link subscribes the channels concerned on the master that serves them now, and has the
+hub catch up their viewers, and theirs only, from the log (a ``resync``,
+:mod:`thoughtwire.api.hub`). When the global channels' connection goes, or a
+subscription is redirected (``MOVED``), the whole link ends and the hub reconnects.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import contextlib
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -48,6 +49,10 @@ from thoughtwire.shared.redis.topology import Topology
 from thoughtwire.shared.settings import Settings
 
 logger = logging.getLogger("thoughtwire.redis.cluster")
+
+# How long the hub's link tries to subscribe a moved slot's channels where it is now (a
+# failover takes ``cluster-node-timeout`` and an election) before it ends as a whole.
+RELOCATE_SECONDS = 30.0
 
 # Commands that find the cluster's shape: their replies are parsed even on the raw
 # client (:meth:`ClusterClient.raw`), since redis-py reads its slot map through them.
@@ -145,10 +150,15 @@ class ClusterClient(RedisCluster):
 class ClusterLink:
     """The hub's link over a cluster: global channels on one node, sharded on their master.
 
-    It ends (:meth:`wait_closed` raises) as soon as one of its connections is lost, a
-    master unsubscribes a channel the hub did not leave (its slot moved), or a
-    subscription is refused (``MOVED``: the slot map changed): the hub then opens a new
-    link, on the slot map as it is then (see the module's docstring).
+    Sharded channels follow their slot. When a master unsubscribes channels the hub did
+    not leave (``sunsubscribe``: their slot moved) or its connection is lost (it failed,
+    and its replica takes over), the link reads the slot map again and subscribes those
+    channels on the master that serves them now, retrying with backoff for up to
+    ``RELOCATE_SECONDS``. Once each is confirmed it hands the hub a ``resync`` for it
+    (what was published meanwhile was not heard: its viewers catch up from the log).
+    The link as a whole ends (:meth:`wait_closed` raises, and the hub reconnects, reads
+    the slot map and resyncs every viewer) when the global channels' connection is lost,
+    a subscription is refused (``MOVED``), or channels find no master in time.
     """
 
     def __init__(self, client: ClusterClient, on_message: OnMessage, on_run: OnRun | None) -> None:
@@ -158,9 +168,13 @@ class ClusterLink:
         self._global: RawLink | None = None
         self._shards: dict[str, RawLink] = {}  # a master's name (host:port): its link
         self._where: dict[bytes, str] = {}  # a sharded channel: the master it is on
+        self._wanted: set[bytes] = set()  # the sharded channels the hub follows
         self._leaving: dict[bytes, int] = defaultdict(int)  # SUNSUBSCRIBEs not confirmed
+        self._moved: set[bytes] = set()  # to subscribe again where their slot is now
+        self._relocated: set[bytes] = set()  # subscribed again, not confirmed yet
+        self._mover: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._watchers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # each connection's watcher, and such
 
     @classmethod
     async def open(
@@ -172,29 +186,28 @@ class ClusterLink:
         try:
             await client.initialize()
             node = random.choice(client.get_primaries())
-            link._global = await link._connect(node.host, int(node.port), sharded=False)
+            link._global = await link._connect(node.name, sharded=False)
         except BaseException:
             await link.close()
             raise
         return link
 
     async def subscribe(self, *channels: bytes) -> None:
-        """Subscribe: global channels on the global link, sharded ones on their master."""
+        """Subscribe: global channels on the global link, sharded ones on their master.
+
+        A sharded channel whose master cannot be reached now is subscribed where its slot
+        is once it can (its confirmation comes then), as if its slot had moved.
+        """
         assert self._global is not None
         plain = [c for c in channels if not sharded(c)]
         if plain:
             await self._global.subscribe(*plain)
-        for (name, _slot), group in self._by_slot(c for c in channels if sharded(c)).items():
-            link = self._shards.get(name)
-            if link is None:
-                node = self._client.get_node(node_name=name)
-                assert node is not None
-                link = self._shards[name] = await self._connect(
-                    node.host, int(node.port), sharded=True
-                )
-            for channel in group:
-                self._where[channel] = name
-            await link.subscribe(*group)
+        tagged = [c for c in channels if sharded(c)]
+        self._wanted.update(tagged)
+        try:
+            await self._subscribe_sharded(tagged)
+        except (RedisError, OSError):
+            self._relocate(tagged)  # SSUBSCRIBE again where one went out is harmless
 
     async def unsubscribe(self, *channels: bytes) -> None:
         """Unsubscribe, each channel where it was subscribed."""
@@ -204,8 +217,10 @@ class ClusterLink:
             await self._global.unsubscribe(*plain)
         by_link: dict[tuple[str, int], list[bytes]] = defaultdict(list)
         for channel in channels:
+            self._wanted.discard(channel)
+            self._moved.discard(channel)
             name = self._where.pop(channel, None) if sharded(channel) else None
-            if name is not None:
+            if name is not None and name in self._shards:
                 by_link[(name, self._client.keyslot(channel))].append(channel)
         for (name, _slot), group in by_link.items():
             for channel in group:
@@ -213,15 +228,16 @@ class ClusterLink:
             await self._shards[name].unsubscribe(*group)
 
     async def wait_closed(self) -> None:
-        """Raise once any connection of the link is gone, or the slot map changed."""
+        """Raise once the link as a whole is over (see the class's docstring)."""
         await asyncio.shield(self._closed)
 
     async def close(self) -> None:
         """Close every connection; idempotent."""
         self._end(RedisConnectionError("pub/sub link closed"), quiet=True)
-        for task in self._watchers:
+        tasks = [*self._tasks, *([self._mover] if self._mover is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         links = [self._global, *self._shards.values()]
         self._global, self._shards = None, {}
         for link in links:
@@ -237,45 +253,133 @@ class ClusterLink:
         """Channels grouped by master and slot: one SSUBSCRIBE takes channels of one slot."""
         groups: dict[tuple[str, int], list[bytes]] = defaultdict(list)
         for channel in channels:
-            node = self._client.get_node_from_key(channel.decode())
+            try:
+                node = self._client.get_node_from_key(channel.decode())
+            except SlotNotCoveredError as exc:
+                raise unavailable(exc) from exc
             assert node is not None
             groups[(node.name, self._client.keyslot(channel))].append(channel)
         return groups
 
-    async def _connect(self, host: str, port: int, *, sharded: bool) -> RawLink:
-        url = self._client.topology.node_url(host, port)
+    async def _subscribe_sharded(self, channels: Iterable[bytes]) -> None:
+        for (name, _slot), group in self._by_slot(channels).items():
+            link = self._shards.get(name)
+            if link is None or link.closed:
+                link = self._shards[name] = await self._connect(name, sharded=True)
+            for channel in group:
+                self._where[channel] = name
+            await link.subscribe(*group)
+
+    async def _connect(self, name: str, *, sharded: bool) -> RawLink:
+        host, _, port = name.rpartition(":")
+        url = self._client.topology.node_url(host, int(port))
         on_message = self._on_shard_message if sharded else self._on_message
         link = await RawLink.open(url, on_message, on_run=self._on_run, sharded=sharded)
-        task = asyncio.create_task(self._watch(link), name=f"cluster-link-{host}:{port}")
-        self._watchers.append(task)
+        self._keep(self._watch(link, name if sharded else None), f"cluster-link-{name}")
         return link
 
-    async def _watch(self, link: RawLink) -> None:
-        """One connection ended: so does the link (the hub reconnects)."""
+    def _keep(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, link: RawLink, shard: str | None) -> None:
+        """A master's connection ended: subscribe its channels where their slots are now.
+        The global channels' connection ended: so does the link (the hub reconnects)."""
         try:
             await link.wait_closed()
-            self._end(RedisConnectionError(f"pub/sub connection closed: {link}"))
+            error: Exception = RedisConnectionError(f"pub/sub connection to {shard} closed")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._end(exc)
+            error = exc
+        if self._closed.done():
+            return  # the link is over: nothing to follow
+        if shard is None:
+            self._end(error)
+            return
+        if self._shards.get(shard) is link:
+            del self._shards[shard]
+        lost = [c for c, name in self._where.items() if name == shard]
+        for channel in lost:
+            del self._where[channel]
+        logger.info("%s; %d channels to subscribe again", error, len(lost))
+        self._relocate(lost)
+
+    def _relocate(self, channels: Iterable[bytes]) -> None:
+        """Subscribe ``channels`` again, each where its slot is now (in the background)."""
+        self._moved.update(channels)
+        if self._mover is None and self._moved and not self._closed.done():
+            self._mover = asyncio.create_task(self._move(), name="cluster-link-relocate")
+
+    async def _move(self) -> None:
+        """Read the slot map and subscribe the moved channels there, until done or timed out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELOCATE_SECONDS
+        delay = 0.05
+        try:
+            while self._moved:  # bounded by the deadline
+                channels, self._moved = self._moved & self._wanted, set()
+                self._relocated |= channels
+                try:
+                    await self._read_slot_map()
+                    await self._subscribe_sharded(channels)
+                    continue
+                except (RedisError, OSError) as exc:
+                    self._moved |= channels
+                    if loop.time() + delay > deadline:
+                        self._end(unavailable(exc))
+                        return
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(2 * delay, 1.0)
+        finally:
+            self._mover = None
+
+    async def _read_slot_map(self) -> None:
+        """A new client, with the slot map as it is now: the old one serves until it is read."""
+        client = ClusterClient(self._client.topology, self._client.settings)
+        try:
+            await client.initialize()
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+            raise
+        old, self._client = self._client, client
+        with contextlib.suppress(RedisError, OSError):
+            await old.aclose()
 
     def _on_shard_message(self, kind: bytes, channel: bytes, data: bytes | None) -> None:
-        """A master's message or confirmation, as the hub takes it; a moved slot ends the link."""
+        """A master's message or confirmation, as the hub takes it; a moved slot's channels
+        are subscribed again where it is now."""
         if kind == b"message":
             self._on_message(kind, channel, data)
         elif kind == b"ssubscribe":
+            if channel not in self._wanted:  # left while it was being subscribed again
+                self._keep(self._drop(channel), "cluster-link-drop")
+                return
             self._on_message(b"subscribe", channel, None)
+            if channel in self._relocated:
+                self._relocated.discard(channel)
+                self._on_message(b"resync", channel, None)
         elif kind == b"sunsubscribe":
             if self._leaving.get(channel, 0) > 0:
                 self._leaving[channel] -= 1
                 if not self._leaving[channel]:
                     del self._leaving[channel]
                 self._on_message(b"unsubscribe", channel, None)
-            else:  # the master let it go: its slot moved to another master
-                self._end(RedisConnectionError(f"slot of {channel!r} moved"))
+            elif channel in self._wanted:  # the master let it go: its slot moved
+                self._where.pop(channel, None)
+                self._relocate([channel])
         elif kind == b"error":
             self._end(RedisConnectionError(f"subscription refused: {data!r}"))
+
+    async def _drop(self, channel: bytes) -> None:
+        name = self._where.pop(channel, None)
+        link = self._shards.get(name or "")
+        if link is not None:
+            self._leaving[channel] += 1
+            with contextlib.suppress(RedisConnectionError):
+                await link.unsubscribe(channel)
 
     def _end(self, error: Exception, *, quiet: bool = False) -> None:
         if not self._closed.done():

@@ -47,7 +47,9 @@ from thoughtwire.shared.redis import fast
 from thoughtwire.shared.redis.connections import RedisFactory
 from thoughtwire.shared.redis.resp import PARTIAL, Call, ReplyReader, pack_command, settle
 
-# kind (b"message", b"subscribe", b"unsubscribe"), channel, data (messages only)
+# kind (b"message", b"subscribe", b"unsubscribe"; b"resync": the channel's messages may
+# have been missed, its subscription moved, shared/redis/cluster.py), channel, data
+# (messages only)
 OnMessage = Callable[[bytes, bytes, "bytes | None"], None]
 # channel, and the data of two or more messages of it that came in a row in one read
 OnRun = Callable[[bytes, list[bytes]], None]
