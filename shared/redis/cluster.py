@@ -20,6 +20,11 @@ link subscribes the channels concerned on the master that serves them now, and h
 hub catch up their viewers, and theirs only, from the log (a ``resync``,
 :mod:`thoughtwire.api.hub`). When the global channels' connection goes, or a
 subscription is redirected (``MOVED``), the whole link ends and the hub reconnects.
+
+redis-py's asyncio ``ClusterPubSub`` was not taken for it: it reads its shards' messages
+by asking each connection in turn with a timeout, and on a lost node it resubscribes by
+itself, so nobody learns which channels may have missed messages. The link here hands
+each message on from the read callback, as the one-server link does.
 """
 
 from __future__ import annotations
