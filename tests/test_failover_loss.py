@@ -200,8 +200,10 @@ def test_the_proxy_forwards_switches_and_silences(pair):
 TOKENS = 40
 
 
-@pytest.fixture
-def failover(pair: Pair, logdir: Path) -> Iterator[tuple[Pair, TcpProxy, Cluster]]:
+@pytest.fixture(params=["fast-paths", "public-paths"])
+def failover(
+    pair: Pair, logdir: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Pair, TcpProxy, Cluster]]:
     """One frontend and one worker reaching the pair's master through a proxy."""
     proxy = TcpProxy(pair.master.port).start()
     try:
@@ -213,6 +215,7 @@ def failover(pair: Pair, logdir: Path) -> Iterator[tuple[Pair, TcpProxy, Cluster
             THOUGHTWIRE_LEASE_SECONDS="1",
             THOUGHTWIRE_SIM_ANSWER_TOKENS=str(TOKENS),
             THOUGHTWIRE_SIM_TOKENS_PER_SECOND="40",
+            THOUGHTWIRE_FAST_PATHS="1" if request.param == "fast-paths" else "0",
         )
     except BaseException:
         proxy.stop()
@@ -318,8 +321,9 @@ PROBE_INTERVAL = 1.0
 PROBED_TOKENS = 80
 
 
+@pytest.mark.parametrize("fast_paths", ["1", "0"])
 async def test_a_deaf_pubsub_link_is_noticed_within_its_probe_interval_and_viewers_catch_up(
-    redis_server, logdir
+    redis_server, logdir, fast_paths
 ):
     proxy = TcpProxy(redis_server.port).start()
     cluster = start_cluster(
@@ -332,7 +336,9 @@ async def test_a_deaf_pubsub_link_is_noticed_within_its_probe_interval_and_viewe
     try:
         # Only the frontend goes through the proxy: its pub/sub link is the one silenced.
         frontend = cluster.add_frontend(
-            REDIS_URL=proxy.url, THOUGHTWIRE_PUBSUB_PROBE_INTERVAL=str(PROBE_INTERVAL)
+            REDIS_URL=proxy.url,
+            THOUGHTWIRE_PUBSUB_PROBE_INTERVAL=str(PROBE_INTERVAL),
+            THOUGHTWIRE_FAST_PATHS=fast_paths,  # the raw link, or redis-py's PubSub
         )
         await deaf_link_case(proxy, frontend)
     finally:
