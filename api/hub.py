@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
 from thoughtwire.api import scopes
+from thoughtwire.api.metrics import COUNTS
 from thoughtwire.api.wire import text_frame
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import event_position
@@ -65,7 +66,7 @@ class Run:
     run's order with one comparison.
     """
 
-    __slots__ = ("epoch", "first", "frames", "last", "positions", "wire", "wires")
+    __slots__ = ("epoch", "events", "first", "frames", "last", "positions", "wire", "wires")
 
     def __init__(self, data: list[bytes]) -> None:
         self.frames = [d.decode() for d in data]
@@ -74,6 +75,7 @@ class Run:
         self.wire = b"".join(self.wires)
         self.epoch: str | None = None
         self.first = self.last = 0
+        self.events = len(self.positions) - self.positions.count(None)  # frames that are events
         head = self.positions[0]
         if head is not None:
             seq, epoch = head
@@ -153,6 +155,8 @@ class Hub:
         self._connected = asyncio.Event()
         self._resync: asyncio.Task[None] | None = None
         self.reconnects = 0
+        # Each channel's last event heard: how far behind it a viewer is (api/metrics.py).
+        self.heads: dict[bytes, tuple[int, str]] = {}
 
     @property
     def healthy(self) -> bool:
@@ -235,6 +239,7 @@ class Hub:
             if viewers:
                 return
             del self._viewers[key]
+            self.heads.pop(key, None)
             if self._connected.is_set():
                 try:
                     assert self._link is not None
@@ -280,6 +285,9 @@ class Hub:
                 frame = data.decode()
                 position = event_position(frame)
                 wire = text_frame(data)  # once per message, whatever the number of sockets
+                if position is not None:  # counted per message, never per socket
+                    self.heads[channel] = position
+                    COUNTS.relayed += len(viewers)
                 views = self._scoped.get(channel)
                 if views is not None:
                     self._deliver_views(views, frame, position, wire)
@@ -317,6 +325,9 @@ class Hub:
                 self._dispatch(b"message", channel, message)
             return
         run = Run(data)
+        if run.events:
+            self.heads[channel] = next(p for p in reversed(run.positions) if p is not None)
+            COUNTS.relayed += run.events * len(viewers)
         for viewer in tuple(viewers):
             viewer.deliver_run(run)
 
@@ -392,18 +403,19 @@ class Hub:
         heard = asyncio.get_running_loop().create_future()
         self._probe = (token, heard)
         try:
-            async with asyncio.timeout(self._probe_interval):
-                await self._publish(self._home.decode(), token)
-        except (RedisError, OSError, TimeoutError):
+            try:
+                async with asyncio.timeout(self._probe_interval):
+                    await self._publish(self._home.decode(), token)
+            except (RedisError, OSError, TimeoutError):
+                return True
+            try:
+                async with asyncio.timeout(self._probe_interval):
+                    await heard
+            except TimeoutError:
+                return False
             return True
-        try:
-            async with asyncio.timeout(self._probe_interval):
-                await heard
-        except TimeoutError:
-            return False
         finally:
             self._probe = None
-        return True
 
     def _heard(self, data: bytes) -> None:
         """A message on the home channel: the probe under way, if it is that one."""
@@ -426,6 +438,7 @@ class Hub:
                 await self._disconnect()
                 continue
             self.reconnects += 1
+            COUNTS.pubsub_reconnects += 1
             logger.info("pub/sub reconnected; %d channels resubscribed", len(self._viewers))
             self._resync = asyncio.create_task(self._resync_when(subscribed), name="hub-resync")
             return
