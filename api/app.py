@@ -20,7 +20,10 @@ from thoughtwire.api.frontend import Frontend, running
 from thoughtwire.api.guard import LimitError
 from thoughtwire.api.http import router as http_router
 from thoughtwire.api.lane import Gateway
+from thoughtwire.api.metrics import Refusal, refusal, watching
+from thoughtwire.api.metrics import refused as count_refused
 from thoughtwire.api.sockets import routes as socket_routes
+from thoughtwire.shared import metrics
 from thoughtwire.shared.redis import RedisError, RedisFactory
 from thoughtwire.shared.settings import Settings
 
@@ -72,6 +75,7 @@ def create_app(  # noqa: C901
             running(settings, factory) as frontend,
             contextlib.AsyncExitStack() as stack,
         ):
+            stack.enter_context(watching(frontend))
             for companion in companions:
                 await stack.enter_async_context(companion(factory))
             app.state.frontend = frontend
@@ -102,6 +106,7 @@ def create_app(  # noqa: C901
 
     @app.exception_handler(AuthError)
     async def refused(request: Request, exc: AuthError) -> JSONResponse:
+        count_refused(refusal(exc.code))
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         body = {"detail": exc.message}
         if isinstance(exc, LimitError):  # which limit: rate_limited or budget
@@ -110,6 +115,7 @@ def create_app(  # noqa: C901
 
     @app.exception_handler(RedisError)
     async def unavailable(request: Request, exc: RedisError) -> JSONResponse:
+        count_refused(Refusal.UNAVAILABLE)
         return JSONResponse(
             {"detail": "the service is briefly unavailable"},
             status_code=503,
@@ -150,6 +156,13 @@ def create_app(  # noqa: C901
         if request.headers.get("if-none-match") == client_etag:
             return Response(status_code=304, headers=headers)
         return Response(client_module, media_type="text/javascript", headers=headers)
+
+    if settings.metrics:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics_page() -> Response:
+            """Prometheus metrics: this frontend's (docs/operations.md, "Metrics")."""
+            return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

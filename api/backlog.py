@@ -35,6 +35,8 @@ from typing import Any
 
 import orjson
 
+from thoughtwire.api.metrics import COUNTS
+
 # Event types whose deltas may be merged: the content events that come as deltas.
 DELTA_TYPES = frozenset({"thinking", "answer", "tool_input"})
 # Fields that must be equal for two deltas to be one block's.
@@ -161,6 +163,10 @@ class Backlog:
         """Whether nothing waits."""
         return not self._frames
 
+    def oldest(self) -> str | None:
+        """The oldest waiting frame, left in place; None when nothing waits."""
+        return self._frames[0] if self._frames else None
+
     def push(self, frame: str) -> bool:
         """Queue ``frame``; False when the backlog, merged, is still over its byte cap."""
         if self._lagging and self._fresh > CONTROL_PATIENCE and DELTA_MARK not in frame:
@@ -192,6 +198,7 @@ class Backlog:
         tail = [self._frames.pop() for _ in range(len(self._frames) - start)]
         tail.reverse()
         merged = merge(tail)
+        COUNTS.merged += len(tail) - len(merged)
         self._frames.extend(merged)
         self._bytes += sum(map(len, merged)) - sum(map(len, tail))
         self._fresh = 0

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,6 +60,8 @@ class Frontend:
     withdrawals: set[asyncio.Task[None]] = field(default_factory=set)
     # When Redis was last asked for /readyz, and whether it answered.
     pinged: tuple[float, bool] | None = field(default=None)
+    # Sockets and event streams open now, by endpoint and transport (api/metrics.py).
+    open_sockets: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     async def start_run(
         self,

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from thoughtwire.api.auth import AuthError, Principal, check_origin, token_from
 from thoughtwire.api.frontend import Frontend, new_id
+from thoughtwire.api.metrics import Refusal, refused
 from thoughtwire.api.sse import EventStream
 from thoughtwire.api.viewer import Viewer
 from thoughtwire.shared import logs, tracing
@@ -216,6 +217,7 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
         raise HTTPException(422, exc.message) from None
     frontend = _frontend(request)
     if frontend.draining:
+        refused(Refusal.DRAINING)
         raise HTTPException(503, "frontend restarting", headers={"Retry-After": "1"})
     check_origin(request.headers, frontend.settings, Close.FORBIDDEN)  # as sockets are refused
     await frontend.guard.check_read(caller, session)
@@ -234,8 +236,11 @@ async def session_events(session: str, request: Request, caller: Caller) -> Stre
 
     watching = frontend.presence  # a stream counts in presence as a socket does
     watched = False
+    opened = ("/v1/sessions/{session}/events", "sse")
+    frontend.open_sockets[opened] += 1
 
     async def ended() -> None:
+        frontend.open_sockets[opened] -= 1
         if watching is not None and watched:
             watching.unwatch(session, caller.user)
         await viewer.detach()

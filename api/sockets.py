@@ -28,6 +28,7 @@ from thoughtwire.api.connection import Connection, Render, as_is
 from thoughtwire.api.frontend import Frontend, new_id
 from thoughtwire.api.guard import LimitError
 from thoughtwire.api.lane import SocketRoutes
+from thoughtwire.api.metrics import Refusal, refusal, refused
 from thoughtwire.api.presence import Watch
 from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.backoff import UNAVAILABLE
@@ -115,8 +116,11 @@ class SessionSocket:
         require_auth: bool = False,
         hello: dict[str, str] | None = None,
         on_message: MessageHandler | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.websocket = websocket
+        # Its route, for metrics: the path, or the template of a route with parameters.
+        self.endpoint = endpoint or websocket.scope["path"]
         self.frontend = _frontend(websocket)
         self.render_frame = render_frame
         self.agent = agent
@@ -146,12 +150,15 @@ class SessionSocket:
             await frontend.guard.check_rate(self.principal)
             await frontend.guard.take_socket(self.principal, self.socket_id)
         except AuthError as exc:
+            refused(refusal(exc.code))
             await _refuse(websocket, exc.code, exc.message, subprotocol)
             return None
         except ProtocolError as exc:
+            refused(Refusal.INVALID)
             await _refuse(websocket, Close.POLICY, exc.message, subprotocol)
             return None
         except UNAVAILABLE:
+            refused(Refusal.UNAVAILABLE)
             await _refuse(
                 websocket, Close.TRY_LATER, "the service is briefly unavailable", subprotocol
             )
@@ -166,10 +173,13 @@ class SessionSocket:
         session, after, epoch, subprotocol = admitted
         logs.bind(session=session, user=self.principal.user)  # this socket's task's lines
         frontend = self.frontend
+        opened = (self.endpoint, "websocket")
+        frontend.open_sockets[opened] += 1
         try:  # the slot admit() took is held from here, and freed however the socket ends
             await self.websocket.accept(subprotocol)
             await self._serve(session, after, epoch, channels)
         finally:
+            frontend.open_sockets[opened] -= 1
             with contextlib.suppress(*UNAVAILABLE):
                 await frontend.guard.free_socket(self.principal, self.socket_id)
 
@@ -288,6 +298,7 @@ class SessionSocket:
         except Busy as exc:
             self.conn.send(reply("error", code=ErrorCode.BUSY, message=str(exc), run=exc.run))
         except LimitError as exc:  # rate_limited, or budget
+            refused(Refusal.LIMIT)
             self.conn.send(error_reply(exc.error_code, exc.message))
         except AuthError as exc:
             raise Stop(exc.code, exc.message) from None
@@ -468,7 +479,12 @@ async def connection_manager(websocket: WebSocket) -> None:
             payload = reply("broadcast", content=message.content, sender=client_id)
             await bus.publish(bus.broadcast_channel, payload)
 
-    socket = SessionSocket(websocket, hello={"client": client_id}, on_message=on_message)
+    socket = SessionSocket(
+        websocket,
+        hello={"client": client_id},
+        on_message=on_message,
+        endpoint="/ws/{client_id}",
+    )
     if frontend.auth.enabled:
         token, subprotocol = token_from(websocket.query_params, websocket.headers)
         try:

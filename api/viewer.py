@@ -29,6 +29,7 @@ from typing import Any
 from thoughtwire.api import scopes
 from thoughtwire.api.backlog import Backlog
 from thoughtwire.api.hub import Hub, Run
+from thoughtwire.api.metrics import COUNTS, Resume, resume_outcome
 from thoughtwire.api.recovery import (
     CATCH_UP_ROUNDS,
     Emit,
@@ -73,6 +74,7 @@ class Viewer:
         "_queue_size",
         "_recovery",
         "_replay",
+        "_resume",
         "_seq",
         "_transport",
         "_writer",
@@ -109,6 +111,7 @@ class Viewer:
         self._again = False
         self._recovery: asyncio.Task[None] | None = None
         self._replay = Replay.RAW  # how follow() asked to be caught up
+        self._resume: Resume | None = None  # a resume's outcome so far, until it settles
         self.closed = False
 
     @property
@@ -122,6 +125,10 @@ class Viewer:
     def position(self) -> Position:
         """The last event the client was given: ``(epoch, seq)``."""
         return Position(self._epoch, self._seq)
+
+    def oldest_waiting(self) -> str | None:
+        """The oldest frame its transport has not taken yet, if one waits (for metrics)."""
+        return None if self._queue is None else self._queue.oldest()
 
     # --- frames in ----------------------------------------------------------
 
@@ -256,6 +263,7 @@ class Viewer:
         self.session = session
         self._epoch, self._seq = epoch, after or 0
         self._replay = replay
+        self._resume = None if after is None else Resume.RECOVERED
         self._buffer = []  # subscribe first, read the log second: nothing falls between
         await self.join(self.bus.session_channel(session))
         self._start_recovery(None if after is None else Position(epoch, after))
@@ -280,6 +288,8 @@ class Viewer:
         """
         if self.closed:
             return
+        if code == Close.SLOW:
+            COUNTS.slow_closes[code] += 1
         self._stop()
         self._transport.close(code, reason)
 
@@ -396,17 +406,30 @@ class Viewer:
                 seconds=RECOVERY_RETRY_SECONDS,
             )
         if isinstance(step, Emit):
-            full = self.scope is ViewScope.FULL
-            for frame in step.frames:
-                view = frame if full else scopes.project_frame(frame, self.scope)
-                if view is not None:  # a dropped event: the position moves past it below
-                    await self._put_patiently(view)
-            self._epoch, self._seq = step.position.epoch, step.position.seq
+            await self._emit(step)
             return None
         assert isinstance(step, Settle)
+        return self._settle()
+
+    async def _emit(self, step: Emit) -> None:
+        """Send what a catch-up step gives, projected to the viewer's scope."""
+        full = self.scope is ViewScope.FULL
+        for frame in step.frames:
+            view = frame if full else scopes.project_frame(frame, self.scope)
+            if view is not None:  # a dropped event: the position moves past it below
+                await self._put_patiently(view)
+        self._epoch, self._seq = step.position.epoch, step.position.seq
+        if self._resume is not None:
+            self._resume = resume_outcome(step.frames, self._resume)
+
+    def _settle(self) -> bool:
+        """Whether the catch-up is over: nothing live came meanwhile, no resync asked."""
         if self._buffer or self._again:
             return False
         self._buffer = None  # caught up: live frames go straight to the client again
+        if self._resume is not None:  # a resume is counted once it has caught up
+            COUNTS.resumes[self._resume] += 1
+            self._resume = None
         return True
 
     async def _put_patiently(self, frame: str) -> None:

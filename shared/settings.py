@@ -329,7 +329,19 @@ class Settings(BaseSettings):
     )
     embedded_workers: int = Field(2, description="Workers `thoughtwire up` runs.")
 
-    # Observability (docs/operations.md, "Logs" and "Traces")
+    # Observability (docs/operations.md, "Metrics", "Logs" and "Traces")
+    metrics: bool = Field(
+        True,
+        description="Serve Prometheus metrics: `/metrics` on a frontend, and a worker's "
+        "metrics port. Off, neither is served and nothing is collected at a scrape.",
+    )
+    metrics_port: int = Field(
+        9100,
+        ge=0,
+        le=65535,
+        description="The port a worker serves `/metrics`, `/healthz` and `/readyz` on "
+        "(all interfaces); 0: none. With several workers on one machine, give each its own.",
+    )
     log_format: Literal["text", "json"] = Field(
         "text",
         description="Log lines as text, or as one JSON object per line (with the session, "

@@ -143,7 +143,8 @@ class RedisServer:
 
 
 def thoughtwire(name: str, args: list[str], env: Mapping[str, str], logdir: Path) -> Proc:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    # Workers serve no metrics port unless a test gives one: several run on this machine.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "THOUGHTWIRE_METRICS_PORT": "0", **env}
     return Proc(
         name, [sys.executable, "-m", "thoughtwire", *args], full_env, logdir / f"{name}.log"
     )
