@@ -184,6 +184,8 @@ async def assert_every_client_whole(
     )
     gaps = sum(assert_whole_stream(w) for w in watchers)
     assert_one_event_per_position(watchers)
+    reasons = sorted({m["reason"] for w in watchers for m in w.messages if m["type"] == "gap"})
+    print(f"{len(watchers)} clients, {gaps} gaps {reasons}")
     return gaps
 
 
