@@ -21,6 +21,7 @@ import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,12 @@ from tests.conftest import Cluster, sim_run, start_cluster
 from tests.procs import Frontend, Proc, RedisServer, seconds, wait_until
 from tests.tcp_proxy import TcpProxy
 from tests.wsclient import check_stream, connect, greeting, recv_json, run_events
+from thoughtwire.api.hub import Hub
 from thoughtwire.shared.bus import Bus, Meta
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought
-from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.redis import RedisConnectionError, RedisFactory
+from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.settings import Settings
 
 
@@ -468,3 +471,48 @@ async def test_with_its_replica_stopped_the_end_waits_the_timeout_then_the_job_i
     # The job is acknowledged once the timeout passed, and the shortfall is logged.
     assert ack[0] - wait[0] >= WAIT_MS / 1000
     assert "a run's end reached 0 of 1 replicas" in logged
+
+
+class Resyncs:
+    """A viewer that counts how often the hub asks it to catch up."""
+
+    def __init__(self) -> None:
+        self.resyncs = 0
+
+    def deliver(self, frame, position, wire=None) -> None: ...  # type: ignore[no-untyped-def]
+
+    def deliver_run(self, run) -> None: ...  # type: ignore[no-untyped-def]
+
+    def resync(self) -> None:
+        self.resyncs += 1
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@pytest.mark.parametrize("probes", ["come back", "are lost", "cannot be published"])
+async def test_only_a_probe_published_and_not_heard_drops_the_link(redis_server, prefix, probes):
+    server = redis.Redis(port=redis_server.port)
+
+    async def publish(channel: str, payload: bytes) -> None:
+        if probes == "cannot be published":
+            raise RedisConnectionError("Redis is away")
+        target = channel if probes == "come back" else f"{prefix}:elsewhere"
+        await asyncio.to_thread(server.publish, target, payload)
+
+    factory = RedisFactory(Settings(redis_url=redis_server.url))
+    hub = Hub(partial(open_link, factory), f"{prefix}:node", publish=publish, probe_interval=0.2)
+    viewer = Resyncs()
+    await hub.start()
+    try:
+        await hub.join(f"{prefix}:session", viewer)
+        if probes == "are lost":
+            async with asyncio.timeout(seconds(5)):
+                while not viewer.resyncs:  # bounded by the timeout
+                    await asyncio.sleep(0.02)
+            assert hub.deaf_links >= 1 and hub.reconnects >= 1
+        else:
+            await asyncio.sleep(1.2)  # nothing must happen: watched for six intervals
+            assert hub.deaf_links == 0 and hub.reconnects == 0 and viewer.resyncs == 0
+    finally:
+        await hub.close()
+        server.close()
