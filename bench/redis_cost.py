@@ -1,13 +1,22 @@
 """What a paced event costs Redis: thoughtwire beside the thin relay's bare PUBLISH, one run.
 
-One redis-server of its own; for each system in turn (thoughtwire, thoughtwire with its
-fast paths off, the thin relay), the same paced load as bench/run.py's streams scenario
-(200 streams at 50 tokens/s, two frontends, one worker or feeder, one watcher each), in
-``--rounds`` alternating rounds. Redis' CPU is redis-server's own (utime + stime from
-/proc/PID/stat, and ``INFO cpu``), divided by the events produced. ``INFO commandstats``
-is reset before each run and read after, so the report says which command costs what:
-calls per event and µs per event inside Redis (a script's figure includes the commands
-it calls, which are listed too, under ``scripts``).
+One redis-server of its own; for each system in turn, the same paced load as
+bench/run.py's streams scenario (200 streams at 50 tokens/s, two frontends, one worker or
+feeder, one watcher each), in ``--rounds`` alternating rounds:
+
+- ``thoughtwire``, as deployed;
+- ``thoughtwire-unbundled``: the same, but every append call is a script run of its own,
+  as before bundles (``Batcher.bundles`` turned off in its processes by a
+  ``sitecustomize`` this tool writes), to show what bundling saves;
+- ``thoughtwire-public``: its fast paths off (``THOUGHTWIRE_FAST_PATHS=0``);
+- ``thin``: the thin relay, one bare PUBLISH per event.
+
+Redis' CPU is redis-server's own (utime + stime from /proc/PID/stat over the load, and
+``INFO cpu`` over the whole run), divided by the events produced. ``INFO stats`` and
+``INFO commandstats`` are reset before each run and read after, so the report says what
+Redis did per event: socket reads and writes, commands, and each command's calls and µs
+(wall time inside Redis; a script's figure includes the commands it calls, which are
+listed too).
 
     python -m bench.redis_cost                      # about 2 minutes
     python -m bench.redis_cost --sessions 4 --tokens 20 --rounds 1   # seconds
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import signal
 import statistics
@@ -29,7 +39,12 @@ from redis import Redis
 
 from bench.run import System, machine, measure_streams, own_redis
 
-SYSTEMS = ("thoughtwire", "thoughtwire-public", "thin")
+SYSTEMS = ("thoughtwire", "thoughtwire-unbundled", "thoughtwire-public", "thin")
+UNBUNDLED = """# Written by bench/redis_cost.py: one script run per append call, as before bundles.
+from thoughtwire.shared.redis.pipeline import Batcher
+
+Batcher.bundles = property(lambda self: False)
+"""
 
 
 def commandstats(redis: Redis) -> dict[str, dict[str, float]]:
@@ -90,12 +105,26 @@ def measure(system: System, scenario: dict[str, Any], client: Redis) -> dict[str
     }
 
 
+def unbundled(logdir: Path) -> dict[str, str]:
+    """The environment that turns bundles off in a system's processes."""
+    patch = logdir / "unbundled"
+    patch.mkdir(exist_ok=True)
+    (patch / "sitecustomize.py").write_text(UNBUNDLED)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(patch), os.environ.get("PYTHONPATH")]))}
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median and range of each system's Redis µs per event over its rounds."""
     figures = [run["redis_cpu_us_per_event"] for run in runs]
+    per_event = [run["per_event"] for run in runs]
+    scripts = [run["commands"].get("evalsha", {}).get("calls_per_event", 0) for run in runs]
     return {
         "redis_cpu_us_per_event_median": round(statistics.median(figures), 1),
         "redis_cpu_us_per_event_range": [min(figures), max(figures)],
+        "commands_per_event_median": statistics.median(p["commands_processed"] for p in per_event),
+        "socket_reads_per_event_median": statistics.median(p["reads_processed"] for p in per_event),
+        "script_runs_per_event_median": statistics.median(scripts),
+        "latency_ms_p99_median": statistics.median(run["latency_ms_p99"] for run in runs),
         "lost": sum(run["lost"] for run in runs),
         "duplicated": sum(run["duplicated"] for run in runs),
         "out_of_order": sum(run["out_of_order"] for run in runs),
@@ -129,7 +158,10 @@ def main() -> int:
             for round_ in range(args.rounds):
                 for name in args.systems.split(","):
                     prefix = f"rc{round_}{name[0]}{len(name)}{redis.pid}"
-                    system = System(name, redis, redis_url, logdir, scenario, prefix)
+                    env = unbundled(logdir) if name == "thoughtwire-unbundled" else {}
+                    system = System(
+                        name, redis, redis_url, logdir, {**scenario, "env": env}, prefix
+                    )
                     try:
                         run = measure(system.start(), scenario, client)
                     finally:

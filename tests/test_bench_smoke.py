@@ -5,6 +5,7 @@ Nothing here is about timing; the machine is shared and noisy.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -45,8 +46,15 @@ def test_every_system_delivers_every_event(tmp_path):
         (["bench.starts", "--count", "50"], '"jobs": 50'),
         (["bench.socket_memory", "--count", "20"], "measured: 20 sockets"),
         (["bench.appends", "--count", "200"], '"appends": 200'),
+        (
+            [
+                *("bench.redis_cost", "--sessions", "2", "--tokens", "10", "--rounds", "1"),
+                *("--systems", "thoughtwire,thin", "--out", os.devnull),
+            ],
+            '"redis_cpu_us_per_event_median"',
+        ),
     ],
-    ids=["starts", "socket_memory", "appends"],
+    ids=["starts", "socket_memory", "appends", "redis_cost"],
 )
 def test_the_single_purpose_tools_run(tool, expected):
     done = subprocess.run(
