@@ -8,7 +8,7 @@ writes them (one ``send`` per write). It counts the process's CPU time in the re
 callback only (not wall time: the machine is shared), per delivered event. It runs on
 a hub that hands messages one by one too (an older tree), for a comparison.
 
-    .venv/bin/python -m bench.hub_reads [--out bench/results/hub_reads.json]
+    .venv/bin/python -m bench.hub_reads [--events 20000] [--out bench/results/hub_reads.json]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def drain(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
             pass
 
 
-async def measure(viewers: int, k: int) -> float:
+async def measure(viewers: int, k: int, events: int) -> float:
     """CPU µs per delivered event, for ``viewers`` sockets and reads of ``k`` messages."""
     redis = Redis()
     hub = Hub(redis.open_link, "home")
@@ -114,7 +114,7 @@ async def measure(viewers: int, k: int) -> float:
         assert redis.link is not None
         redis.link.data_received(pack_command(b"message", b"ch", event(1)))  # the position
         seq, busy = 2, 0.0
-        reads = max(EVENTS_PER_VIEWER // k // max(viewers // 10, 1), DRAIN_EVERY)
+        reads = max(events // k // max(viewers // 10, 1), DRAIN_EVERY)
         for read in range(reads):
             data = b"".join(pack_command(b"message", b"ch", event(seq + i)) for i in range(k))
             seq += k
@@ -135,10 +135,11 @@ def main() -> None:
     """Measure every shape, print and write the figures."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--events", type=int, default=EVENTS_PER_VIEWER)
     args = parser.parse_args()
     results = []
     for viewers, k in SHAPES:
-        us = asyncio.run(measure(viewers, k))
+        us = asyncio.run(measure(viewers, k, args.events))
         print(f"{viewers:>5} viewers, {k} messages a read: {us:.2f} µs per delivered event")
         results.append({"viewers": viewers, "messages_per_read": k, "cpu_us_per_event": us})
     if args.out:

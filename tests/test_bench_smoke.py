@@ -46,15 +46,16 @@ def test_every_system_delivers_every_event(tmp_path):
         (["bench.starts", "--count", "50"], '"jobs": 50'),
         (["bench.socket_memory", "--count", "20"], "measured: 20 sockets"),
         (["bench.appends", "--count", "200"], '"appends": 200'),
+        (["bench.hub_reads", "--events", "200"], "4 messages a read"),
         (
             [
                 *("bench.redis_cost", "--sessions", "2", "--tokens", "10", "--rounds", "1"),
-                *("--systems", "thoughtwire,thin", "--out", os.devnull),
+                *("--systems", "thoughtwire,thin", "--parts-rounds", "1", "--out", os.devnull),
             ],
             '"redis_cpu_us_per_event_median"',
         ),
     ],
-    ids=["starts", "socket_memory", "appends", "redis_cost"],
+    ids=["starts", "socket_memory", "appends", "hub_reads", "redis_cost"],
 )
 def test_the_single_purpose_tools_run(tool, expected):
     done = subprocess.run(
