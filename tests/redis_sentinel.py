@@ -20,10 +20,37 @@ DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
 
 
+class Server(RedisServer):
+    """A redis-server that may require a password (of its clients and of its master)."""
+
+    def __init__(self, workdir: Path, password: str | None, *extra: str) -> None:
+        auth = ("--requirepass", password, "--masterauth", password) if password else ()
+        super().__init__(workdir, *auth, *extra)
+        self.password = password
+        if password:
+            self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
+
+
 class SentinelServer:
     """One ``redis-server --sentinel`` watching ``SERVICE`` with a quorum of 2."""
 
-    def __init__(self, workdir: Path, master_port: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        password: str | None = None,
+        server_password: str | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it")
@@ -40,13 +67,16 @@ class SentinelServer:
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
+            + (f"sentinel auth-pass {SERVICE} {server_password}\n" if server_password else "")
+            + (f"requirepass {password}\n" if password else "")
         )
+        self.password = password
         self.proc = Proc(
             "sentinel", [binary, str(conf), "--sentinel"], {}, workdir / "sentinel.log"
         )
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
 
     def state(self) -> dict | None:  # type: ignore[type-arg]
         """What this sentinel knows of the master, or None while it does not answer."""
@@ -58,12 +88,19 @@ class SentinelServer:
 
 
 class SentinelDeployment:
-    """A master, its replica and three sentinels; the master found by asking a sentinel."""
+    """A master, its replica and three sentinels; the master found by asking a sentinel.
 
-    def __init__(self, workdir: Path) -> None:
+    ``password``: the servers require one; ``sentinel_password``: the sentinels do.
+    """
+
+    def __init__(
+        self, workdir: Path, password: str | None = None, sentinel_password: str | None = None
+    ) -> None:
         self.workdir = workdir
-        first = RedisServer(self._dir("redis-a"))
-        self.servers: dict[int, RedisServer] = {first.port: first}
+        self.password = password
+        self.sentinel_password = sentinel_password
+        first = Server(self._dir("redis-a"), password)
+        self.servers: dict[int, Server] = {first.port: first}
         self.sentinels: list[SentinelServer] = []
 
     def _dir(self, name: str) -> Path:
@@ -73,20 +110,24 @@ class SentinelDeployment:
 
     @property
     def url(self) -> str:
-        """``REDIS_URL`` for the processes: every sentinel, and the service."""
+        """``REDIS_URL`` for the processes: the servers' password, every sentinel, and the
+        service (no sentinel password: the sentinels get the servers')."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{SERVICE}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+sentinel://{auth}{hosts}/{SERVICE}"
 
     def start(self) -> SentinelDeployment:
         try:
             master = next(iter(self.servers.values())).start()
-            replica = RedisServer(
-                self._dir("redis-b"), "--replicaof", "127.0.0.1", str(master.port)
+            replica = Server(
+                self._dir("redis-b"), self.password, "--replicaof", "127.0.0.1", str(master.port)
             )
             self.servers[replica.port] = replica.start()
             wait_until(lambda: self._in_sync(replica), 20, "the replica to sync")
             for i in range(3):
-                sentinel = SentinelServer(self._dir(f"sentinel-{i}"), master.port)
+                sentinel = SentinelServer(
+                    self._dir(f"sentinel-{i}"), master.port, self.sentinel_password, self.password
+                )
                 sentinel.proc.start()
                 self.sentinels.append(sentinel)
             wait_until(self._settled, 30, "the sentinels to see the replica and each other")
@@ -105,7 +146,7 @@ class SentinelDeployment:
         )
 
     @staticmethod
-    def _in_sync(replica: RedisServer) -> bool:
+    def _in_sync(replica: Server) -> bool:
         try:
             with replica.client() as client:
                 return client.info("replication").get("master_link_status") == "up"  # type: ignore[no-any-return]
@@ -125,10 +166,10 @@ class SentinelDeployment:
                 continue
         raise RuntimeError("no sentinel answers")
 
-    def master_server(self) -> RedisServer:
+    def master_server(self) -> Server:
         return self.servers[self.master()]
 
-    def replica_server(self) -> RedisServer:
+    def replica_server(self) -> Server:
         master = self.master()
         return next(s for port, s in self.servers.items() if port != master and s.proc.alive())
 

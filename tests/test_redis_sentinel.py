@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from tests.conftest import Cluster, sim_run, start_cluster
-from tests.procs import seconds
+from tests.procs import make_logdir, seconds
 from tests.redis_sentinel import SentinelDeployment, sentinel_deployment  # noqa: F401
 from tests.wsclient import connect, greeting, run_events
 from thoughtwire.api.frontend import Frontend
@@ -393,3 +393,33 @@ async def test_readiness_asks_redis_at_most_once_a_second_and_says_503_without_i
     frontend.pinged = (frontend.pinged[0] - 1.0, True)  # a second later
     assert not await frontend.ready()
     assert not await frontend.ready() and redis_client.pings == 2
+
+
+@pytest.mark.parametrize("sentinels_ask", ["the servers' password", "none"])
+async def test_sentinels_get_the_servers_password_unless_they_have_none(sentinels_ask: str) -> None:
+    """A chart's sentinels often share the servers' password (the URL then names only
+    that one); sentinels with none configured take any (Redis 6 and later)."""
+    password = "s3cret"
+    deployment = SentinelDeployment(
+        make_logdir("sentinel-auth"),
+        password=password,
+        sentinel_password=password if sentinels_ask != "none" else None,
+    ).start()
+    try:
+        factory = RedisFactory(Settings(redis_url=deployment.url, redis_pool_size=2))
+        assert factory.sentinel is not None
+        async with factory.following():
+            redis_client = factory.commands()
+            try:
+                assert await redis_client.ping()
+                assert (await factory.link_url()).startswith(f"redis://:{password}@127.0.0.1:")
+                await until(lambda: factory.sentinel.listening, 10, "the follower to listen")
+                await asyncio.to_thread(deployment.failover)
+                await until(lambda: factory.sentinel.switches == 1, 10, "the switch")
+                assert await redis_client.set("k", "v")
+                for sentinel in factory.sentinel.sentinels.sentinels:
+                    assert sentinel.connection_pool.connection_kwargs["password"] == password
+            finally:
+                await redis_client.aclose()
+    finally:
+        deployment.stop()

@@ -75,13 +75,13 @@ class _Sentinels(Sentinel):
     a failover names the old master. Every sentinel is asked at once instead (each
     within ``SENTINEL_TIMEOUT``), and of the answers that see the master up, the one with
     the highest ``config-epoch`` wins.
+
     """
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         """The master's ``(host, port)``; ``MasterNotFoundError`` when no sentinel names one."""
         answers = await asyncio.gather(
-            *(sentinel.sentinel_masters() for sentinel in self.sentinels),
-            return_exceptions=True,
+            *(sentinel.sentinel_masters() for sentinel in self.sentinels), return_exceptions=True
         )
         best: dict[str, Any] | None = None
         errors = []
@@ -148,9 +148,13 @@ class SentinelMaster:
         self.service = topology.service
         self._settings = settings
         # Of the sentinels: they answer at once or are skipped, and never retried here.
+        # Sentinels without a password of their own get the servers': a chart's sentinels
+        # often share it, and one with none takes any (Redis 6 on). Not the servers' user:
+        # a sentinel would not know it.
+        own = topology.sentinel_password is not None or topology.sentinel_username is not None
         self._sentinel_kwargs: dict[str, Any] = {
             "username": topology.sentinel_username,
-            "password": topology.sentinel_password,
+            "password": topology.sentinel_password if own else topology.password,
             "ssl": topology.tls,
             "socket_timeout": SENTINEL_TIMEOUT,
             "socket_connect_timeout": SENTINEL_TIMEOUT,
@@ -171,6 +175,7 @@ class SentinelMaster:
         self._following: asyncio.Task[None] | None = None
         self._followers = 0
         self.switches = 0
+        self.listening = False  # subscribed to a sentinel's switches now
 
     # --- clients -------------------------------------------------------------
 
@@ -248,8 +253,10 @@ class SentinelMaster:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                self.listening = False
                 logger.warning("sentinel %s: %r; listening to another", _address(sentinel), exc)
             except Exception:  # a bug here must not end the following silently
+                self.listening = False
                 logger.exception("following sentinel %s failed", _address(sentinel))
             if time.monotonic() - started > 2 * PING_INTERVAL:
                 delays = backoff.delays()  # it listened a while: start the backoff afresh
@@ -269,6 +276,7 @@ class SentinelMaster:
         try:
             await pubsub.subscribe(SWITCH_CHANNEL)
             await self._caught_up()
+            self.listening = True
             await self._read_switches(pubsub)
         finally:
             with contextlib.suppress(RedisError, OSError):
