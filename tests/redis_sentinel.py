@@ -173,10 +173,15 @@ class SentinelDeployment:
         master = self.master()
         return next(s for port, s in self.servers.items() if port != master and s.proc.alive())
 
+    def sentinel_at(self, address: str) -> SentinelServer:
+        """The sentinel listening on ``address`` (``host:port``)."""
+        return next(s for s in self.sentinels if address.endswith(f":{s.port}"))
+
     def failover(self) -> int:
         """``SENTINEL FAILOVER``; returns once every sentinel names the new master, its port."""
         old = self.master()
-        with self.sentinels[0].client() as client:
+        sentinel = next(s for s in self.sentinels if s.proc.alive())
+        with sentinel.client() as client:
             client.sentinel_failover(SERVICE)
         return self.wait_for_new_master(old)
 
@@ -191,7 +196,7 @@ class SentinelDeployment:
 
         def switched() -> int | None:
             ports = set()
-            for sentinel in self.sentinels:
+            for sentinel in [s for s in self.sentinels if s.proc.alive()]:
                 try:
                     with sentinel.client() as client:
                         ports.add(int(client.sentinel_get_master_addr_by_name(SERVICE)[1]))

@@ -413,7 +413,7 @@ async def test_sentinels_get_the_servers_password_unless_they_have_none(sentinel
             try:
                 assert await redis_client.ping()
                 assert (await factory.link_url()).startswith(f"redis://:{password}@127.0.0.1:")
-                await until(lambda: factory.sentinel.listening, 10, "the follower to listen")
+                await until(lambda: factory.sentinel.listening_to, 10, "the follower to listen")
                 await asyncio.to_thread(deployment.failover)
                 await until(lambda: factory.sentinel.switches == 1, 10, "the switch")
                 assert await redis_client.set("k", "v")
@@ -423,3 +423,22 @@ async def test_sentinels_get_the_servers_password_unless_they_have_none(sentinel
                 await redis_client.aclose()
     finally:
         deployment.stop()
+
+
+async def test_the_follower_moves_to_another_sentinel_when_its_own_dies(
+    sentinel_deployment: SentinelDeployment,  # noqa: F811
+) -> None:
+    factory = RedisFactory(Settings(redis_url=sentinel_deployment.url, redis_pool_size=2))
+    master = factory.sentinel
+    assert master is not None
+    async with factory.following():
+        first = await until(lambda: master.listening_to, 10, "the follower to listen")
+        sentinel_deployment.sentinel_at(first).proc.kill()
+        await until(lambda: master.listening_to not in (None, first), 10, "it to listen to another")
+        await asyncio.to_thread(sentinel_deployment.failover)
+        await until(lambda: master.switches == 1, 10, "the switch")
+        redis_client = factory.commands()
+        try:
+            assert await redis_client.set("k", "v")
+        finally:
+            await redis_client.aclose()

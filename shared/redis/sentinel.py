@@ -175,7 +175,7 @@ class SentinelMaster:
         self._following: asyncio.Task[None] | None = None
         self._followers = 0
         self.switches = 0
-        self.listening = False  # subscribed to a sentinel's switches now
+        self.listening_to: str | None = None  # the sentinel whose switches it hears now
 
     # --- clients -------------------------------------------------------------
 
@@ -253,10 +253,10 @@ class SentinelMaster:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self.listening = False
+                self.listening_to = None
                 logger.warning("sentinel %s: %r; listening to another", _address(sentinel), exc)
             except Exception:  # a bug here must not end the following silently
-                self.listening = False
+                self.listening_to = None
                 logger.exception("following sentinel %s failed", _address(sentinel))
             if time.monotonic() - started > 2 * PING_INTERVAL:
                 delays = backoff.delays()  # it listened a while: start the backoff afresh
@@ -276,7 +276,7 @@ class SentinelMaster:
         try:
             await pubsub.subscribe(SWITCH_CHANNEL)
             await self._caught_up()
-            self.listening = True
+            self.listening_to = _address(sentinel)
             await self._read_switches(pubsub)
         finally:
             with contextlib.suppress(RedisError, OSError):
