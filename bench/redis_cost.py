@@ -18,6 +18,11 @@ Redis did per event: socket reads and writes, commands, and each command's calls
 (wall time inside Redis; a script's figure includes the commands it calls, which are
 listed too).
 
+Then the parts of an append (``parts``): bundles of ``PARTS_CALLS`` one-event calls of
+240 sessions, each session's channel followed, sent straight to Redis by this process,
+with the append script as deployed and with less and less in each call, down to an empty
+one; Redis' CPU per event of each, the least of ``--parts-rounds`` alternating rounds.
+
     python -m bench.redis_cost                      # about 2 minutes
     python -m bench.redis_cost --sessions 4 --tokens 20 --rounds 1   # seconds
 """
@@ -25,19 +30,23 @@ listed too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import signal
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
 
 from bench.run import System, machine, measure_streams, own_redis
+from thoughtwire.shared import scripts
 
 SYSTEMS = ("thoughtwire", "thoughtwire-unbundled", "thoughtwire-public", "thin")
 UNBUNDLED = """# Written by bench/redis_cost.py: one script run per append call, as before bundles.
@@ -45,6 +54,115 @@ from thoughtwire.shared.redis.pipeline import Batcher
 
 Batcher.bundles = property(lambda self: False)
 """
+
+
+PARTS_SESSIONS = 240
+PARTS_CALLS = 16  # calls per bundle: what the worker's bundles held in the streams load
+PARTS_EVENTS = 4800  # per variant and round
+HEAD = b'{"type":"answer","content":"tok ","session":"s","run":"r","ts":1764600000000,"seq":'
+# What a call of the parts' variants does instead of the deployed body (KEYS and ARGV as
+# APPEND's: meta, log, channel, run; maxlen, ttl, seed, fence, min-seq, first-n, ...).
+_COMMANDS = """
+redis.call('HMGET', KEYS[4], 'fence', 'emitted', 'status')
+redis.call('HMGET', KEYS[1], 'seq', 'epoch', 'replid')
+local payload = ARGV[13] .. ARGV[6] .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[6], 'e', payload)
+redis.call('PUBLISH', KEYS[3], payload)
+redis.call('HSET', KEYS[1], 'seq', ARGV[6], 'epoch', 'e')
+redis.call('TTL', KEYS[2])
+redis.call('HSET', KEYS[4], 'emitted', ARGV[6])
+return 1
+"""
+_LOG_AND_PUBLISH = """
+local payload = ARGV[13] .. ARGV[6] .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[6], 'e', payload)
+redis.call('PUBLISH', KEYS[3], payload)
+return 1
+"""
+
+
+def part_scripts() -> dict[str, str]:
+    """``APPEND_MANY`` as deployed, then with less in each call, down to nothing."""
+    deployed = scripts.APPEND_MANY
+    start = deployed.index("local function append(KEYS, ARGV)")
+    end = deployed.index("local replies")
+
+    def each(body: str) -> str:
+        return (
+            deployed[:start] + "local function append(KEYS, ARGV)" + body + "end\n" + deployed[end:]
+        )
+
+    return {
+        "append": deployed,
+        "append without INFO": deployed.replace(
+            "info = redis.pcall('INFO', 'replication')", "info = false"
+        ),
+        "its commands, no logic": each(_COMMANDS),
+        "XADD and PUBLISH": each(_LOG_AND_PUBLISH),
+        "nothing": each("\nreturn 1\n"),
+        "a bare PUBLISH per round trip (the thin relay)": "",
+    }
+
+
+def follow(port: int, channels: list[str], stop: threading.Event) -> None:
+    """Subscribe to ``channels`` and read (and drop) what comes, until ``stop``."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        parts = [b"SUBSCRIBE", *(c.encode() for c in channels)]
+        sock.sendall(
+            b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
+        )
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                if not sock.recv(1 << 20):
+                    return
+
+
+def bundles(client: Redis, sha: str, sessions: list[list[str]]) -> None:
+    """``PARTS_EVENTS`` one-event calls of ``sessions``, ``PARTS_CALLS`` to a script run."""
+    for n in range(PARTS_EVENTS // PARTS_SESSIONS):
+        for at in range(0, PARTS_SESSIONS, PARTS_CALLS):
+            calls = sessions[at : at + PARTS_CALLS]
+            args: list[Any] = [1000, 86400, "ab", "parts:ended"]
+            for _ in calls:
+                args += [1, "f", 0, n + 1, HEAD]
+            client.evalsha(sha, 4 * len(calls), *(k for c in calls for k in c), *args)
+
+
+def measure_parts(client: Redis, port: int, rounds: int) -> dict[str, Any]:
+    """Redis' CPU per event of each of :func:`part_scripts`' bundles (see above)."""
+    keys = [
+        [f"parts:{{s{i}}}:{name}" for name in ("meta", "log", "events", "run")]
+        for i in range(PARTS_SESSIONS)
+    ]
+    stop = threading.Event()
+    reader = threading.Thread(target=follow, args=(port, [k[2] for k in keys], stop))
+    reader.start()
+    figures: dict[str, list[float]] = {}
+    try:
+        for round_ in range(rounds):
+            for variant, (name, lua) in enumerate(part_scripts().items()):
+                tag = f"{round_}.{variant}"  # fresh keys: seqs start at 1
+                own = [[key.replace("parts:", f"parts{tag}:") for key in k] for k in keys]
+                for k in own:
+                    client.hset(k[3], mapping={"fence": "f", "status": "running", "emitted": 0})
+                before = redis_cpu(client)
+                if lua:
+                    bundles(client, client.script_load(lua), own)
+                else:  # as the thin relay's feeder: one PUBLISH per event and round trip
+                    for n in range(PARTS_EVENTS // PARTS_SESSIONS):
+                        for k in own:
+                            client.publish(k[2], HEAD + b"%d}" % (n + 1))
+                spent = redis_cpu(client) - before
+                figures.setdefault(name, []).append(round(spent * 1e6 / PARTS_EVENTS, 2))
+    finally:
+        stop.set()
+        reader.join()
+    return {
+        "calls_per_script_run": PARTS_CALLS,
+        "redis_cpu_us_per_event_least": {name: min(v) for name, v in figures.items()},
+        "redis_cpu_us_per_event_all": figures,
+    }
 
 
 def commandstats(redis: Redis) -> dict[str, dict[str, float]]:
@@ -138,6 +256,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--parts-rounds", type=int, default=5, help="0: no parts")
     parser.add_argument("--out", default="bench/results/redis_cost.json")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -168,6 +287,10 @@ def main() -> int:
                         system.stop()
                     report["runs"].setdefault(name, []).append(run)
                     print(f"{name:>18} {json.dumps(run)}", flush=True)
+            if args.parts_rounds:
+                port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+                report["parts"] = measure_parts(client, port, args.parts_rounds)
+                print(json.dumps(report["parts"]["redis_cpu_us_per_event_least"]), flush=True)
         finally:
             client.close()
     report["summary"] = {name: summary(runs) for name, runs in report["runs"].items()}

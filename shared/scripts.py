@@ -39,9 +39,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   write may lack events that watchers already hold, and no writer but the run's own
 #   knows how far they went: the first call on a new incarnation starts a new epoch, so
 #   no seq of the old epoch is ever given to another event (docs/reliability.md,
-#   "Failover"). INFO is read once per script run, whatever the number of events or of
-#   calls in a bundle (``APPEND_MANY``); where it is missing (the embedded Redis) the
-#   incarnation is unknown and never changes.
+#   "Failover"). INFO is read and matched once per script run, whatever the number of
+#   events or of calls in a bundle (``APPEND_MANY``); where it is missing (the embedded
+#   Redis) the incarnation is unknown and never changes.
 # * Each head is an event encoded up to its ``"seq":``; the script completes it, so the
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
@@ -80,8 +80,7 @@ end
 local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch', 'replid')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
-local info = replication()
-local replid = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or false
+local replid = replication_id()
 if not epoch or seq < tonumber(ARGV[5]) or (replid and meta[3] and meta[3] ~= replid) then
   local t = redis.call('TIME')
   epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
@@ -95,8 +94,9 @@ for i = 13, #ARGV do
   local n = first + i - 13
   if n > emitted then
     seq = seq + 1
-    local payload = ARGV[i] .. seq .. tail
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '0-' .. seq, 'e', payload)
+    local id = string.format('%d', seq)  -- an integer's digits, not a float's %.14g
+    local payload = ARGV[i] .. id .. tail
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '0-' .. id, 'e', payload)
     redis.call('PUBLISH', KEYS[3], payload)
     emitted = n
   end
@@ -130,12 +130,13 @@ return seq
 """
 _APPEND_FUNCTION = (
     """
-local info
-local function replication()
-  if info == nil then
-    info = redis.pcall('INFO', 'replication')
+local replid_read
+local function replication_id()
+  if replid_read == nil then
+    local info = redis.pcall('INFO', 'replication')
+    replid_read = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or false
   end
-  return info
+  return replid_read
 end
 local function append(KEYS, ARGV)
 """
