@@ -32,6 +32,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from thoughtwire.shared import metrics
 from thoughtwire.shared.closecodes import Close
@@ -194,10 +195,12 @@ class FrontendCollector(Collector):
         return family
 
     def _lag(self, frontends: list[Frontend]) -> Metric:
+        from thoughtwire.api.viewer import Viewer  # it counts in COUNTS: imported after this
+
         for frontend in frontends:
             heads = frontend.hub.heads
-            for viewer in frontend.hub.viewers():
-                behind = lag(viewer, heads)  # type: ignore[arg-type]
+            for viewer in frontend.hub.viewers():  # sockets and streams, and the runs watcher
+                behind = lag(viewer, heads) if isinstance(viewer, Viewer) else None
                 if behind is not None:
                     self._lag_buckets[bisect.bisect_left(LAG_BUCKETS, behind)] += 1
                     self._lag_sum += behind
@@ -206,7 +209,7 @@ class FrontendCollector(Collector):
             "How many seqs behind its session's head a viewer is, sampled at each scrape.",
         )
         cumulative = list(itertools.accumulate(self._lag_buckets))
-        bounds = [str(b) for b in LAG_BUCKETS] + ["+Inf"]
+        bounds = [floatToGoString(b) for b in LAG_BUCKETS] + ["+Inf"]
         family.add_metric([], list(zip(bounds, map(float, cumulative), strict=True)), self._lag_sum)
         return family
 

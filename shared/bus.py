@@ -91,6 +91,15 @@ class Meta:
 
 
 @dataclass(frozen=True, slots=True)
+class JobsQueue:
+    """The jobs stream as a scrape reports it (docs/operations.md, "Metrics")."""
+
+    depth: int  # entries: queued and running, as a finished job is deleted
+    pending: int | None  # handed to a worker and not yet acknowledged
+    lag: int | None  # not yet handed to any worker (None: Redis cannot tell)
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """What the start script decided for a claimed job."""
 
@@ -342,6 +351,19 @@ class Bus:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def jobs_queue(self) -> JobsQueue:
+        """The jobs stream's length and the workers' group's pending and lag, in one round
+        trip (``XLEN``, ``XINFO GROUPS``): what KEDA scales on, for a scrape."""
+        keys = self.keys
+        depth, groups = await self._commands(("XLEN", keys.jobs), ("XINFO", "GROUPS", keys.jobs))
+        for group in groups:  # a map per group, as redis-py parses it
+            fields = {_text(k): v for k, v in group.items()}
+            if _text(fields["name"]) == keys.jobs_group:
+                lag = fields.get("lag")  # None before Redis 7, or when it cannot tell
+                pending = int(fields["pending"])
+                return JobsQueue(int(depth), pending, None if lag is None else int(lag))
+        return JobsQueue(int(depth), None, None)
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, Job]]:
         """Take up to ``count`` new jobs for ``consumer``, waiting at most ``block_ms``."""

@@ -40,6 +40,7 @@ from thoughtwire.worker.agents import Agent, AgentError, Turn
 from thoughtwire.worker.approvals import DEFAULT_POLICY, ApprovalPolicy, Approvals
 from thoughtwire.worker.blocks import BlockTracker
 from thoughtwire.worker.coalesce import coalesce
+from thoughtwire.worker.metrics import FIRST_TOKEN_SECONDS
 from thoughtwire.worker.snapshots import SnapshotKeeper
 from thoughtwire.worker.usage import BudgetCharge, BudgetSpent, RunUsage, UsageMeter
 from thoughtwire.worker.writer import LeaseLost, RunWriter
@@ -132,6 +133,7 @@ class RunAttempt:
         self._turn: Turn | None = None
         self._terminal: Thought | None = None
         self._tokens: tuple[int, int] | None = None  # done's usage, as it was written
+        self._began = time.monotonic()  # for the time to its first answer token
 
     def stop(self, reason: StopReason) -> None:
         """Stop the agent for ``reason`` (cancel, lost, shutdown); the first reason wins."""
@@ -232,6 +234,8 @@ class RunAttempt:
                 self._terminal = thought  # the agent's own ending, with its details
                 return
             await self.usage.cover(thought)  # held in the budget before it is queued
+            if thought.type == "answer" and not self._answer:
+                FIRST_TOKEN_SECONDS.observe(time.monotonic() - self._began)
             if thought.type == "answer" and self._answer_chars < MAX_RESULT_CHARS:
                 self._answer.append(str(thought.content))
                 self._answer_chars += len(str(thought.content))

@@ -17,6 +17,7 @@ from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.redis.pubsub import channel_messages
 from thoughtwire.shared.settings import Settings
 from thoughtwire.shared.vocab import Decision
+from thoughtwire.worker import metrics
 from thoughtwire.worker.agents import build_agents
 from thoughtwire.worker.approvals import ApprovalPolicy
 from thoughtwire.worker.attempt import RunLimits
@@ -25,8 +26,11 @@ from thoughtwire.worker.runner import Worker
 logger = logging.getLogger("thoughtwire.worker")
 
 
-async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) -> None:
-    """Run one worker until ``stop`` is set."""
+async def serve(
+    settings: Settings, factory: RedisFactory, stop: asyncio.Event, *, metrics_port: int = 0
+) -> None:
+    """Run one worker until ``stop`` is set; with metrics on, its metrics port too
+    (``metrics_port``; 0: none, as for the embedded mode's, whose frontend serves them)."""
     redis = factory.commands()
     try:
         bus = Bus(
@@ -60,7 +64,13 @@ async def serve(settings: Settings, factory: RedisFactory, stop: asyncio.Event) 
             listen=partial(channel_messages, factory),
         )
         logger.info("%s claiming jobs (agent: %s)", worker.name, settings.agent)
-        await worker.run(stop, drain_timeout=settings.drain_timeout)
+        if settings.metrics:
+            metrics.install()
+        probes = metrics.Probes(
+            asyncio.get_running_loop(), bus, lambda: worker.consuming and not stop.is_set()
+        )
+        async with metrics.serving(metrics_port if settings.metrics else 0, probes):
+            await worker.run(stop, drain_timeout=settings.drain_timeout)
         ran = ", ".join(f"{n} {outcome}" for outcome, n in worker.outcomes.items()) or "none"
         logger.info("%s stopped; runs: %s", worker.name, ran)
     finally:
@@ -77,7 +87,7 @@ def main(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         factory = RedisFactory(settings)
         async with factory.following():  # behind Sentinel: the master, across failovers
-            await serve(settings, factory, stop)
+            await serve(settings, factory, stop, metrics_port=settings.metrics_port)
 
     loops.run(run())
 

@@ -34,6 +34,7 @@ from thoughtwire.shared.bus import Bus
 from thoughtwire.shared.protocol import Job, Thought
 from thoughtwire.shared.redis import RedisError
 from thoughtwire.shared.vocab import StopReason, Verdict
+from thoughtwire.worker import metrics
 from thoughtwire.worker.agents import Agent
 from thoughtwire.worker.attempt import RunAttempt, RunLimits
 from thoughtwire.worker.parking import Parking
@@ -89,6 +90,8 @@ class Worker:
             end_cancelled=self._end_cancelled,
         )
         self._stopping = False
+        # Whether its last claim reached Redis, while it claims: its readiness (/readyz).
+        self.consuming = False
 
     @property
     def claim_block_ms(self) -> int:
@@ -149,10 +152,13 @@ class Worker:
                     # so a job it took is run, not left to wait for a lease to lapse.
                     for entry_id, job in await claim:
                         self._start(entry_id, job)
+                    self.consuming = True
                 except (*UNAVAILABLE, RedisError) as exc:
+                    self.consuming = False
                     logger.warning("claiming failed (%r); trying again shortly", exc)
                     await asyncio.wait({stopping}, timeout=next(delays(0.5)))
         finally:
+            self.consuming = False
             stopping.cancel()
 
     def _start(self, entry_id: str, job: Job) -> None:
@@ -264,6 +270,7 @@ class Worker:
             finally:
                 self._attempts.pop(job.run, None)
                 self.outcomes[outcome] += 1
+                metrics.run_ended(outcome, time.monotonic() - began, attempt.tokens)
                 tokens_in, tokens_out = attempt.tokens
                 logger.info(
                     "run ended: session %s, run %s, attempt %d, outcome %s, %.2f s, "

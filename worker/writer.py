@@ -15,6 +15,7 @@ happy path takes no task of its own: each reply's callback sends the next batch.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from thoughtwire.shared import tracing
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
 from thoughtwire.shared.bus import FENCED, Bus
 from thoughtwire.shared.protocol import TERMINAL_STATUS, Job, Thought
+from thoughtwire.worker.metrics import APPEND_BATCH_SIZE, APPEND_SECONDS
 
 MAX_BATCH = 256  # events per append call
 MAX_QUEUED = 1024  # events an agent may run ahead of Redis before it waits
@@ -106,6 +108,7 @@ class RunWriter:
         flight = self.bus.submit_encoded(
             self.job, batch, fence=self.fence, first=first, min_seq=self._last_seq
         )
+        flight.add_done_callback(partial(_appended, len(batch), time.perf_counter()))
         self._watch(flight, batch, first)
 
     def _watch(self, flight: asyncio.Future[Any], batch: list[bytes], first: int) -> None:
@@ -153,6 +156,7 @@ class RunWriter:
         remember: bytes = b"",
     ) -> int:
         with tracing.span("append", {"thoughtwire.events": len(heads)}):
+            began = time.perf_counter()
             reply = await retry(
                 partial(
                     self.bus.submit_encoded,
@@ -169,6 +173,8 @@ class RunWriter:
                 seconds=self.retry_seconds,
             )
         seq = int(reply)
+        APPEND_SECONDS.observe(time.perf_counter() - began)  # retries and backoff included
+        APPEND_BATCH_SIZE.observe(len(heads))
         if seq != FENCED:
             self._last_seq = seq
             self._written()
@@ -177,3 +183,10 @@ class RunWriter:
     def _written(self) -> None:
         if self._on_written is not None:
             self._on_written(self._last_seq)
+
+
+def _appended(events: int, sent_at: float, flight: asyncio.Future[Any]) -> None:
+    """An append call answered: its latency and size (a failed one is retried, and timed there)."""
+    if not flight.cancelled() and flight.exception() is None:
+        APPEND_SECONDS.observe(time.perf_counter() - sent_at)
+        APPEND_BATCH_SIZE.observe(events)

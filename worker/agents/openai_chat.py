@@ -52,6 +52,7 @@ from thoughtwire.shared import tracing
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import Thought
 from thoughtwire.shared.settings import Settings
+from thoughtwire.worker import metrics
 from thoughtwire.worker.agents.base import AgentError, Turn, denied
 from thoughtwire.worker.tools import InvalidArguments, Tool, ToolRefused, toolbox
 
@@ -353,6 +354,7 @@ class OpenAIAgent:
         tool = self.tools.get(call.name)
         arguments = _parse_arguments(call.arguments)
         failed = True
+        began = time.monotonic()
         if tool is None:
             result = f"error: there is no tool named {call.name!r}"
         elif not isinstance(arguments, dict):
@@ -370,6 +372,7 @@ class OpenAIAgent:
                 # read the observation, so only the operator's log has the detail.
                 logger.warning("tool %s failed on call %s", call.name, call.call_id, exc_info=True)
                 result = f"error: the tool failed ({type(exc).__name__})"
+        metrics.tool_called(None if tool is None else tool.name, time.monotonic() - began)
         result = result[:MAX_OBSERVATION_CHARS]
         extra = {"tool": call.name, "call_id": call.call_id, "is_error": failed}
         return Thought("observation", result, extra), result
