@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +37,13 @@ import httpx
 from bench.load import Plan, client_process
 
 TICKS = os.sysconf("SC_CLK_TCK")
-# thoughtwire-public is thoughtwire with THOUGHTWIRE_FAST_PATHS=0: public APIs only.
-SYSTEMS = ("thoughtwire", "thoughtwire-public", "thin", "socketio")
+# thoughtwire-public is thoughtwire with THOUGHTWIRE_FAST_PATHS=0: public APIs only;
+# thoughtwire-nometrics with THOUGHTWIRE_METRICS=0: nothing served, nothing scraped.
+SYSTEMS = ("thoughtwire", "thoughtwire-public", "thoughtwire-nometrics", "thin", "socketio")
+# thoughtwire with metrics on is scraped this often while it is measured (its frontends'
+# /metrics and its worker's port): 15 times Prometheus' default rate, so what the
+# scrapes cost weighs on its figures more than it would in production.
+SCRAPE_INTERVAL = 1.0
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "streams": {"sessions": 200, "watchers": 1, "tokens": 200, "rate": 50},
@@ -159,6 +165,7 @@ class System:
         self.worker: Proc | None = None
         self.scenario = scenario
         self.prefix = prefix
+        self.scraped: list[str] = []  # the /metrics URLs scraped while it is measured
 
     @property
     def thoughtwire(self) -> bool:
@@ -200,6 +207,13 @@ class System:
             # relays the same number of events and costs per event compare.
             env["THOUGHTWIRE_COALESCE_MS"] = str(self.scenario.get("window_ms", 0))
             env["THOUGHTWIRE_FAST_PATHS"] = "0" if self.name == "thoughtwire-public" else "1"
+            metrics = self.name != "thoughtwire-nometrics"
+            metrics_port = free_port() if metrics else 0
+            env["THOUGHTWIRE_METRICS"] = "1" if metrics else "0"
+            env["THOUGHTWIRE_METRICS_PORT"] = str(metrics_port)
+            if metrics:
+                urls = [f"http://127.0.0.1:{p}/metrics" for p in [*self.ports, metrics_port]]
+                self.scraped = urls
             env.update(self.scenario.get("env", {}))  # what one benchmark sets besides
             cmds = [
                 [
@@ -300,6 +314,31 @@ def load_processes(plans: list[Plan]) -> Iterator[tuple[list[Any], Any, Any, Any
                 p.join()
 
 
+@contextlib.contextmanager
+def scraping(urls: list[str]) -> Iterator[list[int]]:
+    """GET each of ``urls`` every SCRAPE_INTERVAL, from a thread, while inside; yields
+    the count of scrapes answered 200 (one item, updated)."""
+    stop = threading.Event()
+    answered = [0]
+
+    def scrape() -> None:
+        with httpx.Client(timeout=5) as client:
+            while not stop.wait(SCRAPE_INTERVAL):
+                for url in urls:
+                    with contextlib.suppress(httpx.HTTPError):
+                        answered[0] += client.get(url).status_code == 200
+
+    thread = threading.Thread(target=scrape, name="scraper", daemon=True)
+    if urls:
+        thread.start()
+    try:
+        yield answered
+    finally:
+        stop.set()
+        if urls:
+            thread.join(timeout=10)
+
+
 def run_load(
     system: System, plans: list[Plan], timeout: float
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -309,13 +348,15 @@ def run_load(
         watched = [*system.frontends, system.worker, system.redis]
         before = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
         go.set()
-        out = [_get(results, procs, timeout) for _ in plans]
+        with scraping(system.scraped) as scrapes:
+            out = [_get(results, procs, timeout) for _ in plans]
         after = [p.cpu_seconds() for p in watched]  # type: ignore[union-attr]
     cpu = {
         "frontend_cpu_s": sum(a - b for a, b in zip(after[:-2], before[:-2], strict=True)),
         "worker_cpu_s": after[-2] - before[-2],
         "redis_cpu_s": after[-1] - before[-1],
         "client_cpu_s": sum(o.get("cpu_s", 0.0) for o in out),  # each process's own
+        "scrapes": scrapes[0],
     }
     return out, cpu
 
@@ -380,6 +421,7 @@ def measure_streams(system: System, scenario: dict[str, Any]) -> dict[str, Any]:
         "frontend_peak_rss_mb": round(
             max(p.memory_kb("VmHWM") for p in system.frontends) / 1024, 1
         ),
+        "metrics_scrapes": int(cpu["scrapes"]),  # answered 200 while measured
     }
 
 

@@ -29,7 +29,13 @@ def test_every_system_delivers_every_event(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"streams", "fanout", "idle"}
     for scenario, systems in results.items():
-        assert set(systems) == {"thoughtwire", "thoughtwire-public", "thin", "socketio"}
+        assert set(systems) == {
+            "thoughtwire",
+            "thoughtwire-public",
+            "thoughtwire-nometrics",
+            "thin",
+            "socketio",
+        }
         for system, result in systems.items():
             if scenario == "idle":
                 assert result["sockets"] == 50, (scenario, system)
