@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -15,8 +17,12 @@ from websockets.exceptions import ConnectionClosed
 from tests.conftest import Cluster, start_cluster
 from tests.procs import free_port, seconds, wait_until
 from tests.wsclient import connect, greeting, recv_json, run_events
-from thoughtwire.api.metrics import Resume, resume_outcome
+from thoughtwire.api.app import create_app
+from thoughtwire.api.metrics import Resume, lag, resume_outcome
+from thoughtwire.api.recovery import Position
 from thoughtwire.shared.keys import Keys
+from thoughtwire.shared.settings import Settings
+from thoughtwire.worker.metrics import Probes, serving
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -263,3 +269,44 @@ def test_a_resume_is_told_by_the_frames_its_catch_up_sent():
     assert resume_outcome([snapshot, event], Resume.RECOVERED) is Resume.SNAPSHOT
     assert resume_outcome([gap, snapshot], Resume.RECOVERED) is Resume.GAP
     assert resume_outcome([event], Resume.GAP) is Resume.GAP
+
+
+class _Viewer:
+    """What ``lag`` reads of a viewer."""
+
+    def __init__(self, position: Position, oldest: str | None = None) -> None:
+        self.session = "s"
+        self.bus = SimpleNamespace(session_channel=lambda session: f"c:{session}")
+        self.position = position
+        self._oldest = oldest
+
+    def oldest_waiting(self) -> str | None:
+        return self._oldest
+
+
+def test_a_viewers_lag_counts_from_the_oldest_event_its_socket_has_not_taken():
+    heads = {b"c:s": (40, "e")}
+    assert lag(_Viewer(Position("e", 40)), heads) == 0  # caught up
+    assert lag(_Viewer(Position("e", 25)), heads) == 15  # catching up from the log
+    merged = '{"type":"answer","content":"abc","from_seq":31,"seq":33,"epoch":"e"}'
+    assert lag(_Viewer(Position("e", 40), merged), heads) == 10  # 31..40 wait in its queue
+    assert lag(_Viewer(Position("other", 3)), heads) is None  # another epoch: not comparable
+    assert lag(_Viewer(Position("e", 3)), {}) is None  # nothing heard on its session yet
+
+
+def test_with_metrics_off_a_frontend_serves_no_metrics():
+    paths = {getattr(r, "path", None) for r in create_app(Settings(metrics=False)).routes}
+    assert "/metrics" not in paths and "/healthz" in paths
+    assert "/metrics" in {getattr(r, "path", None) for r in create_app(Settings()).routes}
+
+
+async def test_a_worker_whose_metrics_port_is_taken_runs_on_without_it(caplog):
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        probes = Probes(asyncio.get_running_loop(), None, lambda: True)  # type: ignore[arg-type]
+        async with serving(holder.getsockname()[1], probes) as port:
+            assert port is None
+    assert "not served" in caplog.text
+    async with serving(0, probes) as port:
+        assert port is None
