@@ -47,15 +47,15 @@ def deployed(
     sentinel_deployment: SentinelDeployment,  # noqa: F811
     logdir,
 ) -> Iterator[Cluster]:
-    """Two frontends and two workers on the Sentinel deployment's master; with the fast
-    paths on, unless the test asks for ``"public"``."""
+    """Two frontends and two workers on the Sentinel deployment's master; the fast paths
+    off when the test asks for ``"public"``, else as ``THOUGHTWIRE_FAST_PATHS`` says."""
     public = getattr(request, "param", "fast") == "public"
     cluster = start_cluster(
         sentinel_deployment,  # type: ignore[arg-type]  # it has the ``url`` they need
         logdir,
         frontends=2,
         workers=2,
-        THOUGHTWIRE_FAST_PATHS="0" if public else "1",
+        **({"THOUGHTWIRE_FAST_PATHS": "0"} if public else {}),  # else as the run says
         THOUGHTWIRE_LEASE_SECONDS="3",
         THOUGHTWIRE_SIM_STEP_DELAY="0.02",
         THOUGHTWIRE_SIM_ANSWER_TOKENS=str(TOKENS),
