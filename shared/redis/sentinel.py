@@ -75,7 +75,6 @@ class _Sentinels(Sentinel):
     a failover names the old master. Every sentinel is asked at once instead (each
     within ``SENTINEL_TIMEOUT``), and of the answers that see the master up, the one with
     the highest ``config-epoch`` wins.
-
     """
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
