@@ -93,6 +93,7 @@ def part_scripts() -> dict[str, str]:
         )
 
     return {
+        "append, a script run per call (unbundled)": scripts.APPEND,
         "append": deployed,
         "append without INFO": deployed.replace(
             "info = redis.pcall('INFO', 'replication')", "info = false"
@@ -129,6 +130,19 @@ def bundles(client: Redis, sha: str, sessions: list[list[str]]) -> None:
             client.evalsha(sha, 4 * len(calls), *(k for c in calls for k in c), *args)
 
 
+def alone(client: Redis, sha: str, sessions: list[list[str]]) -> None:
+    """As :func:`bundles`, but each call a script run of its own, pipelined as the
+    worker's batcher sends them."""
+    for n in range(PARTS_EVENTS // PARTS_SESSIONS):
+        for at in range(0, PARTS_SESSIONS, PARTS_CALLS):
+            pipe = client.pipeline(transaction=False)
+            for meta, log, channel, run in sessions[at : at + PARTS_CALLS]:
+                keys = (meta, log, channel, run, f"{run}:runs", f"{run}:memory", f"{run}:queue")
+                args = (1000, 86400, "ab", "f", 0, n + 1, "", "", "r", "", 0, "parts:ended", HEAD)
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            pipe.execute()
+
+
 def measure_parts(client: Redis, port: int, rounds: int) -> dict[str, Any]:
     """Redis' CPU per event of each of :func:`part_scripts`' bundles (see above)."""
     keys = [
@@ -147,7 +161,9 @@ def measure_parts(client: Redis, port: int, rounds: int) -> dict[str, Any]:
                 for k in own:
                     client.hset(k[3], mapping={"fence": "f", "status": "running", "emitted": 0})
                 before = redis_cpu(client)
-                if lua:
+                if lua == scripts.APPEND:
+                    alone(client, client.script_load(lua), own)
+                elif lua:
                     bundles(client, client.script_load(lua), own)
                 else:  # as the thin relay's feeder: one PUBLISH per event and round trip
                     for n in range(PARTS_EVENTS // PARTS_SESSIONS):
