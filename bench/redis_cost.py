@@ -23,6 +23,11 @@ Then the parts of an append (``parts``): bundles of ``PARTS_CALLS`` one-event ca
 with the append script as deployed and with less and less in each call, down to an empty
 one; Redis' CPU per event of each, the least of ``--parts-rounds`` alternating rounds.
 
+With ``--cluster``, last, the same load through thoughtwire on a Redis Cluster of three
+masters (no replicas, so that only the work of serving the load is counted), in
+``--rounds`` rounds: Redis' CPU per event summed over the masters, beside one node's, and
+each master's share of the events (its ``XADD`` calls).
+
     python -m bench.redis_cost                      # about 2 minutes
     python -m bench.redis_cost --sessions 4 --tokens 20 --rounds 1   # seconds
 """
@@ -34,18 +39,31 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
 
-from bench.run import System, machine, measure_streams, own_redis
+from bench.run import (
+    Proc,
+    System,
+    free_port,
+    machine,
+    measure_streams,
+    own_redis,
+    spawn,
+    wait_for_port,
+)
 from thoughtwire.shared import scripts
 
 SYSTEMS = ("thoughtwire", "thoughtwire-unbundled", "thoughtwire-public", "thin")
@@ -181,6 +199,116 @@ def measure_parts(client: Redis, port: int, rounds: int) -> dict[str, Any]:
     }
 
 
+CLUSTER_MASTERS = 3
+
+
+class Masters:
+    """A cluster's masters, counted as one Redis: their CPU summed."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        self.procs = procs
+        self.pid = procs[0].pid
+
+    def cpu_seconds(self) -> float:
+        """The masters' CPU seconds, summed."""
+        return sum(proc.cpu_seconds() for proc in self.procs)
+
+
+@contextlib.contextmanager
+def own_cluster(workdir: Path) -> Iterator[tuple[str, list[Proc], list[Redis]]]:
+    """A Redis Cluster of ``CLUSTER_MASTERS`` masters and no replicas, on free loopback
+    ports, stopped by PID however the block ends. Yields its URL, processes and clients."""
+    procs: list[Proc] = []
+    clients: list[Redis] = []
+    try:
+        for i in range(CLUSTER_MASTERS):
+            port, bus, directory = free_port(), free_port(), workdir / f"cluster-{i}"
+            directory.mkdir()
+            args = [shutil.which("redis-server") or "redis-server", "--port", str(port)]
+            args += [
+                "--cluster-port",
+                str(bus),
+                "--cluster-enabled",
+                "yes",
+                "--dir",
+                str(directory),
+            ]
+            args += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            procs.append(spawn(args, {}, directory / "redis.log"))
+            wait_for_port(port, procs[-1])
+            clients.append(Redis(port=port))
+        addresses = [f"127.0.0.1:{c.connection_pool.connection_kwargs['port']}" for c in clients]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while not all(c.cluster("INFO").get("cluster_state") == "ok" for c in clients):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not come up")
+            time.sleep(0.1)
+        yield "redis+cluster://" + ",".join(addresses), procs, clients
+    finally:
+        for client in clients:
+            client.close()
+        for proc in procs:
+            proc.stop()
+
+
+def measure_cluster(
+    system: System, scenario: dict[str, Any], clients: list[Redis]
+) -> dict[str, Any]:
+    """One run of the streams load over the cluster: Redis' CPU per event summed over the
+    masters, and each master's share of the events and of that CPU."""
+    for client in clients:
+        client.config_resetstat()
+    before = [redis_cpu(client) for client in clients]
+    result = measure_streams(system, scenario)
+    spent = [redis_cpu(client) - b for client, b in zip(clients, before, strict=True)]
+    logged = [commandstats(client).get("xadd", {}).get("calls", 0) for client in clients]
+    return {
+        "events": round(result["delivered"] / scenario["watchers"]),
+        "redis_cpu_us_per_event": result["redis_cpu_us_per_event"],  # summed over masters
+        "share_of_events": [round(n / max(sum(logged), 1), 3) for n in logged],
+        "share_of_cpu": [round(s / max(sum(spent), 1e-9), 3) for s in spent],
+        "lost": result["lost"],
+        "duplicated": result["duplicated"],
+        "out_of_order": result["out_of_order"],
+        "latency_ms_p99": result["latency_ms_p99"],
+    }
+
+
+def cluster_runs(logdir: Path, scenario: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
+    """``rounds`` runs of thoughtwire over a cluster of its own."""
+    runs = []
+    with own_cluster(logdir) as (url, procs, clients):
+        for round_ in range(rounds):
+            prefix = f"rcc{round_}{procs[0].pid}"
+            system = System("thoughtwire", Masters(procs), url, logdir, scenario, prefix)  # type: ignore[arg-type]
+            try:
+                system.start()
+                # The load processes open a client of the URL they are given, which only
+                # the other systems use: one node's is as good as any.
+                port = clients[0].connection_pool.connection_kwargs["port"]
+                system.redis_url = f"redis://127.0.0.1:{port}/0"
+                run = measure_cluster(system, scenario, clients)
+            finally:
+                system.stop()
+            runs.append(run)
+            print(f"{'cluster':>18} {json.dumps(run)}", flush=True)
+    return runs
+
+
 def commandstats(redis: Redis) -> dict[str, dict[str, float]]:
     """``INFO commandstats``: calls and µs per command."""
     info: Any = redis.info("commandstats")
@@ -273,6 +401,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--parts-rounds", type=int, default=5, help="0: no parts")
+    parser.add_argument("--cluster", action="store_true", help="and over three masters")
     parser.add_argument("--out", default="bench/results/redis_cost.json")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -309,6 +438,8 @@ def main() -> int:
                 print(json.dumps(report["parts"]["redis_cpu_us_per_event_least"]), flush=True)
         finally:
             client.close()
+    if args.cluster:
+        report["cluster"] = cluster_runs(logdir, scenario, args.rounds)
     report["summary"] = {name: summary(runs) for name, runs in report["runs"].items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
