@@ -156,7 +156,10 @@ APPEND = _APPEND_FUNCTION + "return append(KEYS, ARGV)\n"
 #       its number of heads, fence, min-seq, first-n, heads...
 # Returns each call's reply, as ``APPEND`` would give it, in order; a call that fails
 # (its commands raise an error) gets that error and the others go on, as if each call
-# were a script run of its own.
+# were a script run of its own. But for ``READONLY`` (the server is a replica now, and
+# no call could write): that fails the whole script run, as it fails a script run of
+# one call, so the batcher's line drops the connection and the calls are tried again
+# on the master (shared/redis/pipeline.py).
 APPEND_MANY = (
     _APPEND_FUNCTION
     + """
@@ -168,6 +171,9 @@ while a <= #ARGV do
     ARGV[4], unpack(ARGV, a + 4, a + 3 + n)})
   if not ok and type(reply) ~= 'table' then
     reply = {err = tostring(reply)}
+  end
+  if not ok and string.find(reply.err or '', '^%-?READONLY') then
+    return reply
   end
   replies[#replies + 1] = reply
   k, a = k + 4, a + 4 + n

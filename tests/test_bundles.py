@@ -12,11 +12,19 @@ import asyncio
 
 import pytest
 
+from tests.procs import RedisServer
 from tests.test_bus import append, started
 from thoughtwire.shared.bus import FENCED, Bus
 from thoughtwire.shared.keys import Keys
-from thoughtwire.shared.protocol import Thought, decode_event
-from thoughtwire.shared.redis import Batcher, Redis, ResponseError
+from thoughtwire.shared.protocol import Job, Thought, decode_event
+from thoughtwire.shared.redis import (
+    Batcher,
+    Redis,
+    RedisConnectionError,
+    RedisFactory,
+    ResponseError,
+)
+from thoughtwire.shared.settings import Settings
 
 # A bundle script of the Batcher's shape: KEYS and ARGV are each call's in order after
 # the common arguments; each call appends its argument to its list, and one fails.
@@ -123,3 +131,27 @@ async def test_bundled_appends_of_many_sessions_land_in_order_fenced_and_once(bu
     assert all(
         status == "done" for status in await bus.run_statuses([(j.session, j.run) for j, _ in runs])
     )
+
+
+async def test_a_bundle_on_a_demoted_master_is_a_lost_connection_not_an_answer(tmp_path, prefix):
+    for name in ("master", "replica"):
+        (tmp_path / name).mkdir()
+    master = RedisServer(tmp_path / "master").start()
+    replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(master.port))
+    replica.start()
+    redis = RedisFactory(Settings(redis_url=replica.url, redis_pool_size=2)).commands()
+    bus = Bus(redis, Keys(prefix), log_maxlen=50, log_ttl=60)
+    job = Job(run="r", session="s", prompt="p")
+    try:
+        assert bus._batch.bundles
+        head = bus.encode(job, Thought("answer", "a"))
+        calls = [bus.submit_encoded(job, [head], fence="f", first=n) for n in (1, 2)]
+        # As a script run of one call is (tests/test_redis_sentinel.py): the line drops the
+        # connection, so the writer tries again on whichever server is the master then.
+        for call in calls:
+            with pytest.raises(RedisConnectionError, match="replica"):
+                await call
+    finally:
+        await redis.aclose()
+        replica.stop()
+        master.stop()
