@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from tests.procs import Frontend, Proc, RedisServer, make_logdir, thoughtwire
+from tests.procs import Frontend, Proc, RedisServer, make_logdir, stop_leftovers, thoughtwire
 from tests.redis_cluster import redis_cluster  # noqa: F401  (a fixture for every module)
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.settings import Settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_suite() -> Iterator[None]:
+    yield
+    stop_leftovers()
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,19 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.05):  # typ
         time.sleep(interval)
 
 
+# Every process a test started, so that none is forgotten: one dropped while running would
+# be reaped by nobody, and its Popen would warn in whichever test the garbage collector
+# happened to run. What is still running when the suite ends is stopped (conftest.py).
+STARTED: list[Proc] = []
+
+
+def stop_leftovers() -> None:
+    """Stop, by PID, every process the tests started that is still running."""
+    for proc in STARTED:
+        proc.stop(timeout=5)
+    STARTED.clear()
+
+
 @dataclass
 class Proc:
     """A child process with its output in a log file; stopped by PID, never by name."""
@@ -63,6 +76,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
         )
         handle.close()
+        STARTED.append(self)
         return self
 
     @property
