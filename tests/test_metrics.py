@@ -18,8 +18,12 @@ from tests.conftest import Cluster, start_cluster
 from tests.procs import free_port, seconds, wait_until
 from tests.wsclient import connect, greeting, recv_json, run_events
 from thoughtwire.api.app import create_app
-from thoughtwire.api.metrics import Resume, lag, resume_outcome
+from thoughtwire.api.backlog import Backlog
+from thoughtwire.api.hub import Hub
+from thoughtwire.api.metrics import COUNTS, Resume, lag, resume_outcome
 from thoughtwire.api.recovery import Position
+from thoughtwire.api.viewer import Viewer
+from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.settings import Settings
 from thoughtwire.worker.metrics import Probes, serving
@@ -310,3 +314,39 @@ async def test_a_worker_whose_metrics_port_is_taken_runs_on_without_it(caplog):
     assert "not served" in caplog.text
     async with serving(0, probes) as port:
         assert port is None
+
+
+def delta(seq: int) -> str:
+    """An answer delta as the log writes it: position last."""
+    head = '{"type":"answer","content":"tok ","block":"b1","delta":true,"session":"s","run":"r"'
+    return head + f',"seq":{seq},"epoch":"e"}}'
+
+
+class Taker:
+    """A transport that takes every frame at once."""
+
+    def write(self, frame: str, wire: bytes | None) -> bool:
+        return True
+
+    def write_run(self, frames: list[str], wire: bytes) -> bool:
+        return True
+
+    async def send(self, frame: str) -> bool:
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+async def test_merged_frames_and_slow_viewers_closed_are_counted_where_they_happen():
+    merged, closes = COUNTS.merged, COUNTS.slow_closes[Close.SLOW]
+    backlog = Backlog(merge_after=8, max_bytes=1 << 20)
+    for seq in range(1, 10):
+        backlog.push(delta(seq))
+    assert len(backlog) == 1 and COUNTS.merged - merged == 8  # nine frames made one
+    hub = Hub(lambda *_: None, "home")  # type: ignore[arg-type]
+    slow, gone = (Viewer(None, hub, Taker(), queue_size=8) for _ in range(2))  # type: ignore[arg-type]
+    slow.close(Close.SLOW, "slow")
+    slow.close(Close.SLOW, "slow")  # closed already: not counted again
+    gone.close(Close.NORMAL, "bye")
+    assert COUNTS.slow_closes[Close.SLOW] - closes == 1
