@@ -250,7 +250,8 @@ class RawSocket:
 # never applies to WebSocket upgrades (they return before the check), and it answers
 # 503 to /healthz and /readyz once that many sockets are open.
 
-PROBES = frozenset({"/healthz", "/readyz"})
+# Answered past the cap: a full frontend is the one whose metrics are wanted most.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 # Connections past the cap that are still read, in case they are probes; past these,
 # a connection is answered 503 and closed before anything is read.
 PROBE_ROOM = 64

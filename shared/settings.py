@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         10_000,
         ge=1,
         description="Open connections per frontend process, sockets included; past it only "
-        "/healthz and /readyz are answered.",
+        "/healthz, /readyz and /metrics are answered.",
     )
 
     # Authentication: any of the key settings turns it on for every socket and endpoint.

@@ -455,6 +455,7 @@ async def test_past_the_connection_cap_only_probes_are_answered(target):
             print(f"\npast the cap of {MAX_CONNECTIONS}: {answers}, RSS +{growth / MB:.1f} MB")
             assert answers["healthz"].startswith("HTTP/1.1 200"), answers
             assert answers["readyz"].startswith("HTTP/1.1 200"), answers
+            assert answers["metrics"].startswith("HTTP/1.1 200"), answers
             assert answers["api"].startswith("HTTP/1.1 503"), answers
             assert answers["socket"].startswith("HTTP/1.1 503"), answers
             assert answers["refused at once"] >= 15, answers
@@ -474,6 +475,7 @@ def _over_the_cap(port: int) -> dict[str, Any]:
     for name, head in (
         ("healthz", request_head("GET", "/healthz")),
         ("readyz", request_head("GET", "/readyz")),
+        ("metrics", request_head("GET", "/metrics")),
         ("api", request_head("GET", "/v1/jobs/x", f"Authorization: Bearer {token()}")),
         (
             "socket",
