@@ -353,10 +353,16 @@ class Bus:
                 raise
 
     async def jobs_queue(self) -> JobsQueue:
-        """The jobs stream's length and the workers' group's pending and lag, in one round
-        trip (``XLEN``, ``XINFO GROUPS``): what KEDA scales on, for a scrape."""
+        """The jobs stream's length and the workers' group's pending and lag (``XLEN``,
+        ``XINFO GROUPS``): what KEDA scales on, for a scrape.
+
+        Through the client, not the shared pipeline: a Redis Cluster's pipeline cannot
+        route ``XINFO GROUPS`` by its key, and would fail the whole batch with it.
+        """
         keys = self.keys
-        depth, groups = await self._commands(("XLEN", keys.jobs), ("XINFO", "GROUPS", keys.jobs))
+        depth, groups = await asyncio.gather(
+            self.redis.xlen(keys.jobs), self.redis.xinfo_groups(keys.jobs)
+        )
         for group in groups:  # a map per group, as redis-py parses it
             fields = {_text(k): v for k, v in group.items()}
             if _text(fields["name"]) == keys.jobs_group:
