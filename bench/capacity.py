@@ -30,6 +30,7 @@ UTILISATION = 0.6  # the share of its core a process is planned to use
 STREAMS = (1_000, 10_000, 100_000)
 VIEWERS = (10_000, 100_000, 1_000_000)
 VIEWERS_PER_STREAM = 10
+CLUSTER_FILES = ("redis_cost_cluster.json", "redis_cost.json")
 PLURAL = {"delivery": "deliveries", "event": "events"}
 BEGIN = "<!-- capacity: begin (made by python -m bench.capacity --write docs/capacity.md) -->"
 END = "<!-- capacity: end -->"
@@ -99,6 +100,7 @@ def thoughtwire_fanout(results: Path, name: str) -> tuple[Figure, int]:
 
 
 def redis_figures(results: Path) -> tuple[Figure, Figure, Figure | None, int]:
+    """One server's Redis figures, bundled and not, the cluster's, and the streams run."""
     report = read(results, "redis_cost.json")
     summary = report["summary"]
     rounds = len(report["runs"]["thoughtwire"])
@@ -110,16 +112,22 @@ def redis_figures(results: Path) -> tuple[Figure, Figure, Figure | None, int]:
         summary["thoughtwire-unbundled"]["redis_cpu_us_per_event_median"],
         f"`redis_cost.json`, `thoughtwire-unbundled`, median of {rounds} rounds",
     )
-    cluster = None
-    if report.get("cluster"):
-        runs = report["cluster"]
-        value = statistics.median(run["redis_cpu_us_per_event"] for run in runs)
-        retried = [run["runs_retried"] for run in runs if "runs_retried" in run]
-        source = f"`redis_cost.json`, `cluster`, median of {len(runs)} rounds"
-        if retried:
-            source += f"; runs retried: {', '.join(map(str, retried))}"
-        cluster = Figure(value, source)
-    return node, unbundled, cluster, report["scenario"]["sessions"]
+    return node, unbundled, cluster_figure(results), report["scenario"]["sessions"]
+
+
+def cluster_figure(results: Path) -> Figure | None:
+    """Redis' CPU per event summed over a cluster's masters: from the cluster's own run
+    when there is one, else from the cluster part of the one-server run, else none."""
+    for name in CLUSTER_FILES:
+        runs = read(results, name).get("cluster") if (results / name).exists() else None
+        if runs:
+            value = statistics.median(run["redis_cpu_us_per_event"] for run in runs)
+            source = f"`{name}`, `cluster`, median of {len(runs)} rounds"
+            retried = [str(run["runs_retried"]) for run in runs if "runs_retried" in run]
+            if retried:
+                source += f"; runs retried: {', '.join(retried)}"
+            return Figure(value, source)
+    return None
 
 
 def events_per_token(results: Path) -> Figure:

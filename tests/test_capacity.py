@@ -174,3 +174,13 @@ def test_without_a_cluster_run_the_unbundled_cost_is_the_clusters(tmp_path):
     assert "Redis Cluster" not in render(read)
     p = plan(Load("", 1_000, 1_000, False), read)
     assert p.redis_us == 27.0
+
+
+def test_the_clusters_own_run_is_preferred_to_the_cluster_part_of_the_one_server_run(tmp_path):
+    folder = results(tmp_path, [{"redis_cpu_us_per_event": 50.0}])
+    own = {"cluster": [{"redis_cpu_us_per_event": 26.0, "runs_retried": 0}]}
+    (folder / "redis_cost_cluster.json").write_text(json.dumps(own))
+    read = load_costs(folder)
+    assert read.redis_cluster == Figure(
+        26.0, "`redis_cost_cluster.json`, `cluster`, median of 1 rounds; runs retried: 0"
+    )
