@@ -10,15 +10,18 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 from tests.conftest import Cluster, sim_run, start_cluster
 from tests.procs import RedisServer, seconds, wait_until
 from tests.redis_cluster import RedisCluster
 from tests.wsclient import check_stream, connect, greeting, run_events
-from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.bus import Bus, JobsQueue
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, decode_event
 from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.redis.pipeline import Batcher
 from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.settings import Settings
 
@@ -315,3 +318,98 @@ async def test_the_link_follows_a_moved_slot_and_a_failed_master_channel_by_chan
     finally:
         await link.close()
     await asyncio.to_thread(redis_cluster.restart, victim_master)
+
+
+async def test_what_a_scrape_and_a_worker_ask_of_the_jobs_stream_works_on_a_cluster(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    try:
+        await bus.ensure_group()
+        assert await bus.jobs_queue() == JobsQueue(0, 0, 0)
+        jobs = [Job(run=f"r{i}", session=f"s{i}", prompt="p", user="u") for i in range(3)]
+        for job in jobs:
+            await bus.submit(job)
+        assert await bus.jobs_queue() == JobsQueue(3, 0, 3)
+        claimed = await bus.claim("w1", 2, 10)
+        assert [job.run for _id, job in claimed] == ["r0", "r1"]
+        assert await bus.jobs_queue() == JobsQueue(3, 2, 1)
+        # what a worker's attempts send through the shared pipeline, all at once
+        attempts = [await bus.start(job, "w1", 10_000, 3) for _id, job in claimed]
+        await asyncio.gather(
+            *(bus.touch("w1", entry_id) for entry_id, _job in claimed),
+            *(bus.renew(j, a.fence, 10_000) for (_, j), a in zip(claimed, attempts, strict=True)),
+            bus.jobs_queue(),
+        )
+        assert await bus.queued_jobs(["r0", "r2", "nope"]) == [True, True, False]
+        assert await bus.run_statuses([("s0", "r0"), ("s2", "r2")]) == ["running", "queued"]
+        channels = [bus.session_channel("s0"), bus.runs_ended, bus.worker_control]
+        assert await bus.subscribers(channels) == dict.fromkeys(channels, 0)
+        assert await bus.reclaim("w2", 5, 60_000) == []
+        for entry_id, job in claimed:
+            await bus.finish(entry_id, job)
+        assert await bus.jobs_queue() == JobsQueue(1, 0, 1)
+    finally:
+        await bus.redis.aclose()
+
+
+async def test_a_call_a_cluster_cannot_route_fails_alone_in_its_batch(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=4))
+    redis = factory.commands()
+    batcher = Batcher(redis)
+    keys = [f"{prefix}:{{k{i}}}" for i in range(6)]  # of several slots, on every master
+    try:
+        await redis.xadd(f"{prefix}:stream", {"f": "v"})
+        # queued in one tick: they leave as one pipeline
+        calls = [batcher.commands(("SET", key, "v")) for key in keys[:3]]
+        unroutable = batcher.commands(("XINFO", "GROUPS", f"{prefix}:stream"))
+        calls += [batcher.commands(("GET", key)) for key in keys[:3]]
+        calls.append(batcher.commands(("SET", keys[3], "w"), ("GET", keys[3])))
+        replies = await asyncio.gather(*calls)
+        assert replies == [[b"OK"]] * 3 + [[b"v"]] * 3 + [[b"OK", b"w"]]
+        with pytest.raises(RedisClusterException):
+            await unroutable
+        # and the batcher carries on
+        assert await batcher.commands(("GET", keys[0])) == [b"v"]
+    finally:
+        await redis.aclose()
+
+
+async def test_many_calls_on_a_small_cluster_pool_wait_for_a_connection_instead_of_failing(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    settings = Settings(redis_url=redis_cluster.url, redis_pool_size=2, redis_pool_timeout=10)
+    redis: Any = RedisFactory(settings).commands()
+    try:
+        # The slot map first: redis-py 8.1 leaves a connection it cannot close behind a
+        # transaction that is the client's very first command.
+        assert await redis.get(f"{prefix}:{{one}}:k0") is None
+        # each holds its connection for 50 ms, all on one master, ten times the pool
+        waits = [redis.blpop([f"{prefix}:{{one}}:empty"], timeout=0.05) for _ in range(20)]
+        pipes = []
+        for i in range(10):  # pipelines, transactions among them, take turns too
+            pipe = redis.pipeline(transaction=i % 2 == 0)
+            pipe.set(f"{prefix}:{{one}}:k{i}", i)
+            pipe.get(f"{prefix}:{{one}}:k{i}")
+            pipes.append(pipe.execute())
+        results = await asyncio.gather(*waits, *pipes)
+        assert results[:20] == [None] * 20
+        assert results[20:] == [[True, str(i).encode()] for i in range(10)]
+    finally:
+        await redis.aclose()
+
+    hurried = Settings(redis_url=redis_cluster.url, redis_pool_size=2, redis_pool_timeout=0.2)
+    redis = RedisFactory(hurried).commands()
+    try:
+        assert await redis.get(f"{prefix}:{{one}}:k0") == b"0"
+        held = [redis.blpop([f"{prefix}:{{one}}:empty"], timeout=2) for _ in range(2)]
+        tasks = [asyncio.ensure_future(call) for call in held]
+        await asyncio.sleep(0)  # the two take the pool's two turns
+        with pytest.raises(RedisConnectionError, match="no connection free"):
+            await redis.get(f"{prefix}:{{one}}:k0")
+        assert await asyncio.gather(*tasks) == [None, None]
+    finally:
+        await redis.aclose()

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Coroutine, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from typing import Any, cast
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
@@ -101,6 +102,13 @@ def register_script(redis: Any, lua: str) -> AsyncScript:
     return script
 
 
+# Set while a task holds a permit of a client's gate: what it runs meanwhile (redis-py
+# sends a pipeline's redirected commands one by one through the client) passes through.
+_GATED: contextvars.ContextVar[ClusterClient | None] = contextvars.ContextVar(
+    "thoughtwire_cluster_gated", default=None
+)
+
+
 class ClusterClient(RedisCluster):
     """redis-py's ``RedisCluster``, built from a topology and the settings.
 
@@ -108,12 +116,20 @@ class ClusterClient(RedisCluster):
     node); a command that meets a lost node, ``CLUSTERDOWN`` or a slot not served is
     retried three times with jittered backoff after reading the slot map again, which
     rides out a replica's promotion (``cluster-node-timeout`` plus a second or so).
+
+    redis-py's cluster pools raise ``MaxConnectionsError`` when a node's pool is full
+    (there is no blocking pool for a cluster), so this client waits instead: at most
+    ``redis_pool_size`` commands and pipelines are under way at once, each holding at
+    most one connection per node, and the others wait for a turn up to
+    ``redis_pool_timeout`` (then: a connection error, as a blocking pool's). A node's
+    pool is therefore never full.
     """
 
     def __init__(self, topology: Topology, settings: Settings, *, raw: bool = False) -> None:
         self.topology = topology
         self.settings = settings
         self._twins: list[ClusterClient] = []
+        self._gate = asyncio.Semaphore(settings.redis_pool_size)
         super().__init__(
             startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
             username=topology.username,
@@ -140,9 +156,37 @@ class ClusterClient(RedisCluster):
         """Run one command, routed by its key; a :data:`TRANSIENT` refusal that outlasted
         the retries is raised as a connection error."""
         try:
-            return await super().execute_command(*args, **kwargs)
+            async with self.turn():
+                return await super().execute_command(*args, **kwargs)
         except TRANSIENT as exc:
             raise unavailable(exc) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        """A pipeline that waits for a turn of this client's (see the class) to run."""
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # which refuses it
+        # redis-py declares an attribute its pipeline sets at run time as abstract
+        return _GatedPipeline(self, transaction)  # type: ignore[abstract]
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold one of the ``redis_pool_size`` turns while inside (see the class)."""
+        if _GATED.get() is self:
+            yield  # inside a turn of this client's already
+            return
+        try:
+            async with asyncio.timeout(self.settings.redis_pool_timeout):
+                await self._gate.acquire()
+        except TimeoutError:
+            raise RedisConnectionError(
+                f"no connection free within {self.settings.redis_pool_timeout} s"
+            ) from None
+        token = _GATED.set(self)
+        try:
+            yield
+        finally:
+            _GATED.reset(token)
+            self._gate.release()
 
     async def aclose(self) -> None:
         """Close this client's connections and its twins'."""
@@ -150,6 +194,16 @@ class ClusterClient(RedisCluster):
         for twin in twins:
             await twin.aclose()
         await super().aclose()
+
+
+class _GatedPipeline(ClusterPipeline):
+    """redis-py's cluster pipeline, run in a turn of its client's (:meth:`ClusterClient.turn`)."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        """Run the queued commands, one pipeline per node, once a turn is free."""
+        client = cast(ClusterClient, self.cluster_client)
+        async with client.turn():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 class ClusterLink:
