@@ -47,7 +47,13 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 
 from thoughtwire.shared.redis import fast
 from thoughtwire.shared.redis.cluster import ClusterClient, is_cluster, unavailable
@@ -431,7 +437,7 @@ class Batcher:
 
     async def _run_through_client(self, batch: list[Call]) -> list[Any]:
         """Each call's result: a script's reply or error, or a list of command replies."""
-        results = await self._client_pipeline(batch)
+        results = await self._routed_pipeline(batch)
         unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if unknown:
             # Redis forgot the scripts (it restarted), so these calls did not run: load
@@ -440,11 +446,31 @@ class Batcher:
                 for script in {id(batch[i].script): batch[i].script for i in unknown}.values():
                     assert script is not None
                     await self._redis.script_load(script.script)
-                again = await self._client_pipeline([batch[i] for i in unknown])
+                again = await self._routed_pipeline([batch[i] for i in unknown])
             except Exception as exc:  # for these calls only: the others have run
                 again = [exc] * len(unknown)
             for i, result in zip(unknown, again, strict=True):
                 results[i] = result
+        return results
+
+    async def _routed_pipeline(self, batch: list[Call]) -> list[Any]:
+        """:meth:`_client_pipeline`, where a call that a cluster cannot route fails alone.
+
+        A cluster pipeline routes each command by its key before it sends any, and a
+        command it finds no node for fails the whole pipeline: then nothing was sent, and
+        each call goes again in a pipeline of its own, so only the unroutable one fails.
+        """
+        try:
+            return await self._client_pipeline(batch)
+        except RedisClusterException as exc:
+            if len(batch) == 1 or isinstance(exc, SlotNotCoveredError):
+                raise  # a slot nobody serves now (a failover): Redis is not there now
+        results: list[Any] = []
+        for call in batch:  # bounded by the batch
+            try:
+                results.extend(await self._client_pipeline([call]))
+            except Exception as exc:
+                results.append(unavailable(exc))
         return results
 
     async def _client_pipeline(self, batch: list[Call]) -> list[Any]:
