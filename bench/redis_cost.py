@@ -25,8 +25,10 @@ one; Redis' CPU per event of each, the least of ``--parts-rounds`` alternating r
 
 With ``--cluster``, last, the same load through thoughtwire on a Redis Cluster of three
 masters (no replicas, so that only the work of serving the load is counted), in
-``--rounds`` rounds: Redis' CPU per event summed over the masters, beside one node's, and
-each master's share of the events (its ``XADD`` calls).
+``--rounds`` rounds: Redis' CPU per event summed over the masters, beside one node's,
+each master's share of the events (its ``XADD`` calls), the commands per event summed
+over the masters, and the runs retried (a worker lost a lease). Bundles are off on a
+cluster, so ``thoughtwire-unbundled`` on one node is the figure of the same work.
 
     python -m bench.redis_cost                      # about 2 minutes
     python -m bench.redis_cost --sessions 4 --tokens 20 --rounds 1   # seconds
@@ -269,23 +271,49 @@ def measure_cluster(
     system: System, scenario: dict[str, Any], clients: list[Redis]
 ) -> dict[str, Any]:
     """One run of the streams load over the cluster: Redis' CPU per event summed over the
-    masters, and each master's share of the events and of that CPU."""
+    masters, each master's share of the events and of that CPU, what Redis did per event
+    (summed over the masters), and how many runs took a second attempt."""
     for client in clients:
         client.config_resetstat()
     before = [redis_cpu(client) for client in clients]
     result = measure_streams(system, scenario)
     spent = [redis_cpu(client) - b for client, b in zip(clients, before, strict=True)]
-    logged = [commandstats(client).get("xadd", {}).get("calls", 0) for client in clients]
+    stats = [commandstats(client) for client in clients]
+    logged = [each.get("xadd", {}).get("calls", 0) for each in stats]
+    events = max(result["delivered"] / scenario["watchers"], 1)
+    summed: dict[str, dict[str, float]] = {}
+    for each in stats:
+        for name, figures in each.items():
+            total = summed.setdefault(name, {"calls": 0, "usec": 0})
+            total["calls"] += figures["calls"]
+            total["usec"] += figures["usec"]
     return {
-        "events": round(result["delivered"] / scenario["watchers"]),
+        "events": round(events),
         "redis_cpu_us_per_event": result["redis_cpu_us_per_event"],  # summed over masters
         "share_of_events": [round(n / max(sum(logged), 1), 3) for n in logged],
         "share_of_cpu": [round(s / max(sum(spent), 1e-9), 3) for s in spent],
+        "runs_retried": retried(clients, system.prefix),
+        "per_event": {
+            name: round(sum(traffic(c, events)[name] for c in clients), 3)
+            for name in ("reads_processed", "writes_processed", "commands_processed")
+        },
+        "commands": breakdown(summed, events),
+        "worker_cpu_us_per_event": result["worker_cpu_us_per_event"],
         "lost": result["lost"],
         "duplicated": result["duplicated"],
         "out_of_order": result["out_of_order"],
         "latency_ms_p99": result["latency_ms_p99"],
     }
+
+
+def retried(clients: list[Redis], prefix: str) -> int:
+    """How many runs took more than one attempt (a worker lost a lease), over the masters."""
+    count = 0
+    for client in clients:
+        for key in client.scan_iter(match=f"{prefix}:{{*}}:run:*", count=1000):
+            attempt = client.hget(key, "attempt")
+            count += int(attempt or 0) > 1
+    return count
 
 
 def cluster_runs(logdir: Path, scenario: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
