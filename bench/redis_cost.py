@@ -52,9 +52,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
+from redis.crc import key_slot
 
 from bench.run import (
     Proc,
@@ -278,6 +279,9 @@ def measure_cluster(
     before = [redis_cpu(client) for client in clients]
     result = measure_streams(system, scenario)
     spent = [redis_cpu(client) - b for client, b in zip(clients, before, strict=True)]
+    # Pools keep what they opened: after the load, each master's connections are as many
+    # as the processes ever held at once (and this tool's one).
+    connections = [int(cast(Any, c.info("clients"))["connected_clients"]) for c in clients]
     stats = [commandstats(client) for client in clients]
     logged = [each.get("xadd", {}).get("calls", 0) for each in stats]
     events = max(result["delivered"] / scenario["watchers"], 1)
@@ -293,6 +297,7 @@ def measure_cluster(
         "share_of_events": [round(n / max(sum(logged), 1), 3) for n in logged],
         "share_of_cpu": [round(s / max(sum(spent), 1e-9), 3) for s in spent],
         "runs_retried": retried(clients, system.prefix),
+        "connections": connections,
         "per_event": {
             name: round(sum(traffic(c, events)[name] for c in clients), 3)
             for name in ("reads_processed", "writes_processed", "commands_processed")
@@ -335,6 +340,96 @@ def cluster_runs(logdir: Path, scenario: dict[str, Any], rounds: int) -> list[di
             runs.append(run)
             print(f"{'cluster':>18} {json.dumps(run)}", flush=True)
     return runs
+
+
+def routed(clients: list[Redis], lua: str, sessions: list[list[str]], home: Any) -> list[float]:
+    """As :func:`alone`, each session's calls pipelined to its master (``home(key)``: an
+    index of ``clients``); Redis' CPU per event summed over ``clients``, and the part of
+    it inside the script runs (``INFO commandstats``)."""
+    shas = [client.script_load(lua) for client in clients]
+    for k in sessions:
+        clients[home(k[3])].hset(k[3], mapping={"fence": "f", "status": "running", "emitted": 0})
+    for client in clients:
+        client.config_resetstat()
+    before = [redis_cpu(client) for client in clients]
+    for n in range(PARTS_EVENTS // PARTS_SESSIONS):
+        for at in range(0, PARTS_SESSIONS, PARTS_CALLS):
+            pipes: dict[int, Any] = {}
+            for meta, log, channel, run in sessions[at : at + PARTS_CALLS]:
+                i = home(run)
+                pipe = pipes.setdefault(i, clients[i].pipeline(transaction=False))
+                keys = (meta, log, channel, run, f"{run}:runs", f"{run}:memory", f"{run}:queue")
+                args = (1000, 86400, "ab", "f", 0, n + 1, "", "", "r", "", 0, "parts:ended", HEAD)
+                pipe.evalsha(shas[i], len(keys), *keys, *args)
+            for pipe in pipes.values():
+                pipe.execute()
+    spent = sum(redis_cpu(c) - b for c, b in zip(clients, before, strict=True))
+    inside = sum(commandstats(c).get("evalsha", {}).get("usec", 0) for c in clients)
+    return [round(spent * 1e6 / PARTS_EVENTS, 2), round(inside / PARTS_EVENTS, 2)]
+
+
+def masters_of_slots(clients: list[Redis]) -> Any:
+    """A key's master, as an index of ``clients`` (every master of a cluster)."""
+    ranges = []
+    for i, client in enumerate(clients):
+        me = client.execute_command("CLUSTER", "MYID").decode()
+        for low, high, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
+            if master[2].decode() == me:
+                ranges.append((low, high, i))
+
+    def home(key: str) -> int:
+        slot = key_slot(key.encode())
+        return next(i for low, high, i in ranges if low <= slot <= high)
+
+    return home
+
+
+def cluster_parts(logdir: Path, rounds: int) -> dict[str, Any]:
+    """The append as a script run per call (as on a cluster, where bundles are off), sent
+    straight to Redis in pipelines of ``PARTS_CALLS`` calls of ``PARTS_SESSIONS``
+    sessions: on one node, on one node with cluster mode on (it serves every slot), and
+    over three masters (each pipeline split per master, as the batcher's is). Redis' CPU
+    per event, summed over the masters, and the part of it inside the script runs."""
+    sharded = scripts.APPEND.replace("redis.call('PUBLISH', KEYS[", "redis.call('SPUBLISH', KEYS[")
+    figures: dict[str, list[list[float]]] = {}
+    (logdir / "plain").mkdir()
+    (logdir / "lone").mkdir()
+    with (
+        own_redis(logdir / "plain") as (plain_url, _plain),
+        own_redis(logdir / "lone", "--cluster-enabled", "yes") as (lone_url, _lone),
+        own_cluster(logdir) as (_url, _procs, masters),
+    ):
+        plain = Redis.from_url(plain_url)
+        lone = Redis.from_url(lone_url.rsplit("/", 1)[0])  # a cluster has no SELECT
+        try:
+            lone.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + 30
+            while lone.cluster("INFO").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the one-node cluster did not come up")
+                time.sleep(0.1)
+            home = masters_of_slots(masters)
+            for round_ in range(rounds):
+                keys = [
+                    [f"cp{round_}:{{s{i}}}:{name}" for name in ("meta", "log", "events", "run")]
+                    for i in range(PARTS_SESSIONS)
+                ]
+                runs = {
+                    "one node": routed([plain], scripts.APPEND, keys, lambda _key: 0),
+                    "one node, cluster mode": routed([lone], sharded, keys, lambda _key: 0),
+                    "three masters": routed(masters, sharded, keys, home),
+                }
+                for name, run in runs.items():
+                    figures.setdefault(name, []).append(run)
+                print(f"{'cluster parts':>18} {json.dumps(runs)}", flush=True)
+        finally:
+            plain.close()
+            lone.close()
+    return {
+        "calls_per_pipeline": PARTS_CALLS,
+        "sessions": PARTS_SESSIONS,
+        "redis_cpu_us_per_event_and_inside_scripts": figures,
+    }
 
 
 def commandstats(redis: Redis) -> dict[str, dict[str, float]]:
@@ -430,6 +525,9 @@ def main() -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--parts-rounds", type=int, default=5, help="0: no parts")
     parser.add_argument("--cluster", action="store_true", help="and over three masters")
+    parser.add_argument(
+        "--cluster-parts", action="store_true", help="and appends sent straight to a cluster"
+    )
     parser.add_argument("--out", default="bench/results/redis_cost.json")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -448,7 +546,7 @@ def main() -> int:
         client = Redis.from_url(redis_url)
         try:
             for round_ in range(args.rounds):
-                for name in args.systems.split(","):
+                for name in filter(None, args.systems.split(",")):
                     prefix = f"rc{round_}{name[0]}{len(name)}{redis.pid}"
                     env = unbundled(logdir) if name == "thoughtwire-unbundled" else {}
                     system = System(
@@ -468,6 +566,8 @@ def main() -> int:
             client.close()
     if args.cluster:
         report["cluster"] = cluster_runs(logdir, scenario, args.rounds)
+    if args.cluster_parts:
+        report["cluster_parts"] = cluster_parts(logdir, args.rounds)
     report["summary"] = {name: summary(runs) for name, runs in report["runs"].items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
