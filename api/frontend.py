@@ -208,6 +208,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
         bus.node_channel(node),
         publish=bus.publish,
         probe_interval=settings.pubsub_probe_interval,
+        probe_channel=partial(bus.probe_channel, node),
     )
     refresher: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None

@@ -48,7 +48,7 @@ from thoughtwire.api.wire import text_frame
 from thoughtwire.shared.backoff import delays
 from thoughtwire.shared.protocol import event_position
 from thoughtwire.shared.redis import RedisConnectionError, RedisError, RedisTimeoutError
-from thoughtwire.shared.redis.pubsub import Link, OnMessage, OnRun
+from thoughtwire.shared.redis.pubsub import Link, OnMessage, OnRun, ShardedLink
 from thoughtwire.shared.vocab import ViewScope
 
 logger = logging.getLogger("thoughtwire.hub")
@@ -133,8 +133,12 @@ class Hub:
         *,
         publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
         probe_interval: float = 0.0,
+        probe_channel: Callable[[str], str] | None = None,
     ) -> None:
         self._open_link = open_link
+        # A cluster's link has a connection per master: each is probed on a channel of a
+        # slot of that master, named by its tag (Bus.probe_channel).
+        self._probe_channel = probe_channel
         # Subscribed for the hub's whole life, so the connection is never idle of
         # subscriptions (and a frontend can be reached on it). Probes come back on it.
         self._home = home_channel.encode()
@@ -390,13 +394,19 @@ class Hub:
                 continue
             if not await self.probe(n) and self._link is link:
                 self._deaf.set()
+            elif isinstance(link, ShardedLink) and self._probe_channel is not None:
+                token = b"probe %d" % n
+                self.deaf_links += await link.probe_shards(
+                    token, self._probe_interval, self._probe_channel
+                )
 
     async def probe(self, n: int) -> bool:
         """Publish probe ``n`` on the home channel; whether it came back within an interval.
 
         A probe that could not be published says nothing of the link (Redis is away, and
-        the link will notice that itself): True. With several links (sharded pub/sub, one
-        link per shard), each needs a probe of its own through a channel of its shard.
+        the link will notice that itself): True. A cluster's link has one connection per
+        master besides: those are probed each on a channel of its master's
+        (:meth:`ShardedLink.probe_shards`), and a deaf one is dropped alone.
         """
         assert self._publish is not None
         token = b"probe %d" % n

@@ -744,6 +744,10 @@ class Bus:
         """A frontend's own control channel."""
         return self.keys.node_channel(node)
 
+    def probe_channel(self, node: str, tag: str) -> str:
+        """A frontend's probe of one master's sharded pub/sub, in the slot of ``tag``."""
+        return self.keys.probe_channel(node, tag)
+
     # --- plain messages -----------------------------------------------------
 
     async def publish(self, channel: str, payload: str | bytes) -> int:

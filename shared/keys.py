@@ -138,6 +138,11 @@ class Keys:
         """A frontend's own control channel; its pub/sub connection is never idle."""
         return f"{self.prefix}:node:{node}"
 
+    def probe_channel(self, node: str, tag: str) -> str:
+        """Where a frontend probes its connection to one master of a cluster: a sharded
+        channel, in the slot of ``tag``, which the frontend picks among that master's."""
+        return f"{self.prefix}:node:{node}:probe:{{{tag}}}"
+
     @property
     def runs_ended(self) -> str:
         """Where each run's end is announced (its id), for the frontends following runs."""

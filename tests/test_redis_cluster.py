@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,12 +18,14 @@ from tests.conftest import Cluster, sim_run, start_cluster
 from tests.procs import RedisServer, seconds, wait_until
 from tests.redis_cluster import RedisCluster
 from tests.wsclient import check_stream, connect, greeting, run_events
+from thoughtwire.api.hub import Hub, Run
 from thoughtwire.shared.bus import Bus, JobsQueue
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, decode_event
 from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.redis.cluster import PROBE_TAGS
 from thoughtwire.shared.redis.pipeline import Batcher
-from thoughtwire.shared.redis.pubsub import open_link
+from thoughtwire.shared.redis.pubsub import ShardedLink, open_link
 from thoughtwire.shared.settings import Settings
 
 
@@ -413,3 +416,108 @@ async def test_many_calls_on_a_small_cluster_pool_wait_for_a_connection_instead_
         assert await asyncio.gather(*tasks) == [None, None]
     finally:
         await redis.aclose()
+
+
+async def test_a_deaf_connection_to_one_master_is_found_by_its_probe_and_its_channels_resync(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url))
+    keys = Keys(prefix)
+    got: list[tuple[bytes, bytes, bytes | None]] = []
+    link = await open_link(factory, lambda kind, c, data: got.append((kind, c, data)))
+    assert isinstance(link, ShardedLink)
+    by_master: dict[int, bytes] = {}
+    for i in range(200):  # one session channel per master
+        channel = keys.session_channel(f"s{i}")
+        by_master.setdefault(redis_cluster.master_of(channel), channel.encode())
+    channels = list(by_master.values())
+
+    def probe_channel(tag: str) -> str:
+        return keys.probe_channel("n1", tag)
+
+    try:
+        await link.subscribe(f"{prefix}:home".encode(), *channels)
+        await until(lambda: sum(k == b"subscribe" for k, _c, _d in got) == 4, 5, "subscriptions")
+        assert await link.probe_shards(b"probe 1", seconds(1), probe_channel) == 0  # subscribes
+        probes = [probe_channel(str(i)) for i in range(PROBE_TAGS)]
+        await until(lambda: shard_subscribers(redis_cluster, probes[:50]) == 3, 5, "probes")
+        assert await link.probe_shards(b"probe 2", seconds(1), probe_channel) == 0
+        assert not [c for _k, c, _d in got if b":probe:" in c]  # the hub hears no probe
+
+        # One master's connection goes deaf (a proxy that stopped forwarding, say): it
+        # stays open, and only the probe tells.
+        victim_port, victim = next(iter(by_master.items()))
+        shard = cast(Any, link)._shards[f"127.0.0.1:{victim_port}"]
+        shard._transport.pause_reading()
+        redis_cluster.node(victim_port).call("SPUBLISH", victim, "unheard")
+        assert await link.probe_shards(b"probe 3", seconds(1), probe_channel) == 1
+        await until(lambda: (b"resync", victim, None) in got, 10, "the deaf master's resync")
+        assert [c for k, c, _d in got if k == b"resync"] == [victim]  # its channels only
+        redis_cluster.node(victim_port).call("SPUBLISH", victim, "heard")
+        await until(lambda: (b"message", victim, b"heard") in got, 5, "a message after")
+        assert (b"message", victim, b"unheard") not in got
+        # probed again on its new connection, and heard
+        assert await link.probe_shards(b"probe 4", seconds(1), probe_channel) == 0
+        await until(lambda: shard_subscribers(redis_cluster, probes[:50]) == 3, 5, "probes")
+        assert await link.probe_shards(b"probe 5", seconds(1), probe_channel) == 0
+    finally:
+        await link.close()
+
+
+class Watcher:
+    """A viewer that keeps what the hub hands it."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.resyncs = 0
+
+    def deliver(self, frame: str, position: tuple[int, str] | None, wire: bytes) -> None:
+        self.frames.append(frame)
+
+    def deliver_run(self, run: Run) -> None:
+        self.frames.extend(run.frames)
+
+    def resync(self) -> None:
+        self.resyncs += 1
+
+    def close(self, code: int, reason: str) -> None:
+        raise AssertionError("not closed here")
+
+
+async def test_the_hub_probes_each_masters_connection_and_resyncs_the_deaf_ones_viewers(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    hub = Hub(
+        partial(open_link, factory),
+        bus.node_channel("n1"),
+        publish=bus.publish,
+        probe_interval=0.3,
+        probe_channel=partial(bus.probe_channel, "n1"),
+    )
+    by_master: dict[int, str] = {}
+    for i in range(200):  # one session per master
+        by_master.setdefault(redis_cluster.master_of(bus.session_channel(f"s{i}")), f"s{i}")
+    watchers = {port: Watcher() for port in by_master}
+    await hub.start()
+    try:
+        for port, session in by_master.items():
+            await hub.join(bus.session_channel(session), watchers[port])
+        victim = next(iter(by_master))
+        probes = [bus.probe_channel("n1", str(i)) for i in range(50)]
+        await until(lambda: shard_subscribers(redis_cluster, probes) == 3, 5, "probe channels")
+        await asyncio.sleep(seconds(1))  # probe rounds that are heard: none drops a thing
+        assert hub.deaf_links == 0 and not any(w.resyncs for w in watchers.values())
+        link: Any = hub._link
+        link._shards[f"127.0.0.1:{victim}"]._transport.pause_reading()
+        await until(lambda: watchers[victim].resyncs == 1, 5, "the deaf master's viewers")
+        assert hub.deaf_links == 1
+        assert [w.resyncs for p, w in watchers.items() if p != victim] == [0, 0]
+        channel = bus.session_channel(by_master[victim])
+        await until(lambda: shard_subscribers(redis_cluster, [channel]) == 1, 5, "SSUBSCRIBE")
+        redis_cluster.node(victim).call("SPUBLISH", channel, "after")
+        await until(lambda: "after" in watchers[victim].frames, 5, "a message after")
+    finally:
+        await hub.close()
+        await bus.redis.aclose()

@@ -35,7 +35,7 @@ import contextvars
 import logging
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, cast
 
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -59,6 +59,10 @@ logger = logging.getLogger("thoughtwire.redis.cluster")
 # How long the hub's link tries to subscribe a moved slot's channels where it is now (a
 # failover takes ``cluster-node-timeout`` and an election) before it ends as a whole.
 RELOCATE_SECONDS = 30.0
+
+# How many tags a probe channel tries to find one in a slot of a given master: with
+# 16,384 slots over a few masters, the first few tags do.
+PROBE_TAGS = 10_000
 
 # Commands that find the cluster's shape: their replies are parsed even on the raw
 # client (:meth:`ClusterClient.raw`), since redis-py reads its slot map through them.
@@ -232,6 +236,9 @@ class ClusterLink:
         self._moved: set[bytes] = set()  # to subscribe again where their slot is now
         self._relocated: set[bytes] = set()  # subscribed again, not confirmed yet
         self._mover: asyncio.Task[None] | None = None
+        # Each master's probe channel, and the connection it was subscribed on.
+        self._probing: dict[str, tuple[RawLink, bytes]] = {}
+        self._probes: dict[bytes, asyncio.Future[bytes]] = {}  # probe channels: what came
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[None]] = set()  # each connection's watcher, and such
 
@@ -286,6 +293,41 @@ class ClusterLink:
                 self._leaving[channel] += 1
             await self._shards[name].unsubscribe(*group)
 
+    async def probe_shards(
+        self, token: bytes, within: float, channel_of: Callable[[str], str]
+    ) -> int:
+        """Probe each master's connection: SPUBLISH ``token`` on a channel of a slot that
+        master serves (``channel_of(tag)``), through the commands client, and drop the
+        connection it does not come back on within ``within`` seconds (its channels are then
+        subscribed again and their viewers resync, as when a master is lost). Returns how
+        many connections were dropped.
+
+        A connection's probe channel is subscribed at its first probe, and probed from
+        the next; a probe that could not be published says nothing of the connection.
+        """
+        ready: dict[str, tuple[RawLink, bytes]] = {}
+        for name, link in list(self._shards.items()):
+            channel = self._probe_channel(name, channel_of)
+            if link.closed or channel is None:
+                continue
+            if self._probing.get(name) == (link, channel):
+                ready[name] = (link, channel)
+                continue
+            self._probing[name] = (link, channel)
+            self._probes[channel] = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(RedisConnectionError, OSError):
+                await link.subscribe(channel)
+        published = await self._publish_probes(ready, token, within)
+        sent = [name for name, ok in zip(ready, published, strict=True) if ok]
+        if sent:
+            await asyncio.wait([self._probes[ready[name][1]] for name in sent], timeout=within)
+        deaf = [name for name in sent if not self._came_back(ready[name][1], token)]
+        for name in deaf:
+            logger.warning("the pub/sub connection to %s is deaf: a probe did not come back", name)
+            self._probing.pop(name, None)
+            ready[name][0].abort()  # as a lost master: its channels are subscribed again
+        return len(deaf)
+
     async def wait_closed(self) -> None:
         """Raise once the link as a whole is over (see the class's docstring)."""
         await asyncio.shield(self._closed)
@@ -332,7 +374,7 @@ class ClusterLink:
     async def _connect(self, name: str, *, sharded: bool) -> RawLink:
         host, _, port = name.rpartition(":")
         url = self._client.topology.node_url(host, int(port))
-        on_message = self._on_shard_message if sharded else self._on_message
+        on_message = self._on_shard if sharded else self._on_message
         link = await RawLink.open(url, on_message, on_run=self._on_run, sharded=sharded)
         self._keep(self._watch(link, name if sharded else None), f"cluster-link-{name}")
         return link
@@ -406,6 +448,60 @@ class ClusterLink:
         old, self._client = self._client, client
         with contextlib.suppress(RedisError, OSError):
             await old.aclose()
+
+    def _probe_channel(self, name: str, channel_of: Callable[[str], str]) -> bytes | None:
+        """The probe channel of master ``name``: the one it has, while its slot is still
+        that master's, or the first of a tag in one of its slots; None if none is found."""
+        probing = self._probing.get(name)
+        candidates = [probing[1].decode()] if probing is not None else []
+        candidates += (channel_of(str(i)) for i in range(PROBE_TAGS))
+        for channel in candidates:  # bounded: PROBE_TAGS and one
+            try:
+                node = self._client.get_node_from_key(channel)
+            except SlotNotCoveredError:
+                return None
+            if node is not None and node.name == name:
+                return channel.encode()
+        return None
+
+    async def _publish_probes(
+        self, ready: dict[str, tuple[RawLink, bytes]], token: bytes, within: float
+    ) -> list[bool]:
+        """SPUBLISH ``token`` on each ready probe channel; whether each went out."""
+        for _link, channel in ready.values():
+            self._probes[channel] = asyncio.get_running_loop().create_future()
+
+        async def publish(channel: bytes) -> bool:
+            try:
+                async with asyncio.timeout(within):
+                    await self._client.spublish(channel, token)
+            except (RedisError, OSError, TimeoutError):
+                return False
+            return True
+
+        return list(await asyncio.gather(*(publish(c) for _link, c in ready.values())))
+
+    def _came_back(self, channel: bytes, token: bytes) -> bool:
+        heard = self._probes.get(channel)
+        return heard is not None and heard.done() and heard.result() == token
+
+    def _on_probe(self, kind: bytes, channel: bytes, data: bytes | None) -> None:
+        """A probe channel's message or confirmation: the hub hears nothing of it."""
+        heard = self._probes.get(channel)
+        if kind == b"message" and heard is not None and not heard.done() and data is not None:
+            heard.set_result(data)
+        elif kind == b"sunsubscribe":  # its slot moved: another tag at the next probe
+            for name, (_link, probing) in list(self._probing.items()):
+                if probing == channel:
+                    del self._probing[name]
+            self._probes.pop(channel, None)
+
+    def _on_shard(self, kind: bytes, channel: bytes, data: bytes | None) -> None:
+        """What a master's connection hands on: a probe's, or the hub's channels'."""
+        if channel in self._probes:
+            self._on_probe(kind, channel, data)
+        else:
+            self._on_shard_message(kind, channel, data)
 
     def _on_shard_message(self, kind: bytes, channel: bytes, data: bytes | None) -> None:
         """A master's message or confirmation, as the hub takes it; a moved slot's channels

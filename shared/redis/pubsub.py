@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -72,6 +72,17 @@ class Link(Protocol):
 
     async def close(self) -> None:
         """Close the connection; idempotent."""
+
+
+@runtime_checkable
+class ShardedLink(Link, Protocol):
+    """A link of one connection per shard (a Redis Cluster's masters), each probed alone."""
+
+    async def probe_shards(
+        self, token: bytes, within: float, channel_of: Callable[[str], str]
+    ) -> int:
+        """Probe each shard's connection on a channel of its own (``channel_of(tag)``);
+        drop those deaf within ``within`` seconds (their viewers resync); how many."""
 
 
 async def open_link(
