@@ -55,6 +55,7 @@ class Costs:
     redis_node: Figure  # µs per event, one server, bundled appends
     redis_unbundled: Figure  # µs per event, one script run per call (as on a cluster)
     redis_cluster: Figure | None  # µs per event summed over a cluster's masters
+    worker_cluster: Figure | None  # a worker's µs per event when Redis is a cluster
     kb_per_socket: Figure
     frontend_base_mb: Figure
     events_per_token: Figure
@@ -81,11 +82,13 @@ class Plan:
     events: float  # written per second
     deliveries: float  # events written to sockets per second
     frontends: int
+    frontend_us: float  # the per-delivery figure the count used
     frontend_rss_mb: float
     workers: int
+    worker_us: float  # the per-event figure the count used
     workers_at_default: int
     shards: int
-    redis_us: float  # the per-event figure the shard count used
+    redis_us: float  # the per-event figure the count used
 
 
 def read(results: Path, name: str) -> Any:
@@ -99,8 +102,8 @@ def thoughtwire_fanout(results: Path, name: str) -> tuple[Figure, int]:
     return Figure(cost, source), run["viewers"]
 
 
-def redis_figures(results: Path) -> tuple[Figure, Figure, Figure | None, int]:
-    """One server's Redis figures, bundled and not, the cluster's, and the streams run."""
+def redis_figures(results: Path) -> tuple[Figure, Figure, int]:
+    """One server's Redis figures, bundled and not, and the streams the run had."""
     report = read(results, "redis_cost.json")
     summary = report["summary"]
     rounds = len(report["runs"]["thoughtwire"])
@@ -112,22 +115,25 @@ def redis_figures(results: Path) -> tuple[Figure, Figure, Figure | None, int]:
         summary["thoughtwire-unbundled"]["redis_cpu_us_per_event_median"],
         f"`redis_cost.json`, `thoughtwire-unbundled`, median of {rounds} rounds",
     )
-    return node, unbundled, cluster_figure(results), report["scenario"]["sessions"]
+    return node, unbundled, report["scenario"]["sessions"]
 
 
-def cluster_figure(results: Path) -> Figure | None:
-    """Redis' CPU per event summed over a cluster's masters: from the cluster's own run
-    when there is one, else from the cluster part of the one-server run, else none."""
+def cluster_figures(results: Path) -> tuple[Figure | None, Figure | None]:
+    """Redis' CPU per event summed over a cluster's masters, and the worker's, from the
+    cluster's own run when there is one, else from the cluster part of the one-server run."""
     for name in CLUSTER_FILES:
         runs = read(results, name).get("cluster") if (results / name).exists() else None
         if runs:
-            value = statistics.median(run["redis_cpu_us_per_event"] for run in runs)
             source = f"`{name}`, `cluster`, median of {len(runs)} rounds"
+            redis = statistics.median(run["redis_cpu_us_per_event"] for run in runs)
             retried = [str(run["runs_retried"]) for run in runs if "runs_retried" in run]
-            if retried:
-                source += f"; runs retried: {', '.join(retried)}"
-            return Figure(value, source)
-    return None
+            suffix = f"; runs retried: {', '.join(retried)}" if retried else ""
+            workers = [
+                run["worker_cpu_us_per_event"] for run in runs if "worker_cpu_us_per_event" in run
+            ]
+            worker = Figure(statistics.median(workers), source) if workers else None
+            return Figure(redis, source + suffix), worker
+    return None, None
 
 
 def events_per_token(results: Path) -> Figure:
@@ -145,7 +151,8 @@ def load_costs(results: Path = RESULTS) -> Costs:
     idle = latest["idle"]["thoughtwire"]
     fanouts = [thoughtwire_fanout(results, n) for n in ("fanout1000.json", "fanout5000.json")]
     planned, batched = sorted(fanouts, key=lambda f: -f[0].value)  # the dearer one is planned
-    node, unbundled, cluster, measured_streams = redis_figures(results)
+    node, unbundled, measured_streams = redis_figures(results)
+    cluster, worker_cluster = cluster_figures(results)
     defaults = Settings.model_fields
     return Costs(
         frontend_stream=Figure(streams["frontend_cpu_us_per_event"], "`latest.json`, streams"),
@@ -155,6 +162,7 @@ def load_costs(results: Path = RESULTS) -> Costs:
         redis_node=node,
         redis_unbundled=unbundled,
         redis_cluster=cluster,
+        worker_cluster=worker_cluster,
         kb_per_socket=Figure(
             idle["rss_kb_per_socket"], f"`latest.json`, idle, {idle['sockets']:,} sockets"
         ),
@@ -187,6 +195,13 @@ def shards(events: float, costs: Costs, utilisation: float) -> tuple[int, float]
     return processes(events, figure.value, utilisation), figure.value
 
 
+def worker_cost(costs: Costs, shards: int) -> float:
+    """A worker's µs per event: more on a cluster, through redis-py's cluster pipeline."""
+    if shards > 1 and costs.worker_cluster:
+        return costs.worker_cluster.value
+    return costs.worker.value
+
+
 def plan(load: Load, costs: Costs, utilisation: float = UTILISATION) -> Plan:
     """What ``load`` takes under the model."""
     per_stream = RATE * costs.events_per_token.value
@@ -199,12 +214,15 @@ def plan(load: Load, costs: Costs, utilisation: float = UTILISATION) -> Plan:
     )
     sockets_mb = load.viewers / frontends * costs.kb_per_socket.value / 1024
     redis, redis_us = shards(events, costs, utilisation)
+    worker_us = worker_cost(costs, redis)
     return Plan(
         events=events,
         deliveries=deliveries,
         frontends=frontends,
+        frontend_us=frontend.value,
         frontend_rss_mb=costs.frontend_base_mb.value + sockets_mb,
-        workers=processes(events, costs.worker.value, utilisation),
+        workers=processes(events, worker_us, utilisation),
+        worker_us=worker_us,
         workers_at_default=math.ceil(load.streams / costs.worker_concurrency),
         shards=redis,
         redis_us=redis_us,
@@ -238,7 +256,8 @@ def cpu_rows(costs: Costs) -> list[tuple[str, Figure | None, str, str]]:
         ("frontend, a viewer of each stream on it", costs.frontend_stream, "delivery", "viewers"),
         ("frontend, many viewers of a stream on it", costs.frontend_fanout, "delivery", "viewers"),
         ("the same, reads batched (not planned on)", costs.frontend_batched, "delivery", "viewers"),
-        ("worker", costs.worker, "event", "streams"),
+        ("worker, Redis one server", costs.worker, "event", "streams"),
+        ("worker, Redis a cluster", costs.worker_cluster, "event", "streams"),
         ("Redis, one server (bundled appends)", costs.redis_node, "event", "streams"),
         ("Redis, a script run per append", costs.redis_unbundled, "event", "streams"),
         ("Redis Cluster, summed over its masters", costs.redis_cluster, "event", "streams"),
@@ -283,8 +302,9 @@ def capacity_table(costs: Costs, utilisation: float) -> list[str]:
     for load in loads():
         p = plan(load, costs, utilisation)
         lines.append(
-            f"| {load.label} | {p.events:,.0f} | {p.deliveries:,.0f} | {p.frontends:,} | "
-            f"{p.frontend_rss_mb:,.0f} MB | {p.workers:,} | {p.workers_at_default:,} | "
+            f"| {load.label} | {p.events:,.0f} | {p.deliveries:,.0f} | "
+            f"{p.frontends:,} ({p.frontend_us:g} µs) | {p.frontend_rss_mb:,.0f} MB | "
+            f"{p.workers:,} ({p.worker_us:g} µs) | {p.workers_at_default:,} | "
             f"{p.shards:,} ({p.redis_us:g} µs) | {beyond(load, costs)} |"
         )
     return lines

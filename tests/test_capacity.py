@@ -35,6 +35,7 @@ def costs(**changes: Any) -> Costs:
         redis_node=Figure(20.0, "n"),
         redis_unbundled=Figure(25.0, "u"),
         redis_cluster=Figure(40.0, "c"),
+        worker_cluster=Figure(60.0, "wc"),
         kb_per_socket=Figure(20.0, "k"),
         frontend_base_mb=Figure(60.0, "m"),
         events_per_token=Figure(1.0, "e"),
@@ -82,7 +83,7 @@ def test_streams_take_workers_and_redis_by_events_and_frontends_by_deliveries():
     p = plan(Load("", streams=1_000, viewers=10_000, shared_frontends=False), costs())
     assert (p.events, p.deliveries) == (50_000, 500_000)
     assert p.frontends == 17  # 500,000 deliveries at 20 µs: 10 cores, at 0.6 each
-    assert p.workers == 3  # 50,000 events at 30 µs: 1.5 cores
+    assert p.workers == 5  # 50,000 events at 60 µs (Redis is a cluster here): 3 cores
     assert p.workers_at_default == 32  # 1,000 runs at 32 a worker
     assert p.frontend_rss_mb == 60.0 + 10_000 / 17 * 20 / 1024
 
@@ -111,6 +112,15 @@ def test_redis_is_one_server_while_it_suffices_then_a_cluster_at_the_cluster_cos
     assert (many.shards, many.redis_us) == (3, 40.0)  # 30,050 events at 40 µs: 1.2 cores
     unbundled = plan(Load("", 601, 601, False), costs(redis_cluster=None))
     assert (unbundled.shards, unbundled.redis_us) == (2, 25.0)
+
+
+def test_workers_on_a_cluster_are_counted_at_the_clusters_worker_cost():
+    one = plan(Load("", 600, 600, False), costs())
+    assert (one.workers, one.worker_us) == (2, 30.0)  # 30,000 events at 30 µs: 0.9 of a core
+    many = plan(Load("", 601, 601, False), costs())
+    assert (many.workers, many.worker_us) == (4, 60.0)  # 30,050 events at 60 µs: 1.8 cores
+    unknown = plan(Load("", 601, 601, False), costs(worker_cluster=None))
+    assert (unknown.workers, unknown.worker_us) == (2, 30.0)
 
 
 def fanout(viewers: int, cost: float) -> dict[str, Any]:
@@ -155,7 +165,10 @@ def results(folder: Path, cluster: list[dict[str, Any]]) -> Path:
 
 
 def test_the_costs_are_read_from_the_results_files(tmp_path):
-    cluster = [{"redis_cpu_us_per_event": v, "runs_retried": 0} for v in (50.0, 40.0, 60.0)]
+    cluster = [
+        {"redis_cpu_us_per_event": v, "runs_retried": 0, "worker_cpu_us_per_event": v * 2}
+        for v in (50.0, 40.0, 60.0)
+    ]
     read = load_costs(results(tmp_path, cluster))
     assert (read.frontend_stream.value, read.worker.value) == (26.0, 36.0)
     assert (read.frontend_fanout.value, read.frontend_batched.value) == (9.0, 3.0)
@@ -163,6 +176,7 @@ def test_the_costs_are_read_from_the_results_files(tmp_path):
     assert read.redis_cluster == Figure(
         50.0, "`redis_cost.json`, `cluster`, median of 3 rounds; runs retried: 0, 0, 0"
     )
+    assert read.worker_cluster == Figure(100.0, "`redis_cost.json`, `cluster`, median of 3 rounds")
     assert read.events_per_token.value == 0.8  # the 15 ms window's row
     assert (read.measured_streams, read.measured_viewers) == (200, 5000)
     assert (read.kb_per_socket.value, read.frontend_base_mb.value) == (19.5, 61.0)
@@ -170,7 +184,7 @@ def test_the_costs_are_read_from_the_results_files(tmp_path):
 
 def test_without_a_cluster_run_the_unbundled_cost_is_the_clusters(tmp_path):
     read = load_costs(results(tmp_path, []))
-    assert read.redis_cluster is None
+    assert (read.redis_cluster, read.worker_cluster) == (None, None)
     assert "Redis Cluster" not in render(read)
     p = plan(Load("", 1_000, 1_000, False), read)
     assert p.redis_us == 27.0
