@@ -104,6 +104,16 @@ def render(overlay: str) -> list[dict[str, Any]]:
     return [o for o in yaml_module().safe_load_all(rendered(overlay)) if o]
 
 
+def deployed(overlay: str) -> list[dict[str, Any]]:
+    """What runs once an overlay is applied: its objects, and for prod the Secret an
+    operator creates beside it (its template, ``overlays/prod/secret.template.yaml``)."""
+    objects = render(overlay)
+    template = KUSTOMIZE / "overlays" / overlay / "secret.template.yaml"
+    if template.exists():
+        objects.append(yaml_module().safe_load(template.read_text()))
+    return objects
+
+
 def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     assert len(found) == 1, f"{len(found)} {kind}/{name}"
@@ -200,7 +210,7 @@ def roles(
     overlay: str,
 ) -> dict[str, tuple[str, list[str], dict[str, Any], dict[str, Any], Settings]]:
     """Each role's one container in an overlay: where, argv, container, workload, settings."""
-    objects = render(overlay)
+    objects = deployed(overlay)
     found = {}
     for where, argv, container, workload in thoughtwire_containers(objects):
         env = container_env(container, Objects(objects), where)
@@ -216,7 +226,7 @@ def test_every_container_of_each_overlay_passes_the_start_up_checks(overlay):
     The api gets JWT_SECRET (without it `thoughtwire api` exits 2, "no authentication is
     configured"); the worker does not.
     """
-    objects = render(overlay)
+    objects = deployed(overlay)
     found = []
     for where, argv, container, _ in thoughtwire_containers(objects):
         env = container_env(container, Objects(objects), where)
@@ -228,10 +238,15 @@ def test_every_container_of_each_overlay_passes_the_start_up_checks(overlay):
     assert sorted(found) == ["api", "worker"]
 
 
+def test_prod_renders_no_secret_so_an_apply_never_overwrites_the_real_one():
+    """The operator's Secret, created out of version control, survives every apply."""
+    assert [o for o in render("prod") if o["kind"] == "Secret"] == []
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_secrets_are_placeholders_that_say_so(overlay):
     """Whoever reads the kit can read its Secret: every secret value says it is not for use."""
-    secret = one(render(overlay), "Secret", "thoughtwire")
+    secret = one(deployed(overlay), "Secret", "thoughtwire")
     assert "placeholder-not-for-production" in secret["stringData"]["JWT_SECRET"]
     assert "placeholder" in secret["stringData"]["REDIS_URL"] or overlay == "dev"
 
@@ -302,7 +317,7 @@ def test_each_overlay_is_valid_kubernetes_and_keda(overlay):
         kinds.append(o["kind"])
     print(f"{overlay}: {sorted(kinds)}")
     expected = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
-    expected |= {"Ingress", "Secret", "ConfigMap"}
+    expected |= {"Ingress", "ConfigMap"} | ({"Secret"} if overlay == "dev" else set())
     if overlay == "prod":
         expected |= {"ScaledObject", "TriggerAuthentication"}
     assert expected <= set(kinds)
@@ -333,7 +348,9 @@ def test_the_kit_lists_every_manifest_it_holds():
         kit = yaml.safe_load((folder / "kustomization.yaml").read_text())
         listed = set(kit.get("resources", []))
         listed |= {p["path"] for p in kit.get("patches", []) if "path" in p}
-        manifests = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+        # A *.template.yaml is for the operator to fill in, never rendered.
+        manifests = {p.name for p in folder.glob("*.yaml") if ".template." not in p.name}
+        manifests -= {"kustomization.yaml"}
         assert manifests <= listed, f"{folder.relative_to(ROOT)}: {manifests - listed} unused"
     assert not list(DEPLOY.glob("*.yaml")) or (DEPLOY / "compose.yaml").exists()
 
@@ -412,7 +429,7 @@ def test_thoughtwire_pods_run_unprivileged_and_bounded(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_frontends_scale_on_cpu_and_leave_one_at_a_time(overlay):
-    objects = render(overlay)
+    objects = deployed(overlay)
     hpa = one(objects, "HorizontalPodAutoscaler", "thoughtwire-api")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "thoughtwire-api"
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
@@ -426,7 +443,7 @@ def test_frontends_scale_on_cpu_and_leave_one_at_a_time(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_ingress_keeps_quiet_sockets_and_is_not_sticky(overlay):
-    objects = render(overlay)
+    objects = deployed(overlay)
     ingress = one(objects, "Ingress", "thoughtwire")
     notes = ingress["metadata"]["annotations"]
     settings = roles(overlay)["api"][4]
