@@ -77,3 +77,27 @@ def test_a_bad_redis_url_stops_the_process_with_one_line_and_no_password() -> No
         "REDIS_URL='redis+cluster://app:***@nohost': 'nohost' is not host:port"
     ]
     assert "topsecret" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://u:pa#ss@h1:7000",
+        "redis+cluster://u:pa/ss@h1:7000",
+        "redis+cluster://u:pa?ss@h1:7000,h2:7001",
+        "redis+sentinel://u:p@ss@h:1/svc",
+        "redis:/:pass@h:6379",
+        "redis://h:6379/0?password=pass",
+        "redis+sentinel://h:1/svc?sentinel%5Fpassword=pass",
+    ],
+)
+def test_a_password_with_url_characters_never_shows_in_a_redacted_url(url: str) -> None:
+    assert "pa" not in redact(url).replace("password", "").replace("***", "")
+
+
+def test_a_password_with_url_characters_stays_out_of_the_host_list() -> None:
+    topology = parse("redis+cluster://u:pa#s/s?s@h1:7000,h2:7001")
+    assert topology.nodes == (("h1", 7000), ("h2", 7001)) and topology.password == "pa#s/s?s"
+    with pytest.raises(ValueError) as info:
+        parse("redis+cluster://u:pa#ss@h1")
+    assert "pa" not in str(info.value).replace("port", "")

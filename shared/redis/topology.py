@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote
 
 
 class Kind(enum.StrEnum):
@@ -69,28 +69,30 @@ class Topology:
 
 def parse(url: str) -> Topology:
     """Read a ``REDIS_URL``; a ``ValueError`` says what is wrong, never with the password."""
-    scheme, sep, _rest = url.partition("://")
+    scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in _SCHEMES:
         names = ", ".join(f"{s}://" for s in _SCHEMES)
         raise ValueError(f"must start with one of {names}")
     kind, tls = _SCHEMES[scheme.lower()]
     if kind is Kind.SINGLE:
         return Topology(kind, url, tls=tls)
-    parts = urlsplit("x://" + url.partition("://")[2])
-    userinfo, _, hosts = parts.netloc.rpartition("@")
+    # The user info ends at the last '@' (a password may hold '#', '/', '?' or '@' not
+    # percent-encoded), so nothing of it reaches the host list or an error about it.
+    userinfo, _, located = rest.rpartition("@")
     username, password = _credentials(userinfo)
+    hosts, path, query = _located(located)
     nodes = tuple(_node(item) for item in hosts.split(",") if item)
     if not nodes:
         raise ValueError("names no host:port")
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    path = [unquote(p) for p in parts.path.split("/") if p]
+    options = {k: v[-1] for k, v in parse_qs(query).items()}
+    segments = [unquote(p) for p in path.split("/") if p]
     if kind is Kind.CLUSTER:
-        if path:
+        if segments:
             raise ValueError("a cluster has no database number (it has only db 0)")
         return Topology(kind, url, nodes, tls, username, password)
-    if not path:
+    if not segments:
         raise ValueError("names no Sentinel service: redis+sentinel://host:port/<service>")
-    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+    if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
         raise ValueError("must end in /<service> or /<service>/<db>")
     return Topology(
         kind,
@@ -99,31 +101,38 @@ def parse(url: str) -> Topology:
         tls,
         username,
         password,
-        int(path[1]) if len(path) == 2 else 0,
-        path[0],
-        query.get("sentinel_username"),
-        query.get("sentinel_password"),
+        int(segments[1]) if len(segments) == 2 else 0,
+        segments[0],
+        options.get("sentinel_username"),
+        options.get("sentinel_password"),
     )
 
 
 def redact(url: str) -> str:
-    """``url`` with the password of its user info (if any) replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    """``url`` with every password in it replaced by ``***``: its user info's (up to the
+    last '@', however malformed the rest) and any query value whose name says password."""
+    head, at, located = url.rpartition("@")
+    if at:
+        scheme_end = head.find("://") + 3 if "://" in head else head.find(":") + 1
+        user = head[scheme_end:].lstrip("/").partition(":")[0]
+        slashes = head[scheme_end:][: len(head[scheme_end:]) - len(head[scheme_end:].lstrip("/"))]
+        url = f"{head[:scheme_end]}{slashes}{user}:***@{located}"
+    base, q, query = url.partition("?")
+    if not q:
         return url
-    netloc_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:netloc_end], rest[netloc_end:]
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.partition(":")[0] + ":***"
-    path, q, query = tail.partition("?")
-    if q:
-        query = "&".join(
-            "sentinel_password=***" if p.startswith("sentinel_password=") else p
-            for p in query.split("&")
-        )
-        tail = f"{path}?{query}"
-    return f"{scheme}{sep}{userinfo}{at}{hosts}{tail}"
+    pairs = []
+    for pair in query.split("&"):
+        name, eq, _value = pair.partition("=")
+        pairs.append(f"{name}=***" if eq and "password" in unquote(name).lower() else pair)
+    return f"{base}?{'&'.join(pairs)}"
+
+
+def _located(text: str) -> tuple[str, str, str]:
+    """``host:port,...[/path][?query]`` split into its three parts."""
+    hosts_end = min((i for i in (text.find("/"), text.find("?")) if i >= 0), default=len(text))
+    hosts, tail = text[:hosts_end], text[hosts_end:]
+    path, _, query = tail.partition("?")
+    return hosts, path, query
 
 
 def _credentials(userinfo: str) -> tuple[str | None, str | None]:
