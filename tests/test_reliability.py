@@ -4,6 +4,7 @@ Every loop here is bounded in count and time; every process is signalled by its 
 """
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
@@ -50,44 +51,89 @@ def assert_clean_runs(events, tokens=TOKENS):
     return runs
 
 
+class FrontendKiller:
+    """Kills -9 the frontend a follower is on, and has a fresh one take its place.
+
+    The victim is found by the follower's URL among the listed frontends that still run.
+    Right after a kill the follower may go on reading what its dead socket had buffered,
+    and its URL names a frontend killed already (or already replaced, so no longer
+    listed): that is no victim, and the next kill waits for the follower to move on.
+    Whether a frontend was killed is asked of its process, not of an id() kept aside:
+    CPython hands a freed object's id to the next object made, and a fresh frontend that
+    inherited its victim's id was never killed, so the follower stayed on it for good.
+    """
+
+    def __init__(self, cluster, follower):
+        self.cluster = cluster
+        self.follower = follower
+        self.kills = 0
+        self.replacing = set()
+
+    def victim(self):
+        """The running frontend the follower is on, or None while it is not on one."""
+        url = self.follower.url_in_use or ""
+        return next(
+            (f for f in self.cluster.frontends if url.startswith(f.ws + "/") and f.proc.alive()),
+            None,
+        )
+
+    def kill(self):
+        """Kill -9 the follower's frontend and start replacing it; False if there is none."""
+        victim = self.victim()
+        if victim is None:
+            return False
+        index = self.cluster.frontends.index(victim)
+        victim.proc.kill()
+        self.kills += 1
+        task = asyncio.create_task(self._replace(index))
+        self.replacing.add(task)
+        task.add_done_callback(self.replacing.discard)
+        return True
+
+    async def _replace(self, index):
+        fresh = await asyncio.to_thread(self.cluster.add_frontend)
+        self.cluster.frontends.remove(fresh)
+        self.cluster.frontends[index] = fresh
+        self.follower.urls[index] = fresh.ws
+
+    async def finish(self):
+        """Wait for the replacements: the module's later tests need three live frontends."""
+        async with asyncio.timeout(seconds(35)):
+            await asyncio.gather(*self.replacing, return_exceptions=True)
+
+
 async def test_kill_9_frontends_mid_stream_20_times_loses_and_duplicates_nothing(faulty):
     rng = random.Random(20261123)
     follower = Follower([f.ws for f in faulty.frontends], max_reconnects=400)
-    events, kills, replacing = [], 0, set()
-
-    async def replace(frontend):
-        index = faulty.frontends.index(frontend)
-        frontend.proc.kill()
-        fresh = await asyncio.to_thread(faulty.add_frontend)
-        faulty.frontends.remove(fresh)
-        faulty.frontends[index] = fresh
-        follower.urls[index] = fresh.ws
-
+    killer = FrontendKiller(faulty, follower)
+    events = []
     countdown = rng.randint(5, 60)
     try:
-        async with asyncio.timeout(seconds(120)), httpx.AsyncClient() as http:
-            async for event in follower.events("first run"):
+        # Shorter than the test's own timeout, so that a stall says where it stalled.
+        async with (
+            asyncio.timeout(seconds(75)),
+            httpx.AsyncClient() as http,
+            contextlib.aclosing(follower.events("first run")) as stream,
+        ):
+            async for event in stream:
                 events.append(event)
                 if event["type"] == "done":
-                    if kills >= 20:
+                    if killer.kills >= 20:
                         break
-                    await submit_somewhere(
-                        http, faulty, {"prompt": "next run", "session": follower.session}
-                    )
+                    body = {"prompt": "next run", "session": follower.session}
+                    await submit_somewhere(http, faulty, body)
                 countdown -= 1
-                if countdown == 0 and kills < 20:
+                if countdown <= 0 and killer.kills < 20 and killer.kill():
                     countdown = rng.randint(5, 60)
-                    victim = faulty.frontend_at(follower.url_in_use)
-                    kills += 1
-                    task = asyncio.create_task(replace(victim))
-                    replacing.add(task)
-                    task.add_done_callback(replacing.discard)
+    except TimeoutError:
+        last = events[-1] if events else None
+        raise AssertionError(
+            f"stalled after {killer.kills} kills and {len(events)} events (last: {last}); "
+            f"follower {follower.state} on {follower.url_in_use}"
+        ) from None
     finally:
-        # Whatever happened, the replacements finish: the module's later tests need
-        # three live frontends, not the ones killed here.
-        async with asyncio.timeout(seconds(60)):
-            await asyncio.gather(*replacing, return_exceptions=True)
-    assert kills == 20
+        await killer.finish()
+    assert killer.kills == 20
     assert follower.reconnects >= 20
     runs = assert_clean_runs(events)
     assert len(runs) >= 2
