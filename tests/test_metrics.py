@@ -350,3 +350,18 @@ async def test_merged_frames_and_slow_viewers_closed_are_counted_where_they_happ
     slow.close(Close.SLOW, "slow")  # closed already: not counted again
     gone.close(Close.NORMAL, "bye")
     assert COUNTS.slow_closes[Close.SLOW] - closes == 1
+
+
+async def test_with_metrics_off_a_workers_port_still_answers_its_probes():
+    """A deployment that turns metrics off keeps its liveness and readiness probes."""
+    loop = asyncio.get_running_loop()
+    probes = Probes(loop, None, lambda: True, metrics_on=False)  # type: ignore[arg-type]
+
+    def get(path: str) -> str:
+        statuses: list[str] = []
+        probes({"PATH_INFO": path}, lambda status, headers: statuses.append(status))
+        return statuses[0]
+
+    assert await asyncio.to_thread(get, "/healthz") == "200 OK"
+    assert await asyncio.to_thread(get, "/readyz") == "200 OK"
+    assert await asyncio.to_thread(get, "/metrics") == "404 Not Found"

@@ -290,3 +290,12 @@ async def test_with_a_frontend_gone_every_request_and_socket_gets_through(behind
             assert (await client.get(f"{nginx.http}/readyz")).status_code == 200
             async with connect(f"{nginx.ws}/ws/agent-thoughts", open_timeout=seconds(10)) as ws:
                 assert ws.response is not None and ws.response.status_code == 101
+
+
+async def test_the_frontends_metrics_are_not_served_through_nginx(behind_nginx):
+    """Prometheus scrapes each frontend itself; the public side gets no counters."""
+    cluster, nginx = behind_nginx
+    alive = next(f for f in cluster.frontends if f.proc.alive())
+    async with httpx.AsyncClient(timeout=seconds(10)) as client:
+        assert (await client.get(f"{nginx.http}/metrics")).status_code == 404
+        assert (await client.get(f"{alive.http}/metrics")).status_code == 200

@@ -67,9 +67,12 @@ async def serve(
         if settings.metrics:
             metrics.install()
         probes = metrics.Probes(
-            asyncio.get_running_loop(), bus, lambda: worker.consuming and not stop.is_set()
+            asyncio.get_running_loop(),
+            bus,
+            lambda: worker.consuming and not stop.is_set(),
+            metrics_on=settings.metrics,
         )
-        async with metrics.serving(metrics_port if settings.metrics else 0, probes):
+        async with metrics.serving(metrics_port, probes):
             await worker.run(stop, drain_timeout=settings.drain_timeout)
         ran = ", ".join(f"{n} {outcome}" for outcome, n in worker.outcomes.items()) or "none"
         logger.info("%s stopped; runs: %s", worker.name, ran)

@@ -154,11 +154,18 @@ class Probes:
     """What the port answers, read from its own thread: the loop's health and the worker's."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, bus: Bus, ready: Callable[[], bool]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        bus: Bus,
+        ready: Callable[[], bool],
+        metrics_on: bool = True,
     ) -> None:
         self.loop = loop
         self.bus = bus
         self.ready = ready  # consuming and not draining; read in the loop
+        # With metrics off the port still answers the probes, so that turning metrics
+        # off never fails a liveness probe.
+        self.metrics_on = metrics_on
 
     def _in_loop(self, call: Callable[[], Any], timeout: float) -> Any:
         """Run ``call`` in the worker's loop and wait for its result (raises on timeout)."""
@@ -192,7 +199,7 @@ class Probes:
     def __call__(self, environ: dict[str, Any], respond: Respond) -> list[bytes]:
         """The WSGI application: /metrics, /healthz and /readyz."""
         path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
+        if path == "/metrics" and self.metrics_on:
             return _answer(respond, "200 OK", self.exposition(), metrics.CONTENT_TYPE)
         if path == "/healthz":
             ok = self.live()
