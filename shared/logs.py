@@ -61,6 +61,12 @@ _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(\bBearer\s+)[^\s\"',]+", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@\"']*:)[^\s/@\"']+@")
 _URL_SECRET_QUERY = re.compile(r"((?:sentinel_)?password=)[^&\s\"']+")
+_BASIC = re.compile(r"(\bBasic\s+)[A-Za-z0-9+/=]{8,}", re.IGNORECASE)
+# Any query parameter whose name, percent-decoded, names a credential ("tok%65n" too).
+_QUERY_PARAM = re.compile(r"([?&]([^=&\s\"'#]+)=)([^&\s\"'#]+)")
+_CREDENTIAL_NAMES = frozenset(
+    {"token", "access_token", "id_token", "api_key", "apikey", "key", "secret", "password"}
+)
 
 MIN_SECRET_CHARS = 4  # shorter "secrets" would blank out ordinary words
 
@@ -122,8 +128,9 @@ def url_secrets(url: str | None) -> list[str]:
     if not url:
         return []
     rest = url.partition("://")[2]
-    netloc, _, query = rest.partition("?")
-    userinfo = netloc.partition("/")[0].rpartition("@")[0]
+    # The user info runs to the last '@': a password may hold '/', '?' or '#' unencoded.
+    userinfo = rest.rpartition("@")[0]
+    query = rest.rpartition("@")[2].partition("?")[2]
     found = [userinfo.partition(":")[2]] if ":" in userinfo else []
     found += [v for k, v in parse_qsl(query, keep_blank_values=False) if "password" in k]
     return [s for raw in found for s in {raw, unquote(raw)} if s]
@@ -144,8 +151,18 @@ class Redactor:
         text = _TOKEN_QUERY.sub(r"\1" + REDACTED, text)
         text = _JWT.sub(REDACTED, text)
         text = _BEARER.sub(r"\1" + REDACTED, text)
+        text = _BASIC.sub(r"\1" + REDACTED, text)
+        text = _QUERY_PARAM.sub(_credential_param, text)
         text = _URL_PASSWORD.sub(r"\1***@", text)
         return _URL_SECRET_QUERY.sub(r"\1***", text)
+
+
+def _credential_param(match: re.Match[str]) -> str:
+    """A query parameter, its value redacted when its (decoded) name names a credential."""
+    name = unquote(match.group(2)).lower()
+    if name in _CREDENTIAL_NAMES or "password" in name or name.endswith("_token"):
+        return match.group(1) + REDACTED
+    return match.group(0)
 
 
 def _fields_of(record: logging.LogRecord) -> dict[str, Any]:

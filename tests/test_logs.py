@@ -223,3 +223,16 @@ def test_every_password_of_a_redis_url_is_found_and_redacted():
     assert (
         redact("http://h:8080/a@b and redis://h:6379/0") == "http://h:8080/a@b and redis://h:6379/0"
     )
+
+
+def test_credentials_in_any_query_spelling_basic_auth_and_slashed_passwords_are_redacted():
+    redact = logs.Redactor(logs.url_secrets("redis://:pa/ss@h:1/0"))
+    lines = {
+        "GET /ws/agent-thoughts?tok%65n=abc.def.ghi&x=1 HTTP/1.1": "abc.def.ghi",
+        "Authorization: Basic dXNlcjpwYXNzd29yZA==": "dXNlcjpwYXNzd29yZA==",
+        "GET /x?api_key=sk-123&key=zzz9&monkey=1": "sk-123",
+        "connecting to redis://:pa/ss@h:1/0": "pa/ss",
+    }
+    for line, secret in lines.items():
+        assert secret not in redact(line), line
+    assert "monkey=1" in redact("GET /x?monkey=1")
