@@ -219,15 +219,42 @@ def _answer(
     return [body]
 
 
+MAX_REQUESTS = 16  # probes and scrapes served at once
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
+
+
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """One thread per request: a slow scrape does not hold a probe up."""
+    """One thread per request, at most MAX_REQUESTS at once: a slow scrape does not hold
+    a probe up, and idle or slow clients cannot pile threads up."""
 
     daemon_threads = True
     block_on_close = False  # a request waiting for a loop that stopped is not waited for
+    slots = threading.BoundedSemaphore(MAX_REQUESTS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve it in a thread if one is free; else close it at once."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one request, then give its slot back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-request: a debug line, not a traceback on stderr."""
+        logger.debug("metrics port: a request from %s failed", client_address[0])
 
 
 class _Quiet(WSGIRequestHandler):
-    """No access line per probe on standard error."""
+    """No access line per probe on standard error; a client silent for REQUEST_TIMEOUT
+    seconds is dropped."""
+
+    timeout = REQUEST_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:
         """Say nothing."""
