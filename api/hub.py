@@ -184,20 +184,11 @@ class Hub:
 
     async def close(self) -> None:
         """Stop reading and drop the connection. Idempotent."""
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
-            self._prober = None
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        if self._resync is not None:
-            self._resync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resync
+        prober, reader, resync = self._prober, self._reader, self._resync
+        self._prober = self._reader = None
+        for task in (prober, reader, resync):
+            if task is not None:
+                await _stop(task)
         await self._disconnect()
 
     async def join(
@@ -389,16 +380,25 @@ class Hub:
         """Probe the link in use every interval, for the hub's whole life."""
         for n in itertools.count(1):
             await asyncio.sleep(self._probe_interval)
-            link = self._link
-            if link is None or not self._connected.is_set() or self._deaf.is_set():
-                continue
-            if not await self.probe(n) and self._link is link:
-                self._deaf.set()
-            elif isinstance(link, ShardedLink) and self._probe_channel is not None:
-                token = b"probe %d" % n
-                self.deaf_links += await link.probe_shards(
-                    token, self._probe_interval, self._probe_channel
-                )
+            try:
+                await self._probe_round(n)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one round's failure must not end deaf-link detection
+                logger.warning("pub/sub probe %d failed (%s); probing on", n, type(exc).__name__)
+
+    async def _probe_round(self, n: int) -> None:
+        """Probe ``n`` of the link in use, and of a cluster link's masters' connections."""
+        link = self._link
+        if link is None or not self._connected.is_set() or self._deaf.is_set():
+            return
+        if not await self.probe(n) and self._link is link:
+            self._deaf.set()
+        elif isinstance(link, ShardedLink) and self._probe_channel is not None:
+            token = b"probe %d" % n
+            self.deaf_links += await link.probe_shards(
+                token, self._probe_interval, self._probe_channel
+            )
 
     async def probe(self, n: int) -> bool:
         """Publish probe ``n`` on the home channel; whether it came back within an interval.
@@ -500,3 +500,16 @@ class Hub:
         if link is not None:
             with contextlib.suppress(RedisConnectionError, OSError):
                 await link.close()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it; what it failed with is logged, not raised (closing
+    goes on)."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():  # it was this caller that was cancelled
+            raise
+    except Exception as exc:
+        logger.warning("%s had failed (%s)", task.get_name(), type(exc).__name__)

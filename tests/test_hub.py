@@ -335,3 +335,38 @@ async def test_scoped_viewers_get_their_projection_of_each_message_of_a_run(fake
     assert viewers[1].position.seq == 3
     for viewer in viewers:
         await hub.leave("ch", viewer)
+
+
+async def test_a_probe_round_that_fails_is_logged_and_probing_goes_on(caplog):
+    """An unexpected error in one round neither ends the prober nor makes close() raise."""
+    redis = FakeRedis()
+    published = []
+
+    async def publish(channel, token):
+        published.append(token)
+        raise KeyError(channel)  # not a Redis error: the round fails
+
+    hub = Hub(redis.open_link, "home", publish=publish, probe_interval=0.01)
+    await hub.start()
+    try:
+        async with asyncio.timeout(seconds(5)):
+            while len(published) < 3:
+                await asyncio.sleep(0.01)
+        assert "pub/sub probe 1 failed (KeyError)" in caplog.text
+    finally:
+        await hub.close()
+
+
+async def test_close_goes_on_past_a_background_task_that_failed():
+    redis = FakeRedis()
+    hub = Hub(redis.open_link, "home")
+    await hub.start()
+
+    async def fail():
+        raise KeyError("gone")
+
+    hub._prober = asyncio.create_task(fail())
+    await asyncio.sleep(0)
+    await hub.close()
+    assert redis.closed
+    await hub.close()  # idempotent

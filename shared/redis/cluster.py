@@ -32,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from typing import Any, cast
 
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -50,6 +51,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from thoughtwire.shared import backoff  # the module: it imports this package's errors
 from thoughtwire.shared.redis.pubsub import OnMessage, OnRun, RawLink
 from thoughtwire.shared.redis.topology import Topology
 from thoughtwire.shared.settings import Settings
@@ -63,6 +65,12 @@ RELOCATE_SECONDS = 30.0
 # How many tags a probe channel tries to find one in a slot of a given master: with
 # 16,384 slots over a few masters, the first few tags do.
 PROBE_TAGS = 10_000
+
+# A master that cuts its sharded connection again within this many seconds of the last
+# time has its channels subscribed again after a growing pause (up to the cap), not at
+# once: each time costs a slot map read, a connection, SSUBSCRIBEs and viewers' resyncs.
+CUT_WINDOW = 5.0
+CUT_BACKOFF_CAP = 5.0
 
 # Commands that find the cluster's shape: their replies are parsed even on the raw
 # client (:meth:`ClusterClient.raw`), since redis-py reads its slot map through them.
@@ -219,6 +227,8 @@ class ClusterLink:
     channels on the master that serves them now, retrying with backoff for up to
     ``RELOCATE_SECONDS``. Once each is confirmed it hands the hub a ``resync`` for it
     (what was published meanwhile was not heard: its viewers catch up from the log).
+    A master that cuts its connection again soon after (``CUT_WINDOW``) has its channels
+    subscribed again after a growing pause, not at once.
     The link as a whole ends (:meth:`wait_closed` raises, and the hub reconnects, reads
     the slot map and resyncs every viewer) when the global channels' connection is lost,
     a subscription is refused (``MOVED``), or channels find no master in time.
@@ -232,13 +242,18 @@ class ClusterLink:
         self._shards: dict[str, RawLink] = {}  # a master's name (host:port): its link
         self._where: dict[bytes, str] = {}  # a sharded channel: the master it is on
         self._wanted: set[bytes] = set()  # the sharded channels the hub follows
-        self._leaving: dict[bytes, int] = defaultdict(int)  # SUNSUBSCRIBEs not confirmed
+        # Each channel's SUNSUBSCRIBEs not confirmed yet: the master each went to.
+        self._leaving: dict[bytes, list[str]] = defaultdict(list)
         self._moved: set[bytes] = set()  # to subscribe again where their slot is now
         self._relocated: set[bytes] = set()  # subscribed again, not confirmed yet
         self._mover: asyncio.Task[None] | None = None
+        self._pause = 0.0  # how long the mover waits before its next round
+        # Each master whose connection was cut: when last, and the backoff since.
+        self._cuts: dict[str, tuple[float, Iterator[float]]] = {}
         # Each master's probe channel, and the connection it was subscribed on.
         self._probing: dict[str, tuple[RawLink, bytes]] = {}
         self._probes: dict[bytes, asyncio.Future[bytes]] = {}  # probe channels: what came
+        self._tags: dict[str, bytes] = {}  # each master's probe channel found, while it holds
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[None]] = set()  # each connection's watcher, and such
 
@@ -290,8 +305,13 @@ class ClusterLink:
                 by_link[(name, self._client.keyslot(channel))].append(channel)
         for (name, _slot), group in by_link.items():
             for channel in group:
-                self._leaving[channel] += 1
-            await self._shards[name].unsubscribe(*group)
+                self._leaving[channel].append(name)
+            try:
+                await self._shards[name].unsubscribe(*group)
+            except BaseException:
+                for channel in group:  # not sent: no confirmation will come
+                    self._left(channel, name)
+                raise
 
     async def probe_shards(
         self, token: bytes, within: float, channel_of: Callable[[str], str]
@@ -306,8 +326,9 @@ class ClusterLink:
         the next; a probe that could not be published says nothing of the connection.
         """
         ready: dict[str, tuple[RawLink, bytes]] = {}
+        owners = self._owners()
         for name, link in list(self._shards.items()):
-            channel = self._probe_channel(name, channel_of)
+            channel = self._probe_channel(name, channel_of) if name in owners else None
             if link.closed or channel is None:
                 continue
             if self._probing.get(name) == (link, channel):
@@ -319,9 +340,16 @@ class ClusterLink:
                 await link.subscribe(channel)
         published = await self._publish_probes(ready, token, within)
         sent = [name for name, ok in zip(ready, published, strict=True) if ok]
+        # A probe channel's slot may have moved meanwhile (``sunsubscribe``): its entry is
+        # gone, and the connection it came on is not deaf (it heard that).
+        sent = [name for name in sent if ready[name][1] in self._probes]
         if sent:
             await asyncio.wait([self._probes[ready[name][1]] for name in sent], timeout=within)
-        deaf = [name for name in sent if not self._came_back(ready[name][1], token)]
+        deaf = [
+            name
+            for name in sent
+            if ready[name][1] in self._probes and not self._came_back(ready[name][1], token)
+        ]
         for name in deaf:
             logger.warning("the pub/sub connection to %s is deaf: a probe did not come back", name)
             self._probing.pop(name, None)
@@ -404,8 +432,41 @@ class ClusterLink:
         lost = [c for c, name in self._where.items() if name == shard]
         for channel in lost:
             del self._where[channel]
+        self._forget_leaving(shard)
         logger.info("%s; %d channels to subscribe again", error, len(lost))
+        self._pause = max(self._pause, self._backoff_after_cut(shard))
         self._relocate(lost)
+
+    def _forget_leaving(self, shard: str) -> None:
+        """The SUNSUBSCRIBEs sent to master ``shard`` will never be confirmed: its
+        connection is gone."""
+        for channel, names in list(self._leaving.items()):
+            names[:] = [name for name in names if name != shard]
+            if not names:
+                del self._leaving[channel]
+
+    def _left(self, channel: bytes, shard: str | None = None) -> bool:
+        """One SUNSUBSCRIBE of ``channel`` is over (to ``shard``, or the oldest): whether
+        there was one (else the master let the channel go by itself)."""
+        names = self._leaving.get(channel)
+        if not names:
+            return False
+        names.remove(shard if shard is not None and shard in names else names[0])
+        if not names:
+            del self._leaving[channel]
+        return True
+
+    def _backoff_after_cut(self, shard: str) -> float:
+        """How long to wait before subscribing master ``shard``'s channels again: nothing
+        at its first cut, and a growing backoff while it keeps cutting its connection
+        within ``CUT_WINDOW`` of the last time (a master that drops each SSUBSCRIBE)."""
+        now = asyncio.get_running_loop().time()
+        last = self._cuts.get(shard)
+        if last is None or now - last[0] > CUT_WINDOW:
+            self._cuts[shard] = (now, backoff.delays(0.1, CUT_BACKOFF_CAP))
+            return 0.0
+        self._cuts[shard] = (now, last[1])
+        return next(last[1])
 
     def _relocate(self, channels: Iterable[bytes]) -> None:
         """Subscribe ``channels`` again, each where its slot is now (in the background)."""
@@ -420,6 +481,9 @@ class ClusterLink:
         delay = 0.05
         try:
             while self._moved:  # bounded by the deadline
+                if self._pause > 0:  # a master that keeps cutting its connection
+                    pause, self._pause = self._pause, 0.0
+                    await asyncio.sleep(pause)
                 channels, self._moved = self._moved & self._wanted, set()
                 self._relocated |= channels
                 try:
@@ -446,22 +510,30 @@ class ClusterLink:
                 await client.aclose()
             raise
         old, self._client = self._client, client
+        self._tags.clear()  # a new slot map: each master's probe channel is found again
         with contextlib.suppress(RedisError, OSError):
             await old.aclose()
 
+    def _owners(self) -> set[str]:
+        """The masters that serve a slot in the slot map (a master may serve none)."""
+        slots = self._client.nodes_manager.slots_cache
+        return {nodes[0].name for nodes in slots.values() if nodes}
+
     def _probe_channel(self, name: str, channel_of: Callable[[str], str]) -> bytes | None:
-        """The probe channel of master ``name``: the one it has, while its slot is still
-        that master's, or the first of a tag in one of its slots; None if none is found."""
-        probing = self._probing.get(name)
-        candidates = [probing[1].decode()] if probing is not None else []
-        candidates += (channel_of(str(i)) for i in range(PROBE_TAGS))
-        for channel in candidates:  # bounded: PROBE_TAGS and one
+        """The probe channel of master ``name`` (one that serves slots): the one found
+        before, while its slot is still that master's, or the first of a tag in one of its
+        slots; None if none is found."""
+        known = self._tags.get(name)
+        found = [known.decode()] if known is not None else []
+        tried = (channel_of(str(i)) for i in range(PROBE_TAGS))  # named only when tried
+        for channel in itertools.chain(found, tried):  # bounded: PROBE_TAGS and one
             try:
                 node = self._client.get_node_from_key(channel)
             except SlotNotCoveredError:
                 return None
             if node is not None and node.name == name:
-                return channel.encode()
+                self._tags[name] = channel.encode()
+                return self._tags[name]
         return None
 
     async def _publish_probes(
@@ -494,6 +566,7 @@ class ClusterLink:
             for name, (_link, probing) in list(self._probing.items()):
                 if probing == channel:
                     del self._probing[name]
+                    self._tags.pop(name, None)
             self._probes.pop(channel, None)
 
     def _on_shard(self, kind: bytes, channel: bytes, data: bytes | None) -> None:
@@ -517,10 +590,7 @@ class ClusterLink:
                 self._relocated.discard(channel)
                 self._on_message(b"resync", channel, None)
         elif kind == b"sunsubscribe":
-            if self._leaving.get(channel, 0) > 0:
-                self._leaving[channel] -= 1
-                if not self._leaving[channel]:
-                    del self._leaving[channel]
+            if self._left(channel):
                 self._on_message(b"unsubscribe", channel, None)
             elif channel in self._wanted:  # the master let it go: its slot moved
                 self._where.pop(channel, None)
@@ -531,10 +601,12 @@ class ClusterLink:
     async def _drop(self, channel: bytes) -> None:
         name = self._where.pop(channel, None)
         link = self._shards.get(name or "")
-        if link is not None:
-            self._leaving[channel] += 1
-            with contextlib.suppress(RedisConnectionError):
+        if link is not None and name is not None:
+            self._leaving[channel].append(name)
+            try:
                 await link.unsubscribe(channel)
+            except RedisConnectionError:
+                self._left(channel, name)  # not sent: no confirmation will come
 
     def _end(self, error: Exception, *, quiet: bool = False) -> None:
         if not self._closed.done():

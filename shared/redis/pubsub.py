@@ -141,29 +141,35 @@ class RawLink(ReplyReader):
         options = parse_url(url)
         loop = asyncio.get_running_loop()
         link = cls(on_message, ping_interval, on_run, sharded=sharded)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            try:
-                if "path" in options:
-                    await loop.create_unix_connection(lambda: link, options["path"])
-                else:
-                    context = ssl.create_default_context() if url.startswith("rediss:") else None
-                    await loop.create_connection(
-                        lambda: link,
-                        options.get("host", "localhost"),
-                        options.get("port", 6379),
-                        ssl=context,
-                    )
-            except OSError as exc:
-                raise RedisConnectionError(f"pub/sub connection failed: {exc}") from exc
-            password = options.get("password")
-            if password:
-                username = options.get("username")
-                credentials = (username, password) if username else (password,)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
                 try:
-                    await link._call(b"AUTH", *(c.encode() for c in credentials))
-                except RedisError:
-                    link.abort()
-                    raise RedisConnectionError("pub/sub authentication failed") from None
+                    if "path" in options:
+                        await loop.create_unix_connection(lambda: link, options["path"])
+                    else:
+                        context = (
+                            ssl.create_default_context() if url.startswith("rediss:") else None
+                        )
+                        await loop.create_connection(
+                            lambda: link,
+                            options.get("host", "localhost"),
+                            options.get("port", 6379),
+                            ssl=context,
+                        )
+                except OSError as exc:
+                    raise RedisConnectionError(f"pub/sub connection failed: {exc}") from exc
+                password = options.get("password")
+                if password:
+                    username = options.get("username")
+                    credentials = (username, password) if username else (password,)
+                    try:
+                        await link._call(b"AUTH", *(c.encode() for c in credentials))
+                    except RedisError:
+                        link.abort()
+                        raise RedisConnectionError("pub/sub authentication failed") from None
+        except BaseException:  # a timeout, or cancelled: the connection made is not left open
+            link.abort()
+            raise
         link._watch(ping_interval)
         return link
 
