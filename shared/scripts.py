@@ -39,9 +39,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #   write may lack events that watchers already hold, and no writer but the run's own
 #   knows how far they went: the first call on a new incarnation starts a new epoch, so
 #   no seq of the old epoch is ever given to another event (docs/reliability.md,
-#   "Failover"). INFO is read and matched once per script run, whatever the number of
-#   events or of calls in a bundle (``APPEND_MANY``); where it is missing (the embedded
-#   Redis) the incarnation is unknown and never changes.
+#   "Failover"). A new id is not always a new incarnation of the writer, though: a
+#   Redis Cluster reshard moves the meta whole to another master, which lost nothing
+#   (``_INCARNATION`` tells the cases apart). INFO is read and matched once per script
+#   run, whatever the number of events or of calls in a bundle (``APPEND_MANY``); where
+#   it is missing (the embedded Redis) the incarnation is unknown and never changes.
 # * Each head is an event encoded up to its ``"seq":``; the script completes it, so the
 #   log entry and the published bytes are identical. Stream ids are ``0-<seq>``.
 # * The call that ends the run may bring the turn's messages (a JSON array) for the
@@ -77,11 +79,11 @@ if not state[1] then
   emitted = 0
   refresh = true
 end
-local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch', 'replid')
+local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch', 'replid', 'replat')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
 local replid = replication_id()
-if not epoch or seq < tonumber(ARGV[5]) or (replid and meta[3] and meta[3] ~= replid) then
+if not epoch or seq < tonumber(ARGV[5]) or incarnation_lost(replid, meta[3], meta[4]) then
   local t = redis.call('TIME')
   epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
   seq = 0
@@ -102,7 +104,7 @@ for i = 13, #ARGV do
   end
 end
 if replid and meta[3] ~= replid then
-  redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch, 'replid', replid)
+  redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch, 'replid', replid, 'replat', clock())
 else
   redis.call('HSET', KEYS[1], 'seq', seq, 'epoch', epoch)
 end
@@ -128,16 +130,62 @@ else
 end
 return seq
 """
-_APPEND_FUNCTION = (
-    """
+# Which incarnation of the master holds the session's meta. The meta keeps the id
+# (``replid``) of the master that last wrote it and the time (``replat``, the server's
+# clock in whole seconds) that id was written; they change together, once per
+# incarnation, not with every event. ``incarnation_lost`` tells whether the data under
+# a meta written by another id may be behind what clients got, so a new epoch must start:
+# * the stored id is this master's ``master_replid2``: it was a replica of the writer,
+#   promoted, and replication is asynchronous -> lost;
+# * this server started after the id was written: it restarted and loaded from disk what
+#   it had saved, which may be behind -> lost;
+# * else the server was up before that write and is no promoted replica of the writer:
+#   the keys came whole by a slot migration (MIGRATE), nothing is lost, the id is adopted.
+# A meta with no time (written before times were kept) is lost on any new id. Limit: a
+# replica promoted twice (its ``master_replid2`` is then the id of its own first term)
+# is taken for a migration (docs/reliability.md, "Failover").
+# The second INFO (``server``) is read only on a new id, not per event.
+_INCARNATION = """
+local replication_read
+local function replication(field)
+  if replication_read == nil then
+    local info = redis.pcall('INFO', 'replication')
+    replication_read = type(info) == 'string' and info or false
+  end
+  return replication_read and string.match(replication_read, field .. ':(%x+)') or false
+end
 local replid_read
 local function replication_id()
   if replid_read == nil then
-    local info = redis.pcall('INFO', 'replication')
-    replid_read = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or false
+    replid_read = replication('master_replid')
   end
   return replid_read
 end
+local function clock()
+  return tonumber(redis.call('TIME')[1])
+end
+local function incarnation_lost(replid, stored, written)
+  if not replid or not stored or stored == replid then
+    return false
+  end
+  if not written or stored == replication('master_replid2') then
+    return true
+  end
+  local info = redis.pcall('INFO', 'server')
+  local up = type(info) == 'string' and tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+  if not up then
+    return true
+  end
+  -- Redis counts uptime from its start's whole second to the clock's, so this is the
+  -- second it started in: a write in that very second reads as older than the start
+  -- (a new epoch, the safe side)
+  return clock() - up >= tonumber(written)
+end
+"""
+
+_APPEND_FUNCTION = (
+    _INCARNATION
+    + """
 local function append(KEYS, ARGV)
 """
     + _APPEND
@@ -269,12 +317,11 @@ return 0
 # announced on the runs-ended channel, as ``APPEND`` announces it, so jobs parked behind
 # the run start at once.
 _END = """
-local meta = redis.call('HMGET', KEYS[2], 'seq', 'epoch', 'replid')
+local meta = redis.call('HMGET', KEYS[2], 'seq', 'epoch', 'replid', 'replat')
 local seq = tonumber(meta[1] or '0')
 local epoch = meta[2]
-local info = redis.pcall('INFO', 'replication')
-local replid = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or false
-if not epoch or (replid and meta[3] and meta[3] ~= replid) then
+local replid = replication_id()
+if not epoch or incarnation_lost(replid, meta[3], meta[4]) then
   local t = redis.call('TIME')
   epoch = ARGV[3] .. string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
   seq = 0
@@ -284,8 +331,8 @@ seq = seq + 1
 local payload = ARGV[8] .. seq .. ',"epoch":"' .. epoch .. '"}'
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '0-' .. seq, 'e', payload)
 redis.call('PUBLISH', KEYS[4], payload)
-if replid then
-  redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch, 'replid', replid)
+if replid and meta[3] ~= replid then
+  redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch, 'replid', replid, 'replat', clock())
 else
   redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch)
 end
@@ -301,7 +348,8 @@ return seq
 """
 
 END_LOST = (
-    """
+    _INCARNATION
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
@@ -316,7 +364,8 @@ end
 # did reach the stream after all and started is left to its attempt, and a job that
 # reaches the stream after this finds its run ended (``START``: ``finished``) and is let go.
 WITHDRAW = (
-    """
+    _INCARNATION
+    + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if s[1] ~= 'queued' or (s[2] or '0') ~= '0' then
   return -1

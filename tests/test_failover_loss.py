@@ -176,6 +176,65 @@ async def test_a_meta_written_before_incarnations_were_kept_is_adopted(pair, bus
     assert await old.redis.hget(meta_key, "replid")
 
 
+async def test_a_master_restarted_from_its_own_save_starts_a_new_epoch(tmp_path, prefix):
+    # What a restarted master loads from disk may be behind what clients got: it is a new
+    # incarnation of the writer though its data came from the same server.
+    first = RedisServer(tmp_path, "--dbfilename", "saved.rdb").start()
+    try:
+        bus = bus_on(first, prefix)
+        job, fence = await start(bus, "r1")
+        await write(bus, job, fence, 1, 3)
+        epoch = (await bus.meta("s")).epoch
+        with first.client() as client:
+            client.execute_command("SAVE")
+        await bus.redis.aclose()
+    finally:
+        first.stop()
+    again = RedisServer(tmp_path, "--dbfilename", "saved.rdb").start()
+    try:
+        bus = bus_on(again, prefix)
+        assert await bus.meta("s") == Meta(epoch, 3)  # the save was loaded
+        assert await write(bus, Job(run="r2", session="s", prompt="p"), "f2", 1, 2) == 2
+        assert (await bus.meta("s")).epoch != epoch
+        await bus.redis.aclose()
+    finally:
+        again.stop()
+
+
+async def test_a_meta_moved_whole_from_another_master_is_adopted(pair, buses):
+    # A reshard (MIGRATE) brings a meta written by another master to one that has been up
+    # since before that write and is no promoted replica of its writer: nothing was lost.
+    old, _new = buses
+    job, fence = await start(old, "r1")
+    await write(old, job, fence, 1, 2)
+    meta_key = old.keys.session_meta("s")
+    before = await old.meta("s")
+    with pair.master.client() as client:
+        wait_until(lambda: client.info("server")["uptime_in_seconds"] >= 2, 10, "uptime")
+        now = int(client.time()[0])
+    await old.redis.hset(meta_key, mapping={"replid": "ab" * 20, "replat": now - 1})
+    assert await write(old, job, fence, 3, 1) == 3
+    assert (await old.meta("s")).epoch == before.epoch
+    assert await old.redis.hget(meta_key, "replid") != b"ab" * 20
+    # The same meta written (by that clock) before this server started is a restart's.
+    await old.redis.hset(meta_key, mapping={"replid": "ab" * 20, "replat": now - 3600})
+    assert await write(old, job, fence, 4, 1) == 1
+    assert (await old.meta("s")).epoch != before.epoch
+
+
+async def test_a_moved_meta_without_a_write_time_starts_a_new_epoch(pair, buses):
+    # A meta written before times were kept: any new id is taken for a new incarnation.
+    old, _new = buses
+    job, fence = await start(old, "r1")
+    await write(old, job, fence, 1, 2)
+    meta_key = old.keys.session_meta("s")
+    before = await old.meta("s")
+    await old.redis.hset(meta_key, "replid", "ab" * 20)
+    await old.redis.hdel(meta_key, "replat")
+    assert await write(old, job, fence, 3, 1) == 1
+    assert (await old.meta("s")).epoch != before.epoch
+
+
 def test_the_proxy_forwards_switches_and_silences(pair):
     proxy = TcpProxy(pair.master.port).start()
     try:
