@@ -141,11 +141,14 @@ return seq
 #   it had saved, which may be behind -> lost;
 # * else the server was up before that write and is no promoted replica of the writer:
 #   the keys came whole by a slot migration (MIGRATE), nothing is lost, the id is adopted.
-# A meta with no time (written before times were kept) is lost on any new id. Limit: a
-# replica promoted twice (its ``master_replid2`` is then the id of its own first term)
-# is taken for a migration (docs/reliability.md, "Failover").
+# A meta with no time (written before times were kept) is lost on any new id. Slots move
+# only on a Redis Cluster: elsewhere (one server, Sentinel) any new id is lost, the third
+# case never applies (``SLOTS_MOVE``, set where the script is registered). Limit, on a
+# cluster: a replica promoted twice (its ``master_replid2`` is then the id of its own
+# first term) is taken for a migration (docs/reliability.md, "Failover").
 # The second INFO (``server``) is read only on a new id, not per event.
 _INCARNATION = """
+local SLOTS_MOVE = false
 local replication_read
 local function replication(field)
   if replication_read == nil then
@@ -168,7 +171,7 @@ local function incarnation_lost(replid, stored, written)
   if not replid or not stored or stored == replid then
     return false
   end
-  if not written or stored == replication('master_replid2') then
+  if not SLOTS_MOVE or not written or stored == replication('master_replid2') then
     return true
   end
   local info = redis.pcall('INFO', 'server')

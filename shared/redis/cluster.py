@@ -107,9 +107,12 @@ def sharded(channel: str | bytes) -> bool:
 def register_script(redis: Any, lua: str) -> AsyncScript:
     """``lua`` as a script of ``redis``. On a cluster, a channel the script is given as a
     key (``redis.call('PUBLISH', KEYS[n], ...)``: a session's, in its slot) is published
-    with SPUBLISH on that slot's master; channels given as arguments stay global."""
+    with SPUBLISH on that slot's master; channels given as arguments stay global. Only on
+    a cluster can a session's keys come whole from another master (a slot migration):
+    ``SLOTS_MOVE`` tells the scripts so (shared/scripts.py, ``_INCARNATION``)."""
     if is_cluster(redis):
         lua = lua.replace("redis.call('PUBLISH', KEYS[", "redis.call('SPUBLISH', KEYS[")
+        lua = lua.replace("local SLOTS_MOVE = false", "local SLOTS_MOVE = true")
     script: AsyncScript = redis.register_script(lua)
     return script
 
