@@ -62,9 +62,12 @@ class Cluster:
     logdir: Path
     frontends: list[Frontend] = field(default_factory=list)
     workers: list[Proc] = field(default_factory=list)
+    started: int = 0  # frontends started so far, the listed and the replaced
 
     def add_frontend(self, **env: str) -> Frontend:
-        name = f"frontend-{len(self.frontends)}"
+        # Numbered by frontends started, not listed: a replacement gets its own log file.
+        self.started += 1
+        name = f"frontend-{self.started - 1}"
         frontend = Frontend(name, {**self.env, **env}, self.logdir).start()
         self.frontends.append(frontend)
         return frontend
@@ -78,7 +81,7 @@ class Cluster:
 
     def frontend_at(self, url: str) -> Frontend:
         """The frontend a client URL points at."""
-        return next(f for f in self.frontends if url.startswith(f.ws))
+        return next(f for f in self.frontends if f"{url}/".startswith(f"{f.ws}/"))
 
     def worker_with_pid(self, pid: int) -> Proc:
         return next(w for w in self.workers if w.pid == pid)
