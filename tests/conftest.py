@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from tests.fake_openai import FakeOpenAI
 from tests.procs import Frontend, Proc, RedisServer, make_logdir, stop_leftovers, thoughtwire
 from tests.redis_cluster import redis_cluster  # noqa: F401  (a fixture for every module)
 from thoughtwire.shared.redis import RedisFactory
@@ -138,6 +139,14 @@ SIM_STEPS = [
 def sim_run(tokens: int) -> list[str]:
     """The event types of a whole simulated run: steps, answer deltas, their end, done."""
     return [*SIM_STEPS, *["answer"] * tokens, "block_end", "done"]
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[FakeOpenAI]:
+    """A fake OpenAI server over HTTP for one test module (tests/fake_openai.py)."""
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
 
 
 def openai_env(llm) -> dict[str, str]:  # type: ignore[no-untyped-def]

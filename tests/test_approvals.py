@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.conftest import openai_env, start_cluster
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_openai import Reply
 from tests.procs import seconds, wait_until
 from tests.wsclient import connect, greeting, recv_json
 from thoughtwire.shared.bus import Bus
@@ -670,13 +670,6 @@ MARKDOWN = (
     "- six sevens\n",
     "- checked with the calculator",
 )
-
-
-@pytest.fixture(scope="module")
-def llm():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -658,13 +658,6 @@ async def test_a_user_under_budget_is_not_refused_and_done_carries_usage(budgete
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def modelled(redis_server: RedisServer, logdir: Any, llm: FakeOpenAI) -> Iterator[Cluster]:
     c = start_cluster(
         redis_server,

@@ -725,13 +725,6 @@ async def pause(seconds: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def modelled(redis_server: RedisServer, logdir: Path, llm: FakeOpenAI) -> Iterator[Cluster]:
     """The openai agent, talking to the fake model server, with a slow tool."""
     cluster = start_cluster(

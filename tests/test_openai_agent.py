@@ -7,16 +7,9 @@ import signal
 import pytest
 
 from tests.conftest import openai_env, start_cluster
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_openai import Reply
 from tests.wsclient import connect, greeting, recv_text, run_events
 from thoughtwire.shared.reducer import fold
-
-
-@pytest.fixture(scope="module")
-def llm():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -242,13 +242,6 @@ def lossy(logdir: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def modelled(logdir: Path, llm: FakeOpenAI) -> Iterator[Cluster]:
     """The openai agent, with the fake model server and the slow tool."""
     yield from own_cluster(

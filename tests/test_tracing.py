@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from tests.conftest import openai_env, start_cluster
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_openai import Reply
 from tests.procs import seconds, wait_until
 from tests.wsclient import connect, greeting, run_events
 
@@ -22,13 +22,6 @@ pytest.importorskip(
 )
 
 USAGE = {"prompt_tokens": 31, "completion_tokens": 7, "total_tokens": 38}
-
-
-@pytest.fixture(scope="module")
-def llm():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
