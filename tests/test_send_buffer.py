@@ -86,11 +86,16 @@ async def read_run(ws):
 
 
 def settled_send_queue(frontend, client_port):
-    """The Send-Q of the frontend's side of a stalled socket, once two looks agree."""
+    """The Send-Q of the frontend's side of a stalled socket, once three looks in a row agree."""
     looks: list[int] = []
 
     def steady():
-        ((_size, queue),) = kernel_buffers(frontend.port, client_port)
+        # A netlink dump is not atomic: with sockets coming and going around it,
+        # one look can miss the connection. That look does not count.
+        found = kernel_buffers(frontend.port, client_port)
+        if not found:
+            return False
+        ((_size, queue),) = found
         looks.append(queue)
         return len(looks) > 2 and looks[-1] == looks[-2] == looks[-3] and queue
 
