@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+
 import pytest
 
+from tests.procs import RedisServer, seconds
+from thoughtwire.shared.redis import RedisFactory
+from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.redis.topology import Kind, parse, redact
+from thoughtwire.shared.settings import Settings
 
 
 def test_one_server_urls_are_passed_through_as_given() -> None:
@@ -101,3 +108,73 @@ def test_a_password_with_url_characters_stays_out_of_the_host_list() -> None:
     with pytest.raises(ValueError) as info:
         parse("redis+cluster://u:pa#ss@h1")
     assert "pa" not in str(info.value).replace("port", "")
+
+
+# --- node URLs: what the pub/sub connections of a cluster and a Sentinel master use ---
+
+
+def test_a_node_url_brackets_an_ipv6_host_and_keeps_a_user_without_a_password() -> None:
+    cluster = parse("redis+cluster://[::1]:7000")
+    assert cluster.node_url("::1", 7000) == "redis://[::1]:7000"
+    assert parse("redis+cluster://alice@h:7000").node_url("h", 7000) == "redis://alice:@h:7000"
+    assert parse("redis+cluster://alice:@h:7000").node_url("h", 7000) == "redis://alice:@h:7000"
+
+
+@pytest.fixture(scope="module")
+def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server on 127.0.0.1 and ::1 whose default user is off: only ``alice``,
+    a user with no password (``nopass``), gets in."""
+    server = RedisServer(tmp_path_factory.mktemp("acl"), "--bind", "127.0.0.1", "::1").start()
+    with server.client() as admin:
+        admin.acl_setuser(
+            "alice", enabled=True, nopass=True, keys="*", channels="*", commands=["+@all"]
+        )
+        admin.acl_setuser("default", enabled=False)
+    yield server
+    server.stop()
+
+
+async def test_a_clusters_pub_sub_client_reaches_an_ipv6_seed(acl_server: RedisServer) -> None:
+    url = f"redis+cluster://alice:@[::1]:{acl_server.port}"
+    client = RedisFactory(Settings(redis_url=url)).pubsub()
+    try:
+        assert await client.acl_whoami() == "alice"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("userinfo", ["alice@", "alice:@"])
+async def test_a_user_without_a_password_is_the_one_every_connection_signs_in_as(
+    acl_server: RedisServer, userinfo: str
+) -> None:
+    cluster = RedisFactory(
+        Settings(redis_url=f"redis+cluster://{userinfo}127.0.0.1:{acl_server.port}")
+    )
+    client = cluster.pubsub()
+    try:
+        assert await client.acl_whoami() == "alice"
+    finally:
+        await client.aclose()
+    confirmed: list[bytes] = []
+    single = RedisFactory(Settings(redis_url=f"redis://{userinfo}127.0.0.1:{acl_server.port}/0"))
+    link = await open_link(single, lambda kind, channel, data: confirmed.append(kind))
+    try:
+        await link.subscribe(b"tw:acl-check")
+        async with asyncio.timeout(seconds(5)):
+            while not confirmed:  # bounded by the timeout
+                await asyncio.sleep(0.01)
+        assert confirmed == [b"subscribe"]
+    finally:
+        await link.close()
+
+
+async def test_the_sentinel_masters_url_keeps_a_user_without_a_password() -> None:
+    from thoughtwire.shared.redis.sentinel import SentinelMaster
+
+    master = SentinelMaster(parse("redis+sentinel://alice@h:26379/svc/2"), Settings())
+
+    async def discover_master(service: str) -> tuple[str, int]:
+        return "::1", 6380
+
+    master.sentinels.discover_master = discover_master  # type: ignore[method-assign]
+    assert await master.master_url() == "redis://alice:@[::1]:6380/2"

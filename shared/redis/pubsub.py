@@ -158,10 +158,10 @@ class RawLink(ReplyReader):
                         )
                 except OSError as exc:
                     raise RedisConnectionError(f"pub/sub connection failed: {exc}") from exc
-                password = options.get("password")
-                if password:
-                    username = options.get("username")
-                    credentials = (username, password) if username else (password,)
+                # A user with no password (ACL ``nopass``) signs in too, with an empty one.
+                password, username = options.get("password"), options.get("username")
+                if password or username:
+                    credentials = (username, password or "") if username else (password or "",)
                     try:
                         await link._call(b"AUTH", *(c.encode() for c in credentials))
                     except RedisError:

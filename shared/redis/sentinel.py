@@ -206,7 +206,7 @@ class SentinelMaster:
         host, port = await self.sentinels.discover_master(self.service)
         user = quote(self.topology.username or "", safe="")
         password = self.topology.password
-        auth = f"{user}:{quote(password, safe='')}@" if password is not None else ""
+        auth = f"{user}:{quote(password or '', safe='')}@" if password is not None or user else ""
         host = f"[{host}]" if ":" in host else host
         scheme = "rediss" if self.topology.tls else "redis"
         return f"{scheme}://{auth}{host}:{port}/{self.topology.db}"

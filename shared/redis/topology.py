@@ -62,8 +62,10 @@ class Topology:
     def node_url(self, host: str, port: int) -> str:
         """A ``redis://`` (``rediss://``) URL of one node, with the servers' credentials."""
         userinfo = ""
-        if self.password is not None:
-            userinfo = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        if self.password is not None or self.username:  # a user with no password signs in too
+            password = quote(self.password or "", safe="")
+            userinfo = f"{quote(self.username or '', safe='')}:{password}@"
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address
         return f"{'rediss' if self.tls else 'redis'}://{userinfo}{host}:{port}"
 
 
