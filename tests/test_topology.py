@@ -51,6 +51,7 @@ def test_a_sentinel_url_names_its_service_database_and_sentinel_credentials() ->
         ("redis+cluster://h:1/3", "no database number"),
         ("redis+sentinel://h:1", "names no Sentinel service"),
         ("redis+sentinel://h:1/svc/x", "must end in"),
+        ("redis://[::1:6379/0", "IPv6"),
     ],
 )
 def test_a_bad_url_is_one_clear_error_without_its_password(url: str, says: str) -> None:
@@ -84,6 +85,23 @@ def test_a_bad_redis_url_stops_the_process_with_one_line_and_no_password() -> No
         "REDIS_URL='redis+cluster://app:***@nohost': 'nohost' is not host:port"
     ]
     assert "topsecret" not in out.stdout + out.stderr
+
+
+def test_a_one_server_url_that_is_no_url_stops_the_process_with_one_line() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "thoughtwire", "up"],
+        env={"REDIS_URL": "redis://:topsecret@[::1:6379/0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 7, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "IPv6" in out.stderr and "topsecret" not in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
 class Kind(enum.StrEnum):
@@ -77,6 +77,10 @@ def parse(url: str) -> Topology:
         raise ValueError(f"must start with one of {names}")
     kind, tls = _SCHEMES[scheme.lower()]
     if kind is Kind.SINGLE:
+        try:
+            urlsplit(url)  # what redis-py reads it with: an unclosed '[' fails there
+        except ValueError:
+            raise ValueError("is not a URL: an IPv6 host is written [address]:port") from None
         return Topology(kind, url, tls=tls)
     # The user info ends at the last '@' (a password may hold '#', '/', '?' or '@' not
     # percent-encoded), so nothing of it reaches the host list or an error about it.
