@@ -25,6 +25,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 AGENTS = ("simulated", "openai")
 
+MAX_NUMBER = 2**31 - 1  # the largest number any setting takes
+
 # The settings whose variable the wider ecosystem already names.
 _ENV_NAMES = {
     "redis_url": "REDIS_URL",
@@ -78,7 +80,8 @@ class _Environment(PydanticBaseSettingsSource):
 class Settings(BaseSettings):
     """Every setting of a frontend, a worker and ``thoughtwire up``: typed, defaulted, frozen."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    # NaN and infinity are refused: a lease or a timeout of NaN breaks the loop's timers.
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     redis_url: str | None = Field(
         None,
@@ -98,7 +101,7 @@ class Settings(BaseSettings):
         64, ge=2, description="Connections per process in the command pool (at least 2)."
     )
     redis_pool_timeout: float = Field(
-        5.0, description="Seconds a command waits for a free pooled connection."
+        5.0, gt=0, description="Seconds a command waits for a free pooled connection."
     )
     # The paths that reach into uvicorn's and redis-py's internals for speed
     # (docs/performance.md, "Fast paths"); off, only their public APIs are used. The
@@ -118,17 +121,18 @@ class Settings(BaseSettings):
         None, description="An OpenAI-compatible endpoint instead of OpenAI's own."
     )
     openai_model: str = Field("gpt-4o-mini", description="The model the openai agent calls.")
-    openai_timeout: float = Field(60.0, description="Seconds for one model call.")
+    openai_timeout: float = Field(60.0, gt=0, description="Seconds for one model call.")
     openai_idle_timeout: float = Field(
-        30.0, description="Longest silence inside a model's stream, in seconds."
+        30.0, gt=0, description="Longest silence inside a model's stream, in seconds."
     )
     openai_retries: int = Field(
         3,
+        ge=0,
         description="Retries before the first token: 429, 5xx, connection errors, timeouts.",
     )
-    max_steps: int = Field(8, description="Model calls per run (each tool round is one).")
-    max_tokens_per_run: int = Field(8192, description="Tokens a run may generate.")
-    tool_timeout: float = Field(30.0, description="Seconds one tool call may take.")
+    max_steps: int = Field(8, ge=1, description="Model calls per run (each tool round is one).")
+    max_tokens_per_run: int = Field(8192, ge=1, description="Tokens a run may generate.")
+    tool_timeout: float = Field(30.0, gt=0, description="Seconds one tool call may take.")
     tools: str = Field("", description='More tools: "pkg.module:function,...".')
     approval_tools: str = Field(
         "", description='Tools that wait for a person to allow them before they run: "name,...".'
@@ -154,11 +158,15 @@ class Settings(BaseSettings):
         20, ge=0, description="Previous turns of a session sent with the next prompt (0: none)."
     )
     coalesce_ms: float = Field(
-        15.0, description="Merge answer and thinking deltas this close together (ms)."
+        15.0, ge=0, description="Merge answer and thinking deltas this close together (ms)."
     )
-    sim_step_delay: float = Field(0.5, description="The simulated agent's pause per step (s).")
-    sim_answer_tokens: int = Field(12, description="Tokens in a simulated answer.")
-    sim_tokens_per_second: float = Field(20.0, description="The simulated agent's token rate.")
+    sim_step_delay: float = Field(
+        0.5, ge=0, description="The simulated agent's pause per step (s)."
+    )
+    sim_answer_tokens: int = Field(12, ge=0, description="Tokens in a simulated answer.")
+    sim_tokens_per_second: float = Field(
+        20.0, ge=0, description="The simulated agent's token rate (0: unpaced)."
+    )
     # A real model's tokens are not a metronome either.
     sim_jitter: float = Field(
         0.0,
@@ -171,7 +179,7 @@ class Settings(BaseSettings):
     # Event log per session: bounded in length and lifetime. Run states, results and
     # idempotency keys are kept as long.
     log_maxlen: int = Field(10_000, ge=1, description="Events kept per session log.")
-    log_ttl: int = Field(86_400, description="Seconds a session's log and runs are kept.")
+    log_ttl: int = Field(86_400, ge=1, description="Seconds a session's log and runs are kept.")
 
     # Frontend
     send_queue_size: int = Field(
@@ -192,9 +200,11 @@ class Settings(BaseSettings):
         "bytes (Linux doubles it); past it a lagging viewer's frames queue, merged, in the "
         "frontend (0: the kernel's autotuning, up to megabytes).",
     )
-    ping_interval: float = Field(60.0, description="Seconds between WebSocket pings.")
-    max_message_bytes: int = Field(64 * 1024, description="Largest client frame, in bytes.")
-    max_prompt_chars: int = Field(32_000, description="Longest prompt, in characters.")
+    ping_interval: float = Field(
+        60.0, ge=0, description="Seconds between WebSocket pings (0: none)."
+    )
+    max_message_bytes: int = Field(64 * 1024, ge=1, description="Largest client frame, in bytes.")
+    max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt, in characters.")
     ws_per_message_deflate: bool = Field(
         False, description="Offer permessage-deflate on WebSockets."
     )
@@ -230,7 +240,7 @@ class Settings(BaseSettings):
     jwks_url: str | None = Field(None, description="JWKS URL (RS256/ES256).")
     jwt_audience: str | None = Field(None, description="Required `aud` claim.")
     jwt_issuer: str | None = Field(None, description="Required `iss` claim.")
-    viewer_token_ttl: int = Field(3600, description="Lifetime of a viewer link's token (s).")
+    viewer_token_ttl: int = Field(3600, ge=1, description="Lifetime of a viewer link's token (s).")
     allowed_origins: str = Field(
         "",
         description='Browser origins allowed to open sockets and call the API ("*": any). '
@@ -251,11 +261,13 @@ class Settings(BaseSettings):
     )
 
     # Limits per user, held across all frontends (state in Redis).
-    rate_limit: int = Field(120, description="Client frames and API calls per user per minute.")
-    max_runs_per_user: int = Field(8, description="Runs a user may have queued or running.")
-    max_sockets_per_user: int = Field(50, description="Open sockets per user.")
+    rate_limit: int = Field(
+        120, ge=1, description="Client frames and API calls per user per minute."
+    )
+    max_runs_per_user: int = Field(8, ge=1, description="Runs a user may have queued or running.")
+    max_sockets_per_user: int = Field(50, ge=1, description="Open sockets per user.")
     idle_timeout: float = Field(
-        900.0, description="A socket with no frame either way this long is closed (s)."
+        900.0, gt=0, description="A socket with no frame either way this long is closed (s)."
     )
 
     # Presence: who watches a session (docs/protocol.md, "Presence").
@@ -280,11 +292,13 @@ class Settings(BaseSettings):
     # Frontend shutdown
     drain_window: float = Field(
         5.0,
+        ge=0,
         description="Seconds over which a stopping frontend tells its sockets to reconnect, "
         "in batches.",
     )
     disconnect_grace: float = Field(
         15.0,
+        ge=0,
         description="Interactive runs are cancelled once no socket has watched their "
         "session this long (s).",
     )
@@ -298,12 +312,13 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(32, ge=1, description="Runs a worker process runs at once.")
     # Plus drain_window, below Kubernetes' 30 s grace period.
     drain_timeout: float = Field(
-        20.0, description="Seconds a stopping worker lets its runs finish."
+        20.0, ge=0, description="Seconds a stopping worker lets its runs finish."
     )
-    lease_seconds: float = Field(10.0, description="A run's lease; renewed every third.")
-    max_attempts: int = Field(3, description="Attempts at a run before it is dead-lettered.")
+    lease_seconds: float = Field(10.0, gt=0, description="A run's lease; renewed every third.")
+    max_attempts: int = Field(3, ge=1, description="Attempts at a run before it is dead-lettered.")
     redis_retry_seconds: float = Field(
         30.0,
+        ge=0,
         description="How long a worker retries a Redis write (a restart, a failover) before "
         "it gives the run up to the lease.",
     )
@@ -327,7 +342,7 @@ class Settings(BaseSettings):
         description="How long, in ms, that wait lasts at most; the job is acknowledged "
         "after it either way.",
     )
-    embedded_workers: int = Field(2, description="Workers `thoughtwire up` runs.")
+    embedded_workers: int = Field(2, ge=0, description="Workers `thoughtwire up` runs.")
 
     # Observability (docs/operations.md, "Metrics", "Logs" and "Traces")
     metrics: bool = Field(
@@ -387,6 +402,15 @@ class Settings(BaseSettings):
         if url is not None:
             parse(url)  # its ValueError names what is wrong, never the password
         return url
+
+    @field_validator("*")
+    @classmethod
+    def _number_fits(cls, value: Any) -> Any:
+        # A C int: what setsockopt takes, and, as seconds or bytes, past any sane setting;
+        # a larger count or TTL would fail only later, in Redis or the kernel.
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_NUMBER:
+            raise ValueError(f"must be at most {MAX_NUMBER}")
+        return value
 
     @field_validator("key_prefix")
     @classmethod

@@ -142,6 +142,17 @@ def test_a_bad_setting_is_one_line_and_exit_2():
     assert_one_line(result, Exit.USAGE, "THOUGHTWIRE_AGENT")
 
 
+@pytest.mark.parametrize("args", [["api", "--insecure", "--port", "0"], ["worker"], ["up"]])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("THOUGHTWIRE_LEASE_SECONDS", "nan"), ("THOUGHTWIRE_LOG_TTL", "-1")],
+)
+def test_a_number_out_of_range_is_one_line_and_exit_2(args, variable, value):
+    """Not a traceback from a timer at start, nor a log that expires as it is written."""
+    result = command(*args, env={"REDIS_URL": "redis://x", variable: value})
+    assert_one_line(result, Exit.USAGE, variable)
+
+
 def test_a_token_without_jwt_secret_is_one_line_and_exit_2():
     assert_one_line(command("token", "--sub", "a"), Exit.USAGE, "JWT_SECRET")
 

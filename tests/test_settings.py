@@ -1,7 +1,14 @@
 import pytest
 from pydantic import ValidationError
 
-from thoughtwire.shared.settings import DOC, Settings, SettingsError, describe, markdown
+from thoughtwire.shared.settings import (
+    DOC,
+    Settings,
+    SettingsError,
+    describe,
+    env_name,
+    markdown,
+)
 
 
 def test_defaults_are_embedded_and_simulated():
@@ -108,3 +115,43 @@ def test_a_bad_value_is_one_line_naming_the_variable_and_the_value(env, line):
 def test_an_unknown_setting_is_refused():
     with pytest.raises(SettingsError, match="bogus is not a setting"):
         Settings(bogus=1)
+
+
+# Settings whose 0 would break the process (a lease, a TTL or a timeout of nothing, no
+# attempt at all); every other number takes 0 as "none" or "off".
+POSITIVE = {
+    "redis_pool_timeout",
+    "openai_timeout",
+    "openai_idle_timeout",
+    "max_steps",
+    "max_tokens_per_run",
+    "tool_timeout",
+    "log_ttl",
+    "max_message_bytes",
+    "max_prompt_chars",
+    "viewer_token_ttl",
+    "rate_limit",
+    "max_runs_per_user",
+    "max_sockets_per_user",
+    "idle_timeout",
+    "lease_seconds",
+    "max_attempts",
+}
+NUMBERS = [
+    name
+    for name, info in Settings.model_fields.items()
+    if info.annotation in (int, float) and name != "metrics_port"
+]
+
+
+@pytest.mark.parametrize("name", NUMBERS)
+def test_every_number_refuses_negative_huge_and_non_finite_values(name):
+    """A lease of NaN, a TTL of -1 or a count past any protocol's integer fails at start."""
+    variable = env_name(name)
+    refused = ["-1", "nan", "inf", "-inf", "1e400", "99999999999999999999"]
+    refused += ["0"] if name in POSITIVE else []
+    for raw in refused:
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({variable: raw})
+        assert str(info.value).startswith(variable) and "\n" not in str(info.value), raw
+        assert info.value.variable == variable
