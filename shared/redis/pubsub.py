@@ -35,10 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -147,9 +147,7 @@ class RawLink(ReplyReader):
                     if "path" in options:
                         await loop.create_unix_connection(lambda: link, options["path"])
                     else:
-                        context = (
-                            ssl.create_default_context() if url.startswith("rediss:") else None
-                        )
+                        context = _tls_context(options) if url.startswith("rediss:") else None
                         await loop.create_connection(
                             lambda: link,
                             options.get("host", "localhost"),
@@ -267,6 +265,14 @@ class RawLink(ReplyReader):
         self._waiting.append(call)
         self._write(call.payload)
         return await call.future
+
+
+def _tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py's own connections to the URL use: its ``ssl_*`` query
+    options (a private CA's ``ssl_ca_certs``, ``ssl_cert_reqs``...) and redis-py's defaults."""
+    return SSLConnection(
+        **{k: v for k, v in options.items() if k.startswith("ssl_")}
+    ).ssl_context.get()
 
 
 class ClientLink:
