@@ -8,7 +8,9 @@ with the versions it was tested on:
 - :mod:`thoughtwire.api.wsserver`: uvicorn (its websockets-sansio protocol, and the
   raw frame writes of :mod:`thoughtwire.api.wire`);
 - :mod:`thoughtwire.shared.redis.fast`: redis-py's connection and parser internals,
-  read by hiredis.
+  read by hiredis;
+- :mod:`thoughtwire.api.fastapi_lean`: FastAPI's check for pydantic v1 models, which
+  otherwise imports ``pydantic.v1`` into every frontend.
 
 An adapter's fast path is used only when ``THOUGHTWIRE_FAST_PATHS`` is on and the
 installed versions are ones it was tested on (same major and minor release). With an

@@ -1,7 +1,7 @@
 """The fast paths: one adapter per dependency, a switch, a version check, and canaries.
 
-Each adapter (api/wsserver.py for uvicorn, shared/redis/fast.py for redis-py) is the only
-code that touches its dependency's private API; ``THOUGHTWIRE_FAST_PATHS=0`` or an
+Each adapter (api/wsserver.py for uvicorn, shared/redis/fast.py for redis-py,
+api/fastapi_lean.py for FastAPI) is the only code that touches its dependency's private API; ``THOUGHTWIRE_FAST_PATHS=0`` or an
 untested release turns its fast paths off, and the public APIs carry everything.
 """
 
@@ -11,6 +11,8 @@ import inspect
 import logging
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from tests.conftest import start_cluster
 from tests.procs import seconds, wait_until
 from tests.wsclient import connect, greeting, run_events
-from thoughtwire.api import wsserver
+from thoughtwire.api import fastapi_lean, wsserver
 from thoughtwire.api.lane import Gateway, SocketRoutes
 from thoughtwire.api.wire import SCOPE_KEY, RawSocket
 from thoughtwire.shared import fastpaths
@@ -34,9 +36,11 @@ from thoughtwire.shared.redis.pubsub import ClientLink, RawLink, open_link
 from thoughtwire.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-ADAPTERS = {"api/wsserver.py", "shared/redis/fast.py"}
+ADAPTERS = {"api/wsserver.py", "shared/redis/fast.py", "api/fastapi_lean.py"}
 # A dependency's private API, as the code would reach it.
-PRIVATE = re.compile(r"redis\._parsers|uvicorn\.protocols|__self__|(?<!self)\._(writer|reader)\b")
+PRIVATE = re.compile(
+    r"redis\._parsers|uvicorn\.protocols|fastapi\._compat|__self__|(?<!self)\._(writer|reader)\b"
+)
 
 
 @pytest.fixture
@@ -58,8 +62,7 @@ def _untested(monkeypatch, adapter_module, name):
 
 
 def test_only_the_adapters_reach_into_a_dependencys_private_api():
-    """Every reach into uvicorn's or redis-py's internals is in api/wsserver.py or
-    shared/redis/fast.py."""
+    """Every reach into uvicorn's, redis-py's or FastAPI's internals is in its adapter."""
     found = []
     for folder in ("api", "worker", "shared"):
         for path in sorted((ROOT / folder).rglob("*.py")):
@@ -75,7 +78,7 @@ def test_only_the_adapters_reach_into_a_dependencys_private_api():
 def test_each_adapter_names_the_versions_it_was_tested_on():
     """The installed uvicorn and redis-py are the tested ones (else the canaries below say what
     changed), and pyproject's upper bounds stop a release nobody tested."""
-    for adapter in (wsserver.UVICORN, fast.REDIS):
+    for adapter in (wsserver.UVICORN, fast.REDIS, fastapi_lean.FASTAPI):
         assert adapter.untested() == [], f"{adapter.name}: {adapter.untested()}"
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"uvicorn\[standard\]>=[\d.]+,<[\d.]+"|"uvicorn>=[\d.]+,<[\d.]+"', pyproject)
@@ -221,6 +224,66 @@ def test_uvicorn_canary_the_websocket_protocol_still_has_what_the_fast_paths_use
     assert "self.queue.get()" in source
     assert inspect.iscoroutinefunction(WebSocketsSansIOProtocol.send)
     assert wsserver.PROTOCOL is not wsserver.PUBLIC_PROTOCOL
+
+
+def test_fastapi_canary_its_pydantic_v1_checks_are_still_where_the_fast_path_swaps_them():
+    """FastAPI asks ``fastapi._compat.shared`` whether a parameter's class is a pydantic.v1
+    model, and ``fastapi.encoders`` binds the instance check by name."""
+    from fastapi import encoders, utils
+    from fastapi._compat import shared
+
+    assert "is_pydantic_v1_model_class(" in inspect.getsource(shared.annotation_is_pydantic_v1)
+    assert "annotation_is_pydantic_v1(" in inspect.getsource(utils.create_model_field)
+    assert "is_pydantic_v1_model_instance(obj)" in inspect.getsource(encoders.jsonable_encoder)
+    for name in ("is_pydantic_v1_model_class", "is_pydantic_v1_model_instance"):
+        assert callable(getattr(shared, name))
+    assert callable(encoders.is_pydantic_v1_model_instance)
+
+
+def test_the_fastapi_fast_path_answers_as_fastapi_does():
+    """A pydantic.v1 model is still one; nothing else is, generics included."""
+    import warnings
+
+    import pydantic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pydantic import v1
+
+    class Old(v1.BaseModel):
+        x: int = 0
+
+    class New(pydantic.BaseModel):
+        x: int = 0
+
+    assert fastapi_lean._v1_model_class(Old) and fastapi_lean._v1_model_instance(Old())
+    for other in (New, str, list[int], dict[str, Old], None, 3):
+        assert not fastapi_lean._v1_model_class(other), other
+    assert not fastapi_lean._v1_model_instance(New()) and not fastapi_lean._v1_model_instance(Old)
+
+
+BUILD_APP = """
+import sys
+from thoughtwire.api import fastapi_lean
+took = fastapi_lean.install(sys.argv[1] == "on")
+from thoughtwire.api.app import create_app
+from thoughtwire.shared.settings import Settings
+create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
+print(took, "pydantic.v1" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_with_the_fast_path_a_frontend_never_imports_pydantic_v1(switch):
+    """Building every route imports pydantic.v1 only when FastAPI's own check runs."""
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD_APP, switch],
+        capture_output=True,
+        text=True,
+        timeout=seconds(60),
+        check=True,
+    ).stdout.split()
+    assert out == (["True", "False"] if switch == "on" else ["False", "True"]), out
 
 
 def test_redis_canary_the_connection_internals_are_still_there():

@@ -23,6 +23,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
+from thoughtwire.api import fastapi_lean
 from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.settings import Settings, SettingsError, env_name
 
@@ -287,6 +288,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     check_port(host, args.port)  # before any worker starts
     if settings.redis_url is not None:
         check_redis(settings)
+    fastapi_lean.install(settings.fast_paths)  # before any route is built
     from thoughtwire.api.app import create_app
     from thoughtwire.shared.redis import RedisFactory
     from thoughtwire.worker.main import in_process
@@ -324,6 +326,7 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
         )
     check_port(args.host, args.port)
     check_redis(settings)
+    fastapi_lean.install(settings.fast_paths)  # before any route is built
     from thoughtwire.api.app import create_app
 
     tracing.configure(settings, "thoughtwire-api")
@@ -370,7 +373,7 @@ def fast_mode(settings: Settings, *, frontend: bool) -> str:
         return mode(settings.fast_paths, REDIS)
     from thoughtwire.api.wsserver import UVICORN
 
-    return mode(settings.fast_paths, UVICORN, REDIS)
+    return mode(settings.fast_paths, UVICORN, fastapi_lean.FASTAPI, REDIS)
 
 
 def auth_mode(settings: Settings) -> str:
