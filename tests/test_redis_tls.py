@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import RedisServer, free_port, seconds
+from tests.procs import RedisServer, free_port, seconds, wait_until
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.settings import Settings
@@ -46,7 +46,7 @@ def make_certificates(directory: Path) -> None:
 class TLSServer:
     """A redis-server answering TLS on ``tls_port`` (and plain on its own port, to wait)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str) -> None:
         make_certificates(workdir)
         self.tls_port = free_port()
         self.ca = workdir / "ca.pem"
@@ -57,6 +57,7 @@ class TLSServer:
             "--tls-key-file", str(workdir / "server.key"),
             "--tls-ca-cert-file", str(self.ca),
             "--tls-auth-clients", "no",
+            *extra,
         )  # fmt: skip
 
 
@@ -84,5 +85,48 @@ async def test_the_pub_sub_link_trusts_the_ca_the_url_names(tls_server: TLSServe
             while not confirmed:  # bounded by the timeout
                 await asyncio.sleep(0.01)
         assert confirmed == [b"subscribe"]
+    finally:
+        await link.close()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
+    """A Redis Cluster of one master serving every slot, over TLS."""
+    workdir = tmp_path_factory.mktemp("tls-cluster")
+    bus = ("--cluster-port", str(free_port()))  # not the client port + 10,000: taken, or past 65535
+    server = TLSServer(workdir, "--cluster-enabled", "yes", "--tls-cluster", "yes", *bus)
+    server.server.start()
+    try:
+        with server.server.client() as admin:
+            admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            wait_until(
+                lambda: b"cluster_state:ok" in admin.execute_command("CLUSTER", "INFO"),
+                10,
+                "the one-node cluster to serve its slots",
+            )
+        yield server
+    finally:
+        server.server.stop()
+
+
+async def test_a_clusters_every_connection_trusts_the_ca_the_url_names(
+    tls_cluster: TLSServer, prefix: str
+) -> None:
+    url = f"rediss+cluster://127.0.0.1:{tls_cluster.tls_port}?ssl_ca_certs={tls_cluster.ca}"
+    factory = RedisFactory(Settings(redis_url=url))
+    commands = factory.commands()
+    control = factory.pubsub()
+    try:
+        assert await commands.set(f"{prefix}:k", "v") and await control.ping()
+    finally:
+        await commands.aclose()
+        await control.aclose()
+    heard: list[bytes | None] = []
+    link = await open_link(factory, lambda kind, channel, data: heard.append(data))
+    try:
+        await link.subscribe(f"{prefix}:{{s}}:events".encode(), f"{prefix}:all".encode())
+        async with asyncio.timeout(seconds(5)):
+            while len(heard) < 2:  # bounded by the timeout: both confirmations
+                await asyncio.sleep(0.01)
     finally:
         await link.close()

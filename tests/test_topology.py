@@ -196,3 +196,20 @@ async def test_the_sentinel_masters_url_keeps_a_user_without_a_password() -> Non
 
     master.sentinels.discover_master = discover_master  # type: ignore[method-assign]
     assert await master.master_url() == "redis://alice:@[::1]:6380/2"
+
+
+def test_tls_options_reach_every_node_and_sentinel_connection() -> None:
+    from thoughtwire.shared.redis.sentinel import SentinelMaster
+
+    query = "ssl_ca_certs=/ca.pem&ssl_check_hostname=false&x=1"
+    cluster = parse(f"rediss+cluster://h:7000?{query}")
+    assert cluster.tls_options == {"ssl_ca_certs": "/ca.pem", "ssl_check_hostname": False}
+    assert cluster.node_url("h", 7001).endswith(
+        "h:7001?ssl_ca_certs=/ca.pem&ssl_check_hostname=false"
+    )
+    master = SentinelMaster(parse(f"rediss+sentinel://h:26379/svc?{query}"), Settings())
+    assert master.sentinels.sentinel_kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert master.sentinels.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert parse(f"redis+cluster://h:7000?{query}").tls_options == {}  # no TLS: none apply
+    with pytest.raises(ValueError, match="takes no option 'ssl_ca_path'"):
+        parse("rediss+cluster://h:7000?ssl_ca_path=/etc/ssl")

@@ -150,6 +150,7 @@ class ClusterClient(RedisCluster):
             username=topology.username,
             password=topology.password,
             ssl=topology.tls,
+            **topology.tls_options,
             max_connections=settings.redis_pool_size,
             retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), 3),
             socket_keepalive=True,

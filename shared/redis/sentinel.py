@@ -155,6 +155,7 @@ class SentinelMaster:
             "username": topology.sentinel_username,
             "password": topology.sentinel_password if own else topology.password,
             "ssl": topology.tls,
+            **topology.tls_options,
             "socket_timeout": SENTINEL_TIMEOUT,
             "socket_connect_timeout": SENTINEL_TIMEOUT,
             "retry": Retry(NoBackoff(), 0),
@@ -167,6 +168,7 @@ class SentinelMaster:
             db=topology.db,
             socket_keepalive=True,
             connection_class=_MasterSSLConnection if topology.tls else _MasterConnection,
+            **topology.tls_options,
         )
         self._pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
         self._links: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -209,7 +211,8 @@ class SentinelMaster:
         auth = f"{user}:{quote(password or '', safe='')}@" if password is not None or user else ""
         host = f"[{host}]" if ":" in host else host
         scheme = "rediss" if self.topology.tls else "redis"
-        return f"{scheme}://{auth}{host}:{port}/{self.topology.db}"
+        query = f"?{self.topology.tls_query}" if self.topology.tls_query else ""
+        return f"{scheme}://{auth}{host}:{port}/{self.topology.db}{query}"
 
     def watch(self, link: Any) -> None:
         """Abort ``link`` (a connection of our own to the master) when the master switches."""

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from redis.connection import parse_url
 
 
 class Kind(enum.StrEnum):
@@ -38,6 +41,23 @@ _SCHEMES = {
     "rediss+sentinel": (Kind.SENTINEL, True),
 }
 
+# The TLS options a ``rediss+cluster://`` or ``rediss+sentinel://`` URL may carry (a
+# private CA's ``ssl_ca_certs``, a client certificate...), named and read as redis-py reads
+# them from a ``rediss://`` URL: every connection to a node, a sentinel or the master
+# takes them.
+TLS_OPTIONS = frozenset(
+    {
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_cert_reqs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_check_hostname",
+        "ssl_min_version",
+        "ssl_ciphers",
+    }
+)
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -53,6 +73,15 @@ class Topology:
     service: str | None = None  # Sentinel: the master's name
     sentinel_username: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
+    tls_query: str = ""  # the URL's TLS options (TLS_OPTIONS), as given
+
+    @property
+    def tls_options(self) -> dict[str, Any]:
+        """The URL's TLS options as redis-py's clients take them as keyword arguments."""
+        if not self.tls_query:
+            return {}
+        options: dict[str, Any] = dict(parse_url(f"rediss://localhost?{self.tls_query}"))
+        return {name: value for name, value in options.items() if name in TLS_OPTIONS}
 
     @property
     def redacted(self) -> str:
@@ -66,7 +95,8 @@ class Topology:
             password = quote(self.password or "", safe="")
             userinfo = f"{quote(self.username or '', safe='')}:{password}@"
         host = f"[{host}]" if ":" in host else host  # an IPv6 address
-        return f"{'rediss' if self.tls else 'redis'}://{userinfo}{host}:{port}"
+        query = f"?{self.tls_query}" if self.tls_query else ""
+        return f"{'rediss' if self.tls else 'redis'}://{userinfo}{host}:{port}{query}"
 
 
 def parse(url: str) -> Topology:
@@ -91,11 +121,12 @@ def parse(url: str) -> Topology:
     if not nodes:
         raise ValueError("names no host:port")
     options = {k: v[-1] for k, v in parse_qs(query).items()}
+    tls_query = _tls_query(query) if tls else ""
     segments = [unquote(p) for p in path.split("/") if p]
     if kind is Kind.CLUSTER:
         if segments:
             raise ValueError("a cluster has no database number (it has only db 0)")
-        return Topology(kind, url, nodes, tls, username, password)
+        return Topology(kind, url, nodes, tls, username, password, tls_query=tls_query)
     if not segments:
         raise ValueError("names no Sentinel service: redis+sentinel://host:port/<service>")
     if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
@@ -111,6 +142,7 @@ def parse(url: str) -> Topology:
         segments[0],
         options.get("sentinel_username"),
         options.get("sentinel_password"),
+        tls_query,
     )
 
 
@@ -131,6 +163,16 @@ def redact(url: str) -> str:
         name, eq, _value = pair.partition("=")
         pairs.append(f"{name}=***" if eq and "password" in unquote(name).lower() else pair)
     return f"{base}?{'&'.join(pairs)}"
+
+
+def _tls_query(query: str) -> str:
+    """The TLS options of a URL's query; an ``ssl_`` option that is none of them is refused
+    rather than left out silently."""
+    pairs = [pair for pair in query.split("&") if pair.startswith("ssl_")]
+    for pair in pairs:
+        if (name := pair.partition("=")[0]) not in TLS_OPTIONS:
+            raise ValueError(f"takes no option {name!r} (TLS: {', '.join(sorted(TLS_OPTIONS))})")
+    return "&".join(pairs)
 
 
 def _located(text: str) -> tuple[str, str, str]:
