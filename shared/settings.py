@@ -85,6 +85,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         None,
+        repr=False,  # it may hold a password
         description="Where Redis is: `redis://` (one server), `redis+cluster://h:p[,h:p…]`, "
         "`redis+sentinel://h:p[,h:p…]/<service>[/db]`, or their `rediss` TLS forms. "
         "Unset: embedded, an in-process Redis (`thoughtwire up`).",

@@ -213,3 +213,10 @@ def test_tls_options_reach_every_node_and_sentinel_connection() -> None:
     assert parse(f"redis+cluster://h:7000?{query}").tls_options == {}  # no TLS: none apply
     with pytest.raises(ValueError, match="takes no option 'ssl_ca_path'"):
         parse("rediss+cluster://h:7000?ssl_ca_path=/etc/ssl")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://u:topsecret@h:6379/0", "redis+cluster://u:topsecret@h:7000"]
+)
+def test_no_repr_shows_the_password(url: str) -> None:
+    assert "topsecret" not in repr(parse(url)) + repr(Settings(redis_url=url))

@@ -64,7 +64,7 @@ class Topology:
     """A parsed ``REDIS_URL``: its kind, nodes, credentials and (Sentinel) service."""
 
     kind: Kind
-    url: str  # as given; for one server, what redis-py's ``from_url`` takes
+    url: str = field(repr=False)  # as given (password too); for one server, ``from_url``'s
     nodes: tuple[tuple[str, int], ...] = ()
     tls: bool = False
     username: str | None = None
