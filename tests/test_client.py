@@ -578,3 +578,28 @@ async def test_an_approval_decided_elsewhere_does_not_end_following_and_on_error
     follower = await follow(["not_waiting", "busy"], on_error=heard.append)
     assert [refused.error for refused in heard] == ["not_waiting", "busy"]
     assert follower.folded == case["expected"]
+
+
+async def test_a_frontend_that_greets_then_closes_at_once_is_backed_off_from_not_stormed():
+    """A frontend that takes the socket and closes it at once with 1013 (its event log
+    unreachable, as api/viewer.py closes a catch-up that fails): the delays still grow,
+    as for a frontend that refuses outright. Measured before: 49 connections in 2 s
+    (a fresh 25-50 ms backoff after every greeting)."""
+    opened = 0
+
+    async def frontend(ws):
+        nonlocal opened
+        opened += 1
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        await ws.close(1013, "the event log is unavailable; reconnect and resume")
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(2):
+                async for _ in follower.events():
+                    pass
+    print(f"{opened} connections in 2 s")
+    # 50 ms doubling to 2 s, x0.5-1: at most 7 tries fit in 2 s.
+    assert 2 <= opened <= 8, opened

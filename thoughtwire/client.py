@@ -70,6 +70,10 @@ RATE_LIMIT_PAUSE = 1.0
 # After a reconnect, how long to wait for a ``gap`` before saying "resumed" without one:
 # a frontend sends a gap, if any, right after its greeting.
 RESUME_SETTLE = 0.3
+# A connection up this long (seconds) was healthy: after it drops, backoff starts afresh.
+# One closed sooner (a frontend that greets, then finds its event log unreachable and
+# closes with 1013) goes on backing off, or every client would reconnect 20 times a second.
+STEADY = 10.0
 PONG = '{"type":"pong"}'
 # Prompts waiting for their runs to start, and cancels waiting for a connection, at most.
 MAX_PENDING = 64
@@ -233,6 +237,7 @@ class Follower:
         self._opened_before = False  # whether any attempt did: the next is a resume
         self._settling = False  # greeted again; a gap, if any, comes next
         self._url_tried = ""
+        self._greeted_at = 0.0  # when the current connection was greeted (loop time)
 
     def url(self, attempt: int) -> str:
         """The socket URL for ``attempt``: its frontend, and the position to resume from."""
@@ -352,8 +357,8 @@ class Follower:
                     code, reason = None, _describe(exc)
                 finally:
                     self._ws = None
-                if self._opened:  # it was up: start counting and backing off afresh
-                    retries = _Retries(self.max_reconnects, self.timeout)
+                if self._opened:  # it was up: start counting afresh
+                    retries = retries.reached(_now() - self._greeted_at >= STEADY)
                 attempt += 1
                 self.reconnects += 1
                 delay = retries.next_delay(code, reason)
@@ -437,6 +442,7 @@ class Follower:
             self.seq = 0  # a session of our own: all of it is ours to see
         self.session = message["session"]
         self._ws, self._opened, self._opened_before = ws, True, True
+        self._greeted_at = _now()
         outbox, self._outbox = self._outbox, []
         for action, frame in [*(("prompt", p) for p in self._prompts), *outbox]:
             self._wrote = action
@@ -492,6 +498,15 @@ class _Retries:
         self.max_failures = max_failures
         self.timeout = timeout
         self.deadline = None if timeout is None else _now() + timeout
+
+    def reached(self, steady: bool) -> _Retries:
+        """After a connection was greeted: the failures and the deadline start afresh, and
+        the delays too if it stayed up ``steady``-ly long."""
+        if steady:
+            return _Retries(self.max_failures, self.timeout)
+        self.failures = 0
+        self.deadline = None if self.timeout is None else _now() + self.timeout
+        return self
 
     def next_delay(self, code: int | None, reason: str) -> float:
         """Seconds to wait before the next try; raises :class:`Unreachable` to stop."""
