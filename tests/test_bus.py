@@ -340,3 +340,13 @@ async def test_a_burst_goes_out_in_several_pipelines_and_every_reply_finds_its_c
         )
     )
     assert seqs == [(i % 3 if i < 100 else 0) + 1 for i in range(300)]
+
+
+async def test_a_run_ends_when_waiting_for_replicas_cannot_be_done(redis_client, prefix, caplog):
+    # No replica answers the one server within the wait; the embedded Redis has no WAIT.
+    bus = Bus(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60, wait_replicas=1,
+              wait_timeout_ms=20)  # fmt: skip
+    job, fence = await started(bus)
+    assert await append(bus, job, [Thought("done", "")], fence=fence, first=1) == 1
+    assert await append(bus, job, [Thought("answer", "late")], fence=fence, first=2) == FENCED
+    assert any("replicas" in r.getMessage() for r in caplog.records)
