@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
 from tests.conftest import Cluster, sim_run, start_cluster
-from tests.procs import RedisServer, seconds, wait_until
+from tests.procs import RedisServer, free_port, seconds, wait_until
 from tests.redis_cluster import RedisCluster
 from tests.wsclient import check_stream, connect, greeting, run_events
 from thoughtwire.api.hub import Hub, Run
@@ -526,3 +526,29 @@ async def test_the_hub_probes_each_masters_connection_and_resyncs_the_deaf_ones_
     finally:
         await hub.close()
         await bus.redis.aclose()
+
+
+async def test_a_cluster_with_no_node_answering_is_a_lost_connection_to_every_caller(
+    tmp_path: Path, prefix: str
+) -> None:
+    bus = ("--cluster-port", str(free_port()))  # not the client port + 10,000 (past 65535)
+    server = RedisServer(tmp_path, "--cluster-enabled", "yes", *bus).start()
+    with server.client() as admin:
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        info = partial(admin.execute_command, "CLUSTER", "INFO")
+        wait_until(lambda: b"cluster_state:ok" in info(), 10, "a one-node cluster to serve")
+    url = f"redis+cluster://127.0.0.1:{server.port}"
+    redis: Any = RedisFactory(Settings(redis_url=url)).commands()
+    try:
+        assert await redis.set(f"{prefix}:{{a}}", 1)
+        server.stop()  # every node gone (a whole cluster restarting): redis-py reads no slot map
+        with pytest.raises(RedisConnectionError):
+            await redis.set(f"{prefix}:{{a}}", 2)
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(f"{prefix}:{{a}}", 3)
+        with pytest.raises(RedisConnectionError):
+            await pipe.execute()
+        with pytest.raises(RedisConnectionError):  # the hub's reconnect retries on that
+            await open_link(RedisFactory(Settings(redis_url=url)), lambda *message: None)
+    finally:
+        await redis.aclose()

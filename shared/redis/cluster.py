@@ -45,6 +45,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
+    RedisClusterException,
     RedisError,
     SlotNotCoveredError,
     TryAgainError,
@@ -167,6 +168,19 @@ class ClusterClient(RedisCluster):
         twin = ClusterClient(self.topology, self.settings, raw=True)
         self._twins.append(twin)
         return twin
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> ClusterClient:
+        """Read the slot map (first, or again after a lost node). No node answering, or the
+        slots not all served, is raised as a connection error: Redis is not there right now,
+        which every caller handles, where redis-py's ``RedisClusterException`` is no
+        ``RedisError`` and reached a worker's or the hub's retries as a crash."""
+        try:
+            await super().initialize(*args, **kwargs)
+        except SlotNotCoveredError:
+            raise  # TRANSIENT already: its callers make it a connection error
+        except RedisClusterException as exc:
+            raise RedisConnectionError(f"the cluster cannot be reached now: {exc}") from exc
+        return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command, routed by its key; a :data:`TRANSIENT` refusal that outlasted
