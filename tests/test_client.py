@@ -603,3 +603,45 @@ async def test_a_frontend_that_greets_then_closes_at_once_is_backed_off_from_not
     print(f"{opened} connections in 2 s")
     # 50 ms doubling to 2 s, x0.5-1: at most 7 tries fit in 2 s.
     assert 2 <= opened <= 8, opened
+
+
+async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_ends():
+    """A frontend stops reading before it closes (a drain's 1012, a slow reader's 4008):
+    a cancel written in that moment is never read. The next connection carries the
+    cancel of that run again, until the run's terminal event shows it ended. Before,
+    the Stop was lost and the run went on."""
+    run_event = {"type": "thinking", "run": "r1", "epoch": "e", "seq": 1, "session": "S"}
+    received: list[list[dict]] = []
+    dropped = asyncio.Event()
+
+    async def frontend(ws):
+        frames: list[dict] = []
+        received.append(frames)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(received) == 1:
+            await ws.send(json.dumps(run_event))
+            await ws.recv()  # the cancel, which this frontend no longer handles
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            dropped.set()
+            return
+        async for frame in ws:
+            frames.append(json.loads(frame))
+            if frames[-1]["type"] == "cancel":
+                ended = {**run_event, "type": "cancelled", "seq": 2}
+                await ws.send(json.dumps(ended))
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+        seen = []
+        async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                seen.append(event["type"])
+                if event["type"] == "thinking":
+                    await follower.cancel("r1")
+                    await dropped.wait()
+                if event["type"] == "cancelled":
+                    break
+    assert seen == ["thinking", "cancelled"]
+    assert received[1] == [{"type": "cancel", "run": "r1"}], received
+    assert not follower._cancels  # the run ended: nothing left to send again

@@ -232,6 +232,10 @@ class Follower:
         self._wrote: str | None = None  # the last write on this connection, to name a refusal
         self._auth_retried = False  # a 4001 got its one fresh token since the last admission
         self._prompts: list[str] = []  # resent on each connection until their run starts
+        # A run's cancel, sent again on each connection until the run ends: a frontend
+        # stops reading before it closes (a drain, a slow reader), so one written in that
+        # moment is never read. The cancel of every run is not: it would stop later ones.
+        self._cancels: dict[str, str] = {}
         self._runs: dict[str, None] = {}  # runs seen, the latest RUNS_KEPT, oldest first
         self._opened = False  # whether the current attempt got as far as a greeting
         self._opened_before = False  # whether any attempt did: the next is a resume
@@ -278,9 +282,17 @@ class Follower:
         return key
 
     async def cancel(self, run: str | None = None) -> None:
-        """Cancel ``run``, or every unfinished run of the followed session."""
+        """Cancel ``run``, or every unfinished run of the followed session.
+
+        A run's cancel is sent again on each new connection until the run's terminal
+        event comes; the cancel of every run is sent once.
+        """
         frame = json.dumps({"type": "cancel"} if run is None else {"type": "cancel", "run": run})
-        await self._send("cancel", frame, keep=True)
+        if run is not None:
+            self._cancels[run] = frame
+            if len(self._cancels) > MAX_PENDING:  # the oldest, whose end may have gone by in a gap
+                del self._cancels[next(iter(self._cancels))]
+        await self._send("cancel", frame, keep=run is None)
 
     async def approve(
         self, run: str, call_id: str, decision: str, reason: str | None = None
@@ -380,6 +392,7 @@ class Follower:
             # on. The refused writes are not sent again.
             self._prompts.clear()
             self._outbox.clear()
+            self._cancels.clear()
             self.on_error(Refused(reason or "forbidden", code, action=self._wrote))
             return
         if code == UNAUTHORIZED and callable(self.token) and not self._auth_retried:
@@ -444,7 +457,8 @@ class Follower:
         self._ws, self._opened, self._opened_before = ws, True, True
         self._greeted_at = _now()
         outbox, self._outbox = self._outbox, []
-        for action, frame in [*(("prompt", p) for p in self._prompts), *outbox]:
+        cancels = [("cancel", c) for c in self._cancels.values()]
+        for action, frame in [*(("prompt", p) for p in self._prompts), *outbox, *cancels]:
             self._wrote = action
             await ws.send(frame)
 
@@ -464,6 +478,8 @@ class Follower:
                 return False  # not a whole state: no position to take from it
             self.epoch, self.seq, self.folded = epoch, seq, folded
             self._run_seen(message.get("run"))
+            if kind in TERMINAL:
+                self._cancels.pop(str(message.get("run")), None)
             return True
         if kind == "error":
             code = message.get("code")
