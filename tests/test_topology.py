@@ -52,6 +52,8 @@ def test_a_sentinel_url_names_its_service_database_and_sentinel_credentials() ->
         ("redis+sentinel://h:1", "names no Sentinel service"),
         ("redis+sentinel://h:1/svc/x", "must end in"),
         ("redis://[::1:6379/0", "IPv6"),
+        ("rediss+cluster://h:1?ssl_min_version=abc", "ssl_min_version"),
+        ("redis://h:1/0?socket_timeout=abc", "socket_timeout"),
     ],
 )
 def test_a_bad_url_is_one_clear_error_without_its_password(url: str, says: str) -> None:

@@ -108,9 +108,11 @@ def parse(url: str) -> Topology:
     kind, tls = _SCHEMES[scheme.lower()]
     if kind is Kind.SINGLE:
         try:
-            urlsplit(url)  # what redis-py reads it with: an unclosed '[' fails there
+            query = urlsplit(url).query  # what redis-py reads it with: an unclosed '[' fails
         except ValueError:
             raise ValueError("is not a URL: an IPv6 host is written [address]:port") from None
+        if query:  # an option's value redis-py cannot read: its ValueError names the option
+            parse_url(f"redis://localhost?{query}")
         return Topology(kind, url, tls=tls)
     # The user info ends at the last '@' (a password may hold '#', '/', '?' or '@' not
     # percent-encoded), so nothing of it reaches the host list or an error about it.
@@ -172,6 +174,7 @@ def _tls_query(query: str) -> str:
     for pair in pairs:
         if (name := pair.partition("=")[0]) not in TLS_OPTIONS:
             raise ValueError(f"takes no option {name!r} (TLS: {', '.join(sorted(TLS_OPTIONS))})")
+    parse_url(f"rediss://localhost?{'&'.join(pairs)}")  # a value it cannot read: ValueError
     return "&".join(pairs)
 
 
