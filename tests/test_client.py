@@ -645,3 +645,40 @@ async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_en
     assert seen == ["thinking", "cancelled"]
     assert received[1] == [{"type": "cancel", "run": "r1"}], received
     assert not follower._cancels  # the run ended: nothing left to send again
+
+
+async def test_a_token_handed_to_refresh_is_the_one_the_next_connection_sends():
+    """``refresh(token)`` with a string token: after the socket is lost, the reconnect
+    signs in with the fresh token, not the first one (which may have expired by then:
+    a 4001, final for a string). Before, the reconnect sent the first token again."""
+    seen: list[str | None] = []
+
+    async def frontend(ws):
+        seen.append(ws.request.headers.get("Authorization"))
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(seen) == 1:
+            assert json.loads(await ws.recv()) == {"type": "auth", "token": "fresh"}
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+        else:
+            await ws.send(json.dumps({"type": "done", "run": "r", "epoch": "e", "seq": 1}))
+            await ws.wait_closed()
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        states: list[StateChange] = []
+
+        def on_state(change: StateChange) -> None:
+            states.append(change)
+            if change.state == State.CONNECTED:
+                refreshing.append(asyncio.ensure_future(follower.refresh("fresh")))
+
+        refreshing: list[asyncio.Future] = []
+        follower = Follower(
+            f"ws://127.0.0.1:{port}", "S", after=0, token="first", on_state=on_state, heartbeat=None
+        )
+        async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                assert event["type"] == "done"
+                break
+        await asyncio.gather(*refreshing)
+    assert seen == ["Bearer first", "Bearer fresh"], seen

@@ -310,7 +310,12 @@ class Follower:
         await self._send("approve", json.dumps(message), keep=True)
 
     async def refresh(self, token: str | None = None) -> None:
-        """Hand the open socket a fresh token (``token``, or the callback's) before the old expires."""
+        """Hand the open socket a fresh token (``token``, or the callback's) before the old expires.
+
+        A ``token`` given here replaces a string token: the next connection signs in with it.
+        """
+        if token and not callable(self.token):
+            self.token = token  # the first may have expired by the next reconnect
         fresh = token or await fetch_token(self.token)
         if fresh:
             await self._send("auth", json.dumps({"type": "auth", "token": fresh}), keep=False)
