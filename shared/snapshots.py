@@ -113,37 +113,44 @@ def _joined(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Consecutive deltas of one block as one frame at the last one's seq.
 
     The reducer appends each delta's content to its block, so the joined frame folds
-    to the same state; it copies a block's text once, not once per token.
+    to the same state; it copies a block's text once, not once per token, and a frame
+    once per run of deltas, not once per delta.
     """
     out: list[dict[str, Any]] = []
-    pieces: list[str] = []
+    pieces: list[str] = []  # the contents of the run of deltas ending at ``last``
+    last: dict[str, Any] | None = None
+    block: tuple[Any, ...] | None = None  # the block ``last`` is a delta of, if it is one
     for frame in frames:
-        last = out[-1] if out else None
-        if _delta(frame) and last is not None and _same_block(last, frame):
+        key = _delta_block(frame)
+        if key is not None and key == block:
             pieces.append(frame["content"])
-            out[-1] = {**frame, "content": ""}
+            last = frame
             continue
-        if pieces:
-            out[-1]["content"] = "".join(pieces)
-        pieces = [frame["content"]] if _delta(frame) else []
-        out.append(frame)
-    if pieces:
-        out[-1]["content"] = "".join(pieces)
+        if last is not None:
+            out.append(_run_of(last, pieces))
+        last, block, pieces = frame, key, [frame["content"]] if key is not None else []
+    if last is not None:
+        out.append(_run_of(last, pieces))
     return out
 
 
-def _delta(frame: dict[str, Any]) -> bool:
-    return (
-        frame.get("type") in DELTAS
+def _run_of(last: dict[str, Any], pieces: list[str]) -> dict[str, Any]:
+    """``last``, standing for the deltas whose contents are ``pieces`` (itself if one)."""
+    return last if len(pieces) < 2 else {**last, "content": "".join(pieces)}
+
+
+def _delta_block(frame: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The ``(type, run, block)`` a frame is a plain delta of, or None if it is none."""
+    kind = frame.get("type")
+    if (
+        kind in DELTAS
         and frame.get("delta") is True
-        and isinstance(frame.get("block"), str)
+        and isinstance(block := frame.get("block"), str)
         and isinstance(frame.get("content"), str)
         and "from_seq" not in frame
-    )
-
-
-def _same_block(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return _delta(a) and all(a.get(k) == b.get(k) for k in ("type", "run", "block"))
+    ):
+        return (kind, frame.get("run"), block)
+    return None
 
 
 async def stored(bus: Bus, session: str) -> State | None:

@@ -136,7 +136,10 @@ class UsageMeter:
 
     def cost(self, thought: Thought) -> int:
         """How many tokens counting ``thought`` would add to the total (counts nothing)."""
-        prompt, completion = self._chars(thought)
+        return self._added(*self._chars(thought))
+
+    def _added(self, prompt: int, completion: int) -> int:
+        """How many tokens ``prompt`` and ``completion`` more characters add to the total."""
         after = math.ceil((self._prompt_chars + prompt) / CHARS_PER_TOKEN) + math.ceil(
             (self._completion_chars + completion) / CHARS_PER_TOKEN
         )
@@ -144,8 +147,8 @@ class UsageMeter:
 
     def count(self, thought: Thought) -> int:
         """Count ``thought``; returns how many tokens it adds to the total."""
-        tokens = self.cost(thought)
         prompt, completion = self._chars(thought)
+        tokens = self._added(prompt, completion)
         self._prompt_chars += prompt
         self._completion_chars += completion
         extra = thought.extra or {}
@@ -322,8 +325,11 @@ class RunUsage:
         """Before ``thought`` is queued for writing: count it, held in the budget first.
 
         Raises :class:`BudgetSpent` (the thought uncounted) when nothing remains."""
+        if self.charge is None:  # nothing to hold: count it at once
+            self.meter.count(thought)
+            return
         tokens = self.meter.cost(thought)
-        if self.charge is not None and tokens:
+        if tokens:
             await self.charge.cover(tokens)
         self.meter.count(thought)
 
