@@ -650,3 +650,75 @@ async def test_the_folded_state_of_a_real_run(secure: Cluster):
     assert run["status"] == "done" and all(b["done"] for b in run["blocks"])
     assert "".join(b["text"] for b in run["blocks"] if b["kind"] == "text") == answer
     assert [b["kind"] for b in run["blocks"]].count("tool_result") == 1
+
+
+async def test_a_frontend_that_greets_then_closes_at_once_is_backed_off_from_not_stormed():
+    """Sockets greeted and closed at once with 1013 (a frontend whose event log is
+    unreachable): the reconnect delays still double, as after refusals. Before, each
+    greeting restarted them at ``initial`` (measured: 50, 50, 50, 50, 50 ms)."""
+    async with client_module_page() as page:
+        delays = await page.evaluate(
+            """async () => {
+              Math.random = () => 1; // each delay is its ceiling
+              class GreetsThenCloses {
+                constructor() {
+                  setTimeout(() => {
+                    this.onmessage?.({data: JSON.stringify({type: "session", session: "S"})});
+                    this.onclose?.({code: 1013, reason: "the event log is unavailable"});
+                  }, 0);
+                }
+                send() {}
+                close() {}
+              }
+              const tw = new window.tw.Thoughtwire({
+                urls: "ws://fake.test", WebSocket: GreetsThenCloses, heartbeat: 0,
+                session: "S", after: 0, backoff: {initial: 50, max: 10000},
+              });
+              const delays = [];
+              await new Promise((resolve) => {
+                tw.addEventListener("state", (e) => {
+                  if (e.detail.state !== "reconnecting") return;
+                  delays.push(e.detail.delay);
+                  if (delays.length === 5) resolve();
+                });
+                tw.connect();
+              });
+              tw.close();
+              return delays;
+            }"""
+        )
+    assert delays == [50, 100, 200, 400, 800], delays
+
+
+async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_ends():
+    """A frontend stops reading before it closes (a drain's 1012, a slow reader's 4008):
+    a cancel written in that moment is never read. The next socket carries that run's
+    cancel again; once the run's ``cancelled`` came, the one after does not. Before,
+    the Stop was lost and the run went on."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        sent = await page.evaluate(
+            """async () => {
+              const tw = new window.tw.Thoughtwire({
+                urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0,
+                session: "S", after: 0, backoff: {initial: 1, max: 1},
+              });
+              const event = {type: "thinking", run: "r1", epoch: "e", seq: 1, session: "S"};
+              const greeted = (n) => new Promise((resolve) => {
+                const check = () => (window.sockets.length >= n && tw._admitted ? resolve() : setTimeout(check, 5));
+                check();
+              });
+              await tw.connect();
+              window.sockets[0].receive(event);
+              tw.cancel("r1"); // written, never read: the frontend closes
+              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(2);
+              window.sockets[1].receive({...event, type: "cancelled", seq: 2});
+              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(3);
+              tw.close();
+              return window.sockets.map((s) => s.sent);
+            }"""
+        )
+    cancel = {"type": "cancel", "run": "r1"}
+    assert sent == [[cancel], [cancel], []], sent

@@ -29,6 +29,14 @@ const FINAL = new Set([1000, 1008, 1009, UNAUTHORIZED, FORBIDDEN]);
 const MAX_PENDING = 64;
 /** A socket its frontend kept this long (ms) had a token that worked: its 4001 is an expiry. */
 const TOKEN_LASTED_MS = 10000;
+/**
+ * A socket up this long (ms) was healthy: after it closes, backoff starts afresh. One
+ * closed sooner (greeted, then 1013 as its frontend's event log is unreachable) goes on
+ * backing off, or every client would come back several times a second.
+ */
+const STEADY_MS = 10000;
+/** The events that end a run. */
+const TERMINAL = new Set(["done", "error", "cancelled"]);
 /** What a prompt does while the session has an unfinished run (docs/protocol.md). */
 const MULTITASK = new Set(["reject", "enqueue", "interrupt"]);
 /** The answers to an approval. */
@@ -150,8 +158,13 @@ export class Thoughtwire extends EventTarget {
     this._authRetried = false;
     this._admittedAt = 0;
     this._failures = 0;
+    this._step = 0; // reconnect delays since the last steady socket
     this._index = 0;
     this._pending = [];
+    // A run's cancel, sent again on each socket until the run ends: a frontend stops
+    // reading before it closes (a drain, a slow reader), so one written in that moment
+    // is never read. The cancel of every run is not: it would stop later ones.
+    this._cancels = new Map();
     this._timer = null;
     this._beat = null;
     this._done = false;
@@ -221,7 +234,18 @@ export class Thoughtwire extends EventTarget {
    * @param {string} [run]
    */
   cancel(run) {
-    this._write("cancel", run ? { type: "cancel", run } : { type: "cancel" });
+    if (!run) {
+      this._write("cancel", { type: "cancel" });
+      return;
+    }
+    const frame = { type: "cancel", run };
+    if (!this._done) {
+      this._cancels.delete(run);
+      this._cancels.set(run, frame);
+      // The oldest goes: its run's end may have gone by in a gap.
+      if (this._cancels.size > MAX_PENDING) this._cancels.delete(this._cancels.keys().next().value);
+    }
+    if (this._done || (this._ws !== null && this._admitted)) this._write("cancel", frame);
   }
 
   /** Get a fresh token from the callback and hand it to the open socket, before the old one expires. */
@@ -290,10 +314,12 @@ export class Thoughtwire extends EventTarget {
       // the door opened means the callback's tokens do not work, and is final.
       this._authRetried = false;
     }
+    if (admitted && Date.now() - this._admittedAt >= STEADY_MS) this._step = 0;
     if (code === FORBIDDEN && admitted && wrote !== null) {
       // The token may read this session but not write to it (a viewer): the socket
       // was closed for the write alone, so the application hears of the refusal and
       // the client goes on following.
+      this._cancels.clear(); // refused too, and would be again
       this._emit("error", { action: wrote, code, reason });
       this._retry(code, reason, 0);
     } else if (code === UNAUTHORIZED && typeof this._token === "function" && !this._authRetried) {
@@ -313,9 +339,10 @@ export class Thoughtwire extends EventTarget {
       return;
     }
     const attempt = ++this._failures;
+    const step = ++this._step;
     // The next frontend in the list: the one that dropped the socket may be restarting.
     this._index = (this._index + 1) % this.urls.length;
-    const ceiling = Math.min(this.backoff.max, this.backoff.initial * 2 ** (attempt - 1));
+    const ceiling = Math.min(this.backoff.max, this.backoff.initial * 2 ** Math.min(step, 31) / 2);
     // Full jitter spreads clients out; a rate-limited one pauses for about the longest delay.
     const pause = code === RATE_LIMITED ? this.backoff.max / 2 : 0;
     const wait = delay ?? pause + Math.random() * (pause || ceiling);
@@ -376,6 +403,7 @@ export class Thoughtwire extends EventTarget {
     const pending = this._pending;
     this._pending = [];
     for (const [action, frame] of pending) this._send(action, frame);
+    for (const frame of this._cancels.values()) this._send("cancel", frame);
     this._resolve?.(this);
   }
 
@@ -385,6 +413,7 @@ export class Thoughtwire extends EventTarget {
     this.epoch = event.epoch;
     this.seq = event.seq;
     this.folded = reduce(this.folded, event);
+    if (TERMINAL.has(event.type)) this._cancels.delete(event.run);
     this._emit("event", event);
   }
 
