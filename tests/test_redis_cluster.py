@@ -528,15 +528,26 @@ async def test_the_hub_probes_each_masters_connection_and_resyncs_the_deaf_ones_
         await bus.redis.aclose()
 
 
+def one_node_cluster(workdir: Path) -> RedisServer:
+    """A Redis Cluster of one master serving every slot; restarted, it serves them again."""
+    bus = ("--cluster-port", str(free_port()))  # not the client port + 10,000 (past 65535)
+    server = RedisServer(workdir, "--cluster-enabled", "yes", *bus).start()
+    with server.client() as admin:
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    served(server)
+    return server
+
+
+def served(server: RedisServer) -> None:
+    with server.client() as admin:
+        info = partial(admin.execute_command, "CLUSTER", "INFO")
+        wait_until(lambda: b"cluster_state:ok" in info(), 10, "a one-node cluster to serve")
+
+
 async def test_a_cluster_with_no_node_answering_is_a_lost_connection_to_every_caller(
     tmp_path: Path, prefix: str
 ) -> None:
-    bus = ("--cluster-port", str(free_port()))  # not the client port + 10,000 (past 65535)
-    server = RedisServer(tmp_path, "--cluster-enabled", "yes", *bus).start()
-    with server.client() as admin:
-        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        info = partial(admin.execute_command, "CLUSTER", "INFO")
-        wait_until(lambda: b"cluster_state:ok" in info(), 10, "a one-node cluster to serve")
+    server = one_node_cluster(tmp_path)
     url = f"redis+cluster://127.0.0.1:{server.port}"
     redis: Any = RedisFactory(Settings(redis_url=url)).commands()
     try:
@@ -552,3 +563,31 @@ async def test_a_cluster_with_no_node_answering_is_a_lost_connection_to_every_ca
             await open_link(RedisFactory(Settings(redis_url=url)), lambda *message: None)
     finally:
         await redis.aclose()
+
+
+async def test_the_hub_comes_back_after_every_node_of_the_cluster_was_gone(
+    tmp_path: Path, prefix: str
+) -> None:
+    server = one_node_cluster(tmp_path)
+    factory = RedisFactory(Settings(redis_url=f"redis+cluster://127.0.0.1:{server.port}"))
+    opened = 0
+
+    async def open_counted(on_message: Any, on_run: Any) -> Any:
+        nonlocal opened
+        opened += 1
+        return await open_link(factory, on_message, on_run)
+
+    hub = Hub(open_counted, f"{prefix}:node")
+    await hub.start()
+    try:
+        viewer = Watcher()
+        await hub.join(f"{prefix}:{{s}}:events", viewer)
+        server.stop()  # the whole cluster restarts
+        await until(lambda: opened >= 3, 10, "the hub to try again while no node answers")
+        server.proc.start()  # the same node, its slots kept in nodes.conf
+        served(server)
+        await until(lambda: viewer.resyncs >= 1, 15, "the hub to reconnect and resync its viewer")
+        assert hub.healthy and hub.reconnects == 1
+    finally:
+        await hub.close()
+        server.stop()
