@@ -913,6 +913,26 @@ async def test_a_refused_decision_offers_the_buttons_again(context):
     assert await page.locator(".tool button.deny").text_content() == "Deny"
 
 
+async def test_a_refused_stop_offers_stop_again(context):
+    """A cancel the frontend refuses (an ``error`` reply: Redis briefly unreachable, or
+    over the rate) leaves the run going: Stop is offered again, not held at
+    "Stopping…" for good."""
+    frames = [f for f in weather_run().frames if f["type"] == "thinking"]
+    refusal = {
+        "type": "error",
+        "code": "unavailable",
+        "message": "the service is briefly unavailable; send it again",
+    }
+    script = [{"frames": frames}, {"waitFor": "cancel"}, {"frames": [refusal]}]
+    page = (await recorded_page(context, script)).page
+    await page.wait_for_selector(".run .stop", timeout=WAIT_MS)
+    await page.click(".run .stop")
+    await page.wait_for_selector(".notice.error", timeout=WAIT_MS)
+    assert await page.evaluate("window.__sent") == [{"type": "cancel", "run": "r-recorded"}]
+    assert await page.locator(".run .stop").is_enabled()
+    assert await page.locator(".run .stop").text_content() == "Stop"
+
+
 async def test_a_v1_log_without_blocks_still_reads(context):
     """A log written before blocks: whole thinking lines, an action and an observation
     with no tool fields, answer pieces that join into one text."""

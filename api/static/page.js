@@ -553,6 +553,14 @@ class Card {
     this.badge.textContent = "Stopping";
   }
 
+  /** Offer Stop again: the frontend refused a request (perhaps the cancel), and the run goes on. */
+  offerStop() {
+    if (!this.stop?.disabled) return;
+    this.stop.disabled = false;
+    this.stop.textContent = "Stop";
+    this.badge.textContent = BADGES[this.status] ?? this.status;
+  }
+
   /** Send the owner's decision on a tool call; false if it could not be sent. */
   approve(callId, decision, reason) {
     try {
@@ -710,6 +718,7 @@ function open(session) {
     // Something asked of the client failed (a prompt or a cancel refused); it goes on.
     if (client !== tw) return;
     const { action, reason } = e.detail;
+    if (action === "cancel") for (const card of cards.values()) card.offerStop();
     notice(`Could not ${action === "cancel" ? "stop the run" : `send the ${action}`}: ${reason}`, "notice error");
   });
   client.addEventListener("gap", (e) => {
@@ -723,7 +732,10 @@ function open(session) {
     if (message.type === "session") joined(message.session);
     else if (message.type === "error") {
       notice(message.message || "The frontend refused that.", "notice error");
-      for (const card of cards.values()) for (const tool of card.tools.values()) tool.reopen();
+      for (const card of cards.values()) {
+        for (const tool of card.tools.values()) tool.reopen();
+        card.offerStop();
+      }
     }
   });
   tw = client;
