@@ -442,3 +442,22 @@ async def test_the_follower_moves_to_another_sentinel_when_its_own_dies(
             assert await redis_client.set("k", "v")
         finally:
             await redis_client.aclose()
+
+
+async def test_no_sentinel_answering_says_which_and_why(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.procs import free_port
+    from thoughtwire.shared.redis.sentinel import MasterNotFoundError
+
+    ports = [free_port(), free_port()]  # nobody listens
+    url = "redis+sentinel://u:topsecret@" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/svc"
+    master = RedisFactory(Settings(redis_url=url)).sentinel
+    assert master is not None
+    with pytest.raises(MasterNotFoundError) as info:
+        await master.sentinels.discover_master("svc")
+    assert all(f"127.0.0.1:{port}" in str(info.value) for port in ports)
+    assert "topsecret" not in str(info.value)
+    async with master.following():
+        async with asyncio.timeout(seconds(5)):
+            while "listening to another" not in caplog.text:  # bounded by the timeout
+                await asyncio.sleep(0.02)
+    assert f"127.0.0.1:{ports[0]}. Connect" in caplog.text, caplog.text

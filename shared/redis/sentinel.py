@@ -88,7 +88,7 @@ class _Sentinels(Sentinel):
             if isinstance(answer, BaseException):
                 if not isinstance(answer, (RedisError, OSError)):
                     raise answer
-                errors.append(repr(answer))
+                errors.append(str(answer) or type(answer).__name__)  # redis-py's repr: no address
                 continue
             state = answer.get(service_name) if isinstance(answer, dict) else None
             if not state or not self.check_master_state(state, service_name):
@@ -256,7 +256,7 @@ class SentinelMaster:
                 raise
             except (RedisError, OSError) as exc:
                 self.listening_to = None
-                logger.warning("sentinel %s: %r; listening to another", _address(sentinel), exc)
+                logger.warning("sentinel %s: %s; listening to another", _address(sentinel), exc)
             except Exception:  # a bug here must not end the following silently
                 self.listening_to = None
                 logger.exception("following sentinel %s failed", _address(sentinel))
