@@ -153,6 +153,19 @@ def test_a_number_out_of_range_is_one_line_and_exit_2(args, variable, value):
     assert_one_line(result, Exit.USAGE, variable)
 
 
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["up", "--port", "99999"], "--port"),  # getaddrinfo wraps it: 99999 listened on 34463
+        (["api", "--insecure", "--port", "-1"], "--port"),
+        (["up", "--workers", "-1"], "--workers"),
+    ],
+)
+def test_a_port_or_worker_count_out_of_range_is_one_line_and_exit_2(args, word):
+    result = command(*args, env={"REDIS_URL": "redis://x"}, timeout=10)
+    assert_one_line(result, Exit.USAGE, word)
+
+
 def test_a_token_without_jwt_secret_is_one_line_and_exit_2():
     assert_one_line(command("token", "--sub", "a"), Exit.USAGE, "JWT_SECRET")
 

@@ -38,6 +38,7 @@ REDIS_CHECK_SECONDS = 5.0
 # After Ctrl-C, how long `chat` waits for its run's `cancelled` event.
 CANCEL_WAIT_SECONDS = 3.0
 DEFAULT_URL = "ws://127.0.0.1:8000/ws/agent-thoughts"
+MAX_PORT = 65535
 # How often `chat` asks about one approval before it leaves it to the page or the API.
 APPROVAL_QUESTIONS = 3
 ANSWERS = {"y": "allow", "yes": "allow", "n": "deny", "no": "deny"}
@@ -216,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> Exit:
     if args.command == "chat":
         return _chat(args)
+    check_numbers(args)
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
@@ -468,6 +470,19 @@ def _short(exc: BaseException) -> str:
     """An error's first line, without a trailing period; its class when it says nothing."""
     text = str(exc).splitlines()[0].rstrip(".") if str(exc) else ""
     return text or type(exc).__name__
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Raise :class:`Failure` (USAGE) for a ``--port`` or ``--workers`` out of range.
+
+    getaddrinfo takes a port past 65535 modulo 65536: 99999 would listen on 34463.
+    """
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= MAX_PORT:
+        raise Failure(Exit.USAGE, f"--port {port}: must be 0 to {MAX_PORT}")
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 0:
+        raise Failure(Exit.USAGE, f"--workers {workers}: must be 0 or more")
 
 
 def check_port(host: str, port: int) -> None:
