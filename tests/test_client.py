@@ -29,6 +29,7 @@ from thoughtwire.client import (
     ask,
     socket_url,
 )
+from thoughtwire.shared.reducer import initial_state, reduce
 from thoughtwire.shared.settings import Settings
 
 SECRET = "a-client-test-secret-that-is-32-bytes-or-more"
@@ -682,3 +683,31 @@ async def test_a_token_handed_to_refresh_is_the_one_the_next_connection_sends():
                 break
         await asyncio.gather(*refreshing)
     assert seen == ["Bearer first", "Bearer fresh"], seen
+
+
+async def test_ask_in_a_session_with_runs_skips_its_snapshot_and_yields_its_own_run():
+    """``ask`` continuing a session that has runs (``session=S``, no ``after``): the join
+    starts with the session's ``snapshot``, which is no run's event; ``ask`` yields its
+    own run's events only, not those of a run the snapshot showed going on. Before, the
+    snapshot ended ``ask`` in a KeyError."""
+    earlier = {"type": "thinking", "run": "r1", "epoch": "e", "seq": 2, "content": "..."}
+    state = reduce(initial_state(), earlier)
+
+    async def frontend(ws):
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        await ws.send(json.dumps({"type": "snapshot", "state": state, "seq": 2, "epoch": "e"}))
+        await ws.recv()  # the prompt
+        await ws.send(json.dumps({**earlier, "seq": 3}))  # the earlier run goes on
+        for seq, kind in ((4, "answer"), (5, "done")):
+            event = {"type": kind, "run": "r2", "epoch": "e", "seq": seq, "content": "hi"}
+            await ws.send(json.dumps(event))
+        await ws.wait_closed()
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncio.timeout(seconds(10)):
+            kinds = [
+                e["type"]
+                async for e in ask("again", f"ws://127.0.0.1:{port}", session="S", heartbeat=None)
+            ]
+    assert kinds == ["answer", "done"]

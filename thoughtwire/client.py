@@ -582,15 +582,21 @@ async def ask(
     """Send one prompt; yield every event of its run (and gaps), ending with its terminal event.
 
     ``multitask`` is as for :meth:`Follower.prompt`; ``options`` go to :class:`Follower`.
+    Its run is the first one seen that a joined session's ``snapshot`` did not hold.
     """
     follower = Follower(urls, **options)
     run = None
+    earlier: set[str] = set()  # the runs a joined session's snapshot holds: not this prompt's
     async for message in follower.events(prompt, multitask=multitask):
         if message["type"] == "gap":
             yield message
             continue
-        run = run or message["run"]
-        if message["run"] != run:
+        if message["type"] == "snapshot":
+            earlier.update(follower.folded["order"])
+            continue
+        if run is None and message.get("run") not in earlier:
+            run = message.get("run")
+        if run is None or message.get("run") != run:
             continue
         yield message
         if message["type"] in TERMINAL:
