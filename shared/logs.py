@@ -57,7 +57,8 @@ _format: LogFormat = "text"
 
 REDACTED = "[redacted]"
 _TOKEN_QUERY = re.compile(r"((?:^|[?&\s\"'])(?:access_)?token=)[^&\s\"']+")
-_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+# No word boundary before it: a token may follow '%20', '%3D' or '_' in a logged path.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(\bBearer\s+)[^\s\"',]+", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@\"']*:)[^\s/@\"']+@")
 _URL_SECRET_QUERY = re.compile(r"((?:sentinel_)?password=)[^&\s\"']+")

@@ -236,3 +236,15 @@ def test_credentials_in_any_query_spelling_basic_auth_and_slashed_passwords_are_
     for line, secret in lines.items():
         assert secret not in redact(line), line
     assert "monkey=1" in redact("GET /x?monkey=1")
+
+
+def test_a_token_glued_to_an_encoded_separator_is_redacted():
+    """A token right after '%20', '%3D' or '_' has no word boundary before its 'eyJ'."""
+    token = mint(JWT_SECRET, USER, 60)
+    redact = logs.Redactor()
+    for line in (
+        f"GET /ws?authorization=Bearer%20{token} HTTP/1.1",
+        f"GET /login?next=%2Fws%3Fsession%3DS%26token%3D{token} HTTP/1.1",
+        f"GET /ws?subprotocol=bearer_{token} HTTP/1.1",
+    ):
+        assert token.split(".")[1] not in redact(line), line
