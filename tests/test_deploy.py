@@ -461,6 +461,19 @@ def test_the_ingress_keeps_quiet_sockets_and_is_not_sticky(overlay):
     assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_ingress_keeps_metrics_off_the_public_side(overlay):
+    """Every host that reaches the frontends sends ``/metrics`` to no Service: a scrape
+    walks every socket of a frontend, so anyone could make them all do it at will."""
+    objects = deployed(overlay)
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    for rule in one(objects, "Ingress", "thoughtwire")["spec"]["rules"]:
+        paths = rule["http"]["paths"]
+        blocked = [p for p in paths if p["path"] == "/metrics" and p["pathType"] == "Exact"]
+        assert blocked, f"{overlay}: {rule.get('host')} passes /metrics to the frontends"
+        assert blocked[0]["backend"]["service"]["name"] not in services
+
+
 def test_keda_scales_workers_on_the_lag_of_the_real_jobs_stream():
     """The trigger reads the stream and group the workers use (shared/keys.py) under the
     prefix the workers are given, and scales the workers' Deployment on its lag."""
