@@ -711,3 +711,19 @@ async def test_ask_in_a_session_with_runs_skips_its_snapshot_and_yields_its_own_
                 async for e in ask("again", f"ws://127.0.0.1:{port}", session="S", heartbeat=None)
             ]
     assert kinds == ["answer", "done"]
+
+
+async def test_a_run_the_snapshot_holds_is_not_taken_for_a_prompts_run():
+    """Plain data: a prompt waits for its run; the next event of a run the join's
+    snapshot held is not that run, so the prompt is still sent again on a reconnect.
+    Before, that event ended the prompt's wait, and a prompt lost in a reconnect was
+    not sent again."""
+    follower = Follower("ws://h", "S")
+    earlier = {"type": "thinking", "run": "r1", "epoch": "e", "seq": 2, "content": "..."}
+    state = reduce(initial_state(), earlier)
+    await follower.prompt("next question")
+    follower._advance({"type": "snapshot", "state": state, "seq": 2, "epoch": "e"})
+    follower._advance({**earlier, "seq": 3})
+    assert len(follower._prompts) == 1
+    follower._advance({"type": "thinking", "run": "r2", "epoch": "e", "seq": 4})
+    assert follower._prompts == []

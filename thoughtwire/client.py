@@ -482,6 +482,8 @@ class Follower:
             if kind == "snapshot" and folded is self.folded:
                 return False  # not a whole state: no position to take from it
             self.epoch, self.seq, self.folded = epoch, seq, folded
+            for run in folded["order"] if kind == "snapshot" else ():
+                self._run_seen(run, answers=False)  # runs from before any prompt here
             self._run_seen(message.get("run"))
             if kind in TERMINAL:
                 self._cancels.pop(str(message.get("run")), None)
@@ -495,13 +497,13 @@ class Follower:
                 raise refused
         return False  # pings, reconnect notices, connection-manager messages
 
-    def _run_seen(self, run: str | None) -> None:
-        """Note a run's first event: the oldest prompt waiting for its run has it."""
+    def _run_seen(self, run: str | None, answers: bool = True) -> None:
+        """Note a run's first event: the oldest prompt waiting for its run has it (if ``answers``)."""
         if run is not None and run not in self._runs:
             self._runs[run] = None
             if len(self._runs) > RUNS_KEPT:
                 del self._runs[next(iter(self._runs))]
-            if self._prompts:
+            if self._prompts and answers:
                 self._prompts.pop(0)
 
     def _report(self, state: State, **fields: Any) -> None:
