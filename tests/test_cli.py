@@ -166,6 +166,20 @@ def test_a_port_or_worker_count_out_of_range_is_one_line_and_exit_2(args, word):
     assert_one_line(result, Exit.USAGE, word)
 
 
+@pytest.mark.parametrize(
+    "args", [["api", "--insecure", "--port", "0"], ["worker"], ["up", "--port", "0"]]
+)
+def test_a_trace_file_that_cannot_be_opened_is_one_line_and_exit_2(args, redis_server, tmp_path):
+    pytest.importorskip("opentelemetry.sdk", reason="tracing needs the otel extra")
+    env = {
+        "REDIS_URL": redis_server.url,
+        "THOUGHTWIRE_TRACING": "1",
+        "THOUGHTWIRE_TRACE_FILE": str(tmp_path / "missing" / "spans.jsonl"),
+    }
+    result = command(*args, env=env, timeout=15)
+    assert_one_line(result, Exit.USAGE, "THOUGHTWIRE_TRACE_FILE")
+
+
 def test_a_token_without_jwt_secret_is_one_line_and_exit_2():
     assert_one_line(command("token", "--sub", "a"), Exit.USAGE, "JWT_SECRET")
 

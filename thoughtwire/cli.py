@@ -296,7 +296,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
     from thoughtwire.worker.main import in_process
 
     settings = settings.for_embedded()
-    tracing.configure(settings, "thoughtwire")
+    start_tracing(settings, "thoughtwire")
     count = args.workers if args.workers is not None else settings.embedded_workers
 
     def companion(factory: RedisFactory) -> AbstractAsyncContextManager[None]:
@@ -331,7 +331,7 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
     fastapi_lean.install(settings.fast_paths)  # before any route is built
     from thoughtwire.api.app import create_app
 
-    tracing.configure(settings, "thoughtwire-api")
+    start_tracing(settings, "thoughtwire-api")
     logs.announce(
         f"thoughtwire api: {auth_mode(settings)}, {redis_address(settings.redis_url)}, "
         f"listening on {args.host}:{args.port}, {fast_mode(settings, frontend=True)}"
@@ -344,7 +344,7 @@ def _worker(settings: Settings) -> Exit:
     check_redis(settings)
     from thoughtwire.worker.main import main as worker_main
 
-    tracing.configure(settings, "thoughtwire-worker")
+    start_tracing(settings, "thoughtwire-worker")
 
     logs.announce(
         f"thoughtwire worker: agent {settings.agent}, concurrency {settings.worker_concurrency}, "
@@ -470,6 +470,18 @@ def _short(exc: BaseException) -> str:
     """An error's first line, without a trailing period; its class when it says nothing."""
     text = str(exc).splitlines()[0].rstrip(".") if str(exc) else ""
     return text or type(exc).__name__
+
+
+def start_tracing(settings: Settings, service: str) -> None:
+    """Start tracing as the settings say; a trace file that cannot be opened is USAGE."""
+    try:
+        tracing.configure(settings, service)
+    except OSError as exc:
+        raise Failure(
+            Exit.USAGE,
+            f"{env_name('trace_file')}={settings.trace_file!r} cannot be opened "
+            f"({exc.strerror or _short(exc)})",
+        ) from None
 
 
 def check_numbers(args: argparse.Namespace) -> None:
