@@ -216,6 +216,7 @@ async def running(settings: Settings, factory: RedisFactory) -> AsyncIterator[Fr
     frontend: Frontend | None = None
     try:
         await hub.start()
+        await bus.check_incarnations()  # warns if a failover's lost writes go unseen
         frontend = Frontend(
             settings=settings,
             redis=redis,

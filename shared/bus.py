@@ -37,7 +37,9 @@ from thoughtwire.shared.presence import Presence
 from thoughtwire.shared.protocol import Job, Thought, encode_event_head
 from thoughtwire.shared.redis import (
     Batcher,
+    NoPermissionError,
     Redis,
+    RedisError,
     ResponseError,
     is_cluster,
     register_script,
@@ -351,6 +353,23 @@ class Bus:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def check_incarnations(self) -> bool:
+        """Whether this Redis user may run ``INFO``, which the scripts read to tell a master
+        that lost writes (a promoted replica, a restart from disk) and start a new epoch.
+        Inside a script a refusal is silent, and the session would go on in its epoch with
+        seqs given again: refused, this says so (docs/reliability.md)."""
+        try:
+            await self.redis.execute_command("INFO", "replication")
+        except NoPermissionError:
+            logger.warning(
+                "this Redis user may not run INFO: a failover or restart that lost writes "
+                "cannot be told, and its sessions would give seqs again; grant it +info"
+            )
+            return False
+        except (RedisError, OSError):
+            pass  # Redis away, or no INFO at all (the embedded Redis): nothing to tell
+        return True
 
     async def jobs_queue(self) -> JobsQueue:
         """The jobs stream's length and the workers' group's pending and lag (``XLEN``,

@@ -350,3 +350,26 @@ async def test_a_run_ends_when_waiting_for_replicas_cannot_be_done(redis_client,
     assert await append(bus, job, [Thought("done", "")], fence=fence, first=1) == 1
     assert await append(bus, job, [Thought("answer", "late")], fence=fence, first=2) == FENCED
     assert any("replicas" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_redis_user_that_may_not_read_info_is_warned_of_at_start(tmp_path, caplog):
+    # The scripts read INFO to tell a master that lost writes; a common ACL takes it away
+    # (-@dangerous), and inside a script the refusal is silent.
+    from tests.procs import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        with server.client() as admin:
+            admin.acl_setuser("app", enabled=True, passwords=["+s3cret-pw"], keys="*", channels="*",
+                              commands=["+@all", "-@dangerous"])  # fmt: skip
+        url = f"redis://app:s3cret-pw@127.0.0.1:{server.port}/0"
+        for user_url, readable in ((url, False), (server.url, True)):
+            redis = RedisFactory(Settings(redis_url=user_url)).commands()
+            try:
+                bus = Bus(redis, Keys("t"), log_maxlen=50, log_ttl=60)
+                assert await bus.check_incarnations() is readable
+            finally:
+                await redis.aclose()
+        assert "may not run INFO" in caplog.text and "s3cret" not in caplog.text
+    finally:
+        server.stop()

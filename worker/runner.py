@@ -101,6 +101,7 @@ class Worker:
     async def run(self, stop: asyncio.Event, drain_timeout: float = 20.0) -> None:
         """Claim and run jobs until ``stop`` is set, then drain."""
         await self.bus.ensure_group()
+        await self.bus.check_incarnations()  # warns if a failover's lost writes go unseen
         helpers = [
             asyncio.create_task(
                 self._follow(self.bus.worker_control, self._on_control), name="worker-control"

@@ -21,7 +21,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript as Script
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from thoughtwire.shared.redis.cluster import is_cluster, register_script, sharded
@@ -34,6 +34,7 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 __all__ = [
     "UNREACHABLE",
     "Batcher",
+    "NoPermissionError",
     "Redis",
     "RedisConnectionError",
     "RedisError",
