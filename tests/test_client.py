@@ -727,3 +727,39 @@ async def test_a_run_the_snapshot_holds_is_not_taken_for_a_prompts_run():
     assert len(follower._prompts) == 1
     follower._advance({"type": "thinking", "run": "r2", "epoch": "e", "seq": 4})
     assert follower._prompts == []
+
+
+async def test_a_refused_prompt_is_not_sent_again_on_the_next_connection():
+    """A prompt refused with an ``error`` reply (``busy``: multitask ``reject`` while a
+    run is unfinished) is heard by ``on_error`` and given up: the next connection does
+    not send it again, where it would run after all. Before, it did."""
+    received: list[list[dict]] = []
+
+    async def frontend(ws):
+        frames: list[dict] = []
+        received.append(frames)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(received) == 1:
+            frames.append(json.loads(await ws.recv()))
+            busy = {"type": "error", "code": "busy", "message": "a run is unfinished"}
+            await ws.send(json.dumps(busy))
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            return
+        await ws.send(json.dumps({"type": "done", "run": "r0", "epoch": "e", "seq": 1}))
+        async for frame in ws:
+            frames.append(json.loads(frame))
+
+    refusals: list[Refused] = []
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        follower = Follower(
+            f"ws://127.0.0.1:{port}", "S", after=0, on_error=refusals.append, heartbeat=None
+        )
+        async with asyncio.timeout(seconds(10)):
+            async with aclosing(follower.events("now", multitask="reject")) as stream:
+                async for event in stream:
+                    assert event["type"] == "done"
+                    break
+    assert [r.error for r in refusals] == ["busy"]
+    assert [f["type"] for f in received[0]] == ["prompt"]
+    assert received[1] == [], received

@@ -59,6 +59,9 @@ TERMINAL = ("done", "error", "cancelled")
 # Error codes for a request someone else answered first (an approval decided on another
 # frontend): the run goes on and its log shows the decision, so following goes on too.
 ANSWERED_ELSEWHERE = frozenset({"not_waiting"})
+# Error codes only a prompt gets: the oldest prompt waiting for its run was refused, and
+# is not sent again (on a later connection it could run after all).
+PROMPT_REFUSED = frozenset({"busy", "budget", "empty_prompt", "too_long"})
 # Close codes after which reconnecting cannot help (shared/closecodes.py says why);
 # 4001 is retried once when a token callback can give a fresh token.
 FINAL_CLOSE_CODES = frozenset({1000, 1008, 1009, 4001, 4003})
@@ -489,13 +492,19 @@ class Follower:
                 self._cancels.pop(str(message.get("run")), None)
             return True
         if kind == "error":
-            code = message.get("code")
-            refused = Refused(message.get("message", "the server refused the request"), error=code)
-            if self.on_error is not None:
-                self.on_error(refused)  # one request was refused; the session goes on
-            elif code not in ANSWERED_ELSEWHERE:
-                raise refused
+            self._refused(message)
         return False  # pings, reconnect notices, connection-manager messages
+
+    def _refused(self, message: dict[str, Any]) -> None:
+        """An ``error`` reply: heard by ``on_error`` (or raised); a refused prompt is given up."""
+        code = message.get("code")
+        if code in PROMPT_REFUSED and self._prompts:
+            self._prompts.pop(0)
+        refused = Refused(message.get("message", "the server refused the request"), error=code)
+        if self.on_error is not None:
+            self.on_error(refused)  # one request was refused; the session goes on
+        elif code not in ANSWERED_ELSEWHERE:
+            raise refused
 
     def _run_seen(self, run: str | None, answers: bool = True) -> None:
         """Note a run's first event: the oldest prompt waiting for its run has it (if ``answers``)."""
