@@ -461,3 +461,22 @@ async def test_no_sentinel_answering_says_which_and_why(caplog: pytest.LogCaptur
             while "listening to another" not in caplog.text:  # bounded by the timeout
                 await asyncio.sleep(0.02)
     assert f"127.0.0.1:{ports[0]}. Connect" in caplog.text, caplog.text
+
+
+async def test_a_user_that_may_not_run_role_reaches_the_master(
+    sentinel_deployment: SentinelDeployment,  # noqa: F811
+) -> None:
+    # An ACL of +@all -@dangerous, a common one, refuses ROLE (and INFO).
+    for server in sentinel_deployment.servers.values():
+        with server.client() as admin:
+            admin.acl_setuser("app", enabled=True, passwords=["+apppw"], keys="*", channels="*",
+                              commands=["+@all", "-@dangerous"])  # fmt: skip
+    assert sentinel_deployment.password is None  # the sentinels take any password
+    url = sentinel_deployment.url.replace("://", "://app:apppw@", 1)
+    factory = RedisFactory(Settings(redis_url=url))
+    async with factory.following():  # which closes the sentinels' connections at the end
+        redis_client = factory.commands()
+        try:
+            assert await redis_client.set("k", "v") and await redis_client.acl_whoami() == "app"
+        finally:
+            await redis_client.aclose()

@@ -54,7 +54,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 from redis.retry import Retry
 
 from thoughtwire.shared import backoff  # the module: it imports this package's errors
@@ -101,10 +101,23 @@ class _Sentinels(Sentinel):
 
 
 async def _check_role(connection: SentinelManagedConnection) -> None:
-    """Fail (as a lost connection) unless the server ``connection`` reached is a master."""
-    await connection.send_command("ROLE", check_health=False)
-    role = await connection.read_response()
-    if not role or role[0] not in (b"master", "master"):
+    """Fail (as a lost connection) unless the server ``connection`` reached is a master.
+
+    ROLE tells. A user that may not run it (an ACL of ``+@all -@dangerous``) asks HELLO,
+    whose reply names the role too (Redis 6 on), in the protocol the connection speaks.
+    """
+    try:
+        await connection.send_command("ROLE", check_health=False)
+        reply = await connection.read_response()
+        role = reply[0] if reply else None
+    except NoPermissionError:
+        await connection.send_command("HELLO", connection.protocol or 2, check_health=False)
+        hello = await connection.read_response()
+        fields = (
+            hello if isinstance(hello, dict) else dict(zip(hello[::2], hello[1::2], strict=True))
+        )
+        role = fields.get(b"role", fields.get("role"))
+    if role not in (b"master", "master"):
         address = f"{connection.host}:{connection.port}"
         await connection.disconnect()
         raise RedisConnectionError(f"{address} is not the master (a failover under way)")
