@@ -14,6 +14,7 @@ pick up the process's variables by surprise.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +42,7 @@ _ENV_NAMES = {
 
 
 # Never printed back in an error about their value.
-_SECRETS = frozenset({"openai_api_key", "jwt_secret"})
+_SECRETS = frozenset({"openai_api_key", "jwt_secret", "jwt_public_key"})  # a private one, pasted
 
 
 class SettingsError(ValueError):
@@ -412,6 +413,21 @@ class Settings(BaseSettings):
         if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_NUMBER:
             raise ValueError(f"must be at most {MAX_NUMBER}")
         return value
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _public_key_loads(cls, pem: str | None) -> str | None:
+        # Checked now: a key PyJWT cannot load fails every request, with a 500.
+        if pem is None:
+            return pem
+        from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+        from jwt.exceptions import InvalidKeyError
+
+        for algorithm in (RSAAlgorithm(RSAAlgorithm.SHA256), ECAlgorithm(ECAlgorithm.SHA256)):
+            with contextlib.suppress(InvalidKeyError, ValueError, TypeError):
+                algorithm.prepare_key(pem)
+                return pem
+        raise ValueError("is not a PEM RSA or EC key")
 
     @field_validator("key_prefix")
     @classmethod

@@ -155,3 +155,19 @@ def test_every_number_refuses_negative_huge_and_non_finite_values(name):
             Settings.from_env({variable: raw})
         assert str(info.value).startswith(variable) and "\n" not in str(info.value), raw
         assert info.value.variable == variable
+
+
+def test_a_public_key_that_does_not_parse_fails_at_start_without_printing_it():
+    """Not at every request, as a 500 with a traceback; a private key pasted there stays out."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"JWT_PUBLIC_KEY": "-----BEGIN PRIVATE KEY-----\nnot-a-key\n"})
+    assert str(info.value).startswith("JWT_PUBLIC_KEY") and "not-a-key" not in str(info.value)
+    assert info.value.variable == "JWT_PUBLIC_KEY"
+    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
+    from cryptography.hazmat.primitives import serialization
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    assert Settings.from_env({"JWT_PUBLIC_KEY": pem}).jwt_public_key == pem
