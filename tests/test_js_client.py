@@ -624,10 +624,11 @@ async def test_approve_and_multitask_frames_and_the_folded_state():
         )
     assert result["sent"] == [
         {"type": "prompt", "content": "go on", "key": "k1", "multitask": "interrupt"},
-        {"type": "prompt", "content": "plain"},
+        {"type": "prompt", "content": "plain", "key": result["sent"][1].get("key")},
         {"type": "approve", "run": "r1", "call_id": "c1", "decision": "deny", "reason": "no"},
         {"type": "approve", "run": "r1", "call_id": "c2", "decision": "allow"},
     ]
+    assert len(result["sent"][1]["key"]) == 32, "a prompt without a key is given one"
     assert result["thrown"] == ["TypeError", "TypeError"]
     assert result["seen"] == [True] * len(case["frames"])
     assert result["folded"] == case["expected"]
@@ -722,3 +723,39 @@ async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_en
         )
     cancel = {"type": "cancel", "run": "r1"}
     assert sent == [[cancel], [cancel], []], sent
+
+
+async def test_a_prompt_sent_as_the_frontend_closes_is_sent_again_until_its_run_starts():
+    """A prompt written as its frontend stopped reading is sent again, with the same key,
+    on the next socket; once a new run's first event came, the socket after does not
+    carry it, nor a prompt refused as ``busy``. Before, it was lost: the page's prompt
+    box emptied and nothing ran."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        sent = await page.evaluate(
+            """async () => {
+              const tw = new window.tw.Thoughtwire({
+                urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0,
+                session: "S", after: 0, backoff: {initial: 1, max: 1},
+              });
+              const greeted = (n) => new Promise((resolve) => {
+                const check = () => (window.sockets.length >= n && tw._admitted ? resolve() : setTimeout(check, 5));
+                check();
+              });
+              await tw.connect();
+              tw.prompt("hello"); // written, never read: the frontend closes
+              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(2);
+              window.sockets[1].receive({type: "thinking", run: "r1", epoch: "e", seq: 1, session: "S"});
+              tw.prompt("and then", {multitask: "reject"});
+              window.sockets[1].receive({type: "error", code: "busy", message: "a run is unfinished"});
+              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(3);
+              tw.close();
+              return window.sockets.map((s) => s.sent);
+            }"""
+        )
+    [[first], [again, refused], after] = sent
+    assert first == again and first["content"] == "hello" and len(first["key"]) == 32
+    assert refused["content"] == "and then"
+    assert after == [], "a run started, or the prompt was refused: neither is sent again"

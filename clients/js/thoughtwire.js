@@ -35,6 +35,10 @@ const TOKEN_LASTED_MS = 10000;
  * backing off, or every client would come back several times a second.
  */
 const STEADY_MS = 10000;
+/** Runs remembered, to tell a new run (the answer to a prompt) from one seen already. */
+const RUNS_KEPT = 1024;
+/** Error codes only a prompt gets: the oldest prompt waiting is refused, not sent again. */
+const PROMPT_REFUSED = new Set(["busy", "budget", "empty_prompt", "too_long"]);
 /** The events that end a run. */
 const TERMINAL = new Set(["done", "error", "cancelled"]);
 /** What a prompt does while the session has an unfinished run (docs/protocol.md). */
@@ -165,6 +169,10 @@ export class Thoughtwire extends EventTarget {
     // reading before it closes (a drain, a slow reader), so one written in that moment
     // is never read. The cancel of every run is not: it would stop later ones.
     this._cancels = new Map();
+    // Prompts sent again on each socket until a new run shows one started, for the same
+    // reason; their key makes the frontend run each once.
+    this._prompts = [];
+    this._runs = new Set(); // runs seen, the latest RUNS_KEPT
     this._timer = null;
     this._beat = null;
     this._done = false;
@@ -199,15 +207,20 @@ export class Thoughtwire extends EventTarget {
    *   it first); default: the server's `THOUGHTWIRE_MULTITASK`
    */
   prompt(text, { key, multitask } = {}) {
-    const frame = { type: "prompt", content: String(text) };
-    if (key !== undefined && key !== null) frame.key = key;
+    const frame = { type: "prompt", content: String(text), key: key ?? newKey() };
     if (multitask !== undefined && multitask !== null) {
       if (!MULTITASK.has(multitask)) {
         throw new TypeError(`multitask: one of ${[...MULTITASK].join(", ")}`);
       }
       frame.multitask = multitask;
     }
-    this._write("prompt", frame);
+    if (this._done || this._prompts.length >= MAX_PENDING) {
+      const reason = this._done ? "the client is closed" : "too many prompts wait for their runs";
+      this._emit("error", { action: "prompt", reason });
+      return;
+    }
+    this._prompts.push(frame);
+    if (this._ws !== null && this._admitted) this._send("prompt", frame);
   }
 
   /**
@@ -320,6 +333,7 @@ export class Thoughtwire extends EventTarget {
       // was closed for the write alone, so the application hears of the refusal and
       // the client goes on following.
       this._cancels.clear(); // refused too, and would be again
+      this._prompts = [];
       this._emit("error", { action: wrote, code, reason });
       this._retry(code, reason, 0);
     } else if (code === UNAUTHORIZED && typeof this._token === "function" && !this._authRetried) {
@@ -358,6 +372,8 @@ export class Thoughtwire extends EventTarget {
     clearTimeout(this._timer);
     clearInterval(this._beat);
     this._pending = [];
+    this._prompts = [];
+    this._cancels.clear();
     this._setState("closed", { code, reason });
     const error = new Error(`closed (${code}): ${reason}`);
     Object.assign(error, { code, reason });
@@ -383,6 +399,7 @@ export class Thoughtwire extends EventTarget {
       if (message?.type === "session") this._welcome(message);
       else if (message?.type === "ping") this._ws?.send(JSON.stringify({ type: "pong" }));
       else if (message?.type === "presence") this._emit("presence", message);
+      else if (message?.type === "error" && PROMPT_REFUSED.has(message.code)) this._prompts.shift();
       this._emit("message", message);
     }
   }
@@ -402,6 +419,7 @@ export class Thoughtwire extends EventTarget {
     this._setState(this._resuming ? "resumed" : "connected", this._resuming ? { gap: null } : {});
     const pending = this._pending;
     this._pending = [];
+    for (const frame of this._prompts) this._send("prompt", frame);
     for (const [action, frame] of pending) this._send(action, frame);
     for (const frame of this._cancels.values()) this._send("cancel", frame);
     this._resolve?.(this);
@@ -413,6 +431,7 @@ export class Thoughtwire extends EventTarget {
     this.epoch = event.epoch;
     this.seq = event.seq;
     this.folded = reduce(this.folded, event);
+    this._runSeen(event.run, true);
     if (TERMINAL.has(event.type)) this._cancels.delete(event.run);
     this._emit("event", event);
   }
@@ -430,7 +449,16 @@ export class Thoughtwire extends EventTarget {
     this.folded = folded;
     this.epoch = epoch;
     this.seq = seq;
+    for (const run of folded.order) this._runSeen(run, false); // runs before any prompt here
     this._emit("snapshot", snapshot);
+  }
+
+  /** Note a run; the first event of a new one answers the oldest prompt waiting. */
+  _runSeen(run, answers) {
+    if (typeof run !== "string" || this._runs.has(run)) return;
+    this._runs.add(run);
+    if (this._runs.size > RUNS_KEPT) this._runs.delete(this._runs.values().next().value);
+    if (answers) this._prompts.shift();
   }
 
   _gap(gap) {
@@ -479,6 +507,12 @@ function defaultUrl() {
     throw new TypeError("urls: give the frontends to connect to (there is no page origin here)");
   }
   return globalThis.location.origin;
+}
+
+/** A prompt's idempotency key: 128 random bits, in hex (randomUUID needs a secure context). */
+function newKey() {
+  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function messageOf(err) {
