@@ -159,10 +159,13 @@ def test_a_number_out_of_range_is_one_line_and_exit_2(args, variable, value):
         (["up", "--port", "99999"], "--port"),  # getaddrinfo wraps it: 99999 listened on 34463
         (["api", "--insecure", "--port", "-1"], "--port"),
         (["up", "--workers", "-1"], "--workers"),
+        (["token", "--sub", "a", "--ttl", "-60"], "--ttl"),  # printed a token dead already
+        (["token", "--sub", "a", "--ttl", "99999999999999999999"], "--ttl"),  # one for ever
     ],
 )
 def test_a_port_or_worker_count_out_of_range_is_one_line_and_exit_2(args, word):
-    result = command(*args, env={"REDIS_URL": "redis://x"}, timeout=10)
+    env = {"REDIS_URL": "redis://x", "JWT_SECRET": SECRET}
+    result = command(*args, env=env, timeout=10)
     assert_one_line(result, Exit.USAGE, word)
 
 

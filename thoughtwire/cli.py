@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from thoughtwire.api import fastapi_lean
 from thoughtwire.shared import logs, tracing
-from thoughtwire.shared.settings import Settings, SettingsError, env_name
+from thoughtwire.shared.settings import MAX_NUMBER, Settings, SettingsError, env_name
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -485,7 +485,7 @@ def start_tracing(settings: Settings, service: str) -> None:
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    """Raise :class:`Failure` (USAGE) for a ``--port`` or ``--workers`` out of range.
+    """Raise :class:`Failure` (USAGE) for a ``--port``, ``--workers`` or ``--ttl`` out of range.
 
     getaddrinfo takes a port past 65535 modulo 65536: 99999 would listen on 34463.
     """
@@ -495,6 +495,9 @@ def check_numbers(args: argparse.Namespace) -> None:
     workers = getattr(args, "workers", None)
     if workers is not None and workers < 0:
         raise Failure(Exit.USAGE, f"--workers {workers}: must be 0 or more")
+    ttl = getattr(args, "ttl", None)  # a token dead already, or one that never expires
+    if ttl is not None and not 1 <= ttl <= MAX_NUMBER:
+        raise Failure(Exit.USAGE, f"--ttl {ttl}: must be 1 to {MAX_NUMBER} seconds")
 
 
 def check_port(host: str, port: int) -> None:
