@@ -26,7 +26,7 @@ from thoughtwire.api.viewer import Viewer
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.settings import Settings
-from thoughtwire.worker.metrics import Probes, serving
+from thoughtwire.worker.metrics import MAX_REQUESTS, Probes, serving
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -365,3 +365,21 @@ async def test_with_metrics_off_a_workers_port_still_answers_its_probes():
     assert await asyncio.to_thread(get, "/healthz") == "200 OK"
     assert await asyncio.to_thread(get, "/readyz") == "200 OK"
     assert await asyncio.to_thread(get, "/metrics") == "404 Not Found"
+
+
+async def test_silent_clients_filling_a_workers_port_do_not_fail_its_probes():
+    """Connections that never send a request (or drip one) give way to a probe: with
+    every slot held by one, the port used to close the kubelet's probe at once."""
+    probes = Probes(asyncio.get_running_loop(), None, lambda: True)  # type: ignore[arg-type]
+    async with serving(free_port(), probes) as port:
+        assert port is not None
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_REQUESTS)]
+        silent[0].sendall(b"GET /healthz HTTP/1.1\r\n")  # a head that never ends
+        try:
+            async with httpx.AsyncClient(timeout=seconds(3)) as client:
+                for _ in range(3):
+                    answer = await client.get(f"http://127.0.0.1:{port}/healthz")
+                    assert answer.status_code == 200
+        finally:
+            for held in silent:
+                held.close()

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import socket
 import socketserver
 import threading
 import time
@@ -221,29 +222,59 @@ def _answer(
 
 MAX_REQUESTS = 16  # probes and scrapes served at once
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
+SLOT_WAIT = 1.0  # seconds a new client waits for the slot a silent one gives up
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
     """One thread per request, at most MAX_REQUESTS at once: a slow scrape does not hold
-    a probe up, and idle or slow clients cannot pile threads up."""
+    a probe up, and idle or slow clients cannot pile threads up.
+
+    With every slot taken, the client that has waited longest without sending a whole
+    request head is cut off for the newcomer: else a few silent connections would close
+    every kubelet probe at once, and the worker would be restarted in a loop.
+    """
 
     daemon_threads = True
     block_on_close = False  # a request waiting for a loop that stopped is not waited for
     slots = threading.BoundedSemaphore(MAX_REQUESTS)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.silent: dict[Any, float] = {}  # connections without a whole head, and since when
+        self.silent_lock = threading.Lock()  # the serving thread and the request threads
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve it in a thread if one is free; else close it at once."""
+        """Serve it in a thread if a slot is free or a silent client gives one up; else
+        close it."""
         if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            self._cut_longest_silent()
+            if not self.slots.acquire(timeout=SLOT_WAIT):
+                self.shutdown_request(request)
+                return
+        with self.silent_lock:
+            self.silent[request] = time.monotonic()
         super().process_request(request, client_address)
+
+    def _cut_longest_silent(self) -> None:
+        """Shut the longest silent connection down, so that its thread ends."""
+        with self.silent_lock:
+            longest = min(self.silent, key=self.silent.__getitem__, default=None)
+        if longest is not None:
+            with contextlib.suppress(OSError):
+                longest.shutdown(socket.SHUT_RDWR)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Serve one request, then give its slot back."""
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.heard(request)
             self.slots.release()
+
+    def heard(self, request: Any) -> None:
+        """``request`` sent its whole head (or is done): it is no longer silent."""
+        with self.silent_lock:
+            self.silent.pop(request, None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away mid-request: a debug line, not a traceback on stderr."""
@@ -255,6 +286,13 @@ class _Quiet(WSGIRequestHandler):
     seconds is dropped."""
 
     timeout = REQUEST_TIMEOUT
+    server: _Server
+
+    def parse_request(self) -> bool:
+        """Read the request head; once it is whole, the client is no longer silent."""
+        parsed = super().parse_request()
+        self.server.heard(self.connection)
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:
         """Say nothing."""
