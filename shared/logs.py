@@ -31,6 +31,7 @@ import hashlib
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
@@ -272,6 +273,7 @@ def configure(
         logger.propagate = True
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
 
 
 def _log_uncaught(
@@ -280,6 +282,15 @@ def _log_uncaught(
     """An exception nothing caught ends the process as one log entry, in the log's format."""
     logging.getLogger("thoughtwire").critical(
         "uncaught exception", exc_info=(kind, error, traceback)
+    )
+
+
+def _log_uncaught_in_thread(uncaught: threading.ExceptHookArgs) -> None:
+    """The same for a thread's (the metrics port's, say): else Python prints it raw."""
+    if uncaught.exc_type is SystemExit:  # as threading's own hook: a thread's quiet exit
+        return
+    _log_uncaught(
+        uncaught.exc_type, uncaught.exc_value or uncaught.exc_type(), uncaught.exc_traceback
     )
 
 

@@ -9,7 +9,9 @@ over), and failing requests. Then every line every process wrote is read back.
 import json
 import logging
 import secrets
+import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -174,12 +176,13 @@ async def test_every_line_is_json_names_its_run_and_holds_no_secret(json_cluster
 def configured():
     """Whatever logs.configure changes in this process is put back afterwards."""
     root = logging.getLogger()
-    level, hook = root.level, sys.excepthook
+    level, hook, thread_hook = root.level, sys.excepthook, threading.excepthook
     yield
     for handler in [h for h in root.handlers if h.get_name() == "thoughtwire"]:
         root.removeHandler(handler)
     root.setLevel(level)
     sys.excepthook = hook
+    threading.excepthook = thread_hook
     logging.captureWarnings(False)
 
 
@@ -248,3 +251,24 @@ def test_a_token_glued_to_an_encoded_separator_is_redacted():
         f"GET /ws?subprotocol=bearer_{token} HTTP/1.1",
     ):
         assert token.split(".")[1] not in redact(line), line
+
+
+def test_an_exception_a_thread_left_uncaught_is_one_redacted_log_entry():
+    """Not Python's raw traceback on stderr: outside the JSON format, secrets and all."""
+    script = (
+        "import threading\n"
+        "from thoughtwire.shared import logs\n"
+        "logs.configure('json', secrets=['a-thread-secret'])\n"
+        "def fail():\n"
+        "    raise RuntimeError('cannot reach it with a-thread-secret')\n"
+        "thread = threading.Thread(target=fail, name='port')\n"
+        "thread.start()\n"
+        "thread.join()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds(30)
+    )
+    lines = result.stderr.splitlines()
+    assert "a-thread-secret" not in result.stderr
+    (entry,) = [json.loads(line) for line in lines]
+    assert entry["level"] == "CRITICAL" and "RuntimeError" in entry["exception"]
