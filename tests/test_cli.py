@@ -102,6 +102,17 @@ def test_an_unreachable_frontend_fails_within_the_timeout_with_exit_5():
     assert elapsed < 8, f"gave up after {elapsed:.2f} s"
 
 
+@pytest.mark.parametrize("url", ["ws://[::1", "ws://127.0.0.1:99999", "ftp://127.0.0.1:1"])
+def test_a_url_that_is_no_frontend_url_is_one_line_at_once(url):
+    """A --url no connection can be made to (an unclosed IPv6 bracket, a port past
+    65535, a scheme other than ws, wss, http or https): a usage error at once. The
+    first two ended in a traceback before, the third after --timeout as unreachable."""
+    began = time.monotonic()
+    result = command("chat", "hi", "--url", url, "--timeout", "5")
+    assert_one_line(result, Exit.USAGE, "--url")
+    assert time.monotonic() - began < 5
+
+
 def test_the_default_timeout_is_10_seconds():
     result = command("chat", "--help")
     assert "--timeout TIMEOUT" in result.stdout and "(default: 10.0)" in result.stdout

@@ -535,7 +535,11 @@ def _chat(args: argparse.Namespace) -> Exit:
         raise Failure(Exit.USAGE, "--from-start goes with --follow")
     if args.timeout <= 0:
         raise Failure(Exit.USAGE, "--timeout must be more than 0 seconds")
-    return asyncio.run(Chat(args).run())
+    try:
+        chat = Chat(args)
+    except ValueError as exc:  # a --url no socket can be opened to
+        raise Failure(Exit.USAGE, f"--url: {exc}") from None
+    return asyncio.run(chat.run())
 
 
 class Chat:
