@@ -445,13 +445,13 @@ async def test_approve_and_multitask_frames_and_the_folded_state():
                 assert follower.folded["seq"] == event["seq"]
                 if event["seq"] == frames[-1]["seq"]:
                     break
-    prompt = received[0]
+    prompt = received[2]  # after the approvals asked for before it
     assert prompt.pop("key") and prompt == {
         "type": "prompt",
         "content": "go on",
         "multitask": "interrupt",
     }
-    assert received[1:] == [
+    assert received[:2] == [
         {
             "type": "approve",
             "run": "r1",
@@ -763,3 +763,28 @@ async def test_a_refused_prompt_is_not_sent_again_on_the_next_connection():
     assert [r.error for r in refusals] == ["busy"]
     assert [f["type"] for f in received[0]] == ["prompt"]
     assert received[1] == [], received
+
+
+async def test_a_stop_then_a_prompt_while_disconnected_go_out_in_that_order():
+    """While no socket is open, a cancel of every run, then a prompt: the next connection
+    sends them in that order, so the cancel does not stop the prompt's own run. Before,
+    the prompt went first, and the cancel then stopped it."""
+    received: list[dict] = []
+
+    async def frontend(ws):
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        for _ in range(2):
+            received.append(json.loads(await ws.recv()))
+        await ws.send(json.dumps({"type": "done", "run": "r1", "epoch": "e", "seq": 1}))
+        await ws.wait_closed()
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+        await follower.cancel()
+        await follower.prompt("instead")
+        async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                assert event["type"] == "done"
+                break
+    assert [m["type"] for m in received] == ["cancel", "prompt"], received

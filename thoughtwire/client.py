@@ -50,6 +50,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State as ConnectionState
+from websockets.uri import parse_uri
 
 from thoughtwire.shared.reducer import initial_state, reduce
 
@@ -149,6 +150,19 @@ def socket_url(base: str, query: dict[str, Any]) -> str:
     return urlunsplit((scheme, parts.netloc, path, urlencode(pairs), ""))
 
 
+def check_url(url: str) -> None:
+    """Raise ValueError if no socket can be opened to ``url``, whatever the network does.
+
+    The message does not repeat the URL, whose query may hold a credential.
+    """
+    try:
+        parse_uri(socket_url(url, {}))
+    except (InvalidURI, ValueError):
+        raise ValueError(
+            "a frontend URL is ws://, wss://, http:// or https://, a host, and a port up to 65535"
+        ) from None
+
+
 def backoff(first: float = 0.05, cap: float = 2.0) -> Iterator[float]:
     """first, 2*first, 4*first, ... capped at ``cap``, each scaled by a random factor in [0.5, 1]."""
     delay = first
@@ -212,6 +226,8 @@ class Follower:
         )
         if not self.urls:
             raise ValueError("a follower needs at least one frontend URL")
+        for url in self.urls:
+            check_url(url)
         if replay not in (None, "snapshot", "raw"):
             raise ValueError("replay must be snapshot or raw")
         self.replay = replay
@@ -281,7 +297,8 @@ class Follower:
         if len(self._prompts) >= MAX_PENDING:
             raise Refused(f"{MAX_PENDING} prompts already wait for their runs", action="prompt")
         self._prompts.append(frame)
-        await self._send("prompt", frame, keep=False)
+        # Kept in order with the other writes, so a cancel asked before it cannot stop its run.
+        await self._send("prompt", frame, keep=True)
         return key
 
     async def cancel(self, run: str | None = None) -> None:
@@ -335,7 +352,8 @@ class Follower:
             except ConnectionClosed:
                 pass
         if keep:
-            if len(self._outbox) >= MAX_PENDING:
+            # Prompts are bounded apart, by the prompts waiting for their runs.
+            if sum(kept != "prompt" for kept, _ in self._outbox) >= MAX_PENDING:
                 raise Refused(
                     f"{MAX_PENDING} messages already wait for a connection", action=action
                 )
@@ -465,8 +483,11 @@ class Follower:
         self._ws, self._opened, self._opened_before = ws, True, True
         self._greeted_at = _now()
         outbox, self._outbox = self._outbox, []
+        queued = {frame for _, frame in outbox}
+        # Prompts an earlier socket took may not have been read; the others wait in order.
+        earlier = [("prompt", p) for p in self._prompts if p not in queued]
         cancels = [("cancel", c) for c in self._cancels.values()]
-        for action, frame in [*(("prompt", p) for p in self._prompts), *outbox, *cancels]:
+        for action, frame in [*earlier, *outbox, *cancels]:
             self._wrote = action
             await ws.send(frame)
 
