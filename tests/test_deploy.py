@@ -29,7 +29,7 @@ import pytest
 from tests.conftest import Cluster, start_cluster
 from tests.procs import free_port, wait_until
 from thoughtwire.shared.keys import Keys
-from thoughtwire.shared.settings import Settings
+from thoughtwire.shared.settings import Settings, SettingsError
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -425,6 +425,17 @@ def test_thoughtwire_pods_run_unprivileged_and_bounded(overlay):
         assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
         for bound in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(container["resources"][bound]), where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_service_of_the_namespace_can_set_a_setting(overlay):
+    """Kubernetes puts ``<SERVICE>_PORT=tcp://ip:port`` into every pod of a namespace for
+    each Service there: one named ``thoughtwire-metrics`` (a ServiceMonitor's, say) would
+    set THOUGHTWIRE_METRICS_PORT, and every frontend and worker would exit 2 on start."""
+    with pytest.raises(SettingsError, match="THOUGHTWIRE_METRICS_PORT"):
+        Settings.from_env({"THOUGHTWIRE_METRICS_PORT": "tcp://10.96.0.12:9100"})
+    for where, _, _, workload in thoughtwire_containers(render(overlay)):
+        assert pod_spec(workload).get("enableServiceLinks") is False, where
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
