@@ -194,6 +194,14 @@ def test_a_trace_file_that_cannot_be_opened_is_one_line_and_exit_2(args, redis_s
     assert_one_line(result, Exit.USAGE, "THOUGHTWIRE_TRACE_FILE")
 
 
+@pytest.mark.parametrize("args", [["worker"], ["up", "--port", "0"]])
+@pytest.mark.parametrize("tools", ["no_such_module:tool", "json:no_such_function"])
+def test_a_tool_that_cannot_be_loaded_is_one_line_and_exit_2(args, tools):
+    env = {"REDIS_URL": "redis://x", "OPENAI_API_KEY": "sk-test", "THOUGHTWIRE_TOOLS": tools}
+    result = command(*args, env=env, timeout=15)
+    assert_one_line(result, Exit.USAGE, "THOUGHTWIRE_TOOLS", tools)
+
+
 def test_a_token_without_jwt_secret_is_one_line_and_exit_2():
     assert_one_line(command("token", "--sub", "a"), Exit.USAGE, "JWT_SECRET")
 

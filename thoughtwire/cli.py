@@ -287,6 +287,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> Exit:
             logging.WARNING,
         )
         host = "127.0.0.1"
+    check_tools(settings)
     check_port(host, args.port)  # before any worker starts
     if settings.redis_url is not None:
         check_redis(settings)
@@ -341,6 +342,7 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
 
 
 def _worker(settings: Settings) -> Exit:
+    check_tools(settings)
     check_redis(settings)
     from thoughtwire.worker.main import main as worker_main
 
@@ -470,6 +472,18 @@ def _short(exc: BaseException) -> str:
     """An error's first line, without a trailing period; its class when it says nothing."""
     text = str(exc).splitlines()[0].rstrip(".") if str(exc) else ""
     return text or type(exc).__name__
+
+
+def check_tools(settings: Settings) -> None:
+    """Raise :class:`Failure` (USAGE) if a tool of ``THOUGHTWIRE_TOOLS`` cannot be loaded."""
+    if not settings.openai_api_key:  # the only agent that loads them (worker/agents)
+        return
+    from thoughtwire.worker.tools import ToolError, toolbox
+
+    try:
+        toolbox(settings.tools, settings.approval_tools)
+    except ToolError as exc:
+        raise Failure(Exit.USAGE, f"{env_name('tools')}: {exc}") from None
 
 
 def start_tracing(settings: Settings, service: str) -> None:
