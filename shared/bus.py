@@ -145,8 +145,8 @@ class Bus:
         self.presence = Presence(redis, keys, self._batch)
         # These publish on the session's channel: sharded on a cluster (shared/redis/cluster.py).
         self._append = register_script(redis, scripts.APPEND)
-        # Calls that do not end a run, of many sessions, share a script run (one server).
-        self._append_many = register_script(redis, scripts.APPEND_MANY)
+        # Calls that do not end a run, of many sessions, share a script run (per master).
+        self._append_many = register_script(redis, scripts.APPEND_MANY, cross_slot=True)
         self._append_common = (log_maxlen, log_ttl, self._epoch_seed, keys.runs_ended)
         self._start = redis.register_script(scripts.START)
         self._renew = redis.register_script(scripts.RENEW)

@@ -200,11 +200,17 @@ APPEND = _APPEND_FUNCTION + "return append(KEYS, ARGV)\n"
 # A bundle: the calls of many sessions that do not end their runs, in one script run, so
 # that what a script run costs Redis besides its commands (parsing it, setting up Lua,
 # arguments it would repeat) is paid once per bundle, not once per event
-# (docs/performance.md, "Redis per event"). Only on one server: a cluster runs a script
-# on the master of its keys' slot, and a bundle's sessions are of many slots.
-# KEYS: each call's meta, log, channel and run, in the order of the calls.
+# (docs/performance.md, "Redis per event").
+# KEYS: each call's meta, log, channel and run, in the order of the calls. On a cluster,
+#       a bundle is of the sessions of one master, whose slots differ, and a script's
+#       declared keys must be of one slot: there KEYS is the first call's meta alone, each
+#       call's four keys come before its arguments, and the script is declared
+#       ``allow-cross-slot-keys`` (shared/redis/cluster.py). A key whose slot is not, or
+#       no longer, this master's fails its own call ("Script attempted to access a non
+#       local key"), at its first read, and the batcher sends that call again alone.
 # ARGV: maxlen, ttl, epoch seed, runs-ended channel (as ``APPEND``'s), then for each call:
-#       its number of heads, fence, min-seq, first-n, heads...
+#       (on a cluster, its four keys), its number of heads, fence, min-seq, first-n,
+#       heads...
 # Returns each call's reply, as ``APPEND`` would give it, in order; a call that fails
 # (its commands raise an error) gets that error and the others go on, as if each call
 # were a script run of its own. But for ``READONLY`` (the server is a replica now, and
@@ -215,9 +221,17 @@ APPEND_MANY = (
     _APPEND_FUNCTION
     + """
 local replies, k, a = {}, 0, 5
+local inline = #KEYS == 1  -- a cluster's bundle: each call's keys among the arguments
 while a <= #ARGV do
+  local keys
+  if inline then
+    keys = {ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]}
+    a = a + 4
+  else
+    keys = {KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]}
+  end
   local n = tonumber(ARGV[a])
-  local ok, reply = pcall(append, {KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]}, {
+  local ok, reply = pcall(append, keys, {
     ARGV[1], ARGV[2], ARGV[3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], '', '', '', '', '0',
     ARGV[4], unpack(ARGV, a + 4, a + 3 + n)})
   if not ok and type(reply) ~= 'table' then

@@ -99,6 +99,94 @@ async def test_a_session_is_appended_and_published_on_its_master_through_sharded
         await bus.redis.aclose()
 
 
+async def _started(bus: Bus, sessions: list[str]) -> list[tuple[Job, Any]]:
+    """A run of each session, started."""
+    started = []
+    for session in sessions:
+        job = Job(run=f"r-{session}", session=session, prompt="p")
+        await bus.submit(job)
+        started.append((job, await bus.start(job, "w1", 10_000, 3)))
+    return started
+
+
+async def _append(bus: Bus, started: list[tuple[Job, Any]]) -> list[Any]:
+    """One three-event call of each run, all queued in one tick."""
+    calls = [
+        bus.submit_encoded(
+            job,
+            [bus.encode(job, Thought("answer", f"{job.session}-{i}")) for i in range(3)],
+            fence=attempt.fence,
+            first=1,
+        )
+        for job, attempt in started
+    ]
+    return list(await asyncio.gather(*calls))
+
+
+def _script_runs(redis_cluster: RedisCluster) -> dict[int, int]:
+    """EVALSHA calls each master ran since its stats were reset, by port; then reset.
+    (A first call of a script the master has not loaded yet is refused: not counted.)"""
+    runs = {}
+    for port in redis_cluster.masters():
+        node = redis_cluster.node(port)
+        stats = cast(dict[str, Any], node.call("INFO", "commandstats"))
+        errors = cast(dict[str, Any], node.call("INFO", "errorstats"))
+        unknown = int(errors.get("errorstat_NOSCRIPT", {}).get("count", 0))
+        runs[port] = int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) - unknown
+        node.call("CONFIG", "RESETSTAT")
+    return runs
+
+
+async def _check_logs(bus: Bus, sessions: list[str]) -> None:
+    for session in sessions:
+        contents = [json.loads(e)["content"] for e in await bus.history(session)]
+        assert contents == [f"{session}-{i}" for i in range(3)]
+
+
+async def test_appends_of_many_sessions_share_a_script_run_per_master(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    """Calls of sessions on one master, queued in one tick, go as one script run there,
+    though their keys are of many slots; every session gets its own events."""
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    sessions = [f"b{n}" for n in range(30)]
+    try:
+        started = await _started(bus, sessions)
+        _script_runs(redis_cluster)
+        assert await _append(bus, started) == [3] * 30
+        assert _script_runs(redis_cluster) == dict.fromkeys(redis_cluster.masters(), 1)
+        await _check_logs(bus, sessions)
+    finally:
+        await bus.redis.aclose()
+
+
+async def test_a_bundle_sent_to_a_master_that_does_not_hold_its_slots_runs_call_by_call(
+    redis_cluster: RedisCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle's calls whose slots are elsewhere (a slot moved after they were grouped):
+    each fails on the bundle's master at its first read, and goes again alone, on its
+    own slot's master; the others run in the bundle."""
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    sessions = [f"m{n}" for n in range(12)]
+    try:
+        started = await _started(bus, sessions)
+        _script_runs(redis_cluster)
+        monkeypatch.setattr(Batcher, "_master_of", lambda self, key: "one")  # one bundle
+        assert await _append(bus, started) == [3] * 12
+        owner = {s: redis_cluster.master_of(bus.session_channel(s)) for s in sessions}
+        first = owner[sessions[0]]
+        elsewhere = [s for s in sessions if owner[s] != first]
+        assert elsewhere  # the bundle held slots of other masters
+        runs = _script_runs(redis_cluster)
+        assert runs[first] == 1, runs  # the bundle
+        assert sum(runs.values()) == 1 + len(elsewhere)  # and each call elsewhere, alone
+        await _check_logs(bus, sessions)
+    finally:
+        await bus.redis.aclose()
+
+
 TOKENS = 60  # a run's answer: two seconds at 30 tokens a second
 
 

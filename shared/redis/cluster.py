@@ -105,15 +105,20 @@ def sharded(channel: str | bytes) -> bool:
     return start >= 0 and name.find(b"}", start + 2) > start  # a non-empty ``{tag}``
 
 
-def register_script(redis: Any, lua: str) -> AsyncScript:
+def register_script(redis: Any, lua: str, *, cross_slot: bool = False) -> AsyncScript:
     """``lua`` as a script of ``redis``. On a cluster, a channel the script is given as a
     key (``redis.call('PUBLISH', KEYS[n], ...)``: a session's, in its slot) is published
     with SPUBLISH on that slot's master; channels given as arguments stay global. Only on
     a cluster can a session's keys come whole from another master (a slot migration):
-    ``SLOTS_MOVE`` tells the scripts so (shared/scripts.py, ``_INCARNATION``)."""
+    ``SLOTS_MOVE`` tells the scripts so (shared/scripts.py, ``_INCARNATION``).
+    ``cross_slot``: the script may be given keys of many slots of one master (a bundle,
+    :meth:`~thoughtwire.shared.redis.pipeline.Batcher.bundle`), which a cluster runs only
+    for a script declared ``allow-cross-slot-keys`` (Redis 7)."""
     if is_cluster(redis):
         lua = lua.replace("redis.call('PUBLISH', KEYS[", "redis.call('SPUBLISH', KEYS[")
         lua = lua.replace("local SLOTS_MOVE = false", "local SLOTS_MOVE = true")
+        if cross_slot:
+            lua = "#!lua flags=allow-cross-slot-keys\n" + lua
     script: AsyncScript = redis.register_script(lua)
     return script
 

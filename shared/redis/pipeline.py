@@ -51,6 +51,7 @@ from redis.exceptions import (
     NoScriptError,
     ReadOnlyError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     SlotNotCoveredError,
 )
@@ -185,27 +186,49 @@ class _Line(ReplyReader):
         super()._lost(error)
 
 
+def _not_local(reply: Any) -> bool:
+    """A cluster bundle's call that met a key its master does not hold, or a cluster down."""
+    return isinstance(reply, ResponseError) and "Script attempted to" in str(reply)
+
+
 class _Bundle:
     """Calls of one bundle script queued one after the other: one script run, one
-    :class:`Call`, whose reply (a list) is shared out to their futures in order."""
+    :class:`Call`, whose reply (a list) is shared out to their futures in order.
 
-    __slots__ = ("args", "call", "common", "futures", "keys", "script")
+    On a cluster the calls are those of one master (``node``), whose keys span slots:
+    the call is sent to that master (:attr:`Call.bundle`)."""
+
+    __slots__ = ("args", "call", "common", "futures", "keys", "node", "parts", "script")
 
     def __init__(
-        self, script: AsyncScript, common: tuple[Any, ...], future: asyncio.Future[Any]
+        self,
+        script: AsyncScript,
+        common: tuple[Any, ...],
+        future: asyncio.Future[Any],
+        node: str | None = None,
     ) -> None:
         self.script = script
         self.common = common
+        self.node = node
         self.keys: list[Any] = []
         self.args: list[Any] = list(common)
+        self.parts: list[tuple[Sequence[Any], Sequence[Any]]] = []  # each call's keys, args
         self.futures: list[asyncio.Future[Any]] = []
         self.call = Call(b"", 1, script, future)  # packed when closed: nothing joins it then
+        if node is not None:
+            self.call.bundle = self
         future.add_done_callback(self._share)
 
     def join(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Add a call; the future gets its reply."""
         future: asyncio.Future[Any] = self.call.future.get_loop().create_future()
-        self.keys.extend(keys)
+        if self.node is None:
+            self.keys.extend(keys)
+        else:  # a cluster's: one key declared (its master's), each call's among the arguments
+            if not self.keys:
+                self.keys.append(keys[0])
+            self.args.extend(keys)
+            self.parts.append((keys, args))
         self.args.extend(args)
         self.futures.append(future)
         return future
@@ -213,6 +236,19 @@ class _Bundle:
     def close(self) -> None:
         """Pack the script run: no call joins it after this."""
         self.call.payload = pack_evalsha(self.script.sha.encode(), self.keys, self.args)
+
+    def one_by_one(self, which: Sequence[int]) -> list[Call]:
+        """Calls ``which`` each as a script run of its own (of one slot), routed alone."""
+        loop = self.call.future.get_loop()
+        return [
+            Call(
+                pack_evalsha(self.script.sha.encode(), keys, [*self.common, *args]),
+                1,
+                self.script,
+                loop.create_future(),
+            )
+            for keys, args in (self.parts[i] for i in which)
+        ]
 
     def _share(self, done: asyncio.Future[Any]) -> None:
         if done.cancelled():
@@ -241,7 +277,8 @@ class Batcher:
     ) -> None:
         """``own_reader`` False: always through redis-py's ``Pipeline``; None: as the fast
         paths' switch says (:mod:`thoughtwire.shared.redis.fast`)."""
-        if is_cluster(redis):
+        self._cluster = is_cluster(redis)
+        if self._cluster:
             # A cluster's calls go to several masters: through redis-py's cluster pipeline,
             # which splits a batch per node, on a twin that hands replies on as Redis sent
             # them. The line reads one connection, so it is for one server only.
@@ -262,13 +299,15 @@ class Batcher:
         self._unknown: list[Call] = []  # script runs waiting for their script to load
         self._loading: asyncio.Task[None] | None = None
         self._through_client: asyncio.Task[None] | None = None  # where we cannot read
-        self._bundle: _Bundle | None = None  # the last call queued, while calls may join it
+        # The last bundle queued, while calls may join it: one per master on a cluster.
+        self._open: dict[str, _Bundle] = {}
 
     @property
     def bundles(self) -> bool:
         """Whether calls of many sessions may share one script run (:meth:`bundle`): on one
-        server, not on a cluster, where a script runs on the master of its keys' slot."""
-        return isinstance(self._redis, Redis)
+        server, and on a cluster those of one master, with a script declared
+        ``allow-cross-slot-keys`` (``register_script(..., cross_slot=True)``)."""
+        return self._cluster or isinstance(self._redis, Redis)
 
     def script(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
@@ -298,13 +337,21 @@ class Batcher:
         Calls of one bundle script with the same ``common`` arguments, queued one after
         the other, leave as one script run (up to ``max_batch`` of them): its keys are
         theirs in order, its arguments ``common`` and then theirs in order, and it
-        returns their replies in order. Only where :attr:`bundles` says so.
+        returns their replies in order. Only where :attr:`bundles` says so. On a cluster,
+        calls join the bundle of their first key's master; until the slot map is known,
+        each goes alone.
         """
-        bundle = self._bundle
+        node = self._master_of(keys[0])
+        bundle = self._open.get(node) if node is not None else None
         if bundle is None or bundle.script is not script or bundle.common != common:
             loop = asyncio.get_running_loop()
-            bundle = _Bundle(script, common, loop.create_future())
-            self._queue_call(bundle.call, bundle)  # closes the bundle before it, if any
+            bundle = _Bundle(script, common, loop.create_future(), node if self._cluster else None)
+            if node is None:  # a call of its own, routed by its keys
+                future = bundle.join(keys, args)
+                bundle.close()
+                self._queue_call(bundle.call)
+                return future
+            self._queue_call(bundle.call, bundle, node)  # closes node's bundle before it
         future = bundle.join(keys, args)
         if len(bundle.futures) >= self._max_batch or len(self._pending) >= self._max_batch:
             self._flush()
@@ -317,26 +364,44 @@ class Batcher:
         self._queue_call(Call(payload, replies, script, future))
         return future
 
-    def _queue_call(self, call: Call, bundle: _Bundle | None = None) -> None:
-        """Queue ``call`` (``bundle``'s, which calls then join: the caller flushes it)."""
-        self._close_bundle()  # calls leave in order: nothing joins a bundle queued before
+    def _master_of(self, key: Any) -> str | None:
+        """Which bundles a call of ``key`` may join: ``""`` on one server, the name of the
+        key's master on a cluster (None while the slot map is not known)."""
+        if not self._cluster:
+            return ""
+        try:
+            node = cast(ClusterClient, self._redis).get_node_from_key(key)
+        except (RedisClusterException, RedisError):
+            return None
+        return None if node is None else str(node.name)
+
+    def _queue_call(self, call: Call, bundle: _Bundle | None = None, node: str = "") -> None:
+        """Queue ``call`` (``bundle``'s, which calls of ``node`` then join: the caller
+        flushes it)."""
+        # Calls leave in order: nothing joins a bundle queued before this call (on a
+        # cluster, before a plain call, or before a bundle of the same master).
+        if bundle is None:
+            self._close_bundles()
+        elif (before := self._open.pop(node, None)) is not None:
+            before.close()
         self._pending.append(call)
-        self._bundle = bundle
+        if bundle is not None:
+            self._open[node] = bundle
         if bundle is None and len(self._pending) >= self._max_batch:
             self._flush()  # a burst's first calls need not wait for its last
         elif self._scheduled is None:
             self._scheduled = asyncio.get_running_loop().call_soon(self._flush)
 
-    def _close_bundle(self) -> None:
-        if self._bundle is not None:
-            self._bundle.close()
-            self._bundle = None
+    def _close_bundles(self) -> None:
+        for bundle in self._open.values():
+            bundle.close()
+        self._open.clear()
 
     def _flush(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        self._close_bundle()
+        self._close_bundles()
         loop = asyncio.get_running_loop()
         if self._own_reader is not False:
             line = self._line
@@ -417,7 +482,7 @@ class Batcher:
         batch: list[Call] = []
         try:
             while self._pending:  # ends once a pipeline finds nothing more queued
-                self._close_bundle()
+                self._close_bundles()
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 try:
@@ -451,7 +516,36 @@ class Batcher:
                 again = [exc] * len(unknown)
             for i, result in zip(unknown, again, strict=True):
                 results[i] = result
+        for i, call in enumerate(batch):  # bounded by the batch
+            if call.bundle is not None:
+                results[i] = await self._rerouted(call.bundle, results[i])
         return results
+
+    async def _rerouted(self, bundle: _Bundle, result: Any) -> Any:
+        """A cluster bundle's replies, with the calls that did not run on its master (the
+        whole bundle: a slot moved, the master failed over, a connection was lost; a
+        call: a key of a slot that is not, or no longer, this master's) run again, each
+        routed by its own slot, which follows redirections and reads the slot map again.
+        An append is safe to repeat: what its attempt already wrote is not written twice."""
+        if isinstance(result, Exception):
+            again = list(range(len(bundle.parts)))
+            replies: list[Any] = [result] * len(again)
+        elif isinstance(result, list) and len(result) == len(bundle.parts):
+            replies = list(result)
+            again = [i for i, reply in enumerate(replies) if _not_local(reply)]
+        else:
+            return result  # malformed: the bundle's callers get an error (_Bundle._share)
+        if not again:
+            return replies
+        calls = bundle.one_by_one(again)
+        try:
+            rerun = await self._routed_pipeline(calls)
+        except Exception as exc:
+            rerun = [unavailable(exc)] * len(calls)
+        for i, reply in zip(again, rerun, strict=True):
+            # A call's own reply is the one reply in its script run's list of replies.
+            replies[i] = reply[0] if isinstance(reply, list) and len(reply) == 1 else reply
+        return replies
 
     async def _routed_pipeline(self, batch: list[Call]) -> list[Any]:
         """:meth:`_client_pipeline`, where a call that a cluster cannot route fails alone.
@@ -478,9 +572,10 @@ class Batcher:
         # Replies as Redis sent them, as the line gives them, not reshaped per command.
         pipe.response_callbacks = {}
         for call in batch:
+            where = self._target(call)
             for name, *args in unpack(call.payload):
                 # The name as text: a cluster pipeline routes by it (EVALSHA by its keys).
-                pipe.execute_command(name.decode(), *args)
+                pipe.execute_command(name.decode(), *args, **where)
         # A cluster's refusal to serve a slot now (a failover) is Redis not being there.
         replies = [unavailable(r) for r in await pipe.execute(raise_on_error=False)]
         results: list[Any] = []
@@ -490,3 +585,14 @@ class Batcher:
             at += call.replies
             results.append(mine[0] if call.script is not None else mine)
         return results
+
+    def _target(self, call: Call) -> dict[str, Any]:
+        """Where a cluster pipeline sends ``call``: a bundle to its master, now; any other
+        call where its keys route it."""
+        if call.bundle is None:
+            return {}
+        try:
+            node = cast(ClusterClient, self._redis).get_node_from_key(call.bundle.keys[0])
+        except (RedisClusterException, RedisError):
+            return {}  # it fails to route, and goes one by one
+        return {} if node is None else {"target_nodes": node}

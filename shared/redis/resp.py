@@ -86,6 +86,9 @@ class Call:
     script: AsyncScript | None  # set for a script run, to load it again after a restart
     future: asyncio.Future[Any]
     again: bool = False  # run again once already, after its script was loaded
+    # On a cluster, the bundle (pipeline._Bundle) whose keys span slots of one master:
+    # the call goes to that master, and its calls one by one if the master moved.
+    bundle: Any = None
 
 
 def settle(call: Call, result: Any) -> None:
