@@ -759,3 +759,21 @@ async def test_a_prompt_sent_as_the_frontend_closes_is_sent_again_until_its_run_
     assert first == again and first["content"] == "hello" and len(first["key"]) == 32
     assert refused["content"] == "and then"
     assert after == [], "a run started, or the prompt was refused: neither is sent again"
+
+
+async def test_a_stop_then_a_prompt_while_disconnected_go_out_in_that_order():
+    """Before the first socket is taken, a cancel of every run, then a prompt: they go out
+    in that order, so the cancel does not stop the prompt's own run."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        sent = await page.evaluate(
+            """async () => {
+              const tw = new window.tw.Thoughtwire({urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0});
+              tw.cancel();
+              tw.prompt("instead", {key: "k"});
+              await tw.connect();
+              tw.close();
+              return window.sockets[0].sent;
+            }"""
+        )
+    assert sent == [{"type": "cancel"}, {"type": "prompt", "content": "instead", "key": "k"}]

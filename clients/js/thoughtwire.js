@@ -220,7 +220,7 @@ export class Thoughtwire extends EventTarget {
       return;
     }
     this._prompts.push(frame);
-    if (this._ws !== null && this._admitted) this._send("prompt", frame);
+    this._write("prompt", frame); // in order with other writes: an earlier cancel spares its run
   }
 
   /**
@@ -419,7 +419,9 @@ export class Thoughtwire extends EventTarget {
     this._setState(this._resuming ? "resumed" : "connected", this._resuming ? { gap: null } : {});
     const pending = this._pending;
     this._pending = [];
-    for (const frame of this._prompts) this._send("prompt", frame);
+    // Prompts an earlier socket took may not have been read; the others wait in order.
+    const queued = new Set(pending.map(([, frame]) => frame));
+    for (const frame of this._prompts) if (!queued.has(frame)) this._send("prompt", frame);
     for (const [action, frame] of pending) this._send(action, frame);
     for (const frame of this._cancels.values()) this._send("cancel", frame);
     this._resolve?.(this);
