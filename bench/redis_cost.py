@@ -23,12 +23,13 @@ Then the parts of an append (``parts``): bundles of ``PARTS_CALLS`` one-event ca
 with the append script as deployed and with less and less in each call, down to an empty
 one; Redis' CPU per event of each, the least of ``--parts-rounds`` alternating rounds.
 
-With ``--cluster``, last, the same load through thoughtwire on a Redis Cluster of three
-masters (no replicas, so that only the work of serving the load is counted), in
-``--rounds`` rounds: Redis' CPU per event summed over the masters, beside one node's,
-each master's share of the events (its ``XADD`` calls), the commands per event summed
-over the masters, and the runs retried (a worker lost a lease). Bundles are off on a
-cluster, so ``thoughtwire-unbundled`` on one node is the figure of the same work.
+With ``--cluster``, the same load through thoughtwire on a Redis Cluster of three
+masters (no replicas, so that only the work of serving the load is counted), a run of it
+first in each round, so that the cluster's rounds alternate with one node's: Redis' CPU
+per event summed over the masters, beside one node's (``cluster_against_one_node``:
+round by round and of the medians), each master's share of the events (its ``XADD``
+calls), the commands per event summed over the masters, and the runs retried (a worker
+lost a lease). A cluster bundles appends per master, as one node does for all.
 
     python -m bench.redis_cost                      # about 2 minutes
     python -m bench.redis_cost --sessions 4 --tokens 20 --rounds 1   # seconds
@@ -226,7 +227,7 @@ def own_cluster(workdir: Path) -> Iterator[tuple[str, list[Proc], list[Redis]]]:
     try:
         for i in range(CLUSTER_MASTERS):
             port, bus, directory = free_port(), free_port(), workdir / f"cluster-{i}"
-            directory.mkdir()
+            directory.mkdir(parents=True)
             args = [shutil.which("redis-server") or "redis-server", "--port", str(port)]
             args += [
                 "--cluster-port",
@@ -321,25 +322,43 @@ def retried(clients: list[Redis], prefix: str) -> int:
     return count
 
 
-def cluster_runs(logdir: Path, scenario: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
-    """``rounds`` runs of thoughtwire over a cluster of its own."""
-    runs = []
-    with own_cluster(logdir) as (url, procs, clients):
-        for round_ in range(rounds):
-            prefix = f"rcc{round_}{procs[0].pid}"
-            system = System("thoughtwire", Masters(procs), url, logdir, scenario, prefix)  # type: ignore[arg-type]
-            try:
-                system.start()
-                # The load processes open a client of the URL they are given, which only
-                # the other systems use: one node's is as good as any.
-                port = clients[0].connection_pool.connection_kwargs["port"]
-                system.redis_url = f"redis://127.0.0.1:{port}/0"
-                run = measure_cluster(system, scenario, clients)
-            finally:
-                system.stop()
-            runs.append(run)
-            print(f"{'cluster':>18} {json.dumps(run)}", flush=True)
-    return runs
+def cluster_round(
+    cluster: tuple[str, list[Proc], list[Redis]],
+    logdir: Path,
+    scenario: dict[str, Any],
+    round_: int,
+) -> dict[str, Any]:
+    """One run of thoughtwire over the cluster ``own_cluster`` made."""
+    url, procs, clients = cluster
+    prefix = f"rcc{round_}{procs[0].pid}"
+    system = System("thoughtwire", Masters(procs), url, logdir, scenario, prefix)  # type: ignore[arg-type]
+    try:
+        system.start()
+        # The load processes open a client of the URL they are given, which only the
+        # other systems use: one node's is as good as any.
+        port = clients[0].connection_pool.connection_kwargs["port"]
+        system.redis_url = f"redis://127.0.0.1:{port}/0"
+        run = measure_cluster(system, scenario, clients)
+    finally:
+        system.stop()
+    print(f"{'cluster':>18} {json.dumps(run)}", flush=True)
+    return run
+
+
+def against_one_node(report: dict[str, Any]) -> dict[str, Any]:
+    """The cluster's Redis µs per event (summed over its masters) over one node's
+    (thoughtwire's), round by round (each pair ran one after the other) and of the
+    medians; and every master's share of the events, over all rounds."""
+    one = [run["redis_cpu_us_per_event"] for run in report["runs"].get("thoughtwire", [])]
+    many = [run["redis_cpu_us_per_event"] for run in report["cluster"]]
+    shares = [share for run in report["cluster"] for share in run["share_of_events"]]
+    return {
+        "ratio_per_round": [round(m / o, 3) for m, o in zip(many, one, strict=False)],
+        "ratio_of_medians": round(statistics.median(many) / statistics.median(one), 3)
+        if one
+        else None,
+        "share_of_events_range": [min(shares), max(shares)],
+    }
 
 
 def routed(clients: list[Redis], lua: str, sessions: list[list[str]], home: Any) -> list[float]:
@@ -542,10 +561,17 @@ def main() -> int:
         "scenario": scenario,
         "runs": {},
     }
-    with own_redis(logdir) as (redis_url, redis):
+    with contextlib.ExitStack() as stack:
+        # The cluster's rounds alternate with one node's, so that both meet the same machine.
+        cluster = stack.enter_context(own_cluster(logdir / "streams")) if args.cluster else None
+        redis_url, redis = stack.enter_context(own_redis(logdir))
         client = Redis.from_url(redis_url)
         try:
             for round_ in range(args.rounds):
+                if cluster is not None:
+                    report.setdefault("cluster", []).append(
+                        cluster_round(cluster, logdir, scenario, round_)
+                    )
                 for name in filter(None, args.systems.split(",")):
                     prefix = f"rc{round_}{name[0]}{len(name)}{redis.pid}"
                     env = unbundled(logdir) if name == "thoughtwire-unbundled" else {}
@@ -564,11 +590,12 @@ def main() -> int:
                 print(json.dumps(report["parts"]["redis_cpu_us_per_event_least"]), flush=True)
         finally:
             client.close()
-    if args.cluster:
-        report["cluster"] = cluster_runs(logdir, scenario, args.rounds)
     if args.cluster_parts:
         report["cluster_parts"] = cluster_parts(logdir, args.rounds)
     report["summary"] = {name: summary(runs) for name, runs in report["runs"].items()}
+    if args.cluster:
+        report["summary"]["cluster"] = summary(report["cluster"])
+        report["cluster_against_one_node"] = against_one_node(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))
