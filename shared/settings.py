@@ -429,6 +429,14 @@ class Settings(BaseSettings):
                 return pem
         raise ValueError("is not a PEM RSA or EC key")
 
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url_is_http(cls, url: str | None) -> str | None:
+        # PyJWT's client takes these two only, and says so with a traceback at start.
+        if url is not None and not url.lower().startswith(("https://", "http://")):
+            raise ValueError("must be an https:// (or http://) URL")
+        return url
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_is_one_segment(cls, prefix: str) -> str:

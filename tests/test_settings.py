@@ -171,3 +171,12 @@ def test_a_public_key_that_does_not_parse_fails_at_start_without_printing_it():
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode()
     assert Settings.from_env({"JWT_PUBLIC_KEY": pem}).jwt_public_key == pem
+
+
+@pytest.mark.parametrize("url", ["notaurl", "keys.example.com/jwks", "file:///etc/jwks.json"])
+def test_a_jwks_url_that_is_not_http_fails_at_start(url):
+    """One line naming JWKS_URL, not PyJWT's traceback from inside the app's start."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"JWKS_URL": url})
+    assert str(info.value).startswith("JWKS_URL") and info.value.variable == "JWKS_URL"
+    assert Settings.from_env({"JWKS_URL": "https://idp.example.com/jwks"}).jwks_url
