@@ -429,11 +429,21 @@ class Settings(BaseSettings):
                 return pem
         raise ValueError("is not a PEM RSA or EC key")
 
-    @field_validator("jwks_url")
+    @field_validator("jwks_url", "openai_base_url")
     @classmethod
-    def _jwks_url_is_http(cls, url: str | None) -> str | None:
-        # PyJWT's client takes these two only, and says so with a traceback at start.
-        if url is not None and not url.lower().startswith(("https://", "http://")):
+    def _url_is_http(cls, url: str | None) -> str | None:
+        # PyJWT's key client takes these two schemes only, and the openai client refuses
+        # what httpx cannot parse: either says so with a traceback at start.
+        if url is None:
+            return url
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError("must be an https:// (or http://) URL") from None
+        if parts.scheme.lower() not in ("https", "http") or not parts.hostname:
             raise ValueError("must be an https:// (or http://) URL")
         return url
 

@@ -180,3 +180,12 @@ def test_a_jwks_url_that_is_not_http_fails_at_start(url):
         Settings.from_env({"JWKS_URL": url})
     assert str(info.value).startswith("JWKS_URL") and info.value.variable == "JWKS_URL"
     assert Settings.from_env({"JWKS_URL": "https://idp.example.com/jwks"}).jwks_url
+
+
+@pytest.mark.parametrize("url", ["::bad", "api.openai.com/v1", "http://[bad"])
+def test_an_openai_base_url_that_is_not_http_fails_at_start(url):
+    """Not the openai client's traceback as a worker starts, or every run failing later."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"OPENAI_BASE_URL": url})
+    assert str(info.value).startswith("OPENAI_BASE_URL")
+    assert Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:8080/v1"}).openai_base_url
