@@ -113,6 +113,13 @@ def test_a_url_that_is_no_frontend_url_is_one_line_at_once(url):
     assert time.monotonic() - began < 5
 
 
+@pytest.mark.parametrize("timeout", ["0", "nan", "inf"])
+def test_a_timeout_that_never_ends_is_one_line_and_exit_2(timeout):
+    """NaN and infinity waited for an unreachable frontend for ever."""
+    result = command("chat", "hi", "--url", f"ws://127.0.0.1:{free_port()}", "--timeout", timeout)
+    assert_one_line(result, Exit.USAGE, "--timeout")
+
+
 def test_the_default_timeout_is_10_seconds():
     result = command("chat", "--help")
     assert "--timeout TIMEOUT" in result.stdout and "(default: 10.0)" in result.stdout

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -547,7 +548,7 @@ def _chat(args: argparse.Namespace) -> Exit:
         raise Failure(Exit.USAGE, "give a prompt, or --follow a --session")
     if args.from_start and not args.follow:
         raise Failure(Exit.USAGE, "--from-start goes with --follow")
-    if args.timeout <= 0:
+    if not 0 < args.timeout < math.inf:  # NaN too: it never timed out
         raise Failure(Exit.USAGE, "--timeout must be more than 0 seconds")
     try:
         chat = Chat(args)
