@@ -113,6 +113,38 @@ def test_a_url_that_is_no_frontend_url_is_one_line_at_once(url):
     assert time.monotonic() - began < 5
 
 
+def test_chat_in_a_session_with_a_run_going_shows_its_own_run_not_that_one():
+    """Plain data: ``chat --session S`` joins with the session's snapshot, which holds an
+    earlier run still going; that run's next event is not this prompt's run, and does not
+    end the command. Before, chat printed the earlier run and exited at its end."""
+    import io
+
+    from thoughtwire.cli import Chat, parser
+    from thoughtwire.shared.reducer import initial_state, reduce
+
+    args = parser().parse_args(["chat", "again", "--session", "S", "--url", "ws://h:1"])
+    chat = Chat(args, out=io.StringIO())
+    earlier = {"type": "answer", "run": "r1", "epoch": "e", "seq": 1, "content": "old"}
+    snapshot = {
+        "type": "snapshot",
+        "state": reduce(initial_state(), earlier),
+        "seq": 1,
+        "epoch": "e",
+    }
+    ends = []
+    for event in (
+        snapshot,
+        {**earlier, "type": "done", "seq": 2},
+        {"type": "answer", "run": "r2", "epoch": "e", "seq": 3, "content": "new"},
+        {"type": "done", "run": "r2", "epoch": "e", "seq": 4},
+    ):
+        assert chat.follower._advance(event)
+        ends.append(chat._show(event))
+    assert ends == [None, None, None, Exit.OK]
+    assert chat.run_id == "r2"
+    assert "old" not in chat.out.getvalue() and "new" in chat.out.getvalue()
+
+
 @pytest.mark.parametrize("timeout", ["0", "nan", "inf"])
 def test_a_timeout_that_never_ends_is_one_line_and_exit_2(timeout):
     """NaN and infinity waited for an unreachable frontend for ever."""

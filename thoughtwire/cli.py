@@ -569,6 +569,7 @@ class Chat:
         from thoughtwire.terminal import Transcript
 
         self.run_id: str | None = None
+        self.earlier: set[str] = set()  # the runs the joined session's snapshot holds
         self.was_connected = False
         color = out.isatty() and "NO_COLOR" not in os.environ
         self.transcript = Transcript(out, color=color, headers=args.follow)
@@ -641,9 +642,11 @@ class Chat:
         """Print one event; the exit code once this command's run has ended."""
         kind = event["type"]
         if kind == "snapshot" and not self.args.follow:
+            self.earlier.update(self.follower.folded["order"])
             return None  # the continued session's earlier runs: this command shows its own
         if kind != "gap" and not self.args.follow:
-            self.run_id = self.run_id or event["run"]
+            if self.run_id is None and event["run"] not in self.earlier:
+                self.run_id = event["run"]
             if event["run"] != self.run_id:
                 return None  # another run of a continued session
         if self.args.json:
