@@ -53,7 +53,7 @@ class Costs:
     frontend_batched: Figure  # the same when a frontend falls behind and reads batch
     worker: Figure  # µs per event written, paced
     redis_node: Figure  # µs per event, one server, bundled appends
-    redis_unbundled: Figure  # µs per event, one script run per call (as on a cluster)
+    redis_unbundled: Figure  # µs per event, one script run per call
     redis_cluster: Figure | None  # µs per event summed over a cluster's masters
     worker_cluster: Figure | None  # a worker's µs per event when Redis is a cluster
     kb_per_socket: Figure

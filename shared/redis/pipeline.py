@@ -12,7 +12,8 @@ A call is a script run (EVALSHA) or a few plain commands whose replies the calle
 gets together. Calls of a bundle script (:meth:`Batcher.bundle`: the appends of many
 sessions) queued one after the other share one script run, which returns each call's
 reply: what a script run costs Redis besides its commands is paid once for all of them
-(docs/performance.md, "Redis per event"). Calls leave, and are run by Redis, in the order they were made (but
+(docs/performance.md, "Redis per event"); on a cluster, those of one master share one
+(docs/redis.md, "Bundles per master"). Calls leave, and are run by Redis, in the order they were made (but
 for script runs that Redis refused because it had forgotten the script: they are
 run again after it is loaded). When a connection fails, only the calls whose replies
 had not been read get the error: those may or may not have run, and each caller
