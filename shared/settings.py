@@ -524,6 +524,12 @@ def _shown(field: str, value: Any) -> Any:
         from thoughtwire.shared.redis.topology import redact
 
         return redact(value)
+    if field in ("openai_base_url", "jwks_url") and isinstance(value, str):
+        # Up to the last '@' before the path, as shared/logs.py finds a URL's password.
+        scheme, sep, rest = value.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if sep and at and ":" in userinfo:
+            return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
     return value
 
 

@@ -189,3 +189,10 @@ def test_an_openai_base_url_that_is_not_http_fails_at_start(url):
         Settings.from_env({"OPENAI_BASE_URL": url})
     assert str(info.value).startswith("OPENAI_BASE_URL")
     assert Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:8080/v1"}).openai_base_url
+
+
+@pytest.mark.parametrize("variable", ["OPENAI_BASE_URL", "JWKS_URL"])
+def test_a_bad_url_is_shown_without_its_password(variable):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: "https://proxy:pa55w0rd-k3y@[bad/v1"})
+    assert "pa55w0rd-k3y" not in str(info.value) and str(info.value).startswith(variable)
