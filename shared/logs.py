@@ -17,7 +17,7 @@ frontend passes ``log_config=None`` to uvicorn), for frontends, workers and
   traceback): ``token=`` values (uvicorn's access log has request paths with their
   query), anything shaped like a JWT, ``Bearer`` credentials, the password of any URL
   (a ``REDIS_URL``), and the process's own secrets, verbatim (the JWT secret, the
-  OpenAI API key, the Redis passwords).
+  OpenAI API key, the Redis passwords, an OpenAI proxy URL's password).
 
 The JSON formatter is twenty lines over the standard library and orjson (already a
 dependency). python-json-logger would do the same through a dependency, and the
@@ -306,5 +306,10 @@ def announce(text: str, level: int = logging.INFO) -> None:
 
 def configure_from(settings: Settings) -> None:
     """:func:`configure` as ``settings`` say, with their secrets kept out of every line."""
-    secrets = [settings.jwt_secret, settings.openai_api_key, *url_secrets(settings.redis_url)]
+    secrets = [
+        settings.jwt_secret,
+        settings.openai_api_key,
+        *url_secrets(settings.redis_url),
+        *url_secrets(settings.openai_base_url),
+    ]
     configure(settings.log_format, secrets=secrets)

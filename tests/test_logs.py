@@ -272,3 +272,13 @@ def test_an_exception_a_thread_left_uncaught_is_one_redacted_log_entry():
     assert "a-thread-secret" not in result.stderr
     (entry,) = [json.loads(line) for line in lines]
     assert entry["level"] == "CRITICAL" and "RuntimeError" in entry["exception"]
+
+
+def test_the_password_of_an_openai_proxy_url_is_kept_out_too(capsys, configured):
+    """A proxy's password on its own, as an error from the proxy may echo it."""
+    from thoughtwire.shared.settings import Settings
+
+    settings = Settings(openai_base_url="https://team:pr0xy-pa55@proxy.example/v1")
+    logs.configure_from(settings)
+    logging.getLogger("thoughtwire.test").warning("proxy said: bad password pr0xy-pa55")
+    assert "pr0xy-pa55" not in capsys.readouterr().err
