@@ -312,6 +312,21 @@ async def test_a_viewer_link_on_the_other_frontend_follows_live_and_cannot_promp
         assert viewer_tab.errors == [] and viewer_tab.dialogs == []
 
 
+async def test_a_viewer_link_to_a_session_gone_says_so_and_offers_no_reconnect(cluster, context):
+    """A viewer link whose session is gone (expired, so it has no owner any more): the
+    frontend refuses it for good (4003); the banner says the link no longer grants
+    access, and no Reconnect is offered, which would only be refused again."""
+    from thoughtwire.api.auth import Authenticator
+    from thoughtwire.shared.settings import Settings
+
+    link_token = Authenticator(Settings(jwt_secret=SECRET)).viewer_token("ann", "s-gone")[0]
+    page = await context.new_page()
+    await page.goto(f"{cluster.frontends[0].http}/#session=s-gone&token={link_token}")
+    await page.wait_for_function("() => document.body.dataset.state === 'offline'", timeout=WAIT_MS)
+    assert "no longer grants access" in (await page.text_content("#readonly-text") or "")
+    assert await page.locator("#retry").is_hidden()
+
+
 async def test_the_indicator_shows_a_frontend_restart_and_the_run_completes_once(
     redis_server, logdir, context
 ):

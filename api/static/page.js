@@ -671,7 +671,8 @@ function showState(detail, first) {
   }
   document.body.dataset.state = state;
   $("connection-text").textContent = text;
-  $("retry").hidden = state !== "offline" || detail.code === 4001;
+  // 4001 asks for a token instead; 4003 is final (shared/closecodes.py): a reconnect is refused again.
+  $("retry").hidden = state !== "offline" || detail.code === 4001 || detail.code === 4003;
   $("share").disabled = !(tw?.session);
 }
 
