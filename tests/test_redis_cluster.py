@@ -187,6 +187,31 @@ async def test_a_bundle_sent_to_a_master_that_does_not_hold_its_slots_runs_call_
         await bus.redis.aclose()
 
 
+async def test_a_bundles_call_sent_again_alone_to_a_master_that_forgot_the_script_runs(
+    redis_cluster: RedisCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle's call sent again alone on its own slot's master, which has not the
+    bundle script (a promoted replica, a restarted or new master): the script is loaded
+    there and the call runs, instead of its caller getting NOSCRIPT."""
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    sessions = [f"n{n}" for n in range(12)]
+    try:
+        started = await _started(bus, sessions)
+        owner = {s: redis_cluster.master_of(bus.session_channel(s)) for s in sessions}
+        first = owner[sessions[0]]
+        for port in redis_cluster.masters():
+            # the bundle's master knows the script; the others have forgotten it
+            redis_cluster.node(port).call("SCRIPT", "FLUSH")
+        redis_cluster.node(first).call("SCRIPT", "LOAD", bus._append_many.script)
+        monkeypatch.setattr(Batcher, "_master_of", lambda self, key: "one")  # one bundle
+        assert await _append(bus, started) == [3] * 12
+        assert any(owner[s] != first for s in sessions)
+        await _check_logs(bus, sessions)
+    finally:
+        await bus.redis.aclose()
+
+
 TOKENS = 60  # a run's answer: two seconds at 30 tokens a second
 
 

@@ -540,7 +540,8 @@ class Batcher:
             return replies
         calls = bundle.one_by_one(again)
         try:
-            rerun = await self._routed_pipeline(calls)
+            # As any call: its master may not know the script (promoted, restarted, new).
+            rerun = await self._run_through_client(calls)
         except Exception as exc:
             rerun = [unavailable(exc)] * len(calls)
         for i, reply in zip(again, rerun, strict=True):
