@@ -212,6 +212,52 @@ async def test_a_bundles_call_sent_again_alone_to_a_master_that_forgot_the_scrip
         await bus.redis.aclose()
 
 
+def _half_moved(redis_cluster: RedisCluster, keys: Keys, session: str) -> tuple[int, int]:
+    """Start moving ``session``'s slot to another master, and move its meta alone there
+    (its log and run not yet): the slot and the master it goes to."""
+    slot = redis_cluster.slot_of(keys.session_meta(session))
+    source = redis_cluster.master_of(keys.session_meta(session))
+    target = next(p for p in redis_cluster.masters() if p != source)
+    src, dst = redis_cluster.node(source), redis_cluster.node(target)
+    dst.call("CLUSTER", "SETSLOT", slot, "IMPORTING", str(src.call("CLUSTER", "MYID")))
+    src.call("CLUSTER", "SETSLOT", slot, "MIGRATING", str(dst.call("CLUSTER", "MYID")))
+    src.call("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", keys.session_meta(session))
+    return slot, target
+
+
+def _three(bus: Bus, job: Job, fence: str, first: int, status: str = "") -> asyncio.Future[Any]:
+    """Events ``first`` to ``first + 2`` of ``job``'s run, appended after ``first - 1``."""
+    heads = [
+        bus.encode(job, Thought("answer", f"{job.session}-{n}")) for n in range(first, first + 3)
+    ]
+    return bus.submit_encoded(
+        job, heads, fence=fence, first=first, min_seq=first - 1, status=status
+    )
+
+
+async def test_a_call_of_a_session_whose_slot_is_being_moved_fails_as_redis_away(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    """While a session's keys are half moved, its calls are answered TRYAGAIN until the
+    move ends: past redis-py's redirections that is a connection error, which a writer
+    retries, not an error it takes as final (which failed the run)."""
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    keys = Keys(prefix)
+    bus = Bus(factory.commands(), keys, log_maxlen=100, log_ttl=60)
+    try:
+        [(job, attempt)] = await _started(bus, ["away"])
+        assert await _three(bus, job, attempt.fence, 1) == 3
+        slot, target = _half_moved(redis_cluster, keys, "away")
+        with pytest.raises(RedisConnectionError):
+            await _three(bus, job, attempt.fence, 4, status="done")
+        await asyncio.to_thread(redis_cluster.move_slot, slot, target)  # the rest moves
+        assert await _three(bus, job, attempt.fence, 4, status="done") == 6
+        contents = [json.loads(e)["content"] for e in await bus.history("away")]
+        assert contents == [f"away-{n}" for n in range(1, 7)]
+    finally:
+        await bus.redis.aclose()
+
+
 TOKENS = 60  # a run's answer: two seconds at 30 tokens a second
 
 

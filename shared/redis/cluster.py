@@ -45,6 +45,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
+    ClusterError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -80,8 +81,10 @@ _DISCOVERY = ("CLUSTER", "COMMAND")
 
 # Replies that say the cluster cannot serve a slot right now (a master failed and its
 # replica is not promoted yet, a slot being moved): to a caller, Redis is not there right
-# now, as with a lost connection, and a write is retried as it would be then.
-TRANSIENT = (ClusterDownError, SlotNotCoveredError, TryAgainError)
+# now, as with a lost connection, and a write is retried as it would be then. redis-py
+# gives up on a command redirected more than 16 times (``ClusterError``, "TTL exhausted"):
+# TRYAGAIN for as long as a slot's keys are half moved, which lasts as long as the move.
+TRANSIENT = (ClusterDownError, ClusterError, SlotNotCoveredError, TryAgainError)
 
 
 def unavailable(error: Exception) -> Exception:
