@@ -153,7 +153,7 @@ class Authenticator:
         elif alg in ("RS256", "ES256") and self._jwks is not None:
             try:
                 key = self._jwks.get_signing_key_from_jwt(token).key
-            except jwt.PyJWKClientError:
+            except jwt.PyJWTError:  # no key for it, or a token or key it cannot read
                 raise AuthError("invalid token") from None
         else:
             raise AuthError("invalid token")  # none, or an algorithm with no key for it
@@ -173,7 +173,8 @@ class Authenticator:
             raise AuthError("token expired") from None
         except jwt.ImmatureSignatureError:
             raise AuthError("token not valid yet") from None
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:  # a bad token, or one the key cannot check (an EC
+            # signature where the key is RSA raises a key error, not a token error)
             raise AuthError("invalid token") from None
 
     def viewer_token(

@@ -12,7 +12,7 @@ import jwt
 import pytest
 import websockets
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.conftest import start_cluster
 from tests.procs import seconds, thoughtwire
@@ -122,6 +122,12 @@ BAD_TOKENS = {
     "wrong-secret": (lambda: token(key="another-secret-that-is-32-bytes-long!!"), "invalid token"),
     "alg-none": (_alg_none, "invalid token"),
     "hs-rs-confusion": (_hs_signed_with_the_public_key, "invalid token"),
+    # An EC-signed token where the server's key is RSA: PyJWT raises a key error, no
+    # token error, which once reached the client as a 500.
+    "es256-to-an-rsa-key": (
+        lambda: token(key=ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"),
+        "invalid token",
+    ),
     "wrong-aud": (lambda: token(aud="someone-else"), "invalid token"),
     "wrong-iss": (lambda: token(iss="https://evil.test"), "invalid token"),
     "missing-sub": (lambda: token(sub=None), "invalid token"),
@@ -143,7 +149,16 @@ async def test_bad_tokens_are_refused_with_4001(secure, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["expired", "alg-none", "hs-rs-confusion", "wrong-aud", "empty-sub", "empty"]
+    "case",
+    [
+        "expired",
+        "alg-none",
+        "hs-rs-confusion",
+        "es256-to-an-rsa-key",
+        "wrong-aud",
+        "empty-sub",
+        "empty",
+    ],
 )
 async def test_bad_tokens_are_refused_over_http_with_401(secure, case):
     make, _ = BAD_TOKENS[case]
