@@ -203,11 +203,14 @@ APPEND = _APPEND_FUNCTION + "return append(KEYS, ARGV)\n"
 # (docs/performance.md, "Redis per event").
 # KEYS: each call's meta, log, channel and run, in the order of the calls. On a cluster,
 #       a bundle is of the sessions of one master, whose slots differ, and a script's
-#       declared keys must be of one slot: there KEYS is the first call's meta alone, each
-#       call's four keys come before its arguments, and the script is declared
-#       ``allow-cross-slot-keys`` (shared/redis/cluster.py). A key whose slot is not, or
-#       no longer, this master's fails its own call ("Script attempted to access a non
-#       local key"), at its first read, and the batcher sends that call again alone.
+#       declared keys must be of one slot: there KEYS is empty, each call's four keys
+#       come before its arguments, and the script is declared ``allow-cross-slot-keys``
+#       (shared/redis/cluster.py). A key whose slot is not, or no longer, this master's
+#       fails its own call ("Script attempted to access a non local key"), at its first
+#       read, and the batcher sends that call again alone. No key is declared so that
+#       Redis never redirects the bundle whole: an ASK (a slot being moved, a declared
+#       key gone ahead) would run it on the slot's new master, where a session's other
+#       keys may not have arrived yet, and write them there anew.
 # ARGV: maxlen, ttl, epoch seed, runs-ended channel (as ``APPEND``'s), then for each call:
 #       (on a cluster, its four keys), its number of heads, fence, min-seq, first-n,
 #       heads...
@@ -221,7 +224,7 @@ APPEND_MANY = (
     _APPEND_FUNCTION
     + """
 local replies, k, a = {}, 0, 5
-local inline = #KEYS == 1  -- a cluster's bundle: each call's keys among the arguments
+local inline = #KEYS == 0  -- a cluster's bundle: each call's keys among the arguments
 while a <= #ARGV do
   local keys
   if inline then

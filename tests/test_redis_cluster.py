@@ -258,6 +258,34 @@ async def test_a_call_of_a_session_whose_slot_is_being_moved_fails_as_redis_away
         await bus.redis.aclose()
 
 
+async def test_a_bundle_whose_session_is_half_moved_writes_nothing_on_the_slots_new_master(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    """A slot being moved, its session's meta already on the new master but its log and
+    run not yet: a bundle of that session's call, sent to the old master by the slot map,
+    must not run on the new one (redirected with ASK) against keys that are not there
+    yet, which the rest of the move then overwrites (or refuses to move): the call waits
+    for the move, as a call of its own does, and the log keeps every event once."""
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    keys = Keys(prefix)
+    bus = Bus(factory.commands(), keys, log_maxlen=100, log_ttl=60)
+    try:
+        [(job, attempt)] = await _started(bus, ["half"])
+        assert await _three(bus, job, attempt.fence, 1) == 3
+        slot, target = _half_moved(redis_cluster, keys, "half")
+        second = _three(bus, job, attempt.fence, 4)
+        await asyncio.wait([second], timeout=seconds(2))  # it ran, or waits for the move
+        await asyncio.to_thread(redis_cluster.move_slot, slot, target)  # the rest moves
+        try:
+            assert await second == 6
+        except RedisConnectionError:  # the move was under way: a writer tries again
+            assert await _three(bus, job, attempt.fence, 4) == 6
+        contents = [json.loads(e)["content"] for e in await bus.history("half")]
+        assert contents == [f"half-{n}" for n in range(1, 7)]
+    finally:
+        await bus.redis.aclose()
+
+
 TOKENS = 60  # a run's answer: two seconds at 30 tokens a second
 
 

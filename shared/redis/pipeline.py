@@ -225,9 +225,7 @@ class _Bundle:
         future: asyncio.Future[Any] = self.call.future.get_loop().create_future()
         if self.node is None:
             self.keys.extend(keys)
-        else:  # a cluster's: one key declared (its master's), each call's among the arguments
-            if not self.keys:
-                self.keys.append(keys[0])
+        else:  # a cluster's: no key declared, each call's among the arguments
             self.args.extend(keys)
             self.parts.append((keys, args))
         self.args.extend(args)
@@ -589,12 +587,13 @@ class Batcher:
         return results
 
     def _target(self, call: Call) -> dict[str, Any]:
-        """Where a cluster pipeline sends ``call``: a bundle to its master, now; any other
-        call where its keys route it."""
+        """Where a cluster pipeline sends ``call``: a bundle to the master of its first
+        call's key, now; any other call where its keys route it."""
         if call.bundle is None:
             return {}
         try:
-            node = cast(ClusterClient, self._redis).get_node_from_key(call.bundle.keys[0])
+            first = call.bundle.parts[0][0][0]
+            node = cast(ClusterClient, self._redis).get_node_from_key(first)
         except (RedisClusterException, RedisError):
             return {}  # it fails to route, and goes one by one
         return {} if node is None else {"target_nodes": node}
