@@ -137,7 +137,9 @@ class Settings(BaseSettings):
     tool_timeout: float = Field(30.0, gt=0, description="Seconds one tool call may take.")
     tools: str = Field("", description='More tools: "pkg.module:function,...".')
     approval_tools: str = Field(
-        "", description='Tools that wait for a person to allow them before they run: "name,...".'
+        "",
+        description='Tools that wait for a person to allow them before they run: "name,..."; '
+        "a name no agent's tool has stops the process at start.",
     )
     approval_timeout: float = Field(
         300.0, gt=0, description="Seconds a run waits for an approval before the default."

@@ -241,6 +241,18 @@ def test_a_tool_that_cannot_be_loaded_is_one_line_and_exit_2(args, tools):
     assert_one_line(result, Exit.USAGE, "THOUGHTWIRE_TOOLS", tools)
 
 
+@pytest.mark.parametrize("args", [["worker"], ["up", "--port", "0"]])
+@pytest.mark.parametrize("openai", [False, True])
+def test_an_approval_tool_no_agent_has_is_one_line_and_exit_2(args, openai):
+    """A misspelt name would let the tool it meant run without asking."""
+    env = {"REDIS_URL": "redis://x", "THOUGHTWIRE_APPROVAL_TOOLS": "search,calculater"}
+    if openai:
+        env["OPENAI_API_KEY"] = "sk-test"
+    result = command(*args, env=env, timeout=15)
+    assert_one_line(result, Exit.USAGE, "THOUGHTWIRE_APPROVAL_TOOLS", "calculater")
+    assert ("calculator" in result.stderr) == openai  # the tools it could have meant
+
+
 def test_a_token_without_jwt_secret_is_one_line_and_exit_2():
     assert_one_line(command("token", "--sub", "a"), Exit.USAGE, "JWT_SECRET")
 

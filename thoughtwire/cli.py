@@ -476,15 +476,25 @@ def _short(exc: BaseException) -> str:
 
 
 def check_tools(settings: Settings) -> None:
-    """Raise :class:`Failure` (USAGE) if a tool of ``THOUGHTWIRE_TOOLS`` cannot be loaded."""
-    if not settings.openai_api_key:  # the only agent that loads them (worker/agents)
-        return
-    from thoughtwire.worker.tools import ToolError, toolbox
+    """Raise :class:`Failure` (USAGE) if a tool of ``THOUGHTWIRE_TOOLS`` cannot be loaded,
+    or ``THOUGHTWIRE_APPROVAL_TOOLS`` names a tool no agent has: a misspelt name there
+    would let the tool it meant run without asking."""
+    from thoughtwire.worker.agents.simulated import TOOL
+    from thoughtwire.worker.tools import ToolError, approval_names, toolbox
 
-    try:
-        toolbox(settings.tools, settings.approval_tools)
-    except ToolError as exc:
-        raise Failure(Exit.USAGE, f"{env_name('tools')}: {exc}") from None
+    known = {TOOL}  # the simulated agent's
+    if settings.openai_api_key:  # the only agent that loads tools (worker/agents)
+        try:
+            known.update(toolbox(settings.tools, settings.approval_tools))
+        except ToolError as exc:
+            raise Failure(Exit.USAGE, f"{env_name('tools')}: {exc}") from None
+    unknown = sorted(approval_names(settings.approval_tools) - known)
+    if unknown:
+        raise Failure(
+            Exit.USAGE,
+            f"{env_name('approval_tools')}: no tool is named {', '.join(unknown)} "
+            f"(the tools: {', '.join(sorted(known))})",
+        )
 
 
 def start_tracing(settings: Settings, service: str) -> None:
