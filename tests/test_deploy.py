@@ -394,6 +394,16 @@ def test_frontend_probes_hit_real_routes_on_the_served_port(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_probe_gives_up_within_the_default_second(overlay):
+    """A process busy with a burst answers a probe late; a 1 s timeout (Kubernetes'
+    default) would move a frontend's sockets away or restart a worker for it."""
+    for role, (where, _, container, _, _) in roles(overlay).items():
+        for kind in ("readinessProbe", "livenessProbe"):
+            timeout = container[kind].get("timeoutSeconds", 1)
+            assert timeout >= 3, f"{where}: {role}'s {kind} times out after {timeout} s"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_worker_probes_hit_the_metrics_port(overlay):
     """Workers serve /healthz and /readyz on THOUGHTWIRE_METRICS_PORT."""
     where, _, container, _, settings = roles(overlay)["worker"]
