@@ -47,6 +47,7 @@ __all__ = [
 # Users over the rate that a frontend remembers; past it, those whose wait is over are
 # dropped (the user id is the client's to choose, so the table must not grow unbounded).
 HOLDOFFS = 4096
+GONE = "this session has ended and expired"  # a viewer link's, once its session is gone
 
 
 class LimitError(AuthError):
@@ -111,8 +112,15 @@ class Guard:
 
     async def check_read(self, principal: Principal, session: str) -> None:
         """Refuse (4003 / 403) unless ``principal`` may read ``session``."""
-        if self.enabled and not principal.can_read(session, await self.owner(principal, session)):
-            raise AuthError("this session belongs to someone else", Close.FORBIDDEN)
+        if not self.enabled:
+            return
+        owner = await self.owner(principal, session)
+        if not principal.can_read(session, owner):
+            # A viewer's session with no owner any more has expired (its token names it,
+            # so saying so tells the holder nothing new).
+            gone = principal.viewer_of == session and owner is None
+            reason = GONE if gone else "this session belongs to someone else"
+            raise AuthError(reason, Close.FORBIDDEN)
 
     async def check_write(self, principal: Principal, session: str) -> None:
         """Refuse (4003 / 403) unless ``principal`` may prompt ``session`` or cancel its runs."""

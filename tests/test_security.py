@@ -235,6 +235,21 @@ async def test_another_user_can_do_nothing_with_a_session(secure):
         assert (await http.post(f"{b.http}/v1/sessions/{session}/viewer-token")).status_code == 403
 
 
+async def test_a_viewer_link_to_a_session_gone_says_it_has_expired(secure):
+    """A viewer token outlives its session's owner record only if the session expired:
+    its holder is told so, not that the session is someone else's."""
+    from thoughtwire.api.auth import Authenticator
+
+    minted = Authenticator(Settings(jwt_secret=SECRET)).viewer_token("owner-9", "never-was")
+    code, said = await closed_with(
+        ws_url(secure.frontends[0], token=minted[0], session="never-was")
+    )
+    assert (code, said) == (4003, "this session has ended and expired")
+    # A token for one session says nothing of another's.
+    elsewhere = ws_url(secure.frontends[0], token=minted[0], session="other-one")
+    assert await closed_with(elsewhere) == (4003, "this session belongs to someone else")
+
+
 async def test_a_viewer_token_allows_reading_and_nothing_else(secure):
     a, b = secure.frontends
     owner = token("owner-2")
