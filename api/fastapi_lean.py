@@ -24,14 +24,20 @@ def _v1_model_class(cls: Any) -> bool:
     """Whether ``cls`` is a ``pydantic.v1`` model class, without importing ``pydantic.v1``."""
     from fastapi._compat.shared import lenient_issubclass
 
-    v1 = sys.modules.get("pydantic.v1")
-    return v1 is not None and lenient_issubclass(cls, v1.BaseModel)
+    model = _v1_base_model()
+    return model is not None and lenient_issubclass(cls, model)
 
 
 def _v1_model_instance(obj: Any) -> bool:
     """Whether ``obj`` is a ``pydantic.v1`` model, without importing ``pydantic.v1``."""
-    v1 = sys.modules.get("pydantic.v1")
-    return v1 is not None and isinstance(obj, v1.BaseModel)
+    model = _v1_base_model()
+    return model is not None and isinstance(obj, model)
+
+
+def _v1_base_model() -> type | None:
+    """``pydantic.v1.BaseModel`` once ``pydantic.v1`` is imported (the module may be
+    half imported by another thread: then no v1 model exists yet either)."""
+    return getattr(sys.modules.get("pydantic.v1"), "BaseModel", None)
 
 
 def install(switch: bool) -> bool:
