@@ -606,6 +606,40 @@ async def test_a_frontend_that_greets_then_closes_at_once_is_backed_off_from_not
     assert 2 <= opened <= 8, opened
 
 
+async def test_a_frame_that_is_no_json_object_drops_the_connection_and_the_stream_resumes():
+    """A proxy's page in the middle of a stream: no traceback; the follower reconnects
+    and resumes from the last event it kept, and gets every event once."""
+    events = [
+        {"type": "thinking", "run": "r1", "epoch": "e", "seq": n, "session": "S", "content": "x"}
+        for n in (1, 2)
+    ]
+    asked: list[str] = []
+
+    async def frontend(ws):
+        asked.append(ws.request.path)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(asked) == 1:
+            await ws.send(json.dumps(events[0]))
+            await ws.send("<html>502 Bad Gateway</html>")
+            await ws.wait_closed()
+            return
+        await ws.send(json.dumps(events[1]))
+        await ws.send(json.dumps({**events[1], "type": "done", "seq": 3, "content": ""}))
+        await ws.wait_closed()
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+        seen = []
+        async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                seen.append(event["seq"])
+                if event["type"] == "done":
+                    break
+    assert seen == [1, 2, 3]
+    assert "after=1" in asked[1], asked
+
+
 async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_ends():
     """A frontend stops reading before it closes (a drain's 1012, a slow reader's 4008):
     a cancel written in that moment is never read. The next connection carries the

@@ -455,7 +455,7 @@ class Follower:
             else:
                 await _pong(ws)
             return None
-        message: dict[str, Any] = json.loads(frame)
+        message = _message(frame)
         if message.get("type") == "ping":
             await _pong(ws)
             return None
@@ -633,3 +633,19 @@ async def ask(
         yield message
         if message["type"] in TERMINAL:
             return
+
+
+def _message(frame: str | bytes) -> dict[str, Any]:
+    """A frame as the message it carries.
+
+    A frame that is no JSON object (a proxy's error page, a broken frame) raises
+    :class:`ConnectionError`: what it meant is unknown, so the connection is dropped and
+    the stream resumed from the last event kept, as after any other lost connection.
+    """
+    try:
+        message = json.loads(frame)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        raise ConnectionError("the frontend sent a frame that is no JSON object")
+    return message
