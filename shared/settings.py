@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 AGENTS = ("simulated", "openai")
 
 MAX_NUMBER = 2**31 - 1  # the largest number any setting takes
+MIN_PROBE_INTERVAL = 0.1  # seconds: a shorter pub/sub probe interval is refused
 
 # The settings whose variable the wider ecosystem already names.
 _ENV_NAMES = {
@@ -332,7 +333,7 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between a frontend's probes of its pub/sub connection: one "
         "published on its own channel that has not come back within the next interval "
-        "makes it reconnect and resync its viewers. 0: off.",
+        "makes it reconnect and resync its viewers. 0: off; else at least 0.1.",
     )
     redis_wait_replicas: int = Field(
         0,
@@ -414,6 +415,15 @@ class Settings(BaseSettings):
         # a larger count or TTL would fail only later, in Redis or the kernel.
         if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_NUMBER:
             raise ValueError(f"must be at most {MAX_NUMBER}")
+        return value
+
+    @field_validator("pubsub_probe_interval")
+    @classmethod
+    def _probe_is_off_or_spaced(cls, value: float) -> float:
+        # A probe every few milliseconds would find every busy link silent and resync
+        # its viewers over and over.
+        if 0 < value < MIN_PROBE_INTERVAL:
+            raise ValueError(f"must be 0 (off) or at least {MIN_PROBE_INTERVAL}")
         return value
 
     @field_validator("jwt_public_key")

@@ -52,6 +52,7 @@ def test_types_are_parsed():
         {"THOUGHTWIRE_REDIS_POOL_SIZE": "1"},
         {"THOUGHTWIRE_MEMORY_TURNS": "-1"},
         {"THOUGHTWIRE_WS_PER_MESSAGE_DEFLATE": "maybe"},
+        {"THOUGHTWIRE_PUBSUB_PROBE_INTERVAL": "0.01"},  # every busy link taken for deaf
     ],
 )
 def test_bad_values_name_the_variable(env):
