@@ -134,7 +134,10 @@ async def test_kill_9_frontends_mid_stream_20_times_loses_and_duplicates_nothing
     finally:
         await killer.finish()
     assert killer.kills == 20
-    assert follower.reconnects >= 20
+    # A kill finds its victim only once the follower is on a live frontend again, so
+    # every kill but the last was followed by a reconnect; the last may come after the
+    # end of the final run had already reached the follower, which then stops reading.
+    assert follower.reconnects >= killer.kills - 1
     runs = assert_clean_runs(events)
     assert len(runs) >= 2
 
