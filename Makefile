@@ -10,7 +10,7 @@ run: $(VENV)/.base  ## the embedded gateway on http://127.0.0.1:8000/
 	$(BIN)/thoughtwire up
 
 # The frontend and worker integration tests, run again with every fast path off
-# (docs/performance.md, "Fast paths"): about 3 minutes on 2 cores. The 4008 test is
+# (docs/performance.md, "Fast paths"): about 2 minutes on 2 cores. The 4008 test is
 # left out there: its "the others get every event" is about the ready-made frames, an
 # unpaced 40,000-event burst into a 16-frame queue, which only the fast path keeps up with.
 PUBLIC_PATH_TESTS := tests/test_fast_paths.py tests/test_streaming.py tests/test_resume.py \
@@ -18,13 +18,13 @@ PUBLIC_PATH_TESTS := tests/test_fast_paths.py tests/test_streaming.py tests/test
 	tests/test_embedded.py tests/test_runs_end.py
 
 # Most tests wait on real processes rather than compute, so two pytest processes (one
-# test file each at a time: a file's fixtures and ports stay its own) halve the time.
-# The second pass is a few minutes and runs alone: its paths are the slower ones.
+# test file each at a time: a file's fixtures and ports stay its own) halve the time;
+# the second pass too.
 PARALLEL := -n 2 --dist loadfile
 
 test: $(VENV)/.test system-deps  ## the whole suite, then the integration tests with fast paths off
 	$(BIN)/pytest $(PARALLEL)
-	THOUGHTWIRE_FAST_PATHS=0 $(BIN)/pytest $(PUBLIC_PATH_TESTS) -q \
+	THOUGHTWIRE_FAST_PATHS=0 $(BIN)/pytest $(PARALLEL) $(PUBLIC_PATH_TESTS) -q \
 		--deselect tests/test_streaming.py::test_a_client_that_stops_reading_is_closed_with_4008_and_nobody_else_waits
 
 screenshots: $(VENV)/.test system-deps  ## the page's screenshots in docs/img (light, dark, 390 px wide)
