@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import jwt
@@ -581,6 +581,14 @@ async def test_an_approval_decided_elsewhere_does_not_end_following_and_on_error
     assert follower.folded == case["expected"]
 
 
+@asynccontextmanager
+async def following(frontend):
+    """A follower of session S from its start, on the stand-in ``frontend`` (a handler)."""
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+
+
 async def test_a_frontend_that_greets_then_closes_at_once_is_backed_off_from_not_stormed():
     """A frontend that takes the socket and closes it at once with 1013 (its event log
     unreachable, as api/viewer.py closes a catch-up that fails): the delays still grow,
@@ -594,9 +602,7 @@ async def test_a_frontend_that_greets_then_closes_at_once_is_backed_off_from_not
         await ws.send(json.dumps({"type": "session", "session": "S"}))
         await ws.close(1013, "the event log is unavailable; reconnect and resume")
 
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+    async with following(frontend) as follower:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(2):
                 async for _ in follower.events():
@@ -627,9 +633,7 @@ async def test_a_frame_that_is_no_json_object_drops_the_connection_and_the_strea
         await ws.send(json.dumps({**events[1], "type": "done", "seq": 3, "content": ""}))
         await ws.wait_closed()
 
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+    async with following(frontend) as follower:
         seen = []
         async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:
             async for event in stream:
@@ -665,9 +669,7 @@ async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_en
                 ended = {**run_event, "type": "cancelled", "seq": 2}
                 await ws.send(json.dumps(ended))
 
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+    async with following(frontend) as follower:
         seen = []
         async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:
             async for event in stream:
@@ -812,9 +814,7 @@ async def test_a_stop_then_a_prompt_while_disconnected_go_out_in_that_order():
         await ws.send(json.dumps({"type": "done", "run": "r1", "epoch": "e", "seq": 1}))
         await ws.wait_closed()
 
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        follower = Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+    async with following(frontend) as follower:
         await follower.cancel()
         await follower.prompt("instead")
         async with asyncio.timeout(seconds(10)), aclosing(follower.events()) as stream:

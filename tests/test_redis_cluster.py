@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -99,6 +99,15 @@ async def test_a_session_is_appended_and_published_on_its_master_through_sharded
         await bus.redis.aclose()
 
 
+@pytest.fixture
+async def cluster_bus(redis_cluster: RedisCluster, prefix: str) -> AsyncIterator[Bus]:
+    """A bus on the cluster (eight connections per node), closed after the test."""
+    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
+    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    yield bus
+    await bus.redis.aclose()
+
+
 async def _started(bus: Bus, sessions: list[str]) -> list[tuple[Job, Any]]:
     """A run of each session, started."""
     started = []
@@ -144,72 +153,60 @@ async def _check_logs(bus: Bus, sessions: list[str]) -> None:
 
 
 async def test_appends_of_many_sessions_share_a_script_run_per_master(
-    redis_cluster: RedisCluster, prefix: str
+    redis_cluster: RedisCluster, cluster_bus: Bus
 ) -> None:
     """Calls of sessions on one master, queued in one tick, go as one script run there,
     though their keys are of many slots; every session gets its own events."""
-    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
-    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    bus = cluster_bus
     sessions = [f"b{n}" for n in range(30)]
-    try:
-        started = await _started(bus, sessions)
-        _script_runs(redis_cluster)
-        assert await _append(bus, started) == [3] * 30
-        assert _script_runs(redis_cluster) == dict.fromkeys(redis_cluster.masters(), 1)
-        await _check_logs(bus, sessions)
-    finally:
-        await bus.redis.aclose()
+    started = await _started(bus, sessions)
+    _script_runs(redis_cluster)
+    assert await _append(bus, started) == [3] * 30
+    assert _script_runs(redis_cluster) == dict.fromkeys(redis_cluster.masters(), 1)
+    await _check_logs(bus, sessions)
 
 
 async def test_a_bundle_sent_to_a_master_that_does_not_hold_its_slots_runs_call_by_call(
-    redis_cluster: RedisCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+    redis_cluster: RedisCluster, cluster_bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bundle's calls whose slots are elsewhere (a slot moved after they were grouped):
     each fails on the bundle's master at its first read, and goes again alone, on its
     own slot's master; the others run in the bundle."""
-    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
-    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    bus = cluster_bus
     sessions = [f"m{n}" for n in range(12)]
-    try:
-        started = await _started(bus, sessions)
-        _script_runs(redis_cluster)
-        monkeypatch.setattr(Batcher, "_master_of", lambda self, key: "one")  # one bundle
-        assert await _append(bus, started) == [3] * 12
-        owner = {s: redis_cluster.master_of(bus.session_channel(s)) for s in sessions}
-        first = owner[sessions[0]]
-        elsewhere = [s for s in sessions if owner[s] != first]
-        assert elsewhere  # the bundle held slots of other masters
-        runs = _script_runs(redis_cluster)
-        assert runs[first] == 1, runs  # the bundle
-        assert sum(runs.values()) == 1 + len(elsewhere)  # and each call elsewhere, alone
-        await _check_logs(bus, sessions)
-    finally:
-        await bus.redis.aclose()
+    started = await _started(bus, sessions)
+    _script_runs(redis_cluster)
+    monkeypatch.setattr(Batcher, "_master_of", lambda self, key: "one")  # one bundle
+    assert await _append(bus, started) == [3] * 12
+    owner = {s: redis_cluster.master_of(bus.session_channel(s)) for s in sessions}
+    first = owner[sessions[0]]
+    elsewhere = [s for s in sessions if owner[s] != first]
+    assert elsewhere  # the bundle held slots of other masters
+    runs = _script_runs(redis_cluster)
+    assert runs[first] == 1, runs  # the bundle
+    assert sum(runs.values()) == 1 + len(elsewhere)  # and each call elsewhere, alone
+    await _check_logs(bus, sessions)
 
 
 async def test_a_bundles_call_sent_again_alone_to_a_master_that_forgot_the_script_runs(
-    redis_cluster: RedisCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+    redis_cluster: RedisCluster, cluster_bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bundle's call sent again alone on its own slot's master, which has not the
     bundle script (a promoted replica, a restarted or new master): the script is loaded
     there and the call runs, instead of its caller getting NOSCRIPT."""
-    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
-    bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
+    bus = cluster_bus
     sessions = [f"n{n}" for n in range(12)]
-    try:
-        started = await _started(bus, sessions)
-        owner = {s: redis_cluster.master_of(bus.session_channel(s)) for s in sessions}
-        first = owner[sessions[0]]
-        for port in redis_cluster.masters():
-            # the bundle's master knows the script; the others have forgotten it
-            redis_cluster.node(port).call("SCRIPT", "FLUSH")
-        redis_cluster.node(first).call("SCRIPT", "LOAD", bus._append_many.script)
-        monkeypatch.setattr(Batcher, "_master_of", lambda self, key: "one")  # one bundle
-        assert await _append(bus, started) == [3] * 12
-        assert any(owner[s] != first for s in sessions)
-        await _check_logs(bus, sessions)
-    finally:
-        await bus.redis.aclose()
+    started = await _started(bus, sessions)
+    owner = {s: redis_cluster.master_of(bus.session_channel(s)) for s in sessions}
+    first = owner[sessions[0]]
+    for port in redis_cluster.masters():
+        # the bundle's master knows the script; the others have forgotten it
+        redis_cluster.node(port).call("SCRIPT", "FLUSH")
+    redis_cluster.node(first).call("SCRIPT", "LOAD", bus._append_many.script)
+    monkeypatch.setattr(Batcher, "_master_of", lambda self, key: "one")  # one bundle
+    assert await _append(bus, started) == [3] * 12
+    assert any(owner[s] != first for s in sessions)
+    await _check_logs(bus, sessions)
 
 
 def _half_moved(redis_cluster: RedisCluster, keys: Keys, session: str) -> tuple[int, int]:
@@ -236,54 +233,44 @@ def _three(bus: Bus, job: Job, fence: str, first: int, status: str = "") -> asyn
 
 
 async def test_a_call_of_a_session_whose_slot_is_being_moved_fails_as_redis_away(
-    redis_cluster: RedisCluster, prefix: str
+    redis_cluster: RedisCluster, cluster_bus: Bus
 ) -> None:
     """While a session's keys are half moved, its calls are answered TRYAGAIN until the
     move ends: past redis-py's redirections that is a connection error, which a writer
     retries, not an error it takes as final (which failed the run)."""
-    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
-    keys = Keys(prefix)
-    bus = Bus(factory.commands(), keys, log_maxlen=100, log_ttl=60)
-    try:
-        [(job, attempt)] = await _started(bus, ["away"])
-        assert await _three(bus, job, attempt.fence, 1) == 3
-        slot, target = _half_moved(redis_cluster, keys, "away")
-        with pytest.raises(RedisConnectionError):
-            await _three(bus, job, attempt.fence, 4, status="done")
-        await asyncio.to_thread(redis_cluster.move_slot, slot, target)  # the rest moves
-        assert await _three(bus, job, attempt.fence, 4, status="done") == 6
-        contents = [json.loads(e)["content"] for e in await bus.history("away")]
-        assert contents == [f"away-{n}" for n in range(1, 7)]
-    finally:
-        await bus.redis.aclose()
+    bus, keys = cluster_bus, cluster_bus.keys
+    [(job, attempt)] = await _started(bus, ["away"])
+    assert await _three(bus, job, attempt.fence, 1) == 3
+    slot, target = _half_moved(redis_cluster, keys, "away")
+    with pytest.raises(RedisConnectionError):
+        await _three(bus, job, attempt.fence, 4, status="done")
+    await asyncio.to_thread(redis_cluster.move_slot, slot, target)  # the rest moves
+    assert await _three(bus, job, attempt.fence, 4, status="done") == 6
+    contents = [json.loads(e)["content"] for e in await bus.history("away")]
+    assert contents == [f"away-{n}" for n in range(1, 7)]
 
 
 async def test_a_bundle_whose_session_is_half_moved_writes_nothing_on_the_slots_new_master(
-    redis_cluster: RedisCluster, prefix: str
+    redis_cluster: RedisCluster, cluster_bus: Bus
 ) -> None:
     """A slot being moved, its session's meta already on the new master but its log and
     run not yet: a bundle of that session's call, sent to the old master by the slot map,
     must not run on the new one (redirected with ASK) against keys that are not there
     yet, which the rest of the move then overwrites (or refuses to move): the call waits
     for the move, as a call of its own does, and the log keeps every event once."""
-    factory = RedisFactory(Settings(redis_url=redis_cluster.url, redis_pool_size=8))
-    keys = Keys(prefix)
-    bus = Bus(factory.commands(), keys, log_maxlen=100, log_ttl=60)
+    bus, keys = cluster_bus, cluster_bus.keys
+    [(job, attempt)] = await _started(bus, ["half"])
+    assert await _three(bus, job, attempt.fence, 1) == 3
+    slot, target = _half_moved(redis_cluster, keys, "half")
+    second = _three(bus, job, attempt.fence, 4)
+    await asyncio.wait([second], timeout=seconds(2))  # it ran, or waits for the move
+    await asyncio.to_thread(redis_cluster.move_slot, slot, target)  # the rest moves
     try:
-        [(job, attempt)] = await _started(bus, ["half"])
-        assert await _three(bus, job, attempt.fence, 1) == 3
-        slot, target = _half_moved(redis_cluster, keys, "half")
-        second = _three(bus, job, attempt.fence, 4)
-        await asyncio.wait([second], timeout=seconds(2))  # it ran, or waits for the move
-        await asyncio.to_thread(redis_cluster.move_slot, slot, target)  # the rest moves
-        try:
-            assert await second == 6
-        except RedisConnectionError:  # the move was under way: a writer tries again
-            assert await _three(bus, job, attempt.fence, 4) == 6
-        contents = [json.loads(e)["content"] for e in await bus.history("half")]
-        assert contents == [f"half-{n}" for n in range(1, 7)]
-    finally:
-        await bus.redis.aclose()
+        assert await second == 6
+    except RedisConnectionError:  # the move was under way: a writer tries again
+        assert await _three(bus, job, attempt.fence, 4) == 6
+    contents = [json.loads(e)["content"] for e in await bus.history("half")]
+    assert contents == [f"half-{n}" for n in range(1, 7)]
 
 
 TOKENS = 60  # a run's answer: two seconds at 30 tokens a second
