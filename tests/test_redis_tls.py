@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import RedisServer, free_port, seconds, wait_until
+from tests.test_topology import assert_link_subscribes
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.redis.pubsub import open_link
 from thoughtwire.shared.settings import Settings
@@ -77,16 +78,7 @@ async def test_the_pub_sub_link_trusts_the_ca_the_url_names(tls_server: TLSServe
         assert await commands.ping()
     finally:
         await commands.aclose()
-    confirmed: list[bytes] = []
-    link = await open_link(factory, lambda kind, channel, data: confirmed.append(kind))
-    try:
-        await link.subscribe(b"tw:tls-check")
-        async with asyncio.timeout(seconds(5)):
-            while not confirmed:  # bounded by the timeout
-                await asyncio.sleep(0.01)
-        assert confirmed == [b"subscribe"]
-    finally:
-        await link.close()
+    await assert_link_subscribes(factory, b"tw:tls-check")
 
 
 @pytest.fixture(scope="module")

@@ -175,11 +175,16 @@ async def test_a_user_without_a_password_is_the_one_every_connection_signs_in_as
         assert await client.acl_whoami() == "alice"
     finally:
         await client.aclose()
-    confirmed: list[bytes] = []
     single = RedisFactory(Settings(redis_url=f"redis://{userinfo}127.0.0.1:{acl_server.port}/0"))
-    link = await open_link(single, lambda kind, channel, data: confirmed.append(kind))
+    await assert_link_subscribes(single, b"tw:acl-check")
+
+
+async def assert_link_subscribes(factory: RedisFactory, channel: bytes) -> None:
+    """The hub's pub/sub link of ``factory`` connects and has ``channel`` confirmed."""
+    confirmed: list[bytes] = []
+    link = await open_link(factory, lambda kind, channel, data: confirmed.append(kind))
     try:
-        await link.subscribe(b"tw:acl-check")
+        await link.subscribe(channel)
         async with asyncio.timeout(seconds(5)):
             while not confirmed:  # bounded by the timeout
                 await asyncio.sleep(0.01)
