@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
+from bench.metrics_cost import Taker
 from tests.conftest import Cluster, start_cluster
 from tests.procs import free_port, seconds, wait_until
 from tests.wsclient import connect, greeting, recv_json, run_events
@@ -320,22 +321,6 @@ def delta(seq: int) -> str:
     """An answer delta as the log writes it: position last."""
     head = '{"type":"answer","content":"tok ","block":"b1","delta":true,"session":"s","run":"r"'
     return head + f',"seq":{seq},"epoch":"e"}}'
-
-
-class Taker:
-    """A transport that takes every frame at once."""
-
-    def write(self, frame: str, wire: bytes | None) -> bool:
-        return True
-
-    def write_run(self, frames: list[str], wire: bytes) -> bool:
-        return True
-
-    async def send(self, frame: str) -> bool:
-        return True
-
-    def close(self, code: int, reason: str) -> None:
-        pass
 
 
 async def test_merged_frames_and_slow_viewers_closed_are_counted_where_they_happen():
