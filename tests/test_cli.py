@@ -705,13 +705,22 @@ async def test_follow_shows_an_approval_without_asking_and_the_decision_from_els
                 event = json.loads(line)
                 approval = event if event["type"] == "approval" else None
         follower = await TextChat.start(
-            "--follow", "--session", approval["session"], "--token", tok, "--url", b.ws
+            # A loaded machine may take seconds to start it: give it longer than --timeout's 10 s.
+            "--follow",
+            "--session",
+            approval["session"],
+            "--token",
+            tok,
+            "--url",
+            b.ws,
+            "--timeout",
+            "60",
         )
         async with asyncio.timeout(seconds(20)):
             seen = b""
             while b"waiting for approval" not in seen:
                 chunk = await follower.proc.stdout.read(1024)
-                assert chunk
+                assert chunk, (seen, await follower.proc.stderr.read())
                 seen += chunk
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}) as http:
             reply = await http.post(
