@@ -28,7 +28,7 @@ test: $(VENV)/.test system-deps  ## the whole suite, then the integration tests 
 		--deselect tests/test_streaming.py::test_a_client_that_stops_reading_is_closed_with_4008_and_nobody_else_waits
 
 screenshots: $(VENV)/.test system-deps  ## the page's screenshots in docs/img (light, dark, 390 px wide)
-	THOUGHTWIRE_SCREENSHOTS_DIR=docs/img $(BIN)/pytest tests/test_page.py -k "test_screenshots or answer_only_link" -q
+	SCREENSHOTS_DIR=docs/img $(BIN)/pytest tests/test_page.py -k "test_screenshots or answer_only_link" -q
 
 check: $(VENV)/.test  ## lint, format and type checks
 	$(BIN)/ruff check $(SOURCES)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -114,7 +115,7 @@ class SessionSocket:
         ping: float | None = None,
         raw_prompts: bool = False,
         require_auth: bool = False,
-        hello: dict[str, str] | None = None,
+        hello: dict[str, Any] | None = None,
         on_message: MessageHandler | None = None,
         endpoint: str | None = None,
     ) -> None:
@@ -124,10 +125,16 @@ class SessionSocket:
         self.frontend = _frontend(websocket)
         self.render_frame = render_frame
         self.agent = agent
+        self.hello = hello or {}
+        if websocket.query_params.get("ping") == "1" and self.frontend.settings.ping_interval:
+            # Asked for: a browser cannot send WebSocket pings, so a client that must
+            # notice a dead link (no close ever comes) needs frames it can count on. The
+            # greeting says how often: silence for longer means the link is dead.
+            ping = self.frontend.settings.ping_interval
+            self.hello = {**self.hello, "ping": ping}
         self.ping = ping
         self.raw_prompts = raw_prompts
         self.require_auth = require_auth
-        self.hello = hello or {}
         self.on_message = on_message
         self.principal = ANONYMOUS
         self.socket_id = new_id()
@@ -362,6 +369,10 @@ class SessionSocket:
             if span is not None and created:
                 span.set_attribute("thoughtwire.run", run)
                 self.conn.transport.await_first(run, span, received)
+        if message.key is not None:
+            # Which run is this prompt's: the session may have other writers, whose runs'
+            # events this socket sees too. A resent prompt (same key) names the same run.
+            self.conn.send(reply("queued", session=session, run=run, key=message.key))
         logger.info("run queued: session %s, run %s", session, run, extra={"run": run})
 
     async def _approve(self, message: Approve) -> None:

@@ -59,6 +59,23 @@ def env_name(field: str) -> str:
     return _ENV_NAMES.get(field, "THOUGHTWIRE_" + field.upper())
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What to say of each ``THOUGHTWIRE_*`` variable that is no setting: a misspelt
+    name would otherwise be ignored without a word, its setting left at the default."""
+    import difflib
+
+    prefix = "THOUGHTWIRE_"
+    known = [env_name(field) for field in Settings.model_fields]
+    tails = [name.removeprefix(prefix) for name in known if name.startswith(prefix)]
+    said = []
+    for name in sorted(environ):
+        if name.startswith(prefix) and name not in known:
+            close = difflib.get_close_matches(name.removeprefix(prefix), tails, n=1, cutoff=0.75)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            said.append(f"{name} is not a setting and is ignored{hint}")
+    return said
+
+
 class _Environment(PydanticBaseSettingsSource):
     """The variables of one environment mapping, by setting; empty ones count as unset."""
 
@@ -563,7 +580,9 @@ def markdown() -> str:
         "",
         "Every setting of a frontend (`thoughtwire api`), a worker (`thoughtwire worker`)",
         "and `thoughtwire up`, read from the environment once at start. A bad value stops",
-        "the process with one line naming the variable (exit code 2). Generated from",
+        "the process with one line naming the variable (exit code 2); a `THOUGHTWIRE_`",
+        "variable that is none of these is named in a warning at start (with the setting",
+        "it may be a misspelling of), and ignored. Generated from",
         "`shared/settings.py` by `python -m thoughtwire.shared.settings`; do not edit by hand.",
         "",
         "| Variable | Type | Default | Description |",

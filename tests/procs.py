@@ -18,7 +18,7 @@ import httpx
 import redis
 
 # One knob scales every wait in the suite, for slow machines.
-TIME_SCALE = float(os.environ.get("THOUGHTWIRE_TEST_TIME_SCALE", "1"))
+TIME_SCALE = float(os.environ.get("TEST_TIME_SCALE", "1"))
 
 
 def seconds(value: float) -> float:

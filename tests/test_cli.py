@@ -74,6 +74,23 @@ def assert_one_line(result, code, *words):
 # --- failures, one line each ----------------------------------------------------
 
 
+def test_a_misspelt_setting_is_named_at_start_with_the_one_it_may_mean():
+    """A ``THOUGHTWIRE_`` variable that is no setting was ignored without a word, its
+    setting left at the default; now each command names it, once, and goes on."""
+    result = command(
+        "token",
+        "--sub",
+        "ann",
+        env={"JWT_SECRET": "s" * 32, "THOUGHTWIRE_MAX_SOCKET_PER_USER": "3", "THOUGHTWIRE_X": "1"},
+    )
+    assert result.returncode == Exit.OK and result.stdout.count(".") == 2  # still a token
+    assert result.stderr.splitlines() == [
+        "thoughtwire token: THOUGHTWIRE_MAX_SOCKET_PER_USER is not a setting and is ignored; "
+        "did you mean THOUGHTWIRE_MAX_SOCKETS_PER_USER?",
+        "thoughtwire token: THOUGHTWIRE_X is not a setting and is ignored",
+    ]
+
+
 def test_no_token_is_one_line_and_exit_3(secure):
     result = command("chat", "hi", "--url", secure.frontends[0].ws)
     assert_one_line(result, Exit.UNAUTHORIZED, "not authenticated (missing token)", "--token")
@@ -113,17 +130,40 @@ def test_a_url_that_is_no_frontend_url_is_one_line_at_once(url):
     assert time.monotonic() - began < 5
 
 
+def _chat_of(*argv):
+    """A ``chat`` command fed frames by hand, its prompt's key ``k``: what it printed, and
+    ``feed(frames)``, the exit codes its events gave (None: going on)."""
+    import io
+
+    from thoughtwire.cli import Chat, parser
+
+    args = parser().parse_args(["chat", *argv, "--url", "ws://h:1"])
+    from thoughtwire.client import OwnRun
+
+    chat = Chat(args, out=io.StringIO())
+    chat.own = OwnRun(chat.follower, "k")
+
+    def feed(frames):
+        ends = []
+        for frame in frames:
+            if frame["type"] == "queued":
+                asyncio.run(chat.follower._was_queued(frame))
+                continue
+            assert chat.follower._advance(frame)
+            shown = [chat._show(event) for event in chat.own.events(frame)]
+            ends.append(next((end for end in shown if end is not None), None))
+        return ends
+
+    return chat, feed
+
+
 def test_chat_in_a_session_with_a_run_going_shows_its_own_run_not_that_one():
     """Plain data: ``chat --session S`` joins with the session's snapshot, which holds an
     earlier run still going; that run's next event is not this prompt's run, and does not
     end the command. Before, chat printed the earlier run and exited at its end."""
-    import io
-
-    from thoughtwire.cli import Chat, parser
     from thoughtwire.shared.reducer import initial_state, reduce
 
-    args = parser().parse_args(["chat", "again", "--session", "S", "--url", "ws://h:1"])
-    chat = Chat(args, out=io.StringIO())
+    chat, feed = _chat_of("again", "--session", "S")
     earlier = {"type": "answer", "run": "r1", "epoch": "e", "seq": 1, "content": "old"}
     snapshot = {
         "type": "snapshot",
@@ -131,18 +171,70 @@ def test_chat_in_a_session_with_a_run_going_shows_its_own_run_not_that_one():
         "seq": 1,
         "epoch": "e",
     }
-    ends = []
-    for event in (
-        snapshot,
-        {**earlier, "type": "done", "seq": 2},
-        {"type": "answer", "run": "r2", "epoch": "e", "seq": 3, "content": "new"},
-        {"type": "done", "run": "r2", "epoch": "e", "seq": 4},
-    ):
-        assert chat.follower._advance(event)
-        ends.append(chat._show(event))
+    ends = feed(
+        [
+            snapshot,
+            {**earlier, "type": "done", "seq": 2},
+            {"type": "queued", "session": "S", "run": "r2", "key": "k"},
+            {"type": "answer", "run": "r2", "epoch": "e", "seq": 3, "content": "new"},
+            {"type": "done", "run": "r2", "epoch": "e", "seq": 4},
+        ]
+    )
     assert ends == [None, None, None, Exit.OK]
-    assert chat.run_id == "r2"
+    assert chat.own.run == "r2"
     assert "old" not in chat.out.getvalue() and "new" in chat.out.getvalue()
+
+
+def test_chat_shows_the_run_its_frontend_named_not_another_writers_newer_run():
+    """Plain data: another tab's prompt starts a run in the session first; chat waits for
+    the ``queued`` reply naming its own, holds what came before it, and shows only its run.
+    Before, it took the first new run for its own and exited at that run's end."""
+    chat, feed = _chat_of("mine", "--session", "S", "--json")
+    other = {"type": "answer", "run": "theirs", "epoch": "e", "content": "not mine"}
+    ends = feed(
+        [
+            {**other, "seq": 1},
+            {"type": "answer", "run": "r2", "epoch": "e", "seq": 2, "content": "early"},
+            {**other, "type": "done", "seq": 3},
+            {"type": "queued", "session": "S", "run": "r2", "key": "k"},
+            {**other, "seq": 4, "run": "theirs-too"},
+            {"type": "done", "run": "r2", "epoch": "e", "seq": 5},
+        ]
+    )
+    assert ends == [None, None, None, None, Exit.OK]
+    shown = [json.loads(line) for line in chat.out.getvalue().splitlines()]
+    assert [(e["run"], e["seq"]) for e in shown] == [("r2", 2), ("r2", 5)]
+
+
+def test_a_prompt_cancelled_before_it_is_queued_cancels_only_its_own_run_once_it_is():
+    """Plain data: Ctrl-C before the frontend named the prompt's run sent the cancel of
+    every run in the session, other writers' too. Now the prompt is not sent again, and its
+    run alone is cancelled once the ``queued`` reply names it."""
+    from thoughtwire.client import Follower
+
+    sent = []
+
+    class Socket:
+        state = None
+
+        async def send(self, frame):
+            sent.append(json.loads(frame))
+
+    async def go():
+        follower = Follower("ws://h:1", "S")
+        key = await follower.prompt("hi")  # no socket yet: held for the next
+        await follower.cancel(key=key)
+        assert follower._prompts == {} and follower._outbox == []
+        from websockets.protocol import State
+
+        Socket.state = State.OPEN
+        follower._ws = Socket()
+        await follower._was_queued({"type": "queued", "session": "S", "run": "r9", "key": key})
+        return follower
+
+    follower = asyncio.run(go())
+    assert sent == [{"type": "cancel", "run": "r9"}]
+    assert follower.run_of(next(iter(follower._queued))) == "r9"
 
 
 @pytest.mark.parametrize("timeout", ["0", "nan", "inf"])
@@ -185,6 +277,19 @@ def test_a_busy_port_is_one_line_and_exit_8_before_any_worker_starts(args, redis
         result = command(*args, "--port", str(port), env={"REDIS_URL": redis_server.url})
     assert_one_line(result, Exit.PORT_BUSY, f"127.0.0.1:{port}", "--port")
     assert "workers" not in result.stdout and "claiming jobs" not in result.stderr
+
+
+def test_a_workers_busy_metrics_port_is_one_line_and_exit_8(redis_server):
+    """The port serves the worker's probes: a worker without them ran on, logging one
+    error, until its orchestrator's probes failed and it was restarted, again and again."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"REDIS_URL": redis_server.url, "THOUGHTWIRE_METRICS_PORT": str(port)}
+        result = command("worker", env=env)
+    assert_one_line(result, Exit.PORT_BUSY, f":{port}", "THOUGHTWIRE_METRICS_PORT")
+    assert "claiming jobs" not in result.stderr
 
 
 def test_a_bad_setting_is_one_line_and_exit_2():

@@ -250,6 +250,44 @@ async def ask_with(follower, prompt):
             return
 
 
+async def test_ask_yields_its_own_run_when_another_writers_run_comes_first(secure):
+    """Another writer (the HTTP API) has a run going and one queued behind it in the
+    session; ``ask`` joins, prompts, and yields its own run, the third: the one its
+    frontend named in the ``queued`` reply, not the queued run whose events come first.
+    Before, ask took the first new run it saw for its own. The reply names the same run
+    when the prompt is sent again with its key, on another frontend."""
+    import httpx
+
+    a, b = secure.frontends
+    tok = token("frank")
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}) as http:
+        first = (await http.post(f"{b.http}/v1/jobs", json={"prompt": "one"})).json()
+        session = first["session"]
+        follower = Follower(a.ws, session, token=tok, heartbeat=None)
+        async with asyncio.timeout(seconds(30)):
+            async for event in follower.events():
+                if event.get("run") == first["job"]:
+                    break  # the first run is going: the next one waits behind it
+        second = await http.post(f"{b.http}/v1/jobs", json={"prompt": "two", "session": session})
+        second = second.json()["job"]
+    runs = []
+    async with asyncio.timeout(seconds(30)):
+        async for event in ask("three", a.ws, session=session, token=tok, heartbeat=None):
+            runs.append(event["run"])
+    assert second not in runs and first["job"] not in runs
+    assert len(set(runs)) == 1, runs
+
+    async def queued_for(url, key):
+        follower = Follower(url, session, token=tok, heartbeat=None)
+        await follower.prompt("four", key=key)
+        async with asyncio.timeout(seconds(30)):
+            async for _ in follower.events():
+                if follower.run_of(key) is not None:
+                    return follower.run_of(key)
+
+    assert await queued_for(a.ws, "k-4") == await queued_for(b.ws, "k-4")
+
+
 async def test_cancel_ends_the_followed_run(secure):
     follower = Follower(secure.frontends[1].ws, token=token("dave"))
     events = []
@@ -732,8 +770,10 @@ async def test_ask_in_a_session_with_runs_skips_its_snapshot_and_yields_its_own_
     async def frontend(ws):
         await ws.send(json.dumps({"type": "session", "session": "S"}))
         await ws.send(json.dumps({"type": "snapshot", "state": state, "seq": 2, "epoch": "e"}))
-        await ws.recv()  # the prompt
+        prompt = json.loads(await ws.recv())
         await ws.send(json.dumps({**earlier, "seq": 3}))  # the earlier run goes on
+        queued = {"type": "queued", "session": "S", "run": "r2", "key": prompt["key"]}
+        await ws.send(json.dumps(queued))
         for seq, kind in ((4, "answer"), (5, "done")):
             event = {"type": kind, "run": "r2", "epoch": "e", "seq": seq, "content": "hi"}
             await ws.send(json.dumps(event))
@@ -757,12 +797,13 @@ async def test_a_run_the_snapshot_holds_is_not_taken_for_a_prompts_run():
     follower = Follower("ws://h", "S")
     earlier = {"type": "thinking", "run": "r1", "epoch": "e", "seq": 2, "content": "..."}
     state = reduce(initial_state(), earlier)
-    await follower.prompt("next question")
+    key = await follower.prompt("next question")
     follower._advance({"type": "snapshot", "state": state, "seq": 2, "epoch": "e"})
     follower._advance({**earlier, "seq": 3})
+    follower._advance({"type": "thinking", "run": "r3", "epoch": "e", "seq": 4})  # another's
     assert len(follower._prompts) == 1
-    follower._advance({"type": "thinking", "run": "r2", "epoch": "e", "seq": 4})
-    assert follower._prompts == []
+    await follower._was_queued({"type": "queued", "session": "S", "run": "r2", "key": key})
+    assert follower._prompts == {} and follower.run_of(key) == "r2"
 
 
 async def test_a_refused_prompt_is_not_sent_again_on_the_next_connection():

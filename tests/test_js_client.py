@@ -6,6 +6,7 @@ Its pages are served by the frontends themselves (`/healthz`, then the module fr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -69,6 +70,14 @@ def secure(redis_server, logdir):
         THOUGHTWIRE_SIM_STEP_DELAY="0.3",
         THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
     )
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def pinging(redis_server, logdir):
+    """One frontend and worker, authentication off, pinging a silent client after 0.3 s."""
+    c = start_cluster(redis_server, logdir, frontends=1, THOUGHTWIRE_PING_INTERVAL="0.3")
     yield c
     c.stop()
 
@@ -164,7 +173,8 @@ async def test_it_prompts_and_gets_a_whole_run_exactly_once(secure: Cluster):
     assert states(log) == ["connecting", "connected"]
     assert tokens.calls == 1
     assert log["error"] == [] and log["gap"] == []
-    assert [m["type"] for m in log["message"]] == ["session"]
+    assert [m["type"] for m in log["message"]] == ["session", "queued"]
+    assert log["message"][1]["run"] == events[0]["run"]  # the prompt's run, named
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
@@ -251,7 +261,7 @@ async def test_refresh_hands_the_socket_a_fresh_token_before_the_old_expires(sec
     assert time.time() > expires, "the runs ended before the first token expired"
     assert states(log) == ["connecting", "connected"]
     assert tokens.calls == 2
-    assert [m["type"] for m in log["message"]] == ["session"]
+    assert [m["type"] for m in log["message"]] == ["session", "queued", "queued"]
     assert seqs(log["event"]) == list(range(1, 2 * len(RUN_SHAPE) + 1))
 
 
@@ -490,6 +500,7 @@ FAKE = """async () => {
   sockets[0].frame({type: "session", session: "S"});
   await opened;
   tw.prompt("queued nowhere: the socket is open", {key: "k"});
+  sockets[0].frame({type: "queued", session: "S", run: "R", key: "k"});
   for (const seq of [1, 2, 2, 1, 3]) sockets[0].frame(event(seq));
   sockets[0].drop(1012);
   while (sockets.length < 2) await new Promise((r) => setTimeout(r, 5));
@@ -512,8 +523,8 @@ async def test_duplicates_are_dropped_and_the_resume_names_the_position(secure: 
     print(result)
     assert result["delivered"] == [["e1", 1], ["e1", 2], ["e1", 3], ["e1", 4], ["e2", 1], ["e2", 2]]
     assert result["urls"] == [
-        "ws://one.test/ws/agent-thoughts",
-        "ws://two.test/ws/agent-thoughts?session=S&after=3&epoch=e1",
+        "ws://one.test/ws/agent-thoughts?ping=1",
+        "ws://two.test/ws/agent-thoughts?session=S&after=3&epoch=e1&ping=1",
     ]
     assert result["protocols"] == ["thoughtwire.v1", "bearer.T0"]
     assert result["sent"] == [
@@ -725,11 +736,12 @@ async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_en
     assert sent == [[cancel], [cancel], []], sent
 
 
-async def test_a_prompt_sent_as_the_frontend_closes_is_sent_again_until_its_run_starts():
+async def test_a_prompt_sent_as_the_frontend_closes_is_sent_again_until_it_is_queued():
     """A prompt written as its frontend stopped reading is sent again, with the same key,
-    on the next socket; once a new run's first event came, the socket after does not
-    carry it, nor a prompt refused as ``busy``. Before, it was lost: the page's prompt
-    box emptied and nothing ran."""
+    on the next socket; once the frontend's ``queued`` reply named its run, the socket
+    after does not carry it, nor a prompt refused as ``busy``. Another writer's new run
+    is not taken for it: that prompt is still sent. Before, a lost prompt never ran, and
+    later the first new run of the session, anyone's, counted as the prompt's."""
     async with client_module_page() as page:
         await page.evaluate(FAKE_SOCKET)
         sent = await page.evaluate(
@@ -743,22 +755,94 @@ async def test_a_prompt_sent_as_the_frontend_closes_is_sent_again_until_its_run_
                 check();
               });
               await tw.connect();
-              tw.prompt("hello"); // written, never read: the frontend closes
+              const key = tw.prompt("hello"); // written, never read: the frontend closes
               window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
               await greeted(2);
-              window.sockets[1].receive({type: "thinking", run: "r1", epoch: "e", seq: 1, session: "S"});
-              tw.prompt("and then", {multitask: "reject"});
-              window.sockets[1].receive({type: "error", code: "busy", message: "a run is unfinished"});
+              window.sockets[1].receive({type: "thinking", run: "other", epoch: "e", seq: 1, session: "S"});
               window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
               await greeted(3);
+              window.sockets[2].receive({type: "queued", run: "r1", key, session: "S"});
+              const run = tw.runOf(key);
+              tw.prompt("and then", {multitask: "reject"});
+              window.sockets[2].receive({type: "error", code: "busy", message: "a run is unfinished"});
+              window.sockets[2].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(4);
               tw.close();
-              return window.sockets.map((s) => s.sent);
+              return {sent: window.sockets.map((s) => s.sent), run};
             }"""
         )
-    [[first], [again, refused], after] = sent
+    assert sent.pop("run") == "r1"
+    [[first], [again], [still, refused], after] = sent["sent"]
+    assert still == first, "another writer's run is not this prompt's"
     assert first == again and first["content"] == "hello" and len(first["key"]) == 32
     assert refused["content"] == "and then"
     assert after == [], "a run started, or the prompt was refused: neither is sent again"
+
+
+async def test_a_link_gone_silent_past_its_ping_interval_is_dropped_and_resumed():
+    """A link that dies without a close (a laptop asleep, a NAT that forgot it) gave the
+    page no sign for minutes, until TCP gave up. The client asks for pings (``ping=1``);
+    the greeting says how often they come, and after 2.5 intervals with no frame the
+    client drops the socket and resumes from its position on the next one. A frame in
+    time keeps the socket."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        result = await page.evaluate(
+            """async () => {
+              window.FakeSocket = class extends window.FakeSocket {
+                constructor(url, protocols) { super(url, protocols); this.closed = null; }
+                close(code, reason) { this.closed = [code, reason]; }
+              };
+              const tw = new window.tw.Thoughtwire({urls: "ws://fake.test", WebSocket: window.FakeSocket,
+                                                   heartbeat: 0, backoff: {initial: 1, max: 1}});
+              const states = [];
+              tw.addEventListener("state", (e) => states.push([e.detail.state, e.detail.reason ?? null]));
+              await tw.connect();
+              const first = window.sockets[0];
+              first.receive({type: "session", session: "S", ping: 0.2});  // silence: 500 ms
+              first.receive({type: "answer", run: "r", epoch: "e", seq: 1, session: "S"});
+              for (let i = 0; i < 4; i++) {  // a frame every 200 ms keeps it
+                await new Promise((r) => setTimeout(r, 200));
+                first.receive({type: "ping"});
+              }
+              const keptFor = window.sockets.length;
+              const sleep = Date.now();
+              while (window.sockets.length < 2 && Date.now() - sleep < 5000) {
+                await new Promise((r) => setTimeout(r, 20));
+              }
+              const waited = Date.now() - sleep;
+              tw.close();
+              return {keptFor, waited, urls: window.sockets.map((s) => s.url), closed: first.closed, states};
+            }"""
+        )
+    print(result)
+    assert result["keptFor"] == 1, "frames in time keep the socket"
+    assert 400 <= result["waited"] < 1500
+    assert result["closed"] == [4000, "no frame from the frontend"]
+    assert result["urls"][0] == "ws://fake.test/ws/agent-thoughts?ping=1"
+    assert result["urls"][1] == "ws://fake.test/ws/agent-thoughts?session=S&after=1&epoch=e&ping=1"
+    assert ["reconnecting", "no frame from the frontend in 0.5 s"] in result["states"]
+
+
+async def test_a_socket_that_asks_for_pings_is_pinged_and_told_how_often(pinging: Cluster):
+    """``?ping=1`` on ``/ws/agent-thoughts``: the greeting carries ``ping`` (the
+    frontend's interval) and a silent client gets ``ping`` frames; without it, neither
+    (what the seed's clients see is unchanged)."""
+    import websockets
+
+    url = pinging.frontends[0].ws + "/ws/agent-thoughts"
+    async with websockets.connect(url + "?ping=1") as ws:
+        greeting = json.loads(await ws.recv())
+        assert greeting["type"] == "session" and greeting["ping"] == 0.3
+        async with asyncio.timeout(seconds(5)):
+            assert json.loads(await ws.recv()) == {"type": "ping"}
+            await ws.send(json.dumps({"type": "pong"}))
+            assert json.loads(await ws.recv()) == {"type": "ping"}
+    async with websockets.connect(url) as ws:
+        assert set(json.loads(await ws.recv())) == {"type", "session"}
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1):
+                await ws.recv()
 
 
 async def test_a_stop_then_a_prompt_while_disconnected_go_out_in_that_order():

@@ -4,7 +4,7 @@ A user opens `/#token=T`, prompts, stops a run, shares a read-only link that a s
 browser opens on the other frontend; answers are Markdown that runs nothing; a tool call
 that needs approval shows Allow and Deny to the owner and not on a viewer link, and Allow
 lets the run go on; axe finds no serious or critical violation in light or dark mode;
-screenshots go to the log folder (and to docs/img with ``THOUGHTWIRE_SCREENSHOTS_DIR``,
+screenshots go to the log folder (and to docs/img with ``SCREENSHOTS_DIR``,
 as ``make screenshots`` sets it).
 
 Some tests play a recorded protocol v2 session to the page through a stand-in socket,
@@ -212,6 +212,35 @@ async def test_a_user_opens_a_token_link_prompts_and_sees_the_run_complete(clust
     await reasoning.locator("summary").click()
     assert await reasoning.evaluate("d => d.open")
     assert tab.errors == [] and tab.dialogs == []
+
+
+async def test_a_prompt_labels_its_own_run_not_another_writers_queued_before_it(cluster, context):
+    """The session has a run going and one queued behind it, both from the HTTP API; the
+    page's prompt is the third. The queued run's first event comes first, and its card
+    says it came from elsewhere: the page's prompt labels the run its frontend named.
+    Before, the page gave its prompt to the first new run it saw."""
+    a = cluster.frontends[0]
+    tok = token_for("alice")
+    tab = await open_tab(context, f"{a.http}/#token={tok}")
+    page = tab.page
+    session = await page.evaluate("document.body.dataset.session")
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}) as http:
+        first = await http.post(f"{a.http}/v1/jobs", json={"prompt": "one", "session": session})
+        await page.wait_for_selector(f'.run[data-run="{first.json()["job"]}"]', timeout=WAIT_MS)
+        second = await http.post(f"{a.http}/v1/jobs", json={"prompt": "two", "session": session})
+    await page.fill("#prompt", "mine")
+    await page.click("#send")
+    await ended(page, 3)
+    labels = await page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('.run')].map(
+             (card) => [card.dataset.run, card.querySelector('.prompt-text').textContent]))"""
+    )
+    print(labels)
+    others = {first.json()["job"], second.json()["job"]}
+    assert {run for run, label in labels.items() if label == "mine"}.isdisjoint(others)
+    assert list(labels.values()).count("mine") == 1
+    assert labels[second.json()["job"]] == "(sent from another tab or client)"
+    assert tab.errors == []
 
 
 SHOWN_BLOCKS = """card => [...card.querySelector('.run-body').children].map(el =>
@@ -635,7 +664,7 @@ async def test_an_answer_only_link_joins_by_snapshot_and_both_pages_show_two_wat
 
         out = logdir / "screenshots"
         out.mkdir(exist_ok=True)
-        keep = os.environ.get("THOUGHTWIRE_SCREENSHOTS_DIR")
+        keep = os.environ.get("SCREENSHOTS_DIR")
         for page, name in ((owner, PRESENCE_SHOT), (viewer, ANSWER_ONLY_SHOT)):
             await page.set_viewport_size({"width": 1280, "height": 800})
             await page.evaluate(
@@ -1157,7 +1186,7 @@ async def test_screenshots(model, context, logdir):
     await waiting_for_approval(page)
     out = logdir / "screenshots"
     out.mkdir(exist_ok=True)
-    keep = os.environ.get("THOUGHTWIRE_SCREENSHOTS_DIR")
+    keep = os.environ.get("SCREENSHOTS_DIR")
     await page.fill(".tool .approval input", "arithmetic is harmless")
     await page.screenshot(path=str(out / APPROVAL_SHOT))  # Allow and Deny on the tool card
     if keep:

@@ -26,12 +26,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 from thoughtwire.api import fastapi_lean
 from thoughtwire.shared import logs, tracing
-from thoughtwire.shared.settings import MAX_NUMBER, Settings, SettingsError, env_name
+from thoughtwire.shared.settings import (
+    MAX_NUMBER,
+    Settings,
+    SettingsError,
+    env_name,
+    unknown_variables,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from thoughtwire.client import Follower, Refused, StateChange
+    from thoughtwire.client import Follower, OwnRun, Refused, StateChange
     from thoughtwire.terminal import Approval
 
 # How long `api`, `worker` and `up` try to reach Redis before they give up.
@@ -226,6 +232,8 @@ def _dispatch(args: argparse.Namespace) -> Exit:
             raise Failure(Exit.BAD_REDIS_URL, f"REDIS_URL cannot be used: {exc}") from None
         raise Failure(Exit.USAGE, str(exc)) from None
     logs.configure_from(settings)
+    for line in unknown_variables(os.environ):  # docs/settings.md lists every setting
+        logs.announce(f"thoughtwire {args.command}: {line}", logging.WARNING)
     if args.command == "token":
         return _token(settings, args)
     if args.command == "up":
@@ -344,6 +352,8 @@ def _api(settings: Settings, args: argparse.Namespace) -> Exit:
 
 def _worker(settings: Settings) -> Exit:
     check_tools(settings)
+    if settings.metrics_port:  # its probes: a worker without them would be restarted in a loop
+        check_port("0.0.0.0", settings.metrics_port, instead=f"set {env_name('metrics_port')}")
     check_redis(settings)
     from thoughtwire.worker.main import main as worker_main
 
@@ -525,7 +535,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise Failure(Exit.USAGE, f"--ttl {ttl}: must be 1 to {MAX_NUMBER} seconds")
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, instead: str = "pass another --port") -> None:
     """Raise :class:`Failure` (PORT_BUSY) if ``host:port`` cannot be listened on now.
 
     SO_REUSEADDR as uvicorn sets it, so a port a previous run left in TIME_WAIT is free.
@@ -544,7 +554,7 @@ def check_port(host: str, port: int) -> None:
             raise Failure(
                 Exit.PORT_BUSY,
                 f"cannot listen on {host}:{port} ({exc.strerror or _short(exc)}); "
-                "stop what holds it or pass another --port",
+                f"stop what holds it or {instead}",
             ) from None
 
 
@@ -578,8 +588,7 @@ class Chat:
         self.out = out
         from thoughtwire.terminal import Transcript
 
-        self.run_id: str | None = None
-        self.earlier: set[str] = set()  # the runs the joined session's snapshot holds
+        self.own: OwnRun | None = None  # which events are this command's prompt's run
         self.was_connected = False
         color = out.isatty() and "NO_COLOR" not in os.environ
         self.transcript = Transcript(out, color=color, headers=args.follow)
@@ -625,7 +634,10 @@ class Chat:
             print("thoughtwire chat: stopped following", file=sys.stderr, flush=True)
             return
         interrupted.clear()
-        await self.follower.cancel(self.run_id)
+        if self.own is None:  # before the prompt was handed to the client: nothing to cancel
+            print("thoughtwire chat: interrupted before the prompt was sent", file=sys.stderr)
+            return
+        await self.follower.cancel(key=self.own.key)  # its own run, nobody else's
         again = asyncio.create_task(interrupted.wait())
         try:
             await asyncio.wait({stream, again}, timeout=CANCEL_WAIT_SECONDS)
@@ -636,14 +648,16 @@ class Chat:
         print(f"thoughtwire chat: interrupted; {what}", file=sys.stderr, flush=True)
 
     async def _stream(self) -> Exit:
-        from thoughtwire.client import Refused
+        from thoughtwire.client import OwnRun, Refused
 
-        prompt = None if self.args.follow else self.args.prompt
         try:
-            async for event in self.follower.events(prompt):
-                ended = self._show(event)
-                if ended is not None:
-                    return ended
+            if not self.args.follow:
+                self.own = OwnRun(self.follower, await self.follower.prompt(self.args.prompt))
+            async for event in self.follower.events():
+                for shown in [event] if self.own is None else self.own.events(event):
+                    ended = self._show(shown)
+                    if ended is not None:
+                        return ended
         except Refused as exc:
             raise self._failure(exc) from None
         return Exit.OK
@@ -651,14 +665,6 @@ class Chat:
     def _show(self, event: dict[str, Any]) -> Exit | None:
         """Print one event; the exit code once this command's run has ended."""
         kind = event["type"]
-        if kind == "snapshot" and not self.args.follow:
-            self.earlier.update(self.follower.folded["order"])
-            return None  # the continued session's earlier runs: this command shows its own
-        if kind != "gap" and not self.args.follow:
-            if self.run_id is None and event["run"] not in self.earlier:
-                self.run_id = event["run"]
-            if event["run"] != self.run_id:
-                return None  # another run of a continued session
         if self.args.json:
             print(json.dumps(event, ensure_ascii=False), file=self.out, flush=True)
             waiting = [_approval_of(event)] if kind == "approval" else []

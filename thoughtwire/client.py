@@ -83,6 +83,8 @@ PONG = '{"type":"pong"}'
 MAX_PENDING = 64
 # Runs remembered, to tell a new run (the answer to a prompt) from one seen already.
 RUNS_KEPT = 1024
+# Events of new runs held while a prompt waits to hear which run is its own (OwnRun).
+HELD_EVENTS = 10_000
 # What a prompt does while the session has an unfinished run, and the answers to an
 # approval (docs/protocol.md, "Protocol v2").
 MULTITASK = ("reject", "enqueue", "interrupt")
@@ -250,12 +252,14 @@ class Follower:
         self._outbox: list[tuple[str, str]] = []  # (action, frame) for the next connection
         self._wrote: str | None = None  # the last write on this connection, to name a refusal
         self._auth_retried = False  # a 4001 got its one fresh token since the last admission
-        self._prompts: list[str] = []  # resent on each connection until their run starts
+        # Prompts by key, resent on each connection until the frontend says it queued them.
+        self._prompts: dict[str, str] = {}
         # A run's cancel, sent again on each connection until the run ends: a frontend
         # stops reading before it closes (a drain, a slow reader), so one written in that
         # moment is never read. The cancel of every run is not: it would stop later ones.
         self._cancels: dict[str, str] = {}
-        self._runs: dict[str, None] = {}  # runs seen, the latest RUNS_KEPT, oldest first
+        self._queued: dict[str, str] = {}  # prompt key -> its run, the latest RUNS_KEPT
+        self._withdrawn: dict[str, None] = {}  # keys of prompts cancelled before they queued
         self._opened = False  # whether the current attempt got as far as a greeting
         self._opened_before = False  # whether any attempt did: the next is a resume
         self._settling = False  # greeted again; a gap, if any, comes next
@@ -281,8 +285,9 @@ class Follower:
     async def prompt(self, text: str, key: str | None = None, multitask: str | None = None) -> str:
         """Prompt the followed session; returns the idempotency key.
 
-        The prompt is sent now if connected, and again on each reconnect until a new
-        run shows it started: the key makes the server run it once. ``multitask`` is
+        The prompt is sent now if connected, and again on each reconnect until the
+        frontend replies that it queued it (a ``queued`` reply naming its run, which
+        :meth:`run_of` gives): the key makes the server run it once. ``multitask`` is
         what to do if the session has an unfinished run: ``reject`` (an ``error``
         reply, code ``busy``), ``enqueue`` (run after it) or ``interrupt`` (cancel it
         first); by default the server's ``THOUGHTWIRE_MULTITASK``.
@@ -296,17 +301,31 @@ class Follower:
         frame = json.dumps(message)
         if len(self._prompts) >= MAX_PENDING:
             raise Refused(f"{MAX_PENDING} prompts already wait for their runs", action="prompt")
-        self._prompts.append(frame)
+        self._prompts[key] = frame
         # Kept in order with the other writes, so a cancel asked before it cannot stop its run.
         await self._send("prompt", frame, keep=True)
         return key
 
-    async def cancel(self, run: str | None = None) -> None:
-        """Cancel ``run``, or every unfinished run of the followed session.
+    async def cancel(self, run: str | None = None, *, key: str | None = None) -> None:
+        """Cancel ``run``, the run of the prompt sent with ``key``, or (neither given) every
+        unfinished run of the followed session.
 
         A run's cancel is sent again on each new connection until the run's terminal
-        event comes; the cancel of every run is sent once.
+        event comes; the cancel of every run is sent once. A prompt's run is cancelled as
+        soon as the frontend says it queued the prompt (at once if it has); a prompt not
+        sent yet is not sent at all.
         """
+        if key is not None:
+            if run is not None:
+                raise ValueError("cancel a run or a prompt's run, not both")
+            run = self._queued.get(key)
+            if run is None:
+                frame = self._prompts.pop(key, None)
+                self._outbox = [kept for kept in self._outbox if kept != ("prompt", frame)]
+                self._withdrawn[key] = None  # it may be on its way: cancel its run once queued
+                if len(self._withdrawn) > RUNS_KEPT:
+                    del self._withdrawn[next(iter(self._withdrawn))]
+                return
         frame = json.dumps({"type": "cancel"} if run is None else {"type": "cancel", "run": run})
         if run is not None:
             self._cancels[run] = frame
@@ -474,6 +493,9 @@ class Follower:
             self._report(State.RESUMED, url=url, gap=gap)
         if message.get("session", self.session) != self.session:
             return None  # a frame of the session this socket just left
+        if message.get("type") == "queued":
+            await self._was_queued(message)
+            return None
         return message if self._advance(message) else None
 
     async def _greeted(self, ws: ClientConnection, message: dict[str, Any]) -> None:
@@ -485,7 +507,7 @@ class Follower:
         outbox, self._outbox = self._outbox, []
         queued = {frame for _, frame in outbox}
         # Prompts an earlier socket took may not have been read; the others wait in order.
-        earlier = [("prompt", p) for p in self._prompts if p not in queued]
+        earlier = [("prompt", p) for p in self._prompts.values() if p not in queued]
         cancels = [("cancel", c) for c in self._cancels.values()]
         for action, frame in [*earlier, *outbox, *cancels]:
             self._wrote = action
@@ -506,9 +528,6 @@ class Follower:
             if kind == "snapshot" and folded is self.folded:
                 return False  # not a whole state: no position to take from it
             self.epoch, self.seq, self.folded = epoch, seq, folded
-            for run in folded["order"] if kind == "snapshot" else ():
-                self._run_seen(run, answers=False)  # runs from before any prompt here
-            self._run_seen(message.get("run"))
             if kind in TERMINAL:
                 self._cancels.pop(str(message.get("run")), None)
             return True
@@ -520,21 +539,35 @@ class Follower:
         """An ``error`` reply: heard by ``on_error`` (or raised); a refused prompt is given up."""
         code = message.get("code")
         if code in PROMPT_REFUSED and self._prompts:
-            self._prompts.pop(0)
+            # Replies come in the order the prompts were read: this one is the oldest's.
+            del self._prompts[next(iter(self._prompts))]
         refused = Refused(message.get("message", "the server refused the request"), error=code)
         if self.on_error is not None:
             self.on_error(refused)  # one request was refused; the session goes on
         elif code not in ANSWERED_ELSEWHERE:
             raise refused
 
-    def _run_seen(self, run: str | None, answers: bool = True) -> None:
-        """Note a run's first event: the oldest prompt waiting for its run has it (if ``answers``)."""
-        if run is not None and run not in self._runs:
-            self._runs[run] = None
-            if len(self._runs) > RUNS_KEPT:
-                del self._runs[next(iter(self._runs))]
-            if self._prompts and answers:
-                self._prompts.pop(0)
+    async def _was_queued(self, message: dict[str, Any]) -> None:
+        """A ``queued`` reply: the prompt with that key has its run, and is not sent again;
+        if it was cancelled before, its run is cancelled now."""
+        key, run = message.get("key"), message.get("run")
+        if not isinstance(key, str) or not isinstance(run, str):
+            return
+        self._prompts.pop(key, None)
+        self._queued[key] = run
+        if len(self._queued) > RUNS_KEPT:
+            del self._queued[next(iter(self._queued))]
+        if key in self._withdrawn:
+            del self._withdrawn[key]
+            await self.cancel(run)
+
+    def run_of(self, key: str) -> str | None:
+        """The run of the prompt sent with ``key``, once the frontend has said it queued it.
+
+        Other writers of the session (another tab, the HTTP API) start runs too: this
+        tells which is the prompt's, whatever order their events come in.
+        """
+        return self._queued.get(key)
 
     def _report(self, state: State, **fields: Any) -> None:
         self.state = state
@@ -614,25 +647,49 @@ async def ask(
     """Send one prompt; yield every event of its run (and gaps), ending with its terminal event.
 
     ``multitask`` is as for :meth:`Follower.prompt`; ``options`` go to :class:`Follower`.
-    Its run is the first one seen that a joined session's ``snapshot`` did not hold.
+    Its run is the one the frontend names in its ``queued`` reply to the prompt.
     """
     follower = Follower(urls, **options)
-    run = None
-    earlier: set[str] = set()  # the runs a joined session's snapshot holds: not this prompt's
-    async for message in follower.events(prompt, multitask=multitask):
-        if message["type"] == "gap":
-            yield message
-            continue
-        if message["type"] == "snapshot":
-            earlier.update(follower.folded["order"])
-            continue
-        if run is None and message.get("run") not in earlier:
-            run = message.get("run")
-        if run is None or message.get("run") != run:
-            continue
-        yield message
-        if message["type"] in TERMINAL:
-            return
+    own = OwnRun(follower, await follower.prompt(prompt, multitask=multitask))
+    async for message in follower.events():
+        for event in own.events(message):
+            yield event
+            if event["type"] in TERMINAL:
+                return
+
+
+class OwnRun:
+    """Which of a followed session's messages are of one prompt's run (and gaps).
+
+    The frontend names the run in its ``queued`` reply to the prompt; other writers of
+    the session (another tab, the HTTP API) start runs too, maybe first. Events of new
+    runs that come before that reply are held (up to ``HELD_EVENTS``) until it comes.
+    """
+
+    def __init__(self, follower: Follower, key: str) -> None:
+        self.follower = follower
+        self.key = key
+        self.run: str | None = None
+        self.earlier: set[str] = set()  # the runs a joined session's snapshot holds
+        self.held: list[dict[str, Any]] = []
+
+    def events(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """What to pass on of ``message``: none, it, or it with the run's held events."""
+        kind = message["type"]
+        if kind == "gap":
+            return [message]
+        if kind == "snapshot":
+            self.earlier.update(self.follower.folded["order"])
+            return []  # a continued session's earlier runs: not this prompt's
+        if self.run is None:
+            self.run = self.follower.run_of(self.key)
+            if self.run is None:
+                if message.get("run") not in self.earlier and len(self.held) < HELD_EVENTS:
+                    self.held.append(message)
+                return []
+            held, self.held = self.held, []
+            return [e for e in (*held, message) if e.get("run") == self.run]
+        return [message] if message.get("run") == self.run else []
 
 
 def _message(frame: str | bytes) -> dict[str, Any]:

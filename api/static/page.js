@@ -115,7 +115,7 @@ $("jump").addEventListener("click", toBottom);
 // costs a text append, not a redraw of the run.
 
 const cards = new Map(); // run id -> Card
-const pending = []; // prompts sent from this page whose run has not shown up yet
+const pending = new Map(); // key -> a prompt sent from this page whose run is not named yet
 let prompts = {}; // run id -> its prompt, as far as this tab knows
 let state = initialState(); // the client's folded state, as last drawn
 
@@ -576,7 +576,6 @@ class Card {
 function cardFor(run) {
   let card = cards.get(run);
   if (!card) {
-    if (!(run in prompts) && pending.length) remember(run, pending.shift());
     card = new Card(run, prompts[run]);
     cards.set(run, card);
     $("runs").append(card.el);
@@ -731,7 +730,13 @@ function open(session) {
     if (client !== tw) return;
     const message = e.detail;
     if (message.type === "session") joined(message.session);
-    else if (message.type === "error") {
+    else if (message.type === "queued" && pending.has(message.key)) {
+      // The frontend names this tab's prompt's run: label its card (drawn already if
+      // its first event came first), not whichever run another tab started.
+      remember(message.run, pending.get(message.key));
+      pending.delete(message.key);
+      cards.get(message.run)?.setPrompt(prompts[message.run]);
+    } else if (message.type === "error") {
       notice(message.message || "The frontend refused that.", "notice error");
       for (const card of cards.values()) {
         for (const tool of card.tools.values()) tool.reopen();
@@ -766,7 +771,7 @@ function reset() {
   times.clear();
   dirty.clear();
   state = initialState();
-  pending.length = 0;
+  pending.clear();
   $("presence").hidden = true;
   $("presence-text").textContent = "";
   $("runs").replaceChildren();
@@ -816,13 +821,16 @@ $("new-session").addEventListener("click", () => {
 function send() {
   const text = $("prompt").value.trim();
   if (!text) return;
+  let key;
   try {
-    tw.prompt(text);
+    key = tw.prompt(text);
   } catch (err) {
     notice(`Not sent: ${err.message || "not connected"}. It is still in the box.`, "notice error");
     return;
   }
-  pending.push(text);
+  if (key) pending.set(key, text);
+  // A prompt refused never gets its run named: keep the latest only.
+  if (pending.size > KEPT_PROMPTS) pending.delete(pending.keys().next().value);
   $("prompt").value = "";
   fit();
   toBottom(); // whoever sends a prompt wants to see its run

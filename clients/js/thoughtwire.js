@@ -35,7 +35,7 @@ const TOKEN_LASTED_MS = 10000;
  * backing off, or every client would come back several times a second.
  */
 const STEADY_MS = 10000;
-/** Runs remembered, to tell a new run (the answer to a prompt) from one seen already. */
+/** Prompts whose run is remembered (`runOf`), the latest. */
 const RUNS_KEPT = 1024;
 /** Error codes only a prompt gets: the oldest prompt waiting is refused, not sent again. */
 const PROMPT_REFUSED = new Set(["busy", "budget", "empty_prompt", "too_long"]);
@@ -169,12 +169,14 @@ export class Thoughtwire extends EventTarget {
     // reading before it closes (a drain, a slow reader), so one written in that moment
     // is never read. The cancel of every run is not: it would stop later ones.
     this._cancels = new Map();
-    // Prompts sent again on each socket until a new run shows one started, for the same
-    // reason; their key makes the frontend run each once.
-    this._prompts = [];
-    this._runs = new Set(); // runs seen, the latest RUNS_KEPT
+    // Prompts by key, sent again on each socket until the frontend's `queued` reply names
+    // their run, for the same reason; their key makes the frontend run each once.
+    this._prompts = new Map();
+    this._queued = new Map(); // a prompt's key -> its run, the latest RUNS_KEPT
     this._timer = null;
     this._beat = null;
+    this._watch = null; // drops a socket the frontend has gone silent on (_welcome)
+    this._heardAt = 0; // when the last frame came
     this._done = false;
     this._opened = null;
   }
@@ -205,6 +207,8 @@ export class Thoughtwire extends EventTarget {
    *   `key`: an idempotency key, the same key runs once; `multitask`: what to do if
    *   the session has an unfinished run (refuse with `busy`, run after it, or cancel
    *   it first); default: the server's `THOUGHTWIRE_MULTITASK`
+   * @returns {string | undefined} the prompt's key: `runOf(key)` is its run once the
+   *   frontend's `queued` reply (a `message`) has named it
    */
   prompt(text, { key, multitask } = {}) {
     const frame = { type: "prompt", content: String(text), key: key ?? newKey() };
@@ -214,13 +218,26 @@ export class Thoughtwire extends EventTarget {
       }
       frame.multitask = multitask;
     }
-    if (this._done || this._prompts.length >= MAX_PENDING) {
+    if (this._done || this._prompts.size >= MAX_PENDING) {
       const reason = this._done ? "the client is closed" : "too many prompts wait for their runs";
       this._emit("error", { action: "prompt", reason });
       return;
     }
-    this._prompts.push(frame);
+    this._prompts.set(frame.key, frame);
     this._write("prompt", frame); // in order with other writes: an earlier cancel spares its run
+    return frame.key;
+  }
+
+  /**
+   * The run of the prompt sent with `key`, once the frontend has named it; otherwise null.
+   * Other writers of the session (another tab, the HTTP API) start runs too: this tells
+   * which is the prompt's, whatever order their events come in.
+   *
+   * @param {string} key
+   * @returns {string | null}
+   */
+  runOf(key) {
+    return this._queued.get(key) ?? null;
   }
 
   /**
@@ -294,6 +311,7 @@ export class Thoughtwire extends EventTarget {
     const query = positionQuery(this.session, this.epoch, this.seq);
     if (this.replay === "raw") query.set("replay", "raw");
     if (this.presence) query.set("presence", "1");
+    query.set("ping", "1"); // frames to count on, so that a dead link shows (see _welcome)
     let ws;
     try {
       this.url = socketUrl(this.urls[this._index], this.path, query);
@@ -320,6 +338,7 @@ export class Thoughtwire extends EventTarget {
   _closed(code, reason) {
     this._ws = null;
     clearInterval(this._beat);
+    clearInterval(this._watch);
     reason ||= code === 1006 ? "the connection failed or was lost" : "";
     const { _admitted: admitted, _wrote: wrote } = this;
     if (admitted && (code !== UNAUTHORIZED || Date.now() - this._admittedAt >= TOKEN_LASTED_MS)) {
@@ -333,7 +352,7 @@ export class Thoughtwire extends EventTarget {
       // was closed for the write alone, so the application hears of the refusal and
       // the client goes on following.
       this._cancels.clear(); // refused too, and would be again
-      this._prompts = [];
+      this._prompts.clear();
       this._emit("error", { action: wrote, code, reason });
       this._retry(code, reason, 0);
     } else if (code === UNAUTHORIZED && typeof this._token === "function" && !this._authRetried) {
@@ -371,8 +390,9 @@ export class Thoughtwire extends EventTarget {
     this._done = true;
     clearTimeout(this._timer);
     clearInterval(this._beat);
+    clearInterval(this._watch);
     this._pending = [];
-    this._prompts = [];
+    this._prompts.clear();
     this._cancels.clear();
     this._setState("closed", { code, reason });
     const error = new Error(`closed (${code}): ${reason}`);
@@ -383,6 +403,7 @@ export class Thoughtwire extends EventTarget {
   // --- receiving ------------------------------------------------------------
 
   _receive(data) {
+    this._heardAt = Date.now();
     let message;
     try {
       message = JSON.parse(data);
@@ -399,7 +420,11 @@ export class Thoughtwire extends EventTarget {
       if (message?.type === "session") this._welcome(message);
       else if (message?.type === "ping") this._ws?.send(JSON.stringify({ type: "pong" }));
       else if (message?.type === "presence") this._emit("presence", message);
-      else if (message?.type === "error" && PROMPT_REFUSED.has(message.code)) this._prompts.shift();
+      else if (message?.type === "queued") this._wasQueued(message);
+      else if (message?.type === "error" && PROMPT_REFUSED.has(message.code)) {
+        // Replies come in the order the prompts were read: this one is the oldest's.
+        this._prompts.delete(this._prompts.keys().next().value);
+      }
       this._emit("message", message);
     }
   }
@@ -414,6 +439,22 @@ export class Thoughtwire extends EventTarget {
       const ws = this._ws;
       this._beat = setInterval(() => ws?.send(JSON.stringify({ type: "pong" })), this.heartbeat);
     }
+    clearInterval(this._watch);
+    if (Number.isFinite(message.ping) && message.ping > 0) {
+      // The frontend pings after `ping` s without a frame from this client, which answers,
+      // so something comes at least that often. A link that died without a close (a
+      // laptop asleep, a NAT that forgot it, a frontend's host gone) says nothing for
+      // minutes: after two and a half intervals of silence (a frame this client sent
+      // puts the frontend's next ping off) it is dropped and the session resumed.
+      const ws = this._ws;
+      const silence = 2500 * message.ping;
+      this._watch = setInterval(() => {
+        if (ws !== this._ws || Date.now() - this._heardAt <= silence) return;
+        ws.onmessage = ws.onclose = null;
+        ws.close(4000, "no frame from the frontend");
+        this._closed(1006, `no frame from the frontend in ${silence / 1000} s`);
+      }, silence / 4);
+    }
     this._failures = 0;
     this._admittedAt = Date.now();
     this._setState(this._resuming ? "resumed" : "connected", this._resuming ? { gap: null } : {});
@@ -421,7 +462,7 @@ export class Thoughtwire extends EventTarget {
     this._pending = [];
     // Prompts an earlier socket took may not have been read; the others wait in order.
     const queued = new Set(pending.map(([, frame]) => frame));
-    for (const frame of this._prompts) if (!queued.has(frame)) this._send("prompt", frame);
+    for (const frame of this._prompts.values()) if (!queued.has(frame)) this._send("prompt", frame);
     for (const [action, frame] of pending) this._send(action, frame);
     for (const frame of this._cancels.values()) this._send("cancel", frame);
     this._resolve?.(this);
@@ -433,7 +474,6 @@ export class Thoughtwire extends EventTarget {
     this.epoch = event.epoch;
     this.seq = event.seq;
     this.folded = reduce(this.folded, event);
-    this._runSeen(event.run, true);
     if (TERMINAL.has(event.type)) this._cancels.delete(event.run);
     this._emit("event", event);
   }
@@ -451,16 +491,16 @@ export class Thoughtwire extends EventTarget {
     this.folded = folded;
     this.epoch = epoch;
     this.seq = seq;
-    for (const run of folded.order) this._runSeen(run, false); // runs before any prompt here
     this._emit("snapshot", snapshot);
   }
 
-  /** Note a run; the first event of a new one answers the oldest prompt waiting. */
-  _runSeen(run, answers) {
-    if (typeof run !== "string" || this._runs.has(run)) return;
-    this._runs.add(run);
-    if (this._runs.size > RUNS_KEPT) this._runs.delete(this._runs.values().next().value);
-    if (answers) this._prompts.shift();
+  /** A `queued` reply: the prompt with that key has its run, and is not sent again. */
+  _wasQueued({ key, run }) {
+    if (typeof key !== "string" || typeof run !== "string") return;
+    this._prompts.delete(key);
+    this._queued.delete(key);
+    this._queued.set(key, run);
+    if (this._queued.size > RUNS_KEPT) this._queued.delete(this._queued.keys().next().value);
   }
 
   _gap(gap) {
