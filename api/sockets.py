@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from thoughtwire.api import render
@@ -36,6 +37,7 @@ from thoughtwire.shared.backoff import UNAVAILABLE
 from thoughtwire.shared.bus import Busy
 from thoughtwire.shared.closecodes import Close, ErrorCode
 from thoughtwire.shared.protocol import (
+    MAX_KEY_CHARS,
     Approve,
     Auth,
     Broadcast,
@@ -301,12 +303,15 @@ class SessionSocket:
             )
             await self._handle(message)
         except ProtocolError as exc:
-            self.conn.send(error_reply(exc.code, exc.message))
+            self.conn.send(error_reply(exc.code, exc.message, **_prompt_key(frame)))
         except Busy as exc:
-            self.conn.send(reply("error", code=ErrorCode.BUSY, message=str(exc), run=exc.run))
+            key = _prompt_key(frame)
+            self.conn.send(
+                reply("error", code=ErrorCode.BUSY, message=str(exc), run=exc.run, **key)
+            )
         except LimitError as exc:  # rate_limited, or budget
             refused(Refusal.LIMIT)
-            self.conn.send(error_reply(exc.error_code, exc.message))
+            self.conn.send(error_reply(exc.error_code, exc.message, **_prompt_key(frame)))
         except AuthError as exc:
             raise Stop(exc.code, exc.message) from None
         except UNAVAILABLE:
@@ -385,6 +390,21 @@ class SessionSocket:
             self.conn.send(
                 error_reply(ErrorCode.NOT_WAITING, "that call is not waiting for an approval")
             )
+
+
+def _prompt_key(frame: str) -> dict[str, str]:
+    """``{"key": K}`` for a refused frame that is a prompt with a key, else nothing: the
+    reply names the prompt it refuses, whatever else its client has sent meanwhile."""
+    if "prompt" not in frame:  # most refused frames are no prompt: no parse for them
+        return {}
+    try:
+        message = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(message, dict) or message.get("type") != "prompt":
+        return {}
+    key = message.get("key")
+    return {"key": key} if isinstance(key, str) and 0 < len(key) <= MAX_KEY_CHARS else {}
 
 
 class _Clock:

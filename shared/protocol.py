@@ -249,6 +249,7 @@ class Approve:
 
 
 MAX_REASON_CHARS = 2000
+MAX_KEY_CHARS = 200  # a prompt's idempotency key
 
 ClientMessage = Prompt | Personal | Broadcast | Pong | Resume | Cancel | Auth | Approve
 
@@ -278,7 +279,7 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
 
 def _prompt(obj: dict[str, Any], max_prompt_chars: int) -> Prompt:
     key = _optional_string(obj, "key")
-    if key is not None and not 0 < len(key) <= 200:
+    if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'key' must be 1-200 characters")
     multitask = _optional_string(obj, "multitask")
     if multitask is not None and multitask not in tuple(Multitask):
@@ -411,6 +412,7 @@ def reply(type_: str, **fields: Any) -> str:
     return orjson.dumps({"type": type_, **fields}).decode()
 
 
-def error_reply(code: ErrorCode, message: str) -> str:
-    """An ``error`` reply frame with a code and a one-line message."""
-    return reply("error", code=code, message=message)
+def error_reply(code: ErrorCode, message: str, **fields: Any) -> str:
+    """An ``error`` reply frame with a code and a one-line message (and ``fields``: the
+    ``key`` of a refused prompt)."""
+    return reply("error", code=code, message=message, **fields)

@@ -842,6 +842,60 @@ async def test_a_refused_prompt_is_not_sent_again_on_the_next_connection():
     assert received[1] == [], received
 
 
+@pytest.fixture(scope="module")
+def limited(redis_server, logdir):
+    """One frontend taking 3 frames a minute from each user."""
+    c = start_cluster(
+        redis_server, logdir, frontends=1, JWT_SECRET=SECRET, THOUGHTWIRE_RATE_LIMIT="3"
+    )
+    yield c
+    c.stop()
+
+
+async def test_a_prompt_over_the_rate_is_named_by_its_key_and_given_up(limited):
+    """The frontend's refusal names the prompt's key; the follower gives that prompt up
+    (``on_error`` hears of it, as a refused ``prompt``) and sends the others on. Before,
+    a rate-limited prompt stayed waiting and ran on the next connection, maybe hours
+    later; and an error reply named no frame, so a refusal was pinned on the oldest."""
+    import websockets
+
+    tok = token("grace")
+    headers = {"Authorization": f"Bearer {tok}"}
+    async with websockets.connect(
+        limited.frontends[0].ws + "/ws/agent-thoughts", additional_headers=headers
+    ) as ws:
+        await ws.recv()  # the greeting
+        for key in ("k1", "k2", "k3"):  # the socket's opening was the first request
+            await ws.send(json.dumps({"type": "prompt", "content": "hi", "key": key}))
+        replies = []
+        async with asyncio.timeout(seconds(10)):
+            while not any(r.get("code") == "rate_limited" for r in replies):
+                reply = json.loads(await ws.recv())
+                if "seq" not in reply:
+                    replies.append(reply)
+    print(replies)
+    assert [(r["type"], r["key"]) for r in replies] == [
+        ("queued", "k1"),
+        ("queued", "k2"),
+        ("error", "k3"),
+    ]
+
+    refusals: list[Refused] = []
+    follower = Follower(
+        limited.frontends[0].ws, token=token("heidi"), on_error=refusals.append, heartbeat=None
+    )
+    keys = [await follower.prompt(text) for text in ("one", "two", "over the rate")]
+    async with asyncio.timeout(seconds(10)):
+        async with aclosing(follower.events()) as stream:
+            async for _ in stream:
+                if refusals and not follower._prompts:
+                    break
+    assert [(r.error, r.action) for r in refusals] == [("rate_limited", "prompt")]
+    assert follower._prompts == {}, "the refused one is not sent again on the next connection"
+    assert follower.run_of(keys[0]) and follower.run_of(keys[1])
+    assert follower.run_of(keys[2]) is None
+
+
 async def test_a_stop_then_a_prompt_while_disconnected_go_out_in_that_order():
     """While no socket is open, a cancel of every run, then a prompt: the next connection
     sends them in that order, so the cancel does not stop the prompt's own run. Before,

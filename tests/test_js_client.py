@@ -845,6 +845,31 @@ async def test_a_socket_that_asks_for_pings_is_pinged_and_told_how_often(pinging
                 await ws.recv()
 
 
+async def test_a_refusal_naming_a_prompts_key_gives_up_that_prompt_only():
+    """Two prompts wait; the frontend refuses the second (over the rate), naming its key:
+    the next socket sends the first again and not the second. Before, a ``rate_limited``
+    prompt was sent again on every later socket, and a refusal was pinned on the oldest."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        sent = await page.evaluate(
+            """async () => {
+              const tw = new window.tw.Thoughtwire({
+                urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0,
+                session: "S", after: 0, backoff: {initial: 1, max: 1},
+              });
+              await tw.connect();
+              tw.prompt("first", {key: "k1"});
+              tw.prompt("second", {key: "k2"});
+              window.sockets[0].receive({type: "error", code: "rate_limited", message: "slow down", key: "k2"});
+              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+              while (window.sockets.length < 2 || !tw._admitted) await new Promise((r) => setTimeout(r, 5));
+              tw.close();
+              return window.sockets.map((s) => s.sent.map((f) => f.key));
+            }"""
+        )
+    assert sent == [["k1", "k2"], ["k1"]]
+
+
 async def test_a_stop_then_a_prompt_while_disconnected_go_out_in_that_order():
     """Before the first socket is taken, a cancel of every run, then a prompt: they go out
     in that order, so the cancel does not stop the prompt's own run."""

@@ -243,6 +243,25 @@ async def test_a_prompt_labels_its_own_run_not_another_writers_queued_before_it(
     assert tab.errors == []
 
 
+async def test_a_refused_prompt_goes_back_in_the_box_with_the_reason(cluster, context, logdir):
+    """A prompt the frontend refuses (here: longer than THOUGHTWIRE_MAX_PROMPT_CHARS) is
+    said in the log with the reason, and its text is back in the box to edit and send
+    again. Before, the box stayed empty and the text was gone."""
+    a = cluster.frontends[0]
+    tab = await open_tab(context, f"{a.http}/#token={token_for('alice')}")
+    page = tab.page
+    long = "word " * 6401  # 32,005 characters
+    await page.fill("#prompt", long)
+    await page.click("#send")
+    error = page.locator("#runs .notice.error")
+    await error.wait_for(timeout=WAIT_MS)
+    said = await error.text_content() or ""
+    assert said == "Not sent: prompt is longer than 32000 characters. It is back in the box."
+    assert await page.input_value("#prompt") == long.strip()
+    assert await page.locator(".run").count() == 0
+    await page.screenshot(path=str(logdir / "page-refused-prompt.png"))
+
+
 SHOWN_BLOCKS = """card => [...card.querySelector('.run-body').children].map(el =>
     el.classList.contains('reasoning') ? 'reasoning' : el.classList.contains('tool') ? 'tool'
       : el.classList.contains('answer') ? 'answer' : el.className)"""

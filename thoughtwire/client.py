@@ -60,8 +60,9 @@ TERMINAL = ("done", "error", "cancelled")
 # Error codes for a request someone else answered first (an approval decided on another
 # frontend): the run goes on and its log shows the decision, so following goes on too.
 ANSWERED_ELSEWHERE = frozenset({"not_waiting"})
-# Error codes only a prompt gets: the oldest prompt waiting for its run was refused, and
-# is not sent again (on a later connection it could run after all).
+# Error codes only a prompt gets: from a frontend that does not name the refused prompt's
+# key, the oldest prompt waiting was refused. A refused prompt is not sent again (on a
+# later connection it could run after all).
 PROMPT_REFUSED = frozenset({"busy", "budget", "empty_prompt", "too_long"})
 # Close codes after which reconnecting cannot help (shared/closecodes.py says why);
 # 4001 is retried once when a token callback can give a fresh token.
@@ -537,11 +538,19 @@ class Follower:
 
     def _refused(self, message: dict[str, Any]) -> None:
         """An ``error`` reply: heard by ``on_error`` (or raised); a refused prompt is given up."""
-        code = message.get("code")
-        if code in PROMPT_REFUSED and self._prompts:
+        code, key = message.get("code"), message.get("key")
+        action = None
+        if isinstance(key, str) and key in self._prompts:
+            # A refused prompt (over the rate too, or it would run on a later connection,
+            # long after its sender gave up on it): it is not sent again.
+            del self._prompts[key]
+            action = "prompt"
+        elif key is None and code in PROMPT_REFUSED and self._prompts:
             # Replies come in the order the prompts were read: this one is the oldest's.
             del self._prompts[next(iter(self._prompts))]
-        refused = Refused(message.get("message", "the server refused the request"), error=code)
+            action = "prompt"
+        reason = message.get("message", "the server refused the request")
+        refused = Refused(reason, error=code, action=action)
         if self.on_error is not None:
             self.on_error(refused)  # one request was refused; the session goes on
         elif code not in ANSWERED_ELSEWHERE:

@@ -737,7 +737,17 @@ function open(session) {
       pending.delete(message.key);
       cards.get(message.run)?.setPrompt(prompts[message.run]);
     } else if (message.type === "error") {
-      notice(message.message || "The frontend refused that.", "notice error");
+      // This tab's prompt refused (over the rate, a busy session...) goes back in the
+      // box, unless something else has been typed there since.
+      const text = pending.get(message.key);
+      pending.delete(message.key);
+      const restored = text !== undefined && !$("prompt").value.trim();
+      if (restored) {
+        $("prompt").value = text;
+        fit();
+      }
+      const said = message.message || "The frontend refused that.";
+      notice(restored ? `Not sent: ${said.replace(/\.$/, "")}. It is back in the box.` : said, "notice error");
       for (const card of cards.values()) {
         for (const tool of card.tools.values()) tool.reopen();
         card.offerStop();

@@ -421,8 +421,13 @@ export class Thoughtwire extends EventTarget {
       else if (message?.type === "ping") this._ws?.send(JSON.stringify({ type: "pong" }));
       else if (message?.type === "presence") this._emit("presence", message);
       else if (message?.type === "queued") this._wasQueued(message);
-      else if (message?.type === "error" && PROMPT_REFUSED.has(message.code)) {
-        // Replies come in the order the prompts were read: this one is the oldest's.
+      else if (message?.type === "error" && this._prompts.has(message.key)) {
+        // A refused prompt (over the rate too, or it would run on a later socket, long
+        // after its sender gave up on it) is not sent again.
+        this._prompts.delete(message.key);
+      } else if (message?.type === "error" && message.key === undefined && PROMPT_REFUSED.has(message.code)) {
+        // From a frontend that does not name the prompt: replies come in the order the
+        // prompts were read, so this one is the oldest's.
         this._prompts.delete(this._prompts.keys().next().value);
       }
       this._emit("message", message);
