@@ -463,6 +463,41 @@ async def test_ctrl_c_cancels_the_run_and_exits_130(secure):
     assert state["status"] == "cancelled", state
 
 
+async def test_ctrl_c_before_its_run_starts_cancels_its_run_not_the_one_going(secure):
+    """Another writer's run is going in the session; chat's prompt waits behind it. Ctrl-C
+    cancels chat's own run only: the other run ends ``done``. Before, chat knew no run of
+    its own yet and sent the cancel of every run in the session."""
+    a = secure.frontends[0]
+    tok = token("ctrl-c-early")
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}) as http:
+        other = (await http.post(f"{a.http}/v1/jobs", json={"prompt": "theirs"})).json()
+        session = other["session"]
+        chat = await Chat.start("mine", "--session", session, "--token", tok, "--url", a.ws)
+        try:
+            async with asyncio.timeout(seconds(20)):  # its socket is open: its prompt is sent
+                while True:
+                    presence = await http.get(f"{a.http}/v1/sessions/{session}/presence")
+                    if presence.json().get("sockets"):
+                        break
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # most likely queued by now; either way it is withdrawn
+            chat.proc.send_signal(signal.SIGINT)
+            code, err = await chat.finish()
+        finally:
+            chat.kill()
+        assert code == Exit.INTERRUPTED, err
+        assert "Traceback" not in err
+        async with asyncio.timeout(seconds(20)):
+            while (status := await job_status(http, a.http, other["job"])) == "running":
+                await asyncio.sleep(0.1)
+    assert status == "done", "another writer's run was cancelled"
+    assert all(e["run"] != other["job"] for e in chat.events)
+
+
+async def job_status(http, base, job):
+    return (await http.get(f"{base}/v1/jobs/{job}")).json()["status"]
+
+
 async def test_chat_follows_a_session_with_a_viewer_token(secure):
     """The owner prompts; `chat --follow --session S` with a viewer token prints the run."""
     a, b = secure.frontends
