@@ -416,6 +416,11 @@ class _Clock:
         self.idle_after = idle
         self.last_heard = self.last_active = time.time()
         self.sent = conn.sent
+        # When the client was last sent a frame, at the latest: a client that beats more
+        # often than the interval must still hear something each interval, or it takes the
+        # link for dead (`ping` in the greeting says it may).
+        self.last_sent = self.looked = self.last_heard
+        self.sent_seen = conn.sent
 
     def heard(self) -> None:
         self.last_heard = self.last_active = time.time()
@@ -425,14 +430,20 @@ class _Clock:
         now = time.time()
         due = [self.last_active + self.idle_after]
         if self.ping:
-            due.append(self.last_heard + self.ping)
+            if self.conn.sent != self.sent_seen:
+                # Written since the last look: count from that look, so a ping comes early
+                # rather than late.
+                self.sent_seen, self.last_sent = self.conn.sent, self.looked
+            self.looked = now
+            due.append(min(self.last_heard, self.last_sent) + self.ping)
         if expires is not None:
             due.append(expires)
         return max(0.0, min(due) - now)
 
     def ping_due(self) -> bool:
-        if self.ping and time.time() >= self.last_heard + self.ping:
-            self.last_heard = time.time()  # the next ping after another interval
+        """Whether to ping: nothing from the client, or nothing to it, for an interval."""
+        if self.ping and time.time() >= min(self.last_heard, self.last_sent) + self.ping:
+            self.last_heard = self.last_sent = time.time()  # the next after another interval
             return True
         return False
 

@@ -845,6 +845,28 @@ async def test_a_socket_that_asks_for_pings_is_pinged_and_told_how_often(pinging
                 await ws.recv()
 
 
+async def test_a_quiet_session_whose_client_beats_more_often_than_pings_is_kept(
+    pinging: Cluster,
+):
+    """The frontend pinged only a client it had not heard from for an interval, so a
+    client whose heartbeat came more often (or a frontend whose interval was longer than
+    the heartbeat, 240 s by default) got no frame at all on a quiet session, and its
+    watchdog dropped a healthy socket every 2.5 intervals. Pings come whenever the client
+    has been sent nothing for an interval too."""
+    async with client_page(pinging.frontends[0].http) as page:
+        opened = await open_client(page, "beating", urls=pinging.frontends[0].ws, heartbeat=100)
+        assert "session" in opened, opened
+        await wait_for(
+            page,
+            "log.message.filter((m) => m.type === 'ping').length >= 4"
+            " || log.state.some((s) => s.state === 'reconnecting')",
+            "beating",
+        )
+        log = await log_of(page, "beating")
+        await page.evaluate("window.clients.beating.close()")
+    assert states(log) == ["connecting", "connected"]
+
+
 async def test_a_refusal_naming_a_prompts_key_gives_up_that_prompt_only():
     """Two prompts wait; the frontend refuses the second (over the rate), naming its key:
     the next socket sends the first again and not the second. Before, a ``rate_limited``
