@@ -789,6 +789,33 @@ async def test_ask_in_a_session_with_runs_skips_its_snapshot_and_yields_its_own_
     assert kinds == ["answer", "done"]
 
 
+async def test_ask_ends_when_its_whole_run_came_before_the_queued_reply():
+    """All of a run's events before the frontend's ``queued`` reply: a fast worker, or a
+    prompt sent again after its socket was lost, whose run ended meanwhile and is
+    replayed on the resume before the prompt is read. ``ask`` yields the run and ends.
+    Before, its events were held until a message after the reply, which never came, and
+    ``ask`` waited for ever."""
+
+    async def frontend(ws):
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        prompt = json.loads(await ws.recv())
+        for seq, kind in ((1, "answer"), (2, "done")):
+            event = {"type": kind, "run": "r1", "epoch": "e", "seq": seq, "content": "hi"}
+            await ws.send(json.dumps(event))
+        queued = {"type": "queued", "session": "S", "run": "r1", "key": prompt["key"]}
+        await ws.send(json.dumps(queued))
+        await ws.wait_closed()
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncio.timeout(seconds(5)):
+            kinds = [
+                e["type"]
+                async for e in ask("again", f"ws://127.0.0.1:{port}", session="S", heartbeat=None)
+            ]
+    assert kinds == ["answer", "done"]
+
+
 async def test_a_run_the_snapshot_holds_is_not_taken_for_a_prompts_run():
     """Plain data: a prompt waits for its run; the next event of a run the join's
     snapshot held is not that run, so the prompt is still sent again on a reconnect.

@@ -653,7 +653,7 @@ class Chat:
         try:
             if not self.args.follow:
                 self.own = OwnRun(self.follower, await self.follower.prompt(self.args.prompt))
-            async for event in self.follower.events():
+            async for event in self.follower.events(queued=self.own is not None):
                 for shown in [event] if self.own is None else self.own.events(event):
                     ended = self._show(shown)
                     if ended is not None:

@@ -382,12 +382,14 @@ class Follower:
     # --- following ----------------------------------------------------------
 
     async def events(
-        self, prompt: str | None = None, multitask: str | None = None
+        self, prompt: str | None = None, multitask: str | None = None, *, queued: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield the session's events (and gaps) until a final close, or forever.
 
         ``prompt``, if given, is sent once the session is known (see :meth:`prompt`,
-        which takes ``multitask`` too).
+        which takes ``multitask`` too). With ``queued``, the frontend's ``queued``
+        replies (:meth:`run_of` knows their run from then on) are yielded too: a prompt's
+        run may have ended before its reply came (:class:`OwnRun`).
         Raises :class:`Refused` for a final close or an ``error`` reply, and
         :class:`Unreachable` when no frontend answers in time.
         """
@@ -406,7 +408,7 @@ class Follower:
                         self._settling = False
                         while True:
                             message = await self._receive(ws)
-                            if message is not None:
+                            if message is not None and (queued or message.get("type") != "queued"):
                                 yield message
                 except ConnectionClosed as exc:
                     code, reason = _close_of(exc)
@@ -496,7 +498,7 @@ class Follower:
             return None  # a frame of the session this socket just left
         if message.get("type") == "queued":
             await self._was_queued(message)
-            return None
+            return message
         return message if self._advance(message) else None
 
     async def _greeted(self, ws: ClientConnection, message: dict[str, Any]) -> None:
@@ -660,7 +662,7 @@ async def ask(
     """
     follower = Follower(urls, **options)
     own = OwnRun(follower, await follower.prompt(prompt, multitask=multitask))
-    async for message in follower.events():
+    async for message in follower.events(queued=True):
         for event in own.events(message):
             yield event
             if event["type"] in TERMINAL:
@@ -672,7 +674,8 @@ class OwnRun:
 
     The frontend names the run in its ``queued`` reply to the prompt; other writers of
     the session (another tab, the HTTP API) start runs too, maybe first. Events of new
-    runs that come before that reply are held (up to ``HELD_EVENTS``) until it comes.
+    runs that come before that reply are held (up to ``HELD_EVENTS``) until it comes: pass
+    the replies in too (``Follower.events(queued=True)``), as the whole run may come first.
     """
 
     def __init__(self, follower: Follower, key: str) -> None:
@@ -691,14 +694,21 @@ class OwnRun:
             self.earlier.update(self.follower.folded["order"])
             return []  # a continued session's earlier runs: not this prompt's
         if self.run is None:
-            self.run = self.follower.run_of(self.key)
-            if self.run is None:
-                if message.get("run") not in self.earlier and len(self.held) < HELD_EVENTS:
-                    self.held.append(message)
-                return []
-            held, self.held = self.held, []
-            return [e for e in (*held, message) if e.get("run") == self.run]
-        return [message] if message.get("run") == self.run else []
+            return self._named(message)
+        return [message] if kind != "queued" and message.get("run") == self.run else []
+
+    def _named(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """Before the run was known: hold ``message`` if it may be of the run, or (named
+        now) pass on the run's held events and ``message``."""
+        self.run = self.follower.run_of(self.key)
+        kind = message["type"]
+        if self.run is None:
+            new = kind != "queued" and message.get("run") not in self.earlier
+            if new and len(self.held) < HELD_EVENTS:
+                self.held.append(message)
+            return []
+        held, self.held = self.held, []
+        return [e for e in (*held, message) if e["type"] != "queued" and e.get("run") == self.run]
 
 
 def _message(frame: str | bytes) -> dict[str, Any]:
