@@ -722,6 +722,52 @@ async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_en
     assert not follower._cancels  # the run ended: nothing left to send again
 
 
+async def test_a_prompt_withdrawn_after_it_was_sent_has_its_run_cancelled_on_a_later_socket():
+    """``cancel(key=...)`` of a prompt written on a socket that then closed before the
+    frontend's ``queued`` reply (its frontend had queued it and died): the next
+    connection sends the prompt again, which names its run, and cancels that run.
+    Before, the prompt was dropped, no reply ever named its run, and the run went on."""
+    received: list[list[dict]] = []
+    read, withdrawn = asyncio.Event(), asyncio.Event()
+    ended = {"type": "cancelled", "run": "r1", "epoch": "e", "seq": 1, "session": "S"}
+
+    async def frontend(ws):
+        frames: list[dict] = []
+        received.append(frames)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(received) == 1:
+            frames.append(json.loads(await ws.recv()))  # queued as r1; the reply is lost
+            read.set()
+            await withdrawn.wait()
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            return
+        async for frame in ws:
+            frames.append(json.loads(frame))
+            if frames[-1]["type"] == "prompt":
+                queued = {"type": "queued", "session": "S", "run": "r1", "key": frames[-1]["key"]}
+                await ws.send(json.dumps(queued))
+            elif frames[-1] == {"type": "cancel", "run": "r1"}:
+                await ws.send(json.dumps(ended))
+
+    async with following(frontend) as follower:
+        key = await follower.prompt("stop me")
+
+        async def interrupt():
+            await read.wait()
+            await follower.cancel(key=key)
+            withdrawn.set()
+
+        interrupting = asyncio.create_task(interrupt())
+        seen = []
+        async with asyncio.timeout(seconds(5)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                seen.append(event["type"])
+                break
+        await interrupting
+    assert seen == ["cancelled"]
+    assert [f["type"] for f in received[1]] == ["prompt", "cancel"], received
+
+
 async def test_a_token_handed_to_refresh_is_the_one_the_next_connection_sends():
     """``refresh(token)`` with a string token: after the socket is lost, the reconnect
     signs in with the fresh token, not the first one (which may have expired by then:

@@ -314,15 +314,18 @@ class Follower:
         A run's cancel is sent again on each new connection until the run's terminal
         event comes; the cancel of every run is sent once. A prompt's run is cancelled as
         soon as the frontend says it queued the prompt (at once if it has); a prompt not
-        sent yet is not sent at all.
+        sent yet is not sent at all. One written on a socket that closed before the reply
+        is sent again, as only its reply can name its run: a run it starts then is cancelled.
         """
         if key is not None:
             if run is not None:
                 raise ValueError("cancel a run or a prompt's run, not both")
             run = self._queued.get(key)
             if run is None:
-                frame = self._prompts.pop(key, None)
-                self._outbox = [kept for kept in self._outbox if kept != ("prompt", frame)]
+                frame = self._prompts.get(key)
+                if ("prompt", frame) in self._outbox:  # never written: nothing of it runs
+                    del self._prompts[key]
+                    self._outbox.remove(("prompt", frame))
                 self._withdrawn[key] = None  # it may be on its way: cancel its run once queued
                 if len(self._withdrawn) > RUNS_KEPT:
                     del self._withdrawn[next(iter(self._withdrawn))]
