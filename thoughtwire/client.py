@@ -322,10 +322,10 @@ class Follower:
                 raise ValueError("cancel a run or a prompt's run, not both")
             run = self._queued.get(key)
             if run is None:
-                frame = self._prompts.get(key)
-                if ("prompt", frame) in self._outbox:  # never written: nothing of it runs
+                kept = ("prompt", self._prompts.get(key, ""))
+                if kept in self._outbox:  # never written: nothing of it runs
                     del self._prompts[key]
-                    self._outbox.remove(("prompt", frame))
+                    self._outbox.remove(kept)
                 self._withdrawn[key] = None  # it may be on its way: cancel its run once queued
                 if len(self._withdrawn) > RUNS_KEPT:
                     del self._withdrawn[next(iter(self._withdrawn))]
