@@ -996,6 +996,28 @@ async def test_a_refused_stop_offers_stop_again(context):
     assert await page.locator(".run .stop").text_content() == "Stop"
 
 
+async def test_a_prompt_the_client_cannot_take_stays_in_the_box(context):
+    """The client takes no more prompts while 64 wait for their runs (or once it is
+    closed for good): it says so, and the text stays in the box to send later. Before,
+    the box was emptied all the same and the text was gone."""
+    page = (await recorded_page(context, [])).page
+    await page.evaluate(
+        """() => {
+          for (let i = 0; i < 64; i++) {
+            document.getElementById("prompt").value = `question ${i}`;
+            document.getElementById("send").click();
+          }
+        }"""
+    )
+    await page.fill("#prompt", "one too many")
+    await page.click("#send")
+    error = page.locator(".notice.error")
+    await error.wait_for(timeout=WAIT_MS)
+    assert "too many prompts" in (await error.text_content() or "")
+    assert await page.input_value("#prompt") == "one too many"
+    assert len(await page.evaluate("window.__sent")) == 64
+
+
 async def test_a_v1_log_without_blocks_still_reads(context):
     """A log written before blocks: whole thinking lines, an action and an observation
     with no tool fields, answer pieces that join into one text."""

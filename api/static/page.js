@@ -838,7 +838,8 @@ function send() {
     notice(`Not sent: ${err.message || "not connected"}. It is still in the box.`, "notice error");
     return;
   }
-  if (key) pending.set(key, text);
+  if (!key) return; // not taken (closed, or too many waiting): the client said why; the text stays
+  pending.set(key, text);
   // A prompt refused never gets its run named: keep the latest only.
   if (pending.size > KEPT_PROMPTS) pending.delete(pending.keys().next().value);
   $("prompt").value = "";
