@@ -446,11 +446,11 @@ export class Thoughtwire extends EventTarget {
     }
     clearInterval(this._watch);
     if (Number.isFinite(message.ping) && message.ping > 0) {
-      // The frontend pings after `ping` s without a frame from this client, which answers,
-      // so something comes at least that often. A link that died without a close (a
-      // laptop asleep, a NAT that forgot it, a frontend's host gone) says nothing for
-      // minutes: after two and a half intervals of silence (a frame this client sent
-      // puts the frontend's next ping off) it is dropped and the session resumed.
+      // The frontend pings after `ping` s without a frame either way, so something comes
+      // at least that often, however often this client beats. A link that died without a
+      // close (a laptop asleep, a NAT that forgot it, a frontend's host gone) says nothing
+      // for minutes: after two and a half intervals of silence it is dropped and the
+      // session resumed.
       const ws = this._ws;
       const silence = 2500 * message.ping;
       this._watch = setInterval(() => {
