@@ -125,7 +125,7 @@ async def job_status(job: str, request: Request, caller: Caller) -> dict[str, ob
 
 @router.delete("/jobs/{job}", status_code=202)
 async def cancel_job(job: str, request: Request, caller: Caller) -> dict[str, object]:
-    """Cancel a queued or running run (``POST /v1/jobs/{job}/cancel``)."""
+    """Cancel a queued or running run (``DELETE /v1/jobs/{job}``)."""
     frontend = _frontend(request)
     bus = frontend.bus
     state = await _job_state(request, job)

@@ -56,10 +56,12 @@ class Resume(StrEnum):
 class Refusal(StrEnum):
     """Why a socket or request was refused (``thoughtwire_connections_refused_total``)."""
 
-    AUTH = "auth"  # no token, a bad one, or no right to the session (4001, 4003, 401, 403)
+    # no token, a bad one, no right to the session, or a page of an origin (or a Host)
+    # not allowed (4001, 4003, 1008 at admission, 401, 403)
+    AUTH = "auth"
     LIMIT = "limit"  # over a per-user limit: rate, sockets, runs, budget (4029, 429)
     DRAINING = "draining"  # the frontend is restarting (1012, 503)
-    INVALID = "invalid"  # a malformed request (4400, 400, 422)
+    INVALID = "invalid"  # a malformed request: a bad query or position (1008, 400, 422)
     UNAVAILABLE = "unavailable"  # Redis did not answer (1013, 503)
 
 
