@@ -243,14 +243,16 @@ class Worker:
         attempt = RunAttempt(
             self.bus, job, entry_id, start.fence, self.name, self.limits, start.history, waiting
         )
+        # A wait its last worker left (it may have died waiting) is forgotten before the
+        # terminal event: whoever sees the run end sees no approval left waiting in it.
         if start.verdict == Verdict.CANCEL:
+            await self.bus.end_approval(job)
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
-            await self.bus.end_approval(job)  # it may have been waiting when its worker died
             await self.bus.finish(entry_id, job)
         elif start.verdict == Verdict.DEAD:
             reason = f"the run failed {self.max_attempts} times"
-            await attempt.emit(Thought("error", reason))
             await self.bus.end_approval(job)
+            await attempt.emit(Thought("error", reason))
             await self.bus.dead_letter(entry_id, job, reason)
         elif agent is None:
             await attempt.emit(Thought("error", f"agent {job.agent!r} is not available"))
