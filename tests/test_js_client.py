@@ -867,6 +867,31 @@ async def test_a_quiet_session_whose_client_beats_more_often_than_pings_is_kept(
     assert states(log) == ["connecting", "connected"]
 
 
+async def test_pings_cost_a_user_none_of_the_rate_for_prompts(secure: Cluster):
+    """Every socket asks for pings, and the client answered each with a ``pong``, which
+    counts against the user's THOUGHTWIRE_RATE_LIMIT as every frame does: on a frontend
+    that pinged every second, a user with two quiet tabs had the prompts refused as over
+    the rate. The frontend needs no answer (a ping is there to be heard), so none is sent."""
+    pinged = secure.add_frontend(THOUGHTWIRE_PING_INTERVAL="0.1", THOUGHTWIRE_RATE_LIMIT="10")
+    try:
+        async with client_page(pinged.http) as page:
+            opened = await open_client(page, "quiet", urls=pinged.ws, token=token("pinged"))
+            assert "session" in opened, opened
+            await wait_for(
+                page, "log.message.filter((m) => m.type === 'ping').length >= 15", "quiet"
+            )
+            key = await page.evaluate("window.clients.quiet.prompt('still mine to send')")
+            await wait_for(
+                page, "log.message.some((m) => m.key === arg && m.type !== 'prompt')", "quiet", key
+            )
+            log = await log_of(page, "quiet")
+            await page.evaluate("window.clients.quiet.close()")
+    finally:
+        pinged.proc.stop()
+    (answer,) = [m for m in log["message"] if m.get("key") == key]
+    assert answer["type"] == "queued", answer
+
+
 async def test_a_refusal_naming_a_prompts_key_gives_up_that_prompt_only():
     """Two prompts wait; the frontend refuses the second (over the rate), naming its key:
     the next socket sends the first again and not the second. Before, a ``rate_limited``

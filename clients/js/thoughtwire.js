@@ -417,8 +417,10 @@ export class Thoughtwire extends EventTarget {
     } else if (message?.type === "gap") {
       this._gap(message);
     } else {
+      // A `ping` gets no answer: it is there to be heard (_welcome), and the frontend needs
+      // none; an answer counts against the user's rate as every frame does, so every quiet
+      // tab answering a frontend that pings often spent the rate its prompts needed.
       if (message?.type === "session") this._welcome(message);
-      else if (message?.type === "ping") this._ws?.send(JSON.stringify({ type: "pong" }));
       else if (message?.type === "presence") this._emit("presence", message);
       else if (message?.type === "queued") this._wasQueued(message);
       else if (message?.type === "error" && this._prompts.has(message.key)) {
