@@ -60,9 +60,8 @@ routes = SocketRoutes()  # served by api.lane, ahead of FastAPI
 _route = routes.route
 
 MessageHandler = Callable[[ClientMessage, "SessionSocket"], Awaitable[None]]
-UNAVAILABLE_REPLY = error_reply(
-    ErrorCode.UNAVAILABLE, "the service is briefly unavailable; try again"
-)
+UNAVAILABLE_SAID = "the service is briefly unavailable; try again"
+UNAVAILABLE_REPLY = error_reply(ErrorCode.UNAVAILABLE, UNAVAILABLE_SAID)
 
 logger = logging.getLogger("thoughtwire.sockets")
 
@@ -315,7 +314,9 @@ class SessionSocket:
         except AuthError as exc:
             raise Stop(exc.code, exc.message) from None
         except UNAVAILABLE:
-            self.conn.send(UNAVAILABLE_REPLY)
+            key = _prompt_key(frame)  # a prompt's names it, as every refusal of one does
+            refusal = error_reply(ErrorCode.UNAVAILABLE, UNAVAILABLE_SAID, **key) if key else None
+            self.conn.send(refusal or UNAVAILABLE_REPLY)
 
     async def _handle(self, message: ClientMessage) -> None:
         assert self.conn is not None

@@ -969,6 +969,35 @@ async def test_a_prompt_over_the_rate_is_named_by_its_key_and_given_up(limited):
     assert follower.run_of(keys[2]) is None
 
 
+async def test_a_prompt_refused_as_unavailable_is_named_by_its_key_too():
+    """Plain data: a prompt the frontend could not take because Redis was briefly away
+    (``unavailable``) is named by its key, as every refused prompt is (docs/protocol.md,
+    "Error codes"). Before, that reply alone named none: the clients kept the prompt and
+    ran it on their next connection, maybe hours later, and the page, which could not put
+    it back in the box, told the user to send it again, so it could run twice."""
+    from types import SimpleNamespace
+
+    from thoughtwire.api.sockets import SessionSocket
+
+    class Guard:
+        async def check_rate(self, principal):
+            raise ConnectionError("Redis is away")
+
+    sent: list[str] = []
+    socket = SessionSocket.__new__(SessionSocket)
+    socket.raw_prompts = False
+    socket.principal = None
+    socket.frontend = SimpleNamespace(settings=Settings(), guard=Guard())
+    socket.conn = SimpleNamespace(send=sent.append)
+    await socket._handle_frame(json.dumps({"type": "prompt", "content": "hi", "key": "k1"}))
+    await socket._handle_frame(json.dumps({"type": "cancel"}))
+    replies = [json.loads(frame) for frame in sent]
+    assert [(r["code"], r.get("key")) for r in replies] == [
+        ("unavailable", "k1"),
+        ("unavailable", None),
+    ]
+
+
 async def test_a_stop_then_a_prompt_while_disconnected_go_out_in_that_order():
     """While no socket is open, a cancel of every run, then a prompt: the next connection
     sends them in that order, so the cancel does not stop the prompt's own run. Before,
