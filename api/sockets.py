@@ -458,7 +458,7 @@ class _Clock:
 
 @_route("/ws")
 async def echo(websocket: WebSocket) -> None:
-    """``/ws/echo``: the echo agent, answered as plain text."""
+    """``/ws``: the echo agent, answered as plain text."""
     await SessionSocket(
         websocket, render_frame=render.echo_text, agent="echo", raw_prompts=True
     ).serve()

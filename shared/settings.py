@@ -28,6 +28,10 @@ AGENTS = ("simulated", "openai")
 
 MAX_NUMBER = 2**31 - 1  # the largest number any setting takes
 MIN_PROBE_INTERVAL = 0.1  # seconds: a shorter pub/sub probe interval is refused
+# Seconds: pings asked for by clients (which drop a socket silent for 2.5 intervals) are
+# off or between these: the first keeps a busy page from being cut off, the second is
+# a browser timer's longest delay (2**31 ms) over 2.5.
+PING_INTERVAL_RANGE = (0.1, 800_000.0)
 
 # The settings whose variable the wider ecosystem already names.
 _ENV_NAMES = {
@@ -223,7 +227,11 @@ class Settings(BaseSettings):
         "frontend (0: the kernel's autotuning, up to megabytes).",
     )
     ping_interval: float = Field(
-        60.0, ge=0, description="Seconds between WebSocket pings (0: none)."
+        60.0,
+        ge=0,
+        description="A socket that asks for pings (and every /ws/robust one) is pinged when "
+        "nothing came from its client, or went to it, for this many seconds: 0 (never), "
+        "or 0.1 to 800000.",
     )
     max_message_bytes: int = Field(64 * 1024, ge=1, description="Largest client frame, in bytes.")
     max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt, in characters.")
@@ -441,6 +449,17 @@ class Settings(BaseSettings):
         # its viewers over and over.
         if 0 < value < MIN_PROBE_INTERVAL:
             raise ValueError(f"must be 0 (off) or at least {MIN_PROBE_INTERVAL}")
+        return value
+
+    @field_validator("ping_interval")
+    @classmethod
+    def _ping_is_off_or_in_range(cls, value: float) -> float:
+        # Every browser socket asks for pings: an interval of a millisecond would ping each
+        # a thousand times a second and have the clients drop sockets whenever a page is
+        # busy; past a browser timer's range, their watchdog would fire every few ms.
+        low, high = PING_INTERVAL_RANGE
+        if value and not low <= value <= high:
+            raise ValueError(f"must be 0 (off) or between {low:g} and {high:g}")
         return value
 
     @field_validator("jwt_public_key")

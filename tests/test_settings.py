@@ -53,6 +53,8 @@ def test_types_are_parsed():
         {"THOUGHTWIRE_MEMORY_TURNS": "-1"},
         {"THOUGHTWIRE_WS_PER_MESSAGE_DEFLATE": "maybe"},
         {"THOUGHTWIRE_PUBSUB_PROBE_INTERVAL": "0.01"},  # every busy link taken for deaf
+        {"THOUGHTWIRE_PING_INTERVAL": "0.001"},  # browsers pinged 1,000 times a second
+        {"THOUGHTWIRE_PING_INTERVAL": "1e7"},  # past a browser timer: its watchdog would spin
     ],
 )
 def test_bad_values_name_the_variable(env):
