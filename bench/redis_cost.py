@@ -9,7 +9,11 @@ feeder, one watcher each), in ``--rounds`` alternating rounds:
   as before bundles (``Batcher.bundles`` turned off in its processes by a
   ``sitecustomize`` this tool writes), to show what bundling saves;
 - ``thoughtwire-public``: its fast paths off (``THOUGHTWIRE_FAST_PATHS=0``);
-- ``thin``: the thin relay, one bare PUBLISH per event.
+- ``thin``: the thin relay, one bare PUBLISH per event;
+- ``thin-logged``: the least a resumable relay asks of Redis, the floor: the thin relay,
+  its feeder appending each event to its session's stream and publishing it (``XADD``
+  and ``PUBLISH``), the events that are ready bundled in one pipeline, and nothing
+  else (bench/feeder.py).
 
 Redis' CPU is redis-server's own (utime + stime from /proc/PID/stat over the load, and
 ``INFO cpu`` over the whole run), divided by the events produced. ``INFO stats`` and
@@ -70,7 +74,7 @@ from bench.run import (
 )
 from thoughtwire.shared import scripts
 
-SYSTEMS = ("thoughtwire", "thoughtwire-unbundled", "thoughtwire-public", "thin")
+SYSTEMS = ("thoughtwire", "thoughtwire-unbundled", "thoughtwire-public", "thin", "thin-logged")
 UNBUNDLED = """# Written by bench/redis_cost.py: one script run per append call, as before bundles.
 from thoughtwire.shared.redis.pipeline import Batcher
 

@@ -231,7 +231,7 @@ class System:
             ]
             worker = [py, "-m", "thoughtwire", "worker"]
         else:
-            module = "bench.thin" if self.name == "thin" else "bench.sio"
+            module = "bench.thin" if self.name.startswith("thin") else "bench.sio"
             env = {}
             cmds = [
                 [py, "-m", module, "--port", str(p), "--redis", self.redis_url] for p in self.ports

@@ -56,7 +56,14 @@ def test_every_system_delivers_every_event(tmp_path):
         (
             [
                 *("bench.redis_cost", "--sessions", "2", "--tokens", "10", "--rounds", "1"),
-                *("--systems", "thoughtwire,thin", "--parts-rounds", "1", "--out", os.devnull),
+                *(
+                    "--systems",
+                    "thoughtwire,thin,thin-logged",
+                    "--parts-rounds",
+                    "1",
+                    "--out",
+                    os.devnull,
+                ),
             ],
             '"redis_cpu_us_per_event_median"',
         ),
