@@ -862,6 +862,33 @@ async def test_ask_ends_when_its_whole_run_came_before_the_queued_reply():
     assert kinds == ["answer", "done"]
 
 
+async def test_ask_with_on_error_ends_when_its_prompt_is_refused():
+    """``ask(..., on_error=...)``: a refusal of its own prompt (named by its key) ends
+    ``ask`` with :class:`Refused`; ``on_error`` hears the other refusals. Before, the
+    refusal went to ``on_error`` alone and ``ask`` waited for a run that never came."""
+
+    async def frontend(ws):
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        prompt = json.loads(await ws.recv())
+        other = {"type": "error", "code": "not_waiting", "message": "that call is not waiting"}
+        await ws.send(json.dumps(other))
+        busy = {"type": "error", "code": "busy", "message": "a run is unfinished"}
+        await ws.send(json.dumps({**busy, "run": "r0", "key": prompt["key"]}))
+        await ws.wait_closed()
+
+    heard: list[Refused] = []
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(Refused) as info:
+            async with asyncio.timeout(seconds(10)):
+                async for _ in ask(
+                    "now", f"ws://127.0.0.1:{port}", on_error=heard.append, heartbeat=None
+                ):
+                    pass
+    assert info.value.error == "busy" and info.value.action == "prompt"
+    assert [r.error for r in heard] == ["not_waiting"]
+
+
 async def test_a_run_the_snapshot_holds_is_not_taken_for_a_prompts_run():
     """Plain data: a prompt waits for its run; the next event of a run the join's
     snapshot held is not that run, so the prompt is still sent again on a reconnect.

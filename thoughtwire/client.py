@@ -127,12 +127,14 @@ class Refused(Exception):
         code: int | None = None,
         error: str | None = None,
         action: str | None = None,
+        key: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
         self.error = error
         self.action = action  # the write that was refused (prompt, cancel, auth), if known
+        self.key = key  # a refused prompt's key, when the frontend named it
 
 
 class Unreachable(Refused):
@@ -545,7 +547,9 @@ class Follower:
         """An ``error`` reply: heard by ``on_error`` (or raised); a refused prompt is given up."""
         code, key = message.get("code"), message.get("key")
         action = None
-        if isinstance(key, str) and key in self._prompts:
+        if not isinstance(key, str):
+            key = None
+        if key is not None and key in self._prompts:
             # A refused prompt (over the rate too, or it would run on a later connection,
             # long after its sender gave up on it): it is not sent again.
             del self._prompts[key]
@@ -555,7 +559,7 @@ class Follower:
             del self._prompts[next(iter(self._prompts))]
             action = "prompt"
         reason = message.get("message", "the server refused the request")
-        refused = Refused(reason, error=code, action=action)
+        refused = Refused(reason, error=code, action=action, key=key)
         if self.on_error is not None:
             self.on_error(refused)  # one request was refused; the session goes on
         elif code not in ANSWERED_ELSEWHERE:
@@ -663,8 +667,19 @@ async def ask(
     ``multitask`` is as for :meth:`Follower.prompt`; ``options`` go to :class:`Follower`.
     Its run is the one the frontend names in its ``queued`` reply to the prompt.
     """
-    follower = Follower(urls, **options)
-    own = OwnRun(follower, await follower.prompt(prompt, multitask=multitask))
+    heard = options.pop("on_error", None)
+    key = uuid.uuid4().hex
+
+    def on_error(refused: Refused) -> None:
+        if refused.key == key or (refused.key is None and refused.action == "prompt"):
+            raise refused  # its prompt was refused: no run will come
+        if heard is not None:
+            heard(refused)
+        elif refused.error not in ANSWERED_ELSEWHERE:
+            raise refused
+
+    follower = Follower(urls, on_error=on_error, **options)
+    own = OwnRun(follower, await follower.prompt(prompt, key=key, multitask=multitask))
     async for message in follower.events(queued=True):
         for event in own.events(message):
             yield event
