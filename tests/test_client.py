@@ -805,6 +805,17 @@ async def test_a_token_handed_to_refresh_is_the_one_the_next_connection_sends():
     assert seen == ["Bearer first", "Bearer fresh"], seen
 
 
+async def kinds_asked_of(frontend):
+    """The types of the events ``ask`` yields, continuing session S, from ``frontend``."""
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncio.timeout(seconds(10)):
+            return [
+                e["type"]
+                async for e in ask("again", f"ws://127.0.0.1:{port}", session="S", heartbeat=None)
+            ]
+
+
 async def test_ask_in_a_session_with_runs_skips_its_snapshot_and_yields_its_own_run():
     """``ask`` continuing a session that has runs (``session=S``, no ``after``): the join
     starts with the session's ``snapshot``, which is no run's event; ``ask`` yields its
@@ -825,14 +836,7 @@ async def test_ask_in_a_session_with_runs_skips_its_snapshot_and_yields_its_own_
             await ws.send(json.dumps(event))
         await ws.wait_closed()
 
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with asyncio.timeout(seconds(10)):
-            kinds = [
-                e["type"]
-                async for e in ask("again", f"ws://127.0.0.1:{port}", session="S", heartbeat=None)
-            ]
-    assert kinds == ["answer", "done"]
+    assert await kinds_asked_of(frontend) == ["answer", "done"]
 
 
 async def test_ask_ends_when_its_whole_run_came_before_the_queued_reply():
@@ -852,14 +856,7 @@ async def test_ask_ends_when_its_whole_run_came_before_the_queued_reply():
         await ws.send(json.dumps(queued))
         await ws.wait_closed()
 
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with asyncio.timeout(seconds(5)):
-            kinds = [
-                e["type"]
-                async for e in ask("again", f"ws://127.0.0.1:{port}", session="S", heartbeat=None)
-            ]
-    assert kinds == ["answer", "done"]
+    assert await kinds_asked_of(frontend) == ["answer", "done"]
 
 
 async def test_ask_with_on_error_ends_when_its_prompt_is_refused():

@@ -604,6 +604,16 @@ FAKE_SOCKET = """() => {
     send(data) { this.sent.push(JSON.parse(data)); }
     close() {}
   };
+  // A client of session S from its start, reconnecting at once, on these sockets.
+  window.resuming = () => new window.tw.Thoughtwire({
+    urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0,
+    session: "S", after: 0, backoff: {initial: 1, max: 1},
+  });
+  // Resolves once the client has its nth socket and that socket has greeted it.
+  window.greeted = (tw, n) => new Promise((resolve) => {
+    const check = () => (window.sockets.length >= n && tw._admitted ? resolve() : setTimeout(check, 5));
+    check();
+  });
 }"""
 
 
@@ -711,15 +721,9 @@ async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_en
         await page.evaluate(FAKE_SOCKET)
         sent = await page.evaluate(
             """async () => {
-              const tw = new window.tw.Thoughtwire({
-                urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0,
-                session: "S", after: 0, backoff: {initial: 1, max: 1},
-              });
+              const tw = window.resuming();
               const event = {type: "thinking", run: "r1", epoch: "e", seq: 1, session: "S"};
-              const greeted = (n) => new Promise((resolve) => {
-                const check = () => (window.sockets.length >= n && tw._admitted ? resolve() : setTimeout(check, 5));
-                check();
-              });
+              const greeted = (n) => window.greeted(tw, n);
               await tw.connect();
               window.sockets[0].receive(event);
               tw.cancel("r1"); // written, never read: the frontend closes
@@ -746,14 +750,8 @@ async def test_a_prompt_sent_as_the_frontend_closes_is_sent_again_until_it_is_qu
         await page.evaluate(FAKE_SOCKET)
         sent = await page.evaluate(
             """async () => {
-              const tw = new window.tw.Thoughtwire({
-                urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0,
-                session: "S", after: 0, backoff: {initial: 1, max: 1},
-              });
-              const greeted = (n) => new Promise((resolve) => {
-                const check = () => (window.sockets.length >= n && tw._admitted ? resolve() : setTimeout(check, 5));
-                check();
-              });
+              const tw = window.resuming();
+              const greeted = (n) => window.greeted(tw, n);
               await tw.connect();
               const key = tw.prompt("hello"); // written, never read: the frontend closes
               window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
@@ -900,16 +898,13 @@ async def test_a_refusal_naming_a_prompts_key_gives_up_that_prompt_only():
         await page.evaluate(FAKE_SOCKET)
         sent = await page.evaluate(
             """async () => {
-              const tw = new window.tw.Thoughtwire({
-                urls: "ws://fake.test", WebSocket: window.FakeSocket, heartbeat: 0,
-                session: "S", after: 0, backoff: {initial: 1, max: 1},
-              });
+              const tw = window.resuming();
               await tw.connect();
               tw.prompt("first", {key: "k1"});
               tw.prompt("second", {key: "k2"});
               window.sockets[0].receive({type: "error", code: "rate_limited", message: "slow down", key: "k2"});
               window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
-              while (window.sockets.length < 2 || !tw._admitted) await new Promise((r) => setTimeout(r, 5));
+              await window.greeted(tw, 2);
               tw.close();
               return window.sockets.map((s) => s.sent.map((f) => f.key));
             }"""
