@@ -363,7 +363,7 @@ class SessionSocket:
         assert self.conn is not None
         received = time.time_ns()
         with tracing.span("prompt", {"thoughtwire.session": session}, kind="producer") as span:
-            run, _, created = await self.frontend.start_run(
+            run, queued_in, created = await self.frontend.start_run(
                 self.principal,
                 session,
                 message.content,
@@ -375,6 +375,11 @@ class SessionSocket:
             if span is not None and created:
                 span.set_attribute("thoughtwire.run", run)
                 self.conn.transport.await_first(run, span, received)
+        if queued_in != session:  # an idempotent repeat of a prompt this socket cannot see
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                "that key was used for a prompt of another session; send this one with a new key",
+            )
         if message.key is not None:
             # Which run is this prompt's: the session may have other writers, whose runs'
             # events this socket sees too. A resent prompt (same key) names the same run.

@@ -288,6 +288,31 @@ async def test_ask_yields_its_own_run_when_another_writers_run_comes_first(secur
     assert await queued_for(a.ws, "k-4") == await queued_for(b.ws, "k-4")
 
 
+async def test_a_key_used_in_another_session_is_refused_by_its_key(secure):
+    """A prompt's key names one prompt of one session: sent again in another session,
+    the frontend refused nothing and answered ``queued`` with the first session's run,
+    whose events that socket never sees, so ``ask`` waited for ever. Now it is refused
+    (``bad_message``, naming the key), and ``ask`` ends with :class:`Refused`."""
+    a, b = secure.frontends
+    tok = token("ivan")
+    first = Follower(a.ws, token=tok, heartbeat=None)
+    await first.prompt("in the first session", key="k-shared")
+    async with asyncio.timeout(seconds(30)):
+        async with aclosing(first.events()) as stream:
+            async for _ in stream:
+                if first.run_of("k-shared"):
+                    break
+    follower = Follower(b.ws, token=tok, heartbeat=None)
+    await follower.prompt("in another", key="k-shared")
+    with pytest.raises(Refused) as info:
+        async with asyncio.timeout(seconds(10)):
+            async for _ in follower.events():
+                pass
+    assert info.value.error == "bad_message" and info.value.key == "k-shared"
+    assert "another session" in info.value.reason
+    assert follower._prompts == {}
+
+
 async def test_cancel_ends_the_followed_run(secure):
     follower = Follower(secure.frontends[1].ws, token=token("dave"))
     events = []
