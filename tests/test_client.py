@@ -911,6 +911,24 @@ async def test_ask_with_on_error_ends_when_its_prompt_is_refused():
     assert [r.error for r in heard] == ["not_waiting"]
 
 
+async def test_a_gap_while_events_are_held_comes_out_behind_them():
+    """Plain data: events of a new run are held until the ``queued`` reply names the
+    prompt's run; a ``gap`` that comes meanwhile is held behind them, so what is passed
+    on stays in the order it came. Before, the gap went out at once, ahead of lower seqs."""
+    from thoughtwire.client import OwnRun
+
+    follower = Follower("ws://h", "S")
+    own = OwnRun(follower, await follower.prompt("mine", key="k"))
+    early = {"type": "answer", "run": "r2", "epoch": "e", "seq": 5, "content": "a"}
+    gap = {"type": "gap", "reason": "trimmed", "after": 5, "epoch": "e", "next": 9}
+    later = {"type": "done", "run": "r2", "epoch": "e", "seq": 9}
+    assert own.events(early) == [] and own.events(gap) == []
+    queued = {"type": "queued", "session": "S", "run": "r2", "key": "k"}
+    await follower._was_queued(queued)
+    assert own.events(queued) == [early, gap]
+    assert own.events(later) == [later]
+
+
 async def test_a_run_the_snapshot_holds_is_not_taken_for_a_prompts_run():
     """Plain data: a prompt waits for its run; the next event of a run the join's
     snapshot held is not that run, so the prompt is still sent again on a reconnect.

@@ -706,14 +706,14 @@ class OwnRun:
     def events(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """What to pass on of ``message``: none, it, or it with the run's held events."""
         kind = message["type"]
-        if kind == "gap":
+        if kind == "gap" and not self.held:
             return [message]
         if kind == "snapshot":
             self.earlier.update(self.follower.folded["order"])
             return []  # a continued session's earlier runs: not this prompt's
         if self.run is None:
             return self._named(message)
-        return [message] if kind != "queued" and message.get("run") == self.run else []
+        return [message] if kind == "gap" or self._own(message) else []
 
     def _named(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """Before the run was known: hold ``message`` if it may be of the run, or (named
@@ -722,11 +722,14 @@ class OwnRun:
         kind = message["type"]
         if self.run is None:
             new = kind != "queued" and message.get("run") not in self.earlier
-            if new and len(self.held) < HELD_EVENTS:
-                self.held.append(message)
+            if (new or kind == "gap") and len(self.held) < HELD_EVENTS:
+                self.held.append(message)  # a gap too, behind what came before it
             return []
         held, self.held = self.held, []
-        return [e for e in (*held, message) if e["type"] != "queued" and e.get("run") == self.run]
+        return [e for e in (*held, message) if e["type"] == "gap" or self._own(e)]
+
+    def _own(self, message: dict[str, Any]) -> bool:
+        return message["type"] != "queued" and message.get("run") == self.run
 
 
 def _message(frame: str | bytes) -> dict[str, Any]:
