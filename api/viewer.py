@@ -252,20 +252,23 @@ class Viewer:
         """Follow ``session``: from after ``after`` (a resume), or from now on.
 
         ``greeting`` is queued once the previous session is left, so no frame of
-        that session comes after it. ``replay`` :attr:`Replay.SNAPSHOT` starts a join
-        with the session's snapshot, and repairs a trimmed log with one.
+        that session comes after it, and once this frontend is subscribed to the new
+        one: a client that acts on the greeting (a prompt through another frontend) must
+        not make events this one is not yet listening for. ``replay``
+        :attr:`Replay.SNAPSHOT` starts a join with the session's snapshot, and repairs a
+        trimmed log with one.
         """
         if self.session is not None:
             self._stop_recovery()
             await self.leave(self.bus.session_channel(self.session))
-        if greeting is not None:
-            self.put(greeting)
         self.session = session
         self._epoch, self._seq = epoch, after or 0
         self._replay = replay
         self._resume = None if after is None else Resume.RECOVERED
         self._buffer = []  # subscribe first, read the log second: nothing falls between
         await self.join(self.bus.session_channel(session))
+        if greeting is not None:
+            self.put(greeting)  # ahead of the buffered live frames and the log's
         self._start_recovery(None if after is None else Position(epoch, after))
 
     async def join(self, channel: str) -> None:

@@ -370,3 +370,26 @@ async def test_close_goes_on_past_a_background_task_that_failed():
     await hub.close()
     assert redis.closed
     await hub.close()  # idempotent
+
+
+async def test_a_join_greets_only_once_this_frontend_is_subscribed():
+    """The greeting went out before the subscription was made: a client that prompted
+    through another frontend on it could have its run's first event published before
+    this frontend listened, and a viewer that joined "from now on" never got it."""
+    subscribed = asyncio.Event()
+
+    class SlowHub:
+        async def join(self, channel, viewer, scope):
+            await subscribed.wait()
+
+    sink = Sink()
+    bus = SimpleNamespace(session_channel=lambda session: f"ch:{session}")
+    viewer = Viewer(bus, SlowHub(), sink, queue_size=8)
+    following = asyncio.create_task(viewer.follow("S", greeting='{"type":"session"}'))
+    await asyncio.sleep(0)
+    assert sink.writes == [], "greeted before it listens"
+    subscribed.set()
+    async with asyncio.timeout(seconds(5)):
+        await following
+    assert len(sink.writes) == 1
+    viewer._stop_recovery()
