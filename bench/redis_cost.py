@@ -99,6 +99,7 @@ redis.call('TTL', KEYS[2])
 redis.call('HSET', KEYS[4], 'emitted', ARGV[6])
 return 1
 """
+PIPELINED = "-- no script: the commands go in a pipeline"  # a marker among the variants
 _LOG_AND_PUBLISH = """
 local payload = ARGV[13] .. ARGV[6] .. '}'
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[6], 'e', payload)
@@ -127,6 +128,7 @@ def part_scripts() -> dict[str, str]:
         "its commands, no logic": each(_COMMANDS),
         "XADD and PUBLISH": each(_LOG_AND_PUBLISH),
         "nothing": each("\nreturn 1\n"),
+        "XADD and PUBLISH, pipelined (the floor, thin-logged)": PIPELINED,
         "a bare PUBLISH per round trip (the thin relay)": "",
     }
 
@@ -154,6 +156,19 @@ def bundles(client: Redis, sha: str, sessions: list[list[str]]) -> None:
             for _ in calls:
                 args += [1, "f", 0, n + 1, HEAD]
             client.evalsha(sha, 4 * len(calls), *(k for c in calls for k in c), *args)
+
+
+def pipelined(client: Redis, sessions: list[list[str]]) -> None:
+    """As :func:`bundles`, but each call's ``XADD`` and ``PUBLISH`` in a pipeline of
+    ``PARTS_CALLS`` calls, no script: the floor's way (bench/feeder.py, ``thin-logged``)."""
+    for n in range(PARTS_EVENTS // PARTS_SESSIONS):
+        for at in range(0, PARTS_SESSIONS, PARTS_CALLS):
+            pipe = client.pipeline(transaction=False)
+            for _meta, log, channel, _run in sessions[at : at + PARTS_CALLS]:
+                payload = HEAD + b"%d}" % (n + 1)
+                pipe.xadd(log, {"e": payload}, maxlen=1000, approximate=True)
+                pipe.publish(channel, payload)
+            pipe.execute()
 
 
 def alone(client: Redis, sha: str, sessions: list[list[str]]) -> None:
@@ -189,6 +204,8 @@ def measure_parts(client: Redis, port: int, rounds: int) -> dict[str, Any]:
                 before = redis_cpu(client)
                 if lua == scripts.APPEND:
                     alone(client, client.script_load(lua), own)
+                elif lua == PIPELINED:
+                    pipelined(client, own)
                 elif lua:
                     bundles(client, client.script_load(lua), own)
                 else:  # as the thin relay's feeder: one PUBLISH per event and round trip
