@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -69,18 +71,20 @@ def test_redaction_hides_every_password_and_keeps_the_rest() -> None:
     assert parse(url).redacted == redact(url)
 
 
-def test_a_bad_redis_url_stops_the_process_with_one_line_and_no_password() -> None:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
+def up_with(url: str) -> subprocess.CompletedProcess[str]:
+    """``thoughtwire up`` with ``REDIS_URL`` set to ``url``, run to its end."""
+    return subprocess.run(
         [sys.executable, "-m", "thoughtwire", "up"],
-        env={"REDIS_URL": "redis+cluster://app:topsecret@nohost", "PATH": "/usr/bin:/bin"},
+        env={"REDIS_URL": url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_a_bad_redis_url_stops_the_process_with_one_line_and_no_password() -> None:
+    out = up_with("redis+cluster://app:topsecret@nohost")
     assert out.returncode == 7  # the exit code of a REDIS_URL that cannot be used
     assert out.stderr.strip().splitlines() == [
         "thoughtwire up: REDIS_URL cannot be used: "
@@ -90,17 +94,7 @@ def test_a_bad_redis_url_stops_the_process_with_one_line_and_no_password() -> No
 
 
 def test_a_one_server_url_that_is_no_url_stops_the_process_with_one_line() -> None:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "thoughtwire", "up"],
-        env={"REDIS_URL": "redis://:topsecret@[::1:6379/0", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = up_with("redis://:topsecret@[::1:6379/0")
     assert out.returncode == 7, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "IPv6" in out.stderr and "topsecret" not in out.stdout + out.stderr
