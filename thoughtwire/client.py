@@ -82,7 +82,7 @@ STEADY = 10.0
 PONG = '{"type":"pong"}'
 # Prompts waiting for their runs to start, and cancels waiting for a connection, at most.
 MAX_PENDING = 64
-# Runs remembered, to tell a new run (the answer to a prompt) from one seen already.
+# Prompts remembered: the runs the frontend named for them, and those cancelled before.
 RUNS_KEPT = 1024
 # Events of new runs held while a prompt waits to hear which run is its own (OwnRun).
 HELD_EVENTS = 10_000
@@ -328,15 +328,12 @@ class Follower:
                 if kept in self._outbox:  # never written: nothing of it runs
                     del self._prompts[key]
                     self._outbox.remove(kept)
-                self._withdrawn[key] = None  # it may be on its way: cancel its run once queued
-                if len(self._withdrawn) > RUNS_KEPT:
-                    del self._withdrawn[next(iter(self._withdrawn))]
+                # It may be on its way: its run is cancelled once queued.
+                _keep(self._withdrawn, key, None, RUNS_KEPT)
                 return
         frame = json.dumps({"type": "cancel"} if run is None else {"type": "cancel", "run": run})
-        if run is not None:
-            self._cancels[run] = frame
-            if len(self._cancels) > MAX_PENDING:  # the oldest, whose end may have gone by in a gap
-                del self._cancels[next(iter(self._cancels))]
+        if run is not None:  # past the bound, the oldest goes: its end may have gone by in a gap
+            _keep(self._cancels, run, frame, MAX_PENDING)
         await self._send("cancel", frame, keep=run is None)
 
     async def approve(
@@ -572,9 +569,7 @@ class Follower:
         if not isinstance(key, str) or not isinstance(run, str):
             return
         self._prompts.pop(key, None)
-        self._queued[key] = run
-        if len(self._queued) > RUNS_KEPT:
-            del self._queued[next(iter(self._queued))]
+        _keep(self._queued, key, run, RUNS_KEPT)
         if key in self._withdrawn:
             del self._withdrawn[key]
             await self.cancel(run)
@@ -730,6 +725,13 @@ class OwnRun:
 
     def _own(self, message: dict[str, Any]) -> bool:
         return message["type"] != "queued" and message.get("run") == self.run
+
+
+def _keep(kept: dict[str, Any], key: str, value: Any, most: int) -> None:
+    """Set ``kept[key]``; past ``most`` entries, the oldest goes."""
+    kept[key] = value
+    if len(kept) > most:
+        del kept[next(iter(kept))]
 
 
 def _message(frame: str | bytes) -> dict[str, Any]:
