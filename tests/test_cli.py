@@ -480,7 +480,6 @@ async def test_ctrl_c_before_its_run_starts_cancels_its_run_not_the_one_going(se
                     if presence.json().get("sockets"):
                         break
                     await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)  # most likely queued by now; either way it is withdrawn
             chat.proc.send_signal(signal.SIGINT)
             code, err = await chat.finish()
         finally:
