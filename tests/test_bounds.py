@@ -613,6 +613,56 @@ async def test_a_websocket_handshake_the_app_never_answers_is_closed():
         await serving
 
 
+@pytest.mark.parametrize("mode", ["fast", "public"])
+async def test_an_answered_handshake_lets_its_deadline_go_and_the_socket_stays(mode):
+    """Once the app accepts, the handshake's timer is cancelled and dropped, so a new socket
+    holds none for the timeout's span, and the socket outlives the timeout."""
+    import uvicorn
+
+    from thoughtwire.shared.settings import Settings
+
+    protocol = wsserver.PROTOCOL if mode == "fast" else wsserver.PUBLIC_PROTOCOL
+    accepted = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            http=wsserver.http_protocol(Settings(handshake_timeout=0.5)),
+            ws=protocol,
+            lifespan="off",
+            log_level="warning",
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(seconds(10)):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as client:
+            async with asyncio.timeout(seconds(5)):
+                await accepted.wait()
+            sockets = [c for c in server.server_state.connections if isinstance(c, protocol)]
+            assert len(sockets) == 1
+            assert sockets[0].handshake_timer is None
+            await asyncio.sleep(0.8)  # past the timeout: nothing closes it
+            await client.ping()
+    finally:
+        server.should_exit = True
+        await serving
+
+
 # --- the adapter's canary -------------------------------------------------------------
 
 
