@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from importlib import resources
@@ -14,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from thoughtwire.api.assets import Asset
 from thoughtwire.api.auth import AuthError
 from thoughtwire.api.bounds import Bounds, invalid_request
 from thoughtwire.api.frontend import Frontend, running
@@ -35,22 +35,21 @@ PAGE_POLICY = (
     "frame-ancestors 'none'"
 )
 
-PAGE_TYPES = {".js": "text/javascript", ".css": "text/css"}  # else plain text (licences)
+PAGE_TYPES = {".js": "text/javascript", ".css": "text/css"}
+PLAIN_TEXT = "text/plain; charset=utf-8"  # the rest: licences and the vendor README
 
 
-def _page_assets() -> dict[str, tuple[bytes, str, str]]:
-    """The page's files under ``api/static``, by name: body, content type and ETag."""
+def _page_assets() -> dict[str, Asset]:
+    """The page's files under ``api/static``, by name."""
     root = resources.files("thoughtwire.api").joinpath("static")
     files = {name: root.joinpath(name) for name in ("page.js", "page.css")}
     for file in root.joinpath("vendor").iterdir():
         if file.is_file():
             files[f"vendor/{file.name}"] = file
-    assets = {}
-    for name, file in files.items():
-        body = file.read_bytes()
-        media_type = PAGE_TYPES.get(Path(name).suffix, "text/plain; charset=utf-8")
-        assets[name] = (body, media_type, f'"{hashlib.sha256(body).hexdigest()[:16]}"')
-    return assets
+    return {
+        name: Asset.of(file.read_bytes(), PAGE_TYPES.get(Path(name).suffix, PLAIN_TEXT))
+        for name, file in files.items()
+    }
 
 
 # Something else to run for the frontend's lifetime on the same Redis (the embedded
@@ -130,7 +129,7 @@ def create_app(  # noqa: C901
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     # The page's script, styles and vendored libraries (docs/page.md), read once and
-    # served by name from memory: no request path ever reaches the file system.
+    # served by name from memory, gzipped: no request path ever reaches the file system.
     assets = _page_assets()
 
     @app.get("/static/{name:path}", include_in_schema=False)
@@ -138,24 +137,17 @@ def create_app(  # noqa: C901
         """One of the page's files; revalidated on every load, so an upgrade shows at once."""
         if name not in assets:
             raise HTTPException(404, "no such file")
-        body, media_type, etag = assets[name]
-        headers = {"Cache-Control": "no-cache", "ETag": etag}
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return Response(body, media_type=media_type, headers=headers)
+        return assets[name].response(request, "no-cache")
 
-    client_module = (
-        resources.files("thoughtwire.api").joinpath("static/thoughtwire.js").read_bytes()
+    client_module = Asset.of(
+        resources.files("thoughtwire.api").joinpath("static/thoughtwire.js").read_bytes(),
+        "text/javascript",
     )
-    client_etag = f'"{hashlib.sha256(client_module).hexdigest()[:16]}"'
 
     @app.get("/thoughtwire.js", include_in_schema=False)
     async def thoughtwire_js(request: Request) -> Response:
         """The JavaScript client (clients/js), for pages to import."""
-        headers = {"Cache-Control": "public, max-age=3600", "ETag": client_etag}
-        if request.headers.get("if-none-match") == client_etag:
-            return Response(status_code=304, headers=headers)
-        return Response(client_module, media_type="text/javascript", headers=headers)
+        return client_module.response(request, "public, max-age=3600")
 
     if settings.metrics:
 

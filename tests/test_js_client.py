@@ -554,11 +554,17 @@ async def test_every_frontend_serves_the_client_as_a_cacheable_module(secure: Cl
             assert response.content == source
             assert response.headers["content-type"].startswith("text/javascript")
             assert "max-age" in response.headers["cache-control"]
+            assert response.headers["content-encoding"] == "gzip"  # httpx takes gzip
             again = await http.get(
                 frontend.http + "/thoughtwire.js",
                 headers={"If-None-Match": response.headers["etag"]},
             )
             assert again.status_code == 304
+            plain = await http.get(
+                frontend.http + "/thoughtwire.js", headers={"Accept-Encoding": "identity"}
+            )
+            assert plain.content == source and "content-encoding" not in plain.headers
+            assert plain.headers["etag"] != response.headers["etag"]  # another representation
 
 
 async def test_a_heartbeat_keeps_a_quiet_session_open_past_the_idle_timeout(secure: Cluster):
