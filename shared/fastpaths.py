@@ -10,7 +10,9 @@ with the versions it was tested on:
 - :mod:`thoughtwire.shared.redis.fast`: redis-py's connection and parser internals,
   read by hiredis;
 - :mod:`thoughtwire.api.fastapi_lean`: FastAPI's check for pydantic v1 models, which
-  otherwise imports ``pydantic.v1`` into every frontend.
+  otherwise imports ``pydantic.v1`` into every frontend;
+- :mod:`thoughtwire.shared.redis_import`: redis-py's first import, without the
+  OpenTelemetry metrics SDK it otherwise imports into every process.
 
 An adapter's fast path is used only when ``THOUGHTWIRE_FAST_PATHS`` is on and the
 installed versions are ones it was tested on (same major and minor release). With an

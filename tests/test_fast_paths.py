@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -29,7 +30,7 @@ from tests.wsclient import connect, greeting, run_events
 from thoughtwire.api import fastapi_lean, wsserver
 from thoughtwire.api.lane import Gateway, SocketRoutes
 from thoughtwire.api.wire import SCOPE_KEY, RawSocket
-from thoughtwire.shared import fastpaths
+from thoughtwire.shared import fastpaths, redis_import
 from thoughtwire.shared.fastpaths import Adapter
 from thoughtwire.shared.redis import Batcher, RedisFactory, fast
 from thoughtwire.shared.redis.pubsub import ClientLink, RawLink, open_link
@@ -78,7 +79,7 @@ def test_only_the_adapters_reach_into_a_dependencys_private_api():
 def test_each_adapter_names_the_versions_it_was_tested_on():
     """The installed uvicorn and redis-py are the tested ones (else the canaries below say what
     changed), and pyproject's upper bounds stop a release nobody tested."""
-    for adapter in (wsserver.UVICORN, fast.REDIS, fastapi_lean.FASTAPI):
+    for adapter in (wsserver.UVICORN, fast.REDIS, fastapi_lean.FASTAPI, redis_import.REDIS_IMPORT):
         assert adapter.untested() == [], f"{adapter.name}: {adapter.untested()}"
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"uvicorn\[standard\]>=[\d.]+,<[\d.]+"|"uvicorn>=[\d.]+,<[\d.]+"', pyproject)
@@ -93,12 +94,16 @@ def test_the_switch_off_hands_uvicorn_its_own_protocol():
     (with only the close to a stalled client added, a guarantee rather than a speed-up)."""
     assert wsserver.ws_protocol(Settings(fast_paths=True)) is wsserver.PROTOCOL
     public = wsserver.ws_protocol(Settings(fast_paths=False))
-    # uvicorn's own protocol; only the close to a stalled client (4008) is added, in both modes.
+    # uvicorn's own protocol; only the close to a stalled client (4008) and the handshake's
+    # deadline (let go once answered) are added, in both modes.
     assert public is wsserver.PUBLIC_PROTOCOL and public.__bases__ == (WebSocketsSansIOProtocol,)
-    assert set(vars(public)) - {"__module__", "__doc__", "__qualname__"} <= {
+    assert set(vars(public)) - {"__module__", "__doc__", "__qualname__", "__annotations__"} <= {
         "send",
         "_close_now",
         "_abandon",
+        "handshake_timer",
+        "connection_lost",
+        "_stop_handshake_timer",
     }, vars(public)
     # The HTTP bounds are security, not speed: the same protocol either way.
     on = wsserver.http_protocol(Settings(fast_paths=True))
@@ -284,6 +289,74 @@ def test_with_the_fast_path_a_frontend_never_imports_pydantic_v1(switch):
         check=True,
     ).stdout.split()
     assert out == (["True", "False"] if switch == "on" else ["False", "True"]), out
+
+
+IMPORT_REDIS = """
+import sys
+from thoughtwire.shared import redis_import
+took = redis_import.install(sys.argv[1] == "on")
+import thoughtwire.shared.redis
+import redis.observability.providers as providers
+held = "opentelemetry.sdk.metrics" in sys.modules
+from opentelemetry.sdk.metrics import MeterProvider  # still there for whoever wants it
+print(took, held, providers.OTEL_AVAILABLE)
+"""
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_with_the_fast_path_redis_py_comes_without_the_opentelemetry_metrics_sdk(switch):
+    """redis-py, first imported by the fast path, holds no metrics SDK and takes its own
+    OpenTelemetry metrics as unavailable; the SDK can still be imported afterwards."""
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_REDIS, switch],
+        capture_output=True,
+        text=True,
+        timeout=seconds(60),
+        check=True,
+    ).stdout.split()
+    assert out == (["True", "False", "False"] if switch == "on" else ["False", "True", "True"])
+
+
+def test_redis_import_canary_redis_py_still_takes_a_failed_sdk_import_as_no_sdk():
+    """redis-py's provider module imports the metrics SDK inside ``try``/``except
+    ImportError``: were it to need it, the fast path would break ``import redis``."""
+    import redis.observability.providers as providers
+
+    source = inspect.getsource(providers)
+    guarded = re.search(
+        r"try:\n\s+from opentelemetry\.sdk\.metrics import MeterProvider\n"
+        r"(?:.*\n)*?except ImportError:",
+        source,
+    )
+    assert guarded, "redis-py now imports the metrics SDK differently: check shared/redis_import.py"
+    assert redis_import.DECLINED == "opentelemetry.sdk.metrics"
+
+
+def test_a_process_started_by_the_cli_holds_no_opentelemetry_metrics_sdk(tmp_path):
+    """``thoughtwire up``, a frontend and its workers' code, never imports the metrics SDK."""
+    script = tmp_path / "up.py"
+    script.write_text(
+        "import sys, runpy\n"
+        "import thoughtwire.cli as cli\n"
+        "def serve(app, settings, host, port):\n"
+        "    print('metrics sdk', 'opentelemetry.sdk.metrics' in sys.modules, flush=True)\n"
+        "cli._serve = serve\n"
+        "sys.exit(cli.main(['up', '--port', sys.argv[1], '--workers', '1']))\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, str(script), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=seconds(60),
+        env={
+            **{k: v for k, v in os.environ.items() if k != "REDIS_URL"},
+            "THOUGHTWIRE_FAST_PATHS": "1",
+        },
+    )
+    assert "metrics sdk False" in out.stdout, out.stdout + out.stderr
 
 
 def test_redis_canary_the_connection_internals_are_still_there():

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from thoughtwire.api import fastapi_lean
-from thoughtwire.shared import logs, tracing
+from thoughtwire.shared import logs, redis_import, tracing
 from thoughtwire.shared.settings import (
     MAX_NUMBER,
     Settings,
@@ -225,6 +225,7 @@ def _dispatch(args: argparse.Namespace) -> Exit:
     if args.command == "chat":
         return _chat(args)
     check_numbers(args)
+    redis_import.install_from(os.environ)  # before anything imports redis
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
@@ -385,10 +386,12 @@ def fast_mode(settings: Settings, *, frontend: bool) -> str:
     from thoughtwire.shared.redis.fast import REDIS
 
     if not frontend:  # a worker reaches Redis only
-        return mode(settings.fast_paths, REDIS)
+        return mode(settings.fast_paths, REDIS, redis_import.REDIS_IMPORT)
     from thoughtwire.api.wsserver import UVICORN
 
-    return mode(settings.fast_paths, UVICORN, fastapi_lean.FASTAPI, REDIS)
+    return mode(
+        settings.fast_paths, UVICORN, fastapi_lean.FASTAPI, REDIS, redis_import.REDIS_IMPORT
+    )
 
 
 def auth_mode(settings: Settings) -> str:
