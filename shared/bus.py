@@ -186,6 +186,12 @@ class Bus:
             # Ours already (a retry of this very call): queue it, as the first try may not have.
             if first is None and existing is not None and _text(existing) != ours:
                 run, session = _text(existing).split(" ", 1)
+                if session == job.session and await self._admitted_at(session, run) is not None:
+                    # Its first sender's frontend admitted it and went (killed, or cut off
+                    # from Redis) before queueing its job: the prompt, sent again, queues
+                    # it. Were that frontend only slow, its job comes too, and whichever a
+                    # worker starts second finds the run taken (``START``) and lets it go.
+                    await self._queue_job(replace(job, run=run))
                 return run, session, False
         if job.traceparent is None and (context := tracing.traceparent()) is not None:
             job = replace(job, traceparent=context)  # the trace goes on in the worker
@@ -268,16 +274,22 @@ class Bus:
         Its admission time is the admitting frontend's clock: clocks of frontends that
         disagree by a good part of the bound would make it early or late.
         """
+        created = await self._admitted_at(session, run)
+        return created is not None and now_ms() - created >= NEVER_QUEUED_SECONDS * 1000
+
+    async def _admitted_at(self, session: str, run: str) -> int | None:
+        """When ``run`` was admitted (ms, the admitting frontend's clock), if it is queued,
+        was never started and its job never reached the stream (no job record); else None."""
         keys = self.keys
         (status, attempt, created), has_job = await self._commands(
             ("HMGET", keys.run(session, run), "status", "attempt", "created"),
             ("EXISTS", keys.job(run)),
         )
         if has_job or status is None or created is None or _text(status) != RunStatus.QUEUED:
-            return False
+            return None
         if _text(attempt or b"0") != "0":
-            return False
-        return now_ms() - int(created) >= NEVER_QUEUED_SECONDS * 1000
+            return None
+        return int(created)
 
     async def end_never_queued(self, session: str, run: str) -> bool:
         """End ``run`` as lost with an ``error``: it stayed queued without ever reaching the

@@ -289,6 +289,65 @@ async def test_a_run_never_queued_nor_withdrawn_is_ended_and_the_next_starts_in_
     assert (await unqueueable.run_state(stuck))["status"] == "failed"
 
 
+async def test_a_prompt_sent_again_queues_the_run_its_lost_frontend_admitted(unqueueable):
+    """A frontend that admitted a run and went before queueing its job (killed: no
+    withdrawal) leaves it queued without a job. The same prompt sent again with its key,
+    to any frontend, queues that run, which runs once to its end; a third send queues
+    nothing more."""
+    unqueueable.withdraw_fails = True  # as a frontend killed between the two does
+    caller = Principal("u")
+    with pytest.raises(RedisConnectionError):
+        await frontend_over(unqueueable).start_run(caller, "s", "hello", idempotency_key="k")
+    (stuck,) = await unqueueable.redis.smembers(unqueueable.keys.session_runs("s"))
+    stuck = stuck.decode()
+    assert await unqueueable.queued_jobs([stuck]) == [False]
+    unqueueable.fail = False
+    other = frontend_over(unqueueable)  # another frontend, the sender reconnected to it
+    assert await other.start_run(caller, "s", "hello", idempotency_key="k") == (stuck, "s", False)
+    assert await unqueueable.queued_jobs([stuck]) == [True]
+    assert await other.start_run(caller, "s", "hello", idempotency_key="k") == (stuck, "s", False)
+    assert await unqueueable.redis.xlen(unqueueable.keys.jobs) == 1
+    worker = Worker(
+        unqueueable, {"t": Answers()}, "t", concurrency=4, limits=LIMITS, max_attempts=3
+    )
+    assert (await run_ends(unqueueable, "s", stuck, worker, within=10))["type"] == "done"
+    events = [orjson.loads(e) for e in await unqueueable.history("s")]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert {e["run"] for e in events} == {stuck}
+    assert [e["type"] for e in events].count("done") == 1
+
+
+async def test_a_prompt_sent_again_while_its_first_frontend_still_queues_it_runs_once(
+    redis_client, prefix
+):
+    """Were the first frontend only slow, its job comes too: two jobs for one run, and
+    the run still runs once, its events once each; the job a worker takes second is let go."""
+    bus = Bus(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+    caller = Principal("u")
+    run, _, _ = await frontend_over(bus).start_run(caller, "s", "hello", idempotency_key="k")
+    await bus.redis.delete(bus.keys.job(run))  # as if between its XADD and its record
+    assert await frontend_over(bus).start_run(caller, "s", "hello", idempotency_key="k") == (
+        run,
+        "s",
+        False,
+    )
+    assert await bus.redis.xlen(bus.keys.jobs) == 2
+    worker = Worker(bus, {"t": Answers()}, "t", concurrency=4, limits=LIMITS, max_attempts=3)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop, drain_timeout=seconds(5)))
+    try:
+        async with asyncio.timeout(seconds(20)):
+            while await bus.redis.xlen(bus.keys.jobs):  # both jobs acknowledged and gone
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await running
+    events = [orjson.loads(e) for e in await bus.history("s")]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["type"] for e in events].count("done") == 1
+    assert (await bus.run_state(run))["attempt"] == "1"
+
+
 class Held(Bus):
     """A bus whose XADD of a job waits until let go, as on a Redis that went silent: the
     submitting task can be cancelled between its run's admission and its job's queueing.
