@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from thoughtwire.api.auth import Authenticator, Principal
-from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard
+from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard, LimitError
 from thoughtwire.api.hub import Hub
 from thoughtwire.api.presence import Watching
 from thoughtwire.api.runs import Runs
@@ -82,7 +82,16 @@ class Frontend:
         await self.guard.check_write(principal, session)
         await self.guard.check_budget(principal)  # budget: refused before anything is queued
         run = new_id()
-        user = await self.guard.take_run(principal, run)
+        try:
+            user, slot = await self.guard.take_run(principal, run), True
+        except LimitError as refused:
+            # A prompt sent again makes no new run: its run took a slot when first sent
+            # (and may still need queueing, ``Bus.submit``), so the limit does not stop it.
+            if idempotency_key is None or not await self.bus.keyed_run(
+                principal.user, idempotency_key
+            ):
+                raise
+            user, slot, over = principal.user, False, refused
         job = Job(
             run=run,
             session=session,
@@ -100,15 +109,19 @@ class Frontend:
                 seconds=SUBMIT_RETRY_SECONDS,
             )
         except Busy:
-            await self.guard.free_run(user, run)  # refused: nothing of it was kept
+            if slot:
+                await self.guard.free_run(user, run)  # refused: nothing of it was kept
             raise
         except BaseException:
             # Whatever stopped it (Redis away past the retries, the socket closed, drained
             # or its token expired while the submit retried), the run may have been
             # admitted: withdraw it, or the session's next runs wait for it.
-            await self._withdraw(job, idempotency_key, principal.user, user)
+            await self._withdraw(job, idempotency_key, principal.user, user if slot else None)
             raise
-        if not submitted[2]:  # an idempotent repeat: nothing new runs
+        if submitted[2] and not slot:  # the key was freed meanwhile: a new run, over the limit
+            await self._withdraw(job, idempotency_key, principal.user, None)
+            raise over
+        if not submitted[2] and slot:  # an idempotent repeat: no new run
             await self.guard.free_run(user, run)
         self.runs.follow(submitted[1], submitted[0], user)
         return submitted

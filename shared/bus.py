@@ -172,9 +172,13 @@ class Bus:
         ``enqueue`` and ``interrupt`` run it after them (``ADMIT``, atomic per session).
 
         With an idempotency key, the first job ``user`` submitted under it is returned
-        for as long as results are kept, and nothing new is queued. Keys are per user:
-        another user's job under the same key is never returned.
+        for as long as results are kept, and no new run is made; if that run was admitted
+        but its job never reached the stream, this job is queued for it. Keys are per
+        user: another user's job under the same key is never returned.
         """
+        if job.traceparent is None and (context := tracing.traceparent()) is not None:
+            job = replace(job, traceparent=context)  # the trace goes on in the worker
+        created = True
         if idempotency_key is not None:
             if user is None:
                 raise ValueError("an idempotency key needs the user who chose it")
@@ -186,24 +190,31 @@ class Bus:
             # Ours already (a retry of this very call): queue it, as the first try may not have.
             if first is None and existing is not None and _text(existing) != ours:
                 run, session = _text(existing).split(" ", 1)
-                if session == job.session and await self._admitted_at(session, run) is not None:
-                    # Its first sender's frontend admitted it and went (killed, or cut off
-                    # from Redis) before queueing its job: the prompt, sent again, queues
-                    # it. Were that frontend only slow, its job comes too, and whichever a
-                    # worker starts second finds the run taken (``START``) and lets it go.
-                    await self._queue_job(replace(job, run=run))
-                return run, session, False
-        if job.traceparent is None and (context := tracing.traceparent()) is not None:
-            job = replace(job, traceparent=context)  # the trace goes on in the worker
+                if session != job.session or await self._admitted_at(session, run) is None:
+                    return run, session, False
+                # Its first sender's frontend admitted it and went (killed, or cut off from
+                # Redis) before queueing its job: the prompt, sent again, queues it (its
+                # admission, repeated, changes nothing and names the runs an ``interrupt``
+                # cancels). Were that frontend only slow, its job comes too, and whichever
+                # a worker starts second finds the run taken (``START``) and lets it go.
+                job, created = replace(job, run=run), False
         earlier = await self._admit_run(job)
         if isinstance(earlier, Busy):
-            if idempotency_key is not None and user is not None:
+            if created and idempotency_key is not None and user is not None:
                 await self._forget_key(self.keys.idempotency(user, idempotency_key), job)
             raise earlier
         await self._queue_job(job)
         if job.multitask == Multitask.INTERRUPT and earlier:
             await self._cancel_runs(job.session, earlier)
-        return job.run, job.session, True
+        return job.run, job.session, created
+
+    async def keyed_run(self, user: str, idempotency_key: str) -> tuple[str, str] | None:
+        """The ``(run, session)`` ``user``'s idempotency key names, if it names one yet."""
+        (held,) = await self._commands(("GET", self.keys.idempotency(user, idempotency_key)))
+        if held is None:
+            return None
+        run, session = _text(held).split(" ", 1)
+        return run, session
 
     async def _admit_run(self, job: Job) -> list[str] | Busy:
         """The run's record and place in its session's queue, before its job is queued, so

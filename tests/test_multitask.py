@@ -26,7 +26,7 @@ from tests.wsclient import connect, greeting, recv_json
 from thoughtwire.api import frontend as frontend_module
 from thoughtwire.api.auth import Principal
 from thoughtwire.api.frontend import Frontend
-from thoughtwire.api.guard import Guard
+from thoughtwire.api.guard import Guard, LimitError
 from thoughtwire.api.runs import Runs
 from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Meta
 from thoughtwire.shared.keys import Keys
@@ -315,6 +315,55 @@ async def test_a_prompt_sent_again_queues_the_run_its_lost_frontend_admitted(unq
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert {e["run"] for e in events} == {stuck}
     assert [e["type"] for e in events].count("done") == 1
+
+
+async def test_a_lost_interrupt_sent_again_cancels_the_runs_before_it(unqueueable):
+    """An ``interrupt`` prompt whose frontend went between admitting and queueing it,
+    sent again, is queued and cancels the runs admitted before it, as when first sent."""
+    caller = Principal("u")
+    unqueueable.fail = False
+    ahead, _, _ = await frontend_over(unqueueable).start_run(caller, "s", "long")
+    unqueueable.fail = unqueueable.withdraw_fails = True
+    with pytest.raises(RedisConnectionError):
+        await frontend_over(unqueueable).start_run(
+            caller, "s", "stop that", idempotency_key="k", multitask=Multitask.INTERRUPT
+        )
+    assert (await unqueueable.run_state(ahead)).get("cancel") is None
+    unqueueable.fail = False
+    run, _, created = await frontend_over(unqueueable).start_run(
+        caller, "s", "stop that", idempotency_key="k", multitask=Multitask.INTERRUPT
+    )
+    assert run != ahead and not created
+    assert (await unqueueable.run_state(ahead))["cancel"] == "1"
+    assert await unqueueable.queued_jobs([ahead, run]) == [True, True]
+
+
+async def test_a_prompt_sent_again_is_not_refused_by_the_run_limit_its_run_counts_in(
+    unqueueable,
+):
+    """At the per-user run limit, which the lost run itself fills, the prompt sent again
+    still queues it; a new prompt is refused."""
+    settings = Settings(jwt_secret="s" * 32, max_runs_per_user=1)
+    runs = Runs(unqueueable, limit=10, lease_seconds=1.0)
+    frontend = Frontend(
+        settings,
+        unqueueable.redis,
+        unqueueable,
+        None,
+        "n",
+        None,  # type: ignore[arg-type]
+        Guard(settings, unqueueable),
+        runs,
+    )
+    caller = Principal("u")
+    unqueueable.withdraw_fails = True
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    unqueueable.fail = False
+    with pytest.raises(LimitError):
+        await frontend.start_run(caller, "s", "another")
+    run, _, created = await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    assert not created and await unqueueable.queued_jobs([run]) == [True]
 
 
 async def test_a_prompt_sent_again_while_its_first_frontend_still_queues_it_runs_once(
