@@ -38,7 +38,7 @@ class Asset:
         zipped = takes_gzip(request.headers.get("accept-encoding", ""))
         etag = f'"{self.etag}.gz"' if zipped else f'"{self.etag}"'
         headers = {"Cache-Control": cache_control, "ETag": etag, "Vary": "Accept-Encoding"}
-        if etag in request.headers.get("if-none-match", "").split(", "):
+        if _matches(request.headers.get("if-none-match", ""), etag):
             return Response(status_code=304, headers=headers)
         if zipped:
             headers["Content-Encoding"] = "gzip"
@@ -64,3 +64,10 @@ def _zero(params: str) -> bool:
         return name.strip() == "q" and float(value) == 0
     except ValueError:
         return False
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    """Whether an ``If-None-Match`` value names ``etag``: ``*``, or it in its list, weak
+    (``W/``) or not, as a GET compares (RFC 9110, 13.1.2)."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags

@@ -63,6 +63,9 @@ def test_every_file_is_held_gzipped_and_comes_back_whole_either_way():
             request(accept_encoding="gzip", if_none_match=zipped.headers["etag"]), "no-cache"
         )
         assert unchanged.status_code == 304 and unchanged.body == b""
+        for held in (f"W/{zipped.headers['etag']}", f'"x",{zipped.headers["etag"]}', "*"):
+            weak = asset.response(request(accept_encoding="gzip", if_none_match=held), "no-cache")
+            assert weak.status_code == 304, held
         # A client holding the other copy gets this one.
         other = asset.response(request(if_none_match=zipped.headers["etag"]), "no-cache")
         assert other.status_code == 200 and other.body == body
