@@ -68,6 +68,14 @@ class Adapter:
                 )
         return self._untested
 
+    def quietly_tested(self) -> bool:
+        """Whether every installed version is a tested release, without a warning: for a
+        check made before logging is set up (:meth:`untested` warns, when asked later)."""
+        return all(
+            (have := installed(distribution)) is not None and release(have) == release(version)
+            for distribution, version in self.tested.items()
+        )
+
     def enabled(self, switch: bool) -> bool:
         """Whether to take the fast paths: ``switch`` (the setting) on and versions tested."""
         return switch and not self.untested()

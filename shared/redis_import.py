@@ -29,7 +29,9 @@ DECLINED = "opentelemetry.sdk.metrics"  # redis/observability/providers.py tries
 def install(switch: bool) -> bool:
     """Import redis-py without the metrics SDK when ``switch`` is on and redis-py is a
     tested release; say whether. A no-op once redis or the SDK is imported."""
-    if "redis" in sys.modules or DECLINED in sys.modules or not REDIS_IMPORT.enabled(switch):
+    if not switch or "redis" in sys.modules or DECLINED in sys.modules:
+        return False
+    if not REDIS_IMPORT.quietly_tested():  # the banner's check warns, once logging is set up
         return False
     sys.modules[DECLINED] = None  # type: ignore[assignment]  # an import of it fails
     try:
