@@ -80,7 +80,13 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
     frontend = _frontend(request)
     if len(body.prompt) > frontend.settings.max_prompt_chars or not body.prompt.strip():
         raise HTTPException(422, "prompt is empty or too long")
-    session = body.session or new_id()
+    session = body.session
+    if session is None and body.idempotency_key is not None:
+        # Sent again without a session: the key's run's, which this prompt may yet have
+        # to queue (its first frontend went between admitting and queueing it).
+        keyed = await frontend.bus.keyed_run(caller.user, body.idempotency_key)
+        session = keyed[1] if keyed is not None else None
+    session = session or new_id()
     logs.bind(session=session)
     try:
         with tracing.span("prompt", {"thoughtwire.session": session}, kind="producer"):

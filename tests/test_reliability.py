@@ -232,6 +232,37 @@ async def test_cancel_from_another_frontend_stops_the_run_within_a_second(faulty
     assert len([e for e in events if e["type"] == "answer"]) < TOKENS
 
 
+async def test_a_job_whose_frontend_went_before_queueing_it_runs_when_posted_again(cluster):
+    """A frontend killed between admitting a job's run and queueing it leaves the run
+    admitted and its key taken (written here as it would have). Posted again with its
+    key to another frontend, without a session, the job is that run, and it runs once."""
+    from thoughtwire.api.auth import ANONYMOUS
+    from thoughtwire.shared.bus import Bus
+    from thoughtwire.shared.protocol import Job
+    from thoughtwire.shared.redis import RedisFactory
+    from thoughtwire.shared.settings import Settings
+
+    key, lost, session = "lost-" + cluster.prefix, "r" + cluster.prefix, "s" + cluster.prefix
+    redis = RedisFactory(Settings(redis_url=cluster.redis.url, redis_pool_size=2)).commands()
+    try:
+        bus = Bus(redis, Keys(cluster.prefix), log_maxlen=100, log_ttl=600)
+        await redis.set(Keys(cluster.prefix).idempotency(ANONYMOUS.user, key), f"{lost} {session}")
+        await bus._admit_run(Job(run=lost, session=session, prompt="background work"))
+    finally:
+        await redis.aclose()
+    async with httpx.AsyncClient(timeout=10) as http:
+        body = {"prompt": "background work", "idempotency_key": key}
+        again = await http.post(cluster.frontends[1].http + "/v1/jobs", json=body)
+        assert again.status_code == 202
+        assert again.json() == {"job": lost, "session": session, "created": False}
+        async with asyncio.timeout(seconds(20)):
+            while (state := (await http.get(f"{cluster.frontends[0].http}/v1/jobs/{lost}")).json())[
+                "status"
+            ] not in ("done", "failed", "cancelled"):
+                await asyncio.sleep(0.1)
+    assert state["status"] == "done" and state["attempts"] == 1
+
+
 async def test_jobs_run_in_the_background_and_an_idempotency_key_runs_once(faulty):
     a, b = faulty.frontends[0].http, faulty.frontends[1].http
     async with httpx.AsyncClient(timeout=10) as http:
