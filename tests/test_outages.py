@@ -36,7 +36,7 @@ def deploy(redis_server, logdir):
         THOUGHTWIRE_SIM_TOKENS_PER_SECOND="20",
         THOUGHTWIRE_LEASE_SECONDS="1",
         THOUGHTWIRE_DRAIN_TIMEOUT="0.5",
-        THOUGHTWIRE_DISCONNECT_GRACE="0.5",
+        THOUGHTWIRE_DISCONNECT_GRACE="2",  # reconnects on a loaded machine take a second
     )
     yield c
     c.stop()
