@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from thoughtwire.api.auth import Authenticator, Principal
-from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard, LimitError
+from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard
 from thoughtwire.api.hub import Hub
 from thoughtwire.api.presence import Watching
 from thoughtwire.api.runs import Runs
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
-from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus, Busy
+from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus, Busy, Keyed, NotKeyed
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job
@@ -81,49 +81,62 @@ class Frontend:
         """
         await self.guard.check_write(principal, session)
         await self.guard.check_budget(principal)  # budget: refused before anything is queued
-        run = new_id()
-        try:
-            user, slot = await self.guard.take_run(principal, run), True
-        except LimitError as refused:
-            # A prompt sent again makes no new run: its run took a slot when first sent
-            # (and may still need queueing, ``Bus.submit``), so the limit does not stop it.
-            if idempotency_key is None or not await self.bus.keyed_run(
-                principal.user, idempotency_key
-            ):
-                raise
-            user, slot, over = principal.user, False, refused
+        keyed = None
+        if idempotency_key is not None:
+            keyed = await self.bus.keyed_run(principal.user, idempotency_key)
         job = Job(
-            run=run,
+            run=new_id(),
             session=session,
             prompt=prompt,
             agent=agent,
             on_disconnect=on_disconnect,
-            user=user,
+            user=principal.user if self.guard.enabled else None,
             multitask=multitask or Multitask(self.settings.multitask),
         )
+        if keyed is not None:
+            with contextlib.suppress(NotKeyed):  # freed since: a new prompt after all
+                return await self._submit(job, principal, idempotency_key, keyed)
+        return await self._submit(job, principal, idempotency_key, None)
+
+    async def _submit(
+        self, job: Job, principal: Principal, idempotency_key: str | None, keyed: Keyed | None
+    ) -> tuple[str, str, bool]:
+        """Take the prompt's run slot and queue ``job``; ``keyed``: the run its key named.
+
+        The slot is a new run's; or, for a prompt sent again for a run its first frontend
+        admitted and lost, that run's own (taken again while held, it is not counted
+        twice; lapsed, it is taken anew, under the limit); or none for a plain repeat.
+        """
+        slot = job.run if keyed is None else keyed.run if keyed.lost else None
+        if slot is not None:
+            await self.guard.take_run(principal, slot)
         try:
             # Retrying may queue the job twice if a reply was lost; the run's state
             # lets only one of the copies run.
             submitted = await retry(
-                partial(self.bus.submit, job, idempotency_key, user=principal.user),
+                partial(
+                    self.bus.submit,
+                    job,
+                    idempotency_key,
+                    user=principal.user,
+                    repeat=keyed is not None,
+                ),
                 seconds=SUBMIT_RETRY_SECONDS,
             )
-        except Busy:
-            if slot:
-                await self.guard.free_run(user, run)  # refused: nothing of it was kept
+        except (Busy, NotKeyed):
+            if slot is not None:
+                await self.guard.free_run(job.user, slot)  # refused: nothing of it was kept
             raise
         except BaseException:
             # Whatever stopped it (Redis away past the retries, the socket closed, drained
             # or its token expired while the submit retried), the run may have been
             # admitted: withdraw it, or the session's next runs wait for it.
-            await self._withdraw(job, idempotency_key, principal.user, user if slot else None)
+            mine = job.user if slot == job.run else None
+            await self._withdraw(job, idempotency_key, principal.user, mine)
             raise
-        if submitted[2] and not slot:  # the key was freed meanwhile: a new run, over the limit
-            await self._withdraw(job, idempotency_key, principal.user, None)
-            raise over
-        if not submitted[2] and slot:  # an idempotent repeat: no new run
-            await self.guard.free_run(user, run)
-        self.runs.follow(submitted[1], submitted[0], user)
+        if not submitted[2] and slot == job.run:  # a repeat after all: no new run
+            await self.guard.free_run(job.user, job.run)
+        self.runs.follow(submitted[1], submitted[0], job.user)
         return submitted
 
     async def _withdraw(

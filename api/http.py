@@ -85,7 +85,7 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
         # Sent again without a session: the key's run's, which this prompt may yet have
         # to queue (its first frontend went between admitting and queueing it).
         keyed = await frontend.bus.keyed_run(caller.user, body.idempotency_key)
-        session = keyed[1] if keyed is not None else None
+        session = keyed.session if keyed is not None else None
     session = session or new_id()
     logs.bind(session=session)
     try:

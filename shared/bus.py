@@ -74,6 +74,21 @@ class Busy(Exception):
         self.run = run
 
 
+class NotKeyed(Exception):
+    """A prompt sent again (``Bus.submit(repeat=True)``) whose key names no run any more:
+    it was freed (its run withdrawn) or expired since it was looked up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """The run an idempotency key names (``Bus.keyed_run``); ``lost`` when it was admitted
+    but its job never reached the stream, so the prompt sent again is to queue it."""
+
+    run: str
+    session: str
+    lost: bool
+
+
 def now_ms() -> int:
     """The wall clock in Unix milliseconds, as the scripts keep time."""
     return time.time_ns() // 1_000_000
@@ -163,7 +178,12 @@ class Bus:
     # --- jobs: the frontend's side -----------------------------------------
 
     async def submit(
-        self, job: Job, idempotency_key: str | None = None, *, user: str | None = None
+        self,
+        job: Job,
+        idempotency_key: str | None = None,
+        *,
+        user: str | None = None,
+        repeat: bool = False,
     ) -> tuple[str, str, bool]:
         """Admit and queue a job; returns ``(run, session, created)``.
 
@@ -174,7 +194,9 @@ class Bus:
         With an idempotency key, the first job ``user`` submitted under it is returned
         for as long as results are kept, and no new run is made; if that run was admitted
         but its job never reached the stream, this job is queued for it. Keys are per
-        user: another user's job under the same key is never returned.
+        user: another user's job under the same key is never returned. With ``repeat``
+        (the caller saw the key name a run, and holds no run slot for a new one), a key
+        that names no run any more raises :class:`NotKeyed` and nothing is admitted.
         """
         if job.traceparent is None and (context := tracing.traceparent()) is not None:
             job = replace(job, traceparent=context)  # the trace goes on in the worker
@@ -187,6 +209,9 @@ class Bus:
             first, existing = await self._commands(
                 ("SET", key, ours, "NX", "EX", self._ttl), ("GET", key)
             )
+            if repeat and first is not None:  # freed since it was looked up: not a repeat
+                await self._forget_key(key, job)
+                raise NotKeyed(idempotency_key)
             # Ours already (a retry of this very call): queue it, as the first try may not have.
             if first is None and existing is not None and _text(existing) != ours:
                 run, session = _text(existing).split(" ", 1)
@@ -208,13 +233,13 @@ class Bus:
             await self._cancel_runs(job.session, earlier)
         return job.run, job.session, created
 
-    async def keyed_run(self, user: str, idempotency_key: str) -> tuple[str, str] | None:
-        """The ``(run, session)`` ``user``'s idempotency key names, if it names one yet."""
+    async def keyed_run(self, user: str, idempotency_key: str) -> Keyed | None:
+        """The run ``user``'s idempotency key names, if it names one yet."""
         (held,) = await self._commands(("GET", self.keys.idempotency(user, idempotency_key)))
         if held is None:
             return None
         run, session = _text(held).split(" ", 1)
-        return run, session
+        return Keyed(run, session, await self._admitted_at(session, run) is not None)
 
     async def _admit_run(self, job: Job) -> list[str] | Busy:
         """The run's record and place in its session's queue, before its job is queued, so

@@ -28,7 +28,7 @@ from thoughtwire.api.auth import Principal
 from thoughtwire.api.frontend import Frontend
 from thoughtwire.api.guard import Guard, LimitError
 from thoughtwire.api.runs import Runs
-from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Meta
+from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Keyed, Meta
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import (
     Job,
@@ -338,24 +338,21 @@ async def test_a_lost_interrupt_sent_again_cancels_the_runs_before_it(unqueueabl
     assert await unqueueable.queued_jobs([ahead, run]) == [True, True]
 
 
-async def test_a_prompt_sent_again_is_not_refused_by_the_run_limit_its_run_counts_in(
+def limited_frontend(bus: Bus, limit: int) -> Frontend:
+    """A frontend with only what queueing a run needs, and ``limit`` runs per user."""
+    settings = Settings(jwt_secret="s" * 32, max_runs_per_user=limit)
+    runs = Runs(bus, limit=10, lease_seconds=1.0)
+    return Frontend(settings, bus.redis, bus, None, "n", None, Guard(settings, bus), runs)  # type: ignore[arg-type]
+
+
+async def test_a_prompt_sent_again_holds_its_lost_runs_own_slot_under_the_run_limit(
     unqueueable,
 ):
-    """At the per-user run limit, which the lost run itself fills, the prompt sent again
-    still queues it; a new prompt is refused."""
-    settings = Settings(jwt_secret="s" * 32, max_runs_per_user=1)
-    runs = Runs(unqueueable, limit=10, lease_seconds=1.0)
-    frontend = Frontend(
-        settings,
-        unqueueable.redis,
-        unqueueable,
-        None,
-        "n",
-        None,  # type: ignore[arg-type]
-        Guard(settings, unqueueable),
-        runs,
-    )
-    caller = Principal("u")
+    """At the per-user limit, which the lost run itself fills, the prompt sent again
+    queues it and holds that one slot; a plain repeat takes none. Had the lost run's slot
+    lapsed while another run took the last one, the prompt sent again is refused."""
+    frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
+    slots = unqueueable.keys.user_runs("u")
     unqueueable.withdraw_fails = True
     with pytest.raises(RedisConnectionError):
         await frontend.start_run(caller, "s", "hello", idempotency_key="k")
@@ -364,6 +361,39 @@ async def test_a_prompt_sent_again_is_not_refused_by_the_run_limit_its_run_count
         await frontend.start_run(caller, "s", "another")
     run, _, created = await frontend.start_run(caller, "s", "hello", idempotency_key="k")
     assert not created and await unqueueable.queued_jobs([run]) == [True]
+    assert [m.decode() for m in await unqueueable.redis.zrange(slots, 0, -1)] == [run]
+    assert await frontend.start_run(caller, "s", "hello", idempotency_key="k") == (run, "s", False)
+    assert await unqueueable.redis.zcard(slots) == 1
+
+    # Another lost run, whose slot lapses while a new run takes the last one.
+    unqueueable.fail = True
+    await unqueueable.redis.delete(slots)
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "t", "hello", idempotency_key="k2")
+    await unqueueable.redis.delete(slots)  # lapsed
+    unqueueable.fail = False
+    other, _, _ = await frontend.start_run(caller, "u", "other")
+    with pytest.raises(LimitError):
+        await frontend.start_run(caller, "t", "hello", idempotency_key="k2")
+    assert [m.decode() for m in await unqueueable.redis.zrange(slots, 0, -1)] == [other]
+
+
+async def test_a_key_freed_after_it_was_looked_up_makes_a_new_run_with_its_own_slot(
+    redis_client, prefix, monkeypatch
+):
+    """A key that named a run when looked up and none when the prompt is submitted (its
+    run withdrawn meanwhile): a new run, which takes its own slot under the limit."""
+    bus = Bus(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+    frontend, caller = limited_frontend(bus, 1), Principal("u")
+
+    async def stale(user: str, key: str) -> Keyed:
+        return Keyed("gone", "s", lost=True)
+
+    monkeypatch.setattr(bus, "keyed_run", stale)
+    run, _, created = await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    assert created and run != "gone" and await bus.queued_jobs([run]) == [True]
+    slots = await bus.redis.zrange(bus.keys.user_runs("u"), 0, -1)
+    assert [m.decode() for m in slots] == [run]
 
 
 async def test_a_prompt_sent_again_while_its_first_frontend_still_queues_it_runs_once(
