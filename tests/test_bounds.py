@@ -557,18 +557,13 @@ async def test_a_body_with_non_finite_numbers_gets_a_clear_422(target):
     assert "Traceback" not in log, log
 
 
-async def test_a_websocket_handshake_the_app_never_answers_is_closed():
-    """An upgrade whose head is whole but whose app never accepts: closed at the timeout."""
+@contextlib.asynccontextmanager
+async def bare_server(app: Any, ws: Any, handshake_timeout: float) -> AsyncIterator[Any]:
+    """uvicorn serving ``app`` alone with the frontend's HTTP protocol and ``ws``; yields
+    the server once it listens (its port: ``server.port``), and stops it after."""
     import uvicorn
 
     from thoughtwire.shared.settings import Settings
-
-    answer = asyncio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await receive()  # websocket.connect, and then no answer
-        await answer.wait()
-        await send({"type": "websocket.close", "code": 1000})
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -578,49 +573,61 @@ async def test_a_websocket_handshake_the_app_never_answers_is_closed():
             app,
             host="127.0.0.1",
             port=port,
-            http=wsserver.http_protocol(Settings(handshake_timeout=0.5)),
-            ws=wsserver.PROTOCOL,
+            http=wsserver.http_protocol(Settings(handshake_timeout=handshake_timeout)),
+            ws=ws,
             lifespan="off",
             log_level="warning",
         )
     )
+    server.port = port  # type: ignore[attr-defined]
     serving = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(seconds(10)):
             while not server.started:
                 await asyncio.sleep(0.01)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            request_head(
-                "GET",
-                "/ws",
-                "Upgrade: websocket",
-                "Connection: Upgrade",
-                "Sec-WebSocket-Version: 13",
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            )
-        )
-        began = time.monotonic()
-        async with asyncio.timeout(seconds(5)):
-            assert await reader.read() == b""  # closed, unanswered
-        waited = time.monotonic() - began
-        print(f"\nunanswered handshake closed after {waited:.2f} s (timeout 0.5 s)")
-        assert waited >= 0.4
-        writer.close()
+        yield server
     finally:
-        answer.set()
         server.should_exit = True
         await serving
+
+
+async def test_a_websocket_handshake_the_app_never_answers_is_closed():
+    """An upgrade whose head is whole but whose app never accepts: closed at the timeout."""
+    answer = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect, and then no answer
+        await answer.wait()
+        await send({"type": "websocket.close", "code": 1000})
+
+    async with bare_server(app, wsserver.PROTOCOL, handshake_timeout=0.5) as server:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                request_head(
+                    "GET",
+                    "/ws",
+                    "Upgrade: websocket",
+                    "Connection: Upgrade",
+                    "Sec-WebSocket-Version: 13",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                )
+            )
+            began = time.monotonic()
+            async with asyncio.timeout(seconds(5)):
+                assert await reader.read() == b""  # closed, unanswered
+            waited = time.monotonic() - began
+            print(f"\nunanswered handshake closed after {waited:.2f} s (timeout 0.5 s)")
+            assert waited >= 0.4
+            writer.close()
+        finally:
+            answer.set()  # the app's task ends before the server stops
 
 
 @pytest.mark.parametrize("mode", ["fast", "public"])
 async def test_an_answered_handshake_lets_its_deadline_go_and_the_socket_stays(mode):
     """Once the app accepts, the handshake's timer is cancelled and dropped, so a new socket
     holds none for the timeout's span, and the socket outlives the timeout."""
-    import uvicorn
-
-    from thoughtwire.shared.settings import Settings
-
     protocol = wsserver.PROTOCOL if mode == "fast" else wsserver.PUBLIC_PROTOCOL
     accepted = asyncio.Event()
 
@@ -631,36 +638,17 @@ async def test_an_answered_handshake_lets_its_deadline_go_and_the_socket_stays(m
         while (await receive())["type"] != "websocket.disconnect":
             pass
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            http=wsserver.http_protocol(Settings(handshake_timeout=0.5)),
-            ws=protocol,
-            lifespan="off",
-            log_level="warning",
-        )
-    )
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(seconds(10)):
-            while not server.started:
-                await asyncio.sleep(0.01)
-        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as client:
-            async with asyncio.timeout(seconds(5)):
-                await accepted.wait()
-            sockets = [c for c in server.server_state.connections if isinstance(c, protocol)]
-            assert len(sockets) == 1
-            assert sockets[0].handshake_timer is None
-            await asyncio.sleep(0.8)  # past the timeout: nothing closes it
-            await client.ping()
-    finally:
-        server.should_exit = True
-        await serving
+    async with (
+        bare_server(app, protocol, handshake_timeout=0.5) as server,
+        websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as client,
+    ):
+        async with asyncio.timeout(seconds(5)):
+            await accepted.wait()
+        sockets = [c for c in server.server_state.connections if isinstance(c, protocol)]
+        assert len(sockets) == 1
+        assert sockets[0].handshake_timer is None
+        await asyncio.sleep(0.8)  # past the timeout: nothing closes it
+        await client.ping()
 
 
 # --- the adapter's canary -------------------------------------------------------------
