@@ -83,7 +83,7 @@ class Frontend:
         await self.guard.check_budget(principal)  # budget: refused before anything is queued
         keyed = None
         if idempotency_key is not None:
-            keyed = await self.bus.keyed_run(principal.user, idempotency_key)
+            keyed = await self.keyed_run(principal, idempotency_key)
         job = Job(
             run=new_id(),
             session=session,
@@ -97,6 +97,14 @@ class Frontend:
             with contextlib.suppress(NotKeyed):  # freed since: a new prompt after all
                 return await self._submit(job, principal, idempotency_key, keyed)
         return await self._submit(job, principal, idempotency_key, None)
+
+    async def keyed_run(self, principal: Principal, idempotency_key: str) -> Keyed | None:
+        """The run ``principal``'s idempotency key names, if any; riding through a Redis
+        blip as a submit does (``SUBMIT_RETRY_SECONDS``)."""
+        return await retry(
+            partial(self.bus.keyed_run, principal.user, idempotency_key),
+            seconds=SUBMIT_RETRY_SECONDS,
+        )
 
     async def _submit(
         self, job: Job, principal: Principal, idempotency_key: str | None, keyed: Keyed | None

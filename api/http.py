@@ -84,7 +84,7 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
     if session is None and body.idempotency_key is not None:
         # Sent again without a session: the key's run's, which this prompt may yet have
         # to queue (its first frontend went between admitting and queueing it).
-        keyed = await frontend.bus.keyed_run(caller.user, body.idempotency_key)
+        keyed = await frontend.keyed_run(caller, body.idempotency_key)
         session = keyed.session if keyed is not None else None
     session = session or new_id()
     logs.bind(session=session)
