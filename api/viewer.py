@@ -267,9 +267,22 @@ class Viewer:
         self._resume = None if after is None else Resume.RECOVERED
         self._buffer = []  # subscribe first, read the log second: nothing falls between
         await self.join(self.bus.session_channel(session))
+        start = None if after is None else Position(epoch, after)
+        if start is None and replay is Replay.RAW:
+            # "From now on" is from where the log stands before the client is greeted, and
+            # goes on as a resume from there: whatever its answer to the greeting makes
+            # comes after. Read once the greeting was out, the log could count an event
+            # pub/sub had not yet brought here, which then came as old and was dropped.
+            try:
+                meta = await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
+            except UNAVAILABLE:
+                self.close(Close.TRY_LATER, "the event log is unavailable; reconnect and resume")
+                return
+            start = Position(meta.epoch, meta.last_seq)
+            self._epoch, self._seq = start.epoch, start.seq
         if greeting is not None:
             self.put(greeting)  # ahead of the buffered live frames and the log's
-        self._start_recovery(None if after is None else Position(epoch, after))
+        self._start_recovery(start)
 
     async def join(self, channel: str) -> None:
         """Take the frames of ``channel`` too."""

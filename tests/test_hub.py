@@ -18,6 +18,7 @@ from thoughtwire.api.connection import SocketTransport
 from thoughtwire.api.hub import Hub, Run
 from thoughtwire.api.viewer import Viewer
 from thoughtwire.api.wire import SCOPE_KEY, text_frame
+from thoughtwire.shared.bus import Meta
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.redis.pubsub import PING_INTERVAL, RawLink, open_link
 from thoughtwire.shared.redis.resp import pack_command, unpack
@@ -383,7 +384,11 @@ async def test_a_join_greets_only_once_this_frontend_is_subscribed():
             await subscribed.wait()
 
     sink = Sink()
-    bus = SimpleNamespace(session_channel=lambda session: f"ch:{session}")
+
+    async def meta(session):
+        return Meta(None, 0)
+
+    bus = SimpleNamespace(session_channel=lambda session: f"ch:{session}", meta=meta)
     viewer = Viewer(bus, SlowHub(), sink, queue_size=8)
     following = asyncio.create_task(viewer.follow("S", greeting='{"type":"session"}'))
     await asyncio.sleep(0)

@@ -197,3 +197,60 @@ async def test_a_catch_up_that_cannot_settle_closes_for_a_reconnect_and_warns_on
     assert len(caplog.records) == 1 and "did not settle" in caplog.records[0].getMessage()
     assert log.calls == 2 * CATCH_UP_ROUNDS  # a meta and a page a round, then no more
     await viewer.detach()
+
+
+class LaggingLog:
+    """A session log that counts an event before pub/sub has brought it to the frontend:
+    the append writes and publishes at once, but the message is still on its way."""
+
+    keys = Keys("t")
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def session_channel(self, session):
+        return self.keys.session_channel(session)
+
+    async def meta(self, session):
+        return Meta("e1", len(self.events)) if self.events else Meta(None, 0)
+
+    async def history(self, session, after=0, count=None):
+        newer = [e for e in self.events if orjson.loads(e)["seq"] > after]
+        return newer if count is None else newer[:count]
+
+
+class Frames(ClosedLog):
+    """A transport that keeps every frame it is given."""
+
+    def __init__(self):
+        super().__init__([])
+        self.frames = []
+
+    def write(self, frame, wire):
+        self.frames.append(frame)
+        return True
+
+    async def send(self, frame):
+        self.frames.append(frame)
+        return True
+
+
+async def test_a_viewer_joining_from_now_on_gets_the_event_its_greeting_led_to():
+    """The client, greeted, prompts; the run's first event is in the log (and its meta)
+    before pub/sub brings it here. Now is where the log stood before the greeting, so
+    the event is the viewer's, once, whichever way it comes first."""
+    log, sink = LaggingLog(), Frames()
+    viewer = Viewer(log, NoHub(), sink, queue_size=100)
+    await viewer.follow("s", greeting='{"type":"session","session":"s"}')
+    log.events.append(ev(1))  # the answer to the greeting: logged, not heard yet
+    for _ in range(100):  # the catch-up reads the log meanwhile
+        await asyncio.sleep(0.005)
+    viewer.deliver(ev(1), (1, "e1"))  # pub/sub brings it at last
+    viewer.deliver(ev(2), (2, "e1"))
+    log.events.append(ev(2))
+    async with asyncio.timeout(seconds(5)):
+        while len(sink.frames) < 3:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert seqs(sink.frames) == ["session", 1, 2]
+    await viewer.detach()
