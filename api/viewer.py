@@ -53,6 +53,7 @@ from thoughtwire.shared.vocab import ViewScope
 logger = logging.getLogger("thoughtwire.viewer")
 
 RECOVERY_RETRY_SECONDS = 10.0
+LOG_UNAVAILABLE = "the event log is unavailable; reconnect and resume"
 CATCH_UP_PATIENCE = 10.0  # seconds a catch-up waits for room in the queue
 BUFFER_FACTOR = 4  # live frames held during a catch-up, in queue sizes
 
@@ -276,7 +277,7 @@ class Viewer:
             try:
                 meta = await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
             except UNAVAILABLE:
-                self.close(Close.TRY_LATER, "the event log is unavailable; reconnect and resume")
+                self.close(Close.TRY_LATER, LOG_UNAVAILABLE)
                 return
             start = Position(meta.epoch, meta.last_seq)
             self._epoch, self._seq = start.epoch, start.seq
@@ -369,7 +370,7 @@ class Viewer:
             return
         exc = task.exception()
         if isinstance(exc, UNAVAILABLE):
-            self.close(Close.TRY_LATER, "the event log is unavailable; reconnect and resume")
+            self.close(Close.TRY_LATER, LOG_UNAVAILABLE)
         elif exc is not None:
             logger.error("recovery failed", exc_info=exc)
             self.close(Close.INTERNAL, "internal error")

@@ -278,16 +278,21 @@ print(took, "pydantic.v1" in sys.modules)
 """
 
 
-@pytest.mark.parametrize("switch", ["on", "off"])
-def test_with_the_fast_path_a_frontend_never_imports_pydantic_v1(switch):
-    """Building every route imports pydantic.v1 only when FastAPI's own check runs."""
-    out = subprocess.run(
-        [sys.executable, "-c", BUILD_APP, switch],
+def python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a fresh interpreter with ``args``: imports start from nothing."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=seconds(60),
         check=True,
-    ).stdout.split()
+    )
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_with_the_fast_path_a_frontend_never_imports_pydantic_v1(switch):
+    """Building every route imports pydantic.v1 only when FastAPI's own check runs."""
+    out = python(BUILD_APP, switch).stdout.split()
     assert out == (["True", "False"] if switch == "on" else ["False", "True"]), out
 
 
@@ -312,13 +317,7 @@ def test_with_the_fast_path_redis_py_comes_without_the_opentelemetry_metrics_sdk
     OpenTelemetry metrics as unavailable; the SDK can still be imported afterwards. Off,
     or with an untested redis-py, redis-py is imported as it is, and nothing is said yet
     (the process's banner check warns, once logging is set up)."""
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORT_REDIS, switch],
-        capture_output=True,
-        text=True,
-        timeout=seconds(60),
-        check=True,
-    )
+    done = python(IMPORT_REDIS, switch)
     out = done.stdout.split()
     assert out == (["True", "False", "False"] if switch == "on" else ["False", "True", "True"])
     assert done.stderr == ""

@@ -243,8 +243,9 @@ async def test_a_viewer_joining_from_now_on_gets_the_event_its_greeting_led_to()
     viewer = Viewer(log, NoHub(), sink, queue_size=100)
     await viewer.follow("s", greeting='{"type":"session","session":"s"}')
     log.events.append(ev(1))  # the answer to the greeting: logged, not heard yet
-    for _ in range(100):  # the catch-up reads the log meanwhile
-        await asyncio.sleep(0.005)
+    async with asyncio.timeout(seconds(5)):  # the catch-up reads the log, and settles
+        while viewer._buffer is not None:
+            await asyncio.sleep(0.005)
     viewer.deliver(ev(1), (1, "e1"))  # pub/sub brings it at last
     viewer.deliver(ev(2), (2, "e1"))
     log.events.append(ev(2))
