@@ -5,6 +5,7 @@ tokens signed with it, handed to the client as a string or a callback.
 """
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -1025,11 +1026,23 @@ async def test_a_prompt_over_the_rate_is_named_by_its_key_and_given_up(limited):
         limited.frontends[0].ws, token=token("heidi"), on_error=refusals.append, heartbeat=None
     )
     keys = [await follower.prompt(text) for text in ("one", "two", "over the rate")]
-    async with asyncio.timeout(seconds(10)):
+
+    async def follow() -> None:  # the follower reads its replies while events are taken
         async with aclosing(follower.events()) as stream:
             async for _ in stream:
-                if refusals and not follower._prompts:
-                    break
+                pass
+
+    reading = asyncio.create_task(follow())
+    try:
+        # The refusal may be the last frame of all, after every event: watch for it
+        # rather than look only when an event comes.
+        async with asyncio.timeout(seconds(10)):
+            while not (refusals and not follower._prompts):
+                await asyncio.sleep(0.02)
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
     assert [(r.error, r.action) for r in refusals] == [("rate_limited", "prompt")]
     assert follower._prompts == {}, "the refused one is not sent again on the next connection"
     assert follower.run_of(keys[0]) and follower.run_of(keys[1])
