@@ -109,25 +109,28 @@ def test_a_viewer_token_that_prompts_is_one_line_and_exit_4(secure):
 
 
 def test_an_unreachable_frontend_fails_within_the_timeout_with_exit_5():
-    """A port nobody listens on, --timeout 2: one line within about 2 s. It took 72 s of
-    silence, then a traceback, before."""
+    """A port nobody listens on, --timeout 2: one line after about 2 s. It took 72 s of
+    silence, then a traceback, before. The bound leaves room for a slow process start on
+    a loaded machine; it only has to tell 2 s from 72."""
     began = time.monotonic()
     result = command("chat", "hi", "--url", f"ws://127.0.0.1:{free_port()}", "--timeout", "2")
     elapsed = time.monotonic() - began
     assert_one_line(result, Exit.UNREACHABLE, "no frontend answered", "within 2 s")
     print(f"gave up after {elapsed:.2f} s (process start included)")
-    assert elapsed < 8, f"gave up after {elapsed:.2f} s"
+    assert elapsed < 30, f"gave up after {elapsed:.2f} s"
 
 
 @pytest.mark.parametrize("url", ["ws://[::1", "ws://127.0.0.1:99999", "ftp://127.0.0.1:1"])
 def test_a_url_that_is_no_frontend_url_is_one_line_at_once(url):
     """A --url no connection can be made to (an unclosed IPv6 bracket, a port past
     65535, a scheme other than ws, wss, http or https): a usage error at once. The
-    first two ended in a traceback before, the third after --timeout as unreachable."""
+    first two ended in a traceback before, the third after --timeout as unreachable. The
+    timeout is long so that "at once" is told from "after it" however slowly the process
+    starts."""
     began = time.monotonic()
-    result = command("chat", "hi", "--url", url, "--timeout", "5")
+    result = command("chat", "hi", "--url", url, "--timeout", "120", timeout=150)
     assert_one_line(result, Exit.USAGE, "--url")
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < 60
 
 
 def _chat_of(*argv):

@@ -162,7 +162,7 @@ async def test_an_unreachable_frontend_fails_within_the_timeout():
                 pass
     elapsed = time.monotonic() - began
     print(f"gave up after {elapsed:.2f} s")
-    assert elapsed < 4, f"gave up after {elapsed:.2f} s"
+    assert elapsed < 2 + seconds(6), f"gave up after {elapsed:.2f} s"
     assert states[0].state == State.CONNECTING and states[-1].state == State.CLOSED
 
 
