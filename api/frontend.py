@@ -18,7 +18,7 @@ from thoughtwire.api.hub import Hub
 from thoughtwire.api.presence import Watching
 from thoughtwire.api.runs import Runs
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
-from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus, Busy, Keyed, NotKeyed
+from thoughtwire.shared.bus import SUBMIT_RETRY_SECONDS, Bus, Busy, Keyed, KeyReused, NotKeyed
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job
@@ -77,7 +77,8 @@ class Frontend:
         """Queue a prompt, if the principal may; returns ``(run, session, created)``.
 
         Raises :class:`~thoughtwire.shared.bus.Busy` for a ``reject`` prompt while the
-        session has an unfinished run (``multitask`` None: the configured default).
+        session has an unfinished run (``multitask`` None: the configured default), and
+        :class:`~thoughtwire.shared.bus.KeyReused` for a key taken by a different prompt.
         """
         await self.guard.check_write(principal, session)
         await self.guard.check_budget(principal)  # budget: refused before anything is queued
@@ -93,6 +94,8 @@ class Frontend:
             user=principal.user if self.guard.enabled else None,
             multitask=multitask or Multitask(self.settings.multitask),
         )
+        if keyed is not None and not keyed.names(job):
+            raise KeyReused(idempotency_key or "")
         if keyed is not None:
             with contextlib.suppress(NotKeyed):  # freed since: a new prompt after all
                 return await self._submit(job, principal, idempotency_key, keyed)
@@ -131,7 +134,7 @@ class Frontend:
                 ),
                 seconds=SUBMIT_RETRY_SECONDS,
             )
-        except (Busy, NotKeyed):
+        except (Busy, NotKeyed, KeyReused):
             if slot is not None:
                 await self.guard.free_run(job.user, slot)  # refused: nothing of it was kept
             raise
@@ -144,8 +147,18 @@ class Frontend:
             raise
         if not submitted[2] and slot == job.run:  # a repeat after all: no new run
             await self.guard.free_run(job.user, job.run)
+        elif slot is not None and slot != job.run:
+            await self._free_if_ended(job.user, submitted[1], slot)
         self.runs.follow(submitted[1], submitted[0], job.user)
         return submitted
+
+    async def _free_if_ended(self, user: str | None, session: str, run: str) -> None:
+        """Give back the slot a prompt sent again took for its lost ``run``, if that run was
+        ended (as never queued) before the slot was taken: its end freed the slot then, and
+        no end would free it now. Ended after, its end frees it. Unanswered, it lapses."""
+        with contextlib.suppress(*UNAVAILABLE, RedisError):
+            if await self.bus.run_ended(session, run):
+                await self.guard.free_run(user, run)
 
     async def _withdraw(
         self, job: Job, idempotency_key: str | None, user: str, slot: str | None

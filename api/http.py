@@ -20,7 +20,7 @@ from thoughtwire.api.sse import EventStream
 from thoughtwire.api.viewer import Viewer
 from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.backoff import UNAVAILABLE
-from thoughtwire.shared.bus import Busy
+from thoughtwire.shared.bus import Busy, KeyReused
 from thoughtwire.shared.closecodes import Close, ErrorCode
 from thoughtwire.shared.protocol import (
     MAX_REASON_CHARS,
@@ -102,6 +102,8 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
         return JSONResponse(
             {"detail": str(exc), "code": ErrorCode.BUSY, "run": exc.run}, status_code=409
         )
+    except KeyReused as exc:
+        return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=422)
     logger.info("run queued: session %s, run %s", session, run, extra={"run": run})
     return JSONResponse({"job": run, "session": session, "created": created}, status_code=202)
 

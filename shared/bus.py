@@ -20,6 +20,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from thoughtwire.shared.closecodes import ErrorCode
 from thoughtwire.shared.grants import Grants
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.presence import Presence
-from thoughtwire.shared.protocol import Job, Thought, encode_event_head
+from thoughtwire.shared.protocol import Job, ProtocolError, Thought, encode_event_head
 from thoughtwire.shared.redis import (
     Batcher,
     NoPermissionError,
@@ -79,14 +80,49 @@ class NotKeyed(Exception):
     it was freed (its run withdrawn) or expired since it was looked up."""
 
 
+class KeyReused(ProtocolError):
+    """A prompt under an idempotency key that names a different prompt (another text, or
+    another agent): refused as ``bad_message``, and nothing is admitted."""
+
+    def __init__(self, idempotency_key: str) -> None:
+        super().__init__(
+            ErrorCode.BAD_MESSAGE,
+            "that key was used for a different prompt; send this one with a new key",
+        )
+        self.key = idempotency_key
+
+
 @dataclass(frozen=True, slots=True)
 class Keyed:
     """The run an idempotency key names (``Bus.keyed_run``); ``lost`` when it was admitted
-    but its job never reached the stream, so the prompt sent again is to queue it."""
+    but its job never reached the stream, so the prompt sent again is to queue it;
+    ``digest`` names the prompt it was taken for (None: taken by a version without it)."""
 
     run: str
     session: str
     lost: bool
+    digest: str | None = None
+
+    def names(self, job: Job) -> bool:
+        """Whether the key was taken for ``job``'s prompt (its text and agent)."""
+        return self.digest is None or self.digest == prompt_digest(job)
+
+
+def prompt_digest(job: Job) -> str:
+    """What an idempotency key remembers of its prompt, to tell a resend from a reuse."""
+    text = f"{job.agent or ''}\0{job.prompt}".encode()
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
+
+
+def _key_value(job: Job) -> str:
+    """What an idempotency key holds: the run it names, its session, its prompt's digest."""
+    return f"{job.run} {job.session} {prompt_digest(job)}"
+
+
+def _keyed(value: Any) -> tuple[str, str, str | None]:
+    """An idempotency key's value read back: run, session and digest (None if it has none)."""
+    run, session, *digest = _text(value).split(" ", 2)
+    return run, session, digest[0] if digest else None
 
 
 def now_ms() -> int:
@@ -196,7 +232,8 @@ class Bus:
         but its job never reached the stream, this job is queued for it. Keys are per
         user: another user's job under the same key is never returned. With ``repeat``
         (the caller saw the key name a run, and holds no run slot for a new one), a key
-        that names no run any more raises :class:`NotKeyed` and nothing is admitted.
+        that names no run any more raises :class:`NotKeyed` and nothing is admitted. A
+        key that names a different prompt raises :class:`KeyReused`.
         """
         if job.traceparent is None and (context := tracing.traceparent()) is not None:
             job = replace(job, traceparent=context)  # the trace goes on in the worker
@@ -204,25 +241,16 @@ class Bus:
         if idempotency_key is not None:
             if user is None:
                 raise ValueError("an idempotency key needs the user who chose it")
-            key = self.keys.idempotency(user, idempotency_key)
-            ours = f"{job.run} {job.session}"
-            first, existing = await self._commands(
-                ("SET", key, ours, "NX", "EX", self._ttl), ("GET", key)
-            )
-            if repeat and first is not None:  # freed since it was looked up: not a repeat
-                await self._forget_key(key, job)
-                raise NotKeyed(idempotency_key)
-            # Ours already (a retry of this very call): queue it, as the first try may not have.
-            if first is None and existing is not None and _text(existing) != ours:
-                run, session = _text(existing).split(" ", 1)
-                if session != job.session or await self._admitted_at(session, run) is None:
-                    return run, session, False
+            named = await self._take_key(job, user, idempotency_key, repeat)
+            if named is not None and not named.lost:
+                return named.run, named.session, False
+            if named is not None:
                 # Its first sender's frontend admitted it and went (killed, or cut off from
                 # Redis) before queueing its job: the prompt, sent again, queues it (its
                 # admission, repeated, changes nothing and names the runs an ``interrupt``
                 # cancels). Were that frontend only slow, its job comes too, and whichever
                 # a worker starts second finds the run taken (``START``) and lets it go.
-                job, created = replace(job, run=run), False
+                job, created = replace(job, run=named.run), False
         earlier = await self._admit_run(job)
         if isinstance(earlier, Busy):
             if created and idempotency_key is not None and user is not None:
@@ -233,13 +261,39 @@ class Bus:
             await self._cancel_runs(job.session, earlier)
         return job.run, job.session, created
 
+    async def _take_key(
+        self, job: Job, user: str, idempotency_key: str, repeat: bool
+    ) -> Keyed | None:
+        """Take ``user``'s idempotency key for ``job``; or the run it already names (None
+        when it is ``job``'s own: a retry of this very call, which queues it again, as the
+        first try may not have). ``lost`` only for a run of ``job``'s session, queued by
+        nobody yet. See :meth:`submit` for ``repeat``."""
+        key = self.keys.idempotency(user, idempotency_key)
+        ours = _key_value(job)
+        first, existing = await self._commands(
+            ("SET", key, ours, "NX", "EX", self._ttl), ("GET", key)
+        )
+        if repeat and first is not None:  # freed since it was looked up: not a repeat
+            await self._forget_key(key, job)
+            raise NotKeyed(idempotency_key)
+        if first is not None or existing is None:
+            return None
+        run, session, digest = _keyed(existing)
+        if run == job.run:  # ours already
+            return None
+        named = Keyed(run, session, False, digest)
+        if not named.names(job):
+            raise KeyReused(idempotency_key)
+        lost = session == job.session and await self._admitted_at(session, run) is not None
+        return replace(named, lost=lost)
+
     async def keyed_run(self, user: str, idempotency_key: str) -> Keyed | None:
         """The run ``user``'s idempotency key names, if it names one yet."""
         (held,) = await self._commands(("GET", self.keys.idempotency(user, idempotency_key)))
         if held is None:
             return None
-        run, session = _text(held).split(" ", 1)
-        return Keyed(run, session, await self._admitted_at(session, run) is not None)
+        run, session, digest = _keyed(held)
+        return Keyed(run, session, await self._admitted_at(session, run) is not None, digest)
 
     async def _admit_run(self, job: Job) -> list[str] | Busy:
         """The run's record and place in its session's queue, before its job is queued, so
@@ -327,6 +381,11 @@ class Bus:
             return None
         return int(created)
 
+    async def run_ended(self, session: str, run: str) -> bool:
+        """Whether ``run`` has ended, or its record has expired."""
+        (status,) = await self._commands(("HGET", self.keys.run(session, run), "status"))
+        return status is None or RunStatus(_text(status)).ended
+
     async def end_never_queued(self, session: str, run: str) -> bool:
         """End ``run`` as lost with an ``error``: it stayed queued without ever reaching the
         stream (``WITHDRAW``, which acts only on a run still queued and never started)."""
@@ -341,7 +400,7 @@ class Bus:
     async def _forget_key(self, key: str, job: Job) -> None:
         """Free an idempotency key taken for a job that was refused, so it can be used again."""
         (held,) = await self._commands(("GET", key))
-        if held is not None and _text(held) == f"{job.run} {job.session}":
+        if held is not None and _text(held) == _key_value(job):
             await self._commands(("DEL", key))
 
     async def _commands(self, *commands: Sequence[Any]) -> list[Any]:

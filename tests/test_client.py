@@ -304,7 +304,7 @@ async def test_a_key_used_in_another_session_is_refused_by_its_key(secure):
                 if first.run_of("k-shared"):
                     break
     follower = Follower(b.ws, token=tok, heartbeat=None)
-    await follower.prompt("in another", key="k-shared")
+    await follower.prompt("in the first session", key="k-shared")  # the same prompt
     with pytest.raises(Refused) as info:
         async with asyncio.timeout(seconds(10)):
             async for _ in follower.events():

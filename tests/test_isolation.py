@@ -176,7 +176,9 @@ async def http_idempotency_key(row: Row) -> None:
         assert events[-1]["type"] == "done" and {e["run"] for e in events} == {bob["job"]}
         # The key still does its work for its own user.
         again = await http.post(
-            row.a.http + "/v1/jobs", json={"prompt": "again", **body}, headers=row.alice.headers
+            row.a.http + "/v1/jobs",
+            json={"prompt": row.alice.secret, **body},
+            headers=row.alice.headers,
         )
         assert again.json() == {**alice, "created": False}
     row.assert_bob_saw_nothing_of(alice["job"], alice["session"])

@@ -28,7 +28,7 @@ from thoughtwire.api.auth import Principal
 from thoughtwire.api.frontend import Frontend
 from thoughtwire.api.guard import Guard, LimitError
 from thoughtwire.api.runs import Runs
-from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Keyed, Meta
+from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Keyed, KeyReused, Meta
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import (
     Job,
@@ -394,6 +394,70 @@ async def test_a_key_freed_after_it_was_looked_up_makes_a_new_run_with_its_own_s
     assert created and run != "gone" and await bus.queued_jobs([run]) == [True]
     slots = await bus.redis.zrange(bus.keys.user_runs("u"), 0, -1)
     assert [m.decode() for m in slots] == [run]
+
+
+async def test_a_lost_runs_slot_is_given_back_when_it_ended_before_the_resend_took_it(
+    unqueueable, monkeypatch
+):
+    """The lost run ended as never queued between the key's lookup and the resend's
+    submit: its end freed its slot before the resend took it again, so the resend gives
+    it back; it was held for an hour before."""
+    frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
+    unqueueable.withdraw_fails = True
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    unqueueable.fail = False
+    looked_up = unqueueable.keyed_run
+
+    async def ended_meanwhile(user: str, key: str) -> Keyed | None:
+        keyed = await looked_up(user, key)
+        assert keyed is not None and keyed.lost
+        assert await unqueueable.end_never_queued(keyed.session, keyed.run)
+        return keyed
+
+    monkeypatch.setattr(unqueueable, "keyed_run", ended_meanwhile)
+    run, _, created = await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    assert not created and (await unqueueable.run_state(run) or {}).get("status") == "failed"
+    assert await unqueueable.redis.zcard(unqueueable.keys.user_runs("u")) == 0
+    monkeypatch.undo()
+    other, _, created = await frontend.start_run(caller, "t", "another")  # the one slot
+    assert created and other != run
+
+
+async def test_a_key_sent_with_a_different_prompt_is_refused_and_nothing_is_queued(
+    redis_client, prefix, monkeypatch
+):
+    """A key names one prompt: sent with another text (or for another agent) it is
+    refused, with no run, job or slot; sent with its own text it names its run again.
+    Before, the different prompt got the first prompt's run id, and was never run."""
+    bus = Bus(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+    frontend, caller = limited_frontend(bus, 2), Principal("u")
+    run, _, _ = await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    queued = await bus.redis.xlen(bus.keys.jobs)
+    for prompt, agent in (("goodbye", None), ("hello", "echo")):
+        with pytest.raises(KeyReused) as refused:
+            await frontend.start_run(caller, "s", prompt, agent, idempotency_key="k")
+        assert refused.value.code == "bad_message" and "new key" in refused.value.message
+    assert await bus.redis.xlen(bus.keys.jobs) == queued
+    assert [m.decode() for m in await bus.redis.zrange(bus.keys.user_runs("u"), 0, -1)] == [run]
+    assert await frontend.start_run(caller, "s", "hello", idempotency_key="k") == (run, "s", False)
+
+    # Taken by the other prompt between this one's lookup and its submit: the same answer.
+    async def not_yet(user: str, key: str) -> None:
+        return None
+
+    monkeypatch.setattr(bus, "keyed_run", not_yet)
+    with pytest.raises(KeyReused):
+        await frontend.start_run(caller, "s", "goodbye", idempotency_key="k")
+    assert [m.decode() for m in await bus.redis.zrange(bus.keys.user_runs("u"), 0, -1)] == [run]
+
+    # A key taken by a version that kept no digest names its run for any prompt.
+    await bus.redis.set(bus.keys.idempotency("u", "old"), "r0 s")
+    assert await bus.submit(Job(run="r1", session="s", prompt="x"), "old", user="u") == (
+        "r0",
+        "s",
+        False,
+    )
 
 
 async def test_a_prompt_sent_again_while_its_first_frontend_still_queues_it_runs_once(

@@ -272,6 +272,9 @@ async def test_jobs_run_in_the_background_and_an_idempotency_key_runs_once(fault
         assert first.status_code == again.status_code == 202
         job = first.json()
         assert again.json() == {**job, "created": False}
+        reused = await http.post(b + "/v1/jobs", json={**body, "prompt": "other work"})
+        assert reused.status_code == 422 and reused.json()["code"] == "bad_message"
+        assert "new key" in reused.json()["detail"]
 
         async def finished():
             state = (await http.get(f"{b}/v1/jobs/{job['job']}")).json()
