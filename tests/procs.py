@@ -128,9 +128,11 @@ class RedisServer:
         self.proc = Proc("redis", [binary, *self.args()], dict(os.environ), workdir / "redis.log")
 
     def args(self) -> list[str]:
+        # A replica's first sync starts at once, not after Redis' 5 s wait for others.
         return [
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-            "--save", "", "--appendonly", "no", "--protected-mode", "no", *self.extra,
+            "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            "--repl-diskless-sync-delay", "0", *self.extra,
         ]  # fmt: skip
 
     def start(self) -> RedisServer:

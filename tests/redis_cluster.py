@@ -111,7 +111,8 @@ class RedisCluster:
                 "--bind", "127.0.0.1", "--dir", str(directory),
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                "--save", "", "--appendonly", "no", "--protected-mode", "no", *extra,
+                "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                "--repl-diskless-sync-delay", "0", *extra,
             ]  # fmt: skip
             proc = Proc(f"redis-{port}", args, {}, directory / "redis.log")
             self.nodes.append(ClusterNode(port, bus_port, directory, proc))

@@ -6,6 +6,7 @@ bounded, and only the processes started here are stopped, each by its own PID.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,13 +56,15 @@ class SentinelServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it")
         self.port = free_port()
+        self.myid = os.urandom(20).hex()
         workdir.mkdir(parents=True, exist_ok=True)
-        conf = workdir / "sentinel.conf"  # a sentinel rewrites its own configuration
-        conf.write_text(
+        self.conf = workdir / "sentinel.conf"  # a sentinel rewrites its own configuration
+        self.conf.write_text(
             f"port {self.port}\n"
             "bind 127.0.0.1\n"
             "protected-mode no\n"
             f"dir {workdir}\n"
+            f"sentinel myid {self.myid}\n"
             "sentinel resolve-hostnames no\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2\n"
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
@@ -72,8 +75,23 @@ class SentinelServer:
         )
         self.password = password
         self.proc = Proc(
-            "sentinel", [binary, str(conf), "--sentinel"], {}, workdir / "sentinel.log"
+            "sentinel",
+            [binary, str(self.conf), "--sentinel"],
+            {},
+            self.conf.parent / "sentinel.log",
         )
+
+    def introduce(self, replicas: list[int], others: list[SentinelServer]) -> None:
+        """Write the replicas and the other sentinels into the configuration, as a
+        sentinel writes what it learnt: it starts knowing them, instead of learning them
+        from INFO and hello messages over several seconds."""
+        with self.conf.open("a") as conf:
+            for port in replicas:
+                conf.write(f"sentinel known-replica {SERVICE} 127.0.0.1 {port}\n")
+            for other in others:
+                conf.write(
+                    f"sentinel known-sentinel {SERVICE} 127.0.0.1 {other.port} {other.myid}\n"
+                )
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
@@ -124,12 +142,15 @@ class SentinelDeployment:
             )
             self.servers[replica.port] = replica.start()
             wait_until(lambda: self._in_sync(replica), 20, "the replica to sync")
-            for i in range(3):
-                sentinel = SentinelServer(
+            self.sentinels = [
+                SentinelServer(
                     self._dir(f"sentinel-{i}"), master.port, self.sentinel_password, self.password
                 )
+                for i in range(3)
+            ]
+            for sentinel in self.sentinels:
+                sentinel.introduce([replica.port], [s for s in self.sentinels if s is not sentinel])
                 sentinel.proc.start()
-                self.sentinels.append(sentinel)
             wait_until(self._settled, 30, "the sentinels to see the replica and each other")
         except BaseException:
             self.stop()

@@ -47,7 +47,7 @@ class Pair:
         (workdir / "master").mkdir()
         (workdir / "replica").mkdir()
         # A replica's first sync starts at once, not after the default 5 s.
-        self.master = RedisServer(workdir / "master", "--repl-diskless-sync-delay", "0").start()
+        self.master = RedisServer(workdir / "master").start()
         try:
             self.replica = RedisServer(
                 workdir / "replica", "--replicaof", "127.0.0.1", str(self.master.port)
