@@ -13,9 +13,13 @@ run: $(VENV)/.base  ## the embedded gateway on http://127.0.0.1:8000/
 # (docs/performance.md, "Fast paths"): about 2 minutes on 2 cores. The 4008 test is
 # left out there: its "the others get every event" is about the ready-made frames, an
 # unpaced 40,000-event burst into a 16-frame queue, which only the fast path keeps up with.
+# Of the matrix of what Redis loses at each point of a run, that pass keeps the Redis
+# restarts: a lost connection and lost scripts are where the two paths differ, while a
+# FLUSHALL or a worker's kill -9 meets the same scripts and processes in both.
 PUBLIC_PATH_TESTS := tests/test_fast_paths.py tests/test_streaming.py tests/test_resume.py \
 	tests/test_reliability.py tests/test_outages.py tests/test_cluster.py \
-	tests/test_embedded.py tests/test_runs_end.py
+	tests/test_embedded.py tests/test_runs_end.py \
+	-k "not whatever_redis_loses or restart"
 
 # Most tests wait on real processes rather than compute, so two pytest processes (one
 # test file each at a time: a file's fixtures and ports stay its own) halve the time;
