@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 from thoughtwire.api.auth import Authenticator, Principal
 from thoughtwire.api.guard import SOCKET_REFRESH_SECONDS, Guard
@@ -73,8 +74,11 @@ class Frontend:
         on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
         idempotency_key: str | None = None,
         multitask: Multitask | None = None,
+        keyed: Keyed | Literal[False] | None = False,
     ) -> tuple[str, str, bool]:
         """Queue a prompt, if the principal may; returns ``(run, session, created)``.
+        ``keyed``: what the idempotency key names, if the caller has looked it up
+        (:meth:`keyed_run`) just before; False: not looked up yet.
 
         Raises :class:`~thoughtwire.shared.bus.Busy` for a ``reject`` prompt while the
         session has an unfinished run (``multitask`` None: the configured default), and
@@ -82,8 +86,9 @@ class Frontend:
         """
         await self.guard.check_write(principal, session)
         await self.guard.check_budget(principal)  # budget: refused before anything is queued
-        keyed = None
-        if idempotency_key is not None:
+        if idempotency_key is None:
+            keyed = None
+        elif keyed is False:
             keyed = await self.keyed_run(principal, idempotency_key)
         job = Job(
             run=new_id(),

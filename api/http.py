@@ -80,7 +80,7 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
     frontend = _frontend(request)
     if len(body.prompt) > frontend.settings.max_prompt_chars or not body.prompt.strip():
         raise HTTPException(422, "prompt is empty or too long")
-    session = body.session
+    session, keyed = body.session, None
     if session is None and body.idempotency_key is not None:
         # Sent again without a session: the key's run's, which this prompt may yet have
         # to queue (its first frontend went between admitting and queueing it).
@@ -97,6 +97,7 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
                 on_disconnect=body.on_disconnect,
                 idempotency_key=body.idempotency_key,
                 multitask=body.multitask,
+                keyed=keyed if body.session is None else False,  # looked up once
             )
     except Busy as exc:
         return JSONResponse(

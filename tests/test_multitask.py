@@ -424,6 +424,30 @@ async def test_a_lost_runs_slot_is_given_back_when_it_ended_before_the_resend_to
     assert created and other != run
 
 
+async def test_a_key_looked_up_by_the_caller_is_not_looked_up_again(redis_client, prefix):
+    """``POST /v1/jobs`` without a session looks the key up for its session, and hands
+    what it found to ``start_run``, which does not ask Redis again."""
+    bus = Bus(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+    frontend, caller = frontend_over(bus), Principal("u")
+    looked_up = bus.keyed_run
+    lookups = []
+
+    async def counted(user: str, key: str) -> Keyed | None:
+        lookups.append(key)
+        return await looked_up(user, key)
+
+    bus.keyed_run = counted  # type: ignore[method-assign]
+    run, _, created = await frontend.start_run(
+        caller, "s", "hello", idempotency_key="k", keyed=None
+    )
+    assert created and lookups == []
+    keyed = await frontend.keyed_run(caller, "k")
+    again = await frontend.start_run(caller, "s", "hello", idempotency_key="k", keyed=keyed)
+    assert again == (run, "s", False) and lookups == ["k"]
+    assert await frontend.start_run(caller, "s", "hello", idempotency_key="k") == again
+    assert lookups == ["k", "k"]
+
+
 async def test_a_key_sent_with_a_different_prompt_is_refused_and_nothing_is_queued(
     redis_client, prefix, monkeypatch
 ):
