@@ -123,7 +123,8 @@ class Frontend:
         admitted and lost, that run's own (taken again while held, it is not counted
         twice; lapsed, it is taken anew, under the limit); or none for a plain repeat.
         """
-        slot = job.run if keyed is None else keyed.run if keyed.lost else None
+        lost = keyed is not None and keyed.lost and keyed.session == job.session
+        slot = job.run if keyed is None else keyed.run if lost else None
         if slot is not None:
             await self.guard.take_run(principal, slot)
         try:
@@ -158,9 +159,10 @@ class Frontend:
         return submitted
 
     async def _free_if_ended(self, user: str | None, session: str, run: str) -> None:
-        """Give back the slot a prompt sent again took for its lost ``run``, if that run was
-        ended (as never queued) before the slot was taken: its end freed the slot then, and
-        no end would free it now. Ended after, its end frees it. Unanswered, it lapses."""
+        """Give back the slot a prompt sent again took for its lost ``run``, if that run has
+        ended meanwhile (as never queued: an end that knows no user, so it freed nothing);
+        a run this prompt queued, or that runs, keeps it until its end. Unanswered, the
+        slot lapses."""
         with contextlib.suppress(*UNAVAILABLE, RedisError):
             if await self.bus.run_ended(session, run):
                 await self.guard.free_run(user, run)

@@ -96,7 +96,8 @@ class KeyReused(ProtocolError):
 class Keyed:
     """The run an idempotency key names (``Bus.keyed_run``); ``lost`` when it was admitted
     but its job never reached the stream, so the prompt sent again is to queue it;
-    ``digest`` names the prompt it was taken for (None: taken by a version without it)."""
+    ``digest`` names the prompt it was taken for (None: unknown, as for a key taken by a
+    version that kept none)."""
 
     run: str
     session: str
@@ -104,7 +105,8 @@ class Keyed:
     digest: str | None = None
 
     def names(self, job: Job) -> bool:
-        """Whether the key was taken for ``job``'s prompt (its text and agent)."""
+        """Whether the key was taken for ``job``'s prompt (its text and agent), as far as
+        is known."""
         return self.digest is None or self.digest == prompt_digest(job)
 
 
@@ -114,15 +116,12 @@ def prompt_digest(job: Job) -> str:
     return hashlib.blake2b(text, digest_size=8).hexdigest()
 
 
-def _key_value(job: Job) -> str:
-    """What an idempotency key holds: the run it names, its session, its prompt's digest."""
-    return f"{job.run} {job.session} {prompt_digest(job)}"
-
-
-def _keyed(value: Any) -> tuple[str, str, str | None]:
-    """An idempotency key's value read back: run, session and digest (None if it has none)."""
-    run, session, *digest = _text(value).split(" ", 2)
-    return run, session, digest[0] if digest else None
+def _keyed(value: Any, digest: Any) -> Keyed:
+    """An idempotency key read back: its value (``run session``) and its digest's
+    (``run digest``), which counts only if it names the same run."""
+    run, session = _text(value).split(" ", 1)
+    digest_run, _, named = _text(digest or b"").partition(" ")
+    return Keyed(run, session, False, named if digest_run == run and named else None)
 
 
 def now_ms() -> int:
@@ -203,6 +202,7 @@ class Bus:
         self._renew = redis.register_script(scripts.RENEW)
         self._end_lost = register_script(redis, scripts.END_LOST)
         self._withdraw = register_script(redis, scripts.WITHDRAW)
+        self._take_key_script = redis.register_script(scripts.TAKE_KEY)
         self._release = redis.register_script(scripts.RELEASE)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._admit = redis.register_script(scripts.ADMIT)
@@ -254,7 +254,7 @@ class Bus:
         earlier = await self._admit_run(job)
         if isinstance(earlier, Busy):
             if created and idempotency_key is not None and user is not None:
-                await self._forget_key(self.keys.idempotency(user, idempotency_key), job)
+                await self._forget_key(user, idempotency_key, job)
             raise earlier
         await self._queue_job(job)
         if job.multitask == Multitask.INTERRUPT and earlier:
@@ -268,32 +268,38 @@ class Bus:
         when it is ``job``'s own: a retry of this very call, which queues it again, as the
         first try may not have). ``lost`` only for a run of ``job``'s session, queued by
         nobody yet. See :meth:`submit` for ``repeat``."""
-        key = self.keys.idempotency(user, idempotency_key)
-        ours = _key_value(job)
-        first, existing = await self._commands(
-            ("SET", key, ours, "NX", "EX", self._ttl), ("GET", key)
+        keys = (
+            self.keys.idempotency(user, idempotency_key),
+            self.keys.idempotency_prompt(user, idempotency_key),
         )
-        if repeat and first is not None:  # freed since it was looked up: not a repeat
-            await self._forget_key(key, job)
+        values = (f"{job.run} {job.session}", f"{job.run} {prompt_digest(job)}")
+        taken, value, digest = await self._script(self._take_key_script, keys, (*values, self._ttl))
+        if repeat and taken:  # freed since it was looked up: not a repeat
+            await self._forget_key(user, idempotency_key, job)
             raise NotKeyed(idempotency_key)
-        if first is not None or existing is None:
+        if taken:
             return None
-        run, session, digest = _keyed(existing)
-        if run == job.run:  # ours already
+        named = _keyed(value, digest)
+        if named.run == job.run:  # ours already: an earlier try took it, its reply lost
+            if repeat:  # and then the key was free: not a repeat after all
+                raise NotKeyed(idempotency_key)
             return None
-        named = Keyed(run, session, False, digest)
         if not named.names(job):
             raise KeyReused(idempotency_key)
-        lost = session == job.session and await self._admitted_at(session, run) is not None
-        return replace(named, lost=lost)
+        if named.session != job.session:
+            return named
+        return replace(named, lost=await self._admitted_at(named.session, named.run) is not None)
 
     async def keyed_run(self, user: str, idempotency_key: str) -> Keyed | None:
         """The run ``user``'s idempotency key names, if it names one yet."""
-        (held,) = await self._commands(("GET", self.keys.idempotency(user, idempotency_key)))
+        held, digest = await self._commands(
+            ("GET", self.keys.idempotency(user, idempotency_key)),
+            ("GET", self.keys.idempotency_prompt(user, idempotency_key)),
+        )
         if held is None:
             return None
-        run, session, digest = _keyed(held)
-        return Keyed(run, session, await self._admitted_at(session, run) is not None, digest)
+        named = _keyed(held, digest)
+        return replace(named, lost=await self._admitted_at(named.session, named.run) is not None)
 
     async def _admit_run(self, job: Job) -> list[str] | Busy:
         """The run's record and place in its session's queue, before its job is queued, so
@@ -354,7 +360,7 @@ class Bus:
         if not await self.end_lost(job.session, job.run, error, RunStatus.FAILED, queued=True):
             return False
         if idempotency_key is not None and user is not None:
-            await self._forget_key(self.keys.idempotency(user, idempotency_key), job)
+            await self._forget_key(user, idempotency_key, job)
         return True
 
     async def never_queued(self, session: str, run: str) -> bool:
@@ -397,11 +403,13 @@ class Bus:
         replies = await self._commands(*(("EXISTS", self.keys.job(run)) for run in runs))
         return [bool(reply) for reply in replies]
 
-    async def _forget_key(self, key: str, job: Job) -> None:
-        """Free an idempotency key taken for a job that was refused, so it can be used again."""
+    async def _forget_key(self, user: str, idempotency_key: str, job: Job) -> None:
+        """Free an idempotency key taken for a job that was refused, so it can be used
+        again; its digest with it."""
+        key = self.keys.idempotency(user, idempotency_key)
         (held,) = await self._commands(("GET", key))
-        if held is not None and _text(held) == _key_value(job):
-            await self._commands(("DEL", key))
+        if held is not None and _text(held) == f"{job.run} {job.session}":
+            await self._commands(("DEL", key, self.keys.idempotency_prompt(user, idempotency_key)))
 
     async def _commands(self, *commands: Sequence[Any]) -> list[Any]:
         """Run ``commands`` in the shared pipeline; raise the first error Redis replied."""

@@ -114,6 +114,11 @@ class Keys:
         scoped = f"{len(user)}:{user}:{key}"
         return f"{self.prefix}:idem:{hashlib.sha256(scoped.encode()).hexdigest()}"
 
+    def idempotency_prompt(self, user: str, key: str) -> str:
+        """Which prompt a user's idempotency key was taken for: beside the key, in its slot
+        (tagged with the key's whole name), so that one script writes both."""
+        return f"{{{self.idempotency(user, key)}}}:prompt"
+
     @property
     def dead_letters(self) -> str:
         """The stream of jobs that failed every attempt."""

@@ -405,6 +405,20 @@ redis.call('HINCRBY', KEYS[1], 'handoffs', 1)
 return 1
 """
 
+# KEYS: a user's idempotency key, the key of its prompt's digest (in the same slot).
+# ARGV: the key's value (run and session), the digest's value (run and digest), ttl.
+# Takes the key for a prompt if it is free, and keeps what prompt it was taken for beside
+# it; either way returns {taken (1 or 0), the key's value, the digest's value}. The key's
+# value keeps the form every version reads; the digest names its run, so one outliving
+# its key (freed by a version that knew no digest) is never taken for another run's.
+TAKE_KEY = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+  return {1, ARGV[1], ARGV[2]}
+end
+return {0, redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
+"""
+
 # KEYS: run, session's unfinished runs (a set), session's queue, session's arrivals.
 # ARGV: run id, multitask (reject, enqueue, interrupt), ttl, created (Unix ms).
 # Admits a run to its session, atomically with every other prompt for it, from any

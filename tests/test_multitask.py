@@ -28,7 +28,7 @@ from thoughtwire.api.auth import Principal
 from thoughtwire.api.frontend import Frontend
 from thoughtwire.api.guard import Guard, LimitError
 from thoughtwire.api.runs import Runs
-from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Keyed, KeyReused, Meta
+from thoughtwire.shared.bus import NEVER_QUEUED_SECONDS, Bus, Busy, Keyed, KeyReused, Meta, NotKeyed
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import (
     Job,
@@ -400,8 +400,8 @@ async def test_a_lost_runs_slot_is_given_back_when_it_ended_before_the_resend_to
     unqueueable, monkeypatch
 ):
     """The lost run ended as never queued between the key's lookup and the resend's
-    submit: its end freed its slot before the resend took it again, so the resend gives
-    it back; it was held for an hour before."""
+    submit: an end that knows no user frees no slot, so the resend gives back the one its
+    lost run held; it was held for an hour before."""
     frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
     unqueueable.withdraw_fails = True
     with pytest.raises(RedisConnectionError):
@@ -475,13 +475,50 @@ async def test_a_key_sent_with_a_different_prompt_is_refused_and_nothing_is_queu
         await frontend.start_run(caller, "s", "goodbye", idempotency_key="k")
     assert [m.decode() for m in await bus.redis.zrange(bus.keys.user_runs("u"), 0, -1)] == [run]
 
-    # A key taken by a version that kept no digest names its run for any prompt.
+    # The key's value keeps the form every version reads ("run session"); the digest
+    # sits beside it, naming its run.
+    assert await bus.redis.get(bus.keys.idempotency("u", "k")) == f"{run} s".encode()
+    # A key taken by a version that kept no digest names its run for any prompt; so does
+    # one whose digest outlived its key and names another run.
     await bus.redis.set(bus.keys.idempotency("u", "old"), "r0 s")
     assert await bus.submit(Job(run="r1", session="s", prompt="x"), "old", user="u") == (
         "r0",
         "s",
         False,
     )
+    await bus.redis.set(bus.keys.idempotency_prompt("u", "old"), "r9 0123456789abcdef")
+    assert await bus.submit(Job(run="r2", session="s", prompt="y"), "old", user="u") == (
+        "r0",
+        "s",
+        False,
+    )
+
+
+async def test_a_lost_run_sent_again_from_another_session_takes_no_slot(unqueueable):
+    """The lost run's prompt, with its key, from another session: not queued there, so
+    no slot is taken for it (one was, and held for an hour, before)."""
+    frontend, caller = limited_frontend(unqueueable, 2), Principal("u")
+    slots = unqueueable.keys.user_runs("u")
+    unqueueable.withdraw_fails = True
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    unqueueable.fail = False
+    await unqueueable.redis.delete(slots)  # the lost run's own, lapsed
+    run, session, created = await frontend.start_run(caller, "t", "hello", idempotency_key="k")
+    assert (session, created) == ("s", False)
+    assert await unqueueable.redis.zcard(slots) == 0
+    assert await unqueueable.queued_jobs([run]) == [False]
+
+
+async def test_a_repeat_that_finds_its_own_earlier_try_holding_the_key_is_no_repeat(bus):
+    """Sent as a repeat, the key freed since its lookup, and an earlier try of this very
+    submit took it (its reply lost): not a repeat after all (``NotKeyed``), so that the
+    caller takes the new run's slot instead of queueing a run outside the limit."""
+    job = Job(run="r", session="s", prompt="p")
+    await bus.redis.set(bus.keys.idempotency("u", "k"), "r s")  # the lost reply's take
+    with pytest.raises(NotKeyed):
+        await bus.submit(job, "k", user="u", repeat=True)
+    assert await bus.submit(job, "k", user="u") == ("r", "s", True)
 
 
 async def test_a_prompt_sent_again_while_its_first_frontend_still_queues_it_runs_once(
