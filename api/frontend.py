@@ -160,9 +160,9 @@ class Frontend:
 
     async def _free_if_ended(self, user: str | None, session: str, run: str) -> None:
         """Give back the slot a prompt sent again took for its lost ``run``, if that run has
-        ended meanwhile (as never queued: an end that knows no user, so it freed nothing);
-        a run this prompt queued, or that runs, keeps it until its end. Unanswered, the
-        slot lapses."""
+        ended meanwhile (as never queued: that end gave the slot back before this prompt
+        took it again); a run this prompt queued, or that runs, keeps it until its end.
+        Unanswered, the slot lapses."""
         with contextlib.suppress(*UNAVAILABLE, RedisError):
             if await self.bus.run_ended(session, run):
                 await self.guard.free_run(user, run)

@@ -328,7 +328,7 @@ class Bus:
                 keys.session_queue(session),
                 keys.session_arrivals(session),
             ),
-            (job.run, job.multitask, self._ttl, now_ms()),
+            (job.run, job.multitask, self._ttl, now_ms(), job.user or ""),
         )
         if _text(verdict) == "busy":
             return Busy(session, _text(first))
@@ -394,9 +394,14 @@ class Bus:
 
     async def end_never_queued(self, session: str, run: str) -> bool:
         """End ``run`` as lost with an ``error``: it stayed queued without ever reaching the
-        stream (``WITHDRAW``, which acts only on a run still queued and never started)."""
+        stream (``WITHDRAW``, which acts only on a run still queued and never started);
+        the run slot its user held for it is given back."""
         lost = Thought("error", NEVER_QUEUED_MESSAGE, {"code": ErrorCode.UNAVAILABLE})
-        return await self.end_lost(session, run, lost, RunStatus.FAILED, queued=True)
+        # The slot its admitting frontend took for it, which that frontend, gone, cannot
+        # give back (a run admitted by a version that kept no user: it lapses).
+        (user,) = await self._commands(("HGET", self.keys.run(session, run), "user"))
+        user = None if user is None else _text(user)
+        return await self.end_lost(session, run, lost, RunStatus.FAILED, user, queued=True)
 
     async def queued_jobs(self, runs: Sequence[str]) -> list[bool]:
         """Whether each run's job record exists: its job reached the stream (:meth:`submit`)."""

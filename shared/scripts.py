@@ -420,7 +420,8 @@ return {0, redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
 """
 
 # KEYS: run, session's unfinished runs (a set), session's queue, session's arrivals.
-# ARGV: run id, multitask (reject, enqueue, interrupt), ttl, created (Unix ms).
+# ARGV: run id, multitask (reject, enqueue, interrupt), ttl, created (Unix ms), user
+#       whose run slot it holds ('' for none: whoever ends it unqueued gives that back).
 # Admits a run to its session, atomically with every other prompt for it, from any
 # frontend: ``reject`` refuses it while the session has an unfinished run (returns
 # {'busy', that run}); otherwise the run gets the next arrival order number, its queued
@@ -439,6 +440,9 @@ if not order then
   redis.call('HSETNX', KEYS[1], 'status', 'queued')
   redis.call('HSETNX', KEYS[1], 'attempt', 0)
   redis.call('HSETNX', KEYS[1], 'created', ARGV[4])
+  if ARGV[5] and ARGV[5] ~= '' then
+    redis.call('HSETNX', KEYS[1], 'user', ARGV[5])
+  end
   redis.call('HSET', KEYS[1], 'order', order)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('ZADD', KEYS[3], order, ARGV[1])

@@ -400,8 +400,8 @@ async def test_a_lost_runs_slot_is_given_back_when_it_ended_before_the_resend_to
     unqueueable, monkeypatch
 ):
     """The lost run ended as never queued between the key's lookup and the resend's
-    submit: an end that knows no user frees no slot, so the resend gives back the one its
-    lost run held; it was held for an hour before."""
+    submit: that end gave the run's slot back before the resend took it again, so the
+    resend gives it back once more; it was held for an hour before."""
     frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
     unqueueable.withdraw_fails = True
     with pytest.raises(RedisConnectionError):
@@ -492,6 +492,24 @@ async def test_a_key_sent_with_a_different_prompt_is_refused_and_nothing_is_queu
         "s",
         False,
     )
+
+
+async def test_a_run_ended_as_never_queued_gives_its_users_slot_back(unqueueable):
+    """Its frontend gone before queueing it and before withdrawing it: the worker (or the
+    next ``reject`` prompt) that ends it as never queued gives back the slot that frontend
+    took. It was held for an hour, and at a limit of one the user could run nothing."""
+    frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
+    unqueueable.withdraw_fails = True
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    unqueueable.fail = False
+    keyed = await unqueueable.keyed_run("u", "k")
+    assert keyed is not None and keyed.lost
+    assert await unqueueable.redis.zcard(unqueueable.keys.user_runs("u")) == 1
+    assert await unqueueable.end_never_queued("s", keyed.run)
+    assert await unqueueable.redis.zcard(unqueueable.keys.user_runs("u")) == 0
+    run, _, created = await frontend.start_run(caller, "t", "another")
+    assert created and run != keyed.run
 
 
 async def test_a_lost_run_sent_again_from_another_session_takes_no_slot(unqueueable):
