@@ -338,6 +338,15 @@ async def test_a_lost_interrupt_sent_again_cancels_the_runs_before_it(unqueueabl
     assert await unqueueable.queued_jobs([ahead, run]) == [True, True]
 
 
+async def lose_a_run(bus: Unqueueable, frontend: Frontend, caller: Principal) -> None:
+    """Admit a run in session ``s`` under the key ``k`` that is neither queued nor
+    withdrawn, as when its frontend is killed between the two; then let Redis work."""
+    bus.withdraw_fails = True
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
+    bus.fail = False
+
+
 def limited_frontend(bus: Bus, limit: int) -> Frontend:
     """A frontend with only what queueing a run needs, and ``limit`` runs per user."""
     settings = Settings(jwt_secret="s" * 32, max_runs_per_user=limit)
@@ -353,10 +362,7 @@ async def test_a_prompt_sent_again_holds_its_lost_runs_own_slot_under_the_run_li
     lapsed while another run took the last one, the prompt sent again is refused."""
     frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
     slots = unqueueable.keys.user_runs("u")
-    unqueueable.withdraw_fails = True
-    with pytest.raises(RedisConnectionError):
-        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
-    unqueueable.fail = False
+    await lose_a_run(unqueueable, frontend, caller)
     with pytest.raises(LimitError):
         await frontend.start_run(caller, "s", "another")
     run, _, created = await frontend.start_run(caller, "s", "hello", idempotency_key="k")
@@ -403,10 +409,7 @@ async def test_a_lost_runs_slot_is_given_back_when_it_ended_before_the_resend_to
     submit: that end gave the run's slot back before the resend took it again, so the
     resend gives it back once more; it was held for an hour before."""
     frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
-    unqueueable.withdraw_fails = True
-    with pytest.raises(RedisConnectionError):
-        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
-    unqueueable.fail = False
+    await lose_a_run(unqueueable, frontend, caller)
     looked_up = unqueueable.keyed_run
 
     async def ended_meanwhile(user: str, key: str) -> Keyed | None:
@@ -499,10 +502,7 @@ async def test_a_run_ended_as_never_queued_gives_its_users_slot_back(unqueueable
     next ``reject`` prompt) that ends it as never queued gives back the slot that frontend
     took. It was held for an hour, and at a limit of one the user could run nothing."""
     frontend, caller = limited_frontend(unqueueable, 1), Principal("u")
-    unqueueable.withdraw_fails = True
-    with pytest.raises(RedisConnectionError):
-        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
-    unqueueable.fail = False
+    await lose_a_run(unqueueable, frontend, caller)
     keyed = await unqueueable.keyed_run("u", "k")
     assert keyed is not None and keyed.lost
     assert await unqueueable.redis.zcard(unqueueable.keys.user_runs("u")) == 1
@@ -517,10 +517,7 @@ async def test_a_lost_run_sent_again_from_another_session_takes_no_slot(unqueuea
     no slot is taken for it (one was, and held for an hour, before)."""
     frontend, caller = limited_frontend(unqueueable, 2), Principal("u")
     slots = unqueueable.keys.user_runs("u")
-    unqueueable.withdraw_fails = True
-    with pytest.raises(RedisConnectionError):
-        await frontend.start_run(caller, "s", "hello", idempotency_key="k")
-    unqueueable.fail = False
+    await lose_a_run(unqueueable, frontend, caller)
     await unqueueable.redis.delete(slots)  # the lost run's own, lapsed
     run, session, created = await frontend.start_run(caller, "t", "hello", idempotency_key="k")
     assert (session, created) == ("s", False)
