@@ -4,7 +4,8 @@ A run's state is a hash (``Keys.run``): ``status`` (queued, running, done, faile
 cancelled), ``attempt``, ``fence`` (a random token per attempt), ``owner``, ``lease``
 (Unix ms the current attempt is good until), ``emitted`` (how many events the attempt
 has written), ``cancel`` (1 once asked to), ``result``, ``order`` (its arrival order in
-its session, given at admission).
+its session, given at admission), ``created`` and ``user`` (when it was admitted, and
+whose run slot it holds).
 
 Runs of one session run one at a time, in arrival order: ``ADMIT`` numbers each run and
 puts it in the session's queue (``Keys.session_queue``, a sorted set by that number),
