@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     key_prefix: str = Field(
         "tw",
         description="Prefix of every key and channel, so several deployments (or tests) "
-        "share one Redis. No ':' or '{'.",
+        "share one Redis. No ':', '{' or '}'.",
     )
     # Pools block (up to redis_pool_timeout) rather than raise when exhausted: redis-py 8
     # raises MaxConnectionsError past its cap, which under load would silently drop streams.
@@ -498,8 +498,9 @@ class Settings(BaseSettings):
     @field_validator("key_prefix")
     @classmethod
     def _prefix_is_one_segment(cls, prefix: str) -> str:
-        if ":" in prefix or "{" in prefix:  # keys.py puts ':' between parts, '{' in slots
-            raise ValueError("must not contain ':' or '{'")
+        # keys.py puts ':' between parts and '{...}' around what picks a key's slot.
+        if any(part in prefix for part in ":{}"):
+            raise ValueError("must not contain ':', '{' or '}'")
         return prefix
 
     @model_validator(mode="after")

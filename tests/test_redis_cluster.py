@@ -19,7 +19,7 @@ from tests.procs import RedisServer, free_port, seconds, wait_until
 from tests.redis_cluster import RedisCluster
 from tests.wsclient import check_stream, connect, greeting, run_events
 from thoughtwire.api.hub import Hub, Run
-from thoughtwire.shared.bus import Bus, JobsQueue
+from thoughtwire.shared.bus import Bus, JobsQueue, KeyReused
 from thoughtwire.shared.keys import Keys
 from thoughtwire.shared.protocol import Job, Thought, decode_event
 from thoughtwire.shared.redis import RedisFactory
@@ -106,6 +106,22 @@ async def cluster_bus(redis_cluster: RedisCluster, prefix: str) -> AsyncIterator
     bus = Bus(factory.commands(), Keys(prefix), log_maxlen=100, log_ttl=60)
     yield bus
     await bus.redis.aclose()
+
+
+async def test_an_idempotency_key_and_its_prompts_digest_are_taken_in_one_slot(cluster_bus):
+    """One script takes a key and writes its prompt's digest beside it, in the key's slot:
+    on a cluster too, a resend names its run and another prompt under the key is refused."""
+    bus = cluster_bus
+    for n in range(20):  # keys all over the slots
+        run, session = f"r{n}", f"s{n}"
+        job = Job(run=run, session=session, prompt="p")
+        assert await bus.submit(job, f"k{n}", user="u") == (run, session, True)
+        again = Job(run=f"{run}-again", session=session, prompt="p")
+        assert await bus.submit(again, f"k{n}", user="u") == (run, session, False)
+        with pytest.raises(KeyReused):
+            await bus.submit(
+                Job(run=f"{run}-other", session=session, prompt="q"), f"k{n}", user="u"
+            )
 
 
 async def _started(bus: Bus, sessions: list[str]) -> list[tuple[Job, Any]]:

@@ -107,6 +107,8 @@ def test_settings_page_is_current():
         ),
         ({"THOUGHTWIRE_SIM_JITTER": "0.9"}, "THOUGHTWIRE_SIM_JITTER='0.9': must be less than"),
         ({"THOUGHTWIRE_KEY_PREFIX": "a:b"}, "THOUGHTWIRE_KEY_PREFIX='a:b': must not contain"),
+        # '}' would end the tag that keeps an idempotency key's digest in the key's slot.
+        ({"THOUGHTWIRE_KEY_PREFIX": "a}b"}, "THOUGHTWIRE_KEY_PREFIX='a}b': must not contain"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable_and_the_value(env, line):
