@@ -41,6 +41,7 @@ from thoughtwire.shared.redis import RedisConnectionError, RedisFactory
 from thoughtwire.shared.redis.pubsub import channel_messages
 from thoughtwire.shared.settings import Settings
 from thoughtwire.shared.vocab import Multitask, Verdict
+from thoughtwire.worker import metrics as worker_metrics
 from thoughtwire.worker.agents.simulated import SimulatedAgent
 from thoughtwire.worker.approvals import ApprovalPolicy
 from thoughtwire.worker.attempt import RunLimits
@@ -691,6 +692,28 @@ def test_a_job_carries_its_policy_and_older_jobs_decode_as_enqueued():
 
 
 # --- parked jobs ---------------------------------------------------------------------
+
+
+def runs_counted(outcome: str) -> float:
+    """``thoughtwire_runs_total{outcome=...}`` in this process."""
+    return sum(
+        sample.value
+        for metric in worker_metrics.RUNS.collect()
+        for sample in metric.samples
+        if sample.name == "thoughtwire_runs_total" and sample.labels["outcome"] == outcome
+    )
+
+
+async def test_a_run_cancelled_while_queued_is_counted_as_cancelled(bus):
+    """Cancelled before any worker took it: the worker that takes its job ends it at the
+    start, and ``thoughtwire_runs_total`` counts it (it counted only runs that ran)."""
+    job = Job(run="r", session="s", prompt="p")
+    await bus.submit(job)
+    assert await bus.cancel("s", "r") == ["r"]
+    before = runs_counted("cancelled")
+    worker = Worker(bus, {"t": Answers()}, "t", concurrency=4, limits=LIMITS, max_attempts=3)
+    assert (await run_ends(bus, "s", "r", worker, within=10))["type"] == "cancelled"
+    assert runs_counted("cancelled") == before + 1
 
 
 async def test_a_parked_job_is_due_when_the_run_it_waits_for_ends_or_it_is_cancelled(bus):

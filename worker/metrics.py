@@ -85,6 +85,12 @@ def tool_called(tool: str | None, seconds: float) -> None:
     TOOL_SECONDS.observe(seconds)
 
 
+def run_ended_unrun(outcome: str) -> None:
+    """A run this worker ended at its start, without running it: cancelled while queued,
+    dead after its last attempt, or for an agent it does not have."""
+    RUNS.labels(outcome).inc()
+
+
 def run_ended(outcome: str, seconds: float, tokens: tuple[int, int]) -> None:
     """A run this worker ran ended with ``outcome`` after ``seconds``."""
     RUNS.labels(outcome.replace(" ", "_")).inc()

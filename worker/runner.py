@@ -249,14 +249,17 @@ class Worker:
             await self.bus.end_approval(job)
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
             await self.bus.finish(entry_id, job)
+            metrics.run_ended_unrun("cancelled")
         elif start.verdict == Verdict.DEAD:
             reason = f"the run failed {self.max_attempts} times"
             await self.bus.end_approval(job)
             await attempt.emit(Thought("error", reason))
             await self.bus.dead_letter(entry_id, job, reason)
+            metrics.run_ended_unrun("error")
         elif agent is None:
             await attempt.emit(Thought("error", f"agent {job.agent!r} is not available"))
             await self.bus.finish(entry_id, job)
+            metrics.run_ended_unrun("error")
         else:
             if start.attempt > 1 and waiting is None:
                 await attempt.emit(Thought("retry", "", {"attempt": start.attempt}))
