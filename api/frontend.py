@@ -188,9 +188,13 @@ class Frontend:
     ) -> None:
         try:
             async with asyncio.timeout(WITHDRAW_SECONDS):
-                if await self.bus.withdraw(job, idempotency_key, user=user):
+                withdrawn = await self.bus.withdraw(job, idempotency_key, user=user)
+                if withdrawn:
                     logger.warning("run %s: admitted but not queued; withdrawn", job.run)
-                await self.guard.free_run(slot, job.run)
+                # Its job reached the stream after all and a worker started it: the slot
+                # stays with the run, whose end gives it back.
+                if withdrawn or await self.bus.run_ended(job.session, job.run):
+                    await self.guard.free_run(slot, job.run)
         except (TimeoutError, *UNAVAILABLE, RedisError) as exc:
             logger.warning("run %s: not queued, and not withdrawn either (%r)", job.run, exc)
 

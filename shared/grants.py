@@ -10,9 +10,11 @@ workers meet the same limits and each rule has one home:
   back by themselves.
 * **The run slot** is taken by :meth:`Grants.take_run` when a frontend queues a run and
   given back by :meth:`Grants.free_run`, the one place it is freed: by the frontend when
-  nothing new was queued (the submit failed, or it was an idempotent repeat), and by the
-  bus when the run's job leaves the queue (done, error, cancelled, dead-lettered) or
-  when a run whose state Redis lost is ended (``END_LOST``).
+  nothing new was queued (the submit failed and its run was withdrawn or never
+  admitted, or it was an idempotent repeat), and by the bus when the run's job leaves
+  the queue (done, error, cancelled, dead-lettered), when a run whose state Redis lost
+  is ended (``END_LOST``), or when a run never queued is ended once its frontend went
+  (``WITHDRAW``: the run's record names its user).
 
   Why not in the terminal append script itself: a script's keys must share one Redis
   Cluster slot, and a user's slot set (hash tag: the user's digest) and a session's keys

@@ -498,6 +498,36 @@ async def test_a_key_sent_with_a_different_prompt_is_refused_and_nothing_is_queu
     )
 
 
+class StartedMeanwhile(Bus):
+    """A bus whose job reaches the stream and is started by a worker at once, and whose
+    job record then fails to be written, as when Redis goes away right after the XADD."""
+
+    async def _commands(self, *commands: Any) -> list[Any]:
+        if commands[0][0] == "SET" and str(commands[0][1]).startswith(self.keys.job("")):
+            run = str(commands[0][1]).removeprefix(self.keys.job(""))
+            await self.redis.hset(
+                self.keys.run("s", run), mapping={"status": "running", "attempt": 1}
+            )
+            raise RedisConnectionError("Redis went away")
+        return await super()._commands(*commands)
+
+
+async def test_a_run_a_worker_started_before_its_withdrawal_keeps_its_slot(
+    redis_client, prefix, monkeypatch
+):
+    """The submit failed after the job reached the stream, and a worker started it: the
+    withdrawal does nothing, and the run keeps its slot until its end gives it back. It
+    was freed, and the user could go one run over the limit while it ran."""
+    monkeypatch.setattr(frontend_module, "SUBMIT_RETRY_SECONDS", 0.2)
+    bus = StartedMeanwhile(redis_client, Keys(prefix), log_maxlen=50, log_ttl=60)
+    frontend, caller = limited_frontend(bus, 1), Principal("u")
+    with pytest.raises(RedisConnectionError):
+        await frontend.start_run(caller, "s", "hello")
+    assert await bus.redis.zcard(bus.keys.user_runs("u")) == 1
+    with pytest.raises(LimitError):
+        await frontend.start_run(caller, "t", "another")
+
+
 async def test_a_run_ended_as_never_queued_gives_its_users_slot_back(unqueueable):
     """Its frontend gone before queueing it and before withdrawing it: the worker (or the
     next ``reject`` prompt) that ends it as never queued gives back the slot that frontend

@@ -248,18 +248,18 @@ class Worker:
         if start.verdict == Verdict.CANCEL:
             await self.bus.end_approval(job)
             await attempt.emit(Thought("cancelled", "the run was cancelled"))
+            metrics.run_ended_unrun("cancelled")  # ended, whatever becomes of its job
             await self.bus.finish(entry_id, job)
-            metrics.run_ended_unrun("cancelled")
         elif start.verdict == Verdict.DEAD:
             reason = f"the run failed {self.max_attempts} times"
             await self.bus.end_approval(job)
             await attempt.emit(Thought("error", reason))
-            await self.bus.dead_letter(entry_id, job, reason)
             metrics.run_ended_unrun("error")
+            await self.bus.dead_letter(entry_id, job, reason)
         elif agent is None:
             await attempt.emit(Thought("error", f"agent {job.agent!r} is not available"))
-            await self.bus.finish(entry_id, job)
             metrics.run_ended_unrun("error")
+            await self.bus.finish(entry_id, job)
         else:
             if start.attempt > 1 and waiting is None:
                 await attempt.emit(Thought("retry", "", {"attempt": start.attempt}))
