@@ -487,6 +487,9 @@ async def ended_and_acked(
             async with asyncio.timeout(seconds(20)):
                 while not await acked():
                     await asyncio.sleep(0.05)
+                # redis-cli writes what it saw to its file a little later than Redis ran it.
+                while not any(s[2].startswith('"XACK"') for s in monitor.lines()):
+                    await asyncio.sleep(0.05)
             seen = monitor.lines()
     finally:
         await bus.redis.aclose()
