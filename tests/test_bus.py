@@ -42,10 +42,15 @@ async def test_seq_is_gap_free_across_concurrent_writers(bus):
     # Runs of a session start one at a time (ADMIT, START), but the append script must
     # number writers that overlap gap-free all the same: runs queued before that rule,
     # or after Redis lost the session's queue. Forgetting the queue makes them overlap.
-    async def writer(n):
-        job = Job(run=f"run{n}", session="s", prompt="p")
+    # Forgotten before any of them starts: a writer's start must not find another's
+    # admission still queued, whatever order the three interleave in.
+    jobs = [Job(run=f"run{n}", session="s", prompt="p") for n in range(3)]
+    for job in jobs:
         await bus.submit(job)
-        await bus.redis.zrem(bus.keys.session_queue("s"), job.run)
+    await bus.redis.delete(bus.keys.session_queue("s"))
+
+    async def writer(n):
+        job = jobs[n]
         attempt = await bus.start(job, "w1", 10_000, 3)
         assert attempt.verdict == "run"
         fence = attempt.fence
