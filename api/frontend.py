@@ -99,9 +99,9 @@ class Frontend:
             user=principal.user if self.guard.enabled else None,
             multitask=multitask or Multitask(self.settings.multitask),
         )
-        if keyed is not None and not keyed.names(job):
-            raise KeyReused(idempotency_key or "")
         if keyed is not None:
+            if not keyed.names(job):
+                raise KeyReused(idempotency_key or "")
             with contextlib.suppress(NotKeyed):  # freed since: a new prompt after all
                 return await self._submit(job, principal, idempotency_key, keyed)
         return await self._submit(job, principal, idempotency_key, None)

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,7 +20,7 @@ from thoughtwire.api.sse import EventStream
 from thoughtwire.api.viewer import Viewer
 from thoughtwire.shared import logs, tracing
 from thoughtwire.shared.backoff import UNAVAILABLE
-from thoughtwire.shared.bus import Busy, KeyReused
+from thoughtwire.shared.bus import Busy, Keyed, KeyReused
 from thoughtwire.shared.closecodes import Close, ErrorCode
 from thoughtwire.shared.protocol import (
     MAX_REASON_CHARS,
@@ -80,7 +80,8 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
     frontend = _frontend(request)
     if len(body.prompt) > frontend.settings.max_prompt_chars or not body.prompt.strip():
         raise HTTPException(422, "prompt is empty or too long")
-    session, keyed = body.session, None
+    session = body.session
+    keyed: Keyed | Literal[False] | None = False  # False: its key not looked up here
     if session is None and body.idempotency_key is not None:
         # Sent again without a session: the key's run's, which this prompt may yet have
         # to queue (its first frontend went between admitting and queueing it).
@@ -97,7 +98,7 @@ async def submit_job(body: JobRequest, request: Request, caller: Caller) -> JSON
                 on_disconnect=body.on_disconnect,
                 idempotency_key=body.idempotency_key,
                 multitask=body.multitask,
-                keyed=keyed if body.session is None else False,  # looked up once
+                keyed=keyed,  # looked up once
             )
     except Busy as exc:
         return JSONResponse(

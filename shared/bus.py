@@ -274,21 +274,16 @@ class Bus:
         )
         values = (f"{job.run} {job.session}", f"{job.run} {prompt_digest(job)}")
         taken, value, digest = await self._script(self._take_key_script, keys, (*values, self._ttl))
-        if repeat and taken:  # freed since it was looked up: not a repeat
-            await self._forget_key(user, idempotency_key, job)
-            raise NotKeyed(idempotency_key)
-        if taken:
-            return None
-        named = _keyed(value, digest)
-        if named.run == job.run:  # ours already: an earlier try took it, its reply lost
-            if repeat:  # and then the key was free: not a repeat after all
+        named = None if taken else _keyed(value, digest)
+        # Taken now, or by an earlier try of this very call whose reply was lost.
+        if named is None or named.run == job.run:
+            if repeat:  # the key was free since it was looked up: not a repeat after all
+                await self._forget_key(user, idempotency_key, job)
                 raise NotKeyed(idempotency_key)
             return None
         if not named.names(job):
             raise KeyReused(idempotency_key)
-        if named.session != job.session:
-            return named
-        return replace(named, lost=await self._admitted_at(named.session, named.run) is not None)
+        return named if named.session != job.session else await self._with_lost(named)
 
     async def keyed_run(self, user: str, idempotency_key: str) -> Keyed | None:
         """The run ``user``'s idempotency key names, if it names one yet."""
@@ -296,9 +291,10 @@ class Bus:
             ("GET", self.keys.idempotency(user, idempotency_key)),
             ("GET", self.keys.idempotency_prompt(user, idempotency_key)),
         )
-        if held is None:
-            return None
-        named = _keyed(held, digest)
+        return None if held is None else await self._with_lost(_keyed(held, digest))
+
+    async def _with_lost(self, named: Keyed) -> Keyed:
+        """``named``, ``lost`` if its run was admitted and its job never queued."""
         return replace(named, lost=await self._admitted_at(named.session, named.run) is not None)
 
     async def _admit_run(self, job: Job) -> list[str] | Busy:

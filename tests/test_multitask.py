@@ -564,6 +564,9 @@ async def test_a_repeat_that_finds_its_own_earlier_try_holding_the_key_is_no_rep
     await bus.redis.set(bus.keys.idempotency("u", "k"), "r s")  # the lost reply's take
     with pytest.raises(NotKeyed):
         await bus.submit(job, "k", user="u", repeat=True)
+    # Let go, as a key this call took is: were the new run then refused its slot, the key
+    # would name a run never admitted, and the prompt sent again would wait for it.
+    assert await bus.redis.get(bus.keys.idempotency("u", "k")) is None
     assert await bus.submit(job, "k", user="u") == ("r", "s", True)
 
 
