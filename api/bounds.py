@@ -150,22 +150,29 @@ def declared_length(headers: Headers) -> int:
 
 
 async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
-    """422 for a body that does not fit its model, whatever numbers it holds.
+    """422 for a body that does not fit its model, whatever it holds.
 
-    Python's JSON parser takes ``NaN``, ``Infinity`` and ``1e999`` (infinite), and the
-    offending value is echoed in the error; JSON cannot encode it, so FastAPI's own
-    handler fails with a 500. Here each such number is written as a string.
+    The offending value is echoed in the error, and FastAPI's own handler fails with a
+    500 on three kinds that JSON cannot carry: a number Python's parser takes but JSON
+    has no word for (``NaN``, ``Infinity``, ``1e999``), bytes that are not UTF-8 (a body
+    sent without a JSON content type), and text with a lone surrogate (``"\\ud83d"``,
+    half an emoji, which a client that cuts a string in the middle of one sends).
     """
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": finite(jsonable_encoder(exc.errors()))}, status_code=422)
+    return JSONResponse({"detail": jsonable_encoder(encodable(exc.errors()))}, status_code=422)
 
 
-def finite(value: Any) -> Any:
-    """``value`` with every NaN or infinite float, however deep, as its name in a string."""
+def encodable(value: Any) -> Any:
+    """``value`` as JSON can carry it, however deep: a non-finite float as its name, bytes
+    as text, and a lone surrogate as U+FFFD (the replacement character)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, list):
-        return [finite(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list | tuple):
+        return [encodable(v) for v in value]
     if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
+        return {encodable(k): encodable(v) for k, v in value.items()}
     return value

@@ -49,10 +49,12 @@ from thoughtwire.shared.protocol import (
     ProtocolError,
     Resume,
     error_reply,
+    lenient_json,
     parse_after,
     parse_client_message,
     reply,
     valid_id,
+    whole_text,
 )
 from thoughtwire.shared.vocab import OnDisconnect, Replay
 
@@ -405,12 +407,14 @@ def _prompt_key(frame: str) -> dict[str, str]:
         return {}
     try:
         message = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        return {}
+    except orjson.JSONDecodeError:  # a lone surrogate in its text, say: its key still counts
+        message = lenient_json(frame)
     if not isinstance(message, dict) or message.get("type") != "prompt":
         return {}
     key = message.get("key")
-    return {"key": key} if isinstance(key, str) and 0 < len(key) <= MAX_KEY_CHARS else {}
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_CHARS and whole_text(key):
+        return {"key": key}
+    return {}
 
 
 class _Clock:

@@ -18,6 +18,7 @@ Three kinds of message cross the system:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -265,7 +266,7 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError:
-        raise ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+        raise _unreadable(frame) from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a JSON frame must be an object")
     kind = obj.get("type")
@@ -275,6 +276,48 @@ def parse_client_message(frame: str, *, max_prompt_chars: int) -> ClientMessage:
     if parse is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}")
     return parse(obj, max_prompt_chars)
+
+
+def _unreadable(frame: str) -> ProtocolError:
+    """Why orjson refused ``frame``. JSON may escape half a character (a lone surrogate,
+    ``"\\ud83d"``: what a client that cuts a string in the middle of an emoji sends),
+    which orjson refuses and no text may hold: that is ``bad_message``, else ``bad_json``."""
+    obj = lenient_json(frame)
+    if obj is not None and not whole_text(obj):
+        return ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            "text must be whole characters: a lone surrogate (\\ud800-\\udfff) is half of one",
+        )
+    return ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON")
+
+
+def lenient_json(frame: str) -> Any:
+    """``frame`` as Python's JSON parser reads it, lone surrogates and all; None if it
+    cannot (not JSON, or nested past its depth). Only for frames orjson refused."""
+    try:
+        return json.loads(frame)
+    except (ValueError, RecursionError):
+        return None
+
+
+def whole_text(value: Any) -> bool:
+    """Whether every string in ``value``, however deep, is whole characters (UTF-8 can
+    encode it: no lone surrogate)."""
+    pending = [value]
+    while pending:  # as deep as the parser went, and no deeper
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
 
 
 def _prompt(obj: dict[str, Any], max_prompt_chars: int) -> Prompt:

@@ -535,26 +535,52 @@ def _over_the_cap(port: int) -> dict[str, Any]:
     return answers
 
 
-async def test_a_body_with_non_finite_numbers_gets_a_clear_422(target):
-    """NaN, -Infinity and 1e999 are not JSON: a 422 naming them, no 500, no traceback."""
+# Bodies FastAPI's own handler answered with a 500 and a traceback: the error echoes the
+# offending value, and JSON cannot carry it.
+UNENCODABLE = {
+    "NaN": ("/v1/jobs", "application/json", b'{"prompt": NaN}'),
+    "-Infinity": ("/v1/jobs", "application/json", b'{"prompt": -Infinity}'),
+    "1e999": ("/v1/jobs", "application/json", b'{"prompt": 1e999}'),
+    "NaN, alone": ("/v1/jobs", "application/json", b"[NaN]"),
+    "not UTF-8, no content type": ("/v1/jobs", None, b'{"prompt": "\xff\xfe"}'),
+    "not UTF-8, a form": ("/v1/jobs", "application/x-www-form-urlencoded", b"prompt=\xe9t\xe9"),
+    # half an emoji: what JSON.stringify writes for a string cut in the middle of one
+    "a lone surrogate": ("/v1/jobs", "application/json", b'{"prompt": "hi \\ud83d"}'),
+    "a lone surrogate in a key": (
+        "/v1/jobs",
+        "application/json",
+        b'{"prompt": "x", "idempotency_key": "\\ud800"}',
+    ),
+    "a lone surrogate in a reason": (
+        "/v1/runs/r-none/approvals/c1",
+        "application/json",
+        b'{"decision": "allow", "reason": "\\ud83d"}',
+    ),
+    "a lone surrogate in a scope": (
+        "/v1/sessions/s-1/viewer-token",
+        "application/json",
+        b'{"scope": "\\udc00"}',
+    ),
+}
+
+
+async def test_a_body_json_cannot_echo_gets_a_clear_422(target):
+    """Non-finite numbers, bytes that are not UTF-8 and lone surrogates: a 422 naming the
+    field, no 500, no traceback in the reply or the log."""
     frontend = target.frontends[0]
     log_before = len(frontend.proc.output())
     async with httpx.AsyncClient() as http:
-        for raw in ('{"prompt": NaN}', '{"prompt": -Infinity}', '{"prompt": 1e999}', "[NaN]"):
-            response = await http.post(
-                frontend.http + "/v1/jobs",
-                content=raw,
-                headers={
-                    "Authorization": f"Bearer {token('sender')}",
-                    "Content-Type": "application/json",
-                },
-            )
-            assert response.status_code == 422, (raw, response.status_code, response.text)
+        for name, (path, content_type, raw) in UNENCODABLE.items():
+            headers = {"Authorization": f"Bearer {token('sender')}"}
+            if content_type is not None:
+                headers["Content-Type"] = content_type
+            response = await http.post(frontend.http + path, content=raw, headers=headers)
+            assert response.status_code == 422, (name, response.status_code, response.text)
             assert "Traceback" not in response.text
             detail = response.json()["detail"]
-            assert detail and isinstance(detail, list), detail
+            assert detail and isinstance(detail, list), (name, detail)
     log = frontend.proc.output()[log_before:]
-    assert "Traceback" not in log, log
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log
 
 
 @contextlib.asynccontextmanager

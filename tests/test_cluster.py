@@ -106,6 +106,9 @@ async def test_the_connection_manager_runs_prompts_for_its_client(cluster):
     [
         ("{this is not json", "bad_json"),
         ('{"type":"launch-missiles"}', "unknown_type"),
+        # Half an emoji, as JSON.stringify writes a string cut in the middle of one: refused
+        # naming its key, so a client gives it up rather than resend it on every connection.
+        ('{"type":"prompt","content":"hi \\ud83d","key":"k-half"}', "bad_message"),
         ('{"type":"prompt","content":"   "}', "empty_prompt"),
         ("", "empty_prompt"),
     ],
@@ -120,6 +123,7 @@ async def test_bad_input_gets_a_clear_error_and_the_socket_survives(cluster, end
             message = await recv_json(ws)
         assert message["type"] == "error" and message["code"] == code
         assert message["message"] and "Traceback" not in message["message"]
+        assert message.get("key") == ("k-half" if "k-half" in frame else None)
         await ws.send("still there?")
         assert_complete_run(await run_events(ws))
 

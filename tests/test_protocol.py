@@ -46,6 +46,15 @@ def test_json_messages():
         # Characters str.isdigit() takes that int() does not: a ValueError, not a refusal.
         ('{"type":"resume","session":"s","after":"\u00b2"}', "bad_message"),
         ('{"type":"resume","session":"s","after":"\u2460"}', "bad_message"),
+        # Half an emoji (JSON may escape it, no text may hold it), in a prompt or a key.
+        ('{"type":"prompt","content":"hi \\ud83d"}', "bad_message"),
+        ('{"type":"prompt","content":"hi","key":"\\udc00"}', "bad_message"),
+        (
+            '{"type":"approve","run":"r","call_id":"c","decision":"deny","reason":"\\ud800"}',
+            "bad_message",
+        ),
+        ("{" + "[" * 5000, "bad_json"),
+        ('{"type":"resume","session":"s","after":1e999}', "bad_json"),
     ],
 )
 def test_bad_frames_raise_a_code_and_a_safe_message(frame, code):
@@ -53,6 +62,10 @@ def test_bad_frames_raise_a_code_and_a_safe_message(frame, code):
         parse(frame)
     assert info.value.code == code
     assert info.value.message
+
+
+def test_a_whole_emoji_escaped_as_a_surrogate_pair_is_text():
+    assert parse('{"type":"prompt","content":"hi \\ud83d\\ude00"}') == Prompt("hi \U0001f600")
 
 
 def test_event_head_completed_by_the_log_decodes():
