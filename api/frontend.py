@@ -203,6 +203,7 @@ class Frontend:
     ) -> bool:
         """Answer the approval ``run`` waits for on ``call_id``, if the principal may write
         its session (4003 / 403 otherwise); False when it waits for none."""
+        self.guard.check_writer(principal)
         session = await self.bus.run_session(run)
         if session is None:
             return False

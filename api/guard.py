@@ -122,6 +122,12 @@ class Guard:
             reason = GONE if gone else "this session belongs to someone else"
             raise AuthError(reason, Close.FORBIDDEN)
 
+    def check_writer(self, principal: Principal) -> None:
+        """Refuse (4003 / 403) a principal that may write no session at all (a viewer),
+        before anything is looked up: a viewer hears the same answer for every run."""
+        if self.enabled and principal.viewer_of is not None:
+            raise AuthError("this session is read-only for you", Close.FORBIDDEN)
+
     async def check_write(self, principal: Principal, session: str) -> None:
         """Refuse (4003 / 403) unless ``principal`` may prompt ``session`` or cancel its runs."""
         if self.enabled and not principal.can_write(session, await self.owner(principal, session)):

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from thoughtwire.api.auth import AuthError, Principal, check_origin, token_from
@@ -36,7 +36,15 @@ logger = logging.getLogger("thoughtwire.http")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class JobRequest(BaseModel):
+class Body(BaseModel):
+    """A request body. A field it does not know is refused (422, naming it), not dropped:
+    a misspelt ``idempotency_key`` would run a retry twice, a misspelt ``scope`` would
+    mint a token that shows everything."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobRequest(Body):
     """The body of ``POST /v1/jobs``: a prompt, and where and how it runs."""
 
     prompt: str = Field(min_length=1)
@@ -138,6 +146,7 @@ async def cancel_job(job: str, request: Request, caller: Caller) -> dict[str, ob
     """Cancel a queued or running run (``DELETE /v1/jobs/{job}``)."""
     frontend = _frontend(request)
     bus = frontend.bus
+    frontend.guard.check_writer(caller)
     state = await _job_state(request, job)
     await frontend.guard.check_write(caller, state["session"])
     if not await bus.cancel(state["session"], job):
@@ -145,7 +154,7 @@ async def cancel_job(job: str, request: Request, caller: Caller) -> dict[str, ob
     return {"job": job, "status": "cancelling"}
 
 
-class ApprovalBody(BaseModel):
+class ApprovalBody(Body):
     """The body of ``POST /v1/runs/{run}/approvals/{call_id}``: allow or deny, and why."""
 
     decision: Decision
@@ -174,7 +183,7 @@ async def budget(request: Request, caller: Caller) -> dict[str, dict[str, int | 
     return await _frontend(request).guard.budget_report(caller)
 
 
-class ViewerTokenBody(BaseModel):
+class ViewerTokenBody(Body):
     """The body of ``POST /v1/sessions/{session}/viewer-token`` (optional): what it shows."""
 
     scope: ViewScope = ViewScope.FULL

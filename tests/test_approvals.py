@@ -539,12 +539,32 @@ async def test_a_viewer_cannot_approve(approving):
                 headers={"Authorization": f"Bearer {viewer}"},
             )
             assert response.status_code == 403
+            # The same for a run that does not exist, or has no call waiting: a viewer
+            # never hears "not waiting", as if it might have answered another time.
+            for other in ("no-such-run", approval["run"]):
+                response = await http.post(
+                    f"{b.http}/v1/runs/{other}/approvals/call_9",
+                    json={"decision": "allow"},
+                    headers={"Authorization": f"Bearer {viewer}"},
+                )
+                assert response.status_code == 403, (other, response.text)
+                response = await http.delete(
+                    f"{b.http}/v1/jobs/{other}", headers={"Authorization": f"Bearer {viewer}"}
+                )
+                assert response.status_code == 403, (other, response.text)
             stranger = await http.post(
                 b.http + path,
                 json={"decision": "allow"},
                 headers={"Authorization": f"Bearer {token('mallory')}"},
             )
             assert stranger.status_code == 403
+        async with connect(socket_url(b, session, viewer)) as watcher:
+            await greeting(watcher)
+            message = {"type": "approve", "run": "no-such-run", "call_id": "call_1"}
+            await watcher.send(json.dumps({**message, "decision": "allow"}))
+            async with asyncio.timeout(seconds(5)):
+                await watcher.wait_closed()
+            assert watcher.close_code == 4003
         async with connect(socket_url(b, session, viewer)) as watcher:
             await greeting(watcher)
             message = {"type": "approve", "run": approval["run"], "call_id": "call_1"}

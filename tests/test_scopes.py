@@ -319,6 +319,16 @@ async def test_a_scope_cannot_be_widened(scoped):
     wide = (await mint(a, owner, session)).json()
     assert wide["scope"] == "full"
     assert (await mint(a, owner, session, "everything")).status_code == 422
+    # A misspelt field is no scope at all: refused, where it minted a full token before.
+    headers = {"Authorization": f"Bearer {owner}"}
+    async with httpx.AsyncClient(headers=headers) as http:
+        path = f"{a.http}/v1/sessions/{session}/viewer-token"
+        misspelt = await http.post(path, json={"Scope": "answer"})
+        assert misspelt.status_code == 422, misspelt.text
+        assert "Scope" in misspelt.text and "token" not in misspelt.json()
+        # So is one in a job's body: a retry under a misspelt key ran twice before.
+        job = await http.post(f"{a.http}/v1/jobs", json={"prompt": "x", "idempotencyKey": "k"})
+        assert job.status_code == 422 and "idempotencyKey" in job.text, job.text
     # A viewer mints nothing, not even its own scope.
     for scope in ("full", "answer", None):
         assert (await mint(b, owner, session, scope, as_token=narrow)).status_code == 403
