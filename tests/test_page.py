@@ -375,6 +375,70 @@ async def test_a_viewer_link_to_a_session_gone_says_so_and_offers_no_reconnect(c
     assert await page.locator("#retry").is_hidden()
 
 
+# Counts the page's loads in the tab, to tell one reload from a loop of them.
+COUNT_LOADS = (
+    "sessionStorage.setItem('loads', String(Number(sessionStorage.getItem('loads') ?? 0) + 1));"
+)
+
+
+async def test_a_link_opened_in_a_tab_on_the_page_is_taken_as_if_opened_fresh(
+    cluster, context, logdir
+):
+    """The owner's tab shows the page; a viewer link to another session is opened in the
+    same tab, which changes only the fragment. The page takes it as a fresh open of the
+    link would: the token leaves the address bar, replaces the tab's own, and the page
+    follows the link's session read-only, after one reload. The owner's token link,
+    opened the same way, makes the tab the owner's again, on a new session. Before, the
+    page ignored the change: the token stayed in the address bar and the page on the
+    old session."""
+    a = cluster.frontends[0]
+    bob = (await open_tab(context, f"{a.http}/#token={token_for('bob')}")).page
+    await prompt(bob, "bob's question")
+    await ended(bob, 1)
+    theirs = await bob.evaluate("document.body.dataset.session")
+    their_run = await bob.get_attribute(".run", "data-run")
+    link_token = await mint_viewer_token(a.http, theirs, token_for("bob"))
+    await bob.close()
+
+    owner_token = token_for("alice")
+    tab = await open_tab(context, f"{a.http}/#token={owner_token}", init_script=COUNT_LOADS)
+    page = tab.page
+    mine = await page.evaluate("document.body.dataset.session")
+    await prompt(page, "alice's question")
+    await ended(page, 1)
+
+    link = f"{a.http}/#session={theirs}&token={link_token}"
+    await page.evaluate("link => { location.href = link; }", link)  # only the fragment changes
+    await page.wait_for_function(
+        "s => document.body.dataset.session === s", arg=theirs, timeout=WAIT_MS
+    )
+    assert await page.evaluate("location.hash") == f"#session={theirs}"
+    await ended(page, 1)
+    assert await page.locator(".run").count() == 1
+    assert await page.get_attribute(".run", "data-run") == their_run
+    assert await page.locator("#readonly").is_visible()
+    assert await page.locator("#composer").is_hidden()
+    # As a fresh open of the link in this tab: its token is the tab's token now.
+    assert await page.evaluate("sessionStorage.getItem('thoughtwire.token')") == link_token
+    assert await page.evaluate("sessionStorage.getItem('loads')") == "2"
+    (logdir / "screenshots").mkdir(exist_ok=True)
+    await page.screenshot(path=str(logdir / "screenshots" / "page-link-in-same-tab.png"))
+
+    await page.evaluate("link => { location.href = link; }", f"{a.http}/#token={owner_token}")
+    await page.wait_for_function(
+        "s => document.body.dataset.session && document.body.dataset.session !== s",
+        arg=theirs,
+        timeout=WAIT_MS,
+    )
+    assert "token" not in await page.evaluate("location.href")
+    assert await page.evaluate("document.body.dataset.session") != mine  # as /#token=T does
+    assert await page.locator("#readonly").is_hidden()
+    assert await page.locator("#composer").is_visible()
+    assert await page.evaluate("sessionStorage.getItem('thoughtwire.token')") == owner_token
+    assert await page.evaluate("sessionStorage.getItem('loads')") == "3"
+    assert tab.errors == [] and tab.dialogs == []
+
+
 async def test_the_indicator_shows_a_frontend_restart_and_the_run_completes_once(
     redis_server, logdir, context
 ):
@@ -962,6 +1026,37 @@ async def test_a_timeout_decision_and_an_error_result_are_marked(context):
     assert await page.locator(".run-foot").text_content() == (
         "Failed in 0.6 s: the model gave up (budget)"
     )
+
+
+def stopped_while_waiting() -> list[dict[str, Any]]:
+    """The weather run up to its approval, then held until the page sends `cancel`, and
+    cancelled: the call is never decided."""
+    log = weather_run()
+    cut = next(i for i, f in enumerate(log.frames) if f["type"] == "approval") + 1
+    del log.frames[cut:]
+    log.add("cancelled", "")
+    return [{"frames": log.frames[:-1]}, {"waitFor": "cancel"}, {"frames": log.frames[-1:]}]
+
+
+async def test_a_run_stopped_while_a_call_waits_says_the_call_was_not_decided(context, logdir):
+    """Stop while a tool call waits for approval: the run ends with the call undecided, and
+    its status says so. Before, the card said Stopped and "The run ended before anyone
+    decided.", but the call's status still read "Waiting for approval"."""
+    tab = await recorded_page(context, stopped_while_waiting())
+    page = tab.page
+    await waiting_for_approval(page)
+    await page.click(".run .stop")
+    await ended(page, 1, "cancelled")
+    tool = page.locator(".run .tool")
+    assert await tool.locator(".tool-status").text_content() == "Not decided"
+    assert await tool.get_attribute("data-status") == "undecided"
+    assert await tool.locator(".approval").text_content() == "The run ended before anyone decided."
+    assert await tool.locator(".approval").get_attribute("data-status") == "undecided"
+    assert await tool.locator("button, input").count() == 0
+    assert await page.locator(".run .badge").text_content() == "Stopped"
+    (logdir / "screenshots").mkdir(exist_ok=True)
+    await page.screenshot(path=str(logdir / "screenshots" / "page-stopped-undecided.png"))
+    assert tab.errors == []
 
 
 async def test_a_refused_decision_offers_the_buttons_again(context):

@@ -68,6 +68,19 @@ function showSession(session) {
   history.replaceState(null, "", location.pathname + location.search + hash);
 }
 
+// A link opened in a tab that already shows the page changes only the fragment: the
+// document stays, and startingPoint() has run. Take the link as a fresh open of it in
+// this tab would (its token kept in place of the tab's, and out of the address bar at
+// once), then start over from it. The page itself never sets location.hash, and
+// showSession's history.replaceState fires no hashchange, so this cannot loop.
+addEventListener("hashchange", () => {
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (!params.has("token") && !params.has("session")) return; // not a link
+  if (!params.has("token") && params.get("session") === document.body.dataset.session) return; // shown already
+  startingPoint();
+  location.reload();
+});
+
 const start = startingPoint();
 let token = start.token;
 const viewer = start.viewer;
@@ -254,6 +267,7 @@ const TOOL_STATUS = {
   error: "Error",
   denied: "Denied",
   unfinished: "No result",
+  undecided: "Not decided",
 };
 
 /** A tool call and its result in one card: name, arguments, approval, status, output. */
@@ -314,9 +328,10 @@ class ToolView {
   statusOf() {
     const approval = this.call?.approval;
     if (this.result) return approval?.status === "deny" ? "denied" : this.result.is_error ? "error" : "done";
-    if (approval?.status === "pending") return "waiting";
     if (approval?.status === "deny") return "denied";
-    if (this.card.ended) return "unfinished";
+    // An ended run waits for nothing: a call still pending when it ended was never decided.
+    if (this.card.ended) return approval?.status === "pending" ? "undecided" : "unfinished";
+    if (approval?.status === "pending") return "waiting";
     return this.call && !this.call.done ? "preparing" : "running";
   }
 
@@ -334,7 +349,8 @@ class ToolView {
     this.approval.hidden = !approval;
     this.approval.replaceChildren();
     if (!approval) return;
-    this.approval.dataset.status = approval.status;
+    // A wait the run's end cut short is drawn settled, not in the colour of one going on.
+    this.approval.dataset.status = approval.status === "pending" && this.card.ended ? "undecided" : approval.status;
     if (approval.status !== "pending") {
       this.approval.append(element("p", "decision", decisionText(approval)));
     } else if (this.card.ended) {
