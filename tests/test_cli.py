@@ -16,6 +16,7 @@ import time
 import httpx
 import jwt
 import pytest
+from websockets.asyncio.server import serve
 
 from tests.conftest import start_cluster
 from tests.procs import free_port, seconds, wait_until
@@ -118,6 +119,36 @@ def test_an_unreachable_frontend_fails_within_the_timeout_with_exit_5():
     assert_one_line(result, Exit.UNREACHABLE, "no frontend answered", "within 2 s")
     print(f"gave up after {elapsed:.2f} s (process start included)")
     assert elapsed < 30, f"gave up after {elapsed:.2f} s"
+
+
+async def test_a_socket_that_never_greets_fails_within_the_timeout_with_exit_5():
+    """A --url whose socket opens but never says which session it serves (the seed's
+    ``/ws/agent``, say): one line within the timeout. Before, ``chat`` waited in silence
+    for ever, its prompt never sent, whatever ``--timeout`` said."""
+    opened = 0
+
+    async def silent(ws):
+        nonlocal opened
+        opened += 1
+        await ws.wait_closed()
+
+    async with serve(silent, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        chat = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "thoughtwire", "chat", "hi",
+            "--url", f"ws://127.0.0.1:{port}/ws/agent", "--timeout", "2",
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(seconds(60)):  # "within the timeout" on a loaded machine
+                out, err = await chat.communicate()
+        finally:
+            if chat.returncode is None:
+                chat.kill()
+                await chat.wait()
+    result = subprocess.CompletedProcess([], chat.returncode, out.decode(), err.decode())
+    assert_one_line(result, Exit.UNREACHABLE, "no frontend answered", "no session greeting")
+    assert opened >= 1
 
 
 @pytest.mark.parametrize("url", ["ws://[::1", "ws://127.0.0.1:99999", "ftp://127.0.0.1:1"])
@@ -446,6 +477,32 @@ async def test_chat_streams_a_run_once_per_seq_through_a_kill_9_of_frontend_a(re
     assert sum(e["type"] == "answer" for e in chat.events) == 60
 
 
+async def test_a_reader_that_goes_away_stops_chat_quietly(secure):
+    """``chat ... | head -1``: the reader closes the pipe after one line. ``chat`` stops
+    without a line, exit 0. Before, the next write ended in a traceback and exit 1."""
+    read_end, write_end = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "thoughtwire", "chat", "--json", "read one line",
+        "--token", token(), "--url", secure.frontends[0].ws,
+        stdout=write_end, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as head:
+            async with asyncio.timeout(seconds(20)):
+                first = await asyncio.to_thread(head.readline)  # the proc's end unblocks it
+        assert json.loads(first)["type"] == "thinking"
+        async with asyncio.timeout(seconds(30)):
+            err = (await proc.stderr.read()).decode()
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == Exit.OK, err
+    assert "Traceback" not in err and "uncaught" not in err and "Broken pipe" not in err, err
+
+
 async def test_ctrl_c_cancels_the_run_and_exits_130(secure):
     """SIGINT mid-run: the chat sends `cancel`, sees `cancelled`, exits 130, and the run's
     state says cancelled."""
@@ -604,10 +661,37 @@ def test_token_mints_viewer_tokens_and_sets_aud_and_iss():
     principal = Authenticator(Settings(jwt_secret=SECRET)).authenticate(viewer.stdout.strip())
     assert principal.viewer_of == "S1"
     assert_one_line(command("token", "--sub", "a", "--viewer", env=env), Exit.USAGE, "--session")
+    answer = command(
+        "token", "--sub", "al", "--viewer", "--session", "S1", "--scope", "answer", env=env
+    )
+    assert (
+        Authenticator(Settings(jwt_secret=SECRET)).authenticate(answer.stdout.strip()).scope
+        == "answer"
+    )
 
     minted = command("token", "--sub", "bob", "--aud", "tw", "--iss", "https://i", env=env)
     settings = Settings(jwt_secret=SECRET, jwt_audience="tw", jwt_issuer="https://i")
     assert Authenticator(settings).authenticate(minted.stdout.strip()).user == "bob"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--scope", "answer"), ("--session", "S1"), ("--scope", "full", "--session", "S1")],
+)
+def test_a_viewer_option_without_viewer_is_one_line_and_exit_2(args):
+    """``--scope`` or ``--session`` without ``--viewer`` minted the user's own full token,
+    for every session and for writing, and exited 0: shared as an answer-only link."""
+    result = command("token", "--sub", "alice", *args, env={"JWT_SECRET": SECRET})
+    assert_one_line(result, Exit.USAGE, "--viewer")
+    assert not result.stdout
+
+
+@pytest.mark.parametrize("sub", ["", "  "])
+def test_a_token_for_nobody_is_one_line_and_exit_2(sub):
+    """A token with an empty ``sub`` was minted, and every frontend refused it."""
+    result = command("token", "--sub", sub, env={"JWT_SECRET": SECRET})
+    assert_one_line(result, Exit.USAGE, "--sub")
+    assert not result.stdout
 
 
 def test_banners_say_auth_redis_agent_and_concurrency(secure):

@@ -171,8 +171,9 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--scope",
         choices=("full", "answer"),
-        default="full",
-        help="what a viewer token shows: every event, or the answer without reasoning or tool details",
+        default=None,
+        help="what a viewer token shows: every event (full, the default), or the answer "
+        "without reasoning or tool details",
     )
 
     chat = command("chat", "send a prompt, or follow a session, and print events as they stream")
@@ -219,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(failure.code)
     except KeyboardInterrupt:
         return int(Exit.INTERRUPTED)
+    except BrokenPipeError:
+        # Whoever read the output has gone (`chat ... | head -1`): there is nobody left to
+        # tell, and what is still buffered would fail again as Python exits.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(Exit.OK)
 
 
 def _dispatch(args: argparse.Namespace) -> Exit:
@@ -254,6 +260,12 @@ def _dispatch(args: argparse.Namespace) -> Exit:
 def _token(settings: Settings, args: argparse.Namespace) -> Exit:
     if not settings.jwt_secret:
         raise Failure(Exit.USAGE, "needs JWT_SECRET, the secret the frontends check tokens with")
+    if not args.sub.strip():
+        raise Failure(Exit.USAGE, "--sub must name a user; the frontends refuse a token without")
+    if not args.viewer and (args.session is not None or args.scope is not None):
+        # Without --viewer the token is the user's own, for every session and for writing:
+        # minted quietly, an "answer-only" token would be shared as a full owner's one.
+        raise Failure(Exit.USAGE, "--session and --scope make a viewer token: add --viewer")
     if args.viewer:
         if not args.session:
             raise Failure(Exit.USAGE, "a viewer token needs --session S, the session to watch")
@@ -261,7 +273,7 @@ def _token(settings: Settings, args: argparse.Namespace) -> Exit:
         from thoughtwire.shared.vocab import ViewScope
 
         viewer, _expires = Authenticator(settings).viewer_token(
-            args.sub, args.session, args.ttl, ViewScope(args.scope)
+            args.sub, args.session, args.ttl, ViewScope(args.scope or "full")
         )
         print(viewer)
         return Exit.OK
@@ -769,9 +781,10 @@ class Chat:
         self._line()
         if isinstance(exc, Unreachable):
             where = ", ".join(_public(url) for url in self.urls)
+            last = f" (last try: {exc.last})" if exc.last else ""
             return Failure(
                 Exit.UNREACHABLE,
-                f"no frontend answered at {where} within {self.args.timeout:g} s; "
+                f"no frontend answered at {where} within {self.args.timeout:g} s{last}; "
                 "check --url and that a frontend runs there (or raise --timeout)",
             )
         if exc.code == 4001:
