@@ -395,8 +395,15 @@ class SessionSocket:
             self.principal, message.run, message.call_id, message.decision, message.reason
         )
         if not answered:
+            # Named, so a client that sends an approval again on a new socket (its first
+            # may have been applied just as the old one closed) knows which it was.
             self.conn.send(
-                error_reply(ErrorCode.NOT_WAITING, "that call is not waiting for an approval")
+                error_reply(
+                    ErrorCode.NOT_WAITING,
+                    "that call is not waiting for an approval",
+                    run=message.run,
+                    call_id=message.call_id,
+                )
             )
 
 

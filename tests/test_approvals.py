@@ -73,6 +73,50 @@ def test_an_approve_message_parses_and_its_fields_are_checked():
         assert refused.value.code == ErrorCode.BAD_MESSAGE
 
 
+async def test_a_not_waiting_reply_names_the_run_and_the_call():
+    """Plain data: the ``error`` reply to an ``approve`` for a call that does not wait
+    names its ``run`` and ``call_id``, so a client that sent the approval again on a new
+    socket (the first may have counted just as the old one closed) knows which it was,
+    whatever else it sent meanwhile. Before, it named neither."""
+    from types import SimpleNamespace
+
+    from thoughtwire.api.sockets import SessionSocket
+    from thoughtwire.shared.settings import Settings
+
+    asked: list[tuple[str, str, str]] = []
+
+    class Guard:
+        async def check_rate(self, principal: Any) -> None:
+            pass
+
+    class Frontend:
+        settings = Settings()
+        guard = Guard()
+
+        async def approve(self, principal, run, call_id, decision, reason):
+            asked.append((run, call_id, decision))
+            return False  # decided already
+
+    sent: list[str] = []
+    socket = SessionSocket.__new__(SessionSocket)
+    socket.raw_prompts = False
+    socket.principal = None
+    socket.frontend = Frontend()
+    socket.conn = SimpleNamespace(send=sent.append, viewer=SimpleNamespace(session="S"))
+    frame = {"type": "approve", "run": "r1", "call_id": "call_1", "decision": "allow"}
+    await socket._handle_frame(json.dumps(frame))
+    assert asked == [("r1", "call_1", "allow")]
+    assert [json.loads(reply) for reply in sent] == [
+        {
+            "type": "error",
+            "code": "not_waiting",
+            "message": "that call is not waiting for an approval",
+            "run": "r1",
+            "call_id": "call_1",
+        }
+    ]
+
+
 async def test_a_turn_without_an_approver_denies_and_a_denial_is_an_error_observation():
     decided = await Turn("hi").ask("c1", "search", {}, None)
     assert not decided.allowed
@@ -469,6 +513,7 @@ async def test_approved_over_frontend_b_while_the_prompt_came_on_frontend_a(appr
             while "seq" in refused:
                 refused = await recv_json(other)
             assert refused["code"] == "not_waiting"
+            assert (refused["run"], refused["call_id"]) == (approval["run"], "call_1")
     decision = after[0]
     assert decision["type"] == "decision"
     assert (decision["decision"], decision["reason"], decision["by"]) == ("allow", "fine", "user")

@@ -17,6 +17,7 @@ from pathlib import Path
 import jwt
 import pytest
 from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SIM_STEPS, sim_run, start_cluster
 from tests.procs import free_port, seconds
@@ -794,6 +795,164 @@ async def test_a_prompt_withdrawn_after_it_was_sent_has_its_run_cancelled_on_a_l
     assert [f["type"] for f in received[1]] == ["prompt", "cancel"], received
 
 
+APPROVAL = {
+    "type": "approval",
+    "run": "r1",
+    "call_id": "c1",
+    "block": "b1",
+    "tool": "search",
+    "epoch": "e",
+    "seq": 1,
+    "session": "S",
+}
+
+
+def approve_frame(call_id: str, decision: str = "allow") -> dict:
+    return {"type": "approve", "run": "r1", "call_id": call_id, "decision": decision}
+
+
+def decided(call_id: str, seq: int, decision: str = "allow") -> dict:
+    """The run's ``decision`` event for ``call_id``."""
+    fields = {"call_id": call_id, "seq": seq, "decision": decision, "reason": None, "by": "user"}
+    return {**APPROVAL, "type": "decision", **fields}
+
+
+def not_waiting(call_id: str) -> dict:
+    """A frontend's refusal of an approve for ``call_id`` in run r1 (api/sockets.py)."""
+    message = "that call is not waiting for an approval"
+    return {
+        "type": "error",
+        "code": "not_waiting",
+        "message": message,
+        "run": "r1",
+        "call_id": call_id,
+    }
+
+
+async def test_an_approval_sent_as_the_frontend_closes_is_sent_again_until_it_is_decided():
+    """A frontend stops reading before it closes (a drain's 1012, a link that died): an
+    approve written in that moment is never read. The next connection carries it again,
+    until the run's ``decision`` for the call shows it counted. Before, it was sent once,
+    and the run waited until the timeout denied the call the user had allowed."""
+    received: list[list[dict]] = []
+    dropped = asyncio.Event()
+
+    async def frontend(ws):
+        frames: list[dict] = []
+        received.append(frames)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(received) == 1:
+            await ws.send(json.dumps(APPROVAL))
+            await ws.recv()  # the approve, which this frontend no longer acts on
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            dropped.set()
+            return
+        async for frame in ws:
+            frames.append(json.loads(frame))
+            if frames[-1]["type"] == "approve":
+                await ws.send(json.dumps(decided("c1", 2)))
+
+    async with following(frontend) as follower:
+        seen = []
+        async with asyncio.timeout(seconds(5)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                seen.append(event["type"])
+                if event["type"] == "approval":
+                    await follower.approve("r1", "c1", "allow")
+                    await dropped.wait()
+                if event["type"] == "decision":
+                    break
+    assert seen == ["approval", "decision"]
+    assert received[1] == [approve_frame("c1")], received
+    assert not follower._approvals  # decided: nothing left to send again
+
+
+async def test_an_approval_decided_before_the_reconnect_is_not_sent_again():
+    """Of two approvals of a run, the first's ``decision`` came before the socket closed:
+    the next connection sends only the second, written as the frontend stopped reading.
+    That run then ends (cancelled while it waited: no decision), and the connection after
+    sends no approval at all."""
+    received: list[list[dict]] = []
+    second = {**APPROVAL, "call_id": "c2", "block": "b2", "seq": 3}
+
+    async def frontend(ws):
+        frames: list[dict] = []
+        received.append(frames)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(received) == 1:
+            await ws.send(json.dumps(APPROVAL))
+            frames.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps(decided("c1", 2)))
+            await ws.send(json.dumps(second))
+            frames.append(json.loads(await ws.recv()))  # never acted on: the frontend closes
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            return
+        if len(received) == 2:
+            frames.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({**APPROVAL, "type": "cancelled", "seq": 4}))
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            return
+        await ws.send(json.dumps({**APPROVAL, "type": "thinking", "run": "r2", "seq": 5}))
+        async for frame in ws:
+            frames.append(json.loads(frame))
+
+    async with (
+        following(frontend) as follower,
+        asyncio.timeout(seconds(5)),
+        aclosing(follower.events()) as stream,
+    ):
+        async for event in stream:
+            if event["type"] == "approval":
+                decision = "allow" if event["call_id"] == "c1" else "deny"
+                await follower.approve("r1", event["call_id"], decision)
+            if event["run"] == "r2":
+                break
+    first, again = approve_frame("c1"), approve_frame("c2", "deny")
+    assert received == [[first, again], [again], []], received
+    assert not follower._approvals
+
+
+async def test_the_not_waiting_reply_to_an_approval_sent_again_is_not_an_error():
+    """The frontend applied an approve just as it closed, before the run's ``decision``
+    went out: the next connection sends it again, the resume brings the decision, and the
+    reply to the resend is ``not_waiting``, naming the call. ``on_error`` does not hear
+    of it; a ``not_waiting`` for an approval sent once (a stale answer) is still heard."""
+    received: list[list[dict]] = []
+    heard: list[Refused] = []
+
+    async def frontend(ws):
+        frames: list[dict] = []
+        received.append(frames)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(received) == 1:
+            await ws.send(json.dumps(APPROVAL))
+            frames.append(json.loads(await ws.recv()))  # applied; its decision is not sent
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            return
+        await ws.send(json.dumps(decided("c1", 2)))  # the resume's catch-up
+        async for frame in ws:
+            frames.append(json.loads(frame))
+            await ws.send(json.dumps(not_waiting(frames[-1]["call_id"])))
+            if frames[-1]["call_id"] == "c9":
+                await ws.send(json.dumps({**APPROVAL, "type": "done", "seq": 3}))
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}"
+        follower = Follower(url, "S", after=0, heartbeat=None, on_error=heard.append)
+        async with asyncio.timeout(seconds(5)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                if event["type"] == "approval":
+                    await follower.approve("r1", "c1", "allow")
+                if event["type"] == "decision":
+                    await follower.approve("r1", "c9", "deny")  # a call that never waited
+                if event["type"] == "done":
+                    break
+    assert received[1] == [approve_frame("c1"), approve_frame("c9", "deny")], received
+    assert [(r.error, r.action) for r in heard] == [("not_waiting", "approve")]
+    assert not follower._approvals
+
+
 async def test_a_token_handed_to_refresh_is_the_one_the_next_connection_sends():
     """``refresh(token)`` with a string token: after the socket is lost, the reconnect
     signs in with the fresh token, not the first one (which may have expired by then:
@@ -863,6 +1022,51 @@ async def test_ask_in_a_session_with_runs_skips_its_snapshot_and_yields_its_own_
         await ws.wait_closed()
 
     assert await kinds_asked_of(frontend) == ["answer", "done"]
+
+
+@pytest.mark.parametrize("lost", ["after the queued reply", "before the queued reply"])
+async def test_ask_in_a_joined_empty_session_ends_when_its_run_ended_while_disconnected(lost):
+    """``ask`` (and ``chat``) in a session named by the caller that has no events yet: the
+    socket is lost before the run's first event, and the run ends before the next one
+    opens. The reconnect asks for the log from the start (``after=0``), where the run's
+    end is. Before, it asked for no position, got a snapshot, which holds no run's event,
+    and ``ask`` waited for ever for an end it had been shown folded away."""
+    asked: list[str] = []
+    run = [
+        {"type": kind, "run": "r1", "epoch": "e", "seq": seq, "content": "hi"}
+        for seq, kind in ((1, "thinking"), (2, "answer"), (3, "done"))
+    ]
+    ended = reduce(reduce(reduce(initial_state(), run[0]), run[1]), run[2])
+
+    async def frontend(ws):
+        asked.append(ws.request.path)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(asked) == 1:  # the first socket: the prompt, maybe its reply, then lost
+            prompt = json.loads(await ws.recv())
+            if lost == "after the queued reply":
+                queued = {"type": "queued", "session": "S", "run": "r1", "key": prompt["key"]}
+                await ws.send(json.dumps(queued))
+            await ws.close(1012, "restarting")
+            return
+        if "after=0" in ws.request.path:
+            for event in run:
+                await ws.send(json.dumps(event))
+        else:
+            await ws.send(json.dumps({"type": "snapshot", "state": ended, "seq": 3, "epoch": "e"}))
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in ws:  # a prompt sent again: the key names the run it queued
+                key = json.loads(frame)["key"]
+                await ws.send(
+                    json.dumps({"type": "queued", "session": "S", "run": "r1", "key": key})
+                )
+
+    async with serve(frontend, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}"
+        async with asyncio.timeout(seconds(10)):
+            kinds = [e["type"] async for e in ask("hi", url, session="S", heartbeat=None)]
+    assert kinds == ["thinking", "answer", "done"], kinds
+    assert "after=0" in asked[1], asked
 
 
 async def test_ask_ends_when_its_whole_run_came_before_the_queued_reply():

@@ -783,6 +783,117 @@ async def test_a_prompt_sent_as_the_frontend_closes_is_sent_again_until_it_is_qu
     assert after == [], "a run started, or the prompt was refused: neither is sent again"
 
 
+# An approval of run r1 waiting on its call c1, and the run's frames about it.
+APPROVAL_JS = """
+  const approval = {type: "approval", run: "r1", call_id: "c1", block: "b1", tool: "search",
+                    epoch: "e", seq: 1, session: "S"};
+  const decided = (callId, seq) => ({...approval, type: "decision", call_id: callId, seq,
+                                     decision: "allow", reason: null, by: "user"});
+  const notWaiting = (callId) => ({type: "error", code: "not_waiting", run: "r1", call_id: callId,
+                                   message: "that call is not waiting for an approval"});
+"""
+
+
+def approve_frame(call_id: str, decision: str = "allow") -> dict[str, str]:
+    return {"type": "approve", "run": "r1", "call_id": call_id, "decision": decision}
+
+
+async def test_an_approval_sent_as_the_frontend_closes_is_sent_again_until_it_is_decided():
+    """An approve written as its frontend stopped reading (a drain's 1012, a link that
+    died) is sent again on the next socket; once the run's ``decision`` for the call came,
+    the socket after does not carry it. Before, it was sent once, and the run waited
+    until the timeout denied the call the user had allowed."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        sent = await page.evaluate(
+            """async () => {"""
+            + APPROVAL_JS
+            + """
+              const tw = window.resuming();
+              const greeted = (n) => window.greeted(tw, n);
+              await tw.connect();
+              window.sockets[0].receive(approval);
+              tw.approve("r1", "c1", "allow"); // written, never read: the frontend closes
+              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(2);
+              window.sockets[1].receive(decided("c1", 2));
+              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(3);
+              tw.close();
+              return window.sockets.map((s) => s.sent);
+            }"""
+        )
+    assert sent == [[approve_frame("c1")], [approve_frame("c1")], []], sent
+
+
+async def test_an_approval_decided_before_the_reconnect_is_not_sent_again():
+    """Of two approvals of a run, the first's ``decision`` came before the socket closed:
+    the next socket carries only the second. That run then ends (cancelled while it
+    waited: no decision), and the socket after carries no approval at all."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        sent = await page.evaluate(
+            """async () => {"""
+            + APPROVAL_JS
+            + """
+              const tw = window.resuming();
+              const greeted = (n) => window.greeted(tw, n);
+              await tw.connect();
+              window.sockets[0].receive(approval);
+              tw.approve("r1", "c1", "allow");
+              window.sockets[0].receive(decided("c1", 2));
+              window.sockets[0].receive({...approval, call_id: "c2", block: "b2", seq: 3});
+              tw.approve("r1", "c2", "deny"); // written, never read: the frontend closes
+              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(2);
+              window.sockets[1].receive({...approval, type: "cancelled", seq: 4});
+              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(3);
+              tw.close();
+              return window.sockets.map((s) => s.sent);
+            }"""
+        )
+    first, again = approve_frame("c1"), approve_frame("c2", "deny")
+    assert sent == [[first, again], [again], []], sent
+
+
+async def test_the_not_waiting_reply_to_an_approval_sent_again_is_not_an_error():
+    """The frontend applied an approve just as it closed, before the run's ``decision``
+    went out: the next socket sends it again, the resume brings the decision, and the
+    reply to the resend is ``not_waiting``, naming the call. The application does not
+    hear of it, and it is not sent again; a ``not_waiting`` for an approval sent once (a
+    stale answer) is still a ``message``."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        result = await page.evaluate(
+            """async () => {"""
+            + APPROVAL_JS
+            + """
+              const tw = window.resuming();
+              const heard = [];
+              tw.addEventListener("message", (e) => { if (e.detail.type === "error") heard.push(e.detail); });
+              tw.addEventListener("error", (e) => heard.push(e.detail));
+              const greeted = (n) => window.greeted(tw, n);
+              await tw.connect();
+              window.sockets[0].receive(approval);
+              tw.approve("r1", "c1", "allow"); // applied; the frontend closes before its decision
+              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(2);
+              window.sockets[1].receive(decided("c1", 2)); // the resume's catch-up
+              window.sockets[1].receive(notWaiting("c1")); // the reply to the resend
+              tw.approve("r1", "c9", "deny"); // a call that never waited
+              window.sockets[1].receive(notWaiting("c9"));
+              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+              await greeted(3);
+              tw.close();
+              return {sent: window.sockets.map((s) => s.sent), heard};
+            }"""
+        )
+    c1, c9 = approve_frame("c1"), approve_frame("c9", "deny")
+    assert result["sent"] == [[c1], [c1, c9], []], result["sent"]
+    assert [(h["code"], h.get("call_id")) for h in result["heard"]] == [("not_waiting", "c9")]
+
+
 async def test_a_link_gone_silent_past_its_ping_interval_is_dropped_and_resumed():
     """A link that dies without a close (a laptop asleep, a NAT that forgot it) gave the
     page no sign for minutes, until TCP gave up. The client asks for pings (``ping=1``);

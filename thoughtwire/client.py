@@ -59,7 +59,8 @@ SOCKET_PATH = "/ws/agent-thoughts"
 TERMINAL = ("done", "error", "cancelled")
 # Error codes for a request someone else answered first (an approval decided on another
 # frontend): the run goes on and its log shows the decision, so following goes on too.
-ANSWERED_ELSEWHERE = frozenset({"not_waiting"})
+NOT_WAITING = "not_waiting"
+ANSWERED_ELSEWHERE = frozenset({NOT_WAITING})
 # Error codes only a prompt gets: from a frontend that does not name the refused prompt's
 # key, the oldest prompt waiting was refused. A refused prompt is not sent again (on a
 # later connection it could run after all).
@@ -140,6 +141,8 @@ class Refused(Exception):
 class Unreachable(Refused):
     """No frontend of the list could be reached in time (or in ``max_reconnects`` tries)."""
 
+    last = ""  # why the last try failed
+
 
 def socket_url(base: str, query: dict[str, Any]) -> str:
     """A frontend's socket URL from a base (``ws``/``http`` URL, with or without a path).
@@ -202,7 +205,9 @@ class Follower:
     or cancel: 4003) and of each ``error`` reply (a prompt refused as ``busy`` or over
     ``budget``) as a :class:`Refused`, and following goes on; without it, those are
     raised like any final close, except ``not_waiting`` (an approval someone decided
-    first), which is dropped: the run's ``decision`` event says what was decided. ``heartbeat``: after that many seconds without
+    first), which is dropped: the run's ``decision`` event says what was decided. The
+    ``not_waiting`` of an approval sent again on a new connection (see :meth:`approve`)
+    is heard by neither: the first was applied. ``heartbeat``: after that many seconds without
     a frame from the server, a ``pong`` tells the frontend the client is still there
     (a frontend closes a socket quiet both ways for ``THOUGHTWIRE_IDLE_TIMEOUT``, 15 min).
     ``folded`` is the session's state: what was yielded, folded by
@@ -261,6 +266,13 @@ class Follower:
         # stops reading before it closes (a drain, a slow reader), so one written in that
         # moment is never read. The cancel of every run is not: it would stop later ones.
         self._cancels: dict[str, str] = {}
+        # Approvals by (run, call_id), sent again on each connection until settled: the
+        # run's ``decision`` for the call, the run's end, or a refusal. Lost for the same
+        # reason, they would leave the run waiting until it is denied by timeout.
+        self._approvals: dict[tuple[str, str], str] = {}
+        # Those sent again on this connection: their ``not_waiting`` (the first had been
+        # applied after all) settles them, and is no refusal to report.
+        self._resent: set[tuple[str, str]] = set()
         self._queued: dict[str, str] = {}  # prompt key -> its run, the latest RUNS_KEPT
         self._withdrawn: dict[str, None] = {}  # keys of prompts cancelled before they queued
         self._opened = False  # whether the current attempt got as far as a greeting
@@ -268,6 +280,7 @@ class Follower:
         self._settling = False  # greeted again; a gap, if any, comes next
         self._url_tried = ""
         self._greeted_at = 0.0  # when the current connection was greeted (loop time)
+        self._greeting_wait = open_timeout  # how long a new socket may take to greet
 
     def url(self, attempt: int) -> str:
         """The socket URL for ``attempt``: its frontend, and the position to resume from."""
@@ -341,15 +354,28 @@ class Follower:
     ) -> None:
         """Answer a tool call's ``approval`` in ``run``: ``allow`` or ``deny``, and why.
 
-        Sent now if connected, otherwise on the next connection. A call that no longer
-        waits is refused with an ``error`` reply (code ``not_waiting``).
+        Sent now if connected, otherwise on the next connection; then again on each new
+        connection until the run's ``decision`` for the call comes, the run ends, or the
+        frontend refuses it (at most ``MAX_PENDING`` are kept: past that, the oldest is
+        not sent again). A call that no longer waits is refused with an ``error`` reply
+        (code ``not_waiting``, naming ``run`` and ``call_id``); for an approval sent
+        again, that reply means the first was applied, and is not reported.
         """
         if decision not in DECISIONS:
             raise ValueError("decision must be allow or deny")
         message = {"type": "approve", "run": run, "call_id": call_id, "decision": decision}
         if reason is not None:
             message["reason"] = reason
-        await self._send("approve", json.dumps(message), keep=True)
+        frame, call = json.dumps(message), (run, call_id)
+        # Not taken out of ``_resent``: replies come in the order of the frames, so the
+        # first ``not_waiting`` for the call is the resend's.
+        _keep(self._approvals, call, frame, MAX_PENDING)
+        try:
+            await self._send("approve", frame, keep=True)
+        except Refused:
+            if self._approvals.get(call) == frame:
+                del self._approvals[call]  # refused here: never sent, nor sent again
+            raise
 
     async def refresh(self, token: str | None = None) -> None:
         """Hand the open socket a fresh token (``token``, or the callback's) before the old expires.
@@ -443,6 +469,8 @@ class Follower:
             self._prompts.clear()
             self._outbox.clear()
             self._cancels.clear()
+            self._approvals.clear()
+            self._resent.clear()
             self.on_error(Refused(reason or "forbidden", code, action=self._wrote))
             return
         if code == UNAUTHORIZED and callable(self.token) and not self._auth_retried:
@@ -460,6 +488,7 @@ class Follower:
         if deadline is not None:
             open_timeout = max(0.01, min(open_timeout, deadline - _now()))
         self._url_tried, self._wrote = url, None
+        self._greeting_wait = open_timeout
         return connect(url, additional_headers=headers, open_timeout=open_timeout, max_size=2**22)
 
     async def _receive(self, ws: ClientConnection) -> dict[str, Any] | None:
@@ -469,10 +498,15 @@ class Follower:
         position; on a reconnect, ``resumed`` waits a moment for a ``gap`` to report with it.
         """
         url = self._url_tried
+        wait = self.heartbeat if self._opened else self._greeting_wait
         try:
-            async with asyncio.timeout(RESUME_SETTLE if self._settling else self.heartbeat):
+            async with asyncio.timeout(RESUME_SETTLE if self._settling else wait):
                 frame = await ws.recv()
         except TimeoutError:
+            if not self._opened:
+                # A socket that never says which session it serves is no session socket
+                # (a seed endpoint, a wrong URL): a failed try, as one that did not open.
+                raise ConnectionError(f"no session greeting within {wait:g} s") from None
             if self._settling:
                 self._settling = False
                 self._report(State.RESUMED, url=url)
@@ -504,8 +538,13 @@ class Follower:
         return message if self._advance(message) else None
 
     async def _greeted(self, ws: ClientConnection, message: dict[str, Any]) -> None:
-        if self.session is None and self.seq is None:
-            self.seq = 0  # a session of our own: all of it is ours to see
+        if self.seq is None and (self.session is None or self._prompts):
+            # A session of our own: all of it is ours to see. So is all of a joined one
+            # from here, while a prompt of ours waits: a reconnect before any event would
+            # otherwise get a snapshot, which folds away the events of a run that ended
+            # meanwhile, and whoever waits for that run's end (OwnRun) would wait for ever.
+            # A joined session's own snapshot comes next and moves the position to it.
+            self.seq = 0
         self.session = message["session"]
         self._ws, self._opened, self._opened_before = ws, True, True
         self._greeted_at = _now()
@@ -514,7 +553,11 @@ class Follower:
         # Prompts an earlier socket took may not have been read; the others wait in order.
         earlier = [("prompt", p) for p in self._prompts.values() if p not in queued]
         cancels = [("cancel", c) for c in self._cancels.values()]
-        for action, frame in [*earlier, *outbox, *cancels]:
+        # Approvals an earlier socket took may not have been read either: sent again last.
+        again = [(call, a) for call, a in self._approvals.items() if a not in queued]
+        self._resent = {call for call, _ in again}
+        approvals = [("approve", a) for _, a in again]
+        for action, frame in [*earlier, *outbox, *cancels, *approvals]:
             self._wrote = action
             await ws.send(frame)
 
@@ -535,10 +578,20 @@ class Follower:
             self.epoch, self.seq, self.folded = epoch, seq, folded
             if kind in TERMINAL:
                 self._cancels.pop(str(message.get("run")), None)
+            self._settle(message)
             return True
         if kind == "error":
             self._refused(message)
         return False  # pings, reconnect notices, connection-manager messages
+
+    def _settle(self, message: dict[str, Any]) -> None:
+        """An event that settles approvals: their call's ``decision``, or their run's end."""
+        kind, run = message.get("type"), message.get("run")
+        if kind == "decision":
+            self._approvals.pop((str(run), str(message.get("call_id"))), None)
+        elif kind in TERMINAL and self._approvals:
+            for call in [call for call in self._approvals if call[0] == run]:
+                del self._approvals[call]
 
     def _refused(self, message: dict[str, Any]) -> None:
         """An ``error`` reply: heard by ``on_error`` (or raised); a refused prompt is given up."""
@@ -546,7 +599,18 @@ class Follower:
         action = None
         if not isinstance(key, str):
             key = None
-        if key is not None and key in self._prompts:
+        run, call_id = message.get("run"), message.get("call_id")
+        if code == NOT_WAITING and isinstance(run, str) and isinstance(call_id, str):
+            # The reply to an approve, naming it: settled either way, not sent again.
+            call = (run, call_id)
+            self._approvals.pop(call, None)
+            if call in self._resent:
+                # Sent again on this socket: the first was applied after all (or decided
+                # elsewhere meanwhile, as the run's ``decision`` event says). No error.
+                self._resent.discard(call)
+                return
+            action = "approve"
+        elif key is not None and key in self._prompts:
             # A refused prompt (over the rate too, or it would run on a later connection,
             # long after its sender gave up on it): it is not sent again.
             del self._prompts[key]
@@ -570,6 +634,10 @@ class Follower:
             return
         self._prompts.pop(key, None)
         _keep(self._queued, key, run, RUNS_KEPT)
+        if self.seq is None:
+            # No snapshot came before the reply (it comes first): the session held nothing
+            # when joined, so all of it since is ours to see, the run included.
+            self.seq = 0
         if key in self._withdrawn:
             del self._withdrawn[key]
             await self.cancel(run)
@@ -611,16 +679,23 @@ class _Retries:
         """Seconds to wait before the next try; raises :class:`Unreachable` to stop."""
         self.failures += 1
         if self.failures > self.max_failures:
-            raise Unreachable(f"gave up after {self.max_failures} tries: {reason}")
+            raise _unreachable(f"gave up after {self.max_failures} tries: {reason}", reason)
         delay = next(self.delays)
         if self.deadline is not None:
             left = self.deadline - _now()
             if left <= 0:
-                raise Unreachable(f"no frontend answered within {self.timeout:g} s ({reason})")
+                said = f"no frontend answered within {self.timeout:g} s ({reason})"
+                raise _unreachable(said, reason)
             delay = min(delay, left)  # one last try just before the deadline
         if code == RATE_LIMITED:
             delay = max(delay, RATE_LIMIT_PAUSE * random.uniform(1, 2))
         return delay
+
+
+def _unreachable(said: str, last: str) -> Unreachable:
+    unreachable = Unreachable(said)
+    unreachable.last = " ".join(last.split())  # one line, whatever the error said
+    return unreachable
 
 
 async def _pong(ws: ClientConnection) -> None:
@@ -647,6 +722,8 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, InvalidURI):
+        return "not a socket URL"  # its text holds the URL, and a URL may hold a token
     return str(exc) or type(exc).__name__
 
 
@@ -727,7 +804,7 @@ class OwnRun:
         return message["type"] != "queued" and message.get("run") == self.run
 
 
-def _keep(kept: dict[str, Any], key: str, value: Any, most: int) -> None:
+def _keep(kept: dict[Any, Any], key: Any, value: Any, most: int) -> None:
     """Set ``kept[key]``; past ``most`` entries, the oldest goes."""
     kept[key] = value
     if len(kept) > most:

@@ -173,6 +173,13 @@ export class Thoughtwire extends EventTarget {
     // their run, for the same reason; their key makes the frontend run each once.
     this._prompts = new Map();
     this._queued = new Map(); // a prompt's key -> its run, the latest RUNS_KEPT
+    // Approvals by run and call, sent again on each socket until settled: the run's
+    // `decision` for the call, the run's end, or a refusal. One lost the same way would
+    // leave the run waiting until the timeout denies the call.
+    this._approvals = new Map();
+    // The approvals sent again on the open socket: a `not_waiting` naming one says the
+    // first was applied after all, which is no refusal to report.
+    this._resent = new Set();
     this._timer = null;
     this._beat = null;
     this._watch = null; // drops a socket the frontend has gone silent on (_welcome)
@@ -243,8 +250,12 @@ export class Thoughtwire extends EventTarget {
   /**
    * Answer a tool call's `approval`: allow or deny it, with an optional reason.
    *
-   * A refusal (a call not waiting, `not_waiting`) comes as a `message` with type
-   * `error`; a viewer's approve is an `error` event (the frontend closes with 4003).
+   * It is sent again on each new socket until the run's `decision` for the call comes,
+   * the run ends, or the frontend refuses it (at most 64 are kept: past that, the oldest
+   * is not sent again). A refusal (a call not waiting, `not_waiting`, naming `run` and
+   * `call_id`) comes as a `message` with type `error`, except for an approval sent again,
+   * whose first was applied; a viewer's approve is an `error` event (the frontend closes
+   * with 4003).
    *
    * @param {string} run the run that waits
    * @param {string} callId the approval's `call_id`
@@ -255,7 +266,14 @@ export class Thoughtwire extends EventTarget {
     if (!DECISIONS.has(decision)) throw new TypeError("decision: allow or deny");
     const frame = { type: "approve", run, call_id: callId, decision };
     if (reason !== undefined && reason !== null) frame.reason = String(reason);
-    this._write("approve", frame);
+    // Not taken out of `_resent`: replies come in the order of the frames, so the first
+    // `not_waiting` for the call is that of the one sent again.
+    const call = callKey(run, callId);
+    if (!this._write("approve", frame)) return;
+    this._approvals.delete(call);
+    this._approvals.set(call, frame);
+    // The oldest goes: its run's end may have gone by in a gap.
+    if (this._approvals.size > MAX_PENDING) this._approvals.delete(this._approvals.keys().next().value);
   }
 
   /**
@@ -353,6 +371,8 @@ export class Thoughtwire extends EventTarget {
       // the client goes on following.
       this._cancels.clear(); // refused too, and would be again
       this._prompts.clear();
+      this._approvals.clear();
+      this._resent.clear();
       this._emit("error", { action: wrote, code, reason });
       this._retry(code, reason, 0);
     } else if (code === UNAUTHORIZED && typeof this._token === "function" && !this._authRetried) {
@@ -394,6 +414,8 @@ export class Thoughtwire extends EventTarget {
     this._pending = [];
     this._prompts.clear();
     this._cancels.clear();
+    this._approvals.clear();
+    this._resent.clear();
     this._setState("closed", { code, reason });
     const error = new Error(`closed (${code}): ${reason}`);
     Object.assign(error, { code, reason });
@@ -423,7 +445,14 @@ export class Thoughtwire extends EventTarget {
       if (message?.type === "session") this._welcome(message);
       else if (message?.type === "presence") this._emit("presence", message);
       else if (message?.type === "queued") this._wasQueued(message);
-      else if (message?.type === "error" && this._prompts.has(message.key)) {
+      else if (isNotWaiting(message)) {
+        // The reply to an approve, naming it: settled either way, not sent again.
+        const call = callKey(message.run, message.call_id);
+        this._approvals.delete(call);
+        // One sent again on this socket: the first was applied after all (or decided
+        // elsewhere meanwhile, as the run's `decision` event says). No refusal.
+        if (this._resent.delete(call)) return;
+      } else if (message?.type === "error" && this._prompts.has(message.key)) {
         // A refused prompt (over the rate too, or it would run on a later socket, long
         // after its sender gave up on it) is not sent again.
         this._prompts.delete(message.key);
@@ -472,6 +501,13 @@ export class Thoughtwire extends EventTarget {
     for (const frame of this._prompts.values()) if (!queued.has(frame)) this._send("prompt", frame);
     for (const [action, frame] of pending) this._send(action, frame);
     for (const frame of this._cancels.values()) this._send("cancel", frame);
+    // Approvals an earlier socket took may not have been read either: sent again last.
+    this._resent = new Set();
+    for (const [call, frame] of this._approvals) {
+      if (queued.has(frame)) continue;
+      this._resent.add(call);
+      this._send("approve", frame);
+    }
     this._resolve?.(this);
   }
 
@@ -482,7 +518,19 @@ export class Thoughtwire extends EventTarget {
     this.seq = event.seq;
     this.folded = reduce(this.folded, event);
     if (TERMINAL.has(event.type)) this._cancels.delete(event.run);
+    this._settle(event);
     this._emit("event", event);
+  }
+
+  /** An event that settles approvals: their call's `decision`, or their run's end. */
+  _settle(event) {
+    if (event.type === "decision") {
+      this._approvals.delete(callKey(event.run, event.call_id));
+    } else if (TERMINAL.has(event.type)) {
+      for (const [call, frame] of this._approvals) {
+        if (frame.run === event.run) this._approvals.delete(call);
+      }
+    }
   }
 
   _snapshot(snapshot) {
@@ -524,16 +572,20 @@ export class Thoughtwire extends EventTarget {
 
   // --- sending --------------------------------------------------------------
 
+  /** Send `frame` now, or once a socket is open; false if it was refused (an `error` event). */
   _write(action, frame) {
     if (this._done) {
       this._emit("error", { action, reason: "the client is closed" });
     } else if (this._ws !== null && this._admitted) {
       this._send(action, frame);
+      return true;
     } else if (this._pending.length < MAX_PENDING) {
       this._pending.push([action, frame]);
+      return true;
     } else {
       this._emit("error", { action, reason: "too many messages wait for a connection" });
     }
+    return false;
   }
 
   _send(action, frame) {
@@ -562,6 +614,21 @@ function defaultUrl() {
 function newKey() {
   const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16));
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The key of an approval: its run and call (a run id has no NUL). */
+function callKey(run, callId) {
+  return `${run}\u0000${callId}`;
+}
+
+/** Whether `message` is a `not_waiting` reply naming the approve it refuses. */
+function isNotWaiting(message) {
+  return (
+    message?.type === "error" &&
+    message.code === "not_waiting" &&
+    typeof message.run === "string" &&
+    typeof message.call_id === "string"
+  );
 }
 
 function messageOf(err) {
