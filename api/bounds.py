@@ -36,6 +36,8 @@ from thoughtwire.shared.settings import Settings
 API_PREFIX = "/v1/"
 TOO_LARGE = "the request body is larger than this frontend accepts"
 TOO_SLOW = "the request body did not arrive in time"
+# How deep a refused body's value is echoed in its 422; deeper, it is "...".
+ECHO_DEPTH = 20
 # What the app reads once a body has been refused: it stops, and its reply is dropped.
 DISCONNECT: Message = {"type": "http.disconnect"}
 
@@ -162,9 +164,12 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": jsonable_encoder(encodable(exc.errors()))}, status_code=422)
 
 
-def encodable(value: Any) -> Any:
-    """``value`` as JSON can carry it, however deep: a non-finite float as its name, bytes
-    as text, and a lone surrogate as U+FFFD (the replacement character)."""
+def encodable(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON can carry it: a non-finite float as its name, bytes as text, a
+    lone surrogate as U+FFFD (the replacement character), and what lies deeper than
+    ``ECHO_DEPTH`` (a body nested a thousand deep) as ``"..."``."""
+    if depth > ECHO_DEPTH:
+        return "..."
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, bytes):
@@ -172,7 +177,7 @@ def encodable(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     if isinstance(value, list | tuple):
-        return [encodable(v) for v in value]
+        return [encodable(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {encodable(k): encodable(v) for k, v in value.items()}
+        return {encodable(k, depth + 1): encodable(v, depth + 1) for k, v in value.items()}
     return value

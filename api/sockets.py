@@ -304,19 +304,19 @@ class SessionSocket:
             )
             await self._handle(message)
         except ProtocolError as exc:
-            self.conn.send(error_reply(exc.code, exc.message, **_prompt_key(frame)))
+            self.conn.send(error_reply(exc.code, exc.message, **_named(frame)))
         except Busy as exc:
-            key = _prompt_key(frame)
+            key = _named(frame)
             self.conn.send(
                 reply("error", code=ErrorCode.BUSY, message=str(exc), run=exc.run, **key)
             )
         except LimitError as exc:  # rate_limited, or budget
             refused(Refusal.LIMIT)
-            self.conn.send(error_reply(exc.error_code, exc.message, **_prompt_key(frame)))
+            self.conn.send(error_reply(exc.error_code, exc.message, **_named(frame)))
         except AuthError as exc:
             raise Stop(exc.code, exc.message) from None
         except UNAVAILABLE:
-            key = _prompt_key(frame)  # a prompt's names it, as every refusal of one does
+            key = _named(frame)  # a prompt's, or an approval's: every refusal of one names it
             refusal = error_reply(ErrorCode.UNAVAILABLE, UNAVAILABLE_SAID, **key) if key else None
             self.conn.send(refusal or UNAVAILABLE_REPLY)
 
@@ -407,21 +407,29 @@ class SessionSocket:
             )
 
 
-def _prompt_key(frame: str) -> dict[str, str]:
-    """``{"key": K}`` for a refused frame that is a prompt with a key, else nothing: the
-    reply names the prompt it refuses, whatever else its client has sent meanwhile."""
-    if "prompt" not in frame:  # most refused frames are no prompt: no parse for them
+def _named(frame: str) -> dict[str, str]:
+    """What the reply to a refused frame names, whatever else its client has sent
+    meanwhile: a prompt's ``key``, an approval's ``run`` and ``call_id``; else nothing. A
+    client keeps either until its reply comes (and sends it again on a new socket)."""
+    if "prompt" not in frame and "approve" not in frame:  # most are neither: no parse
         return {}
     try:
         message = orjson.loads(frame)
-    except orjson.JSONDecodeError:  # a lone surrogate in its text, say: its key still counts
+    except orjson.JSONDecodeError:  # a lone surrogate in its text, say: its names still count
         message = lenient_json(frame)
-    if not isinstance(message, dict) or message.get("type") != "prompt":
+    if not isinstance(message, dict):
         return {}
-    key = message.get("key")
-    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_CHARS and whole_text(key):
-        return {"key": key}
-    return {}
+    if message.get("type") == "prompt":
+        names = {"key": message.get("key")}
+    elif message.get("type") == "approve":
+        names = {"run": message.get("run"), "call_id": message.get("call_id")}
+    else:
+        return {}
+    named = {field: name for field, name in names.items() if isinstance(name, str)}
+    if len(named) < len(names):
+        return {}
+    ok = all(0 < len(name) <= MAX_KEY_CHARS and whole_text(name) for name in named.values())
+    return named if ok else {}
 
 
 class _Clock:

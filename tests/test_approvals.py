@@ -115,6 +115,19 @@ async def test_a_not_waiting_reply_names_the_run_and_the_call():
             "call_id": "call_1",
         }
     ]
+    # Every refusal of an approve names it: a client settles the approval on any of them,
+    # where one it could not tell from another would be sent again on every new socket.
+    sent.clear()
+    for bad in (
+        {**frame, "decision": "maybe"},
+        {**frame, "reason": "x" * 3000},
+        {**frame, "reason": "half \ud83d"},
+    ):
+        await socket._handle_frame(json.dumps(bad))
+    replies = [json.loads(reply) for reply in sent]
+    assert [(r["code"], r["run"], r["call_id"]) for r in replies] == [
+        ("bad_message", "r1", "call_1")
+    ] * 3, replies
 
 
 async def test_a_turn_without_an_approver_denies_and_a_denial_is_an_error_observation():

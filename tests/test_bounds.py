@@ -556,6 +556,17 @@ UNENCODABLE = {
         "application/json",
         b'{"decision": "allow", "reason": "\\ud83d"}',
     ),
+    # nested past the recursion an echo can take (a 500 before), in a field or an extra one
+    "nested 600 deep": (
+        "/v1/jobs",
+        "application/json",
+        b'{"prompt":' + b"[" * 600 + b"]" * 600 + b"}",
+    ),
+    "an extra field nested 600 deep": (
+        "/v1/jobs",
+        "application/json",
+        b'{"prompt": "x", "deep":' + b"[" * 600 + b"]" * 600 + b"}",
+    ),
     "a lone surrogate in a scope": (
         "/v1/sessions/s-1/viewer-token",
         "application/json",

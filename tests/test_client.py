@@ -953,6 +953,41 @@ async def test_the_not_waiting_reply_to_an_approval_sent_again_is_not_an_error()
     assert not follower._approvals
 
 
+async def test_an_approval_refused_otherwise_is_reported_and_not_sent_again():
+    """An approve the frontend refuses for what it is (``bad_message``: a reason too long,
+    say), its reply naming it: reported once, and the next connection does not carry it.
+    Before, only ``not_waiting`` settled one, so this was sent again on every socket."""
+    received: list[list[dict]] = []
+
+    async def frontend(ws):
+        frames: list[dict] = []
+        received.append(frames)
+        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        if len(received) == 1:
+            await ws.send(json.dumps(APPROVAL))
+            frames.append(json.loads(await ws.recv()))
+            refusal = {**not_waiting("c1"), "code": "bad_message", "message": "too long"}
+            await ws.send(json.dumps(refusal))
+            await ws.close(1012, "frontend restarting; reconnect and resume")
+            return
+        await ws.send(json.dumps({**APPROVAL, "type": "done", "seq": 2}))
+        async for frame in ws:
+            frames.append(json.loads(frame))
+
+    heard: list[Refused] = []
+    async with following(frontend) as follower:
+        follower.on_error = heard.append
+        async with asyncio.timeout(seconds(5)), aclosing(follower.events()) as stream:
+            async for event in stream:
+                if event["type"] == "approval":
+                    await follower.approve("r1", "c1", "allow", "x")
+                if event["type"] == "done":
+                    break
+    assert received[1] == [], received
+    assert [(r.error, r.action) for r in heard] == [("bad_message", "approve")]
+    assert not follower._approvals
+
+
 async def test_a_token_handed_to_refresh_is_the_one_the_next_connection_sends():
     """``refresh(token)`` with a string token: after the socket is lost, the reconnect
     signs in with the fresh token, not the first one (which may have expired by then:

@@ -894,6 +894,34 @@ async def test_the_not_waiting_reply_to_an_approval_sent_again_is_not_an_error()
     assert [(h["code"], h.get("call_id")) for h in result["heard"]] == [("not_waiting", "c9")]
 
 
+async def test_an_approval_refused_otherwise_is_a_message_and_not_sent_again():
+    """An approve refused for what it is (``bad_message``, its reply naming it): one
+    ``message``, and the next socket does not carry it. Before, only ``not_waiting``
+    settled one, so this was sent again on every socket."""
+    async with client_module_page() as page:
+        await page.evaluate(FAKE_SOCKET)
+        result = await page.evaluate(
+            """async () => {"""
+            + APPROVAL_JS
+            + """
+              const tw = window.resuming();
+              const heard = [];
+              tw.addEventListener("message", (e) => { if (e.detail.type === "error") heard.push(e.detail); });
+              await tw.connect();
+              window.sockets[0].receive(approval);
+              tw.approve("r1", "c1", "allow", "x");
+              window.sockets[0].receive({...notWaiting("c1"), code: "bad_message"});
+              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+              await window.greeted(tw, 2);
+              tw.close();
+              return {sent: window.sockets.map((s) => s.sent), heard};
+            }"""
+        )
+    first = {**approve_frame("c1"), "reason": "x"}
+    assert result["sent"] == [[first], []], result["sent"]
+    assert [(h["code"], h.get("call_id")) for h in result["heard"]] == [("bad_message", "c1")]
+
+
 async def test_a_link_gone_silent_past_its_ping_interval_is_dropped_and_resumed():
     """A link that dies without a close (a laptop asleep, a NAT that forgot it) gave the
     page no sign for minutes, until TCP gave up. The client asks for pings (``ping=1``);

@@ -221,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return int(Exit.INTERRUPTED)
     except BrokenPipeError:
+        if args.command not in ("chat", "token"):
+            raise  # a server's own broken pipe is its failure, not a reader leaving
         # Whoever read the output has gone (`chat ... | head -1`): there is nobody left to
         # tell, and what is still buffered would fail again as Python exits.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -618,6 +620,7 @@ class Chat:
             token=args.token,
             timeout=args.timeout,
             open_timeout=min(args.timeout, 5.0),
+            greeting_timeout=args.timeout,
             max_reconnects=1_000_000,  # --timeout decides when to give up
             on_state=self._state,
         )

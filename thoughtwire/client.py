@@ -199,7 +199,10 @@ class Follower:
     it, and reconnects resume from its ``seq``); ``after=0``: every event from the
     start. ``replay="raw"`` asks for no snapshot ever (a trimmed log is a ``gap``). No
     ``session`` starts a new one. ``timeout`` gives up (:class:`Unreachable`) after that many
-    seconds without a connection; ``max_reconnects`` after that many tries in a row.
+    seconds without a connection; ``max_reconnects`` after that many tries in a row. A
+    socket that does not say which session it serves (its ``session`` greeting) within
+    ``greeting_timeout`` is a failed try: no session socket (a wrong URL), or a frontend
+    that cannot reach Redis (it closes with 1013 itself well before 30 s).
     ``on_state`` is called with a :class:`StateChange` on every state change.
     ``on_error``, if given, hears of a write the token may not make (a viewer's prompt
     or cancel: 4003) and of each ``error`` reply (a prompt refused as ``busy`` or over
@@ -226,6 +229,7 @@ class Follower:
         on_error: Callable[[Refused], None] | None = None,
         max_reconnects: int = 50,
         open_timeout: float = 5.0,
+        greeting_timeout: float = 30.0,
         timeout: float | None = None,
         first: int = 0,
         heartbeat: float | None = 240.0,
@@ -250,6 +254,7 @@ class Follower:
         self.on_error = on_error
         self.max_reconnects = max_reconnects
         self.open_timeout = open_timeout
+        self.greeting_timeout = greeting_timeout
         self.timeout = timeout
         self.heartbeat = heartbeat or None
         self.reconnects = 0
@@ -280,7 +285,8 @@ class Follower:
         self._settling = False  # greeted again; a gap, if any, comes next
         self._url_tried = ""
         self._greeted_at = 0.0  # when the current connection was greeted (loop time)
-        self._greeting_wait = open_timeout  # how long a new socket may take to greet
+        self._greeting_wait = greeting_timeout  # how long this socket may take to greet
+        self.own_runs = False  # an OwnRun waits for its prompt's run (OwnRun sets it)
 
     def url(self, attempt: int) -> str:
         """The socket URL for ``attempt``: its frontend, and the position to resume from."""
@@ -290,6 +296,12 @@ class Follower:
             query["session"] = self.session
             if self.seq is not None:
                 query["after"] = self.seq
+            elif self.own_runs and self._opened_before:
+                # No position yet (a session joined before it had events, or left before
+                # its snapshot came): a snapshot now would fold away the events of a run
+                # that ended meanwhile, and OwnRun would wait for its end for ever. The
+                # log from its start has them, and OwnRun passes on its own run's only.
+                query["after"] = 0
             if self.epoch is not None:
                 query["epoch"] = self.epoch
             if self.replay == "raw":
@@ -484,11 +496,12 @@ class Follower:
         url = self.url(attempt)
         token = await fetch_token(self.token)
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        open_timeout = self.open_timeout
+        open_timeout, greeting = self.open_timeout, self.greeting_timeout
         if deadline is not None:
             open_timeout = max(0.01, min(open_timeout, deadline - _now()))
+            greeting = max(0.01, min(greeting, deadline - _now()))
         self._url_tried, self._wrote = url, None
-        self._greeting_wait = open_timeout
+        self._greeting_wait = greeting
         return connect(url, additional_headers=headers, open_timeout=open_timeout, max_size=2**22)
 
     async def _receive(self, ws: ClientConnection) -> dict[str, Any] | None:
@@ -538,13 +551,8 @@ class Follower:
         return message if self._advance(message) else None
 
     async def _greeted(self, ws: ClientConnection, message: dict[str, Any]) -> None:
-        if self.seq is None and (self.session is None or self._prompts):
-            # A session of our own: all of it is ours to see. So is all of a joined one
-            # from here, while a prompt of ours waits: a reconnect before any event would
-            # otherwise get a snapshot, which folds away the events of a run that ended
-            # meanwhile, and whoever waits for that run's end (OwnRun) would wait for ever.
-            # A joined session's own snapshot comes next and moves the position to it.
-            self.seq = 0
+        if self.session is None and self.seq is None:
+            self.seq = 0  # a session of our own: all of it is ours to see
         self.session = message["session"]
         self._ws, self._opened, self._opened_before = ws, True, True
         self._greeted_at = _now()
@@ -600,11 +608,11 @@ class Follower:
         if not isinstance(key, str):
             key = None
         run, call_id = message.get("run"), message.get("call_id")
-        if code == NOT_WAITING and isinstance(run, str) and isinstance(call_id, str):
+        if isinstance(run, str) and isinstance(call_id, str):
             # The reply to an approve, naming it: settled either way, not sent again.
             call = (run, call_id)
             self._approvals.pop(call, None)
-            if call in self._resent:
+            if call in self._resent and code == NOT_WAITING:
                 # Sent again on this socket: the first was applied after all (or decided
                 # elsewhere meanwhile, as the run's ``decision`` event says). No error.
                 self._resent.discard(call)
@@ -634,10 +642,6 @@ class Follower:
             return
         self._prompts.pop(key, None)
         _keep(self._queued, key, run, RUNS_KEPT)
-        if self.seq is None:
-            # No snapshot came before the reply (it comes first): the session held nothing
-            # when joined, so all of it since is ours to see, the run included.
-            self.seq = 0
         if key in self._withdrawn:
             del self._withdrawn[key]
             await self.cancel(run)
@@ -769,6 +773,7 @@ class OwnRun:
     """
 
     def __init__(self, follower: Follower, key: str) -> None:
+        follower.own_runs = True
         self.follower = follower
         self.key = key
         self.run: str | None = None

@@ -445,13 +445,13 @@ export class Thoughtwire extends EventTarget {
       if (message?.type === "session") this._welcome(message);
       else if (message?.type === "presence") this._emit("presence", message);
       else if (message?.type === "queued") this._wasQueued(message);
-      else if (isNotWaiting(message)) {
+      else if (namesApproval(message)) {
         // The reply to an approve, naming it: settled either way, not sent again.
         const call = callKey(message.run, message.call_id);
         this._approvals.delete(call);
         // One sent again on this socket: the first was applied after all (or decided
         // elsewhere meanwhile, as the run's `decision` event says). No refusal.
-        if (this._resent.delete(call)) return;
+        if (this._resent.delete(call) && message.code === "not_waiting") return;
       } else if (message?.type === "error" && this._prompts.has(message.key)) {
         // A refused prompt (over the rate too, or it would run on a later socket, long
         // after its sender gave up on it) is not sent again.
@@ -621,14 +621,9 @@ function callKey(run, callId) {
   return `${run}\u0000${callId}`;
 }
 
-/** Whether `message` is a `not_waiting` reply naming the approve it refuses. */
-function isNotWaiting(message) {
-  return (
-    message?.type === "error" &&
-    message.code === "not_waiting" &&
-    typeof message.run === "string" &&
-    typeof message.call_id === "string"
-  );
+/** Whether `message` is an `error` reply naming the approve it refuses. */
+function namesApproval(message) {
+  return message?.type === "error" && typeof message.run === "string" && typeof message.call_id === "string";
 }
 
 function messageOf(err) {
