@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -709,12 +710,14 @@ async def test_a_frame_that_is_no_json_object_drops_the_connection_and_the_strea
     assert "after=1" in asked[1], asked
 
 
-async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_ends():
-    """A frontend stops reading before it closes (a drain's 1012, a slow reader's 4008):
-    a cancel written in that moment is never read. The next connection carries the
-    cancel of that run again, until the run's terminal event shows it ended. Before,
-    the Stop was lost and the run went on."""
-    run_event = {"type": "thinking", "run": "r1", "epoch": "e", "seq": 1, "session": "S"}
+def drops_its_first_socket(
+    first: dict, answers: dict[str, dict]
+) -> tuple[Any, list, asyncio.Event]:
+    """A stand-in frontend whose first socket sends ``first``, reads one frame and closes
+    with 1012 without acting on it (a drain: it stopped reading); each later socket keeps
+    the frames it gets and answers a frame of a type in ``answers`` with that event.
+    Returns the handler, the frames each socket kept (the first's: none), and an event
+    set once the first socket is closed."""
     received: list[list[dict]] = []
     dropped = asyncio.Event()
 
@@ -723,16 +726,28 @@ async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_en
         received.append(frames)
         await ws.send(json.dumps({"type": "session", "session": "S"}))
         if len(received) == 1:
-            await ws.send(json.dumps(run_event))
-            await ws.recv()  # the cancel, which this frontend no longer handles
+            await ws.send(json.dumps(first))
+            await ws.recv()  # written as the frontend stopped reading: never acted on
             await ws.close(1012, "frontend restarting; reconnect and resume")
             dropped.set()
             return
         async for frame in ws:
             frames.append(json.loads(frame))
-            if frames[-1]["type"] == "cancel":
-                ended = {**run_event, "type": "cancelled", "seq": 2}
-                await ws.send(json.dumps(ended))
+            answer = answers.get(frames[-1]["type"])
+            if answer is not None:
+                await ws.send(json.dumps(answer))
+
+    return frontend, received, dropped
+
+
+async def test_a_stop_sent_as_the_frontend_closes_is_sent_again_until_its_run_ends():
+    """A frontend stops reading before it closes (a drain's 1012, a slow reader's 4008):
+    a cancel written in that moment is never read. The next connection carries the
+    cancel of that run again, until the run's terminal event shows it ended. Before,
+    the Stop was lost and the run went on."""
+    run_event = {"type": "thinking", "run": "r1", "epoch": "e", "seq": 1, "session": "S"}
+    ended = {**run_event, "type": "cancelled", "seq": 2}
+    frontend, received, dropped = drops_its_first_socket(run_event, {"cancel": ended})
 
     async with following(frontend) as follower:
         seen = []
@@ -834,23 +849,7 @@ async def test_an_approval_sent_as_the_frontend_closes_is_sent_again_until_it_is
     approve written in that moment is never read. The next connection carries it again,
     until the run's ``decision`` for the call shows it counted. Before, it was sent once,
     and the run waited until the timeout denied the call the user had allowed."""
-    received: list[list[dict]] = []
-    dropped = asyncio.Event()
-
-    async def frontend(ws):
-        frames: list[dict] = []
-        received.append(frames)
-        await ws.send(json.dumps({"type": "session", "session": "S"}))
-        if len(received) == 1:
-            await ws.send(json.dumps(APPROVAL))
-            await ws.recv()  # the approve, which this frontend no longer acts on
-            await ws.close(1012, "frontend restarting; reconnect and resume")
-            dropped.set()
-            return
-        async for frame in ws:
-            frames.append(json.loads(frame))
-            if frames[-1]["type"] == "approve":
-                await ws.send(json.dumps(decided("c1", 2)))
+    frontend, received, dropped = drops_its_first_socket(APPROVAL, {"approve": decided("c1", 2)})
 
     async with following(frontend) as follower:
         seen = []

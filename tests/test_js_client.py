@@ -798,31 +798,42 @@ def approve_frame(call_id: str, decision: str = "allow") -> dict[str, str]:
     return {"type": "approve", "run": "r1", "call_id": call_id, "decision": decision}
 
 
-async def test_an_approval_sent_as_the_frontend_closes_is_sent_again_until_it_is_decided():
-    """An approve written as its frontend stopped reading (a drain's 1012, a link that
-    died) is sent again on the next socket; once the run's ``decision`` for the call came,
-    the socket after does not carry it. Before, it was sent once, and the run waited
-    until the timeout denied the call the user had allowed."""
+async def with_approvals(body: str) -> Any:
+    """What ``body`` returns, run in a page with the client on fake sockets, the approval
+    frames (APPROVAL_JS), ``tw`` (a resuming client, connected) and ``greeted(n)``; the
+    client is closed after it."""
     async with client_module_page() as page:
         await page.evaluate(FAKE_SOCKET)
-        sent = await page.evaluate(
-            """async () => {"""
+        return await page.evaluate(
+            "async () => {"
             + APPROVAL_JS
             + """
               const tw = window.resuming();
               const greeted = (n) => window.greeted(tw, n);
               await tw.connect();
-              window.sockets[0].receive(approval);
-              tw.approve("r1", "c1", "allow"); // written, never read: the frontend closes
-              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
-              await greeted(2);
-              window.sockets[1].receive(decided("c1", 2));
-              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
-              await greeted(3);
-              tw.close();
-              return window.sockets.map((s) => s.sent);
-            }"""
+              try {"""
+            + body
+            + "} finally { tw.close(); } }"
         )
+
+
+async def test_an_approval_sent_as_the_frontend_closes_is_sent_again_until_it_is_decided():
+    """An approve written as its frontend stopped reading (a drain's 1012, a link that
+    died) is sent again on the next socket; once the run's ``decision`` for the call came,
+    the socket after does not carry it. Before, it was sent once, and the run waited
+    until the timeout denied the call the user had allowed."""
+    sent = await with_approvals(
+        """
+          window.sockets[0].receive(approval);
+          tw.approve("r1", "c1", "allow"); // written, never read: the frontend closes
+          window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+          await greeted(2);
+          window.sockets[1].receive(decided("c1", 2));
+          window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+          await greeted(3);
+          return window.sockets.map((s) => s.sent);
+"""
+    )
     assert sent == [[approve_frame("c1")], [approve_frame("c1")], []], sent
 
 
@@ -830,29 +841,21 @@ async def test_an_approval_decided_before_the_reconnect_is_not_sent_again():
     """Of two approvals of a run, the first's ``decision`` came before the socket closed:
     the next socket carries only the second. That run then ends (cancelled while it
     waited: no decision), and the socket after carries no approval at all."""
-    async with client_module_page() as page:
-        await page.evaluate(FAKE_SOCKET)
-        sent = await page.evaluate(
-            """async () => {"""
-            + APPROVAL_JS
-            + """
-              const tw = window.resuming();
-              const greeted = (n) => window.greeted(tw, n);
-              await tw.connect();
-              window.sockets[0].receive(approval);
-              tw.approve("r1", "c1", "allow");
-              window.sockets[0].receive(decided("c1", 2));
-              window.sockets[0].receive({...approval, call_id: "c2", block: "b2", seq: 3});
-              tw.approve("r1", "c2", "deny"); // written, never read: the frontend closes
-              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
-              await greeted(2);
-              window.sockets[1].receive({...approval, type: "cancelled", seq: 4});
-              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
-              await greeted(3);
-              tw.close();
-              return window.sockets.map((s) => s.sent);
-            }"""
-        )
+    sent = await with_approvals(
+        """
+          window.sockets[0].receive(approval);
+          tw.approve("r1", "c1", "allow");
+          window.sockets[0].receive(decided("c1", 2));
+          window.sockets[0].receive({...approval, call_id: "c2", block: "b2", seq: 3});
+          tw.approve("r1", "c2", "deny"); // written, never read: the frontend closes
+          window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+          await greeted(2);
+          window.sockets[1].receive({...approval, type: "cancelled", seq: 4});
+          window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+          await greeted(3);
+          return window.sockets.map((s) => s.sent);
+"""
+    )
     first, again = approve_frame("c1"), approve_frame("c2", "deny")
     assert sent == [[first, again], [again], []], sent
 
@@ -863,32 +866,23 @@ async def test_the_not_waiting_reply_to_an_approval_sent_again_is_not_an_error()
     reply to the resend is ``not_waiting``, naming the call. The application does not
     hear of it, and it is not sent again; a ``not_waiting`` for an approval sent once (a
     stale answer) is still a ``message``."""
-    async with client_module_page() as page:
-        await page.evaluate(FAKE_SOCKET)
-        result = await page.evaluate(
-            """async () => {"""
-            + APPROVAL_JS
-            + """
-              const tw = window.resuming();
-              const heard = [];
-              tw.addEventListener("message", (e) => { if (e.detail.type === "error") heard.push(e.detail); });
-              tw.addEventListener("error", (e) => heard.push(e.detail));
-              const greeted = (n) => window.greeted(tw, n);
-              await tw.connect();
-              window.sockets[0].receive(approval);
-              tw.approve("r1", "c1", "allow"); // applied; the frontend closes before its decision
-              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
-              await greeted(2);
-              window.sockets[1].receive(decided("c1", 2)); // the resume's catch-up
-              window.sockets[1].receive(notWaiting("c1")); // the reply to the resend
-              tw.approve("r1", "c9", "deny"); // a call that never waited
-              window.sockets[1].receive(notWaiting("c9"));
-              window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
-              await greeted(3);
-              tw.close();
-              return {sent: window.sockets.map((s) => s.sent), heard};
-            }"""
-        )
+    result = await with_approvals(
+        """
+          const heard = [];
+          tw.addEventListener("message", (e) => { if (e.detail.type === "error") heard.push(e.detail); });
+          tw.addEventListener("error", (e) => heard.push(e.detail));
+          window.sockets[0].receive(approval);
+          tw.approve("r1", "c1", "allow"); // applied; the frontend closes before its decision
+          window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+          await greeted(2);
+          window.sockets[1].receive(decided("c1", 2)); // the resume's catch-up
+          window.sockets[1].receive(notWaiting("c1")); // the reply to the resend
+          tw.approve("r1", "c9", "deny"); // a call that never waited
+          window.sockets[1].receive(notWaiting("c9"));
+          window.sockets[1].onclose({code: 1012, reason: "frontend restarting"});
+          await greeted(3);
+          return {sent: window.sockets.map((s) => s.sent), heard};"""
+    )
     c1, c9 = approve_frame("c1"), approve_frame("c9", "deny")
     assert result["sent"] == [[c1], [c1, c9], []], result["sent"]
     assert [(h["code"], h.get("call_id")) for h in result["heard"]] == [("not_waiting", "c9")]
@@ -898,25 +892,17 @@ async def test_an_approval_refused_otherwise_is_a_message_and_not_sent_again():
     """An approve refused for what it is (``bad_message``, its reply naming it): one
     ``message``, and the next socket does not carry it. Before, only ``not_waiting``
     settled one, so this was sent again on every socket."""
-    async with client_module_page() as page:
-        await page.evaluate(FAKE_SOCKET)
-        result = await page.evaluate(
-            """async () => {"""
-            + APPROVAL_JS
-            + """
-              const tw = window.resuming();
-              const heard = [];
-              tw.addEventListener("message", (e) => { if (e.detail.type === "error") heard.push(e.detail); });
-              await tw.connect();
-              window.sockets[0].receive(approval);
-              tw.approve("r1", "c1", "allow", "x");
-              window.sockets[0].receive({...notWaiting("c1"), code: "bad_message"});
-              window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
-              await window.greeted(tw, 2);
-              tw.close();
-              return {sent: window.sockets.map((s) => s.sent), heard};
-            }"""
-        )
+    result = await with_approvals(
+        """
+          const heard = [];
+          tw.addEventListener("message", (e) => { if (e.detail.type === "error") heard.push(e.detail); });
+          window.sockets[0].receive(approval);
+          tw.approve("r1", "c1", "allow", "x");
+          window.sockets[0].receive({...notWaiting("c1"), code: "bad_message"});
+          window.sockets[0].onclose({code: 1012, reason: "frontend restarting"});
+          await greeted(2);
+          return {sent: window.sockets.map((s) => s.sent), heard};"""
+    )
     first = {**approve_frame("c1"), "reason": "x"}
     assert result["sent"] == [[first], []], result["sent"]
     assert [(h["code"], h.get("call_id")) for h in result["heard"]] == [("bad_message", "c1")]

@@ -141,7 +141,9 @@ class Refused(Exception):
 class Unreachable(Refused):
     """No frontend of the list could be reached in time (or in ``max_reconnects`` tries)."""
 
-    last = ""  # why the last try failed
+    def __init__(self, reason: str, last: str = "") -> None:
+        super().__init__(reason)
+        self.last = " ".join(last.split())  # why the last try failed, on one line
 
 
 def socket_url(base: str, query: dict[str, Any]) -> str:
@@ -562,9 +564,9 @@ class Follower:
         earlier = [("prompt", p) for p in self._prompts.values() if p not in queued]
         cancels = [("cancel", c) for c in self._cancels.values()]
         # Approvals an earlier socket took may not have been read either: sent again last.
-        again = [(call, a) for call, a in self._approvals.items() if a not in queued]
-        self._resent = {call for call, _ in again}
-        approvals = [("approve", a) for _, a in again]
+        again = {call: a for call, a in self._approvals.items() if a not in queued}
+        self._resent = set(again)
+        approvals = [("approve", a) for a in again.values()]
         for action, frame in [*earlier, *outbox, *cancels, *approvals]:
             self._wrote = action
             await ws.send(frame)
@@ -683,23 +685,17 @@ class _Retries:
         """Seconds to wait before the next try; raises :class:`Unreachable` to stop."""
         self.failures += 1
         if self.failures > self.max_failures:
-            raise _unreachable(f"gave up after {self.max_failures} tries: {reason}", reason)
+            raise Unreachable(f"gave up after {self.max_failures} tries: {reason}", reason)
         delay = next(self.delays)
         if self.deadline is not None:
             left = self.deadline - _now()
             if left <= 0:
                 said = f"no frontend answered within {self.timeout:g} s ({reason})"
-                raise _unreachable(said, reason)
+                raise Unreachable(said, reason)
             delay = min(delay, left)  # one last try just before the deadline
         if code == RATE_LIMITED:
             delay = max(delay, RATE_LIMIT_PAUSE * random.uniform(1, 2))
         return delay
-
-
-def _unreachable(said: str, last: str) -> Unreachable:
-    unreachable = Unreachable(said)
-    unreachable.last = " ".join(last.split())  # one line, whatever the error said
-    return unreachable
 
 
 async def _pong(ws: ClientConnection) -> None:
