@@ -188,9 +188,15 @@ class RedisCluster:
         return next(p for p, s in self.shards().items() if slot in s.slots)
 
     def healthy(self) -> bool:
-        """Every live node: cluster ok, sees all slots served by live masters, replicas synced."""
+        """Every live node: cluster ok, all slots on live masters, one shared view, synced.
+
+        The shared view matters as much as the state: ``cluster_state:ok`` comes before
+        gossip has told every node which nodes replicate which master, and a test that
+        reads the topology from a node that has not heard yet sees a shard with no replica.
+        """
         live = {n.port for n in self.live()}
         try:
+            views = []
             for node in self.live():
                 info = str(node.call("CLUSTER", "INFO"))
                 if "cluster_state:ok" not in info or f"cluster_slots_ok:{SLOTS}" not in info:
@@ -198,9 +204,18 @@ class RedisCluster:
                 shards = self.shards(node.port)
                 if not set(shards) <= live or sum(len(s.slots) for s in shards.values()) != SLOTS:
                     return False
+                views.append(self._view(shards, live))
+            placed = {p for master, replicas in views[0] for p in (master, *replicas)}
+            if any(view != views[0] for view in views) or placed != live:
+                return False
             return all(self._synced(n) for n in self.live())
         except redis.RedisError:
             return False
+
+    @staticmethod
+    def _view(shards: dict[int, Shard], live: set[int]) -> set[tuple[int, tuple[int, ...]]]:
+        """Each master with its live replicas: what every node must agree on."""
+        return {(p, tuple(sorted(r for r in s.replicas if r in live))) for p, s in shards.items()}
 
     @staticmethod
     def _synced(node: ClusterNode) -> bool:
