@@ -418,12 +418,11 @@ class Hub:
                     await self._publish(self._home.decode(), token)
             except (RedisError, OSError, TimeoutError):
                 return True
-            try:
-                async with asyncio.timeout(self._probe_interval):
-                    await heard
-            except TimeoutError:
-                return False
-            return True
+            # Not a timeout around the await: a loop that stalled past the deadline runs
+            # the reply's callback and the timeout in one turn, and a reply read by then
+            # was heard. (A timeout would cancel the wait all the same.)
+            done, _pending = await asyncio.wait([heard], timeout=self._probe_interval)
+            return bool(done)
         finally:
             self._probe = None
 

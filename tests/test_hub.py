@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from functools import partial
 from types import SimpleNamespace
 
@@ -356,6 +357,22 @@ async def test_a_probe_round_that_fails_is_logged_and_probing_goes_on(caplog):
         assert "pub/sub probe 1 failed (KeyError)" in caplog.text
     finally:
         await hub.close()
+
+
+async def test_a_probe_heard_while_the_loop_stalled_past_its_deadline_counts_as_heard():
+    """A loop blocked past the probe's deadline ran the reply's callback and the timeout
+    in one turn, and the wait was cancelled with the reply in hand: a busy frontend took a
+    link that was fine for deaf, and every viewer on it caught up for nothing."""
+    redis = FakeRedis()
+    hub: Hub
+
+    async def publish(channel, token):
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, time.sleep, 0.2)  # the loop stalls, the deadline passes
+        loop.call_later(0.02, hub._heard, token)  # the reply was read meanwhile
+
+    hub = Hub(redis.open_link, "home", publish=publish, probe_interval=0.05)
+    assert await hub.probe(1)
 
 
 async def test_close_goes_on_past_a_background_task_that_failed():
