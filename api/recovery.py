@@ -219,6 +219,7 @@ def catch_up(
     rounds: int = CATCH_UP_ROUNDS,
     pages: int = CATCH_UP_PAGES,
     replay: Replay = Replay.RAW,
+    now: Meta | None = None,
 ) -> CatchUp:
     """Catch a client up from ``position`` (None: from now on) to the live tail.
 
@@ -232,10 +233,12 @@ def catch_up(
     With ``replay`` :attr:`Replay.SNAPSHOT`, a client joining from now on (a session
     that has events) first gets a ``snapshot`` frame and goes on from its seq, and a
     position the log no longer holds is repaired by one when it covers the loss.
+    ``now`` is the meta read before the client was greeted: such a join starts where
+    the log stood then, and has a snapshot only if the log had events then.
     """
     held: list[str] = []  # frames taken but not merged yet
     if replay is Replay.SNAPSHOT and position is None:
-        position, held = yield from _snapshot_join()
+        position, held = yield from _snapshot_join(now)
     for _ in range(rounds):
         heard = [*held, *(yield TakeLive())]
         meta: Meta = yield ReadMeta()
@@ -256,26 +259,31 @@ def catch_up(
     return False
 
 
-def _snapshot_join() -> Generator[Step, Any, tuple[Position | None, list[str]]]:
+def _snapshot_join(
+    before: Meta | None = None,
+) -> Generator[Step, Any, tuple[Position | None, list[str]]]:
     """A join's snapshot: the position it leaves the client at, and the frames taken.
 
     The client's position is the snapshot's seq: what follows comes once, from the
     seq after it, and an event heard since the subscription that the snapshot holds is
     not sent again. For a client that ignores snapshots, "from now on" starts at the
     snapshot rather than at the subscription, a few milliseconds later. A session with
-    no events when the client subscribed gets no snapshot at all.
+    no events when the client subscribed gets no snapshot at all. Given ``before`` (the
+    log's meta before the greeting), that is when "now" is, and without a snapshot the
+    client goes on from there: what the log counts since comes as events.
     """
-    meta: Meta = yield ReadMeta()
+    meta: Meta = before if before is not None else (yield ReadMeta())
     heard: list[str] = yield TakeLive()
     now = meta.last_seq
     first = next((at for at in map(event_position, heard) if at is not None), None)
     if first is not None and first[1] == meta.epoch:
         now = min(now, first[0] - 1)
+    start = None if before is None else Position(meta.epoch, now)
     if meta.epoch is None or now == 0:
-        return None, heard
+        return start, heard
     snapshot = yield ReadSnapshot()
     if snapshot is None or snapshot.epoch != meta.epoch:
-        return None, heard
+        return start, heard
     position = Position(snapshot.epoch, snapshot.seq)
     yield Emit([snapshot.frame], position)
     return position, heard

@@ -46,7 +46,7 @@ from thoughtwire.api.recovery import (
 from thoughtwire.api.snapshots import reader
 from thoughtwire.api.transport import Transport
 from thoughtwire.shared.backoff import UNAVAILABLE, retry
-from thoughtwire.shared.bus import Bus
+from thoughtwire.shared.bus import Bus, Meta
 from thoughtwire.shared.closecodes import Close
 from thoughtwire.shared.vocab import ViewScope
 
@@ -70,6 +70,7 @@ class Viewer:
         "_buffer",
         "_channels",
         "_epoch",
+        "_now",
         "_queue",
         "_queue_bytes",
         "_queue_size",
@@ -112,6 +113,7 @@ class Viewer:
         self._again = False
         self._recovery: asyncio.Task[None] | None = None
         self._replay = Replay.RAW  # how follow() asked to be caught up
+        self._now: Meta | None = None  # a join's log as it stood before the greeting
         self._resume: Resume | None = None  # a resume's outcome so far, until it settles
         self.closed = False
 
@@ -269,18 +271,23 @@ class Viewer:
         self._buffer = []  # subscribe first, read the log second: nothing falls between
         await self.join(self.bus.session_channel(session))
         start = None if after is None else Position(epoch, after)
-        if start is None and replay is Replay.RAW:
+        self._now = None
+        if start is None:
             # "From now on" is from where the log stands before the client is greeted, and
             # goes on as a resume from there: whatever its answer to the greeting makes
             # comes after. Read once the greeting was out, the log could count an event
-            # pub/sub had not yet brought here, which then came as old and was dropped.
+            # pub/sub had not yet brought here, which then came as old and was dropped (or,
+            # for a join with a snapshot, was folded into one the client should not get).
             try:
                 meta = await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
             except UNAVAILABLE:
                 self.close(Close.TRY_LATER, LOG_UNAVAILABLE)
                 return
-            start = Position(meta.epoch, meta.last_seq)
-            self._epoch, self._seq = start.epoch, start.seq
+            if replay is Replay.RAW:
+                start = Position(meta.epoch, meta.last_seq)
+                self._epoch, self._seq = start.epoch, start.seq
+            else:
+                self._now = meta  # the snapshot join starts from it (api/recovery.py)
         if greeting is not None:
             self.put(greeting)  # ahead of the buffered live frames and the log's
         self._start_recovery(start)
@@ -384,7 +391,8 @@ class Viewer:
         """
         session = self.session
         assert session is not None
-        steps = catch_up(session, position, replay=self._replay)
+        now, self._now = self._now, None
+        steps = catch_up(session, position, replay=self._replay, now=now)
         answer: Any = None
         try:
             # Bounded: catch_up ends within CATCH_UP_ROUNDS rounds, whatever it is told.

@@ -4,9 +4,10 @@ import asyncio
 import logging
 
 import orjson
+import pytest
 
 from tests.procs import seconds
-from thoughtwire.api.recovery import CATCH_UP_ROUNDS, Position, recover, replay_from
+from thoughtwire.api.recovery import CATCH_UP_ROUNDS, Position, Replay, recover, replay_from
 from thoughtwire.api.viewer import Viewer
 from thoughtwire.shared.bus import Meta
 from thoughtwire.shared.closecodes import RECONNECT, Close
@@ -235,13 +236,16 @@ class Frames(ClosedLog):
         return True
 
 
-async def test_a_viewer_joining_from_now_on_gets_the_event_its_greeting_led_to():
+@pytest.mark.parametrize("replay", [Replay.RAW, Replay.SNAPSHOT])
+async def test_a_viewer_joining_from_now_on_gets_the_event_its_greeting_led_to(replay):
     """The client, greeted, prompts; the run's first event is in the log (and its meta)
     before pub/sub brings it here. Now is where the log stood before the greeting, so
-    the event is the viewer's, once, whichever way it comes first."""
+    the event is the viewer's, once, whichever way it comes first. A join that takes a
+    snapshot (what JSON sockets ask for) got none of the event before: it read the log
+    after the greeting, and took the event for the past, a snapshot of it or nothing."""
     log, sink = LaggingLog(), Frames()
     viewer = Viewer(log, NoHub(), sink, queue_size=100)
-    await viewer.follow("s", greeting='{"type":"session","session":"s"}')
+    await viewer.follow("s", greeting='{"type":"session","session":"s"}', replay=replay)
     log.events.append(ev(1))  # the answer to the greeting: logged, not heard yet
     async with asyncio.timeout(seconds(5)):  # the catch-up reads the log, and settles
         while viewer._buffer is not None:

@@ -178,6 +178,47 @@ def test_a_session_without_events_gets_no_snapshot_and_no_snapshot_read():
     assert not any(isinstance(step, ReadSnapshot) for step in asked)
 
 
+def test_a_join_from_a_log_empty_before_the_greeting_gets_what_came_since_as_events():
+    """The log, empty when the client was greeted, counts six events by the time the
+    catch-up reads it, and pub/sub has brought none yet: the six are the client's, as
+    events, and no snapshot is read."""
+    log = [*finished_run(1, "a"), *finished_run(4, "b")]
+    asked: list[Any] = []
+
+    def answers(step):  # type: ignore[no-untyped-def]
+        asked.append(step)
+        if isinstance(step, ReadMeta):
+            return Meta("e1", 6)
+        if isinstance(step, ReadLog):
+            return [e for e in log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
+        if isinstance(step, TakeLive):
+            return []
+        return True if isinstance(step, Settle) else None
+
+    joined = catch_up("s", None, replay=Replay.SNAPSHOT, now=Meta(None, 0))
+    assert drive(joined, answers) == log
+    assert not any(isinstance(step, ReadSnapshot) for step in asked)
+
+
+def test_a_join_from_a_log_with_events_before_the_greeting_starts_with_a_snapshot():
+    log = [*finished_run(1, "a"), *finished_run(4, "b")]
+    snap = Snapshot("s", "e1", 3, compact(fold(json.loads(e) for e in log[:3])))
+
+    def answers(step):  # type: ignore[no-untyped-def]
+        if isinstance(step, ReadSnapshot):
+            return snap
+        if isinstance(step, ReadMeta):
+            return Meta("e1", 6)
+        if isinstance(step, ReadLog):
+            return [e for e in log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
+        if isinstance(step, TakeLive):
+            return []
+        return True if isinstance(step, Settle) else None
+
+    joined = catch_up("s", None, replay=Replay.SNAPSHOT, now=Meta("e1", 3))
+    assert drive(joined, answers) == [snap.frame, *log[3:]]
+
+
 def test_a_trimmed_log_is_repaired_by_a_snapshot_that_covers_it():
     log = [*finished_run(1, "a"), *finished_run(4, "b")]
     kept = log[3:]  # the log lost seq 1-3
