@@ -9,7 +9,15 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.fake_openai import FakeOpenAI
-from tests.procs import Frontend, Proc, RedisServer, make_logdir, stop_leftovers, thoughtwire
+from tests.procs import (
+    Frontend,
+    Proc,
+    RedisServer,
+    make_logdir,
+    stop_leftovers,
+    thoughtwire,
+    wait_until,
+)
 from tests.redis_cluster import redis_cluster  # noqa: F401  (a fixture for every module)
 from thoughtwire.shared.redis import RedisFactory
 from thoughtwire.shared.settings import Settings
@@ -116,10 +124,17 @@ def start_cluster(
             cluster.add_worker()
         for _ in range(frontends):
             cluster.add_frontend()
+        for worker in cluster.workers:  # started meanwhile: a test's first run finds them all
+            wait_until(lambda w=worker: claiming(w), 30, f"{worker.name} to claim jobs")
     except BaseException:
         cluster.stop()  # what did start must not outlive the test run
         raise
     return cluster
+
+
+def claiming(worker: Proc) -> bool:
+    """The worker consumes jobs (or has stopped, which the test that started it is about)."""
+    return "claiming jobs" in worker.output() or not worker.alive()
 
 
 # The event types of a simulated run before its answer: its search call's arguments stream

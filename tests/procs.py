@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +27,33 @@ def seconds(value: float) -> float:
     return value * TIME_SCALE
 
 
+# Ports for the servers a test starts come from a block of this process's own, below the
+# kernel's ephemeral range (32768 and up on Linux): the kernel's bind(0) may hand out one
+# port twice in a row, and a port picked there can be taken as a client's source port
+# before its server binds it. Each xdist worker has a block; a random start in it keeps
+# two runs on one machine apart too.
+PORTS_FROM, PORTS_PER_BLOCK, BLOCKS = 20_000, 3_000, 4
+_block = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % BLOCKS
+_ports = itertools.cycle(
+    [
+        PORTS_FROM + _block * PORTS_PER_BLOCK + (offset + start) % PORTS_PER_BLOCK
+        for start in [random.randrange(PORTS_PER_BLOCK)]
+        for offset in range(PORTS_PER_BLOCK)
+    ]
+)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, never handed out twice in a row by this process."""
+    for _ in range(PORTS_PER_BLOCK):  # bounded: one turn of the block
+        port = next(_ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): the next one
+            return port
+    raise RuntimeError("no free port in this process's block")
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
@@ -145,6 +170,9 @@ class RedisServer:
         return self
 
     def ping(self) -> bool:
+        """Our redis-server runs and answers (not another one on its port)."""
+        if not self.proc.alive():
+            return False
         try:
             with redis.Redis(port=self.port, socket_timeout=1) as client:
                 return bool(client.ping())

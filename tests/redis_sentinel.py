@@ -104,6 +104,18 @@ class SentinelServer:
         except redis.RedisError:
             return None
 
+    def sees_a_good_replica(self) -> bool:
+        """It has read a replica's INFO and found its link up: one it would promote."""
+        try:
+            with self.client() as client:
+                replicas = client.sentinel_slaves(SERVICE)
+        except redis.RedisError:
+            return False
+        return any(
+            not r["is_disconnected"] and not r["is_sdown"] and r.get("master-link-status") == "ok"
+            for r in replicas
+        )
+
 
 class SentinelDeployment:
     """A master, its replica and three sentinels; the master found by asking a sentinel.
@@ -158,13 +170,16 @@ class SentinelDeployment:
         return self
 
     def _settled(self) -> bool:
+        # The replica and the other sentinels come from the configuration, so a sentinel
+        # counts them at once; until it has read the replica's INFO, a failover it is
+        # asked for fails with NOGOODSLAVE.
         states = [s.state() for s in self.sentinels]
         return all(
             state is not None
             and state["num-slaves"] >= 1
             and state["num-other-sentinels"] == len(self.sentinels) - 1
             for state in states
-        )
+        ) and all(s.sees_a_good_replica() for s in self.sentinels)
 
     @staticmethod
     def _in_sync(replica: Server) -> bool:
@@ -202,9 +217,21 @@ class SentinelDeployment:
         """``SENTINEL FAILOVER``; returns once every sentinel names the new master, its port."""
         old = self.master()
         sentinel = next(s for s in self.sentinels if s.proc.alive())
-        with sentinel.client() as client:
-            client.sentinel_failover(SERVICE)
+        wait_until(lambda: self._failover_asked(sentinel), 20, "a failover to be taken")
         return self.wait_for_new_master(old)
+
+    @staticmethod
+    def _failover_asked(sentinel: SentinelServer) -> bool:
+        """Ask ``sentinel`` for a failover; False while it has no replica good to promote
+        (a replica just rejoined, not yet read again)."""
+        try:
+            with sentinel.client() as client:
+                client.sentinel_failover(SERVICE)
+        except redis.ResponseError as error:
+            if "NOGOODSLAVE" in str(error):
+                return False
+            raise
+        return True
 
     def kill_master(self) -> int:
         """kill -9 the master by its PID; returns the port it listened on."""

@@ -79,7 +79,7 @@ async def test_a_fast_agent_fills_few_calls_and_every_event_lands_once_in_order(
 async def test_a_slow_agent_gets_each_event_out_at_once(bus, monkeypatch):
     calls = counting_calls(bus, monkeypatch)
     attempt = await attempt_for(bus)
-    await attempt.execute(Tokens(5, pause=0.02))
+    await attempt.execute(Tokens(5, pause=0.2))  # far longer than a write takes
     assert calls == [1] * 6  # each token alone, then `done`: nothing waits for company
     assert [decode_event(e).type for e in await bus.history("s")] == ["answer"] * 5 + ["done"]
 

@@ -898,7 +898,6 @@ async def test_a_parked_run_cancelled_while_every_slot_waits_for_approval_ends_i
 # --- the whole system: two frontends, two workers, one session ---------------------
 
 TERMINAL = ("done", "error", "cancelled")
-SENT_WITHIN = 0.005  # the two prompts leave within 5 ms of each other
 
 
 @pytest.fixture(scope="module")
@@ -932,17 +931,16 @@ async def frames_until(ws: Any, ends: int, timeout: float = 30) -> list[dict[str
 
 
 async def two_prompts(cluster: Cluster, multitask: str, ends: int) -> tuple[str, list, list]:
-    """Prompts for one session through each frontend within 5 ms; each socket's frames."""
+    """Prompts for one session through each frontend at once; each socket's frames."""
     a, b = cluster.frontends
     async with connect(a.ws + "/ws/agent-thoughts") as first:
         session = await greeting(first)
         async with connect(f"{b.ws}/ws/agent-thoughts?session={session}") as second:
             await greeting(second)
+            # Sent together: the two frontends race to admit them (however the race goes,
+            # the strategy must hold; timing it would only fail a test on a busy machine).
             frames = prompt("via a", multitask), prompt("via b", multitask)
-            await first.send(frames[0])
-            sent = time.monotonic()
-            await second.send(frames[1])
-            assert time.monotonic() - sent < SENT_WITHIN
+            await asyncio.gather(first.send(frames[0]), second.send(frames[1]))
             got_a, got_b = await asyncio.gather(
                 frames_until(first, ends), frames_until(second, ends)
             )

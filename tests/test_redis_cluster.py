@@ -688,7 +688,7 @@ async def test_the_hub_probes_each_masters_connection_and_resyncs_the_deaf_ones_
         partial(open_link, factory),
         bus.node_channel("n1"),
         publish=bus.publish,
-        probe_interval=0.3,
+        probe_interval=0.5,
         probe_channel=partial(bus.probe_channel, "n1"),
     )
     by_master: dict[int, str] = {}
@@ -701,8 +701,10 @@ async def test_the_hub_probes_each_masters_connection_and_resyncs_the_deaf_ones_
             await hub.join(bus.session_channel(session), watchers[port])
         victim = next(iter(by_master))
         probes = [bus.probe_channel("n1", str(i)) for i in range(50)]
-        await until(lambda: shard_subscribers(redis_cluster, probes) == 3, 5, "probe channels")
-        await asyncio.sleep(seconds(1))  # probe rounds that are heard: none drops a thing
+        # Asked from a thread: 150 blocking calls a poll would stall the hub's probes.
+        subscribed = partial(shard_subscribers, redis_cluster, probes)
+        await asyncio.to_thread(wait_until, lambda: subscribed() == 3, 10, "probe channels")
+        await asyncio.sleep(seconds(2))  # probe rounds that are heard: none drops a thing
         assert hub.deaf_links == 0 and not any(w.resyncs for w in watchers.values())
         link: Any = hub._link
         link._shards[f"127.0.0.1:{victim}"]._transport.pause_reading()
@@ -710,7 +712,8 @@ async def test_the_hub_probes_each_masters_connection_and_resyncs_the_deaf_ones_
         assert hub.deaf_links == 1
         assert [w.resyncs for p, w in watchers.items() if p != victim] == [0, 0]
         channel = bus.session_channel(by_master[victim])
-        await until(lambda: shard_subscribers(redis_cluster, [channel]) == 1, 5, "SSUBSCRIBE")
+        subscribed = partial(shard_subscribers, redis_cluster, [channel])
+        await asyncio.to_thread(wait_until, lambda: subscribed() == 1, 10, "SSUBSCRIBE")
         redis_cluster.node(victim).call("SPUBLISH", channel, "after")
         await until(lambda: "after" in watchers[victim].frames, 5, "a message after")
     finally:

@@ -348,6 +348,8 @@ async def test_a_process_follows_the_master_and_drops_what_it_held_on_a_switch(
             # The fast paths hold: the line took over a SentinelManagedConnection, and the
             # link is the raw one, on the master's address.
             assert batcher._line is not None and isinstance(link, RawLink)
+            # Heard from now on: a switch before the follower listens is taken, not counted.
+            await until(lambda: factory.sentinel.listening_to, 10, "the follower to listen")
             old = sentinel_deployment.master()
             new = await asyncio.to_thread(sentinel_deployment.failover)
             async with asyncio.timeout(seconds(10)):

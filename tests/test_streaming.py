@@ -41,9 +41,11 @@ async def test_thoughts_arrive_as_they_are_produced_not_in_one_block(paced):
     # The first thought was in the client's hands more than a second before the
     # worker even produced the last one.
     assert first["_received_ms"] < last["ts"] - 1000
-    # And each event reached the client soon after the worker produced it.
-    lags = [e["_received_ms"] - e["ts"] for e in events]
-    assert max(lags) < seconds(0.5) * 1000
+    # And each event reached the client soon after the worker produced it: most at once,
+    # none held back (a busy machine may pause any one process for a moment).
+    lags = sorted(e["_received_ms"] - e["ts"] for e in events)
+    assert lags[len(lags) // 2] < seconds(0.2) * 1000, lags
+    assert lags[-1] < seconds(1.5) * 1000, lags
 
 
 def numsub(redis_client: redis.Redis, channel: str) -> int:

@@ -199,7 +199,7 @@ async def expiry(c: Cluster, transport: str) -> None:
     elif transport == "sse":
         session = f"s-{name}"
         assert await sse_status(a, session, expired) == (401, "token expired")
-        exp = int(time.time() + 2)
+        exp = int(time.time() + 4)
         soon = jwt.encode({"sub": name, "exp": exp}, SECRET, algorithm="HS256")
         async with sse(b, session, soon) as (response, stream):
             assert response.status_code == 200
