@@ -204,7 +204,10 @@ class Settle:
 
 @dataclass(frozen=True, slots=True)
 class ReadSnapshot:
-    """Read the session's current snapshot: answered with a ``Snapshot``, or None."""
+    """Read the session's current snapshot, at seq ``upto`` at most if it is given:
+    answered with a ``Snapshot``, or None."""
+
+    upto: int | None = None
 
 
 Step = TakeLive | ReadMeta | ReadLog | ReadSnapshot | Emit | Settle
@@ -269,8 +272,9 @@ def _snapshot_join(
     not sent again. For a client that ignores snapshots, "from now on" starts at the
     snapshot rather than at the subscription, a few milliseconds later. A session with
     no events when the client subscribed gets no snapshot at all. Given ``before`` (the
-    log's meta before the greeting), that is when "now" is, and without a snapshot the
-    client goes on from there: what the log counts since comes as events.
+    log's meta before the greeting), that is when "now" is: the snapshot stops there at
+    most, and without one the client goes on from there; what the log counts since
+    comes as events.
     """
     meta: Meta = before if before is not None else (yield ReadMeta())
     heard: list[str] = yield TakeLive()
@@ -281,7 +285,7 @@ def _snapshot_join(
     start = None if before is None else Position(meta.epoch, now)
     if meta.epoch is None or now == 0:
         return start, heard
-    snapshot = yield ReadSnapshot()
+    snapshot = yield ReadSnapshot(None if before is None else now)
     if snapshot is None or snapshot.epoch != meta.epoch:
         return start, heard
     position = Position(snapshot.epoch, snapshot.seq)

@@ -7,7 +7,9 @@ that arrive while it is under way wait for it, and joins within
 just made has some a moment later). Later joins take it while the log still ends at its
 seq (a meta read tells): a finished session is read once, however many join it. An older snapshot is still right:
 each viewer goes on from its seq with the log (:mod:`thoughtwire.api.recovery`), which
-holds far more than a few seconds of events.
+holds far more than a few seconds of events. A newer one is not, for a join: it would
+fold in events made after the client was greeted (its own prompt's, say), which are to
+come to it as events; such a join reads a snapshot of its own, up to where it was greeted.
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ class SnapshotReader:
         self.reads = 0  # snapshot reads made, for tests and operators
         self._flights: dict[str, tuple[float, asyncio.Future[Snapshot | None]]] = {}
 
-    async def get(self, session: str) -> Snapshot | None:
-        """The session's state at the end of its log, or None; see the module."""
+    async def get(self, session: str, upto: int | None = None) -> Snapshot | None:
+        """The session's state at the end of its log, or None; see the module. With
+        ``upto``, a state at that seq or before it: a shared read past it is not taken."""
+        shared = await self._shared(session)
+        if shared is None or upto is None or shared.seq <= upto:
+            return shared
+        self.reads += 1  # a join's bound: the events after it are to come as events
+        return await current(self.bus, session, upto)
+
+    async def _shared(self, session: str) -> Snapshot | None:
         now = time.monotonic()
         flight = self._flights.get(session)
         if flight is not None and not _spent(flight[1]):

@@ -423,7 +423,7 @@ class Viewer:
             return await retry(partial(self.bus.meta, session), seconds=RECOVERY_RETRY_SECONDS)
         if isinstance(step, ReadSnapshot):
             return await retry(
-                partial(reader(self.bus).get, session), seconds=RECOVERY_RETRY_SECONDS
+                partial(reader(self.bus).get, session, step.upto), seconds=RECOVERY_RETRY_SECONDS
             )
         if isinstance(step, ReadLog):
             return await retry(

@@ -159,26 +159,33 @@ async def stored(bus: Bus, session: str) -> State | None:
     return None if raw is None else orjson.loads(raw)
 
 
-async def _fold_log(bus: Bus, session: str, state: State) -> State:
-    """``state`` brought up to the end of the log (a page at a time, bounded)."""
+async def _fold_log(bus: Bus, session: str, state: State, upto: int | None = None) -> State:
+    """``state`` brought up to the end of the log, or to seq ``upto`` (a page at a time,
+    bounded)."""
     for _ in range(TAIL_PAGES):
-        entries = await bus.history(session, state["seq"], TAIL_PAGE)
+        page = TAIL_PAGE if upto is None else min(TAIL_PAGE, upto - state["seq"])
+        if page <= 0:
+            return state
+        entries = await bus.history(session, state["seq"], page)
         state = fold_tail(state, entries)
-        if len(entries) < TAIL_PAGE:
+        if len(entries) < page:
             return state
     return state  # still behind: the next reader goes on from here
 
 
-async def current(bus: Bus, session: str) -> Snapshot | None:
-    """The session's state at the end of its log, from its snapshot and the tail since.
+async def current(bus: Bus, session: str, upto: int | None = None) -> Snapshot | None:
+    """The session's state at the end of its log, from its snapshot and the tail since;
+    with ``upto``, at that seq at most (a stored snapshot past it is not used).
 
     None when the session has no events, or when no snapshot covers what the log lost
     (then a viewer gets the raw log, with its ``gap``).
     """
     base = await stored(bus, session)
+    if base is not None and upto is not None and base["seq"] > upto:
+        base = None  # folded from the log's start instead
     for start in (base, None) if base is not None else (None,):
         try:
-            state = await _fold_log(bus, session, start or initial_state())
+            state = await _fold_log(bus, session, start or initial_state(), upto)
         except Hole:
             continue  # a snapshot of an older epoch, or older than the log: from the start
         if state["seq"] == 0 or state["epoch"] is None:

@@ -219,6 +219,9 @@ class LaggingLog:
         newer = [e for e in self.events if orjson.loads(e)["seq"] > after]
         return newer if count is None else newer[:count]
 
+    async def snapshot(self, session):
+        return None  # none stored: a join's snapshot is folded from the log
+
 
 class Frames(ClosedLog):
     """A transport that keeps every frame it is given."""
@@ -259,3 +262,33 @@ async def test_a_viewer_joining_from_now_on_gets_the_event_its_greeting_led_to(r
     await asyncio.sleep(0.05)
     assert seqs(sink.frames) == ["session", 1, 2]
     await viewer.detach()
+
+
+async def test_a_join_to_a_session_with_events_gets_a_snapshot_up_to_its_greeting_only():
+    """The session has two events; the client, greeted, prompts, and its run's first event
+    is logged before the join's snapshot is read (and before pub/sub brings it). The
+    snapshot stops where the log stood at the greeting: the run's event comes as an
+    event. Before, it was folded into the snapshot, and a client waiting for its own run's
+    events (``ask()``) never got them."""
+    log, sink = LaggingLog(), Frames()
+    log.events += [ev(1, run="earlier"), ev(2, run="earlier")]
+    viewer = Viewer(log, NoHub(), sink, queue_size=100)
+    await viewer.follow("s", greeting='{"type":"session","session":"s"}', replay=Replay.SNAPSHOT)
+    log.events.append(ev(3))  # the answer to the greeting: logged, not heard yet
+    async with asyncio.timeout(seconds(5)):
+        while viewer._buffer is not None:
+            await asyncio.sleep(0.005)
+    viewer.deliver(ev(3), (3, "e1"))
+    async with asyncio.timeout(seconds(5)):
+        while len(sink.frames) < 3:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    frames = [orjson.loads(f) for f in sink.frames]
+    assert [(f["type"], f.get("seq")) for f in frames] == [
+        ("session", None),
+        ("snapshot", 2),
+        ("answer", 3),
+    ]
+    assert list(frames[1]["state"]["runs"]) == ["earlier"]
+    await viewer.detach()
+

@@ -29,9 +29,10 @@ from thoughtwire.api.recovery import (
     TakeLive,
     catch_up,
 )
-from thoughtwire.shared.bus import Meta
+from thoughtwire.api.snapshots import SnapshotReader
+from thoughtwire.shared.bus import Bus, Meta
 from thoughtwire.shared.keys import Keys
-from thoughtwire.shared.protocol import event_position
+from thoughtwire.shared.protocol import Job, Thought, event_position
 from thoughtwire.shared.reducer import fold
 from thoughtwire.shared.snapshots import (
     FINISHED_KEPT,
@@ -39,6 +40,7 @@ from thoughtwire.shared.snapshots import (
     Snapshot,
     compact,
     fold_tail,
+    save,
     snapshot_frame,
 )
 
@@ -215,8 +217,34 @@ def test_a_join_from_a_log_with_events_before_the_greeting_starts_with_a_snapsho
             return []
         return True if isinstance(step, Settle) else None
 
+    asked: list[Any] = []
     joined = catch_up("s", None, replay=Replay.SNAPSHOT, now=Meta("e1", 3))
-    assert drive(joined, answers) == [snap.frame, *log[3:]]
+    assert drive(joined, lambda step: asked.append(step) or answers(step)) == [
+        snap.frame,
+        *log[3:],
+    ]
+    assert [s for s in asked if isinstance(s, ReadSnapshot)] == [ReadSnapshot(3)]
+
+
+async def test_a_bounded_read_takes_no_snapshot_past_its_bound(redis_client, prefix):
+    """A join greeted at seq 3 must not get a snapshot at 6: events 4-6 (its own
+    prompt's, say) come to it as events. A shared read past the bound is not taken, a
+    stored snapshot past it is not used; one within it is."""
+    bus = Bus(redis_client, Keys(prefix), log_maxlen=1000, log_ttl=60)
+    job = Job(run="r1", session="s", prompt="p")
+    await bus.submit(job)
+    fence = (await bus.start(job, "w1", 10_000, 3)).fence
+    tokens = [bus.encode(job, Thought("answer", f"t{i}")) for i in range(6)]
+    assert await bus.submit_encoded(job, tokens, fence=fence, first=1) == 6
+    assert await save(bus, "s")  # stored at seq 6
+    snapshots = SnapshotReader(bus)
+    assert (await snapshots.get("s")).seq == 6  # type: ignore[union-attr]
+    bounded = await snapshots.get("s", upto=3)
+    assert bounded is not None and bounded.seq == 3
+    assert bounded.state["runs"]["r1"]["blocks"][0]["text"] == "t0t1t2"
+    assert snapshots.reads == 2
+    assert (await snapshots.get("s", upto=10)).seq == 6  # type: ignore[union-attr]
+    assert snapshots.reads == 2  # the shared read was within this bound
 
 
 def test_a_trimmed_log_is_repaired_by_a_snapshot_that_covers_it():
