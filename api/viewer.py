@@ -263,6 +263,9 @@ class Viewer:
         """
         if self.session is not None:
             self._stop_recovery()
+            # While it leaves (the hub's lock may be held), a hole or a resync in the old
+            # session must not start a catch-up of it: its frames wait here, to be dropped.
+            self._buffer = []
             await self.leave(self.bus.session_channel(self.session))
         self.session = session
         self._epoch, self._seq = epoch, after or 0
@@ -290,6 +293,7 @@ class Viewer:
                 self._now = meta  # the snapshot join starts from it (api/recovery.py)
         if greeting is not None:
             self.put(greeting)  # ahead of the buffered live frames and the log's
+        self._stop_recovery()  # from here only this join's catch-up may run
         self._start_recovery(start)
 
     async def join(self, channel: str) -> None:

@@ -292,3 +292,66 @@ async def test_a_join_to_a_session_with_events_gets_a_snapshot_up_to_its_greetin
     assert list(frames[1]["state"]["runs"]) == ["earlier"]
     await viewer.detach()
 
+
+class TwoLogs:
+    """Two sessions' logs; reading ``gated`` ones' meta waits for ``gate``."""
+
+    keys = Keys("t")
+
+    def __init__(self, events: dict[str, list[str]]) -> None:
+        self.events = events
+        self.gated: set[str] = set()
+        self.gate = asyncio.Event()
+
+    def session_channel(self, session):
+        return self.keys.session_channel(session)
+
+    async def meta(self, session):
+        if session in self.gated:
+            await self.gate.wait()
+        events = self.events[session]
+        return Meta(orjson.loads(events[-1])["epoch"], len(events)) if events else Meta(None, 0)
+
+    async def history(self, session, after=0, count=None):
+        newer = [e for e in self.events[session] if orjson.loads(e)["seq"] > after]
+        return newer if count is None else newer[:count]
+
+
+class SlowLeaveHub(NoHub):
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def leave(self, channel, viewer, *args, **kwargs):
+        await self.release.wait()  # the hub's lock, held by a reconnect, say
+
+
+async def test_a_switch_to_another_session_is_not_taken_over_by_a_catch_up_of_the_old_one():
+    """A frame with a hole in the old session, while the viewer waited to leave it,
+    started a catch-up of the old session; the new session's own then never started,
+    and the client got the old session's frames after the new one's greeting."""
+    log = TwoLogs({"s1": [ev(1)], "s2": [ev(1, "e2", "x"), ev(2, "e2", "x")]})
+    hub, sink = SlowLeaveHub(), Frames()
+    viewer = Viewer(log, hub, sink, queue_size=100)
+    await viewer.follow("s1", 0, "e1")
+    async with asyncio.timeout(seconds(5)):
+        while viewer._buffer is not None:
+            await asyncio.sleep(0.005)
+    log.gated.add("s1")
+    switching = asyncio.create_task(viewer.follow("s2", 0, "e2", greeting='{"type":"session"}'))
+    await asyncio.sleep(0.02)  # waiting to leave s1
+    viewer.deliver(ev(3), (3, "e1"))  # a hole in s1: seq 2 never came
+    hub.release.set()
+    async with asyncio.timeout(seconds(5)):
+        await switching
+        log.gate.set()
+        while len(sink.frames) < 4 or viewer._buffer is not None:
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    frames = [orjson.loads(f) for f in sink.frames]
+    assert [(f["type"], f.get("epoch"), f.get("seq")) for f in frames] == [
+        ("answer", "e1", 1),
+        ("session", None, None),
+        ("answer", "e2", 1),
+        ("answer", "e2", 2),
+    ]
+    viewer._stop_recovery()
