@@ -9,7 +9,8 @@ seq (a meta read tells): a finished session is read once, however many join it. 
 each viewer goes on from its seq with the log (:mod:`thoughtwire.api.recovery`), which
 holds far more than a few seconds of events. A newer one is not, for a join: it would
 fold in events made after the client was greeted (its own prompt's, say), which are to
-come to it as events; such a join reads a snapshot of its own, up to where it was greeted.
+come to it as events. So a read stops where the join that started it was greeted; the
+joins greeted after it take it, and one greeted before it reads its own.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ class SnapshotReader:
     async def get(self, session: str, upto: int | None = None) -> Snapshot | None:
         """The session's state at the end of its log, or None; see the module. With
         ``upto``, a state at that seq or before it: a shared read past it is not taken."""
-        shared = await self._shared(session)
+        shared = await self._shared(session, upto)
         if shared is None or upto is None or shared.seq <= upto:
             return shared
         self.reads += 1  # a join's bound: the events after it are to come as events
         return await current(self.bus, session, upto)
 
-    async def _shared(self, session: str) -> Snapshot | None:
+    async def _shared(self, session: str, upto: int | None) -> Snapshot | None:
+        """A read other joins may take too; a new one is bounded by ``upto``, so that the
+        joins of a storm on a live session, each greeted after the first, take it."""
         now = time.monotonic()
         flight = self._flights.get(session)
         if flight is not None and not _spent(flight[1]):
@@ -56,7 +59,7 @@ class SnapshotReader:
             newer = self._flights.get(session)
             if newer is not None and newer is not flight and not _spent(newer[1]):
                 return await asyncio.shield(newer[1])  # another join started the read meanwhile
-        flight = (now, asyncio.ensure_future(self._read(session)))
+        flight = (now, asyncio.ensure_future(self._read(session, upto)))
         self._forget_old(now)
         self._flights[session] = flight
         return await asyncio.shield(flight[1])
@@ -66,9 +69,9 @@ class SnapshotReader:
         meta = await self.bus.meta(session)
         return (meta.epoch, meta.last_seq) == (snapshot.epoch, snapshot.seq)
 
-    async def _read(self, session: str) -> Snapshot | None:
+    async def _read(self, session: str, upto: int | None) -> Snapshot | None:
         self.reads += 1
-        return await current(self.bus, session)
+        return await current(self.bus, session, upto)
 
     def _forget_old(self, now: float) -> None:
         """Drop reads past their reuse, so the map stays bounded."""

@@ -246,6 +246,13 @@ async def test_a_bounded_read_takes_no_snapshot_past_its_bound(redis_client, pre
     assert (await snapshots.get("s", upto=10)).seq == 6  # type: ignore[union-attr]
     assert snapshots.reads == 2  # the shared read was within this bound
 
+    # A storm of joins on a live session: the first one's read is bounded by its
+    # greeting, and those greeted after it take that read.
+    storm = SnapshotReader(bus)
+    assert [(await storm.get("s", upto)).seq for upto in (3, 4, 6)] == [3, 3, 3]  # type: ignore[union-attr]
+    assert (await storm.get("s")).seq == 3  # type: ignore[union-attr]
+    assert storm.reads == 1
+
 
 def test_a_trimmed_log_is_repaired_by_a_snapshot_that_covers_it():
     log = [*finished_run(1, "a"), *finished_run(4, "b")]
