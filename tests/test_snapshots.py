@@ -118,24 +118,46 @@ def drive(steps, answers):  # type: ignore[no-untyped-def]
         return sent
 
 
+SIX = Meta("e1", 6)  # the log of the canned catch-ups: two runs, seq 1 to 6
+
+
+class Canned:
+    """A catch-up's steps answered from a log, a snapshot and a meta; the steps asked.
+    ``live`` is what the first take of the live frames finds."""
+
+    def __init__(
+        self,
+        log: list[str],
+        snapshot: Snapshot | None = None,
+        meta: Meta = SIX,
+        live: list[str] | None = None,
+    ) -> None:
+        self.log, self.snapshot, self.meta, self.live = log, snapshot, meta, live or []
+        self.asked: list[Any] = []
+
+    def __call__(self, step: Any) -> Any:
+        self.asked.append(step)
+        if isinstance(step, ReadSnapshot):
+            return self.snapshot
+        if isinstance(step, ReadMeta):
+            return self.meta
+        if isinstance(step, ReadLog):
+            return [e for e in self.log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
+        if isinstance(step, TakeLive):
+            first = sum(isinstance(a, TakeLive) for a in self.asked) == 1
+            return self.live if first else []
+        return True if isinstance(step, Settle) else None
+
+    def snapshot_reads(self) -> list[ReadSnapshot]:
+        return [step for step in self.asked if isinstance(step, ReadSnapshot)]
+
+
 def test_a_join_gets_the_snapshot_then_the_log_after_it():
     log = [*finished_run(1, "a"), *finished_run(4, "b")]
     snap = Snapshot("s", "e1", 4, compact(fold(json.loads(e) for e in log[:4])))
-
-    def answers(step):  # type: ignore[no-untyped-def]
-        if isinstance(step, ReadSnapshot):
-            return snap
-        if isinstance(step, ReadMeta):
-            return Meta("e1", 6)
-        if isinstance(step, ReadLog):
-            return [e for e in log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
-        if isinstance(step, TakeLive):
-            return []
-        return True if isinstance(step, Settle) else None
-
-    sent = drive(catch_up("s", None, replay=Replay.SNAPSHOT), answers)
+    sent = drive(catch_up("s", None, replay=Replay.SNAPSHOT), Canned(log, snap))
     assert sent == [snap.frame, *log[4:]]
-    raw = drive(catch_up("s", None, replay=Replay.RAW), answers)
+    raw = drive(catch_up("s", None, replay=Replay.RAW), Canned(log, snap))
     assert raw == []  # from now on: nothing of the past
 
 
@@ -144,40 +166,17 @@ def test_events_the_snapshot_holds_are_not_sent_again_after_it():
     again: after the snapshot at N, the tail from N + 1, exactly once."""
     log = [*finished_run(1, "a"), *finished_run(4, "b")]
     snap = Snapshot("s", "e1", 6, compact(fold(json.loads(e) for e in log)))
-    live = [log[4], log[5]]  # heard since the subscription: seq 5 and 6
-    asked: list[Any] = []
-
-    def answers(step):  # type: ignore[no-untyped-def]
-        asked.append(step)
-        if isinstance(step, ReadSnapshot):
-            return snap
-        if isinstance(step, ReadMeta):
-            return Meta("e1", 6)
-        if isinstance(step, ReadLog):
-            return [e for e in log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
-        if isinstance(step, TakeLive):
-            return live if len([a for a in asked if isinstance(a, TakeLive)]) == 1 else []
-        return True if isinstance(step, Settle) else None
-
-    sent = drive(catch_up("s", None, replay=Replay.SNAPSHOT), answers)
+    heard = [log[4], log[5]]  # heard since the subscription: seq 5 and 6
+    sent = drive(catch_up("s", None, replay=Replay.SNAPSHOT), Canned(log, snap, live=heard))
     assert sent == [snap.frame]
     assert compact(fold(json.loads(f) for f in sent)) == compact(fold(json.loads(e) for e in log))
 
 
 def test_a_session_without_events_gets_no_snapshot_and_no_snapshot_read():
     log = finished_run(1, "a")
-    asked: list[Any] = []
-
-    def answers(step):  # type: ignore[no-untyped-def]
-        asked.append(step)
-        if isinstance(step, ReadMeta):
-            return Meta(None, 0)
-        if isinstance(step, TakeLive):
-            return log if len([a for a in asked if isinstance(a, TakeLive)]) == 1 else []
-        return True if isinstance(step, Settle) else None
-
+    answers = Canned([], meta=Meta(None, 0), live=log)
     assert drive(catch_up("s", None, replay=Replay.SNAPSHOT), answers) == log
-    assert not any(isinstance(step, ReadSnapshot) for step in asked)
+    assert answers.snapshot_reads() == []
 
 
 def test_a_join_from_a_log_empty_before_the_greeting_gets_what_came_since_as_events():
@@ -185,45 +184,19 @@ def test_a_join_from_a_log_empty_before_the_greeting_gets_what_came_since_as_eve
     catch-up reads it, and pub/sub has brought none yet: the six are the client's, as
     events, and no snapshot is read."""
     log = [*finished_run(1, "a"), *finished_run(4, "b")]
-    asked: list[Any] = []
-
-    def answers(step):  # type: ignore[no-untyped-def]
-        asked.append(step)
-        if isinstance(step, ReadMeta):
-            return Meta("e1", 6)
-        if isinstance(step, ReadLog):
-            return [e for e in log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
-        if isinstance(step, TakeLive):
-            return []
-        return True if isinstance(step, Settle) else None
-
+    answers = Canned(log)
     joined = catch_up("s", None, replay=Replay.SNAPSHOT, now=Meta(None, 0))
     assert drive(joined, answers) == log
-    assert not any(isinstance(step, ReadSnapshot) for step in asked)
+    assert answers.snapshot_reads() == []
 
 
 def test_a_join_from_a_log_with_events_before_the_greeting_starts_with_a_snapshot():
     log = [*finished_run(1, "a"), *finished_run(4, "b")]
     snap = Snapshot("s", "e1", 3, compact(fold(json.loads(e) for e in log[:3])))
-
-    def answers(step):  # type: ignore[no-untyped-def]
-        if isinstance(step, ReadSnapshot):
-            return snap
-        if isinstance(step, ReadMeta):
-            return Meta("e1", 6)
-        if isinstance(step, ReadLog):
-            return [e for e in log if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
-        if isinstance(step, TakeLive):
-            return []
-        return True if isinstance(step, Settle) else None
-
-    asked: list[Any] = []
+    answers = Canned(log, snap)
     joined = catch_up("s", None, replay=Replay.SNAPSHOT, now=Meta("e1", 3))
-    assert drive(joined, lambda step: asked.append(step) or answers(step)) == [
-        snap.frame,
-        *log[3:],
-    ]
-    assert [s for s in asked if isinstance(s, ReadSnapshot)] == [ReadSnapshot(3)]
+    assert drive(joined, answers) == [snap.frame, *log[3:]]
+    assert answers.snapshot_reads() == [ReadSnapshot(3)]  # no further than the greeting
 
 
 async def test_a_bounded_read_takes_no_snapshot_past_its_bound(redis_client, prefix):
@@ -258,20 +231,9 @@ def test_a_trimmed_log_is_repaired_by_a_snapshot_that_covers_it():
     log = [*finished_run(1, "a"), *finished_run(4, "b")]
     kept = log[3:]  # the log lost seq 1-3
     snap = Snapshot("s", "e1", 6, compact(fold(json.loads(e) for e in log)))
-
-    def answers(step):  # type: ignore[no-untyped-def]
-        if isinstance(step, ReadSnapshot):
-            return snap
-        if isinstance(step, ReadMeta):
-            return Meta("e1", 6)
-        if isinstance(step, ReadLog):
-            return [e for e in kept if event_position(e)[0] > step.after][: step.count]  # type: ignore[index]
-        if isinstance(step, TakeLive):
-            return []
-        return True if isinstance(step, Settle) else None
-
-    assert drive(catch_up("s", Position("e1", 1), replay=Replay.SNAPSHOT), answers) == [snap.frame]
-    raw = drive(catch_up("s", Position("e1", 1), replay=Replay.RAW), answers)
+    repaired = drive(catch_up("s", Position("e1", 1), replay=Replay.SNAPSHOT), Canned(kept, snap))
+    assert repaired == [snap.frame]
+    raw = drive(catch_up("s", Position("e1", 1), replay=Replay.RAW), Canned(kept, snap))
     assert json.loads(raw[0])["type"] == "gap" and raw[1:] == kept
 
 
