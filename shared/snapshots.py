@@ -181,8 +181,9 @@ async def current(bus: Bus, session: str, upto: int | None = None) -> Snapshot |
     (then a viewer gets the raw log, with its ``gap``).
     """
     base = await stored(bus, session)
+    later = None
     if base is not None and upto is not None and base["seq"] > upto:
-        base = None  # folded from the log's start instead
+        base, later = None, base  # folded from the log's start instead
     for start in (base, None) if base is not None else (None,):
         try:
             state = await _fold_log(bus, session, start or initial_state(), upto)
@@ -191,6 +192,8 @@ async def current(bus: Bus, session: str, upto: int | None = None) -> Snapshot |
         if state["seq"] == 0 or state["epoch"] is None:
             return None
         return Snapshot(session, state["epoch"], state["seq"], compact(state))
+    if later is not None:  # the log no longer starts at 1: one past the bound beats none
+        return await current(bus, session)
     return None
 
 
