@@ -377,8 +377,8 @@ class Viewer:
             self._recovery = None
 
     def _recovered(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
+        if task.cancelled() or task is not self._recovery:
+            return  # a catch-up replaced while it went on (see _current) decides nothing
         exc = task.exception()
         if isinstance(exc, UNAVAILABLE):
             self.close(Close.TRY_LATER, LOG_UNAVAILABLE)
@@ -400,7 +400,7 @@ class Viewer:
         answer: Any = None
         try:
             # Bounded: catch_up ends within CATCH_UP_ROUNDS rounds, whatever it is told.
-            while not self.closed:
+            while self._current():
                 try:
                     step = steps.send(answer)
                 except StopIteration as done:
@@ -410,6 +410,17 @@ class Viewer:
                 answer = await self._do(session, step)
         finally:
             steps.close()
+
+    def _current(self) -> bool:
+        """Whether the running catch-up is still this viewer's one, and it is open.
+
+        A cancelled catch-up may go on all the same: on Python 3.11, a cancel that comes
+        as an awaited Redis reply arrives is lost inside ``asyncio.wait_for`` (which
+        redis-py uses). One that goes on after its viewer moved to another session
+        would send that session's frames and take the new one's live frames; so after
+        every wait it stops unless it is still the current one.
+        """
+        return not self.closed and asyncio.current_task() is self._recovery
 
     def _give_up(self) -> None:
         logger.warning(
@@ -447,6 +458,8 @@ class Viewer:
             view = frame if full else scopes.project_frame(frame, self.scope)
             if view is not None:  # a dropped event: the position moves past it below
                 await self._put_patiently(view)
+                if not self._current():
+                    return
         self._epoch, self._seq = step.position.epoch, step.position.seq
         if self._resume is not None:
             self._resume = resume_outcome(step.frames, self._resume)
@@ -462,12 +475,14 @@ class Viewer:
         return True
 
     async def _put_patiently(self, frame: str) -> None:
-        if self.closed:
+        if not self._current():
             return
         try:
             async with asyncio.timeout(CATCH_UP_PATIENCE):
                 await self.queue.wait_for_room()
         except TimeoutError:
-            self.close(Close.SLOW, SLOW_REASON)
+            if self._current():
+                self.close(Close.SLOW, SLOW_REASON)
             return
-        self.put(frame)
+        if self._current():
+            self.put(frame)
