@@ -648,11 +648,20 @@ async def test_an_approval_decided_elsewhere_does_not_end_following_and_on_error
 
 
 @asynccontextmanager
-async def following(frontend):
+async def following(frontend, **options):
     """A follower of session S from its start, on the stand-in ``frontend`` (a handler)."""
     async with serve(frontend, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
-        yield Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None)
+        yield Follower(f"ws://127.0.0.1:{port}", "S", after=0, heartbeat=None, **options)
+
+
+async def greeted(ws, received: list[list[dict]]) -> list[dict]:
+    """Greet a stand-in frontend's new connection on session S; the list its frames go
+    in, the last of ``received``."""
+    frames: list[dict] = []
+    received.append(frames)
+    await ws.send(json.dumps({"type": "session", "session": "S"}))
+    return frames
 
 
 async def test_a_frontend_that_greets_then_closes_at_once_is_backed_off_from_not_stormed():
@@ -722,9 +731,7 @@ def drops_its_first_socket(
     dropped = asyncio.Event()
 
     async def frontend(ws):
-        frames: list[dict] = []
-        received.append(frames)
-        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        frames = await greeted(ws, received)
         if len(received) == 1:
             await ws.send(json.dumps(first))
             await ws.recv()  # written as the frontend stopped reading: never acted on
@@ -774,9 +781,7 @@ async def test_a_prompt_withdrawn_after_it_was_sent_has_its_run_cancelled_on_a_l
     ended = {"type": "cancelled", "run": "r1", "epoch": "e", "seq": 1, "session": "S"}
 
     async def frontend(ws):
-        frames: list[dict] = []
-        received.append(frames)
-        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        frames = await greeted(ws, received)
         if len(received) == 1:
             frames.append(json.loads(await ws.recv()))  # queued as r1; the reply is lost
             read.set()
@@ -875,9 +880,7 @@ async def test_an_approval_decided_before_the_reconnect_is_not_sent_again():
     second = {**APPROVAL, "call_id": "c2", "block": "b2", "seq": 3}
 
     async def frontend(ws):
-        frames: list[dict] = []
-        received.append(frames)
-        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        frames = await greeted(ws, received)
         if len(received) == 1:
             await ws.send(json.dumps(APPROVAL))
             frames.append(json.loads(await ws.recv()))
@@ -920,9 +923,7 @@ async def test_the_not_waiting_reply_to_an_approval_sent_again_is_not_an_error()
     heard: list[Refused] = []
 
     async def frontend(ws):
-        frames: list[dict] = []
-        received.append(frames)
-        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        frames = await greeted(ws, received)
         if len(received) == 1:
             await ws.send(json.dumps(APPROVAL))
             frames.append(json.loads(await ws.recv()))  # applied; its decision is not sent
@@ -935,18 +936,18 @@ async def test_the_not_waiting_reply_to_an_approval_sent_again_is_not_an_error()
             if frames[-1]["call_id"] == "c9":
                 await ws.send(json.dumps({**APPROVAL, "type": "done", "seq": 3}))
 
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        url = f"ws://127.0.0.1:{port}"
-        follower = Follower(url, "S", after=0, heartbeat=None, on_error=heard.append)
-        async with asyncio.timeout(seconds(5)), aclosing(follower.events()) as stream:
-            async for event in stream:
-                if event["type"] == "approval":
-                    await follower.approve("r1", "c1", "allow")
-                if event["type"] == "decision":
-                    await follower.approve("r1", "c9", "deny")  # a call that never waited
-                if event["type"] == "done":
-                    break
+    async with (
+        following(frontend, on_error=heard.append) as follower,
+        asyncio.timeout(seconds(5)),
+        aclosing(follower.events()) as stream,
+    ):
+        async for event in stream:
+            if event["type"] == "approval":
+                await follower.approve("r1", "c1", "allow")
+            if event["type"] == "decision":
+                await follower.approve("r1", "c9", "deny")  # a call that never waited
+            if event["type"] == "done":
+                break
     assert received[1] == [approve_frame("c1"), approve_frame("c9", "deny")], received
     assert [(r.error, r.action) for r in heard] == [("not_waiting", "approve")]
     assert not follower._approvals
@@ -959,9 +960,7 @@ async def test_an_approval_refused_otherwise_is_reported_and_not_sent_again():
     received: list[list[dict]] = []
 
     async def frontend(ws):
-        frames: list[dict] = []
-        received.append(frames)
-        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        frames = await greeted(ws, received)
         if len(received) == 1:
             await ws.send(json.dumps(APPROVAL))
             frames.append(json.loads(await ws.recv()))
@@ -1192,9 +1191,7 @@ async def test_a_refused_prompt_is_not_sent_again_on_the_next_connection():
     received: list[list[dict]] = []
 
     async def frontend(ws):
-        frames: list[dict] = []
-        received.append(frames)
-        await ws.send(json.dumps({"type": "session", "session": "S"}))
+        frames = await greeted(ws, received)
         if len(received) == 1:
             frames.append(json.loads(await ws.recv()))
             busy = {"type": "error", "code": "busy", "message": "a run is unfinished"}
@@ -1206,16 +1203,14 @@ async def test_a_refused_prompt_is_not_sent_again_on_the_next_connection():
             frames.append(json.loads(frame))
 
     refusals: list[Refused] = []
-    async with serve(frontend, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        follower = Follower(
-            f"ws://127.0.0.1:{port}", "S", after=0, on_error=refusals.append, heartbeat=None
-        )
-        async with asyncio.timeout(seconds(10)):
-            async with aclosing(follower.events("now", multitask="reject")) as stream:
-                async for event in stream:
-                    assert event["type"] == "done"
-                    break
+    async with (
+        following(frontend, on_error=refusals.append) as follower,
+        asyncio.timeout(seconds(10)),
+        aclosing(follower.events("now", multitask="reject")) as stream,
+    ):
+        async for event in stream:
+            assert event["type"] == "done"
+            break
     assert [r.error for r in refusals] == ["busy"]
     assert [f["type"] for f in received[0]] == ["prompt"]
     assert received[1] == [], received
