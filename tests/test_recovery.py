@@ -302,6 +302,7 @@ class TwoLogs:
         self.events = events
         self.gated: set[str] = set()
         self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()  # a gated read waits
         self.swallow = False  # a cancel while a gated read waits is lost
 
     def session_channel(self, session):
@@ -309,6 +310,7 @@ class TwoLogs:
 
     async def meta(self, session):
         if session in self.gated:
+            self.waiting.set()
             try:
                 await self.gate.wait()
             except asyncio.CancelledError:
@@ -327,8 +329,10 @@ class TwoLogs:
 class SlowLeaveHub(NoHub):
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.leaving = asyncio.Event()
 
     async def leave(self, channel, viewer, *args, **kwargs):
+        self.leaving.set()
         await self.release.wait()  # the hub's lock, held by a reconnect, say
 
 
@@ -345,7 +349,8 @@ async def test_a_switch_to_another_session_is_not_taken_over_by_a_catch_up_of_th
             await asyncio.sleep(0.005)
     log.gated.add("s1")
     switching = asyncio.create_task(viewer.follow("s2", 0, "e2", greeting='{"type":"session"}'))
-    await asyncio.sleep(0.02)  # waiting to leave s1
+    async with asyncio.timeout(seconds(5)):
+        await hub.leaving.wait()  # waiting to leave s1
     viewer.deliver(ev(3), (3, "e1"))  # a hole in s1: seq 2 never came
     hub.release.set()
     async with asyncio.timeout(seconds(5)):
@@ -373,8 +378,9 @@ async def test_a_catch_up_whose_cancel_was_lost_stops_once_its_viewer_moved_on()
     log.swallow = True
     sink = Frames()
     viewer = Viewer(log, NoHub(), sink, queue_size=100)
-    await viewer.follow("s1", 0, "e1")  # its catch-up waits for the meta read
-    await asyncio.sleep(0.01)
+    await viewer.follow("s1", 0, "e1")
+    async with asyncio.timeout(seconds(5)):
+        await log.waiting.wait()  # its catch-up waits for the meta read
     await viewer.follow("s2", 0, "e2", greeting='{"type":"session"}')
     async with asyncio.timeout(seconds(5)):
         while len(sink.frames) < 3 or viewer._buffer is not None:
